@@ -1,0 +1,112 @@
+//! Building blocks shared by the CLIP and OPT implementations: activations named as in
+//! transformers' `ACT2FN`, multi-head reshaping and the attention core, config-file reading.
+
+use std::path::Path;
+
+use candle_core::{DType, Module, Tensor, D};
+use serde::de::DeserializeOwned;
+
+use crate::error::{Error, Result};
+
+/// The activations of `transformers.activations.ACT2FN` that CLIP and OPT checkpoints use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// `quick_gelu`: `x * sigmoid(1.702 x)` (OpenAI CLIP).
+    QuickGelu,
+    /// `gelu`: exact, with erf.
+    Gelu,
+    /// `gelu_new`, `gelu_pytorch_tanh`, `gelu_fast`: the tanh approximation.
+    GeluTanh,
+    /// `relu` (OPT).
+    Relu,
+}
+
+impl Activation {
+    /// The names accepted in `hidden_act` / `activation_function`.
+    pub const SUPPORTED: &'static str =
+        "quick_gelu, gelu, gelu_new, gelu_pytorch_tanh, gelu_fast, relu";
+
+    /// Parses a `transformers` activation name; `path` and `key` are for the error message.
+    pub fn parse(name: &str, path: &Path, key: &str) -> Result<Self> {
+        match name {
+            "quick_gelu" => Ok(Self::QuickGelu),
+            "gelu" => Ok(Self::Gelu),
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Ok(Self::GeluTanh),
+            "relu" => Ok(Self::Relu),
+            other => Err(Error::Unsupported {
+                path: path.to_path_buf(),
+                key: key.to_string(),
+                value: other.to_string(),
+                supported: Self::SUPPORTED.to_string(),
+            }),
+        }
+    }
+}
+
+impl Module for Activation {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::QuickGelu => xs * candle_nn::ops::sigmoid(&(xs * 1.702)?)?,
+            Self::Gelu => xs.gelu_erf(),
+            Self::GeluTanh => xs.gelu(),
+            Self::Relu => xs.relu(),
+        }
+    }
+}
+
+/// Reads and parses a JSON config file, with errors that name it.
+pub(crate) fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            Error::MissingFile {
+                path: path.to_path_buf(),
+                what: "model configuration".to_string(),
+            }
+        } else {
+            Error::io(path, e)
+        }
+    })?;
+    serde_json::from_str(&text).map_err(|e| Error::Json {
+        path: path.to_path_buf(),
+        source: e,
+    })
+}
+
+/// `[b, seq, heads * head_dim] -> [b, heads, seq, head_dim]`, contiguous.
+pub(crate) fn split_heads(xs: &Tensor, heads: usize, head_dim: usize) -> candle_core::Result<Tensor> {
+    let (b, seq, _) = xs.dims3()?;
+    xs.reshape((b, seq, heads, head_dim))?
+        .transpose(1, 2)?
+        .contiguous()
+}
+
+/// `[b, heads, seq, head_dim] -> [b, seq, heads * head_dim]`.
+pub(crate) fn merge_heads(xs: &Tensor) -> candle_core::Result<Tensor> {
+    let (b, heads, seq, head_dim) = xs.dims4()?;
+    xs.transpose(1, 2)?.reshape((b, seq, heads * head_dim))
+}
+
+/// Softmax attention over already-scaled queries: `softmax(q k^T + mask) v`, scores in f32.
+/// `mask` is additive, broadcastable to `[b, heads, q_len, k_len]`.
+pub(crate) fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
+    let in_dtype = q.dtype();
+    let scores = q
+        .to_dtype(DType::F32)?
+        .matmul(&k.to_dtype(DType::F32)?.t()?)?;
+    let scores = match mask {
+        Some(m) => scores.broadcast_add(m)?,
+        None => scores,
+    };
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(in_dtype)?;
+    probs.matmul(&v.contiguous()?)
+}
+
+/// Index of the maximum along the last dimension, for greedy decoding: `[.., v] -> [..]` (u32).
+pub(crate) fn argmax_last(xs: &Tensor) -> candle_core::Result<Tensor> {
+    xs.argmax(D::Minus1)
+}

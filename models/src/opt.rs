@@ -1,0 +1,542 @@
+//! OPT, as transformers' `OPTForCausalLM` (`models/opt/modeling_opt.py`): the whole family, not
+//! only OPT-125m. Zhang et al., "OPT: Open Pre-trained Transformer Language Models" (2022).
+//!
+//! - `do_layer_norm_before` true (pre-LN, 125m and most sizes) and false (post-LN, 350m);
+//! - `word_embed_proj_dim != hidden_size` (`project_in` / `project_out`, 350m);
+//! - tied or untied `lm_head`;
+//! - learned positions with OPT's offset of 2, computed from the attention mask
+//!   (`cumsum(mask) * mask - 1`), so that left and right padding both work;
+//! - input from token ids or from `inputs_embeds` (in `word_embed_proj_dim` space, before
+//!   `project_in`, as transformers takes them), and an explicit KV cache (candle `llama.rs`
+//!   style) laid out `[batch, heads, past, head_dim]`, as the ONNX decoder's
+//!   `past_key_values.{i}.key|value`.
+//!
+//! Checkpoints name the decoder `model.decoder.*` (saved from `OPTForCausalLM`), `decoder.*`
+//! (the facebook/opt-* files, saved from `OPTModel`), or carry a prefix (the original MODA
+//! recipe's `opt.model.decoder.*`); [`Opt::new`] takes a `VarBuilder` at the `OPTForCausalLM`
+//! level and finds the decoder under it.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+use crate::nn::{attention, merge_heads, read_json, split_heads, Activation};
+use crate::weights::Weights;
+
+fn d_vocab() -> usize {
+    50272
+}
+fn d_hidden() -> usize {
+    768
+}
+fn d_layers() -> usize {
+    12
+}
+fn d_ffn() -> usize {
+    3072
+}
+fn d_heads() -> usize {
+    12
+}
+fn d_max_pos() -> usize {
+    2048
+}
+fn d_true() -> bool {
+    true
+}
+fn d_act() -> String {
+    "relu".to_string()
+}
+fn d_pad() -> u32 {
+    1
+}
+fn d_bos() -> u32 {
+    2
+}
+fn d_eos() -> u32 {
+    2
+}
+
+/// `OPTConfig`, with transformers' key names and defaults (OPT-125m's geometry).
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
+pub struct OptConfig {
+    /// Rows of the token embedding (and of the logits).
+    #[serde(default = "d_vocab")]
+    pub vocab_size: usize,
+    /// Width of the transformer.
+    #[serde(default = "d_hidden")]
+    pub hidden_size: usize,
+    /// Number of decoder layers.
+    #[serde(default = "d_layers")]
+    pub num_hidden_layers: usize,
+    /// Width of the feed-forward block.
+    #[serde(default = "d_ffn")]
+    pub ffn_dim: usize,
+    /// Attention heads per layer.
+    #[serde(default = "d_heads")]
+    pub num_attention_heads: usize,
+    /// Longest sequence the learned positions cover.
+    #[serde(default = "d_max_pos")]
+    pub max_position_embeddings: usize,
+    /// Pre-LN (true) or post-LN (false) blocks.
+    #[serde(default = "d_true")]
+    pub do_layer_norm_before: bool,
+    /// Set on some checkpoints to drop the decoder's final LayerNorm.
+    #[serde(default, rename = "_remove_final_layer_norm")]
+    pub remove_final_layer_norm: bool,
+    /// Size of the token embedding; defaults to `hidden_size`.
+    #[serde(default)]
+    pub word_embed_proj_dim: Option<usize>,
+    /// The feed-forward activation.
+    #[serde(default = "d_act")]
+    pub activation_function: String,
+    /// Whether the linear layers have biases.
+    #[serde(default = "d_true")]
+    pub enable_bias: bool,
+    /// Whether the LayerNorms have weights and biases.
+    #[serde(default = "d_true")]
+    pub layer_norm_elementwise_affine: bool,
+    /// Whether `lm_head` shares the token embedding.
+    #[serde(default = "d_true")]
+    pub tie_word_embeddings: bool,
+    /// `<pad>`.
+    #[serde(default = "d_pad")]
+    pub pad_token_id: u32,
+    /// The BOS that OPT's tokenizer puts in front (`</s>`).
+    #[serde(default = "d_bos")]
+    pub bos_token_id: u32,
+    /// `</s>`.
+    #[serde(default = "d_eos")]
+    pub eos_token_id: u32,
+    /// Dropout probability of the residual branches (training only).
+    #[serde(default)]
+    pub dropout: f64,
+}
+
+impl Default for OptConfig {
+    fn default() -> Self {
+        // An empty JSON object deserialises to the defaults above.
+        match serde_json::from_str("{}") {
+            Ok(c) => c,
+            Err(_) => unreachable!("the empty object always deserialises"),
+        }
+    }
+}
+
+/// OPT's learned positions start at index 2 (fairseq's padding offset).
+const POSITION_OFFSET: usize = 2;
+/// OPT uses PyTorch's default LayerNorm epsilon.
+const LAYER_NORM_EPS: f64 = 1e-5;
+
+impl OptConfig {
+    /// Reads and validates `config.json`.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let cfg: OptConfig = read_json(path)?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    /// Checks the geometry and the activation; `path` names the config in errors.
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        Activation::parse(&self.activation_function, path, "activation_function")?;
+        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+            return Err(Error::Unsupported {
+                path: path.to_path_buf(),
+                key: "num_attention_heads".to_string(),
+                value: self.num_attention_heads.to_string(),
+                supported: "a divisor of hidden_size".to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Size of the token embedding and of the decoder's inputs and outputs.
+    pub fn embed_dim(&self) -> usize {
+        self.word_embed_proj_dim.unwrap_or(self.hidden_size)
+    }
+
+    /// Size of one attention head.
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+
+    fn has_final_layer_norm(&self) -> bool {
+        self.do_layer_norm_before && !self.remove_final_layer_norm
+    }
+}
+
+/// The KV cache: per layer, keys and values `[batch, heads, past, head_dim]`.
+#[derive(Debug, Clone)]
+pub struct Cache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl Cache {
+    /// An empty cache for `cfg`'s number of layers.
+    pub fn new(cfg: &OptConfig) -> Self {
+        Self {
+            layers: vec![None; cfg.num_hidden_layers],
+        }
+    }
+
+    /// How many positions are cached.
+    pub fn past_len(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .and_then(|(k, _)| k.dim(2).ok())
+            .unwrap_or(0)
+    }
+
+    /// The cached keys and values of layer `i`.
+    pub fn layer(&self, i: usize) -> Option<&(Tensor, Tensor)> {
+        self.layers.get(i).and_then(|l| l.as_ref())
+    }
+}
+
+fn layer_norm(cfg: &OptConfig, vb: VarBuilder) -> candle_core::Result<LayerNorm> {
+    let h = cfg.hidden_size;
+    if cfg.layer_norm_elementwise_affine {
+        candle_nn::layer_norm(h, LAYER_NORM_EPS, vb)
+    } else {
+        let ones = Tensor::ones(h, vb.dtype(), vb.device())?;
+        let zeros = Tensor::zeros(h, vb.dtype(), vb.device())?;
+        Ok(LayerNorm::new(ones, zeros, LAYER_NORM_EPS))
+    }
+}
+
+fn linear(cfg: &OptConfig, i: usize, o: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
+    if cfg.enable_bias {
+        candle_nn::linear(i, o, vb)
+    } else {
+        candle_nn::linear_no_bias(i, o, vb)
+    }
+}
+
+struct SelfAttention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    out: Linear,
+    heads: usize,
+    head_dim: usize,
+    scale: f64,
+}
+
+impl SelfAttention {
+    fn new(cfg: &OptConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let h = cfg.hidden_size;
+        Ok(Self {
+            q: linear(cfg, h, h, vb.pp("q_proj"))?,
+            k: linear(cfg, h, h, vb.pp("k_proj"))?,
+            v: linear(cfg, h, h, vb.pp("v_proj"))?,
+            out: linear(cfg, h, h, vb.pp("out_proj"))?,
+            heads: cfg.num_attention_heads,
+            head_dim: cfg.head_dim(),
+            scale: (cfg.head_dim() as f64).powf(-0.5),
+        })
+    }
+
+    fn forward(
+        &self,
+        xs: &Tensor,
+        bias: Option<&Tensor>,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> candle_core::Result<Tensor> {
+        let q = split_heads(&(self.q.forward(xs)? * self.scale)?, self.heads, self.head_dim)?;
+        let mut k = split_heads(&self.k.forward(xs)?, self.heads, self.head_dim)?;
+        let mut v = split_heads(&self.v.forward(xs)?, self.heads, self.head_dim)?;
+        if let Some(slot) = cache {
+            if let Some((pk, pv)) = slot.as_ref() {
+                k = Tensor::cat(&[pk, &k], 2)?;
+                v = Tensor::cat(&[pv, &v], 2)?;
+            }
+            *slot = Some((k.clone(), v.clone()));
+        }
+        let ys = attention(&q, &k, &v, bias)?;
+        self.out.forward(&merge_heads(&ys)?)
+    }
+}
+
+struct DecoderLayer {
+    self_attn: SelfAttention,
+    self_attn_layer_norm: LayerNorm,
+    fc1: Linear,
+    act: Activation,
+    fc2: Linear,
+    final_layer_norm: LayerNorm,
+    pre_ln: bool,
+}
+
+impl DecoderLayer {
+    fn new(cfg: &OptConfig, act: Activation, vb: VarBuilder) -> candle_core::Result<Self> {
+        let h = cfg.hidden_size;
+        Ok(Self {
+            self_attn: SelfAttention::new(cfg, vb.pp("self_attn"))?,
+            self_attn_layer_norm: layer_norm(cfg, vb.pp("self_attn_layer_norm"))?,
+            fc1: linear(cfg, h, cfg.ffn_dim, vb.pp("fc1"))?,
+            act,
+            fc2: linear(cfg, cfg.ffn_dim, h, vb.pp("fc2"))?,
+            final_layer_norm: layer_norm(cfg, vb.pp("final_layer_norm"))?,
+            pre_ln: cfg.do_layer_norm_before,
+        })
+    }
+
+    fn forward(
+        &self,
+        xs: &Tensor,
+        bias: Option<&Tensor>,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> candle_core::Result<Tensor> {
+        // Self-attention block.
+        let residual = xs;
+        let ys = if self.pre_ln {
+            self.self_attn_layer_norm.forward(xs)?
+        } else {
+            xs.clone()
+        };
+        let ys = self.self_attn.forward(&ys, bias, cache)?;
+        let mut xs = (residual + ys)?;
+        if !self.pre_ln {
+            xs = self.self_attn_layer_norm.forward(&xs)?;
+        }
+        // Feed-forward block.
+        let residual = &xs;
+        let ys = if self.pre_ln {
+            self.final_layer_norm.forward(&xs)?
+        } else {
+            xs.clone()
+        };
+        let ys = ys.apply(&self.fc1)?.apply(&self.act)?.apply(&self.fc2)?;
+        let xs = (residual + ys)?;
+        if self.pre_ln {
+            Ok(xs)
+        } else {
+            self.final_layer_norm.forward(&xs)
+        }
+    }
+}
+
+/// What the decoder reads: token ids `[b, seq]` or input embeddings `[b, seq, embed_dim]`.
+#[derive(Debug, Clone, Copy)]
+pub enum DecoderInput<'a> {
+    /// Token ids (any integer dtype).
+    Ids(&'a Tensor),
+    /// Input embeddings in `word_embed_proj_dim` space (what `embed_tokens` returns).
+    Embeds(&'a Tensor),
+}
+
+/// `OPTForCausalLM`: the decoder and its LM head.
+pub struct Opt {
+    cfg: OptConfig,
+    embed_tokens: Embedding,
+    embed_positions: Embedding,
+    project_in: Option<Linear>,
+    project_out: Option<Linear>,
+    layers: Vec<DecoderLayer>,
+    final_layer_norm: Option<LayerNorm>,
+    lm_head: Linear,
+}
+
+impl Opt {
+    /// Builds the model; `vb` is at the `OPTForCausalLM` level: the decoder is found at
+    /// `model.decoder` or `decoder`, the untied head at `lm_head`.
+    pub fn new(cfg: &OptConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let act = match Activation::parse(
+            &cfg.activation_function,
+            Path::new("config.json"),
+            "activation_function",
+        ) {
+            Ok(a) => a,
+            Err(e) => candle_core::bail!("{e}"),
+        };
+        let dvb = if vb.contains_tensor("model.decoder.embed_tokens.weight") {
+            vb.pp("model").pp("decoder")
+        } else {
+            vb.pp("decoder")
+        };
+        let h = cfg.hidden_size;
+        let e = cfg.embed_dim();
+        let embed_tokens = candle_nn::embedding(cfg.vocab_size, e, dvb.pp("embed_tokens"))?;
+        let embed_positions = candle_nn::embedding(
+            cfg.max_position_embeddings + POSITION_OFFSET,
+            h,
+            dvb.pp("embed_positions"),
+        )?;
+        let (project_in, project_out) = if e != h {
+            (
+                Some(candle_nn::linear_no_bias(e, h, dvb.pp("project_in"))?),
+                Some(candle_nn::linear_no_bias(h, e, dvb.pp("project_out"))?),
+            )
+        } else {
+            (None, None)
+        };
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| DecoderLayer::new(cfg, act, dvb.pp("layers").pp(i)))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let final_layer_norm = if cfg.has_final_layer_norm() {
+            Some(layer_norm(cfg, dvb.pp("final_layer_norm"))?)
+        } else {
+            None
+        };
+        let lm_head = if cfg.tie_word_embeddings {
+            Linear::new(embed_tokens.embeddings().clone(), None)
+        } else {
+            candle_nn::linear_no_bias(e, cfg.vocab_size, vb.pp("lm_head"))?
+        };
+        Ok(Self {
+            cfg: cfg.clone(),
+            embed_tokens,
+            embed_positions,
+            project_in,
+            project_out,
+            layers,
+            final_layer_norm,
+            lm_head,
+        })
+    }
+
+    /// Loads `config.json` and the weights of a Hugging Face OPT directory.
+    pub fn from_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let cfg = OptConfig::from_file(&dir.join("config.json"))?;
+        let weights = Weights::from_dir(dir)?;
+        let model = Self::new(&cfg, weights.var_builder(dtype, device)).map_err(|e| weights.explain(e))?;
+        let unexpected: Vec<String> = weights
+            .unused()
+            .into_iter()
+            .filter(|n| !(cfg.tie_word_embeddings && n == "lm_head.weight"))
+            .collect();
+        if !unexpected.is_empty() {
+            return Err(Error::UnexpectedKeys {
+                path: weights.source().to_path_buf(),
+                keys: unexpected,
+            });
+        }
+        Ok(model)
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &OptConfig {
+        &self.cfg
+    }
+
+    /// Token ids `[b, t]` -> input embeddings `[b, t, embed_dim]`.
+    pub fn embed_tokens(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(self.embed_tokens.forward(&ids.to_dtype(DType::U32)?)?)
+    }
+
+    /// The token embedding table `[vocab, embed_dim]`.
+    pub fn embedding_table(&self) -> &Tensor {
+        self.embed_tokens.embeddings()
+    }
+
+    /// Runs the decoder and the LM head: logits `[b, seq, vocab]`.
+    ///
+    /// `attention_mask` is `[b, past + seq]` (1 for real tokens, 0 for padding; any dtype);
+    /// `None` means all ones. With a `cache`, `past` is what it holds and it is extended by this
+    /// call's keys and values.
+    pub fn forward(
+        &self,
+        input: DecoderInput<'_>,
+        attention_mask: Option<&Tensor>,
+        cache: Option<&mut Cache>,
+    ) -> Result<Tensor> {
+        let hidden = self.decode(input, attention_mask, cache)?;
+        Ok(self.lm_head.forward(&hidden)?)
+    }
+
+    /// The decoder's output before the LM head, `[b, seq, embed_dim]`.
+    pub fn decode(
+        &self,
+        input: DecoderInput<'_>,
+        attention_mask: Option<&Tensor>,
+        mut cache: Option<&mut Cache>,
+    ) -> Result<Tensor> {
+        let embeds = match input {
+            DecoderInput::Ids(ids) => self.embed_tokens(ids)?,
+            DecoderInput::Embeds(x) => x.clone(),
+        };
+        let (b, seq, e) = embeds.dims3()?;
+        if e != self.cfg.embed_dim() {
+            return Err(Error::Input(format!(
+                "decoder input embeddings of width {e}, the model takes {}",
+                self.cfg.embed_dim()
+            )));
+        }
+        let past = cache.as_ref().map(|c| c.past_len()).unwrap_or(0);
+        let total = past + seq;
+        if total > self.cfg.max_position_embeddings {
+            return Err(Error::Input(format!(
+                "sequence of {total} positions, the model has {}",
+                self.cfg.max_position_embeddings
+            )));
+        }
+        let device = embeds.device().clone();
+        let mask = match attention_mask {
+            Some(m) => {
+                if m.dims() != [b, total] {
+                    return Err(Error::Input(format!(
+                        "attention_mask of shape {:?}, expected [{b}, {total}]",
+                        m.dims()
+                    )));
+                }
+                m.to_dtype(DType::F32)?
+            }
+            None => Tensor::ones((b, total), DType::F32, &device)?,
+        };
+        // Positions as transformers computes them: cumsum(mask) * mask - 1, plus the offset.
+        let positions = ((mask.cumsum(1)? * &mask)? + (POSITION_OFFSET as f64 - 1.0))?
+            .narrow(1, past, seq)?
+            .to_dtype(DType::U32)?;
+        let pos_embeds = self.embed_positions.forward(&positions)?;
+        let mut xs = match &self.project_in {
+            Some(p) => p.forward(&embeds)?,
+            None => embeds,
+        };
+        let pos_embeds = pos_embeds.to_dtype(xs.dtype())?;
+        xs = (xs + pos_embeds)?;
+        let bias = attention_bias(&mask, seq, past)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let slot = match cache.as_deref_mut() {
+                Some(c) => c.layers.get_mut(i),
+                None => None,
+            };
+            xs = layer.forward(&xs, bias.as_ref(), slot)?;
+        }
+        if let Some(ln) = &self.final_layer_norm {
+            xs = ln.forward(&xs)?;
+        }
+        if let Some(p) = &self.project_out {
+            xs = p.forward(&xs)?;
+        }
+        Ok(xs)
+    }
+}
+
+/// The additive attention bias `[b, 1, seq, past + seq]`: 0 where query `i` may see key `j`
+/// (causal and not padding), the lowest finite value elsewhere (as transformers does, so that a
+/// fully masked row stays finite). `None` when nothing is masked (one new token, no padding).
+fn attention_bias(
+    mask: &Tensor,
+    seq: usize,
+    past: usize,
+) -> candle_core::Result<Option<Tensor>> {
+    let (b, total) = mask.dims2()?;
+    let device = mask.device();
+    let padded = mask.min_keepdim(D::Minus1)?.flatten_all()?.min(0)?.to_scalar::<f32>()? < 0.5;
+    if seq == 1 && !padded {
+        return Ok(None);
+    }
+    let q_pos = Tensor::arange(past as u32, (past + seq) as u32, device)?.reshape((seq, 1))?;
+    let k_pos = Tensor::arange(0u32, total as u32, device)?.reshape((1, total))?;
+    let causal = k_pos.broadcast_le(&q_pos)?.to_dtype(DType::F32)?; // [seq, total]
+    let allowed = causal
+        .reshape((1, 1, seq, total))?
+        .broadcast_mul(&mask.reshape((b, 1, 1, total))?)?;
+    let zeros = Tensor::zeros((b, 1, seq, total), DType::F32, device)?;
+    let min = Tensor::full(f32::MIN, (b, 1, seq, total), device)?;
+    Ok(Some(allowed.gt(0.5)?.where_cond(&zeros, &min)?))
+}

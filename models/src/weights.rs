@@ -1,0 +1,443 @@
+//! Checkpoint reading: `model.safetensors`, sharded safetensors (`model.safetensors.index.json`),
+//! and PyTorch pickles (`pytorch_model.bin`, the original recipe's `.pth`).
+//!
+//! Safetensors files are memory-mapped (the `safetensors` crate validates the header and the
+//! offsets). Each tensor is copied out of the map exactly once, when a model asks for it, and
+//! the pages it came from are then released (`madvise(MADV_DONTNEED)`), so loading holds one copy
+//! of the weights, not two. PyTorch pickles go through candle's pickle reader, which executes
+//! nothing; its panics on hostile input are caught and turned into errors.
+//!
+//! [`Weights`] also remembers which tensors were taken, so that a loader can list the tensors a
+//! checkpoint has and the model did not use ([`Weights::unused`]), and keeps the first typed error
+//! (wrong shape, missing tensor) so that messages name the file, the tensor and both shapes.
+
+use std::collections::{BTreeMap, HashSet};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
+
+use crate::error::{Error, Result};
+
+/// File names of a Hugging Face checkpoint, in the order they are looked for.
+pub const SAFETENSORS_FILE: &str = "model.safetensors";
+/// The index of a sharded safetensors checkpoint.
+pub const SAFETENSORS_INDEX_FILE: &str = "model.safetensors.index.json";
+/// A PyTorch pickle checkpoint.
+pub const PYTORCH_FILE: &str = "pytorch_model.bin";
+
+/// Where a tensor lives.
+#[derive(Debug, Clone)]
+struct Entry {
+    /// Index into the file list.
+    file: usize,
+    shape: Vec<usize>,
+    /// For safetensors: the dtype and the absolute byte range in the file.
+    st: Option<(safetensors::Dtype, usize, usize)>,
+}
+
+enum Files {
+    Safetensors(Vec<(PathBuf, memmap2::Mmap)>),
+    Pth(PathBuf, Box<candle_core::pickle::PthTensors>),
+}
+
+struct Inner {
+    /// The directory or file the weights were opened from, for messages.
+    source: PathBuf,
+    files: Files,
+    entries: BTreeMap<String, Entry>,
+    used: Mutex<HashSet<String>>,
+    first_error: Mutex<Option<Error>>,
+}
+
+/// An opened checkpoint: one or several files, tensors read on demand.
+///
+/// Cheap to clone (shared). Use [`Weights::var_builder`] to build a model from it.
+#[derive(Clone)]
+pub struct Weights {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Weights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Weights")
+            .field("source", &self.inner.source)
+            .field("tensors", &self.inner.entries.len())
+            .finish()
+    }
+}
+
+fn bad(path: &Path, msg: impl Into<String>) -> Error {
+    Error::BadWeights {
+        path: path.to_path_buf(),
+        msg: msg.into(),
+    }
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "the reader panicked".to_string()
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct ShardIndex {
+    weight_map: BTreeMap<String, String>,
+}
+
+impl Weights {
+    /// Opens the checkpoint in a Hugging Face model directory: `model.safetensors`, else
+    /// `model.safetensors.index.json` and its shards, else `pytorch_model.bin`.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let st = dir.join(SAFETENSORS_FILE);
+        if st.is_file() {
+            return Self::from_safetensors(&[st], dir);
+        }
+        let index = dir.join(SAFETENSORS_INDEX_FILE);
+        if index.is_file() {
+            return Self::from_index(&index);
+        }
+        let bin = dir.join(PYTORCH_FILE);
+        if bin.is_file() {
+            return Self::from_pth(&bin);
+        }
+        Err(Error::MissingFile {
+            path: dir.to_path_buf(),
+            what: format!(
+                "model weights: none of {SAFETENSORS_FILE}, {SAFETENSORS_INDEX_FILE}, {PYTORCH_FILE}"
+            ),
+        })
+    }
+
+    /// Opens one weight file, by its content: safetensors, a safetensors index, or a PyTorch
+    /// zip pickle (`.bin`, `.pth`, `.pt`).
+    pub fn from_file(path: &Path) -> Result<Self> {
+        if path.is_dir() {
+            return Self::from_dir(path);
+        }
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
+        if name.ends_with(".index.json") {
+            return Self::from_index(path);
+        }
+        let mut magic = [0u8; 4];
+        {
+            use std::io::Read;
+            let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+            let n = f.read(&mut magic).map_err(|e| Error::io(path, e))?;
+            if n < 4 {
+                return Err(bad(path, "file too short to be a checkpoint"));
+            }
+        }
+        if &magic == b"PK\x03\x04" {
+            Self::from_pth(path)
+        } else {
+            let dir = path.parent().unwrap_or(Path::new("."));
+            Self::from_safetensors(&[path.to_path_buf()], dir)
+        }
+    }
+
+    fn from_index(index: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+        let idx: ShardIndex = serde_json::from_str(&text).map_err(|e| Error::Json {
+            path: index.to_path_buf(),
+            source: e,
+        })?;
+        let dir = index.parent().unwrap_or(Path::new("."));
+        let mut shards: Vec<String> = idx.weight_map.values().cloned().collect();
+        shards.sort();
+        shards.dedup();
+        let mut paths = Vec::with_capacity(shards.len());
+        for s in &shards {
+            // Shards must sit beside the index: no path components.
+            if s.contains('/') || s.contains('\\') || s == ".." {
+                return Err(bad(index, format!("shard name `{s}` is not a plain file name")));
+            }
+            let p = dir.join(s);
+            if !p.is_file() {
+                return Err(Error::MissingFile {
+                    path: p,
+                    what: format!("shard listed in {}", index.display()),
+                });
+            }
+            paths.push(p);
+        }
+        let w = Self::from_safetensors(&paths, index)?;
+        for (name, file) in &idx.weight_map {
+            let Some(e) = w.inner.entries.get(name) else {
+                return Err(bad(
+                    index,
+                    format!("tensor `{name}` is listed in the index but not in {file}"),
+                ));
+            };
+            if let Files::Safetensors(files) = &w.inner.files {
+                let actual = files[e.file].0.file_name().map(|n| n.to_string_lossy());
+                if actual.as_deref() != Some(file.as_str()) {
+                    return Err(bad(
+                        index,
+                        format!("tensor `{name}` is listed in {file} but found elsewhere"),
+                    ));
+                }
+            }
+        }
+        Ok(w)
+    }
+
+    fn from_safetensors(paths: &[PathBuf], source: &Path) -> Result<Self> {
+        let mut files = Vec::with_capacity(paths.len());
+        let mut entries = BTreeMap::new();
+        for (i, p) in paths.iter().enumerate() {
+            let f = std::fs::File::open(p).map_err(|e| Error::io(p, e))?;
+            // SAFETY: the map is read-only; a file changed underneath us by another process
+            // could change tensor values, which is the documented caveat of memory-mapping
+            // weights, as in candle and safetensors themselves.
+            let mmap = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::io(p, e))?;
+            let (header_len, meta) = safetensors::SafeTensors::read_metadata(&mmap)
+                .map_err(|e| bad(p, format!("not a valid safetensors file ({e})")))?;
+            let base = 8 + header_len;
+            for (name, info) in meta.tensors() {
+                let (start, end) = info.data_offsets;
+                if entries.contains_key(&name) {
+                    return Err(bad(p, format!("tensor `{name}` appears in two shards")));
+                }
+                entries.insert(
+                    name,
+                    Entry {
+                        file: i,
+                        shape: info.shape.clone(),
+                        st: Some((info.dtype, base + start, base + end)),
+                    },
+                );
+            }
+            files.push((p.clone(), mmap));
+        }
+        Ok(Self::new(source, Files::Safetensors(files), entries))
+    }
+
+    fn from_pth(path: &Path) -> Result<Self> {
+        let open = |key: Option<&str>| {
+            catch_unwind(AssertUnwindSafe(|| {
+                candle_core::pickle::PthTensors::new(path, key)
+            }))
+            .map_err(|p| {
+                bad(
+                    path,
+                    format!("malformed PyTorch file: {}", panic_message(p.as_ref())),
+                )
+            })?
+            .map_err(|e| bad(path, format!("not a readable PyTorch checkpoint ({e})")))
+        };
+        let mut pth = open(None)?;
+        // Some trainers nest the state dict: {"state_dict": {...}} or {"model": {...}}.
+        for key in ["state_dict", "model"] {
+            if !pth.tensor_infos().is_empty() {
+                break;
+            }
+            if let Ok(p) = open(Some(key)) {
+                pth = p;
+            }
+        }
+        if pth.tensor_infos().is_empty() {
+            return Err(bad(path, "no tensors found in the PyTorch checkpoint"));
+        }
+        let entries = pth
+            .tensor_infos()
+            .iter()
+            .map(|(name, info)| {
+                (
+                    name.clone(),
+                    Entry {
+                        file: 0,
+                        shape: info.layout.shape().dims().to_vec(),
+                        st: None,
+                    },
+                )
+            })
+            .collect();
+        Ok(Self::new(
+            path,
+            Files::Pth(path.to_path_buf(), Box::new(pth)),
+            entries,
+        ))
+    }
+
+    fn new(source: &Path, files: Files, entries: BTreeMap<String, Entry>) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                source: source.to_path_buf(),
+                files,
+                entries,
+                used: Mutex::new(HashSet::new()),
+                first_error: Mutex::new(None),
+            }),
+        }
+    }
+
+    /// The directory or file these weights were opened from.
+    pub fn source(&self) -> &Path {
+        &self.inner.source
+    }
+
+    /// All tensor names in the checkpoint, sorted.
+    pub fn names(&self) -> Vec<String> {
+        self.inner.entries.keys().cloned().collect()
+    }
+
+    /// Whether the checkpoint has a tensor of this name.
+    pub fn contains(&self, name: &str) -> bool {
+        self.inner.entries.contains_key(name)
+    }
+
+    /// The shape of a tensor as stored, if present.
+    pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.inner.entries.get(name).map(|e| e.shape.clone())
+    }
+
+    /// The file a tensor is stored in (for messages).
+    pub fn file_of(&self, name: &str) -> PathBuf {
+        match (&self.inner.files, self.inner.entries.get(name)) {
+            (Files::Safetensors(files), Some(e)) => files[e.file].0.clone(),
+            (Files::Pth(p, _), _) => p.clone(),
+            _ => self.inner.source.clone(),
+        }
+    }
+
+    /// A candle `VarBuilder` over these weights, converting to `dtype` on `device`.
+    pub fn var_builder(&self, dtype: DType, device: &Device) -> VarBuilder<'static> {
+        VarBuilder::from_backend(Box::new(self.clone()), dtype, device.clone())
+    }
+
+    /// Tensor names that no model has taken yet, sorted.
+    pub fn unused(&self) -> Vec<String> {
+        let used = self.inner.used.lock().map(|u| u.clone()).unwrap_or_default();
+        self.inner
+            .entries
+            .keys()
+            .filter(|k| !used.contains(*k))
+            .cloned()
+            .collect()
+    }
+
+    /// Turns a candle error from building a model on these weights into the typed error that
+    /// caused it (wrong shape, missing tensor, unreadable data) when one was recorded.
+    pub fn explain(&self, err: candle_core::Error) -> Error {
+        match self.inner.first_error.lock() {
+            Ok(mut slot) => slot.take().unwrap_or(Error::Candle(err)),
+            Err(_) => Error::Candle(err),
+        }
+    }
+
+    fn record(&self, e: Error) -> candle_core::Error {
+        let msg = e.to_string();
+        if let Ok(mut slot) = self.inner.first_error.lock() {
+            if slot.is_none() {
+                *slot = Some(e);
+            }
+        }
+        candle_core::Error::Msg(msg)
+    }
+
+    fn read(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let Some(entry) = self.inner.entries.get(name) else {
+            return Err(self.record(Error::MissingTensor {
+                path: self.inner.source.clone(),
+                name: name.to_string(),
+            }));
+        };
+        let tensor = match &self.inner.files {
+            Files::Safetensors(files) => {
+                let (path, mmap) = &files[entry.file];
+                let (st_dtype, start, end) = entry.st.ok_or_else(|| {
+                    self.record(bad(path, format!("tensor `{name}` has no data range")))
+                })?;
+                let data = mmap.get(start..end).ok_or_else(|| {
+                    self.record(bad(path, format!("tensor `{name}` lies past the end")))
+                })?;
+                let view = safetensors::tensor::TensorView::new(st_dtype, entry.shape.clone(), data)
+                    .map_err(|e| self.record(bad(path, format!("tensor `{name}`: {e}"))))?;
+                let t = candle_core::safetensors::Load::load(&view, dev).map_err(|e| {
+                    self.record(bad(path, format!("tensor `{name}` cannot be read: {e}")))
+                })?;
+                // The bytes are copied into `t`: release the mapped pages (re-read from the
+                // file if ever touched again), so that peak memory holds one copy.
+                // SAFETY: the map is a read-only private file mapping and no slice of it
+                // outlives this function; after MADV_DONTNEED its pages read the file again.
+                #[cfg(unix)]
+                unsafe {
+                    let _ = mmap.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        start,
+                        end - start,
+                    );
+                }
+                t
+            }
+            Files::Pth(path, pth) => {
+                let got = catch_unwind(AssertUnwindSafe(|| pth.get(name)))
+                    .map_err(|p| {
+                        self.record(bad(
+                            path,
+                            format!(
+                                "tensor `{name}`: malformed data: {}",
+                                panic_message(p.as_ref())
+                            ),
+                        ))
+                    })?
+                    .map_err(|e| self.record(bad(path, format!("tensor `{name}`: {e}"))))?;
+                match got {
+                    Some(t) => t.to_device(dev)?,
+                    None => {
+                        return Err(self.record(Error::MissingTensor {
+                            path: path.clone(),
+                            name: name.to_string(),
+                        }))
+                    }
+                }
+            }
+        };
+        if let Ok(mut u) = self.inner.used.lock() {
+            u.insert(name.to_string());
+        }
+        tensor.to_dtype(dtype)
+    }
+}
+
+impl SimpleBackend for Weights {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        if let Some(e) = self.inner.entries.get(name) {
+            if e.shape != s.dims() {
+                return Err(self.record(Error::TensorShape {
+                    path: self.file_of(name),
+                    name: name.to_string(),
+                    expected: s.dims().to_vec(),
+                    got: e.shape.clone(),
+                }));
+            }
+        }
+        self.read(name, dtype, dev)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.read(name, dtype, dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.inner.entries.contains_key(name)
+    }
+}

@@ -1,0 +1,80 @@
+//! Shared helpers for the integration tests: where the fixtures are, how to read the reference
+//! tensors that `scripts/make_fixtures.py` computed with `transformers`, and how to compare.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+/// `tests/fixtures`, wherever the tests run from.
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+}
+
+/// A fixture path under `tests/fixtures`.
+pub fn fixture(rel: &str) -> PathBuf {
+    fixtures().join(rel)
+}
+
+/// All tensors of a reference safetensors file, on the CPU.
+pub fn load_refs(rel: &str) -> HashMap<String, Tensor> {
+    let path = fixture(rel);
+    candle_core::safetensors::load(&path, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("cannot read reference file {}: {e}", path.display()))
+}
+
+/// One reference tensor by name, with a message naming what is missing.
+pub fn get<'a>(refs: &'a HashMap<String, Tensor>, name: &str) -> &'a Tensor {
+    refs.get(name)
+        .unwrap_or_else(|| panic!("reference tensor `{name}` missing"))
+}
+
+/// The largest absolute difference between two tensors of the same shape.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    let a = a.to_dtype(DType::F32).and_then(|t| t.flatten_all()).expect("a");
+    let b = b.to_dtype(DType::F32).and_then(|t| t.flatten_all()).expect("b");
+    let a = a.to_vec1::<f32>().expect("a values");
+    let b = b.to_vec1::<f32>().expect("b values");
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max)
+}
+
+/// Cosine similarity of two vectors (any shape, flattened).
+pub fn cosine(a: &Tensor, b: &Tensor) -> f64 {
+    let a: Vec<f32> = a.flatten_all().and_then(|t| t.to_vec1()).expect("a");
+    let b: Vec<f32> = b.flatten_all().and_then(|t| t.to_vec1()).expect("b");
+    let dot: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
+    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb)
+}
+
+/// A fresh temporary directory under the system temp dir, removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// Creates `moda-test-<tag>-<pid>-<n>`.
+    pub fn new(tag: &str) -> Self {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let n = N.fetch_add(1, Ordering::SeqCst);
+        let p = std::env::temp_dir().join(format!("moda-test-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        Self(p)
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -1,0 +1,58 @@
+//! Image preprocessing against transformers' `CLIPImageProcessor` (its Pillow backend) on every
+//! fixture image: RGB conversion, bicubic resize of the shortest edge, center crop, rescale and
+//! normalisation.
+
+use candle_core::{DType, Device, Tensor};
+use moda_models::preprocess::{
+    load_image, resize_shortest_edge, to_rgb8, ImageLimits, ImageProcessor, ImageProcessorConfig,
+};
+use moda_tests::{fixture, get, load_refs, max_abs_diff};
+
+const IMAGES: [&str; 7] = [
+    "photo.jpg",
+    "wide.png",
+    "gray.png",
+    "rgba.png",
+    "palette.png",
+    "gray16.png",
+    "small.png",
+];
+
+#[test]
+fn pixel_values_match_clip_image_processor() {
+    let refs = load_refs("pixel_values.safetensors");
+    let cfg = ImageProcessorConfig::default();
+    let proc = ImageProcessor::new(cfg).expect("processor");
+    for img in IMAGES {
+        let got = proc
+            .preprocess_path(&fixture(&format!("images/{img}")), &ImageLimits::default())
+            .expect("preprocess");
+        let got = Tensor::from_vec(got, (1, 3, 224, 224), &Device::Cpu).expect("tensor");
+        let d = max_abs_diff(&got, get(&refs, img));
+        // One 8-bit step after normalisation is 1 / 255 / std; the smallest CLIP std is 0.2613,
+        // so one step is 0.01501. Pillow-compatible resizing must stay within it (plus f32
+        // rounding of the rescale and normalisation).
+        let one_step = 1.0 / 255.0 / 0.261_302_58 + 1e-5;
+        assert!(d <= one_step, "{img}: max abs diff {d} > one 8-bit step {one_step}");
+    }
+}
+
+#[test]
+fn resized_bytes_match_pillow_bicubic() {
+    let refs = load_refs("pixel_values.safetensors");
+    for img in IMAGES {
+        let decoded = load_image(&fixture(&format!("images/{img}")), &ImageLimits::default())
+            .expect("decode");
+        let rgb = to_rgb8(&decoded);
+        let resized = resize_shortest_edge(&rgb, 224).expect("resize");
+        let want = get(&refs, &format!("{img}.resized_u8"));
+        let (h, w) = (resized.height() as usize, resized.width() as usize);
+        assert_eq!(want.dims(), [h, w, 3], "{img}: resized size");
+        let got = Tensor::from_vec(resized.into_raw(), (h, w, 3), &Device::Cpu).expect("tensor");
+        let got = got.to_dtype(DType::F32).expect("f32");
+        let want = want.to_dtype(DType::F32).expect("f32");
+        let d = max_abs_diff(&got, &want);
+        // Pillow-compatible: at most one 8-bit step anywhere.
+        assert!(d <= 1.0, "{img}: resized bytes differ by up to {d}");
+    }
+}
