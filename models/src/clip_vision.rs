@@ -104,6 +104,8 @@ impl Default for ClipVisionConfig {
 #[derive(Deserialize)]
 struct FullClipConfig {
     vision_config: Option<serde_json::Value>,
+    /// Older CLIPConfig files (transformers 4.1x-4.2x) also, or only, carry this.
+    vision_config_dict: Option<serde_json::Value>,
     projection_dim: Option<usize>,
 }
 
@@ -116,10 +118,13 @@ impl ClipVisionConfig {
             source: e,
         };
         let full: FullClipConfig = serde_json::from_value(value.clone()).map_err(json_err)?;
-        let cfg = match full.vision_config {
+        let vision = full
+            .vision_config
+            .filter(|v| !v.is_null())
+            .or(full.vision_config_dict.filter(|v| !v.is_null()));
+        let cfg = match vision {
             Some(vision) => {
-                let mut cfg: ClipVisionConfig =
-                    serde_json::from_value(vision).map_err(json_err)?;
+                let mut cfg: ClipVisionConfig = serde_json::from_value(vision).map_err(json_err)?;
                 // In a full CLIPModel the projection size is the top-level `projection_dim`.
                 cfg.projection_dim = full.projection_dim.unwrap_or_else(d_proj);
                 cfg
@@ -139,14 +144,16 @@ impl ClipVisionConfig {
             value,
             supported: supported.to_string(),
         };
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
             return Err(bad(
                 "num_attention_heads",
                 self.num_attention_heads.to_string(),
                 "a divisor of hidden_size",
             ));
         }
-        if self.patch_size == 0 || self.image_size % self.patch_size != 0 {
+        if self.patch_size == 0 || !self.image_size.is_multiple_of(self.patch_size) {
             return Err(bad(
                 "patch_size",
                 self.patch_size.to_string(),
@@ -202,7 +209,11 @@ impl Embeddings {
 impl Module for Embeddings {
     fn forward(&self, pixel_values: &Tensor) -> candle_core::Result<Tensor> {
         let b = pixel_values.dim(0)?;
-        let patches = self.patch.forward(pixel_values)?.flatten_from(2)?.transpose(1, 2)?;
+        let patches = self
+            .patch
+            .forward(pixel_values)?
+            .flatten_from(2)?
+            .transpose(1, 2)?;
         let hidden = self.class.dim(0)?;
         let class = self.class.reshape((1, 1, hidden))?.repeat((b, 1, 1))?;
         Tensor::cat(&[&class, &patches], 1)?.broadcast_add(&self.positions)
@@ -236,7 +247,11 @@ impl SelfAttention {
 
 impl Module for SelfAttention {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let q = split_heads(&(self.q.forward(xs)? * self.scale)?, self.heads, self.head_dim)?;
+        let q = split_heads(
+            &(self.q.forward(xs)? * self.scale)?,
+            self.heads,
+            self.head_dim,
+        )?;
         let k = split_heads(&self.k.forward(xs)?, self.heads, self.head_dim)?;
         let v = split_heads(&self.v.forward(xs)?, self.heads, self.head_dim)?;
         let ys = attention(&q, &k, &v, None)?;
@@ -296,8 +311,7 @@ impl ClipVision {
     /// Builds the model from a `VarBuilder` rooted at the checkpoint's top level (where
     /// `vision_model.*` and `visual_projection.weight` live).
     pub fn new(cfg: &ClipVisionConfig, vb: VarBuilder) -> candle_core::Result<Self> {
-        let act = match Activation::parse(&cfg.hidden_act, Path::new("config.json"), "hidden_act")
-        {
+        let act = match Activation::parse(&cfg.hidden_act, Path::new("config.json"), "hidden_act") {
             Ok(a) => a,
             Err(e) => candle_core::bail!("{e}"),
         };
@@ -336,7 +350,8 @@ impl ClipVision {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let model = Self::new(cfg, weights.var_builder(dtype, device)).map_err(|e| weights.explain(e))?;
+        let model =
+            Self::new(cfg, weights.var_builder(dtype, device)).map_err(|e| weights.explain(e))?;
         let unexpected: Vec<String> = weights
             .unused()
             .into_iter()
@@ -377,11 +392,25 @@ impl ClipVision {
                 self.cfg.num_channels
             )));
         }
-        let mut xs = self.embeddings.forward(pixel_values)?.apply(&self.pre_layrnorm)?;
+        let mut xs = self
+            .embeddings
+            .forward(pixel_values)?
+            .apply(&self.pre_layrnorm)?;
         for layer in &self.layers {
             xs = layer.forward(&xs)?;
         }
-        let pooled = xs.narrow(1, 0, 1)?.squeeze(1)?.apply(&self.post_layernorm)?;
+        let pooled = xs
+            .narrow(1, 0, 1)?
+            .squeeze(1)?
+            .apply(&self.post_layernorm)?;
         Ok(self.visual_projection.forward(&pooled)?)
+    }
+}
+
+impl std::fmt::Debug for ClipVision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClipVision")
+            .field("config", &self.cfg)
+            .finish()
     }
 }

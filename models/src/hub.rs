@@ -94,7 +94,11 @@ impl FileReq {
 
     /// The image preprocessing configuration, `preprocessor_config.json` (optional).
     pub fn preprocessor_config() -> Self {
-        Self::file("image preprocessor configuration", "preprocessor_config.json").optional()
+        Self::file(
+            "image preprocessor configuration",
+            "preprocessor_config.json",
+        )
+        .optional()
     }
 
     /// The tokenizer: `tokenizer.json`, or `vocab.json` + `merges.txt`.
@@ -241,9 +245,7 @@ impl ModelSource {
     pub fn resolve_with(&self, files: &[FileReq], opts: &HubOptions) -> Result<PathBuf> {
         match self {
             ModelSource::Local(dir) => resolve_local(dir, files),
-            ModelSource::Hub { repo_id, revision } => {
-                resolve_hub(repo_id, revision, files, opts)
-            }
+            ModelSource::Hub { repo_id, revision } => resolve_hub(repo_id, revision, files, opts),
         }
     }
 }
@@ -284,7 +286,9 @@ impl HubOptions {
     /// [`HubOptions::from_env`] with an arbitrary variable lookup (for tests and embedding).
     pub fn from_env_fn(get: impl Fn(&str) -> Option<String>) -> Self {
         let get = |k: &str| get(k).filter(|v| !v.is_empty());
-        let home = get("HOME").or_else(|| get("USERPROFILE")).map(PathBuf::from);
+        let home = get("HOME")
+            .or_else(|| get("USERPROFILE"))
+            .map(PathBuf::from);
         let expand = |v: String| -> PathBuf {
             match (v.strip_prefix("~/"), &home) {
                 (Some(rest), Some(h)) => h.join(rest),
@@ -569,8 +573,7 @@ fn resolve_hub(
     let repo_dir = opts.repo_cache_dir(repo_id);
     let snapshot = cached_snapshot(&repo_dir, revision);
     let missing = unsatisfied(snapshot.as_deref(), files)?;
-    let missing_required: Vec<&FileReq> =
-        missing.iter().copied().filter(|r| !r.optional).collect();
+    let missing_required: Vec<&FileReq> = missing.iter().copied().filter(|r| !r.optional).collect();
 
     if missing.is_empty() {
         if let Some(s) = snapshot {

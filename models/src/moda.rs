@@ -157,14 +157,20 @@ impl Moda {
         }
         let device = input_ids.device();
         let tokens = self.decoder.embed_tokens(input_ids)?;
-        let inputs_embeds = Tensor::cat(&[prefix_embeds, &tokens.to_dtype(prefix_embeds.dtype())?], 1)?;
+        let inputs_embeds = Tensor::cat(
+            &[prefix_embeds, &tokens.to_dtype(prefix_embeds.dtype())?],
+            1,
+        )?;
         let text_mask = text_mask.to_dtype(DType::F32)?;
         let ones = Tensor::ones((b, 1), DType::F32, device)?;
         let attention_mask = Tensor::cat(&[&ones, &text_mask], 1)?;
         let ignore = Tensor::full(IGNORE_INDEX, (b, t), device)?;
         let ids = input_ids.to_dtype(DType::I64)?;
         let text_labels = text_mask.gt(0.5)?.where_cond(&ids, &ignore)?;
-        let labels = Tensor::cat(&[&Tensor::full(IGNORE_INDEX, (b, 1), device)?, &text_labels], 1)?;
+        let labels = Tensor::cat(
+            &[&Tensor::full(IGNORE_INDEX, (b, 1), device)?, &text_labels],
+            1,
+        )?;
         Ok(ModaBatch {
             inputs_embeds,
             attention_mask,
@@ -189,12 +195,19 @@ impl Moda {
     /// Greedy decoding with the KV cache from prefix embeddings `[b, 1, embed_dim]`: feeds
     /// `[prefix, BOS]`, then one token at a time. Each row stops at `</s>` (included in its
     /// output) or after `max_new_tokens`. Returns the generated ids per row.
-    pub fn generate_greedy(&self, prefix_embeds: &Tensor, max_new_tokens: usize) -> Result<Vec<Vec<u32>>> {
+    pub fn generate_greedy(
+        &self,
+        prefix_embeds: &Tensor,
+        max_new_tokens: usize,
+    ) -> Result<Vec<Vec<u32>>> {
         let cfg = self.decoder.config();
         let (b, _, _) = prefix_embeds.dims3()?;
         let device = prefix_embeds.device();
         let bos = Tensor::full(cfg.bos_token_id, (b, 1), device)?;
-        let bos = self.decoder.embed_tokens(&bos)?.to_dtype(prefix_embeds.dtype())?;
+        let bos = self
+            .decoder
+            .embed_tokens(&bos)?
+            .to_dtype(prefix_embeds.dtype())?;
         let mut input = Tensor::cat(&[prefix_embeds, &bos], 1)?;
         let mut cache = Cache::new(cfg);
         let mut out = vec![Vec::new(); b];
@@ -202,9 +215,11 @@ impl Moda {
         for _ in 0..max_new_tokens {
             let total = cache.past_len() + input.dim(1)?;
             let mask = Tensor::ones((b, total), DType::F32, device)?;
-            let logits = self
-                .decoder
-                .forward(DecoderInput::Embeds(&input), Some(&mask), Some(&mut cache))?;
+            let logits = self.decoder.forward(
+                DecoderInput::Embeds(&input),
+                Some(&mask),
+                Some(&mut cache),
+            )?;
             let last = logits.narrow(1, logits.dim(1)? - 1, 1)?.squeeze(1)?;
             let next = argmax_last(&last)?.to_vec1::<u32>()?;
             for (i, &tok) in next.iter().enumerate() {
@@ -217,7 +232,10 @@ impl Moda {
                 break;
             }
             let ids = Tensor::from_vec(next, (b, 1), device)?;
-            input = self.decoder.embed_tokens(&ids)?.to_dtype(prefix_embeds.dtype())?;
+            input = self
+                .decoder
+                .embed_tokens(&ids)?
+                .to_dtype(prefix_embeds.dtype())?;
         }
         Ok(out)
     }
@@ -234,8 +252,14 @@ pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
             logits.dims()
         )));
     }
-    let logits = logits.narrow(1, 0, s - 1)?.to_dtype(DType::F32)?.reshape((b * (s - 1), v))?;
-    let labels = labels.narrow(1, 1, s - 1)?.to_dtype(DType::I64)?.flatten_all()?;
+    let logits = logits
+        .narrow(1, 0, s - 1)?
+        .to_dtype(DType::F32)?
+        .reshape((b * (s - 1), v))?;
+    let labels = labels
+        .narrow(1, 1, s - 1)?
+        .to_dtype(DType::I64)?
+        .flatten_all()?;
     let keep = labels.ne(IGNORE_INDEX)?;
     let zeros = labels.zeros_like()?;
     let targets = keep.where_cond(&labels, &zeros)?.to_dtype(DType::U32)?;
@@ -245,4 +269,14 @@ pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     let count = keep.sum_all()?;
     let total = (picked * &keep)?.sum_all()?.neg()?;
     Ok(total.broadcast_div(&count.maximum(1f64)?)?)
+}
+
+impl std::fmt::Debug for Moda {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Moda")
+            .field("encoder", &self.encoder)
+            .field("projector", self.projector.config())
+            .field("decoder", &self.decoder)
+            .finish()
+    }
 }

@@ -73,7 +73,11 @@ pub(crate) fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
 }
 
 /// `[b, seq, heads * head_dim] -> [b, heads, seq, head_dim]`, contiguous.
-pub(crate) fn split_heads(xs: &Tensor, heads: usize, head_dim: usize) -> candle_core::Result<Tensor> {
+pub(crate) fn split_heads(
+    xs: &Tensor,
+    heads: usize,
+    head_dim: usize,
+) -> candle_core::Result<Tensor> {
     let (b, seq, _) = xs.dims3()?;
     xs.reshape((b, seq, heads, head_dim))?
         .transpose(1, 2)?

@@ -142,7 +142,9 @@ impl OptConfig {
     /// Checks the geometry and the activation; `path` names the config in errors.
     pub fn validate(&self, path: &Path) -> Result<()> {
         Activation::parse(&self.activation_function, path, "activation_function")?;
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
             return Err(Error::Unsupported {
                 path: path.to_path_buf(),
                 key: "num_attention_heads".to_string(),
@@ -246,7 +248,11 @@ impl SelfAttention {
         bias: Option<&Tensor>,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> candle_core::Result<Tensor> {
-        let q = split_heads(&(self.q.forward(xs)? * self.scale)?, self.heads, self.head_dim)?;
+        let q = split_heads(
+            &(self.q.forward(xs)? * self.scale)?,
+            self.heads,
+            self.head_dim,
+        )?;
         let mut k = split_heads(&self.k.forward(xs)?, self.heads, self.head_dim)?;
         let mut v = split_heads(&self.v.forward(xs)?, self.heads, self.head_dim)?;
         if let Some(slot) = cache {
@@ -403,7 +409,8 @@ impl Opt {
     pub fn from_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let cfg = OptConfig::from_file(&dir.join("config.json"))?;
         let weights = Weights::from_dir(dir)?;
-        let model = Self::new(&cfg, weights.var_builder(dtype, device)).map_err(|e| weights.explain(e))?;
+        let model =
+            Self::new(&cfg, weights.var_builder(dtype, device)).map_err(|e| weights.explain(e))?;
         let unexpected: Vec<String> = weights
             .unused()
             .into_iter()
@@ -519,14 +526,15 @@ impl Opt {
 /// The additive attention bias `[b, 1, seq, past + seq]`: 0 where query `i` may see key `j`
 /// (causal and not padding), the lowest finite value elsewhere (as transformers does, so that a
 /// fully masked row stays finite). `None` when nothing is masked (one new token, no padding).
-fn attention_bias(
-    mask: &Tensor,
-    seq: usize,
-    past: usize,
-) -> candle_core::Result<Option<Tensor>> {
+fn attention_bias(mask: &Tensor, seq: usize, past: usize) -> candle_core::Result<Option<Tensor>> {
     let (b, total) = mask.dims2()?;
     let device = mask.device();
-    let padded = mask.min_keepdim(D::Minus1)?.flatten_all()?.min(0)?.to_scalar::<f32>()? < 0.5;
+    let padded = mask
+        .min_keepdim(D::Minus1)?
+        .flatten_all()?
+        .min(0)?
+        .to_scalar::<f32>()?
+        < 0.5;
     if seq == 1 && !padded {
         return Ok(None);
     }
@@ -539,4 +547,10 @@ fn attention_bias(
     let zeros = Tensor::zeros((b, 1, seq, total), DType::F32, device)?;
     let min = Tensor::full(f32::MIN, (b, 1, seq, total), device)?;
     Ok(Some(allowed.gt(0.5)?.where_cond(&zeros, &min)?))
+}
+
+impl std::fmt::Debug for Opt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Opt").field("config", &self.cfg).finish()
+    }
 }

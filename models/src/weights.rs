@@ -160,7 +160,10 @@ impl Weights {
         for s in &shards {
             // Shards must sit beside the index: no path components.
             if s.contains('/') || s.contains('\\') || s == ".." {
-                return Err(bad(index, format!("shard name `{s}` is not a plain file name")));
+                return Err(bad(
+                    index,
+                    format!("shard name `{s}` is not a plain file name"),
+                ));
             }
             let p = dir.join(s);
             if !p.is_file() {
@@ -318,7 +321,12 @@ impl Weights {
 
     /// Tensor names that no model has taken yet, sorted.
     pub fn unused(&self) -> Vec<String> {
-        let used = self.inner.used.lock().map(|u| u.clone()).unwrap_or_default();
+        let used = self
+            .inner
+            .used
+            .lock()
+            .map(|u| u.clone())
+            .unwrap_or_default();
         self.inner
             .entries
             .keys()
@@ -362,8 +370,9 @@ impl Weights {
                 let data = mmap.get(start..end).ok_or_else(|| {
                     self.record(bad(path, format!("tensor `{name}` lies past the end")))
                 })?;
-                let view = safetensors::tensor::TensorView::new(st_dtype, entry.shape.clone(), data)
-                    .map_err(|e| self.record(bad(path, format!("tensor `{name}`: {e}"))))?;
+                let view =
+                    safetensors::tensor::TensorView::new(st_dtype, entry.shape.clone(), data)
+                        .map_err(|e| self.record(bad(path, format!("tensor `{name}`: {e}"))))?;
                 let t = candle_core::safetensors::Load::load(&view, dev).map_err(|e| {
                     self.record(bad(path, format!("tensor `{name}` cannot be read: {e}")))
                 })?;

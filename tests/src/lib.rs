@@ -32,8 +32,14 @@ pub fn get<'a>(refs: &'a HashMap<String, Tensor>, name: &str) -> &'a Tensor {
 /// The largest absolute difference between two tensors of the same shape.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shapes differ");
-    let a = a.to_dtype(DType::F32).and_then(|t| t.flatten_all()).expect("a");
-    let b = b.to_dtype(DType::F32).and_then(|t| t.flatten_all()).expect("b");
+    let a = a
+        .to_dtype(DType::F32)
+        .and_then(|t| t.flatten_all())
+        .expect("a");
+    let b = b
+        .to_dtype(DType::F32)
+        .and_then(|t| t.flatten_all())
+        .expect("b");
     let a = a.to_vec1::<f32>().expect("a values");
     let b = b.to_vec1::<f32>().expect("b values");
     a.iter()

@@ -1,10 +1,10 @@
 //! Bad input gets a clear error that names the file and the problem, never a panic.
 
+use candle_core::{DType, Device};
 use moda_models::opt::OptConfig;
 use moda_models::preprocess::{load_image, ImageLimits};
 use moda_models::{ClipVision, Error, Moda, Opt};
 use moda_tests::{fixture, TempDir};
-use candle_core::{DType, Device};
 
 fn copy_dir(from: &str, to: &std::path::Path) {
     for entry in std::fs::read_dir(fixture(from)).expect("read dir") {
@@ -27,7 +27,7 @@ fn missing_config_json_is_named() {
     let dir = TempDir::new("noconfig");
     copy_dir("opt_preln", dir.path());
     std::fs::remove_file(dir.path().join("config.json")).expect("rm");
-    let err = Opt::from_dir(dir.path(), DType::F32, &Device::Cpu).err().expect("must fail");
+    let err = Opt::from_dir(dir.path(), DType::F32, &Device::Cpu).expect_err("must fail");
     assert!(matches!(err, Error::MissingFile { .. }), "{err:?}");
     assert!(err.to_string().contains("config.json"), "{err}");
 }
@@ -39,17 +39,25 @@ fn wrong_tensor_shape_names_the_tensor_and_both_shapes() {
     let cfg_path = dir.path().join("config.json");
     let ffn = OptConfig::from_file(&cfg_path).expect("config").ffn_dim;
     edit_json(&cfg_path, |v| v["ffn_dim"] = (2 * ffn).into());
-    let err = Opt::from_dir(dir.path(), DType::F32, &Device::Cpu).err().expect("must fail");
+    let err = Opt::from_dir(dir.path(), DType::F32, &Device::Cpu).expect_err("must fail");
     let msg = err.to_string();
     match &err {
-        Error::TensorShape { name, expected, got, .. } => {
+        Error::TensorShape {
+            name,
+            expected,
+            got,
+            ..
+        } => {
             assert_eq!(name, "model.decoder.layers.0.fc1.weight");
             assert_eq!(expected[0], 2 * ffn);
             assert_eq!(got[0], ffn);
         }
         other => panic!("expected a shape error, got {other:?}"),
     }
-    assert!(msg.contains("fc1.weight") && msg.contains(&format!("{}", 2 * ffn)), "{msg}");
+    assert!(
+        msg.contains("fc1.weight") && msg.contains(&format!("{}", 2 * ffn)),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -59,7 +67,7 @@ fn truncated_safetensors_is_an_error() {
     let st = dir.path().join("model.safetensors");
     let bytes = std::fs::read(&st).expect("read");
     std::fs::write(&st, &bytes[..bytes.len() / 2]).expect("truncate");
-    let err = Opt::from_dir(dir.path(), DType::F32, &Device::Cpu).err().expect("must fail");
+    let err = Opt::from_dir(dir.path(), DType::F32, &Device::Cpu).expect_err("must fail");
     assert!(matches!(err, Error::BadWeights { .. }), "{err:?}");
     assert!(err.to_string().contains("model.safetensors"), "{err}");
 }
@@ -72,15 +80,20 @@ fn pth_with_unexpected_keys_lists_them() {
         &fixture("opt_preln"),
         &Device::Cpu,
     )
-    .err()
-    .expect("must fail");
+    .expect_err("must fail");
     match &err {
         Error::UnexpectedKeys { keys, .. } => {
-            assert_eq!(keys, &["extra.bias".to_string(), "extra.weight".to_string()]);
+            assert_eq!(
+                keys,
+                &["extra.bias".to_string(), "extra.weight".to_string()]
+            );
         }
         other => panic!("expected unexpected keys, got {other:?}"),
     }
-    assert!(err.to_string().contains("fashion_opt_extra_keys.pth"), "{err}");
+    assert!(
+        err.to_string().contains("fashion_opt_extra_keys.pth"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -91,9 +104,13 @@ fn garbage_pth_is_an_error_not_a_panic() {
     let mut bytes = b"PK\x03\x04".to_vec();
     bytes.extend(std::iter::repeat_n(0xAB, 200));
     std::fs::write(&p, &bytes).expect("write");
-    let err = Moda::from_recipe_checkpoint(&p, &fixture("clip_gelu"), &fixture("opt_preln"), &Device::Cpu)
-        .err()
-        .expect("must fail");
+    let err = Moda::from_recipe_checkpoint(
+        &p,
+        &fixture("clip_gelu"),
+        &fixture("opt_preln"),
+        &Device::Cpu,
+    )
+    .expect_err("must fail");
     assert!(err.to_string().contains("bad.pth"), "{err}");
 }
 
@@ -104,16 +121,19 @@ fn unsupported_hidden_act_is_named() {
     edit_json(&dir.path().join("config.json"), |v| {
         v["vision_config"]["hidden_act"] = "swish".into()
     });
-    let err = ClipVision::from_dir(dir.path(), DType::F32, &Device::Cpu).err().expect("must fail");
+    let err = ClipVision::from_dir(dir.path(), DType::F32, &Device::Cpu).expect_err("must fail");
     assert!(matches!(err, Error::Unsupported { .. }), "{err:?}");
     let msg = err.to_string();
-    assert!(msg.contains("hidden_act") && msg.contains("swish") && msg.contains("config.json"), "{msg}");
+    assert!(
+        msg.contains("hidden_act") && msg.contains("swish") && msg.contains("config.json"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn a_file_that_is_not_an_image_is_named() {
     let p = fixture("images/not_an_image.jpg");
-    let err = load_image(&p, &ImageLimits::default()).err().expect("must fail");
+    let err = load_image(&p, &ImageLimits::default()).expect_err("must fail");
     assert!(matches!(err, Error::Image { .. }), "{err:?}");
     assert!(err.to_string().contains("not_an_image.jpg"), "{err}");
 }

@@ -52,7 +52,11 @@ fn real_rows(logits: &Tensor, mask: &[i64], r: usize) -> Tensor {
         .map(|(i, _)| i as u32)
         .collect();
     let idx = Tensor::new(idx.as_slice(), &Device::Cpu).expect("index");
-    logits.i(r).expect("row").index_select(&idx, 0).expect("select")
+    logits
+        .i(r)
+        .expect("row")
+        .index_select(&idx, 0)
+        .expect("select")
 }
 
 #[test]
@@ -80,7 +84,10 @@ fn padded_batches_match_transformers_and_each_sequence_alone() {
                     .squeeze(0)
                     .expect("squeeze");
                 let d = max_abs_diff(&ours, &alone);
-                assert!(d <= F32_TOL, "{m} {case} row {r} vs alone: max abs diff {d}");
+                assert!(
+                    d <= F32_TOL,
+                    "{m} {case} row {r} vs alone: max abs diff {d}"
+                );
             }
         }
     }
@@ -153,7 +160,10 @@ fn kv_cache_decoding_with_left_padding_equals_full_pass() {
     let stepped = Tensor::cat(&steps, 1).expect("cat");
     let masks: Vec<Vec<i64>> = mask.to_vec2().expect("mask");
     for (r, row_mask) in masks.iter().enumerate() {
-        let d = max_abs_diff(&real_rows(&stepped, row_mask, r), &real_rows(&full, row_mask, r));
+        let d = max_abs_diff(
+            &real_rows(&stepped, row_mask, r),
+            &real_rows(&full, row_mask, r),
+        );
         assert!(d <= F32_TOL, "row {r}: max abs diff {d}");
     }
 }

@@ -32,8 +32,11 @@ fn pixel_values_match_clip_image_processor() {
         // One 8-bit step after normalisation is 1 / 255 / std; the smallest CLIP std is 0.2613,
         // so one step is 0.01501. Pillow-compatible resizing must stay within it (plus f32
         // rounding of the rescale and normalisation).
-        let one_step = 1.0 / 255.0 / 0.261_302_58 + 1e-5;
-        assert!(d <= one_step, "{img}: max abs diff {d} > one 8-bit step {one_step}");
+        let one_step = 1.0 / 255.0 / 0.261_302_6 + 1e-5;
+        assert!(
+            d <= one_step,
+            "{img}: max abs diff {d} > one 8-bit step {one_step}"
+        );
     }
 }
 
@@ -55,4 +58,31 @@ fn resized_bytes_match_pillow_bicubic() {
         // Pillow-compatible: at most one 8-bit step anywhere.
         assert!(d <= 1.0, "{img}: resized bytes differ by up to {d}");
     }
+}
+
+#[test]
+fn resampler_is_byte_identical_to_pillow_on_the_same_rgb_input() {
+    // The fixture's own decoded RGB (Pillow's), so decoding is out of the comparison: the
+    // resampler must give exactly Pillow's bytes.
+    let refs = load_refs("pixel_values.safetensors");
+    let mut checked = 0;
+    for img in IMAGES {
+        let Some(rgb) = refs.get(&format!("{img}.rgb_u8")) else {
+            continue;
+        };
+        let (h, w, _) = rgb.dims3().expect("dims");
+        let bytes: Vec<u8> = rgb.flatten_all().and_then(|t| t.to_vec1()).expect("bytes");
+        let rgb = image::RgbImage::from_raw(w as u32, h as u32, bytes).expect("image");
+        let resized = resize_shortest_edge(&rgb, 224).expect("resize");
+        let want: Vec<u8> = get(&refs, &format!("{img}.resized_u8"))
+            .flatten_all()
+            .and_then(|t| t.to_vec1())
+            .expect("bytes");
+        assert_eq!(resized.into_raw(), want, "{img}");
+        checked += 1;
+    }
+    assert!(
+        checked >= 5,
+        "only {checked} images carry their decoded RGB"
+    );
 }
