@@ -82,6 +82,8 @@ def perturb(model, seed):
 # images for which pixel_values.safetensors also stores the decoded+converted full-size RGB (before resize)
 RGB_U8_FOR = ["photo.jpg", "gray.png", "rgba.png", "palette.png", "gray16.png"]
 IMAGE_NAMES = ["photo.jpg", "wide.png", "gray.png", "rgba.png", "palette.png", "gray16.png", "small.png"]
+# Images with pixel_values references only (not in the CLIP reference batches).
+PIXEL_ONLY_NAMES = ["photo_prog422.jpg"]
 
 
 def gradient(w, h, c0, c1, horizontal=False):
@@ -181,6 +183,20 @@ def make_images(outdir):
     d.line((0, 0, 149, 89), fill=(255, 0, 0), width=3)
     im.save(outdir / "small.png")
 
+    # photo_prog422.jpg: progressive, 4:2:2 chroma subsampling, odd size 333x517 (W x H)
+    # (photo.jpg is baseline 4:2:0); its own generator, so the images above are unchanged.
+    rng2 = np.random.default_rng(20240602)
+    w, h = 333, 517
+    bg = gradient(w, h, (225, 215, 230), (120, 140, 130))
+    im = Image.fromarray(bg.astype(np.uint8), "RGB")
+    d = ImageDraw.Draw(im)
+    garment(d, w, h, fill=(170, 60, 40), outline=(90, 30, 20))
+    d.rectangle((w - 90, 20, w - 20, 70), fill=(30, 110, 160))
+    im = im.filter(ImageFilter.GaussianBlur(1.0))
+    a = np.asarray(im).astype(np.float64) + rng2.normal(0, 6.0, (h, w, 3))
+    im = Image.fromarray(np.clip(a, 0, 255).round().astype(np.uint8), "RGB")
+    im.save(outdir / "photo_prog422.jpg", quality=85, progressive=True, subsampling="4:2:2")
+
     (outdir / "not_an_image.jpg").write_bytes(b"this is not an image, just text\n")
 
     modes = {n: Image.open(outdir / n).mode for n in IMAGE_NAMES}
@@ -234,7 +250,7 @@ def make_pixel_values(imgdir):
     assert proc.size == {"shortest_edge": 224} or getattr(proc.size, "shortest_edge", None) == 224
     out = {}
     notes = {}
-    for n in IMAGE_NAMES:
+    for n in IMAGE_NAMES + PIXEL_ONLY_NAMES:
         img = Image.open(imgdir / n)
         pv = proc(images=img, return_tensors="pt")["pixel_values"]
         assert pv.shape == (1, 3, 224, 224) and pv.dtype == torch.float32, (pv.shape, pv.dtype)
@@ -255,7 +271,7 @@ def make_pixel_values(imgdir):
         }
         out[n] = pv
         out[f"{n}.resized_u8"] = torch.from_numpy(rs)
-        if n in RGB_U8_FOR:
+        if n in RGB_U8_FOR or n in PIXEL_ONLY_NAMES:
             out[f"{n}.rgb_u8"] = torch.from_numpy(rgb)
     save_st(FIX / "pixel_values.safetensors", out)
     log("pixel_values notes:", json.dumps(notes))
@@ -793,6 +809,67 @@ def make_moda(clip_ref, clip_proj_dim, ref_tok):
 
 
 # ----------------------------------------------------------------------------------------------
+# One training step of the original recipe (trainer's parity test)
+# ----------------------------------------------------------------------------------------------
+
+TRAIN_STEP_TENSORS = [
+    "projection.0.weight", "projection.0.bias", "projection.2.weight", "projection.2.bias",
+    "opt.model.decoder.layers.0.self_attn.q_proj.weight",
+    "opt.model.decoder.embed_tokens.weight",  # tied with lm_head: one parameter, two uses
+]
+
+
+def make_train_step(ref_tok, clip_proj_dim):
+    """Two AdamW steps of the recipe on the FashionOPT of moda/fashion_opt.pth: each step is a batch of 4
+    split into 2 micro-batches (gradient accumulation 2, loss / 2), clip_grad_norm_(1.0), AdamW(lr=1e-3,
+    PyTorch defaults: betas (0.9, 0.999), eps 1e-8, weight_decay 0.01). Dropout off (eval mode), gradients on."""
+    d = FIX / "train_step"
+    d.mkdir(parents=True, exist_ok=True)
+    opt_src = OPTForCausalLM.from_pretrained(FIX / "opt_preln")
+    m = FashionOPT(opt_src.config, clip_proj_dim)
+    m.load_state_dict(torch.load(FIX / "moda" / "fashion_opt.pth", weights_only=True))
+    m.opt.tie_weights()
+    m.eval()
+    g = torch.Generator().manual_seed(6001)
+    image_embeds = 0.5 * torch.randn(4, clip_proj_dim, generator=g)
+    caps = ["Blue Casual Jeans for Boys - Apparel Bottomwear",
+            "Navy Blue Smart Casual Tshirts for Women - Apparel Topwear",
+            "Black Formal Shoes for Men - Footwear Shoes",
+            "Pink Party Dresses for Girls - Apparel Dress"]
+    toks = [ref_tok(c) + [2] for c in caps]
+    T = max(len(t) for t in toks)
+    input_ids = torch.tensor([t + [1] * (T - len(t)) for t in toks])
+    text_mask = torch.tensor([[1] * len(t) + [0] * (T - len(t)) for t in toks])
+    params = dict(m.named_parameters())  # the tied lm_head is not listed twice
+    assert "opt.lm_head.weight" not in params
+    optim = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    ref = {"image_embeds": image_embeds, "input_ids": input_ids, "text_mask": text_mask}
+    for name in TRAIN_STEP_TENSORS:
+        ref[f"before.{name}"] = params[name].detach().clone()
+    with torch.enable_grad():
+        for step in (1, 2):
+            optim.zero_grad()
+            for mb in (0, 1):
+                sl = slice(2 * mb, 2 * mb + 2)
+                prefix = m.projection(image_embeds[sl]).unsqueeze(1)
+                emb = torch.cat([prefix, m.embed_tokens(input_ids[sl])], 1)
+                am = torch.cat([torch.ones(2, 1, dtype=torch.long), text_mask[sl]], 1)
+                labels = torch.cat([torch.full((2, 1), -100), input_ids[sl].masked_fill(text_mask[sl] == 0, -100)], 1)
+                loss = m.opt(inputs_embeds=emb, attention_mask=am, labels=labels).loss
+                ref[f"step{step}.loss{mb}"] = loss.detach().reshape(())
+                (loss / 2).backward()
+            norm = torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+            ref[f"step{step}.grad_norm"] = norm.detach().reshape(())
+            optim.step()
+            for name in TRAIN_STEP_TENSORS:
+                ref[f"step{step}.{name}"] = params[name].detach().clone()
+    save_st(d / "reference.safetensors", ref)
+    log(f"train_step: losses {[round(float(ref[k]), 5) for k in sorted(ref) if '.loss' in k]}, "
+        f"grad norms {float(ref['step1.grad_norm']):.4f} {float(ref['step2.grad_norm']):.4f}")
+    return ref
+
+
+# ----------------------------------------------------------------------------------------------
 # Full-size random backbones (memory benchmarks; not committed)
 # ----------------------------------------------------------------------------------------------
 
@@ -849,6 +926,7 @@ def main():
     _, preln_keys = make_opt_preln(tokdir, V, ref_tok)
     postln_keys = make_opt_postln(tokdir, V, ref_tok)
     pth_keys, moda_ref = make_moda(clip_ref, 24, ref_tok)
+    make_train_step(ref_tok, 24)
     summary = {
         "image_notes": notes, "tokenizer_vocab": ntok, "opt_vocab_size": V,
         "clip_gelu_keys": clip_keys, "clip_quick_keys": quick_keys,

@@ -20,4 +20,28 @@ command -v cargo >/dev/null 2>&1 || {
   echo "setup: cargo not found; install Rust (https://rustup.rs) and run again" >&2
   exit 1
 }
+# ONNX Runtime's shared library, from the PyPI wheel, into the project (.ort/, git-ignored).
+# The `ort` crate loads it at run time (load-dynamic); sdk/src/runtime.rs finds it here. Keep
+# the version in step with PINNED_ORT_VERSION in sdk/src/runtime.rs (it needs API level 31+).
+ORT_VERSION=1.32.0
+ONNX_VERSION=1.23.2
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+ort_lib="$root/.ort/$ORT_VERSION/onnxruntime/capi/libonnxruntime.so.$ORT_VERSION"
+if [ ! -f "$ort_lib" ]; then
+  command -v python3 >/dev/null 2>&1 || { echo "setup: python3 (with pip) is needed to fetch onnxruntime" >&2; exit 1; }
+  echo "setup: installing onnxruntime $ORT_VERSION into .ort/$ORT_VERSION"
+  rm -rf "$root/.ort/$ORT_VERSION.partial"
+  python3 -m pip install --quiet --disable-pip-version-check --no-deps \
+    --target "$root/.ort/$ORT_VERSION.partial" "onnxruntime==$ORT_VERSION"
+  rm -rf "$root/.ort/$ORT_VERSION"
+  mv "$root/.ort/$ORT_VERSION.partial" "$root/.ort/$ORT_VERSION"
+fi
+# The `onnx` Python package, for the exporter test that runs onnx.checker on every graph.
+if [ ! -f "$root/.ort/py/onnx-$ONNX_VERSION.stamp" ]; then
+  echo "setup: installing onnx $ONNX_VERSION into .ort/py"
+  rm -rf "$root/.ort/py"
+  python3 -m pip install --quiet --disable-pip-version-check \
+    --target "$root/.ort/py" "onnx==$ONNX_VERSION"
+  touch "$root/.ort/py/onnx-$ONNX_VERSION.stamp"
+fi
 echo "setup: ok"

@@ -1,6 +1,136 @@
-//! `exporter`: writes MODA's ONNX bundle (not built yet; see issue 4).
+//! `exporter`: writes MODA's ONNX bundle. A thin shell over the `exporter` library.
 
-fn main() {
-    eprintln!("exporter: not implemented yet (issue 4)");
-    std::process::exit(2);
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use exporter::{export_onnx, ExportOptions, Quantize, DEFAULT_DECODER, DEFAULT_ENCODER};
+
+#[derive(Parser)]
+#[command(
+    name = "exporter",
+    version,
+    about = "Export a MODA model as an ONNX bundle"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum QuantizeArg {
+    None,
+    Int8,
+    Int4,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write encoder, projector, token-embedding and KV-cache decoder graphs, the tokenizer and
+    /// the manifest to a bundle directory, then check them in ONNX Runtime.
+    Onnx {
+        /// A trainer checkpoint directory (`trainer fit`), or the original recipe's `.pth`
+        /// state_dict.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// The bundle directory to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// For a `.pth`: the frozen image encoder, a local Hugging Face directory or a hub id.
+        /// [default: patrickjohncyh/fashion-clip]
+        #[arg(long)]
+        encoder: Option<String>,
+        /// For a `.pth`: the decoder's config.json and tokenizer, a local directory or a hub id.
+        /// [default: facebook/opt-125m]
+        #[arg(long)]
+        decoder: Option<String>,
+        /// Weight quantization of the encoder's and decoder's linear layers and the LM head
+        /// (MatMulNBits, blocks of 32).
+        #[arg(long, value_enum, default_value = "none")]
+        quantize: QuantizeArg,
+        /// Replace an existing --out.
+        #[arg(long)]
+        force: bool,
+        /// Skip the check of the graphs in ONNX Runtime against the candle model.
+        #[arg(long)]
+        no_verify: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("exporter: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Onnx {
+            checkpoint,
+            out,
+            encoder,
+            decoder,
+            quantize,
+            force,
+            no_verify,
+        } => {
+            if checkpoint.is_dir() && (encoder.is_some() || decoder.is_some()) {
+                eprintln!(
+                    "exporter: note: --encoder and --decoder are ignored for a trainer \
+                     checkpoint directory (it records its own)"
+                );
+            }
+            let opts = ExportOptions {
+                checkpoint,
+                out,
+                encoder: encoder.unwrap_or_else(|| DEFAULT_ENCODER.to_string()),
+                decoder: decoder.unwrap_or_else(|| DEFAULT_DECODER.to_string()),
+                quantize: match quantize {
+                    QuantizeArg::None => Quantize::None,
+                    QuantizeArg::Int8 => Quantize::Int8,
+                    QuantizeArg::Int4 => Quantize::Int4,
+                },
+                force,
+                verify: !no_verify,
+            };
+            let report = export_onnx(&opts)?;
+            println!("wrote {}", report.out.display());
+            for (file, bytes) in &report.files {
+                println!("  {file:<20} {:>12} bytes", bytes);
+            }
+            println!("  written in {:.1} s", report.write_seconds);
+            match &report.verification {
+                Some(m) => println!(
+                    "verified in ONNX Runtime ({:.1} s), max abs diff vs candle: encoder {:.2e}, \
+                     projector {:.2e}, embed_tokens {:.2e}, decoder prefill {:.2e}, cached \
+                     steps {:.2e}",
+                    report.verify_seconds,
+                    m.encoder,
+                    m.projector,
+                    m.embed_tokens,
+                    m.decoder_prefill,
+                    m.decoder_steps
+                ),
+                None => println!("not verified (--no-verify)"),
+            }
+            if let Some(m) = &report.verification {
+                if let (Some(rate), Some(cos)) = (m.greedy_agreement, m.min_logits_cosine) {
+                    println!(
+                        "quantized decoder vs fp32: argmax tokens agree at {:.1}% of the probe \
+                         positions, logits cosine >= {cos:.4}",
+                        100.0 * rate
+                    );
+                }
+                if let Some(cos) = m.min_embeds_cosine {
+                    println!("quantized encoder vs fp32: image embeddings cosine >= {cos:.4}");
+                }
+            }
+            Ok(())
+        }
+    }
 }

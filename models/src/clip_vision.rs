@@ -15,7 +15,10 @@ use candle_nn::{Conv2d, Conv2dConfig, LayerNorm, Linear, VarBuilder};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
-use crate::nn::{attention, merge_heads, read_json, split_heads, Activation};
+use crate::nn::{
+    attention, layer_norm_fwd, merge_heads, push_layer_norm, push_linear, read_json, split_heads,
+    Activation,
+};
 use crate::weights::Weights;
 
 fn d_hidden() -> usize {
@@ -285,11 +288,12 @@ impl EncoderLayer {
 impl Module for EncoderLayer {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let residual = xs;
-        let xs = (residual + self.self_attn.forward(&self.layer_norm1.forward(xs)?)?)?;
+        let xs = (residual
+            + self
+                .self_attn
+                .forward(&layer_norm_fwd(&self.layer_norm1, xs)?)?)?;
         let residual = &xs;
-        let ys = self
-            .layer_norm2
-            .forward(&xs)?
+        let ys = layer_norm_fwd(&self.layer_norm2, &xs)?
             .apply(&self.fc1)?
             .apply(&self.act)?
             .apply(&self.fc2)?;
@@ -375,6 +379,43 @@ impl ClipVision {
             || name.ends_with("position_ids")
     }
 
+    /// Every tensor of the model under its Hugging Face name (`vision_model.*`,
+    /// `visual_projection.weight`), as the model holds it: what an exporter writes.
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        let e = &self.embeddings;
+        let p = "vision_model.embeddings";
+        out.push((
+            format!("{p}.patch_embedding.weight"),
+            e.patch.weight().clone(),
+        ));
+        out.push((format!("{p}.class_embedding"), e.class.clone()));
+        out.push((
+            format!("{p}.position_embedding.weight"),
+            e.positions.clone(),
+        ));
+        push_layer_norm(&mut out, "vision_model.pre_layrnorm", &self.pre_layrnorm);
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("vision_model.encoder.layers.{i}");
+            push_layer_norm(&mut out, &format!("{p}.layer_norm1"), &l.layer_norm1);
+            let a = &l.self_attn;
+            push_linear(&mut out, &format!("{p}.self_attn.q_proj"), &a.q);
+            push_linear(&mut out, &format!("{p}.self_attn.k_proj"), &a.k);
+            push_linear(&mut out, &format!("{p}.self_attn.v_proj"), &a.v);
+            push_linear(&mut out, &format!("{p}.self_attn.out_proj"), &a.out);
+            push_layer_norm(&mut out, &format!("{p}.layer_norm2"), &l.layer_norm2);
+            push_linear(&mut out, &format!("{p}.mlp.fc1"), &l.fc1);
+            push_linear(&mut out, &format!("{p}.mlp.fc2"), &l.fc2);
+        }
+        push_layer_norm(
+            &mut out,
+            "vision_model.post_layernorm",
+            &self.post_layernorm,
+        );
+        push_linear(&mut out, "visual_projection", &self.visual_projection);
+        out
+    }
+
     /// The configuration.
     pub fn config(&self) -> &ClipVisionConfig {
         &self.cfg
@@ -392,17 +433,11 @@ impl ClipVision {
                 self.cfg.num_channels
             )));
         }
-        let mut xs = self
-            .embeddings
-            .forward(pixel_values)?
-            .apply(&self.pre_layrnorm)?;
+        let mut xs = layer_norm_fwd(&self.pre_layrnorm, &self.embeddings.forward(pixel_values)?)?;
         for layer in &self.layers {
             xs = layer.forward(&xs)?;
         }
-        let pooled = xs
-            .narrow(1, 0, 1)?
-            .squeeze(1)?
-            .apply(&self.post_layernorm)?;
+        let pooled = layer_norm_fwd(&self.post_layernorm, &xs.narrow(1, 0, 1)?.squeeze(1)?)?;
         Ok(self.visual_projection.forward(&pooled)?)
     }
 }

@@ -122,6 +122,11 @@ impl Moda {
         &self.decoder
     }
 
+    /// The decoder, to switch it between training and inference mode ([`Opt::train`]).
+    pub fn decoder_mut(&mut self) -> &mut Opt {
+        &mut self.decoder
+    }
+
     /// The encoder's configuration.
     pub fn encoder_config(&self) -> &ClipVisionConfig {
         self.encoder.config()

@@ -54,6 +54,26 @@ impl Module for Activation {
     }
 }
 
+/// Appends a linear layer's tensors as `{prefix}.weight` (`[out, in]`) and `{prefix}.bias`.
+pub(crate) fn push_linear(out: &mut Vec<(String, Tensor)>, prefix: &str, l: &candle_nn::Linear) {
+    out.push((format!("{prefix}.weight"), l.weight().clone()));
+    if let Some(b) = l.bias() {
+        out.push((format!("{prefix}.bias"), b.clone()));
+    }
+}
+
+/// Appends a LayerNorm's tensors as `{prefix}.weight` and `{prefix}.bias`.
+pub(crate) fn push_layer_norm(
+    out: &mut Vec<(String, Tensor)>,
+    prefix: &str,
+    ln: &candle_nn::LayerNorm,
+) {
+    out.push((format!("{prefix}.weight"), ln.weight().clone()));
+    if let Some(b) = ln.bias() {
+        out.push((format!("{prefix}.bias"), b.clone()));
+    }
+}
+
 /// Reads and parses a JSON config file, with errors that name it.
 pub(crate) fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(|e| {
@@ -90,6 +110,31 @@ pub(crate) fn merge_heads(xs: &Tensor) -> candle_core::Result<Tensor> {
     xs.transpose(1, 2)?.reshape((b, seq, heads * head_dim))
 }
 
+/// A LayerNorm that keeps the autograd graph. candle_nn's fused `layer-norm` op (what
+/// `LayerNorm::forward` uses on contiguous input) has no backward pass and silently stops
+/// gradients, as does `softmax_last_dim` below; when the input or the weight is tracked
+/// (training), the same maths is computed from differentiable primitives instead. Inference
+/// keeps the fused kernel.
+pub(crate) fn layer_norm_fwd(
+    ln: &candle_nn::LayerNorm,
+    xs: &Tensor,
+) -> candle_core::Result<Tensor> {
+    if !(xs.track_op() || ln.weight().track_op()) {
+        return ln.forward(xs);
+    }
+    let h = xs.dim(D::Minus1)? as f64;
+    let mean = (xs.sum_keepdim(D::Minus1)? / h)?;
+    let xc = xs.broadcast_sub(&mean)?;
+    let var = (xc.sqr()?.sum_keepdim(D::Minus1)? / h)?;
+    let xs = xc
+        .broadcast_div(&(var + ln.eps())?.sqrt()?)?
+        .broadcast_mul(ln.weight())?;
+    match ln.bias() {
+        Some(b) => xs.broadcast_add(b),
+        None => Ok(xs),
+    }
+}
+
 /// Softmax attention over already-scaled queries: `softmax(q k^T + mask) v`, scores in f32.
 /// `mask` is additive, broadcastable to `[b, heads, q_len, k_len]`.
 pub(crate) fn attention(
@@ -106,7 +151,13 @@ pub(crate) fn attention(
         Some(m) => scores.broadcast_add(m)?,
         None => scores,
     };
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(in_dtype)?;
+    // The fused softmax has no backward pass: the differentiable one when training.
+    let probs = if scores.track_op() {
+        candle_nn::ops::softmax(&scores, D::Minus1)?
+    } else {
+        candle_nn::ops::softmax_last_dim(&scores)?
+    };
+    let probs = probs.to_dtype(in_dtype)?;
     probs.matmul(&v.contiguous()?)
 }
 

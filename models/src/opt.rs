@@ -11,19 +11,29 @@
 //!   style) laid out `[batch, heads, past, head_dim]`, as the ONNX decoder's
 //!   `past_key_values.{i}.key|value`.
 //!
+//! Training mode ([`Opt::train`]) applies the residual-branch dropout of transformers'
+//! `OPTDecoderLayer` (config `dropout`, after self-attention and after `fc2`) with a seeded
+//! generator of its own, so that a run is reproducible and resumable; `attention_dropout`,
+//! `activation_dropout` and `layerdrop` (all 0 in the OPT checkpoints) are not applied. It is
+//! off by default: inference never drops.
+//!
 //! Checkpoints name the decoder `model.decoder.*` (saved from `OPTForCausalLM`), `decoder.*`
 //! (the facebook/opt-* files, saved from `OPTModel`), or carry a prefix (the original MODA
 //! recipe's `opt.model.decoder.*`); [`Opt::new`] takes a `VarBuilder` at the `OPTForCausalLM`
 //! level and finds the decoder under it.
 
 use std::path::Path;
+use std::sync::Mutex;
 
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
-use crate::nn::{attention, merge_heads, read_json, split_heads, Activation};
+use crate::nn::{
+    attention, layer_norm_fwd, merge_heads, push_layer_norm, push_linear, read_json, split_heads,
+    Activation,
+};
 use crate::weights::Weights;
 
 fn d_vocab() -> usize {
@@ -199,6 +209,47 @@ impl Cache {
     }
 }
 
+/// Dropout as `nn.functional.dropout` in train mode: zero each element with probability `p`,
+/// scale the rest by `1 / (1 - p)`. The mask comes from a SplitMix64 generator whose state can
+/// be saved and restored ([`Opt::dropout_state`]), not from candle's unseedable CPU generator.
+struct Dropout {
+    p: f64,
+    state: Mutex<u64>,
+}
+
+impl Dropout {
+    fn next(state: &mut u64) -> u64 {
+        // SplitMix64 (Steele, Lea and Flood, 2014).
+        *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = *state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn apply(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        if self.p <= 0.0 {
+            return Ok(xs.clone());
+        }
+        let n = xs.elem_count();
+        let keep = (1.0 / (1.0 - self.p)) as f32;
+        let mut mask = Vec::with_capacity(n);
+        {
+            let mut state = self
+                .state
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("dropout generator poisoned".into()))?;
+            for _ in 0..n {
+                // 53 random bits -> a uniform float in [0, 1).
+                let u = (Self::next(&mut state) >> 11) as f64 / (1u64 << 53) as f64;
+                mask.push(if u < self.p { 0.0 } else { keep });
+            }
+        }
+        let mask = Tensor::from_vec(mask, xs.shape(), xs.device())?.to_dtype(xs.dtype())?;
+        xs * mask
+    }
+}
+
 fn layer_norm(cfg: &OptConfig, vb: VarBuilder) -> candle_core::Result<LayerNorm> {
     let h = cfg.hidden_size;
     if cfg.layer_norm_elementwise_affine {
@@ -296,32 +347,37 @@ impl DecoderLayer {
         xs: &Tensor,
         bias: Option<&Tensor>,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
+        dropout: Option<&Dropout>,
     ) -> candle_core::Result<Tensor> {
+        let drop = |ys: Tensor| match dropout {
+            Some(d) => d.apply(&ys),
+            None => Ok(ys),
+        };
         // Self-attention block.
         let residual = xs;
         let ys = if self.pre_ln {
-            self.self_attn_layer_norm.forward(xs)?
+            layer_norm_fwd(&self.self_attn_layer_norm, xs)?
         } else {
             xs.clone()
         };
-        let ys = self.self_attn.forward(&ys, bias, cache)?;
+        let ys = drop(self.self_attn.forward(&ys, bias, cache)?)?;
         let mut xs = (residual + ys)?;
         if !self.pre_ln {
-            xs = self.self_attn_layer_norm.forward(&xs)?;
+            xs = layer_norm_fwd(&self.self_attn_layer_norm, &xs)?;
         }
         // Feed-forward block.
         let residual = &xs;
         let ys = if self.pre_ln {
-            self.final_layer_norm.forward(&xs)?
+            layer_norm_fwd(&self.final_layer_norm, &xs)?
         } else {
             xs.clone()
         };
-        let ys = ys.apply(&self.fc1)?.apply(&self.act)?.apply(&self.fc2)?;
+        let ys = drop(ys.apply(&self.fc1)?.apply(&self.act)?.apply(&self.fc2)?)?;
         let xs = (residual + ys)?;
         if self.pre_ln {
             Ok(xs)
         } else {
-            self.final_layer_norm.forward(&xs)
+            layer_norm_fwd(&self.final_layer_norm, &xs)
         }
     }
 }
@@ -345,6 +401,8 @@ pub struct Opt {
     layers: Vec<DecoderLayer>,
     final_layer_norm: Option<LayerNorm>,
     lm_head: Linear,
+    /// `Some` in training mode.
+    dropout: Option<Dropout>,
 }
 
 impl Opt {
@@ -402,6 +460,7 @@ impl Opt {
             layers,
             final_layer_norm,
             lm_head,
+            dropout: None,
         })
     }
 
@@ -430,9 +489,92 @@ impl Opt {
         &self.cfg
     }
 
+    /// Training mode: the config's `dropout` applies, drawn from a generator seeded with
+    /// `seed` (PyTorch's `model.train()`).
+    pub fn train(&mut self, seed: u64) {
+        self.dropout = Some(Dropout {
+            p: self.cfg.dropout,
+            state: Mutex::new(seed),
+        });
+    }
+
+    /// Inference mode, the default: no dropout (PyTorch's `model.eval()`).
+    pub fn eval(&mut self) {
+        self.dropout = None;
+    }
+
+    /// Whether the model is in training mode.
+    pub fn is_training(&self) -> bool {
+        self.dropout.is_some()
+    }
+
+    /// The dropout generator's state in training mode (to save with a checkpoint).
+    pub fn dropout_state(&self) -> Option<u64> {
+        self.dropout
+            .as_ref()
+            .and_then(|d| d.state.lock().ok().map(|s| *s))
+    }
+
+    /// Restores the dropout generator's state; no effect outside training mode.
+    pub fn set_dropout_state(&self, state: u64) {
+        if let Some(d) = &self.dropout {
+            if let Ok(mut s) = d.state.lock() {
+                *s = state;
+            }
+        }
+    }
+
     /// Token ids `[b, t]` -> input embeddings `[b, t, embed_dim]`.
     pub fn embed_tokens(&self, ids: &Tensor) -> Result<Tensor> {
         Ok(self.embed_tokens.forward(&ids.to_dtype(DType::U32)?)?)
+    }
+
+    /// Every tensor of the model under its `OPTForCausalLM` name (`model.decoder.*` and
+    /// `lm_head.weight`, which is the token embedding itself when tied), as the model holds
+    /// it: what an exporter writes. LayerNorms without affine parameters appear as ones and
+    /// zeros.
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        let d = "model.decoder";
+        out.push((
+            format!("{d}.embed_tokens.weight"),
+            self.embed_tokens.embeddings().clone(),
+        ));
+        out.push((
+            format!("{d}.embed_positions.weight"),
+            self.embed_positions.embeddings().clone(),
+        ));
+        if let Some(p) = &self.project_in {
+            push_linear(&mut out, &format!("{d}.project_in"), p);
+        }
+        if let Some(p) = &self.project_out {
+            push_linear(&mut out, &format!("{d}.project_out"), p);
+        }
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("{d}.layers.{i}");
+            let a = &l.self_attn;
+            push_linear(&mut out, &format!("{p}.self_attn.q_proj"), &a.q);
+            push_linear(&mut out, &format!("{p}.self_attn.k_proj"), &a.k);
+            push_linear(&mut out, &format!("{p}.self_attn.v_proj"), &a.v);
+            push_linear(&mut out, &format!("{p}.self_attn.out_proj"), &a.out);
+            push_layer_norm(
+                &mut out,
+                &format!("{p}.self_attn_layer_norm"),
+                &l.self_attn_layer_norm,
+            );
+            push_linear(&mut out, &format!("{p}.fc1"), &l.fc1);
+            push_linear(&mut out, &format!("{p}.fc2"), &l.fc2);
+            push_layer_norm(
+                &mut out,
+                &format!("{p}.final_layer_norm"),
+                &l.final_layer_norm,
+            );
+        }
+        if let Some(ln) = &self.final_layer_norm {
+            push_layer_norm(&mut out, &format!("{d}.final_layer_norm"), ln);
+        }
+        push_linear(&mut out, "lm_head", &self.lm_head);
+        out
     }
 
     /// The token embedding table `[vocab, embed_dim]`.
@@ -511,10 +653,10 @@ impl Opt {
                 Some(c) => c.layers.get_mut(i),
                 None => None,
             };
-            xs = layer.forward(&xs, bias.as_ref(), slot)?;
+            xs = layer.forward(&xs, bias.as_ref(), slot, self.dropout.as_ref())?;
         }
         if let Some(ln) = &self.final_layer_norm {
-            xs = ln.forward(&xs)?;
+            xs = layer_norm_fwd(ln, &xs)?;
         }
         if let Some(p) = &self.project_out {
             xs = p.forward(&xs)?;

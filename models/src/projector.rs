@@ -48,6 +48,14 @@ impl Projector {
         })
     }
 
+    /// The tensors under their checkpoint names (`projection.{0,2}.{weight,bias}`).
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        crate::nn::push_linear(&mut out, "projection.0", &self.fc1);
+        crate::nn::push_linear(&mut out, "projection.2", &self.fc2);
+        out
+    }
+
     /// The sizes.
     pub fn config(&self) -> &ProjectorConfig {
         &self.cfg

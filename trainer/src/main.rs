@@ -1,6 +1,261 @@
-//! `trainer`: fits MODA's projector and OPT decoder in candle (not built yet; see issue 3).
+//! `trainer`: writes synthetic catalogs, fits MODA's projector and OPT decoder in candle, and
+//! evaluates checkpoints. Arguments in, a library call, errors printed with `{:#}` and a
+//! non-zero exit (see `shared/STYLE.md`).
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use trainer::data::DataArgs;
+use trainer::embed_cache::default_cache_dir;
+use trainer::eval::{EvalOptions, EvalSplit};
+use trainer::fit::{FitConfig, FitEnd, FitOptions};
+
+#[derive(Parser)]
+#[command(name = "trainer", version, about = "Train and evaluate MODA (issue 3)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write a synthetic catalog in the Kaggle fashion-images layout.
+    Synth(trainer::synth::SynthArgs),
+    /// Fine-tune the projector and OPT (defaults: the original recipe).
+    Fit(Box<FitArgs>),
+    /// Describe held-out images with a checkpoint and score the descriptions.
+    Eval(EvalArgs),
+}
+
+#[derive(clap::Args)]
+struct FitArgs {
+    #[command(flatten)]
+    data: DataArgs,
+    /// Output directory: checkpoints best/ and last/, metrics.jsonl, loss.png.
+    #[arg(long, value_name = "DIR", required_unless_present = "resume")]
+    out: Option<PathBuf>,
+    /// `tiny`: small random backbones and a BPE tokenizer trained on the captions, with the
+    /// settings they need to learn on a CPU in minutes (other flags override them).
+    #[arg(long, value_name = "NAME")]
+    preset: Option<String>,
+    /// Epochs [recipe: 20].
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// Micro-batch size [recipe: 32].
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Micro-batches per optimizer step [recipe: 8].
+    #[arg(long)]
+    grad_accum: Option<usize>,
+    /// AdamW learning rate [recipe: 1e-3].
+    #[arg(long)]
+    lr: Option<f64>,
+    /// AdamW weight decay [0.01].
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    /// StepLR period in epochs [recipe: 2].
+    #[arg(long)]
+    lr_step_epochs: Option<usize>,
+    /// StepLR factor [recipe: 0.8].
+    #[arg(long)]
+    lr_gamma: Option<f64>,
+    /// Clip the gradient norm to this; 0 turns clipping off [1.0].
+    #[arg(long)]
+    max_grad_norm: Option<f64>,
+    /// Fraction held out for validation [recipe: 0.2].
+    #[arg(long)]
+    val_fraction: Option<f64>,
+    /// Seed of the split, data order, new weights and dropout [42].
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop after this many optimizer steps in total.
+    #[arg(long)]
+    max_steps: Option<u64>,
+    /// Train the image encoder too (frozen by default; embeddings are then not cached).
+    #[arg(long)]
+    train_encoder: bool,
+    /// Decoder dropout (default: the decoder config's, 0.1 for OPT-125m).
+    #[arg(long)]
+    dropout: Option<f64>,
+    /// Image encoder: local directory or hub id.
+    #[arg(long, default_value = "patrickjohncyh/fashion-clip")]
+    encoder: String,
+    /// Decoder: local directory or hub id.
+    #[arg(long, default_value = "facebook/opt-125m")]
+    decoder: String,
+    /// cpu, or cuda / cuda:N (built with the `cuda` feature).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Continue the run of this checkpoint (e.g. OUT/last) exactly where it stopped.
+    #[arg(long, value_name = "DIR")]
+    resume: Option<PathBuf>,
+    /// Embedding cache directory [$MODA_CACHE_DIR/embeddings or ~/.cache/moda/embeddings].
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// No progress bars.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(clap::Args)]
+struct EvalArgs {
+    /// The checkpoint directory (e.g. OUT/best).
+    #[arg(long, value_name = "DIR")]
+    checkpoint: PathBuf,
+    #[command(flatten)]
+    data: DataArgs,
+    /// val: the samples held out while training (recorded in the checkpoint); all: every one.
+    #[arg(long, value_enum, default_value = "val")]
+    split: EvalSplit,
+    /// Print the scores as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Predictions CSV [CHECKPOINT/predictions.csv].
+    #[arg(long, value_name = "FILE")]
+    predictions: Option<PathBuf>,
+    /// Generation length limit.
+    #[arg(long, default_value_t = 48)]
+    max_new_tokens: usize,
+    /// Images per generation batch.
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+    /// cpu, or cuda / cuda:N (built with the `cuda` feature).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Embedding cache directory.
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// No progress bars.
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn fit(a: FitArgs) -> anyhow::Result<()> {
+    let mut cfg = match a.preset.as_deref() {
+        None => FitConfig::default(),
+        Some("tiny") => FitConfig::tiny(),
+        Some(other) => bail!("unknown preset {other:?} (known: tiny)"),
+    };
+    macro_rules! set {
+        ($($f:ident),*) => { $( if let Some(v) = a.$f { cfg.$f = v; } )* };
+    }
+    set!(
+        epochs,
+        batch_size,
+        grad_accum,
+        lr,
+        weight_decay,
+        lr_step_epochs,
+        lr_gamma
+    );
+    set!(max_grad_norm, val_fraction, seed);
+    cfg.max_steps = a.max_steps;
+    cfg.dropout = a.dropout.or(cfg.dropout);
+    cfg.train_encoder = a.train_encoder;
+    cfg.encoder = a.encoder;
+    cfg.decoder = a.decoder;
+    let out = match (&a.out, &a.resume) {
+        (Some(o), _) => o.clone(),
+        (None, Some(r)) => r
+            .parent()
+            .map(PathBuf::from)
+            .context("--resume DIR has no parent directory; pass --out")?,
+        (None, None) => bail!("--out is required"),
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        ctrlc::set_handler(move || {
+            if stop.swap(true, Ordering::SeqCst) {
+                // Second Ctrl-C: leave now.
+                std::process::exit(130);
+            }
+            eprintln!("\nCtrl-C: writing a resumable checkpoint (press again to quit at once)");
+        })
+        .context("cannot install the Ctrl-C handler")?;
+    }
+    let opts = FitOptions {
+        source: a.data.source()?,
+        out,
+        resume: a.resume,
+        device: trainer::fit::parse_device(&a.device)?,
+        cache_dir: a.cache_dir.unwrap_or_else(default_cache_dir),
+        progress: !a.quiet,
+        stop,
+    };
+    let report = trainer::fit::fit(&cfg, &opts)?;
+    let best = report
+        .state
+        .best_val_loss
+        .map_or("-".into(), |v| format!("{v:.4}"));
+    match report.end {
+        FitEnd::Finished => eprintln!(
+            "done: {} epochs, {} steps, best val loss {best}; checkpoints in {}",
+            report.state.epoch,
+            report.state.step,
+            report.out.display()
+        ),
+        FitEnd::MaxSteps => eprintln!(
+            "stopped after {} steps (--max-steps); resume with --resume {}",
+            report.state.step,
+            report.out.join("last").display()
+        ),
+        FitEnd::Interrupted => {
+            eprintln!(
+                "interrupted at step {}; resume with --resume {}",
+                report.state.step,
+                report.out.join("last").display()
+            );
+            std::process::exit(130);
+        }
+    }
+    Ok(())
+}
+
+fn eval(a: EvalArgs) -> anyhow::Result<()> {
+    let predictions = a
+        .predictions
+        .clone()
+        .unwrap_or_else(|| a.checkpoint.join("predictions.csv"));
+    let opts = EvalOptions {
+        checkpoint: a.checkpoint.clone(),
+        source: a.data.source()?,
+        template: a.data.caption_template.clone(),
+        split: a.split,
+        predictions,
+        device: trainer::fit::parse_device(&a.device)?,
+        cache_dir: a.cache_dir.unwrap_or_else(default_cache_dir),
+        max_new_tokens: a.max_new_tokens,
+        batch_size: a.batch_size,
+        progress: !a.quiet && !a.json,
+    };
+    let report = trainer::eval::evaluate(&opts)?;
+    if a.json {
+        println!("{:#}", trainer::eval::to_json(&report));
+    } else {
+        print!("{}", trainer::eval::format_table(&report));
+    }
+    Ok(())
+}
+
+fn run() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Synth(a) => {
+            let r = trainer::synth::synth(&a)?;
+            eprintln!("wrote {} products to {}", r.count, r.out.display());
+            Ok(())
+        }
+        Command::Fit(a) => fit(*a),
+        Command::Eval(a) => eval(a),
+    }
+}
 
 fn main() {
-    eprintln!("trainer: not implemented yet (issue 3)");
-    std::process::exit(2);
+    if let Err(e) = run() {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
 }

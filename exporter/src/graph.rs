@@ -1,0 +1,269 @@
+//! A small builder over the ONNX protobuf types that candle-onnx generates with prost
+//! (`candle_onnx::onnx`): nodes, initializers from candle tensors, typed inputs and outputs
+//! with symbolic dimensions, and the model wrapper. Nothing here knows about MODA.
+
+use candle_core::{DType, Tensor};
+use candle_onnx::onnx::{
+    attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto, type_proto,
+    AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, StringStringEntryProto,
+    TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
+};
+
+/// The default-domain opset the graphs are written for (LayerNormalization is a standard op
+/// from 17 on).
+pub const OPSET: i64 = 17;
+/// The ONNX IR version matching [`OPSET`] (ONNX 1.12).
+pub const IR_VERSION: i64 = 8;
+
+/// ONNX Runtime's contrib-op domain (`MatMulNBits`).
+pub const MS_DOMAIN: &str = "com.microsoft";
+
+/// One dimension of a declared input or output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Dim {
+    /// A fixed size.
+    Fixed(i64),
+    /// A symbolic size, e.g. `batch`.
+    Named(String),
+}
+
+impl Dim {
+    /// A symbolic dimension.
+    pub fn named(name: &str) -> Self {
+        Dim::Named(name.to_string())
+    }
+}
+
+/// Element types used by the graphs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Elem {
+    /// f32.
+    F32,
+    /// i64.
+    I64,
+    /// u8 (packed quantized weights).
+    U8,
+}
+
+impl Elem {
+    fn code(self) -> i32 {
+        match self {
+            Elem::F32 => DataType::Float as i32,
+            Elem::I64 => DataType::Int64 as i32,
+            Elem::U8 => DataType::Uint8 as i32,
+        }
+    }
+
+    /// The name used in the manifest.
+    pub fn name(self) -> &'static str {
+        match self {
+            Elem::F32 => "float32",
+            Elem::I64 => "int64",
+            Elem::U8 => "uint8",
+        }
+    }
+}
+
+/// An attribute value.
+pub enum Attr {
+    /// `int`.
+    Int(i64),
+    /// `ints`.
+    Ints(Vec<i64>),
+    /// `float`.
+    Float(f32),
+}
+
+fn attribute(name: &str, value: Attr) -> AttributeProto {
+    let mut a = AttributeProto {
+        name: name.to_string(),
+        ..Default::default()
+    };
+    match value {
+        Attr::Int(i) => {
+            a.r#type = AttributeType::Int as i32;
+            a.i = i;
+        }
+        Attr::Ints(v) => {
+            a.r#type = AttributeType::Ints as i32;
+            a.ints = v;
+        }
+        Attr::Float(f) => {
+            a.r#type = AttributeType::Float as i32;
+            a.f = f;
+        }
+    }
+    a
+}
+
+fn value_info(name: &str, elem: Elem, dims: &[Dim]) -> ValueInfoProto {
+    let dim = dims
+        .iter()
+        .map(|d| tensor_shape_proto::Dimension {
+            value: Some(match d {
+                Dim::Fixed(n) => tensor_shape_proto::dimension::Value::DimValue(*n),
+                Dim::Named(s) => tensor_shape_proto::dimension::Value::DimParam(s.clone()),
+            }),
+            ..Default::default()
+        })
+        .collect();
+    ValueInfoProto {
+        name: name.to_string(),
+        r#type: Some(TypeProto {
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type: elem.code(),
+                shape: Some(TensorShapeProto { dim }),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// A graph under construction.
+#[derive(Default)]
+pub struct GraphBuilder {
+    nodes: Vec<NodeProto>,
+    initializers: Vec<TensorProto>,
+    inputs: Vec<ValueInfoProto>,
+    outputs: Vec<ValueInfoProto>,
+    counter: usize,
+}
+
+impl GraphBuilder {
+    /// An empty graph.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn fresh(&mut self, hint: &str) -> String {
+        self.counter += 1;
+        format!("{hint}_{}", self.counter)
+    }
+
+    /// Declares a graph input.
+    pub fn input(&mut self, name: &str, elem: Elem, dims: &[Dim]) -> String {
+        self.inputs.push(value_info(name, elem, dims));
+        name.to_string()
+    }
+
+    /// Declares `value` a graph output named `name` (through an `Identity` when the names
+    /// differ; ONNX Runtime removes it).
+    pub fn output(&mut self, value: &str, name: &str, elem: Elem, dims: &[Dim]) {
+        if value != name {
+            self.push("Identity", &[value], &[name], vec![]);
+        }
+        self.outputs.push(value_info(name, elem, dims));
+    }
+
+    /// Adds a node with explicit output names.
+    pub fn push(&mut self, op: &str, inputs: &[&str], outputs: &[&str], attrs: Vec<(&str, Attr)>) {
+        let name = self.fresh(op);
+        self.nodes.push(NodeProto {
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: outputs.iter().map(|s| s.to_string()).collect(),
+            name,
+            op_type: op.to_string(),
+            attribute: attrs.into_iter().map(|(n, v)| attribute(n, v)).collect(),
+            ..Default::default()
+        });
+    }
+
+    /// Adds a node of ONNX Runtime's `com.microsoft` domain with one fresh output.
+    pub fn contrib_op(&mut self, op: &str, inputs: &[&str], attrs: Vec<(&str, Attr)>) -> String {
+        let out = self.op(op, inputs, attrs);
+        if let Some(n) = self.nodes.last_mut() {
+            n.domain = MS_DOMAIN.to_string();
+        }
+        out
+    }
+
+    /// Adds a node with one fresh output and returns its name.
+    pub fn op(&mut self, op: &str, inputs: &[&str], attrs: Vec<(&str, Attr)>) -> String {
+        let out = self.fresh(&op.to_lowercase());
+        self.push(op, inputs, &[&out], attrs);
+        out
+    }
+
+    fn initializer(&mut self, name: String, dims: Vec<i64>, elem: Elem, raw: Vec<u8>) -> String {
+        self.initializers.push(TensorProto {
+            dims,
+            data_type: elem.code(),
+            name: name.clone(),
+            raw_data: raw,
+            ..Default::default()
+        });
+        name
+    }
+
+    /// A float initializer from a candle tensor, as is.
+    pub fn tensor(&mut self, name: &str, t: &Tensor) -> candle_core::Result<String> {
+        let dims = t.dims().iter().map(|&d| d as i64).collect();
+        let data = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        Ok(self.initializer(name.to_string(), dims, Elem::F32, f32_bytes(&data)))
+    }
+
+    /// A float initializer with the given shape.
+    pub fn const_f32(&mut self, hint: &str, dims: &[i64], data: &[f32]) -> String {
+        let name = self.fresh(hint);
+        self.initializer(name, dims.to_vec(), Elem::F32, f32_bytes(data))
+    }
+
+    /// An int64 initializer with the given shape (`&[]` for a scalar).
+    pub fn const_i64(&mut self, hint: &str, dims: &[i64], data: &[i64]) -> String {
+        let name = self.fresh(hint);
+        let raw = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.initializer(name, dims.to_vec(), Elem::I64, raw)
+    }
+
+    /// A uint8 initializer with the given shape.
+    pub fn const_u8(&mut self, name: &str, dims: &[i64], data: Vec<u8>) -> String {
+        self.initializer(name.to_string(), dims.to_vec(), Elem::U8, data)
+    }
+
+    /// A 1-d int64 constant.
+    pub fn ints(&mut self, hint: &str, data: &[i64]) -> String {
+        self.const_i64(hint, &[data.len() as i64], data)
+    }
+
+    /// Wraps the graph in a model with the standard opset.
+    pub fn finish(self, name: &str, doc: &str, metadata: &[(&str, String)]) -> ModelProto {
+        let mut opset_import = vec![OperatorSetIdProto {
+            domain: String::new(),
+            version: OPSET,
+        }];
+        if self.nodes.iter().any(|n| n.domain == MS_DOMAIN) {
+            opset_import.push(OperatorSetIdProto {
+                domain: MS_DOMAIN.to_string(),
+                version: 1,
+            });
+        }
+        ModelProto {
+            ir_version: IR_VERSION,
+            opset_import,
+            producer_name: "moda-exporter".to_string(),
+            producer_version: env!("CARGO_PKG_VERSION").to_string(),
+            doc_string: doc.to_string(),
+            graph: Some(GraphProto {
+                node: self.nodes,
+                name: name.to_string(),
+                initializer: self.initializers,
+                input: self.inputs,
+                output: self.outputs,
+                ..Default::default()
+            }),
+            metadata_props: metadata
+                .iter()
+                .map(|(k, v)| StringStringEntryProto {
+                    key: k.to_string(),
+                    value: v.clone(),
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+}
+
+fn f32_bytes(data: &[f32]) -> Vec<u8> {
+    data.iter().flat_map(|v| v.to_le_bytes()).collect()
+}

@@ -1,0 +1,734 @@
+//! MODA's four graphs, written from the candle model's own tensors
+//! ([`moda_models::ClipVision::named_tensors`] and friends):
+//!
+//! - `encoder`: transformers' `CLIPModel.get_image_features` (`modeling_clip.py`);
+//! - `projector`: `Linear -> GELU (erf) -> Linear`, then the prefix axis;
+//! - `decoder`: `OPTForCausalLM` (`modeling_opt.py`) from `inputs_embeds`, with the KV cache in
+//!   optimum's layout (`past_key_values.{i}.key|value` -> `present.{i}.key|value`,
+//!   `[batch, heads, past, head_dim]`). Positions (`cumsum(mask) * mask - 1`, plus OPT's offset
+//!   of 2) and the causal + padding mask are computed inside the graph from `attention_mask`,
+//!   so one graph serves the first step (`past = 0`) and every later one, with no `If`;
+//! - `embed_tokens`: a `Gather` over the token embedding table.
+//!
+//! Shapes are written for ONNX Runtime's CPU fusions: `LayerNormalization` (opset 17),
+//! `MatMul` + `Add` with pre-transposed `[in, out]` weights, GELU as transformers' erf formula
+//! (`GeluFusion`), quick GELU as `x * Sigmoid(1.702 x)` (`QuickGeluFusion`). The attention
+//! scale is folded into the query projection (exact for head sizes that are powers of 4).
+
+use std::collections::HashMap;
+
+use candle_core::Tensor;
+use candle_onnx::onnx::ModelProto;
+use moda_models::{Activation, ClipVisionConfig, Moda, OptConfig};
+
+use crate::graph::{Attr, Dim, Elem, GraphBuilder};
+use crate::{Error, Result};
+
+/// A graph's declared inputs or outputs: name, element type, dimensions.
+pub type Signature = Vec<(String, Elem, Vec<Dim>)>;
+
+/// A written graph and its signature.
+pub struct Graph {
+    /// The model.
+    pub model: ModelProto,
+    /// Its inputs.
+    pub inputs: Signature,
+    /// Its outputs.
+    pub outputs: Signature,
+}
+
+/// Block-wise weight quantization of the decoder's linear layers and LM head, as ONNX
+/// Runtime's `com.microsoft.MatMulNBits`: symmetric, one f32 scale per block of
+/// `block_size` weights along the input dimension, codes offset by the default zero point
+/// `2^(bits - 1)`, packed low bits first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WeightQuant {
+    /// 4 or 8.
+    pub bits: u32,
+    /// Weights per block along K (a power of two, at least 16).
+    pub block_size: usize,
+    /// `MatMulNBits`' `accuracy_level` (4: int8 dot products on CPU).
+    pub accuracy_level: i64,
+}
+
+impl WeightQuant {
+    /// int8, blocks of 32.
+    pub const INT8: Self = Self {
+        bits: 8,
+        block_size: 32,
+        accuracy_level: 4,
+    };
+    /// int4, blocks of 32.
+    pub const INT4: Self = Self {
+        bits: 4,
+        block_size: 32,
+        accuracy_level: 4,
+    };
+
+    /// Quantizes `w` (row-major `[n, k]`): packed codes `[n, k_blocks, blob]` and scales
+    /// `[n * k_blocks]`.
+    pub fn quantize(&self, w: &[f32], n: usize, k: usize) -> (Vec<u8>, Vec<f32>) {
+        let bs = self.block_size;
+        let kb = k.div_ceil(bs);
+        let qmax = ((1i32 << (self.bits - 1)) - 1) as f32;
+        let zp = 1i32 << (self.bits - 1);
+        let blob = bs * self.bits as usize / 8;
+        let mut packed = vec![0u8; n * kb * blob];
+        let mut scales = vec![0f32; n * kb];
+        let mut codes = vec![0u8; bs];
+        for r in 0..n {
+            let row = &w[r * k..(r + 1) * k];
+            for b in 0..kb {
+                let block = &row[b * bs..((b + 1) * bs).min(k)];
+                let absmax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let scale = absmax / qmax;
+                scales[r * kb + b] = scale;
+                for (j, c) in codes.iter_mut().enumerate() {
+                    let v = block.get(j).copied().unwrap_or(0.0);
+                    let q = if scale > 0.0 {
+                        (v / scale).round().clamp(-qmax - 1.0, qmax) as i32
+                    } else {
+                        0
+                    };
+                    *c = (q + zp) as u8;
+                }
+                let out = &mut packed[(r * kb + b) * blob..(r * kb + b + 1) * blob];
+                if self.bits == 8 {
+                    out.copy_from_slice(&codes);
+                } else {
+                    for (i, o) in out.iter_mut().enumerate() {
+                        *o = (codes[2 * i] & 0x0f) | ((codes[2 * i + 1] & 0x0f) << 4);
+                    }
+                }
+            }
+        }
+        (packed, scales)
+    }
+}
+
+/// Tensors by name, with errors that name the missing one.
+struct Named(HashMap<String, Tensor>);
+
+impl Named {
+    fn new(list: Vec<(String, Tensor)>) -> Self {
+        Self(list.into_iter().collect())
+    }
+
+    fn get(&self, name: &str) -> Result<&Tensor> {
+        self.0
+            .get(name)
+            .ok_or_else(|| Error::Internal(format!("the model has no tensor `{name}`")))
+    }
+
+    fn opt(&self, name: &str) -> Option<&Tensor> {
+        self.0.get(name)
+    }
+}
+
+fn d(n: usize) -> Dim {
+    Dim::Fixed(n as i64)
+}
+
+/// `x W^T + b`, with `W [out, in]` stored transposed and both multiplied by `scale`.
+fn linear(
+    g: &mut GraphBuilder,
+    x: &str,
+    t: &Named,
+    prefix: &str,
+    scale: Option<f64>,
+) -> Result<String> {
+    linear_q(g, x, t, prefix, scale, None)
+}
+
+/// [`linear`], with the weight quantized to `MatMulNBits` when `quant` is given.
+fn linear_q(
+    g: &mut GraphBuilder,
+    x: &str,
+    t: &Named,
+    prefix: &str,
+    scale: Option<f64>,
+    quant: Option<WeightQuant>,
+) -> Result<String> {
+    // A layer narrower than one block gains nothing from quantization (and loses the most).
+    let k_in = t.get(&format!("{prefix}.weight"))?.dim(1)?;
+    let quant = quant.filter(|q| k_in >= q.block_size);
+    let mut y = match quant {
+        None => {
+            let mut w = t.get(&format!("{prefix}.weight"))?.t()?.contiguous()?;
+            if let Some(s) = scale {
+                w = (w * s)?;
+            }
+            let w = g.tensor(&format!("{prefix}.weight.T"), &w)?;
+            g.op("MatMul", &[x, &w], vec![])
+        }
+        Some(q) => {
+            let mut w = t.get(&format!("{prefix}.weight"))?.clone();
+            if let Some(s) = scale {
+                w = (w * s)?;
+            }
+            let (n, k) = w.dims2()?;
+            let data = w
+                .to_dtype(candle_core::DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let (packed, scales) = q.quantize(&data, n, k);
+            let kb = k.div_ceil(q.block_size);
+            let blob = q.block_size * q.bits as usize / 8;
+            let b = g.const_u8(
+                &format!("{prefix}.weight.q{}", q.bits),
+                &[n as i64, kb as i64, blob as i64],
+                packed,
+            );
+            let sc = g.const_f32(&format!("{prefix}.scales"), &[(n * kb) as i64], &scales);
+            g.contrib_op(
+                "MatMulNBits",
+                &[x, &b, &sc],
+                vec![
+                    ("K", Attr::Int(k as i64)),
+                    ("N", Attr::Int(n as i64)),
+                    ("bits", Attr::Int(q.bits as i64)),
+                    ("block_size", Attr::Int(q.block_size as i64)),
+                    ("accuracy_level", Attr::Int(q.accuracy_level)),
+                ],
+            )
+        }
+    };
+    if let Some(b) = t.opt(&format!("{prefix}.bias")) {
+        let b = match scale {
+            Some(s) => (b * s)?,
+            None => b.clone(),
+        };
+        let b = g.tensor(&format!("{prefix}.bias"), &b)?;
+        y = g.op("Add", &[&y, &b], vec![]);
+    }
+    Ok(y)
+}
+
+fn layer_norm(g: &mut GraphBuilder, x: &str, t: &Named, prefix: &str, eps: f64) -> Result<String> {
+    let w = g.tensor(
+        &format!("{prefix}.weight"),
+        t.get(&format!("{prefix}.weight"))?,
+    )?;
+    let b = match t.opt(&format!("{prefix}.bias")) {
+        Some(b) => g.tensor(&format!("{prefix}.bias"), b)?,
+        None => {
+            let n = t.get(&format!("{prefix}.weight"))?.elem_count();
+            g.const_f32("zeros", &[n as i64], &vec![0.0; n])
+        }
+    };
+    Ok(g.op(
+        "LayerNormalization",
+        &[x, &w, &b],
+        vec![
+            ("axis", Attr::Int(-1)),
+            ("epsilon", Attr::Float(eps as f32)),
+        ],
+    ))
+}
+
+fn activation(g: &mut GraphBuilder, x: &str, act: Activation) -> String {
+    match act {
+        Activation::Relu => g.op("Relu", &[x], vec![]),
+        Activation::QuickGelu => {
+            let a = g.const_f32("quick_gelu_alpha", &[], &[1.702]);
+            let ax = g.op("Mul", &[x, &a], vec![]);
+            let s = g.op("Sigmoid", &[&ax], vec![]);
+            g.op("Mul", &[x, &s], vec![])
+        }
+        Activation::Gelu => {
+            // 0.5 x (1 + erf(x / sqrt 2)), as torch exports nn.GELU.
+            let sqrt2 = g.const_f32("sqrt2", &[], &[std::f32::consts::SQRT_2]);
+            let one = g.const_f32("one", &[], &[1.0]);
+            let half = g.const_f32("half", &[], &[0.5]);
+            let q = g.op("Div", &[x, &sqrt2], vec![]);
+            let e = g.op("Erf", &[&q], vec![]);
+            let e1 = g.op("Add", &[&e, &one], vec![]);
+            let m = g.op("Mul", &[x, &e1], vec![]);
+            g.op("Mul", &[&m, &half], vec![])
+        }
+        Activation::GeluTanh => {
+            // 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))).
+            let c = g.const_f32("gelu_c", &[], &[(2.0f32 / std::f32::consts::PI).sqrt()]);
+            let k = g.const_f32("gelu_k", &[], &[0.044715]);
+            let one = g.const_f32("one", &[], &[1.0]);
+            let half = g.const_f32("half", &[], &[0.5]);
+            let x2 = g.op("Mul", &[x, x], vec![]);
+            let x3 = g.op("Mul", &[&x2, x], vec![]);
+            let kx3 = g.op("Mul", &[&x3, &k], vec![]);
+            let inner = g.op("Add", &[x, &kx3], vec![]);
+            let ci = g.op("Mul", &[&inner, &c], vec![]);
+            let th = g.op("Tanh", &[&ci], vec![]);
+            let t1 = g.op("Add", &[&th, &one], vec![]);
+            let m = g.op("Mul", &[x, &t1], vec![]);
+            g.op("Mul", &[&m, &half], vec![])
+        }
+    }
+}
+
+/// `[b, s, heads * hd]` -> `[b, heads, s, hd]` (or `[b, heads, hd, s]` with `keys_t`).
+fn split_heads(g: &mut GraphBuilder, x: &str, heads: usize, hd: usize, keys_t: bool) -> String {
+    let shape = g.ints("heads_shape", &[0, 0, heads as i64, hd as i64]);
+    let r = g.op("Reshape", &[x, &shape], vec![]);
+    let perm = if keys_t { [0, 2, 3, 1] } else { [0, 2, 1, 3] };
+    g.op(
+        "Transpose",
+        &[&r],
+        vec![("perm", Attr::Ints(perm.to_vec()))],
+    )
+}
+
+/// `[b, heads, s, hd]` -> `[b, s, heads * hd]`.
+fn merge_heads(g: &mut GraphBuilder, x: &str, hidden: usize) -> String {
+    let t = g.op(
+        "Transpose",
+        &[x],
+        vec![("perm", Attr::Ints(vec![0, 2, 1, 3]))],
+    );
+    let shape = g.ints("merge_shape", &[0, 0, hidden as i64]);
+    g.op("Reshape", &[&t, &shape], vec![])
+}
+
+fn parse_act(name: &str, key: &str) -> Result<Activation> {
+    Ok(Activation::parse(
+        name,
+        std::path::Path::new("config.json"),
+        key,
+    )?)
+}
+
+/// The image encoder: `pixel_values [batch, C, S, S]` -> `image_embeds [batch, projection_dim]`;
+/// `quant` quantizes the transformer's linear layers (not the patch convolution, not the
+/// projection).
+pub fn encoder(model: &Moda, quant: Option<WeightQuant>) -> Result<Graph> {
+    let cfg: &ClipVisionConfig = model.encoder_config();
+    let t = Named::new(model.encoder().named_tensors());
+    let act = parse_act(&cfg.hidden_act, "hidden_act")?;
+    let (h, s, p) = (cfg.hidden_size, cfg.image_size, cfg.patch_size);
+    let eps = cfg.layer_norm_eps;
+    let mut g = GraphBuilder::new();
+    let in_dims = vec![Dim::named("batch"), d(cfg.num_channels), d(s), d(s)];
+    let pix = g.input("pixel_values", Elem::F32, &in_dims);
+
+    let e = "vision_model.embeddings";
+    let wp = g.tensor(
+        &format!("{e}.patch_embedding.weight"),
+        t.get(&format!("{e}.patch_embedding.weight"))?,
+    )?;
+    let conv = g.op(
+        "Conv",
+        &[&pix, &wp],
+        vec![
+            ("kernel_shape", Attr::Ints(vec![p as i64, p as i64])),
+            ("strides", Attr::Ints(vec![p as i64, p as i64])),
+        ],
+    );
+    let flat_shape = g.ints("patch_shape", &[0, h as i64, -1]);
+    let flat = g.op("Reshape", &[&conv, &flat_shape], vec![]);
+    let patches = g.op(
+        "Transpose",
+        &[&flat],
+        vec![("perm", Attr::Ints(vec![0, 2, 1]))],
+    );
+    let batch = g.op(
+        "Shape",
+        &[&pix],
+        vec![("start", Attr::Int(0)), ("end", Attr::Int(1))],
+    );
+    let rest = g.ints("class_shape_rest", &[1, h as i64]);
+    let class_shape = g.op("Concat", &[&batch, &rest], vec![("axis", Attr::Int(0))]);
+    let class = t.get(&format!("{e}.class_embedding"))?.reshape((1, 1, h))?;
+    let class = g.tensor(&format!("{e}.class_embedding"), &class)?;
+    let class = g.op("Expand", &[&class, &class_shape], vec![]);
+    let xs = g.op("Concat", &[&class, &patches], vec![("axis", Attr::Int(1))]);
+    let pos = g.tensor(
+        &format!("{e}.position_embedding.weight"),
+        t.get(&format!("{e}.position_embedding.weight"))?,
+    )?;
+    let xs = g.op("Add", &[&xs, &pos], vec![]);
+    let mut xs = layer_norm(&mut g, &xs, &t, "vision_model.pre_layrnorm", eps)?;
+
+    let (heads, hd) = (cfg.num_attention_heads, cfg.head_dim());
+    let scale = (hd as f64).powf(-0.5);
+    for i in 0..cfg.num_hidden_layers {
+        let l = format!("vision_model.encoder.layers.{i}");
+        let n1 = layer_norm(&mut g, &xs, &t, &format!("{l}.layer_norm1"), eps)?;
+        let q = linear_q(
+            &mut g,
+            &n1,
+            &t,
+            &format!("{l}.self_attn.q_proj"),
+            Some(scale),
+            quant,
+        )?;
+        let k = linear_q(
+            &mut g,
+            &n1,
+            &t,
+            &format!("{l}.self_attn.k_proj"),
+            None,
+            quant,
+        )?;
+        let v = linear_q(
+            &mut g,
+            &n1,
+            &t,
+            &format!("{l}.self_attn.v_proj"),
+            None,
+            quant,
+        )?;
+        let q = split_heads(&mut g, &q, heads, hd, false);
+        let kt = split_heads(&mut g, &k, heads, hd, true);
+        let v = split_heads(&mut g, &v, heads, hd, false);
+        let scores = g.op("MatMul", &[&q, &kt], vec![]);
+        let probs = g.op("Softmax", &[&scores], vec![("axis", Attr::Int(-1))]);
+        let ctx = g.op("MatMul", &[&probs, &v], vec![]);
+        let ctx = merge_heads(&mut g, &ctx, h);
+        let a = linear_q(
+            &mut g,
+            &ctx,
+            &t,
+            &format!("{l}.self_attn.out_proj"),
+            None,
+            quant,
+        )?;
+        xs = g.op("Add", &[&xs, &a], vec![]);
+        let n2 = layer_norm(&mut g, &xs, &t, &format!("{l}.layer_norm2"), eps)?;
+        let f = linear_q(&mut g, &n2, &t, &format!("{l}.mlp.fc1"), None, quant)?;
+        let f = activation(&mut g, &f, act);
+        let f = linear_q(&mut g, &f, &t, &format!("{l}.mlp.fc2"), None, quant)?;
+        xs = g.op("Add", &[&xs, &f], vec![]);
+    }
+    let zero = g.const_i64("cls_index", &[], &[0]);
+    let cls = g.op("Gather", &[&xs, &zero], vec![("axis", Attr::Int(1))]);
+    let cls = layer_norm(&mut g, &cls, &t, "vision_model.post_layernorm", eps)?;
+    let emb = linear(&mut g, &cls, &t, "visual_projection", None)?;
+    let out_dims = vec![Dim::named("batch"), d(cfg.projection_dim)];
+    g.output(&emb, "image_embeds", Elem::F32, &out_dims);
+    Ok(Graph {
+        model: g.finish(
+            "moda_encoder",
+            "CLIP vision tower + visual_projection (CLIPModel.get_image_features)",
+            &[],
+        ),
+        inputs: vec![("pixel_values".into(), Elem::F32, in_dims)],
+        outputs: vec![("image_embeds".into(), Elem::F32, out_dims)],
+    })
+}
+
+/// The projector: `image_embeds [batch, in]` -> `prefix_embeds [batch, 1, embed_dim]`.
+pub fn projector(model: &Moda) -> Result<Graph> {
+    let cfg = *model.projector().config();
+    let t = Named::new(model.projector().named_tensors());
+    let mut g = GraphBuilder::new();
+    let in_dims = vec![Dim::named("batch"), d(cfg.in_dim)];
+    let x = g.input("image_embeds", Elem::F32, &in_dims);
+    let y = linear(&mut g, &x, &t, "projection.0", None)?;
+    let y = activation(&mut g, &y, Activation::Gelu);
+    let y = linear(&mut g, &y, &t, "projection.2", None)?;
+    let axes = g.ints("prefix_axis", &[1]);
+    let y = g.op("Unsqueeze", &[&y, &axes], vec![]);
+    let out_dims = vec![Dim::named("batch"), d(1), d(cfg.out_dim)];
+    g.output(&y, "prefix_embeds", Elem::F32, &out_dims);
+    Ok(Graph {
+        model: g.finish(
+            "moda_projector",
+            "MODA projector: Linear, exact GELU, Linear",
+            &[],
+        ),
+        inputs: vec![("image_embeds".into(), Elem::F32, in_dims)],
+        outputs: vec![("prefix_embeds".into(), Elem::F32, out_dims)],
+    })
+}
+
+/// The token embedding lookup: `input_ids [batch, sequence]` (int64) ->
+/// `inputs_embeds [batch, sequence, embed_dim]`.
+pub fn embed_tokens(model: &Moda) -> Result<Graph> {
+    let cfg: &OptConfig = model.decoder().config();
+    let mut g = GraphBuilder::new();
+    let in_dims = vec![Dim::named("batch"), Dim::named("sequence")];
+    let ids = g.input("input_ids", Elem::I64, &in_dims);
+    let table = g.tensor(
+        "model.decoder.embed_tokens.weight",
+        model.decoder().embedding_table(),
+    )?;
+    let y = g.op("Gather", &[&table, &ids], vec![("axis", Attr::Int(0))]);
+    let out_dims = vec![
+        Dim::named("batch"),
+        Dim::named("sequence"),
+        d(cfg.embed_dim()),
+    ];
+    g.output(&y, "inputs_embeds", Elem::F32, &out_dims);
+    Ok(Graph {
+        model: g.finish("moda_embed_tokens", "OPT token embedding lookup", &[]),
+        inputs: vec![("input_ids".into(), Elem::I64, in_dims)],
+        outputs: vec![("inputs_embeds".into(), Elem::F32, out_dims)],
+    })
+}
+
+/// Names of the cache inputs and outputs of layer `i`.
+pub fn cache_names(i: usize) -> [String; 4] {
+    [
+        format!("past_key_values.{i}.key"),
+        format!("past_key_values.{i}.value"),
+        format!("present.{i}.key"),
+        format!("present.{i}.value"),
+    ]
+}
+
+/// The decoder with its KV cache (see the module documentation); `quant` quantizes its
+/// linear layers and LM head.
+pub fn decoder(model: &Moda, quant: Option<WeightQuant>) -> Result<Graph> {
+    let cfg: &OptConfig = model.decoder().config();
+    let t = Named::new(model.decoder().named_tensors());
+    let act = parse_act(&cfg.activation_function, "activation_function")?;
+    let (h, e, heads, hd) = (
+        cfg.hidden_size,
+        cfg.embed_dim(),
+        cfg.num_attention_heads,
+        cfg.head_dim(),
+    );
+    let eps = 1e-5; // PyTorch's LayerNorm default, as OPT uses.
+    let dd = "model.decoder";
+    let mut g = GraphBuilder::new();
+    let mut inputs: Signature = Vec::new();
+    let mut outputs: Signature = Vec::new();
+
+    let emb_dims = vec![Dim::named("batch"), Dim::named("sequence"), d(e)];
+    let embeds = g.input("inputs_embeds", Elem::F32, &emb_dims);
+    inputs.push(("inputs_embeds".into(), Elem::F32, emb_dims));
+    let mask_dims = vec![Dim::named("batch"), Dim::named("total_sequence")];
+    let mask = g.input("attention_mask", Elem::I64, &mask_dims);
+    inputs.push(("attention_mask".into(), Elem::I64, mask_dims));
+    let past_dims = vec![
+        Dim::named("batch"),
+        d(heads),
+        Dim::named("past_sequence"),
+        d(hd),
+    ];
+    let present_dims = vec![
+        Dim::named("batch"),
+        d(heads),
+        Dim::named("total_sequence"),
+        d(hd),
+    ];
+    for i in 0..cfg.num_hidden_layers {
+        let [pk, pv, _, _] = cache_names(i);
+        for n in [pk, pv] {
+            g.input(&n, Elem::F32, &past_dims);
+            inputs.push((n, Elem::F32, past_dims.clone()));
+        }
+    }
+
+    // Positions: cumsum(mask) * mask - 1 + 2, for the last `seq` columns.
+    let one_i = g.const_i64("axis1", &[], &[1]);
+    let cs = g.op("CumSum", &[&mask, &one_i], vec![]);
+    let csm = g.op("Mul", &[&cs, &mask], vec![]);
+    let offset = g.const_i64("position_offset", &[], &[1]);
+    let pos = g.op("Add", &[&csm, &offset], vec![]);
+    let seq = g.op(
+        "Shape",
+        &[&embeds],
+        vec![("start", Attr::Int(1)), ("end", Attr::Int(2))],
+    );
+    let total = g.op(
+        "Shape",
+        &[&mask],
+        vec![("start", Attr::Int(1)), ("end", Attr::Int(2))],
+    );
+    let neg_seq = g.op("Neg", &[&seq], vec![]);
+    let end = g.ints("slice_end", &[i64::MAX]);
+    let axes1 = g.ints("axes1", &[1]);
+    let pos = g.op("Slice", &[&pos, &neg_seq, &end, &axes1], vec![]);
+    let pos_table = g.tensor(
+        &format!("{dd}.embed_positions.weight"),
+        t.get(&format!("{dd}.embed_positions.weight"))?,
+    )?;
+    let pos_emb = g.op("Gather", &[&pos_table, &pos], vec![("axis", Attr::Int(0))]);
+
+    // Additive attention bias [batch, 1, seq, total]: 0 where query i (at absolute position
+    // past + i) may see key j (j <= past + i and mask[j] = 1), the lowest finite f32 elsewhere.
+    let past = g.op("Sub", &[&total, &seq], vec![]);
+    let total_s = g.op("Squeeze", &[&total], vec![]);
+    let past_s = g.op("Squeeze", &[&past], vec![]);
+    let zero_s = g.const_i64("zero", &[], &[0]);
+    let one_s = g.const_i64("one", &[], &[1]);
+    let k_idx = g.op("Range", &[&zero_s, &total_s, &one_s], vec![]);
+    let q_idx = g.op("Range", &[&past_s, &total_s, &one_s], vec![]);
+    let q_col = g.op("Unsqueeze", &[&q_idx, &axes1], vec![]);
+    let causal = g.op("LessOrEqual", &[&k_idx, &q_col], vec![]);
+    let mask_b = g.op("Cast", &[&mask], vec![("to", Attr::Int(9))]); // BOOL
+    let axes12 = g.ints("axes12", &[1, 2]);
+    let mask4 = g.op("Unsqueeze", &[&mask_b, &axes12], vec![]);
+    let allowed = g.op("And", &[&causal, &mask4], vec![]);
+    let zero_f = g.const_f32("bias_zero", &[], &[0.0]);
+    let min_f = g.const_f32("bias_min", &[], &[f32::MIN]);
+    let bias = g.op("Where", &[&allowed, &zero_f, &min_f], vec![]);
+
+    let mut xs = match t.opt(&format!("{dd}.project_in.weight")) {
+        Some(_) => linear_q(
+            &mut g,
+            &embeds,
+            &t,
+            &format!("{dd}.project_in"),
+            None,
+            quant,
+        )?,
+        None => embeds.clone(),
+    };
+    xs = g.op("Add", &[&xs, &pos_emb], vec![]);
+
+    let scale = (hd as f64).powf(-0.5);
+    let pre_ln = cfg.do_layer_norm_before;
+    for i in 0..cfg.num_hidden_layers {
+        let l = format!("{dd}.layers.{i}");
+        let [pk, pv, ok, ov] = cache_names(i);
+        let ln1 = format!("{l}.self_attn_layer_norm");
+        let ln2 = format!("{l}.final_layer_norm");
+        let a_in = if pre_ln {
+            layer_norm(&mut g, &xs, &t, &ln1, eps)?
+        } else {
+            xs.clone()
+        };
+        let q = linear_q(
+            &mut g,
+            &a_in,
+            &t,
+            &format!("{l}.self_attn.q_proj"),
+            Some(scale),
+            quant,
+        )?;
+        let k = linear_q(
+            &mut g,
+            &a_in,
+            &t,
+            &format!("{l}.self_attn.k_proj"),
+            None,
+            quant,
+        )?;
+        let v = linear_q(
+            &mut g,
+            &a_in,
+            &t,
+            &format!("{l}.self_attn.v_proj"),
+            None,
+            quant,
+        )?;
+        let q = split_heads(&mut g, &q, heads, hd, false);
+        let k = split_heads(&mut g, &k, heads, hd, false);
+        let v = split_heads(&mut g, &v, heads, hd, false);
+        g.push("Concat", &[&pk, &k], &[&ok], vec![("axis", Attr::Int(2))]);
+        g.push("Concat", &[&pv, &v], &[&ov], vec![("axis", Attr::Int(2))]);
+        let kt = g.op(
+            "Transpose",
+            &[&ok],
+            vec![("perm", Attr::Ints(vec![0, 1, 3, 2]))],
+        );
+        let scores = g.op("MatMul", &[&q, &kt], vec![]);
+        let scores = g.op("Add", &[&scores, &bias], vec![]);
+        let probs = g.op("Softmax", &[&scores], vec![("axis", Attr::Int(-1))]);
+        let ctx = g.op("MatMul", &[&probs, &ov], vec![]);
+        let ctx = merge_heads(&mut g, &ctx, h);
+        let a = linear_q(
+            &mut g,
+            &ctx,
+            &t,
+            &format!("{l}.self_attn.out_proj"),
+            None,
+            quant,
+        )?;
+        xs = g.op("Add", &[&xs, &a], vec![]);
+        if !pre_ln {
+            xs = layer_norm(&mut g, &xs, &t, &ln1, eps)?;
+        }
+        let f_in = if pre_ln {
+            layer_norm(&mut g, &xs, &t, &ln2, eps)?
+        } else {
+            xs.clone()
+        };
+        let f = linear_q(&mut g, &f_in, &t, &format!("{l}.fc1"), None, quant)?;
+        let f = activation(&mut g, &f, act);
+        let f = linear_q(&mut g, &f, &t, &format!("{l}.fc2"), None, quant)?;
+        xs = g.op("Add", &[&xs, &f], vec![]);
+        if !pre_ln {
+            xs = layer_norm(&mut g, &xs, &t, &ln2, eps)?;
+        }
+        outputs.push((ok, Elem::F32, present_dims.clone()));
+        outputs.push((ov, Elem::F32, present_dims.clone()));
+    }
+    if t.opt(&format!("{dd}.final_layer_norm.weight")).is_some() {
+        xs = layer_norm(&mut g, &xs, &t, &format!("{dd}.final_layer_norm"), eps)?;
+    }
+    if t.opt(&format!("{dd}.project_out.weight")).is_some() {
+        xs = linear_q(&mut g, &xs, &t, &format!("{dd}.project_out"), None, quant)?;
+    }
+    let logits = linear_q(&mut g, &xs, &t, "lm_head", None, quant)?;
+    let logits_dims = vec![
+        Dim::named("batch"),
+        Dim::named("sequence"),
+        d(cfg.vocab_size),
+    ];
+    g.output(&logits, "logits", Elem::F32, &logits_dims);
+    for (name, elem, dims) in &outputs {
+        // The present tensors are already named; only declare them.
+        g.output(name, name, *elem, dims);
+    }
+    outputs.insert(0, ("logits".into(), Elem::F32, logits_dims));
+    Ok(Graph {
+        model: g.finish(
+            "moda_decoder",
+            "OPTForCausalLM from inputs_embeds with a KV cache",
+            &[],
+        ),
+        inputs,
+        outputs,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::WeightQuant;
+
+    /// Dequantizes as `MatMulNBits` does: `(code - 2^(bits-1)) * scale`, low nibble first.
+    fn dequantize(q: &WeightQuant, packed: &[u8], scales: &[f32], n: usize, k: usize) -> Vec<f32> {
+        let bs = q.block_size;
+        let kb = k.div_ceil(bs);
+        let blob = bs * q.bits as usize / 8;
+        let zp = 1i32 << (q.bits - 1);
+        let mut out = vec![0f32; n * k];
+        for r in 0..n {
+            for c in 0..k {
+                let (b, j) = (c / bs, c % bs);
+                let base = (r * kb + b) * blob;
+                let code = if q.bits == 8 {
+                    packed[base + j] as i32
+                } else {
+                    let byte = packed[base + j / 2];
+                    (if j % 2 == 0 { byte & 0x0f } else { byte >> 4 }) as i32
+                };
+                out[r * k + c] = (code - zp) as f32 * scales[r * kb + b];
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn quantization_round_trips_within_half_a_step() {
+        let (n, k) = (3, 70); // K not a multiple of the block size
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+            .collect();
+        for q in [WeightQuant::INT8, WeightQuant::INT4] {
+            let (packed, scales) = q.quantize(&w, n, k);
+            assert_eq!(packed.len(), n * 3 * q.block_size * q.bits as usize / 8);
+            let back = dequantize(&q, &packed, &scales, n, k);
+            for (i, (a, b)) in w.iter().zip(&back).enumerate() {
+                let step = scales[(i / k) * 3 + (i % k) / q.block_size];
+                assert!(
+                    (a - b).abs() <= 0.5 * step + 1e-6,
+                    "bits {}: {a} vs {b}",
+                    q.bits
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,279 @@
+//! Finding and loading ONNX Runtime, once per process, and building sessions.
+//!
+//! The `ort` crate is built with `load-dynamic` (see `shared/ENVIRONMENT.md`): the shared
+//! library is opened at run time. [`runtime`] looks for it, in order, at
+//!
+//! 1. `ORT_DYLIB_PATH` (a file). When it is set, it is the only place tried: a wrong value is an
+//!    error, not silently replaced by another library;
+//! 2. next to the executable (and one directory up, for `cargo test` binaries in `deps/`);
+//! 3. the project's own install, `.ort/<version>/onnxruntime/capi/`, written by
+//!    `scripts/setup.sh` (the workspace is found from where this crate was built, and from
+//!    the current directory and its ancestors);
+//! 4. a Python `onnxruntime` package (`python3 -c "import onnxruntime"`).
+//!
+//! If none loads, one error lists every place tried and how to fix it. The environment is
+//! created once ([`std::sync::OnceLock`]); `ort` allows only one per process.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use ort::session::builder::GraphOptimizationLevel;
+use ort::session::Session;
+
+/// The ONNX Runtime version that `scripts/setup.sh` installs (keep the two in step).
+pub const PINNED_ORT_VERSION: &str = "1.32.0";
+
+/// The oldest ONNX Runtime the `ort` crate accepts (its API level, `api-31`).
+pub const MIN_ORT_VERSION: &str = "1.31";
+
+/// Errors of loading ONNX Runtime or building a session.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RuntimeError {
+    /// No ONNX Runtime library could be loaded; `tried` lists each place and what happened.
+    #[error(
+        "cannot load the ONNX Runtime shared library (version {MIN_ORT_VERSION} or newer is \
+         needed). Tried:\n{}\nTo fix: run `bash scripts/setup.sh` in the MODA repository (it \
+         installs onnxruntime {PINNED_ORT_VERSION} into .ort/), or set ORT_DYLIB_PATH to a \
+         libonnxruntime shared library, or `pip install onnxruntime=={PINNED_ORT_VERSION}`",
+        .tried.iter().map(|t| format!("  - {t}")).collect::<Vec<_>>().join("\n")
+    )]
+    NotFound {
+        /// One line per candidate: the path and why it was not used.
+        tried: Vec<String>,
+    },
+    /// ONNX Runtime refused a model or a session setting.
+    #[error("ONNX Runtime: {what}: {msg}")]
+    Session {
+        /// What was being done (e.g. the model file).
+        what: String,
+        /// ONNX Runtime's message.
+        msg: String,
+    },
+}
+
+/// The loaded ONNX Runtime: its environment and where it came from.
+#[derive(Debug)]
+pub struct Runtime {
+    env: ort::environment::Environment,
+    library: PathBuf,
+}
+
+impl Runtime {
+    /// The shared library that was loaded.
+    pub fn library(&self) -> &Path {
+        &self.library
+    }
+
+    /// The environment, for [`Session::builder`].
+    pub fn environment(&self) -> &ort::environment::Environment {
+        &self.env
+    }
+}
+
+static RUNTIME: OnceLock<Result<Runtime, RuntimeError>> = OnceLock::new();
+
+/// Loads ONNX Runtime on first use (see the module documentation for where it looks) and
+/// returns it; later calls return the same runtime, or the same error.
+pub fn runtime() -> Result<&'static Runtime, RuntimeError> {
+    RUNTIME.get_or_init(load).as_ref().map_err(Clone::clone)
+}
+
+/// How a session is built.
+#[derive(Debug, Clone, Default)]
+pub struct SessionOptions {
+    /// Threads inside one operator; `None` lets ONNX Runtime choose (one per core).
+    pub intra_threads: Option<usize>,
+    /// Turn graph optimisations off (they are on, at the highest level, by default).
+    pub disable_optimizations: bool,
+    /// Where to save the optimised graph (to see which fusions ONNX Runtime applied).
+    pub optimized_model_path: Option<PathBuf>,
+}
+
+/// Builds a session for the model file `path`.
+pub fn session_from_file(path: &Path, options: &SessionOptions) -> Result<Session, RuntimeError> {
+    let rt = runtime()?;
+    let what = format!("loading {}", path.display());
+    let err = |e: &dyn std::fmt::Display| RuntimeError::Session {
+        what: what.clone(),
+        msg: e.to_string(),
+    };
+    let mut builder = Session::builder(rt.environment()).map_err(|e| err(&e))?;
+    let level = if options.disable_optimizations {
+        GraphOptimizationLevel::Disable
+    } else {
+        GraphOptimizationLevel::All
+    };
+    builder = builder
+        .with_optimization_level(level)
+        .map_err(|e| err(&e))?;
+    if let Some(n) = options.intra_threads {
+        builder = builder.with_intra_threads(n).map_err(|e| err(&e))?;
+    }
+    if let Some(p) = &options.optimized_model_path {
+        builder = builder.with_optimized_model_path(p).map_err(|e| err(&e))?;
+    }
+    builder.commit_from_file(path).map_err(|e| err(&e))
+}
+
+/// The file name of the shared library on this platform.
+fn library_names() -> &'static [&'static str] {
+    if cfg!(target_os = "windows") {
+        &["onnxruntime.dll"]
+    } else if cfg!(target_os = "macos") {
+        &["libonnxruntime.dylib"]
+    } else {
+        &["libonnxruntime.so"]
+    }
+}
+
+/// `libonnxruntime.so` or a versioned `libonnxruntime.so.1.32.0` (as the wheel ships it) in
+/// `dir`, the pinned version first.
+fn library_in(dir: &Path) -> Option<PathBuf> {
+    for name in library_names() {
+        let p = dir.join(name);
+        if p.is_file() {
+            return Some(p);
+        }
+    }
+    let pinned = if cfg!(target_os = "macos") {
+        dir.join(format!("libonnxruntime.{PINNED_ORT_VERSION}.dylib"))
+    } else {
+        dir.join(format!("libonnxruntime.so.{PINNED_ORT_VERSION}"))
+    };
+    if pinned.is_file() {
+        return Some(pinned);
+    }
+    let mut versioned: Vec<PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let n = p.file_name().map(|n| n.to_string_lossy().to_string());
+            n.is_some_and(|n| {
+                (n.starts_with("libonnxruntime.so.") || n.starts_with("libonnxruntime.1"))
+                    && !n.contains("providers")
+            })
+        })
+        .collect();
+    versioned.sort();
+    versioned.pop()
+}
+
+/// Candidate directories of the project-local install (`.ort/<version>/onnxruntime/capi`).
+fn project_installs() -> Vec<PathBuf> {
+    let mut roots = Vec::new();
+    // This crate's source is `<workspace>/sdk`.
+    if let Some(ws) = Path::new(env!("CARGO_MANIFEST_DIR")).parent() {
+        roots.push(ws.to_path_buf());
+    }
+    if let Ok(cwd) = std::env::current_dir() {
+        roots.extend(cwd.ancestors().map(Path::to_path_buf));
+    }
+    let mut dirs = Vec::new();
+    for root in roots {
+        let ort = root.join(".ort");
+        if !ort.is_dir() {
+            continue;
+        }
+        let pinned = ort
+            .join(PINNED_ORT_VERSION)
+            .join("onnxruntime")
+            .join("capi");
+        if !dirs.contains(&pinned) {
+            dirs.push(pinned);
+        }
+        if let Ok(entries) = std::fs::read_dir(&ort) {
+            let mut others: Vec<PathBuf> = entries
+                .filter_map(|e| e.ok().map(|e| e.path().join("onnxruntime").join("capi")))
+                .filter(|p| p.is_dir() && !dirs.contains(p))
+                .collect();
+            others.sort();
+            dirs.extend(others.into_iter().rev());
+        }
+    }
+    dirs
+}
+
+/// The `capi` directory of an installed Python `onnxruntime` package, if any.
+fn python_install() -> Result<PathBuf, String> {
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import os, onnxruntime; print(os.path.dirname(onnxruntime.__file__))",
+        ])
+        .output()
+        .map_err(|e| format!("cannot run python3: {e}"))?;
+    if !out.status.success() {
+        return Err("python3 has no onnxruntime package".to_string());
+    }
+    let dir = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    Ok(PathBuf::from(dir).join("capi"))
+}
+
+fn try_load(path: &Path) -> Result<Runtime, String> {
+    let builder = ort::init_from(path).map_err(|e| e.to_string())?;
+    let env = builder
+        .with_name("moda")
+        .with_telemetry(false)
+        .build()
+        .map_err(|e| e.to_string())?;
+    Ok(Runtime {
+        env,
+        library: path.to_path_buf(),
+    })
+}
+
+fn load() -> Result<Runtime, RuntimeError> {
+    let mut tried = Vec::new();
+    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
+        let p = PathBuf::from(p);
+        let why = if p.is_file() {
+            match try_load(&p) {
+                Ok(rt) => return Ok(rt),
+                Err(e) => e,
+            }
+        } else {
+            "no such file".to_string()
+        };
+        tried.push(format!(
+            "ORT_DYLIB_PATH={}: {why} (unset it to search the other places)",
+            p.display()
+        ));
+        return Err(RuntimeError::NotFound { tried });
+    }
+    let mut dirs: Vec<(String, PathBuf)> = Vec::new();
+    if let Ok(exe) = std::env::current_exe() {
+        if let Some(dir) = exe.parent() {
+            dirs.push(("next to the executable".to_string(), dir.to_path_buf()));
+            if let Some(up) = dir.parent() {
+                dirs.push(("next to the executable".to_string(), up.to_path_buf()));
+            }
+        }
+    }
+    for d in project_installs() {
+        dirs.push(("the project's install (scripts/setup.sh)".to_string(), d));
+    }
+    for (what, dir) in dirs {
+        match library_in(&dir) {
+            Some(lib) => match try_load(&lib) {
+                Ok(rt) => return Ok(rt),
+                Err(e) => tried.push(format!("{what}: {}: {e}", lib.display())),
+            },
+            None => tried.push(format!("{what}: {}: no library there", dir.display())),
+        }
+    }
+    match python_install() {
+        Ok(dir) => match library_in(&dir) {
+            Some(lib) => match try_load(&lib) {
+                Ok(rt) => return Ok(rt),
+                Err(e) => tried.push(format!("Python onnxruntime: {}: {e}", lib.display())),
+            },
+            None => tried.push(format!(
+                "Python onnxruntime: {}: no library there",
+                dir.display()
+            )),
+        },
+        Err(e) => tried.push(format!("Python onnxruntime: {e}")),
+    }
+    Err(RuntimeError::NotFound { tried })
+}

@@ -1,0 +1,686 @@
+//! `exporter onnx`: the bundle of the tiny fixture models, run in ONNX Runtime, against the
+//! transformers references (not only against candle); the KV cache; the ONNX checker; bad
+//! input.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+use candle_nn::VarBuilder;
+use exporter::verify::{f32_input, f32_raw, i64_input, open, probe_values, run, Out};
+use exporter::{
+    export_onnx, write_bundle, BundleOptions, BundleSources, Error, ExportOptions, Quantize,
+    DECODER_FILE, EMBED_TOKENS_FILE, ENCODER_FILE, PROJECTOR_FILE,
+};
+use moda_models::{ClipVision, Moda, Opt, Projector, ProjectorConfig};
+use moda_sdk::manifest::{Manifest, FORMAT_VERSION, MANIFEST_FILE};
+use moda_tests::{fixture, get, load_refs, max_abs_diff, TempDir};
+use sha2::{Digest, Sha256};
+
+/// ONNX Runtime against transformers, f32.
+const TOL: f32 = 1e-4;
+
+fn recipe_options(out: &Path) -> ExportOptions {
+    ExportOptions {
+        checkpoint: fixture("moda/fashion_opt.pth"),
+        out: out.to_path_buf(),
+        encoder: fixture("clip_gelu").display().to_string(),
+        decoder: fixture("opt_preln").display().to_string(),
+        quantize: Quantize::None,
+        force: false,
+        verify: true,
+    }
+}
+
+/// Exports the recipe fixture (clip_gelu + projector + opt_preln) into `dir/bundle`.
+fn export_recipe(dir: &TempDir) -> PathBuf {
+    let out = dir.path().join("bundle");
+    let report = export_onnx(&recipe_options(&out)).expect("export the recipe fixture");
+    let m = report.verification.expect("verified");
+    assert!(m.encoder <= 1e-4 && m.projector <= 1e-4, "{m:?}");
+    assert!(
+        m.decoder_prefill <= 1e-3 && m.decoder_steps <= 1e-3,
+        "{m:?}"
+    );
+    out
+}
+
+/// The post-LN variant: clip_quick (quick_gelu, fp16 weights) + a seeded projector +
+/// opt_postln (post-LN, untied, project_in/out), exported into `dir/bundle`.
+fn export_postln(dir: &TempDir) -> PathBuf {
+    export_postln_with(dir, Quantize::None)
+}
+
+/// [`export_postln`] with a quantized decoder.
+fn export_postln_with(dir: &TempDir, quantize: Quantize) -> PathBuf {
+    let dev = Device::Cpu;
+    let enc = ClipVision::from_dir(&fixture("clip_quick"), DType::F32, &dev).expect("clip_quick");
+    let dec = Opt::from_dir(&fixture("opt_postln"), DType::F32, &dev).expect("opt_postln");
+    let pcfg = ProjectorConfig::new(enc.config().projection_dim, dec.config().embed_dim());
+    let mut tensors = HashMap::new();
+    let mut put = |name: &str, shape: &[usize], seed: u64| {
+        let n = shape.iter().product();
+        let t = Tensor::from_vec(probe_values(n, seed, -0.5, 0.5), shape, &dev).expect("t");
+        tensors.insert(name.to_string(), t);
+    };
+    put("projection.0.weight", &[pcfg.hidden_dim, pcfg.in_dim], 1);
+    put("projection.0.bias", &[pcfg.hidden_dim], 2);
+    put("projection.2.weight", &[pcfg.out_dim, pcfg.hidden_dim], 3);
+    put("projection.2.bias", &[pcfg.out_dim], 4);
+    let vb = VarBuilder::from_tensors(tensors, DType::F32, &dev);
+    let proj = Projector::new(&pcfg, vb).expect("projector");
+    let model = Moda::new(enc, proj, dec).expect("moda");
+    let sources =
+        BundleSources::from_dirs(&fixture("clip_quick"), &fixture("opt_postln")).expect("sources");
+    let out = dir.path().join("bundle");
+    let options = BundleOptions {
+        verify: true,
+        quantize,
+        ..Default::default()
+    };
+    let report = write_bundle(&model, &sources, &out, &options).expect("export post-LN");
+    let m = report.verification.expect("verified");
+    if quantize == Quantize::None {
+        assert!(m.decoder_steps <= 1e-3, "{m:?}");
+    }
+    out
+}
+
+fn to_tensor(o: &Out) -> Tensor {
+    Tensor::from_vec(o.data.clone(), o.shape.as_slice(), &Device::Cpu).expect("tensor")
+}
+
+fn manifest(bundle: &Path) -> Manifest {
+    let text = std::fs::read_to_string(bundle.join(MANIFEST_FILE)).expect("moda.json");
+    serde_json::from_str(&text).expect("manifest parses")
+}
+
+/// Token ids -> embeddings through `embed_tokens.onnx`.
+fn embed(bundle: &Path, ids: &Tensor) -> Tensor {
+    let mut s = open(bundle, EMBED_TOKENS_FILE).expect("embed_tokens session");
+    let out = run(
+        &mut s,
+        "embed_tokens",
+        vec![(
+            "input_ids".into(),
+            i64_input("embed_tokens", ids).expect("ids"),
+        )],
+        &["inputs_embeds".into()],
+    )
+    .expect("embed_tokens runs");
+    to_tensor(&out[0])
+}
+
+/// The decoder with its KV cache, step by step, as a runtime drives it.
+struct Decoder {
+    session: ort::session::Session,
+    layers: usize,
+    past: Vec<Out>,
+}
+
+impl Decoder {
+    fn new(bundle: &Path, batch: usize) -> Self {
+        let m = manifest(bundle).model;
+        Self {
+            session: open(bundle, DECODER_FILE).expect("decoder session"),
+            layers: m.num_layers,
+            past: (0..2 * m.num_layers)
+                .map(|_| Out {
+                    shape: vec![batch, m.num_heads, 0, m.head_dim],
+                    data: Vec::new(),
+                })
+                .collect(),
+        }
+    }
+
+    /// One call: `embeds [b, seq, e]`, `mask [b, past + seq]` -> logits; the cache grows.
+    fn step(&mut self, embeds: &Tensor, mask: &Tensor) -> Tensor {
+        let mut inputs = vec![
+            (
+                "inputs_embeds".to_string(),
+                f32_input("d", embeds).expect("e"),
+            ),
+            (
+                "attention_mask".to_string(),
+                i64_input("d", mask).expect("m"),
+            ),
+        ];
+        let mut names = vec!["logits".to_string()];
+        for (i, p) in self.past.drain(..).enumerate() {
+            let kind = if i % 2 == 0 { "key" } else { "value" };
+            let shape = p.shape.iter().map(|&d| d as i64).collect();
+            let name = format!("past_key_values.{}.{kind}", i / 2);
+            inputs.push((name, f32_raw("d", shape, p.data).expect("past")));
+        }
+        for i in 0..self.layers {
+            names.push(format!("present.{i}.key"));
+            names.push(format!("present.{i}.value"));
+        }
+        let mut out = run(&mut self.session, "decoder", inputs, &names).expect("decoder runs");
+        self.past = out.split_off(1);
+        to_tensor(&out[0])
+    }
+}
+
+/// Max |a - b| over the positions where `mask [b, t]` is 1 (`a`, `b`: `[b, t, v]`).
+fn masked_diff(a: &Tensor, b: &Tensor, mask: &Tensor) -> f32 {
+    let mask: Vec<Vec<i64>> = mask.to_dtype(DType::I64).expect("m").to_vec2().expect("m");
+    let mut max = 0f32;
+    for (r, row) in mask.iter().enumerate() {
+        for (c, &m) in row.iter().enumerate() {
+            if m == 1 {
+                let d = max_abs_diff(&a.i((r, c)).expect("a"), &b.i((r, c)).expect("b"));
+                max = max.max(d);
+            }
+        }
+    }
+    max
+}
+
+/// The decoder of `bundle` against `<fixture>/reference.safetensors` (ids, left- and
+/// right-padded ids, inputs_embeds), all in one pass with an empty cache.
+fn check_decoder_against(bundle: &Path, opt_fixture: &str) {
+    let refs = load_refs(&format!("{opt_fixture}/reference.safetensors"));
+    let ids = get(&refs, "ids.input_ids");
+    let mask = Tensor::ones(ids.dims(), DType::I64, &Device::Cpu).expect("ones");
+    let logits = Decoder::new(bundle, ids.dim(0).expect("b")).step(&embed(bundle, ids), &mask);
+    let d = max_abs_diff(&logits, get(&refs, "ids.logits"));
+    assert!(d <= TOL, "{opt_fixture} ids.logits: {d}");
+    eprintln!("max abs diff vs transformers, {opt_fixture} ids.logits: {d:.2e}");
+    for case in ["padded", "rpadded"] {
+        let ids = get(&refs, &format!("{case}.input_ids"));
+        let mask = get(&refs, &format!("{case}.attention_mask"));
+        let mut dec = Decoder::new(bundle, ids.dim(0).expect("b"));
+        let logits = dec.step(&embed(bundle, ids), mask);
+        let d = masked_diff(&logits, get(&refs, &format!("{case}.logits")), mask);
+        assert!(d <= TOL, "{opt_fixture} {case}.logits: {d}");
+        eprintln!("max abs diff vs transformers, {opt_fixture} {case}.logits: {d:.2e}");
+    }
+    let embeds = get(&refs, "embeds.inputs_embeds");
+    let mask = Tensor::ones((1, embeds.dim(1).expect("t")), DType::I64, &Device::Cpu).expect("1");
+    let logits = Decoder::new(bundle, 1).step(embeds, &mask);
+    let d = max_abs_diff(&logits, get(&refs, "embeds.logits"));
+    assert!(d <= TOL, "{opt_fixture} embeds.logits: {d}");
+    eprintln!("max abs diff vs transformers, {opt_fixture} embeds.logits: {d:.2e}");
+}
+
+/// The encoder of `bundle` against `<fixture>/reference.safetensors` (the 7-image batch).
+fn check_encoder_against(bundle: &Path, clip_fixture: &str) {
+    let refs = load_refs(&format!("{clip_fixture}/reference.safetensors"));
+    let mut s = open(bundle, ENCODER_FILE).expect("encoder session");
+    let pix = get(&refs, "batch.pixel_values");
+    let out = run(
+        &mut s,
+        "encoder",
+        vec![(
+            "pixel_values".into(),
+            f32_input("encoder", pix).expect("pix"),
+        )],
+        &["image_embeds".into()],
+    )
+    .expect("encoder runs");
+    let d = max_abs_diff(&to_tensor(&out[0]), get(&refs, "batch.image_embeds"));
+    assert!(d <= TOL, "{clip_fixture} batch.image_embeds: {d}");
+    eprintln!("max abs diff vs transformers, {clip_fixture} batch.image_embeds: {d:.2e}");
+}
+
+#[test]
+fn recipe_bundle_matches_transformers() {
+    let dir = TempDir::new("export-recipe");
+    let bundle = export_recipe(&dir);
+    check_encoder_against(&bundle, "clip_gelu");
+    // The recipe's OPT weights are opt_preln's.
+    check_decoder_against(&bundle, "opt_preln");
+
+    // The whole MODA forward of the recipe module: projector, then prefix + tokens.
+    let refs = load_refs("moda/reference.safetensors");
+    let mut s = open(&bundle, PROJECTOR_FILE).expect("projector session");
+    let out = run(
+        &mut s,
+        "projector",
+        vec![(
+            "image_embeds".into(),
+            f32_input("projector", get(&refs, "image_embeds")).expect("in"),
+        )],
+        &["prefix_embeds".into()],
+    )
+    .expect("projector runs");
+    let prefix = to_tensor(&out[0]);
+    let d = max_abs_diff(&prefix, get(&refs, "prefix_embeds"));
+    assert!(d <= TOL, "prefix_embeds: {d}");
+    eprintln!("max abs diff vs transformers, prefix_embeds: {d:.2e}");
+    let tokens = embed(&bundle, get(&refs, "input_ids"));
+    let embeds = Tensor::cat(&[&prefix, &tokens], 1).expect("cat");
+    let mask = get(&refs, "attention_mask");
+    let logits = Decoder::new(&bundle, 2).step(&embeds, mask);
+    let d = masked_diff(&logits, get(&refs, "logits"), mask);
+    assert!(d <= TOL, "moda logits: {d}");
+    eprintln!("max abs diff vs transformers, moda logits: {d:.2e}");
+
+    // Greedy decoding with the cache: [prefix, BOS], then one token at a time.
+    let want: Vec<Vec<i64>> = get(&refs, "greedy.tokens").to_vec2().expect("tokens");
+    let got = greedy(&bundle, &prefix, want[0].len());
+    assert_eq!(got, want, "greedy tokens with the ONNX KV cache");
+}
+
+#[test]
+fn manifest_describes_the_bundle() {
+    let dir = TempDir::new("export-manifest");
+    let bundle = export_recipe(&dir);
+    let m = manifest(&bundle);
+    assert_eq!(m.format_version, FORMAT_VERSION);
+    assert_eq!((m.model.num_layers, m.model.num_heads), (2, 4));
+    assert_eq!((m.model.embed_dim, m.model.projection_dim), (32, 24));
+    assert_eq!(
+        (
+            m.special_tokens.bos,
+            m.special_tokens.eos,
+            m.special_tokens.pad
+        ),
+        (2, 2, 1)
+    );
+    assert_eq!(m.preprocessing["crop_size"]["height"], 64);
+    for (file, info) in &m.files {
+        let bytes = std::fs::read(bundle.join(file)).expect("listed file exists");
+        let hex: String = Sha256::digest(&bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(hex, info.sha256, "{file}");
+        assert_eq!(bytes.len() as u64, info.bytes, "{file}");
+    }
+    for (role, g) in &m.graphs {
+        assert!(m.files.contains_key(&g.file), "{role}");
+        let s = open(&bundle, &g.file).expect("session");
+        let names: Vec<&str> = s.inputs().iter().map(|i| i.name()).collect();
+        let listed: Vec<&str> = g.inputs.iter().map(|i| i.name.as_str()).collect();
+        assert_eq!(names, listed, "{role} inputs");
+        let names: Vec<&str> = s.outputs().iter().map(|o| o.name()).collect();
+        let listed: Vec<&str> = g.outputs.iter().map(|o| o.name.as_str()).collect();
+        assert_eq!(names, listed, "{role} outputs");
+    }
+    // Nothing else is left beside the bundle (no temporary directory).
+    let entries: Vec<_> = std::fs::read_dir(dir.path()).expect("dir").collect();
+    assert_eq!(entries.len(), 1);
+    // Deterministic: a second export writes the same bytes.
+    let dir2 = TempDir::new("export-manifest-again");
+    let again = manifest(&export_recipe(&dir2));
+    assert_eq!(again.files, m.files);
+}
+
+#[test]
+fn postln_bundle_matches_transformers() {
+    let dir = TempDir::new("export-postln");
+    let bundle = export_postln(&dir);
+    check_encoder_against(&bundle, "clip_quick");
+    check_decoder_against(&bundle, "opt_postln");
+}
+
+/// A first step with an empty cache, then ten cached steps of one position, give the logits of
+/// one full pass over the same sequence.
+#[test]
+fn cached_steps_equal_one_full_pass() {
+    let dir = TempDir::new("export-cache");
+    for bundle in [export_recipe(&dir), {
+        let d2 = TempDir::new("export-cache-postln");
+        let b = export_postln(&d2);
+        let keep = dir.path().join("postln");
+        std::fs::rename(&b, &keep).expect("move");
+        keep
+    }] {
+        let e = manifest(&bundle).model.embed_dim;
+        let (b, t) = (2, 11);
+        let dev = Device::Cpu;
+        let embeds =
+            Tensor::from_vec(probe_values(b * t * e, 9, -1.0, 1.0), (b, t, e), &dev).expect("e");
+        let mut mask_rows = vec![1i64; b * t];
+        mask_rows[t] = 0; // row 1 left-padded by one
+        let mask = Tensor::from_vec(mask_rows, (b, t), &dev).expect("mask");
+        let full = Decoder::new(&bundle, b).step(&embeds, &mask);
+        let mut dec = Decoder::new(&bundle, b);
+        for pos in 0..t {
+            let x = embeds.narrow(1, pos, 1).expect("x");
+            let m = mask.narrow(1, 0, pos + 1).expect("m");
+            let step = dec.step(&x, &m);
+            let want = full.narrow(1, pos, 1).expect("want");
+            let row_mask = mask.narrow(1, pos, 1).expect("rm");
+            let d = masked_diff(&step, &want, &row_mask);
+            assert!(d <= TOL, "{}: position {pos}: {d}", bundle.display());
+        }
+    }
+}
+
+/// Every graph passes `onnx.checker.check_model(m, full_check=True)`, with the `onnx` package
+/// that scripts/setup.sh installs into `.ort/py`.
+#[test]
+fn graphs_pass_the_onnx_checker() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace")
+        .to_path_buf();
+    let py = root.join(".ort").join("py");
+    assert!(
+        py.join("onnx").is_dir(),
+        "the onnx Python package is not installed in {}: run `bash scripts/setup.sh`",
+        py.display()
+    );
+    let dir = TempDir::new("export-checker");
+    let dir2 = TempDir::new("export-checker-postln");
+    let mut files = Vec::new();
+    for bundle in [export_recipe(&dir), export_postln(&dir2)] {
+        for f in [
+            ENCODER_FILE,
+            PROJECTOR_FILE,
+            EMBED_TOKENS_FILE,
+            DECODER_FILE,
+        ] {
+            files.push(bundle.join(f).display().to_string());
+        }
+    }
+    // The quantized decoders (com.microsoft.MatMulNBits) too.
+    for q in [Quantize::Int8, Quantize::Int4] {
+        let out = dir.path().join(q.name());
+        let mut opts = recipe_options(&out);
+        opts.quantize = q;
+        opts.verify = false;
+        export_onnx(&opts).expect("quantized export");
+        files.push(out.join(DECODER_FILE).display().to_string());
+    }
+    let script = "import sys, onnx\n\
+                  for p in sys.argv[1:]:\n    \
+                  onnx.checker.check_model(onnx.load(p), full_check=True)\n    \
+                  print('ok', p)\n";
+    let out = std::process::Command::new("python3")
+        .env("PYTHONPATH", &py)
+        .arg("-c")
+        .arg(script)
+        .args(&files)
+        .output()
+        .expect("run python3");
+    assert!(
+        out.status.success(),
+        "onnx.checker failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).lines().count(),
+        files.len()
+    );
+}
+
+#[test]
+fn existing_out_needs_force() {
+    let dir = TempDir::new("export-exists");
+    let out = dir.path().join("bundle");
+    std::fs::create_dir(&out).expect("mkdir");
+    std::fs::write(out.join("keep.txt"), "mine").expect("write");
+    let err = export_onnx(&recipe_options(&out)).expect_err("must refuse");
+    assert!(matches!(err, Error::OutExists(_)), "{err:?}");
+    assert!(err.to_string().contains("--force"), "{err}");
+    assert!(
+        out.join("keep.txt").is_file(),
+        "the existing directory is untouched"
+    );
+    let mut opts = recipe_options(&out);
+    opts.force = true;
+    export_onnx(&opts).expect("--force replaces it");
+    assert!(!out.join("keep.txt").exists());
+    assert!(out.join(MANIFEST_FILE).is_file());
+    let entries: Vec<_> = std::fs::read_dir(dir.path()).expect("dir").collect();
+    assert_eq!(entries.len(), 1, "no temporary or old directory left");
+}
+
+#[test]
+fn read_only_out_is_a_clear_error() {
+    // /proc refuses new entries even to root (CI runs as root, so chmod would not do).
+    let out = PathBuf::from("/proc/moda-exporter-test/bundle");
+    let err = export_onnx(&recipe_options(&out)).expect_err("must fail");
+    assert!(matches!(err, Error::Io { .. }), "{err:?}");
+    assert!(
+        err.to_string().contains("/proc/moda-exporter-test"),
+        "{err}"
+    );
+    assert!(!out.exists());
+}
+
+#[test]
+fn truncated_or_missing_checkpoint_leaves_no_bundle() {
+    let dir = TempDir::new("export-trunc");
+    let pth = dir.path().join("fashion_opt.pth");
+    let bytes = std::fs::read(fixture("moda/fashion_opt.pth")).expect("read");
+    std::fs::write(&pth, &bytes[..bytes.len() / 2]).expect("write");
+    let out = dir.path().join("bundle");
+    let mut opts = recipe_options(&out);
+    opts.checkpoint = pth.clone();
+    let err = export_onnx(&opts).expect_err("must fail");
+    assert!(err.to_string().contains("fashion_opt.pth"), "{err}");
+    opts.checkpoint = dir.path().join("missing.pth");
+    let err = export_onnx(&opts).expect_err("must fail");
+    assert!(err.to_string().contains("missing.pth"), "{err}");
+    let entries: Vec<_> = std::fs::read_dir(dir.path()).expect("dir").collect();
+    assert_eq!(entries.len(), 1, "only the truncated checkpoint is there");
+}
+
+/// A trainer checkpoint directory (`moda_models::checkpoint`) holding the recipe's weights
+/// exports to a bundle that gives the same logits as the recipe's `.pth` (the transformers
+/// reference).
+#[test]
+fn trainer_checkpoint_exports_like_the_recipe() {
+    use moda_models::checkpoint::{
+        recipe_state_dict, save, CheckpointConfig, CheckpointContents, EncoderInfo,
+    };
+    use moda_models::preprocess::ImageProcessorConfig;
+    use moda_models::tokenizer::ModaTokenizer;
+    use moda_models::{ClipVisionConfig, OptConfig, Weights};
+
+    let dir = TempDir::new("export-ckpt");
+    let weights = Weights::from_file(&fixture("moda/fashion_opt.pth")).expect("pth");
+    let tensors = recipe_state_dict(&weights, true).expect("state dict");
+    let clip_dir = fixture("clip_gelu");
+    let enc_cfg = ClipVisionConfig::from_file(&clip_dir.join("config.json")).expect("clip cfg");
+    let dec_cfg = OptConfig::from_file(&fixture("opt_preln").join("config.json")).expect("opt cfg");
+    let config = CheckpointConfig::new(
+        EncoderInfo {
+            config: enc_cfg.clone(),
+            source: clip_dir.display().to_string(),
+            embedded: false,
+            trained: false,
+        },
+        dec_cfg.clone(),
+        ProjectorConfig::new(enc_cfg.projection_dim, dec_cfg.embed_dim()),
+        ImageProcessorConfig::from_dir_or_default(&clip_dir).expect("preprocessor"),
+    );
+    let tokenizer = ModaTokenizer::from_dir(&fixture("opt_preln")).expect("tokenizer");
+    let ckpt = dir.path().join("ckpt");
+    save(
+        &ckpt,
+        &CheckpointContents {
+            config: &config,
+            model: &tensors,
+            encoder: None,
+            tokenizer: &tokenizer,
+            extra_files: Vec::new(),
+            extra_tensors: Vec::new(),
+        },
+    )
+    .expect("save checkpoint");
+    let bundle = dir.path().join("bundle");
+    let mut opts = recipe_options(&bundle);
+    opts.checkpoint = ckpt;
+    export_onnx(&opts).expect("export the trainer checkpoint");
+
+    let refs = load_refs("moda/reference.safetensors");
+    let tokens = embed(&bundle, get(&refs, "input_ids"));
+    let embeds = Tensor::cat(&[get(&refs, "prefix_embeds"), &tokens], 1).expect("cat");
+    let mask = get(&refs, "attention_mask");
+    let logits = Decoder::new(&bundle, 2).step(&embeds, mask);
+    let d = masked_diff(&logits, get(&refs, "logits"), mask);
+    eprintln!("max abs diff vs transformers, trainer checkpoint logits: {d:.2e}");
+    assert!(d <= TOL, "trainer checkpoint logits: {d}");
+    check_encoder_against(&bundle, "clip_gelu");
+}
+
+/// Greedy decoding with the ONNX KV cache from `prefix [b, 1, e]`: `steps` tokens per row.
+fn greedy(bundle: &Path, prefix: &Tensor, steps: usize) -> Vec<Vec<i64>> {
+    let b = prefix.dim(0).expect("b");
+    let bos = Tensor::full(2i64, (b, 1), &Device::Cpu).expect("bos");
+    let mut input = Tensor::cat(&[prefix, &embed(bundle, &bos)], 1).expect("cat");
+    let mut dec = Decoder::new(bundle, b);
+    let mut total = 0;
+    let mut got = vec![Vec::new(); b];
+    for _ in 0..steps {
+        total += input.dim(1).expect("t");
+        let mask = Tensor::ones((b, total), DType::I64, &Device::Cpu).expect("mask");
+        let logits = dec.step(&input, &mask);
+        let last = logits.i((.., logits.dim(1).expect("t") - 1)).expect("last");
+        let next = last
+            .argmax(1)
+            .expect("argmax")
+            .to_dtype(DType::I64)
+            .expect("i64");
+        for (row, tok) in next.to_vec1::<i64>().expect("ids").into_iter().enumerate() {
+            got[row].push(tok);
+        }
+        input = embed(bundle, &next.unsqueeze(1).expect("col"));
+    }
+    got
+}
+
+/// A batch of several images with identical prompts decodes like each image alone.
+#[test]
+fn batch_decodes_like_each_alone() {
+    let dir = TempDir::new("export-batch");
+    let bundle = export_recipe(&dir);
+    let refs = load_refs("clip_gelu/reference.safetensors");
+    let mut enc = open(&bundle, ENCODER_FILE).expect("encoder");
+    let pix = get(&refs, "batch.pixel_values");
+    let emb = run(
+        &mut enc,
+        "encoder",
+        vec![("pixel_values".into(), f32_input("e", pix).expect("pix"))],
+        &["image_embeds".into()],
+    )
+    .expect("encoder runs");
+    let mut proj = open(&bundle, PROJECTOR_FILE).expect("projector");
+    let prefix = run(
+        &mut proj,
+        "projector",
+        vec![(
+            "image_embeds".into(),
+            f32_input("p", &to_tensor(&emb[0])).expect("emb"),
+        )],
+        &["prefix_embeds".into()],
+    )
+    .expect("projector runs");
+    let prefix = to_tensor(&prefix[0]);
+    let batch = greedy(&bundle, &prefix, 8);
+    for (i, row) in batch.iter().enumerate() {
+        let alone = greedy(&bundle, &prefix.narrow(0, i, 1).expect("row"), 8);
+        assert_eq!(&alone[0], row, "image {i}");
+    }
+}
+
+/// int8 and int4 (`MatMulNBits`) bundles: smaller decoders, verified against fp32 (cosine of
+/// embeddings and logits; argmax agreement measured) (the tiny random model is a hard case for int4: width 32, weights of std 0.3).
+#[test]
+fn quantized_bundles_agree_with_fp32() {
+    let dir = TempDir::new("export-quant");
+    let fp32 = export_recipe(&dir);
+    let fp32_size = std::fs::metadata(fp32.join(DECODER_FILE))
+        .expect("fp32")
+        .len();
+    for (q, min_rate) in [(Quantize::Int8, 0.75), (Quantize::Int4, 0.3)] {
+        let out = dir.path().join(q.name());
+        let mut opts = recipe_options(&out);
+        opts.quantize = q;
+        let report = export_onnx(&opts).expect("quantized export");
+        let m = report.verification.expect("verified");
+        let rate = m.greedy_agreement.expect("agreement measured");
+        let cos = m.min_logits_cosine.expect("cosine measured");
+        eprintln!(
+            "{}: argmax agreement with fp32 {:.1}%, min logits cosine {cos:.4}",
+            q.name(),
+            100.0 * rate
+        );
+        assert!(rate >= min_rate, "{}: {rate}", q.name());
+        assert_eq!(manifest(&out).quantization, q.name());
+        let size = std::fs::metadata(out.join(DECODER_FILE)).expect("q").len();
+        assert!(size < fp32_size, "{}: {size} >= {fp32_size}", q.name());
+        // The quantized graph runs where the runtime drives it: full-sequence logits.
+        let refs = load_refs("opt_preln/reference.safetensors");
+        let ids = get(&refs, "ids.input_ids");
+        let mask = Tensor::ones(ids.dims(), DType::I64, &Device::Cpu).expect("ones");
+        let logits = Decoder::new(&out, 2).step(&embed(&out, ids), &mask);
+        assert_eq!(logits.dims(), get(&refs, "ids.logits").dims());
+    }
+    // Post-LN with project_in/out (K = 16, less than one block) and an untied head.
+    for q in [Quantize::Int8, Quantize::Int4] {
+        let d = TempDir::new("export-quant-postln");
+        let out = export_postln_with(&d, q);
+        assert_eq!(manifest(&out).quantization, q.name());
+    }
+}
+
+/// The verification names the graph and the output that diverge: a bundle whose projector
+/// graph comes from another model fails on `projector` / `prefix_embeds`.
+#[test]
+fn verification_names_the_diverging_graph_and_output() {
+    let dev = Device::Cpu;
+    let dir = TempDir::new("export-diverge");
+    let bundle = export_recipe(&dir);
+    let model = Moda::from_recipe_checkpoint(
+        &fixture("moda/fashion_opt.pth"),
+        &fixture("clip_gelu"),
+        &fixture("opt_preln"),
+        &dev,
+    )
+    .expect("recipe model");
+
+    // The same encoder and decoder with another projector.
+    let enc = ClipVision::from_dir(&fixture("clip_gelu"), DType::F32, &dev).expect("clip");
+    let dec = Opt::from_dir(&fixture("opt_preln"), DType::F32, &dev).expect("opt");
+    let pcfg = *model.projector().config();
+    let mut tensors = HashMap::new();
+    for (i, (name, shape)) in [
+        ("projection.0.weight", vec![pcfg.hidden_dim, pcfg.in_dim]),
+        ("projection.0.bias", vec![pcfg.hidden_dim]),
+        ("projection.2.weight", vec![pcfg.out_dim, pcfg.hidden_dim]),
+        ("projection.2.bias", vec![pcfg.out_dim]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let n = shape.iter().product();
+        let t = Tensor::from_vec(probe_values(n, 50 + i as u64, -0.3, 0.3), shape, &dev);
+        tensors.insert(name.to_string(), t.expect("tensor"));
+    }
+    let proj = Projector::new(&pcfg, VarBuilder::from_tensors(tensors, DType::F32, &dev));
+    let other = Moda::new(enc, proj.expect("projector"), dec).expect("moda");
+    let sources =
+        BundleSources::from_dirs(&fixture("clip_gelu"), &fixture("opt_preln")).expect("sources");
+    let other_bundle = dir.path().join("other");
+    write_bundle(&other, &sources, &other_bundle, &BundleOptions::default()).expect("export");
+    std::fs::copy(
+        other_bundle.join(PROJECTOR_FILE),
+        bundle.join(PROJECTOR_FILE),
+    )
+    .expect("swap the projector");
+
+    let err =
+        exporter::verify::verify_bundle(&model, &bundle, Quantize::None).expect_err("must diverge");
+    match &err {
+        Error::Verify { graph, output, .. } => {
+            assert_eq!(
+                (graph.as_str(), output.as_str()),
+                ("projector", "prefix_embeds")
+            );
+        }
+        other => panic!("expected a verification error, got {other:?}"),
+    }
+    let msg = err.to_string();
+    assert!(
+        msg.contains("projector") && msg.contains("prefix_embeds"),
+        "{msg}"
+    );
+}

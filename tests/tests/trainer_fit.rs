@@ -1,0 +1,423 @@
+//! The training side of `trainer`: one optimisation step against PyTorch, the checkpoint
+//! directory against the original recipe's `.pth`, exact resume, a short end-to-end run on a
+//! synthetic catalog, and a clear error for an output directory that cannot be written.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use moda_models::checkpoint::{self, CheckpointConfig, CheckpointContents, EncoderInfo};
+use moda_models::preprocess::ImageProcessorConfig;
+use moda_models::tokenizer::ModaTokenizer;
+use moda_models::{ClipVision, ClipVisionConfig, Moda, Opt, OptConfig, Projector};
+use moda_models::{ProjectorConfig, Weights};
+use moda_tests::{fixture, get, load_refs, max_abs_diff, TempDir};
+use trainer::data::{CaptionTemplate, CatalogSource};
+use trainer::fit::{fit, FitConfig, FitOptions};
+use trainer::optim::{AdamW, AdamWParams};
+use trainer::params::ParamStore;
+
+/// max |a - b| / max |b|.
+fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
+    let scale = b
+        .abs()
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.max(0))
+        .and_then(|t| t.to_scalar::<f32>())
+        .expect("max");
+    max_abs_diff(a, b) / scale.max(1e-12)
+}
+
+const TRAIN_STEP_TENSORS: [&str; 6] = [
+    "projection.0.weight",
+    "projection.0.bias",
+    "projection.2.weight",
+    "projection.2.bias",
+    "opt.model.decoder.layers.0.self_attn.q_proj.weight",
+    "opt.model.decoder.embed_tokens.weight",
+];
+
+#[test]
+fn two_adamw_steps_match_pytorch() {
+    let dev = Device::Cpu;
+    let refs = load_refs("train_step/reference.safetensors");
+    let weights = Weights::from_file(&fixture("moda/fashion_opt.pth")).expect("pth");
+    let store = ParamStore::new(Some(weights), vec![], 0);
+    let dcfg = OptConfig::from_file(&fixture("opt_preln/config.json")).expect("config");
+    let vb = store.var_builder(&dev);
+    let decoder = Opt::new(&dcfg, vb.pp("opt")).expect("opt");
+    let projector = Projector::new(&ProjectorConfig::new(24, dcfg.embed_dim()), vb).expect("proj");
+    let encoder = ClipVision::from_dir(&fixture("clip_gelu"), DType::F32, &dev).expect("clip");
+    let model = Moda::new(encoder, projector, decoder).expect("moda");
+    // The tied lm_head is the embedding: one variable, as PyTorch's named_parameters().
+    assert!(!store.names().iter().any(|n| n.contains("lm_head")));
+    let mut adam = AdamW::new(store.vars(), AdamWParams::default()).expect("adamw");
+    for name in TRAIN_STEP_TENSORS {
+        let d = max_abs_diff(
+            &store.tensors()[name],
+            get(&refs, &format!("before.{name}")),
+        );
+        assert_eq!(d, 0.0, "{name} before the step");
+    }
+    let embeds = get(&refs, "image_embeds");
+    let ids = get(&refs, "input_ids");
+    let mask = get(&refs, "text_mask");
+    let mut prev: BTreeMap<String, Tensor> = store.snapshot().expect("snapshot");
+    for step in 1..=2 {
+        for mb in 0..2 {
+            let prefix = model
+                .project(&embeds.narrow(0, 2 * mb, 2).expect("n"))
+                .expect("p");
+            let batch = model
+                .build_batch(
+                    &prefix,
+                    &ids.narrow(0, 2 * mb, 2).expect("n"),
+                    &mask.narrow(0, 2 * mb, 2).expect("n"),
+                )
+                .expect("batch");
+            // The trainer's fused loss, checked against the model core's composed one.
+            let logits = model.logits(&batch).expect("logits");
+            let loss = trainer::loss::causal_lm_loss(&logits, &batch.labels).expect("loss");
+            let composed = model.loss(&batch).expect("loss");
+            assert!(rel_diff(&loss, &composed) <= 1e-5);
+            let want = get(&refs, &format!("step{step}.loss{mb}"));
+            let d = rel_diff(&loss, want);
+            assert!(d <= 1e-4, "step {step} loss {mb}: {loss} vs {want} ({d})");
+            let grads = (loss / 2.0).expect("div").backward().expect("backward");
+            adam.accumulate(&grads).expect("accumulate");
+        }
+        let norm = adam.clip_grad_norm(1.0).expect("clip");
+        let want: f32 = get(&refs, &format!("step{step}.grad_norm"))
+            .to_scalar()
+            .expect("norm");
+        assert!(
+            ((norm as f32 - want) / want).abs() <= 1e-4,
+            "step {step} grad norm {norm} vs {want}"
+        );
+        adam.step().expect("step");
+        let now = store.snapshot().expect("snapshot");
+        for name in TRAIN_STEP_TENSORS {
+            let want = get(&refs, &format!("step{step}.{name}"));
+            let d = rel_diff(&now[name], want);
+            assert!(d <= 1e-4, "step {step} {name}: relative diff {d}");
+            // The update itself (after - before) agrees too, not only the parameter. Looser:
+            // on the first steps Adam's update is about lr * sign(grad), so elements whose
+            // gradient is near zero (comparable to float noise) may move differently.
+            let ours = (&now[name] - &prev[name]).expect("delta");
+            let before = if step == 1 {
+                get(&refs, &format!("before.{name}")).clone()
+            } else {
+                get(&refs, &format!("step1.{name}")).clone()
+            };
+            let theirs = (want - &before).expect("delta");
+            let d = rel_diff(&ours, &theirs);
+            assert!(d <= 1e-2, "step {step} {name}: update relative diff {d}");
+        }
+        prev = now;
+    }
+}
+
+fn recipe_checkpoint_config() -> CheckpointConfig {
+    let enc = fixture("clip_gelu");
+    let dcfg = OptConfig::from_file(&fixture("opt_preln/config.json")).expect("opt config");
+    let ecfg = ClipVisionConfig::from_file(&enc.join("config.json")).expect("clip config");
+    let pcfg = ProjectorConfig::new(ecfg.projection_dim, dcfg.embed_dim());
+    CheckpointConfig::new(
+        EncoderInfo {
+            config: ecfg,
+            source: enc.display().to_string(),
+            embedded: false,
+            trained: false,
+        },
+        dcfg,
+        pcfg,
+        ImageProcessorConfig::from_dir_or_default(&enc).expect("preprocessor"),
+    )
+}
+
+fn reference_logits(model: &Moda) -> Tensor {
+    let refs = load_refs("moda/reference.safetensors");
+    let ids = get(&refs, "input_ids");
+    let t = ids.dim(1).expect("t");
+    let text_mask = get(&refs, "attention_mask").narrow(1, 1, t).expect("mask");
+    let prefix = model.project(get(&refs, "image_embeds")).expect("prefix");
+    let batch = model.build_batch(&prefix, ids, &text_mask).expect("batch");
+    model.logits(&batch).expect("logits")
+}
+
+#[test]
+fn recipe_pth_and_our_checkpoint_load_the_same_model() {
+    let dev = Device::Cpu;
+    let tmp = TempDir::new("ckpt");
+    let pth = fixture("moda/fashion_opt.pth");
+    let from_pth =
+        Moda::from_recipe_checkpoint(&pth, &fixture("clip_gelu"), &fixture("opt_preln"), &dev)
+            .expect("pth");
+    let weights = Weights::from_file(&pth).expect("weights");
+    let tensors = checkpoint::recipe_state_dict(&weights, true).expect("state dict");
+    let tokenizer = ModaTokenizer::from_dir(&fixture("opt_preln")).expect("tokenizer");
+    let cfg = recipe_checkpoint_config();
+    let dir = tmp.path().join("ckpt");
+    let contents = CheckpointContents {
+        config: &cfg,
+        model: &tensors,
+        encoder: None,
+        tokenizer: &tokenizer,
+        extra_files: vec![],
+        extra_tensors: vec![],
+    };
+    checkpoint::save(&dir, &contents).expect("save");
+    // Saved again over itself: replaced atomically, no temporary left behind.
+    checkpoint::save(&dir, &contents).expect("save again");
+    let names: Vec<String> = std::fs::read_dir(tmp.path())
+        .expect("ls")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().to_string())
+        .collect();
+    assert_eq!(names, vec!["ckpt".to_string()]);
+
+    // The recipe's names; the tied head and the `embed_tokens` alias are not stored.
+    let stored = Weights::from_file(&dir.join(checkpoint::MODEL_FILE)).expect("stored");
+    assert!(stored.contains("opt.model.decoder.embed_tokens.weight"));
+    assert!(stored.contains("projection.2.bias"));
+    assert!(!stored.contains("opt.lm_head.weight") && !stored.contains("embed_tokens.weight"));
+
+    let loaded = checkpoint::load(&dir, &dev).expect("load");
+    assert_eq!(loaded.config, cfg);
+    let a = reference_logits(&from_pth);
+    let b = reference_logits(&loaded.model);
+    assert_eq!(max_abs_diff(&a, &b), 0.0, "logits differ");
+    let ids = loaded
+        .tokenizer
+        .encode("Blue Casual Jeans")
+        .expect("encode");
+    assert_eq!(ids, tokenizer.encode("Blue Casual Jeans").expect("encode"));
+
+    // An embedded encoder (as the tiny preset or --train-encoder write) loads to the same.
+    let enc_w = Weights::from_dir(&fixture("clip_gelu")).expect("clip weights");
+    let enc: BTreeMap<String, Tensor> = enc_w
+        .names()
+        .into_iter()
+        .filter(|n| {
+            (n.starts_with("vision_model.") || n == "visual_projection.weight")
+                && !n.ends_with("position_ids")
+        })
+        .map(|n| {
+            use candle_nn::var_builder::SimpleBackend;
+            let t = enc_w.get_unchecked(&n, DType::F32, &dev).expect("tensor");
+            (n, t)
+        })
+        .collect();
+    let mut cfg2 = cfg.clone();
+    cfg2.encoder.embedded = true;
+    cfg2.encoder.source = checkpoint::ENCODER_DIR.into();
+    let dir2 = tmp.path().join("embedded");
+    checkpoint::save(
+        &dir2,
+        &CheckpointContents {
+            config: &cfg2,
+            model: &tensors,
+            encoder: Some(&enc),
+            tokenizer: &tokenizer,
+            extra_files: vec![],
+            extra_tensors: vec![],
+        },
+    )
+    .expect("save embedded");
+    let loaded2 = checkpoint::load(&dir2, &dev).expect("load embedded");
+    let refs = load_refs("clip_gelu/reference.safetensors");
+    let px = get(&refs, "pixel_values.photo.jpg");
+    let d = max_abs_diff(
+        &from_pth.encode_images(px).expect("a"),
+        &loaded2.model.encode_images(px).expect("b"),
+    );
+    assert_eq!(d, 0.0);
+}
+
+fn tiny_run(catalog: &Path, out: &Path, cache: &Path, cfg: &FitConfig, resume: Option<&Path>) {
+    let opts = FitOptions {
+        source: CatalogSource::Kaggle {
+            dir: catalog.to_path_buf(),
+            template: CaptionTemplate::default(),
+        },
+        out: out.to_path_buf(),
+        resume: resume.map(Path::to_path_buf),
+        device: Device::Cpu,
+        cache_dir: cache.to_path_buf(),
+        progress: false,
+        stop: Arc::new(AtomicBool::new(false)),
+    };
+    fit(cfg, &opts).expect("fit");
+}
+
+fn synth_catalog(dir: &Path, count: usize, seed: u64) {
+    trainer::synth::synth(&trainer::synth::SynthArgs::new(dir, count, seed)).expect("synth");
+}
+
+#[test]
+fn resume_continues_exactly() {
+    let tmp = TempDir::new("resume");
+    let cat = tmp.path().join("catalog");
+    synth_catalog(&cat, 48, 3);
+    let cache = tmp.path().join("cache");
+    // 38 training samples, batches of 8: 5 micro-batches, 3 steps per epoch. Dropout on, so
+    // its generator's state must be restored too, and the encoder trains, so its weights and
+    // moments must be. Stop mid-epoch 2.
+    let cfg = FitConfig {
+        epochs: 4,
+        batch_size: 8,
+        grad_accum: 2,
+        dropout: Some(0.1),
+        train_encoder: true,
+        max_steps: Some(8),
+        ..FitConfig::tiny()
+    };
+    let straight = tmp.path().join("straight");
+    tiny_run(&cat, &straight, &cache, &cfg, None);
+    let split = tmp.path().join("split");
+    let half = FitConfig {
+        max_steps: Some(4),
+        ..cfg.clone()
+    };
+    tiny_run(&cat, &split, &cache, &half, None);
+    let state = trainer::fit::read_state(&split.join("last")).expect("state");
+    assert_eq!((state.step, state.epoch, state.batch_pos), (4, 1, 2));
+    tiny_run(&cat, &split, &cache, &cfg, Some(&split.join("last")));
+
+    for file in [
+        "model.safetensors",
+        "encoder/model.safetensors",
+        "optimizer.safetensors",
+    ] {
+        let a = Weights::from_file(&straight.join("last").join(file)).expect("a");
+        let b = Weights::from_file(&split.join("last").join(file)).expect("b");
+        assert_eq!(a.names(), b.names());
+        use candle_nn::var_builder::SimpleBackend;
+        for n in a.names() {
+            let x = a.get_unchecked(&n, DType::F32, &Device::Cpu).expect("x");
+            let y = b.get_unchecked(&n, DType::F32, &Device::Cpu).expect("y");
+            assert_eq!(
+                max_abs_diff(&x, &y),
+                0.0,
+                "{file}: {n} differs after resume"
+            );
+        }
+    }
+    let sa = trainer::fit::read_state(&straight.join("last")).expect("a");
+    let sb = trainer::fit::read_state(&split.join("last")).expect("b");
+    assert_eq!(sa.step, 8);
+    assert_eq!(
+        (sa.step, sa.epoch, sa.batch_pos, sa.dropout_state),
+        (sb.step, sb.epoch, sb.batch_pos, sb.dropout_state)
+    );
+}
+
+#[test]
+fn tiny_preset_learns_on_a_synthetic_catalog() {
+    let tmp = TempDir::new("e2e");
+    let cat = tmp.path().join("catalog");
+    synth_catalog(&cat, 160, 11);
+    let out = tmp.path().join("run");
+    let cfg = FitConfig {
+        epochs: 4,
+        ..FitConfig::tiny()
+    };
+    tiny_run(&cat, &out, &tmp.path().join("cache"), &cfg, None);
+    let state = trainer::fit::read_state(&out.join("last")).expect("state");
+    assert_eq!(state.history.len(), 4);
+    let first = state.history[0].val_loss;
+    let last = state.history[3].val_loss;
+    assert!(last < 0.8 * first, "validation loss {first} -> {last}");
+    assert!(out.join("loss.png").is_file() && out.join("metrics.jsonl").is_file());
+    assert!(out.join("best/config.json").is_file());
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).expect("metrics");
+    let epochs = metrics
+        .lines()
+        .filter(|l| l.contains("\"kind\":\"epoch\""))
+        .count();
+    assert_eq!(epochs, 4, "{metrics}");
+
+    // The checkpoint evaluates (greedy descriptions, scores, predictions CSV).
+    let report = trainer::eval::evaluate(&trainer::eval::EvalOptions {
+        checkpoint: out.join("best"),
+        source: CatalogSource::Kaggle {
+            dir: cat.clone(),
+            template: CaptionTemplate::default(),
+        },
+        template: trainer::data::DEFAULT_TEMPLATE.to_string(),
+        split: trainer::eval::EvalSplit::Val,
+        predictions: out.join("predictions.csv"),
+        device: Device::Cpu,
+        cache_dir: tmp.path().join("cache"),
+        max_new_tokens: 32,
+        batch_size: 16,
+        progress: false,
+    })
+    .expect("eval");
+    assert_eq!(report.samples, 32);
+    assert_eq!(report.attributes.len(), 6);
+    assert!(out.join("predictions.csv").is_file());
+}
+
+#[test]
+fn unwritable_output_directory_is_a_clear_error() {
+    let tmp = TempDir::new("readonly");
+    let cat = tmp.path().join("catalog");
+    synth_catalog(&cat, 8, 1);
+    // /proc refuses new directories even to root.
+    let out = Path::new("/proc/moda-trainer-test/out");
+    let opts = FitOptions {
+        source: CatalogSource::Kaggle {
+            dir: cat,
+            template: CaptionTemplate::default(),
+        },
+        out: out.to_path_buf(),
+        resume: None,
+        device: Device::Cpu,
+        cache_dir: tmp.path().join("cache"),
+        progress: false,
+        stop: Arc::new(AtomicBool::new(false)),
+    };
+    let err = fit(&FitConfig::tiny(), &opts).expect_err("must fail");
+    let msg = err.to_string();
+    assert!(
+        matches!(err, trainer::Error::OutputNotWritable { .. }),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("/proc/moda-trainer-test/out") && msg.contains("cannot be created or written")
+    );
+}
+
+#[test]
+fn non_finite_loss_stops_with_a_clear_error() {
+    let tmp = TempDir::new("nan");
+    let cat = tmp.path().join("catalog");
+    synth_catalog(&cat, 24, 2);
+    let out = tmp.path().join("run");
+    // An absurd learning rate: the weights explode after the first step.
+    let cfg = FitConfig {
+        lr: 1e30,
+        batch_size: 4,
+        grad_accum: 1,
+        ..FitConfig::tiny()
+    };
+    let opts = FitOptions {
+        source: CatalogSource::Kaggle {
+            dir: cat,
+            template: CaptionTemplate::default(),
+        },
+        out: out.clone(),
+        resume: None,
+        device: Device::Cpu,
+        cache_dir: tmp.path().join("cache"),
+        progress: false,
+        stop: Arc::new(AtomicBool::new(false)),
+    };
+    let err = fit(&cfg, &opts).expect_err("must stop");
+    assert!(matches!(err, trainer::Error::NonFiniteLoss { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(msg.contains("stopped without saving"), "{msg}");
+    assert!(!out.join("last").exists());
+}

@@ -1,0 +1,828 @@
+//! Catalogs: the Kaggle "fashion-images" layout (`fashion.csv` and the image folders, see
+//! `shared/MISSION.md`) with a caption template, or a user's CSV with an image-path column and
+//! a caption column; and the deterministic train/validation split.
+//!
+//! Rows whose image is missing or cannot be decoded, or whose caption would have a hole (an
+//! empty value in a column the template uses), are skipped and counted in [`LoadReport`]; the
+//! caller logs it. A CSV missing a required column is [`Error::MissingColumns`], listing the
+//! expected columns; a catalog with no usable row is [`Error::EmptyCatalog`].
+//!
+//! The split follows the original recipe's `random_split(dataset, [0.8, 0.2])`: a seeded
+//! shuffle of the rows (ChaCha8), the first `round(n * fraction)` to validation. It is recorded
+//! by sample id ([`Split::validation_ids`]) and rebuilt from the ids ([`Split::from_ids`]), so
+//! that evaluation sees exactly the images held out while training.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use moda_models::preprocess::{load_image, ImageLimits};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use crate::error::{Error, Result};
+
+/// The CSV file of the Kaggle layout.
+pub const KAGGLE_CSV: &str = "fashion.csv";
+
+/// The columns of the Kaggle `fashion.csv`, in order.
+pub const KAGGLE_COLUMNS: [&str; 10] = [
+    "ProductId",
+    "Gender",
+    "Category",
+    "SubCategory",
+    "ProductType",
+    "Colour",
+    "Usage",
+    "ProductTitle",
+    "Image",
+    "ImageURL",
+];
+
+/// The attributes of a description that evaluation scores, in caption order.
+pub const ATTRIBUTE_COLUMNS: [&str; 6] = [
+    "Colour",
+    "Usage",
+    "ProductType",
+    "Gender",
+    "Category",
+    "SubCategory",
+];
+
+/// The caption template of the original recipe.
+pub const DEFAULT_TEMPLATE: &str =
+    "{Colour} {Usage} {ProductType} for {Gender} - {Category} {SubCategory}";
+
+/// The folder of a Kaggle image, below the catalog directory:
+/// `<Category>/<Gender>/Images/images_with_product_ids/<Image>`.
+pub fn kaggle_image_path(root: &Path, category: &str, gender: &str, image: &str) -> PathBuf {
+    root.join(category)
+        .join(gender)
+        .join("Images")
+        .join("images_with_product_ids")
+        .join(image)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Piece {
+    Text(String),
+    Column(String),
+}
+
+/// A caption template: text with `{Column}` placeholders; `{{` and `}}` are literal braces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaptionTemplate {
+    source: String,
+    pieces: Vec<Piece>,
+}
+
+impl CaptionTemplate {
+    /// Parses a template. An unclosed `{`, an empty `{}` or a lone `}` is [`Error::Template`].
+    pub fn parse(template: &str) -> Result<Self> {
+        let bad = |msg: &str| Error::Template {
+            template: template.to_string(),
+            msg: msg.to_string(),
+        };
+        let mut pieces = Vec::new();
+        let mut text = String::new();
+        let mut chars = template.chars().peekable();
+        while let Some(c) = chars.next() {
+            match c {
+                '{' if chars.peek() == Some(&'{') => {
+                    chars.next();
+                    text.push('{');
+                }
+                '}' if chars.peek() == Some(&'}') => {
+                    chars.next();
+                    text.push('}');
+                }
+                '{' => {
+                    let mut name = String::new();
+                    loop {
+                        match chars.next() {
+                            Some('}') => break,
+                            Some('{') => return Err(bad("`{` inside a placeholder")),
+                            Some(c) => name.push(c),
+                            None => return Err(bad("unclosed `{`")),
+                        }
+                    }
+                    let name = name.trim().to_string();
+                    if name.is_empty() {
+                        return Err(bad("empty placeholder `{}`"));
+                    }
+                    if !text.is_empty() {
+                        pieces.push(Piece::Text(std::mem::take(&mut text)));
+                    }
+                    pieces.push(Piece::Column(name));
+                }
+                '}' => return Err(bad("`}` without `{` (write `}}` for a literal brace)")),
+                c => text.push(c),
+            }
+        }
+        if !text.is_empty() {
+            pieces.push(Piece::Text(text));
+        }
+        if !pieces.iter().any(|p| matches!(p, Piece::Column(_))) {
+            return Err(bad("no `{Column}` placeholder"));
+        }
+        Ok(Self {
+            source: template.to_string(),
+            pieces,
+        })
+    }
+
+    /// The template as written.
+    pub fn as_str(&self) -> &str {
+        &self.source
+    }
+
+    /// The columns the template uses, in order of first use.
+    pub fn columns(&self) -> Vec<&str> {
+        let mut seen = Vec::new();
+        for p in &self.pieces {
+            if let Piece::Column(c) = p {
+                if !seen.contains(&c.as_str()) {
+                    seen.push(c.as_str());
+                }
+            }
+        }
+        seen
+    }
+
+    /// Fills the template from `get(column)`; `None` (or an empty value) names the column that
+    /// has no value.
+    pub fn render<'a>(
+        &self,
+        get: impl Fn(&str) -> Option<&'a str>,
+    ) -> std::result::Result<String, String> {
+        let mut out = String::new();
+        for p in &self.pieces {
+            match p {
+                Piece::Text(t) => out.push_str(t),
+                Piece::Column(c) => match get(c).map(str::trim) {
+                    Some(v) if !v.is_empty() => out.push_str(v),
+                    _ => return Err(c.clone()),
+                },
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Default for CaptionTemplate {
+    fn default() -> Self {
+        // The default template is a valid literal; build it without a fallible path.
+        let cols = ATTRIBUTE_COLUMNS;
+        let pieces = vec![
+            Piece::Column(cols[0].into()),
+            Piece::Text(" ".into()),
+            Piece::Column(cols[1].into()),
+            Piece::Text(" ".into()),
+            Piece::Column(cols[2].into()),
+            Piece::Text(" for ".into()),
+            Piece::Column(cols[3].into()),
+            Piece::Text(" - ".into()),
+            Piece::Column(cols[4].into()),
+            Piece::Text(" ".into()),
+            Piece::Column(cols[5].into()),
+        ];
+        Self {
+            source: DEFAULT_TEMPLATE.to_string(),
+            pieces,
+        }
+    }
+}
+
+/// How thoroughly [`load_catalog`] checks each row's image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ImageCheck {
+    /// Only that the file exists.
+    Exists,
+    /// The file decodes (all of it), within [`ImageLimits`]. The default: a truncated JPEG is
+    /// caught here, not in the middle of training.
+    #[default]
+    Decode,
+}
+
+/// Where a catalog comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CatalogSource {
+    /// The Kaggle layout: `dir/fashion.csv` and `dir/<Category>/<Gender>/Images/...`. The
+    /// caption is the template filled from the row; the sample id is `ProductId`.
+    Kaggle {
+        /// The catalog directory (or its `fashion.csv`).
+        dir: PathBuf,
+        /// The caption template (default [`DEFAULT_TEMPLATE`]).
+        template: CaptionTemplate,
+    },
+    /// A CSV with an image-path column and a caption column. Relative paths are resolved
+    /// against `root`, by default the CSV's folder. The sample id is the image column's value.
+    Csv {
+        /// The CSV file.
+        csv: PathBuf,
+        /// The column with image paths.
+        image_column: String,
+        /// The column with captions.
+        caption_column: String,
+        /// The folder relative image paths start from (default: the CSV's folder).
+        root: Option<PathBuf>,
+    },
+}
+
+/// Options of [`load_catalog`].
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// How each image is checked.
+    pub check: ImageCheck,
+    /// Decoding limits for the check.
+    pub limits: ImageLimits,
+}
+
+/// One sample of a catalog.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sample {
+    /// Stable id: `ProductId` in the Kaggle layout, the image column's value in a user CSV.
+    pub id: String,
+    /// The image file.
+    pub image: PathBuf,
+    /// The target description (without BOS/EOS).
+    pub caption: String,
+    /// Every column of the row (column -> value), e.g. for per-attribute evaluation.
+    pub attributes: BTreeMap<String, String>,
+}
+
+impl AsRef<Path> for Sample {
+    fn as_ref(&self) -> &Path {
+        &self.image
+    }
+}
+
+/// Why a row was skipped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SkipReason {
+    /// The image file does not exist.
+    Missing,
+    /// The image file cannot be read or decoded.
+    Unreadable,
+    /// A column the caption needs is empty.
+    Incomplete,
+}
+
+/// A skipped row, for the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    /// 1-based line of the row in the CSV (the header is line 1).
+    pub line: u64,
+    /// The image path (or, when incomplete, the image the row named).
+    pub image: PathBuf,
+    /// Why it was skipped.
+    pub reason: SkipReason,
+    /// Details (the decoder's message, the empty column).
+    pub detail: String,
+}
+
+/// How many rows were read and skipped; the first few skipped rows for the log.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LoadReport {
+    /// Data rows in the CSV.
+    pub rows: usize,
+    /// Samples loaded.
+    pub loaded: usize,
+    /// Rows whose image does not exist.
+    pub missing: usize,
+    /// Rows whose image cannot be decoded.
+    pub unreadable: usize,
+    /// Rows with an empty value in a column the caption needs.
+    pub incomplete: usize,
+    /// The first [`LoadReport::EXAMPLES`] skipped rows, in CSV order.
+    pub examples: Vec<Skipped>,
+}
+
+impl LoadReport {
+    /// How many skipped rows [`LoadReport::examples`] keeps.
+    pub const EXAMPLES: usize = 5;
+
+    /// Rows skipped, all reasons together.
+    pub fn skipped(&self) -> usize {
+        self.missing + self.unreadable + self.incomplete
+    }
+
+    /// A one-line summary, e.g. `"2906 rows: 2900 loaded, 6 skipped (4 missing images, 2
+    /// unreadable, 0 incomplete); first: 123.jpg (missing), ..."`.
+    pub fn summary(&self) -> String {
+        let mut s = format!(
+            "{} rows: {} loaded, {} skipped ({} missing images, {} unreadable, {} incomplete)",
+            self.rows,
+            self.loaded,
+            self.skipped(),
+            self.missing,
+            self.unreadable,
+            self.incomplete
+        );
+        if !self.examples.is_empty() {
+            let first: Vec<String> = self
+                .examples
+                .iter()
+                .map(|e| {
+                    let why = match e.reason {
+                        SkipReason::Missing => "missing".to_string(),
+                        SkipReason::Unreadable => format!("unreadable: {}", e.detail),
+                        SkipReason::Incomplete => format!("empty {}", e.detail),
+                    };
+                    format!("line {} {} ({why})", e.line, e.image.display())
+                })
+                .collect();
+            s.push_str("; first: ");
+            s.push_str(&first.join("; "));
+        }
+        s
+    }
+}
+
+/// A loaded catalog.
+#[derive(Debug, Clone)]
+pub struct Catalog {
+    /// The CSV it was read from.
+    pub csv: PathBuf,
+    /// The usable samples, in CSV order.
+    pub samples: Vec<Sample>,
+    /// What was skipped.
+    pub report: LoadReport,
+}
+
+impl Catalog {
+    /// Number of samples.
+    pub fn len(&self) -> usize {
+        self.samples.len()
+    }
+
+    /// Whether there is no sample (never true for a catalog [`load_catalog`] returned).
+    pub fn is_empty(&self) -> bool {
+        self.samples.is_empty()
+    }
+
+    /// The deterministic split of the samples (see [`Split::new`]).
+    pub fn split(&self, validation_fraction: f64, seed: u64) -> Result<Split> {
+        Split::new(self.samples.len(), validation_fraction, seed)
+    }
+}
+
+/// Command-line options that choose a catalog, for `trainer fit` and `trainer eval` to
+/// `#[command(flatten)]`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DataArgs {
+    /// The catalog: a directory in the Kaggle fashion-images layout (fashion.csv and image
+    /// folders), or, with --image-column and --caption-column, a CSV file.
+    #[arg(long, value_name = "DIR|CSV")]
+    pub data: PathBuf,
+    /// Caption template for the Kaggle layout; `{Column}` is replaced by the row's value.
+    #[arg(long, default_value = DEFAULT_TEMPLATE)]
+    pub caption_template: String,
+    /// For a CSV catalog: the column with image paths.
+    #[arg(long, requires = "caption_column")]
+    pub image_column: Option<String>,
+    /// For a CSV catalog: the column with captions.
+    #[arg(long, requires = "image_column")]
+    pub caption_column: Option<String>,
+    /// For a CSV catalog: the folder relative image paths start from (default: the CSV's).
+    #[arg(long, value_name = "DIR")]
+    pub root: Option<PathBuf>,
+}
+
+impl DataArgs {
+    /// The source these options name.
+    pub fn source(&self) -> Result<CatalogSource> {
+        match (&self.image_column, &self.caption_column) {
+            (Some(image_column), Some(caption_column)) => Ok(CatalogSource::Csv {
+                csv: self.data.clone(),
+                image_column: image_column.clone(),
+                caption_column: caption_column.clone(),
+                root: self.root.clone(),
+            }),
+            (None, None) => Ok(CatalogSource::Kaggle {
+                dir: self.data.clone(),
+                template: CaptionTemplate::parse(&self.caption_template)?,
+            }),
+            _ => Err(Error::InvalidArgument(
+                "--image-column and --caption-column go together".into(),
+            )),
+        }
+    }
+}
+
+fn csv_error(path: &Path, e: csv::Error) -> Error {
+    let msg = match e.position() {
+        Some(pos) => format!("line {}: {e}", pos.line()),
+        None => e.to_string(),
+    };
+    Error::Csv {
+        path: path.to_path_buf(),
+        msg,
+    }
+}
+
+/// A row before its image is checked.
+struct Candidate {
+    line: u64,
+    sample: Sample,
+}
+
+/// Loads a catalog; see the module documentation.
+pub fn load_catalog(source: &CatalogSource, opts: &LoadOptions) -> Result<Catalog> {
+    let (csv_path, base) = match source {
+        CatalogSource::Kaggle { dir, .. } => {
+            let csv = if dir.is_file() {
+                dir.clone()
+            } else {
+                dir.join(KAGGLE_CSV)
+            };
+            let base = csv
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| PathBuf::from("."));
+            (csv, base)
+        }
+        CatalogSource::Csv { csv, root, .. } => {
+            let base = match root {
+                Some(r) => r.clone(),
+                None => csv
+                    .parent()
+                    .map(Path::to_path_buf)
+                    .unwrap_or_else(|| PathBuf::from(".")),
+            };
+            (csv.clone(), base)
+        }
+    };
+    if !csv_path.is_file() {
+        let what = match source {
+            CatalogSource::Kaggle { .. } => {
+                format!("{KAGGLE_CSV} (a catalog in the Kaggle fashion-images layout)")
+            }
+            CatalogSource::Csv { .. } => "catalog CSV".to_string(),
+        };
+        return Err(Error::io(
+            &csv_path,
+            std::io::Error::new(std::io::ErrorKind::NotFound, format!("missing {what}")),
+        ));
+    }
+    let mut reader = csv::ReaderBuilder::new()
+        .trim(csv::Trim::Headers)
+        .from_path(&csv_path)
+        .map_err(|e| csv_error(&csv_path, e))?;
+    let headers: Vec<String> = reader
+        .headers()
+        .map_err(|e| csv_error(&csv_path, e))?
+        .iter()
+        .map(str::to_string)
+        .collect();
+    let index_of = |name: &str| headers.iter().position(|h| h == name);
+
+    // Required columns, and the template check.
+    let required: Vec<String> = match source {
+        CatalogSource::Kaggle { template, .. } => {
+            let mut req: Vec<String> = ["ProductId", "Gender", "Category", "Image"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+            for c in template.columns() {
+                if !req.iter().any(|r| r == c) {
+                    req.push(c.to_string());
+                }
+            }
+            // A template column that is not a Kaggle column and not in the file is a template
+            // error (a typo), not a malformed file.
+            for c in template.columns() {
+                if index_of(c).is_none() && !KAGGLE_COLUMNS.contains(&c) {
+                    return Err(Error::TemplateColumn {
+                        template: template.as_str().to_string(),
+                        column: c.to_string(),
+                        path: csv_path.clone(),
+                        available: headers.clone(),
+                    });
+                }
+            }
+            // Report in the file's canonical column order.
+            req.sort_by_key(|c| {
+                KAGGLE_COLUMNS
+                    .iter()
+                    .position(|k| k == c)
+                    .unwrap_or(KAGGLE_COLUMNS.len())
+            });
+            req
+        }
+        CatalogSource::Csv {
+            image_column,
+            caption_column,
+            ..
+        } => vec![image_column.clone(), caption_column.clone()],
+    };
+    let missing: Vec<String> = required
+        .iter()
+        .filter(|c| index_of(c).is_none())
+        .cloned()
+        .collect();
+    if !missing.is_empty() {
+        return Err(Error::MissingColumns {
+            path: csv_path,
+            missing,
+            expected: required,
+            found: headers,
+        });
+    }
+
+    let mut report = LoadReport::default();
+    let mut candidates = Vec::new();
+    let mut skipped: Vec<Skipped> = Vec::new();
+    for record in reader.records() {
+        let record = record.map_err(|e| csv_error(&csv_path, e))?;
+        report.rows += 1;
+        let line = record.position().map(|p| p.line()).unwrap_or(0);
+        let get = |c: &str| index_of(c).and_then(|i| record.get(i));
+        let attributes: BTreeMap<String, String> = headers
+            .iter()
+            .zip(record.iter())
+            .map(|(h, v)| (h.clone(), v.trim().to_string()))
+            .collect();
+        let built = match source {
+            CatalogSource::Kaggle { template, .. } => {
+                let field = |c: &str| get(c).map(str::trim).unwrap_or("");
+                let image = field("Image");
+                let path = kaggle_image_path(&base, field("Category"), field("Gender"), image);
+                let empty = ["ProductId", "Category", "Gender", "Image"]
+                    .into_iter()
+                    .find(|c| field(c).is_empty());
+                match empty {
+                    Some(c) => Err((path, c.to_string())),
+                    None => template
+                        .render(get)
+                        .map(|caption| (path.clone(), field("ProductId").to_string(), caption))
+                        .map_err(|c| (path, c)),
+                }
+            }
+            CatalogSource::Csv {
+                image_column,
+                caption_column,
+                ..
+            } => {
+                let image = get(image_column).map(str::trim).unwrap_or("");
+                let caption = get(caption_column).map(str::trim).unwrap_or("");
+                let path = base.join(image);
+                if image.is_empty() {
+                    Err((path, image_column.clone()))
+                } else if caption.is_empty() {
+                    Err((path, caption_column.clone()))
+                } else {
+                    Ok((path, image.to_string(), caption.to_string()))
+                }
+            }
+        };
+        match built {
+            Ok((image, id, caption)) => candidates.push(Candidate {
+                line,
+                sample: Sample {
+                    id,
+                    image,
+                    caption,
+                    attributes,
+                },
+            }),
+            Err((image, column)) => skipped.push(Skipped {
+                line,
+                image,
+                reason: SkipReason::Incomplete,
+                detail: column,
+            }),
+        }
+    }
+
+    // Image checks, on all cores; results are kept in CSV order.
+    let checks = check_images(&candidates, opts);
+    let mut samples = Vec::with_capacity(candidates.len());
+    for (c, check) in candidates.into_iter().zip(checks) {
+        match check {
+            None => samples.push(c.sample),
+            Some((reason, detail)) => skipped.push(Skipped {
+                line: c.line,
+                image: c.sample.image,
+                reason,
+                detail,
+            }),
+        }
+    }
+    skipped.sort_by_key(|s| s.line);
+    for s in &skipped {
+        match s.reason {
+            SkipReason::Missing => report.missing += 1,
+            SkipReason::Unreadable => report.unreadable += 1,
+            SkipReason::Incomplete => report.incomplete += 1,
+        }
+    }
+    skipped.truncate(LoadReport::EXAMPLES);
+    report.examples = skipped;
+    report.loaded = samples.len();
+    if samples.is_empty() {
+        return Err(Error::EmptyCatalog {
+            path: csv_path,
+            rows: report.rows,
+            skipped: report.skipped(),
+            missing: report.missing,
+            unreadable: report.unreadable,
+            incomplete: report.incomplete,
+        });
+    }
+    Ok(Catalog {
+        csv: csv_path,
+        samples,
+        report,
+    })
+}
+
+/// `None` when the image is fine, else why not; one entry per candidate, in order.
+fn check_images(candidates: &[Candidate], opts: &LoadOptions) -> Vec<Option<(SkipReason, String)>> {
+    let check = |c: &Candidate| -> Option<(SkipReason, String)> {
+        let path = &c.sample.image;
+        if !path.is_file() {
+            return Some((SkipReason::Missing, String::new()));
+        }
+        match opts.check {
+            ImageCheck::Exists => None,
+            ImageCheck::Decode => match load_image(path, &opts.limits) {
+                Ok(_) => None,
+                Err(e) => Some((SkipReason::Unreadable, e.to_string())),
+            },
+        }
+    };
+    crate::embed_cache::par_map(candidates, check)
+}
+
+/// A train/validation split: indices into [`Catalog::samples`], each list ascending.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Split {
+    /// Training samples.
+    pub train: Vec<usize>,
+    /// Validation samples.
+    pub validation: Vec<usize>,
+}
+
+impl Split {
+    /// The original recipe's random split of `n` samples: a ChaCha8 shuffle seeded by `seed`,
+    /// the first `round(n * validation_fraction)` to validation (at least one, and at least one
+    /// left for training, when `n >= 2`). `validation_fraction` must lie in `[0, 1)`.
+    pub fn new(n: usize, validation_fraction: f64, seed: u64) -> Result<Self> {
+        if !(0.0..1.0).contains(&validation_fraction) {
+            return Err(Error::InvalidArgument(format!(
+                "the validation fraction must be in [0, 1), got {validation_fraction}"
+            )));
+        }
+        if n == 0 {
+            return Err(Error::InvalidArgument("cannot split zero samples".into()));
+        }
+        let mut order: Vec<usize> = (0..n).collect();
+        order.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
+        let mut n_val = (n as f64 * validation_fraction).round() as usize;
+        if validation_fraction > 0.0 && n >= 2 {
+            n_val = n_val.clamp(1, n - 1);
+        }
+        let n_val = n_val.min(n.saturating_sub(1));
+        let mut validation = order[..n_val].to_vec();
+        let mut train = order[n_val..].to_vec();
+        validation.sort_unstable();
+        train.sort_unstable();
+        Ok(Self { train, validation })
+    }
+
+    /// The ids of the validation samples, in index order, to record in a checkpoint.
+    pub fn validation_ids(&self, catalog: &Catalog) -> Vec<String> {
+        self.validation
+            .iter()
+            .filter_map(|&i| catalog.samples.get(i).map(|s| s.id.clone()))
+            .collect()
+    }
+
+    /// The image paths of the validation samples, in index order.
+    pub fn validation_paths(&self, catalog: &Catalog) -> Vec<PathBuf> {
+        self.validation
+            .iter()
+            .filter_map(|&i| catalog.samples.get(i).map(|s| s.image.clone()))
+            .collect()
+    }
+
+    /// Rebuilds a split from recorded validation ids: samples whose id is listed are
+    /// validation, the others training. Returns the split and the recorded ids that the
+    /// catalog no longer has (for the caller to report).
+    pub fn from_ids(catalog: &Catalog, validation_ids: &[String]) -> (Self, Vec<String>) {
+        let wanted: HashSet<&str> = validation_ids.iter().map(String::as_str).collect();
+        let mut found = HashSet::new();
+        let (mut train, mut validation) = (Vec::new(), Vec::new());
+        for (i, s) in catalog.samples.iter().enumerate() {
+            if wanted.contains(s.id.as_str()) {
+                validation.push(i);
+                found.insert(s.id.as_str());
+            } else {
+                train.push(i);
+            }
+        }
+        let absent = validation_ids
+            .iter()
+            .filter(|id| !found.contains(id.as_str()))
+            .cloned()
+            .collect();
+        (Self { train, validation }, absent)
+    }
+}
+
+#[cfg(test)]
+#[expect(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn template_parses_and_renders() {
+        let t = CaptionTemplate::parse(DEFAULT_TEMPLATE).unwrap();
+        assert_eq!(t, CaptionTemplate::default());
+        assert_eq!(t.columns(), ATTRIBUTE_COLUMNS.to_vec());
+        let row: BTreeMap<&str, &str> = [
+            ("Colour", "Blue"),
+            ("Usage", "Casual"),
+            ("ProductType", "Jeans"),
+            ("Gender", "Boys"),
+            ("Category", "Apparel"),
+            ("SubCategory", "Bottomwear"),
+        ]
+        .into_iter()
+        .collect();
+        let get = |c: &str| row.get(c).copied();
+        assert_eq!(
+            t.render(get).unwrap(),
+            "Blue Casual Jeans for Boys - Apparel Bottomwear"
+        );
+        let t = CaptionTemplate::parse("{{{Colour}}} {ProductType}!").unwrap();
+        assert_eq!(t.render(get).unwrap(), "{Blue} Jeans!");
+        assert_eq!(t.columns(), vec!["Colour", "ProductType"]);
+        let t = CaptionTemplate::parse("{Colour} {Pattern}").unwrap();
+        assert_eq!(t.render(get).unwrap_err(), "Pattern");
+    }
+
+    #[test]
+    fn bad_templates() {
+        for bad in ["{Colour", "{} x", "x } y", "no placeholder", "{a{b}}"] {
+            let e = CaptionTemplate::parse(bad).unwrap_err();
+            assert!(matches!(e, Error::Template { .. }), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn split_is_deterministic_and_disjoint() {
+        let a = Split::new(100, 0.2, 42).unwrap();
+        assert_eq!(a, Split::new(100, 0.2, 42).unwrap());
+        assert_ne!(a, Split::new(100, 0.2, 43).unwrap());
+        assert_eq!(a.validation.len(), 20);
+        assert_eq!(a.train.len(), 80);
+        let mut all: Vec<usize> = a.train.iter().chain(&a.validation).copied().collect();
+        all.sort_unstable();
+        assert_eq!(all, (0..100).collect::<Vec<_>>());
+        // Small catalogs keep one sample on each side.
+        let s = Split::new(2, 0.2, 0).unwrap();
+        assert_eq!((s.train.len(), s.validation.len()), (1, 1));
+        let s = Split::new(1, 0.2, 0).unwrap();
+        assert_eq!((s.train.len(), s.validation.len()), (1, 0));
+        let s = Split::new(10, 0.0, 0).unwrap();
+        assert_eq!(s.validation.len(), 0);
+        assert!(Split::new(10, 1.0, 0).is_err());
+        assert!(Split::new(10, -0.1, 0).is_err());
+        assert!(Split::new(0, 0.2, 0).is_err());
+    }
+
+    #[test]
+    fn data_args_pick_the_source() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            data: DataArgs,
+        }
+        let cli = Cli::try_parse_from(["t", "--data", "d"]).unwrap();
+        assert!(matches!(
+            cli.data.source().unwrap(),
+            CatalogSource::Kaggle { .. }
+        ));
+        let cli = Cli::try_parse_from([
+            "t",
+            "--data",
+            "c.csv",
+            "--image-column",
+            "path",
+            "--caption-column",
+            "text",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.data.source().unwrap(),
+            CatalogSource::Csv { .. }
+        ));
+        assert!(Cli::try_parse_from(["t", "--data", "c.csv", "--image-column", "p"]).is_err());
+        let cli =
+            Cli::try_parse_from(["t", "--data", "d", "--caption-template", "{Colour"]).unwrap();
+        assert!(cli.data.source().is_err());
+    }
+}

@@ -1,0 +1,422 @@
+//! `trainer eval`: greedy descriptions for the held-out split (recorded in the checkpoint) or
+//! the whole catalog, exact-match accuracy, and per attribute (Colour, Usage, ProductType,
+//! Gender, Category, SubCategory) accuracy and macro-F1 (as scikit-learn's
+//! `f1_score(average="macro")`: over the labels seen in targets or predictions). Attributes
+//! are read back from the generated text with the caption template, using the values seen in
+//! the catalog to split multi-word values ("Navy Blue Smart Casual ...").
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use indicatif::ProgressBar;
+use moda_models::checkpoint;
+use moda_models::preprocess::ImageProcessor;
+use serde::Serialize;
+
+use crate::data::{load_catalog, CatalogSource, LoadOptions, Split, ATTRIBUTE_COLUMNS};
+use crate::embed_cache::{EmbeddingCache, EncoderFingerprint};
+use crate::error::{Error, Result};
+use crate::fit::read_state;
+
+/// Which samples to evaluate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EvalSplit {
+    /// The validation samples recorded in the checkpoint.
+    Val,
+    /// Every sample of the catalog.
+    All,
+}
+
+/// Options of [`evaluate`].
+#[derive(Debug, Clone)]
+pub struct EvalOptions {
+    /// The checkpoint directory.
+    pub checkpoint: PathBuf,
+    /// The catalog.
+    pub source: CatalogSource,
+    /// The caption template (to read attributes back).
+    pub template: String,
+    /// Which samples.
+    pub split: EvalSplit,
+    /// Where to write the predictions CSV.
+    pub predictions: PathBuf,
+    /// The device.
+    pub device: Device,
+    /// Where image embeddings are cached.
+    pub cache_dir: PathBuf,
+    /// Generation length limit.
+    pub max_new_tokens: usize,
+    /// Batch size for generation.
+    pub batch_size: usize,
+    /// Progress bars.
+    pub progress: bool,
+}
+
+/// Accuracy and macro-F1 of one attribute.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct AttributeScore {
+    /// Fraction of samples whose value was generated exactly.
+    pub accuracy: f64,
+    /// Unweighted mean of the per-value F1 scores.
+    pub macro_f1: f64,
+}
+
+/// The result of [`evaluate`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EvalReport {
+    /// Samples evaluated.
+    pub samples: usize,
+    /// Fraction of descriptions equal to the target.
+    pub exact_match: f64,
+    /// Per attribute.
+    pub attributes: BTreeMap<String, AttributeScore>,
+    /// The predictions CSV.
+    pub predictions: PathBuf,
+}
+
+/// One piece of a caption template.
+#[derive(Debug, Clone, PartialEq)]
+enum Piece {
+    Text(String),
+    Column(String),
+}
+
+fn template_pieces(template: &str) -> Vec<Piece> {
+    let mut out = Vec::new();
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        if open > 0 {
+            out.push(Piece::Text(rest[..open].to_string()));
+        }
+        match rest[open..].find('}') {
+            Some(close) => {
+                out.push(Piece::Column(rest[open + 1..open + close].to_string()));
+                rest = &rest[open + close + 1..];
+            }
+            None => {
+                out.push(Piece::Text(rest[open..].to_string()));
+                rest = "";
+            }
+        }
+    }
+    if !rest.is_empty() {
+        out.push(Piece::Text(rest.to_string()));
+    }
+    out
+}
+
+/// Reads attribute values back from `text` with the template; `known` lists each column's
+/// values (longest tried first), and a column may also take any non-empty text up to the next
+/// literal. Backtracks; `None` when the text does not fit the template.
+pub fn parse_caption(
+    template: &str,
+    text: &str,
+    known: &BTreeMap<String, BTreeSet<String>>,
+) -> Option<BTreeMap<String, String>> {
+    fn go(
+        pieces: &[Piece],
+        text: &str,
+        known: &BTreeMap<String, BTreeSet<String>>,
+        out: &mut BTreeMap<String, String>,
+    ) -> bool {
+        let Some((first, rest)) = pieces.split_first() else {
+            return text.is_empty();
+        };
+        match first {
+            Piece::Text(t) => text
+                .strip_prefix(t.as_str())
+                .is_some_and(|r| go(rest, r, known, out)),
+            Piece::Column(c) => {
+                let mut candidates: Vec<usize> = Vec::new();
+                if let Some(vals) = known.get(c) {
+                    let mut v: Vec<&String> = vals
+                        .iter()
+                        .filter(|v| text.starts_with(v.as_str()))
+                        .collect();
+                    v.sort_by_key(|s| std::cmp::Reverse(s.len()));
+                    candidates.extend(v.iter().map(|s| s.len()));
+                }
+                // Any other split point, shortest first.
+                for (i, _) in text.char_indices().skip(1) {
+                    if !candidates.contains(&i) {
+                        candidates.push(i);
+                    }
+                }
+                if !text.is_empty() && !candidates.contains(&text.len()) {
+                    candidates.push(text.len());
+                }
+                for end in candidates {
+                    out.insert(c.clone(), text[..end].to_string());
+                    if go(rest, &text[end..], known, out) {
+                        return true;
+                    }
+                }
+                out.remove(c);
+                false
+            }
+        }
+    }
+    let pieces = template_pieces(template);
+    let mut out = BTreeMap::new();
+    go(&pieces, text.trim(), known, &mut out).then_some(out)
+}
+
+/// Macro-F1 over the labels seen in `truth` or `pred` (`None`: nothing parsed).
+pub fn macro_f1(truth: &[String], pred: &[Option<String>]) -> f64 {
+    let mut labels: BTreeSet<&str> = truth.iter().map(String::as_str).collect();
+    labels.extend(pred.iter().flatten().map(String::as_str));
+    if labels.is_empty() {
+        return 0.0;
+    }
+    let mut sum = 0.0;
+    for l in &labels {
+        let (mut tp, mut fp, mut fneg) = (0f64, 0f64, 0f64);
+        for (t, p) in truth.iter().zip(pred) {
+            let p = p.as_deref();
+            match (t == l, p == Some(l)) {
+                (true, true) => tp += 1.0,
+                (false, true) => fp += 1.0,
+                (true, false) => fneg += 1.0,
+                _ => {}
+            }
+        }
+        let denom = 2.0 * tp + fp + fneg;
+        sum += if denom > 0.0 { 2.0 * tp / denom } else { 0.0 };
+    }
+    sum / labels.len() as f64
+}
+
+/// Evaluates a checkpoint on a catalog; see the module docs.
+pub fn evaluate(opts: &EvalOptions) -> Result<EvalReport> {
+    let device = &opts.device;
+    let loaded = checkpoint::load(&opts.checkpoint, device)?;
+    let catalog = load_catalog(&opts.source, &LoadOptions::default())?;
+    let indices: Vec<usize> = match opts.split {
+        EvalSplit::All => (0..catalog.len()).collect(),
+        EvalSplit::Val => {
+            let state = read_state(&opts.checkpoint)?;
+            let (split, absent) = Split::from_ids(&catalog, &state.validation_ids);
+            if !absent.is_empty() {
+                return Err(Error::InvalidArgument(format!(
+                    "{} validation sample(s) recorded in the checkpoint are not in the catalog \
+                     (first: {}); use --split all for another catalog",
+                    absent.len(),
+                    absent[0]
+                )));
+            }
+            split.validation
+        }
+    };
+    if indices.is_empty() {
+        return Err(Error::InvalidArgument("no samples to evaluate".into()));
+    }
+    let samples: Vec<_> = indices
+        .iter()
+        .map(|&i| catalog.samples[i].clone())
+        .collect();
+    // Image embeddings through the cache.
+    let enc_dir = checkpoint::encoder_dir(&loaded.dir, &loaded.config)?;
+    let fingerprint = EncoderFingerprint::from_dir(&enc_dir)?;
+    let cache = EmbeddingCache::open(opts.cache_dir.clone(), fingerprint)?;
+    let processor = ImageProcessor::new(loaded.config.preprocessor.clone())?;
+    let embeds = cache.get_or_compute(
+        &samples,
+        loaded.model.encoder(),
+        &processor,
+        device,
+        64,
+        &ProgressBar::hidden(),
+    )?;
+    let embeds = embeds.to_dtype(DType::F32)?;
+    // Greedy descriptions.
+    let pb = if opts.progress {
+        ProgressBar::new(samples.len() as u64)
+    } else {
+        ProgressBar::hidden()
+    };
+    let mut texts = Vec::with_capacity(samples.len());
+    for start in (0..samples.len()).step_by(opts.batch_size.max(1)) {
+        let n = opts.batch_size.max(1).min(samples.len() - start);
+        let e = embeds.narrow(0, start, n)?;
+        let prefix = loaded.model.project(&e)?;
+        let out = loaded.model.generate_greedy(&prefix, opts.max_new_tokens)?;
+        for ids in out {
+            texts.push(loaded.tokenizer.decode(&ids, true)?.trim().to_string());
+        }
+        pb.inc(n as u64);
+    }
+    pb.finish_and_clear();
+    // Scores.
+    let mut known: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for s in &catalog.samples {
+        for (k, v) in &s.attributes {
+            known
+                .entry(k.clone())
+                .or_default()
+                .insert(v.trim().to_string());
+        }
+    }
+    let parsed: Vec<Option<BTreeMap<String, String>>> = texts
+        .iter()
+        .map(|t| parse_caption(&opts.template, t, &known))
+        .collect();
+    let exact = samples
+        .iter()
+        .zip(&texts)
+        .filter(|(s, t)| s.caption.trim() == t.as_str())
+        .count();
+    let columns: Vec<String> = template_pieces(&opts.template)
+        .into_iter()
+        .filter_map(|p| match p {
+            Piece::Column(c) => Some(c),
+            Piece::Text(_) => None,
+        })
+        .filter(|c| ATTRIBUTE_COLUMNS.contains(&c.as_str()) || !c.is_empty())
+        .collect();
+    let mut attributes = BTreeMap::new();
+    for c in &columns {
+        let truth: Vec<String> = samples
+            .iter()
+            .map(|s| {
+                s.attributes
+                    .get(c)
+                    .map_or(String::new(), |v| v.trim().to_string())
+            })
+            .collect();
+        let pred: Vec<Option<String>> = parsed
+            .iter()
+            .map(|p| p.as_ref().and_then(|m| m.get(c).cloned()))
+            .collect();
+        let correct = truth
+            .iter()
+            .zip(&pred)
+            .filter(|(t, p)| p.as_deref() == Some(t.as_str()))
+            .count();
+        attributes.insert(
+            c.clone(),
+            AttributeScore {
+                accuracy: correct as f64 / samples.len() as f64,
+                macro_f1: macro_f1(&truth, &pred),
+            },
+        );
+    }
+    write_predictions(&opts.predictions, &samples, &texts, &parsed, &columns)?;
+    Ok(EvalReport {
+        samples: samples.len(),
+        exact_match: exact as f64 / samples.len() as f64,
+        attributes,
+        predictions: opts.predictions.clone(),
+    })
+}
+
+fn write_predictions(
+    path: &Path,
+    samples: &[crate::data::Sample],
+    texts: &[String],
+    parsed: &[Option<BTreeMap<String, String>>],
+    columns: &[String],
+) -> Result<()> {
+    let csv_err = |e: csv::Error| Error::Csv {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    };
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    }
+    let mut w = csv::Writer::from_path(path).map_err(csv_err)?;
+    let mut header = vec![
+        "id".to_string(),
+        "image".into(),
+        "target".into(),
+        "prediction".into(),
+        "exact".into(),
+    ];
+    header.extend(columns.iter().map(|c| format!("pred_{c}")));
+    w.write_record(&header).map_err(csv_err)?;
+    for ((s, t), p) in samples.iter().zip(texts).zip(parsed) {
+        let mut row = vec![
+            s.id.clone(),
+            s.image.display().to_string(),
+            s.caption.clone(),
+            t.clone(),
+            (s.caption.trim() == t.as_str()).to_string(),
+        ];
+        row.extend(columns.iter().map(|c| {
+            p.as_ref()
+                .and_then(|m| m.get(c).cloned())
+                .unwrap_or_default()
+        }));
+        w.write_record(&row).map_err(csv_err)?;
+    }
+    w.flush().map_err(|e| Error::io(path, e))
+}
+
+/// The report as a table.
+pub fn format_table(r: &EvalReport) -> String {
+    let mut s = format!(
+        "{} samples, exact match {:.2}%\n\n{:<14} {:>9} {:>9}\n",
+        r.samples,
+        100.0 * r.exact_match,
+        "attribute",
+        "accuracy",
+        "macro-F1"
+    );
+    for (k, v) in &r.attributes {
+        s.push_str(&format!(
+            "{:<14} {:>8.2}% {:>9.4}\n",
+            k,
+            100.0 * v.accuracy,
+            v.macro_f1
+        ));
+    }
+    s.push_str(&format!("\npredictions: {}\n", r.predictions.display()));
+    s
+}
+
+/// The report as the issue's JSON: `{"exact_match": .., "attributes": {..}}` (plus `samples`
+/// and `predictions`).
+pub fn to_json(r: &EvalReport) -> serde_json::Value {
+    serde_json::json!({
+        "exact_match": r.exact_match,
+        "samples": r.samples,
+        "attributes": r.attributes,
+        "predictions": r.predictions,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_multi_word_values() {
+        let t = crate::data::DEFAULT_TEMPLATE;
+        let mut known: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        known
+            .entry("Colour".into())
+            .or_default()
+            .extend(["Navy Blue".to_string(), "Blue".into()]);
+        known
+            .entry("Usage".into())
+            .or_default()
+            .extend(["Smart Casual".to_string(), "Casual".into()]);
+        let p = parse_caption(
+            t,
+            "Navy Blue Smart Casual Tshirts for Women - Apparel Topwear",
+            &known,
+        )
+        .expect("parses");
+        assert_eq!(p["Colour"], "Navy Blue");
+        assert_eq!(p["Usage"], "Smart Casual");
+        assert_eq!(p["ProductType"], "Tshirts");
+        assert_eq!(p["Gender"], "Women");
+        assert_eq!(p["SubCategory"], "Topwear");
+        assert!(parse_caption(t, "garbage", &known).is_none());
+        let f1 = macro_f1(
+            &["a".into(), "b".into()],
+            &[Some("a".into()), Some("a".into())],
+        );
+        assert!((f1 - (2.0 / 3.0) / 2.0).abs() < 1e-9);
+    }
+}

@@ -1,0 +1,22 @@
+//! `trainer`: fits MODA's projector and OPT decoder in candle (issue 3).
+//!
+//! The data side lives here as library modules that the `trainer` binary calls:
+//! [`synth`] writes a synthetic catalog in the Kaggle "fashion-images" layout, [`data`] loads a
+//! catalog (that layout, or a CSV of image paths and captions) and splits it, [`embed_cache`]
+//! stores the frozen encoder's image embeddings on disk, and [`error`] is the error type.
+
+pub mod data;
+pub mod embed_cache;
+pub mod error;
+pub mod synth;
+
+// --- training side (fit loop, checkpoints, plots, evaluation): declared below by its owner ---
+pub mod eval;
+pub mod fit;
+pub mod loss;
+pub mod optim;
+pub mod params;
+pub mod plot;
+pub mod preset;
+
+pub use error::{Error, Result};

@@ -1,0 +1,330 @@
+//! The optimiser side of the original recipe, written out so that its state can be saved and
+//! resumed exactly: AdamW as `torch.optim.AdamW` (Loshchilov and Hutter, "Decoupled Weight
+//! Decay Regularization", 2019; PyTorch's single-tensor update, step for step), gradient
+//! clipping as `torch.nn.utils.clip_grad_norm_`, and the StepLR schedule.
+//!
+//! candle_nn's `AdamW` computes the same update but keeps its moments private, so a resumed run
+//! could not continue with them.
+
+use std::collections::BTreeMap;
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Tensor, Var};
+
+use crate::error::{Error, Result};
+
+/// `StepLR(step_size, gamma)` stepped once per epoch: the learning rate of `epoch` (0-based).
+pub fn step_lr(base_lr: f64, epoch: usize, step_size: usize, gamma: f64) -> f64 {
+    base_lr * gamma.powi((epoch / step_size.max(1)) as i32)
+}
+
+/// AdamW's hyper-parameters; the defaults are PyTorch's.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct AdamWParams {
+    /// Learning rate (set by the schedule before each step).
+    pub lr: f64,
+    /// First-moment decay.
+    pub beta1: f64,
+    /// Second-moment decay.
+    pub beta2: f64,
+    /// Added to the denominator.
+    pub eps: f64,
+    /// Decoupled weight decay.
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWParams {
+    fn default() -> Self {
+        Self {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        }
+    }
+}
+
+/// AdamW over named parameters, with gradient accumulation.
+pub struct AdamW {
+    /// Hyper-parameters.
+    pub params: AdamWParams,
+    vars: Vec<(String, Var)>,
+    exp_avg: Vec<Tensor>,
+    exp_avg_sq: Vec<Tensor>,
+    grads: Vec<Option<Tensor>>,
+    step: u64,
+}
+
+impl AdamW {
+    /// An optimiser over `vars` (name, variable), moments at zero.
+    pub fn new(vars: Vec<(String, Var)>, params: AdamWParams) -> Result<Self> {
+        // Separate storages: the CPU step updates the moments in place.
+        let zeros = || {
+            vars.iter()
+                .map(|(_, v)| v.as_tensor().zeros_like())
+                .collect::<candle_core::Result<Vec<_>>>()
+        };
+        let exp_avg = zeros()?;
+        let exp_avg_sq = zeros()?;
+        let grads = vec![None; vars.len()];
+        Ok(Self {
+            params,
+            vars,
+            exp_avg,
+            exp_avg_sq,
+            grads,
+            step: 0,
+        })
+    }
+
+    /// The parameters, by name.
+    pub fn vars(&self) -> &[(String, Var)] {
+        &self.vars
+    }
+
+    /// Optimiser steps taken.
+    pub fn step_count(&self) -> u64 {
+        self.step
+    }
+
+    /// Adds this backward pass's gradients to the accumulated ones (`loss.backward()`
+    /// without `zero_grad()`).
+    pub fn accumulate(&mut self, store: &GradStore) -> Result<()> {
+        for (i, (_, var)) in self.vars.iter().enumerate() {
+            if let Some(g) = store.get(var.as_tensor()) {
+                self.grads[i] = Some(match self.grads[i].take() {
+                    Some(acc) => (acc + g)?,
+                    None => g.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether gradients are waiting for a step.
+    pub fn has_grads(&self) -> bool {
+        self.grads.iter().any(Option::is_some)
+    }
+
+    /// Drops the accumulated gradients (`zero_grad()`).
+    pub fn zero_grad(&mut self) {
+        self.grads.iter_mut().for_each(|g| *g = None);
+    }
+
+    /// `clip_grad_norm_(params, max_norm)`: scales the accumulated gradients so that their
+    /// global L2 norm is at most `max_norm`; returns the norm before clipping.
+    pub fn clip_grad_norm(&mut self, max_norm: f64) -> Result<f64> {
+        let mut total = 0f64;
+        for g in self.grads.iter().flatten() {
+            total += g
+                .sqr()?
+                .sum_all()?
+                .to_dtype(candle_core::DType::F64)?
+                .to_scalar::<f64>()?;
+        }
+        let norm = total.sqrt();
+        // PyTorch: clip_coef = max_norm / (norm + 1e-6), clamped to 1.
+        let coef = (max_norm / (norm + 1e-6)).min(1.0);
+        if coef < 1.0 {
+            for g in self.grads.iter_mut().flatten() {
+                *g = (&*g * coef)?;
+            }
+        }
+        Ok(norm)
+    }
+
+    /// One AdamW step with the accumulated gradients, then `zero_grad()`. Parameters without
+    /// a gradient are left alone, as PyTorch does.
+    pub fn step(&mut self) -> Result<()> {
+        self.step += 1;
+        let p = self.params;
+        let t = self.step as i32;
+        let bias_correction1 = 1.0 - p.beta1.powi(t);
+        let bias_correction2 = 1.0 - p.beta2.powi(t);
+        let step_size = p.lr / bias_correction1;
+        let bc2_sqrt = bias_correction2.sqrt();
+        for i in 0..self.vars.len() {
+            let Some(grad) = self.grads[i].take() else {
+                continue;
+            };
+            let var = &self.vars[i].1;
+            let theta = var.as_tensor();
+            let fused = theta.device().is_cpu()
+                && [theta, &grad, &self.exp_avg[i], &self.exp_avg_sq[i]]
+                    .iter()
+                    .all(|t| t.dtype() == DType::F32 && t.is_contiguous());
+            if fused {
+                // The same update, in place, in three passes without temporaries.
+                self.exp_avg[i].inplace_op2(&grad, &fused::Lerp(1.0 - p.beta1))?;
+                self.exp_avg_sq[i].inplace_op2(&grad, &fused::SqAvg(p.beta2))?;
+                theta.inplace_op3(
+                    &self.exp_avg[i],
+                    &self.exp_avg_sq[i],
+                    &fused::Update {
+                        decay: 1.0 - p.lr * p.weight_decay,
+                        step_size,
+                        bc2_sqrt,
+                        eps: p.eps,
+                    },
+                )?;
+                continue;
+            }
+            // param.mul_(1 - lr * weight_decay)
+            let theta = (var.as_tensor() * (1.0 - p.lr * p.weight_decay))?;
+            // exp_avg.lerp_(grad, 1 - beta1); exp_avg_sq.mul_(beta2).addcmul_(grad, grad, 1 - beta2)
+            let m = (&self.exp_avg[i] + ((&grad - &self.exp_avg[i])? * (1.0 - p.beta1))?)?;
+            let v = ((&self.exp_avg_sq[i] * p.beta2)? + (grad.sqr()? * (1.0 - p.beta2))?)?;
+            // denom = exp_avg_sq.sqrt() / sqrt(bias_correction2) + eps
+            let denom = ((v.sqrt()? / bc2_sqrt)? + p.eps)?;
+            // param.addcdiv_(exp_avg, denom, value=-step_size)
+            let theta = (theta - ((&m / &denom)? * step_size)?)?;
+            var.set(&theta)?;
+            self.exp_avg[i] = m;
+            self.exp_avg_sq[i] = v;
+        }
+        Ok(())
+    }
+
+    /// The moments as named tensors (`exp_avg.<name>`, `exp_avg_sq.<name>`), for a checkpoint.
+    pub fn state_tensors(&self) -> BTreeMap<String, Tensor> {
+        let mut out = BTreeMap::new();
+        for (i, (name, _)) in self.vars.iter().enumerate() {
+            out.insert(format!("exp_avg.{name}"), self.exp_avg[i].clone());
+            out.insert(format!("exp_avg_sq.{name}"), self.exp_avg_sq[i].clone());
+        }
+        out
+    }
+
+    /// Restores the moments and the step count saved by [`AdamW::state_tensors`].
+    pub fn load_state(&mut self, tensors: &BTreeMap<String, Tensor>, step: u64) -> Result<()> {
+        for (i, (name, var)) in self.vars.iter().enumerate() {
+            for (slot, key) in [
+                (&mut self.exp_avg[i], format!("exp_avg.{name}")),
+                (&mut self.exp_avg_sq[i], format!("exp_avg_sq.{name}")),
+            ] {
+                let t = tensors.get(&key).ok_or_else(|| {
+                    Error::Resume(format!("optimizer state has no tensor `{key}`"))
+                })?;
+                if t.dims() != var.as_tensor().dims() {
+                    return Err(Error::Resume(format!(
+                        "optimizer tensor `{key}` has shape {:?}, the parameter {:?}",
+                        t.dims(),
+                        var.as_tensor().dims()
+                    )));
+                }
+                *slot = t
+                    .to_dtype(var.as_tensor().dtype())?
+                    .to_device(var.as_tensor().device())?;
+            }
+        }
+        self.step = step;
+        Ok(())
+    }
+}
+
+/// AdamW's three element-wise passes as in-place CPU ops (f32, contiguous), with PyTorch's
+/// order of operations; the tensor path in [`AdamW::step`] is the reference and the fallback
+/// for other devices.
+mod fused {
+    use candle_core::{CpuStorage, Layout, Result};
+
+    fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+        let (a, b) = l
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("AdamW: non-contiguous tensor".into()))?;
+        Ok(&s.as_slice::<f32>()?[a..b])
+    }
+
+    fn slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> Result<&'a mut [f32]> {
+        let (a, b) = l
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("AdamW: non-contiguous tensor".into()))?;
+        match s {
+            CpuStorage::F32(v) => Ok(&mut v[a..b]),
+            _ => Err(candle_core::Error::Msg("AdamW: expected f32".into())),
+        }
+    }
+
+    /// `m += (g - m) * w` (`exp_avg.lerp_(grad, w)`).
+    pub(super) struct Lerp(pub(super) f64);
+
+    impl candle_core::InplaceOp2 for Lerp {
+        fn name(&self) -> &'static str {
+            "adamw-lerp"
+        }
+        fn cpu_fwd(
+            &self,
+            s1: &mut CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+        ) -> Result<()> {
+            let w = self.0 as f32;
+            let g = slice(s2, l2)?;
+            for (m, g) in slice_mut(s1, l1)?.iter_mut().zip(g) {
+                *m += (g - *m) * w;
+            }
+            Ok(())
+        }
+    }
+
+    /// `v = v * beta2 + g * g * (1 - beta2)`.
+    pub(super) struct SqAvg(pub(super) f64);
+
+    impl candle_core::InplaceOp2 for SqAvg {
+        fn name(&self) -> &'static str {
+            "adamw-sq-avg"
+        }
+        fn cpu_fwd(
+            &self,
+            s1: &mut CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+        ) -> Result<()> {
+            let (b2, c) = (self.0 as f32, (1.0 - self.0) as f32);
+            let g = slice(s2, l2)?;
+            for (v, g) in slice_mut(s1, l1)?.iter_mut().zip(g) {
+                *v = *v * b2 + g * g * c;
+            }
+            Ok(())
+        }
+    }
+
+    /// `theta = theta * decay - step_size * m / (sqrt(v) / bc2_sqrt + eps)`.
+    pub(super) struct Update {
+        pub(super) decay: f64,
+        pub(super) step_size: f64,
+        pub(super) bc2_sqrt: f64,
+        pub(super) eps: f64,
+    }
+
+    impl candle_core::InplaceOp3 for Update {
+        fn name(&self) -> &'static str {
+            "adamw-update"
+        }
+        fn cpu_fwd(
+            &self,
+            s1: &mut CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+            s3: &CpuStorage,
+            l3: &Layout,
+        ) -> Result<()> {
+            let (decay, step, bc2, eps) = (
+                self.decay as f32,
+                self.step_size as f32,
+                self.bc2_sqrt as f32,
+                self.eps as f32,
+            );
+            let m = slice(s2, l2)?;
+            let v = slice(s3, l3)?;
+            for ((t, m), v) in slice_mut(s1, l1)?.iter_mut().zip(m).zip(v) {
+                *t = *t * decay - step * (m / (v.sqrt() / bc2 + eps));
+            }
+            Ok(())
+        }
+    }
+}
