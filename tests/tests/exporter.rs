@@ -462,6 +462,54 @@ fn truncated_or_missing_checkpoint_leaves_no_bundle() {
     assert_eq!(entries.len(), 1, "only the truncated checkpoint is there");
 }
 
+#[test]
+fn pth_with_unknown_keys_lists_them_and_leaves_no_bundle() {
+    let dir = TempDir::new("export-keys");
+    let out = dir.path().join("bundle");
+    let mut opts = recipe_options(&out);
+    opts.checkpoint = fixture("moda/fashion_opt_extra_keys.pth");
+    let err = export_onnx(&opts).expect_err("must fail");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("extra.weight") && msg.contains("extra.bias"),
+        "{msg}"
+    );
+    assert!(msg.contains("fashion_opt_extra_keys.pth"), "{msg}");
+    assert_eq!(std::fs::read_dir(dir.path()).expect("dir").count(), 0);
+}
+
+#[test]
+fn checkpoint_not_matching_the_decoder_config_names_the_tensor() {
+    // The recipe's weights against a decoder config with a wider feed-forward block.
+    let dir = TempDir::new("export-shape");
+    let decoder = dir.path().join("decoder");
+    std::fs::create_dir_all(&decoder).expect("mkdir");
+    for entry in std::fs::read_dir(fixture("opt_preln")).expect("read dir") {
+        let entry = entry.expect("entry");
+        if entry.path().is_file() {
+            std::fs::copy(entry.path(), decoder.join(entry.file_name())).expect("copy");
+        }
+    }
+    let cfg_path = decoder.join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).expect("read")).expect("json");
+    let ffn = cfg["ffn_dim"].as_u64().expect("ffn_dim");
+    cfg["ffn_dim"] = (2 * ffn).into();
+    std::fs::write(&cfg_path, cfg.to_string()).expect("write");
+    let out = dir.path().join("bundle");
+    let mut opts = recipe_options(&out);
+    opts.decoder = decoder.display().to_string();
+    let err = export_onnx(&opts).expect_err("must fail");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("opt.model.decoder.layers.0.fc1.weight")
+            && msg.contains(&(2 * ffn).to_string())
+            && msg.contains(&ffn.to_string()),
+        "{msg}"
+    );
+    assert!(!out.exists());
+}
+
 /// A trainer checkpoint directory (`moda_models::checkpoint`) holding the recipe's weights
 /// exports to a bundle that gives the same logits as the recipe's `.pth` (the transformers
 /// reference).
