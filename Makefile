@@ -6,7 +6,7 @@ setup:
 
 # Every test of the workspace. CI (.ci/run) runs exactly this.
 test: setup
-	cargo test --workspace --all-targets
+	bash scripts/test.sh
 
 fmt:
 	cargo fmt --all
