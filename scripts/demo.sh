@@ -13,7 +13,7 @@ step() { printf '\n== %s\n' "$*"; }
 
 step "build (release)"
 cargo build --release -p trainer -p exporter
-bin="$root/target/release"
+bin="${CARGO_TARGET_DIR:-$root/target}/release"
 
 if [ ! -f "$out/catalog/fashion.csv" ]; then
   step "synthetic catalog: 1500 products -> demo/catalog"
