@@ -31,7 +31,7 @@ if [ ! -f "$ort_lib" ]; then
   command -v python3 >/dev/null 2>&1 || { echo "setup: python3 (with pip) is needed to fetch onnxruntime" >&2; exit 1; }
   echo "setup: installing onnxruntime $ORT_VERSION into .ort/$ORT_VERSION"
   rm -rf "$root/.ort/$ORT_VERSION.partial"
-  python3 -m pip install --quiet --disable-pip-version-check --no-deps \
+  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --no-deps \
     --target "$root/.ort/$ORT_VERSION.partial" "onnxruntime==$ORT_VERSION"
   rm -rf "$root/.ort/$ORT_VERSION"
   mv "$root/.ort/$ORT_VERSION.partial" "$root/.ort/$ORT_VERSION"
@@ -40,7 +40,7 @@ fi
 if [ ! -f "$root/.ort/py/onnx-$ONNX_VERSION.stamp" ]; then
   echo "setup: installing onnx $ONNX_VERSION into .ort/py"
   rm -rf "$root/.ort/py"
-  python3 -m pip install --quiet --disable-pip-version-check \
+  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
     --target "$root/.ort/py" "onnx==$ONNX_VERSION"
   touch "$root/.ort/py/onnx-$ONNX_VERSION.stamp"
 fi
