@@ -74,9 +74,13 @@ struct FitArgs {
     /// Stop after this many optimizer steps in total.
     #[arg(long)]
     max_steps: Option<u64>,
-    /// Train the image encoder too (frozen by default; embeddings are then not cached).
-    #[arg(long)]
+    /// Train the image encoder too (frozen by default, trained by `--preset tiny`; embeddings
+    /// are then not cached).
+    #[arg(long, conflicts_with = "freeze_encoder")]
     train_encoder: bool,
+    /// Keep the image encoder frozen (embeddings cached), also with `--preset tiny`.
+    #[arg(long)]
+    freeze_encoder: bool,
     /// Decoder dropout (default: the decoder config's, 0.1 for OPT-125m).
     #[arg(long)]
     dropout: Option<f64>,
@@ -154,7 +158,12 @@ fn fit(a: FitArgs) -> anyhow::Result<()> {
     set!(max_grad_norm, val_fraction, seed);
     cfg.max_steps = a.max_steps;
     cfg.dropout = a.dropout.or(cfg.dropout);
-    cfg.train_encoder = a.train_encoder;
+    if a.train_encoder {
+        cfg.train_encoder = true;
+    }
+    if a.freeze_encoder {
+        cfg.train_encoder = false;
+    }
     cfg.encoder = a.encoder;
     cfg.decoder = a.decoder;
     let out = match (&a.out, &a.resume) {

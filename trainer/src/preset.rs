@@ -13,11 +13,14 @@ use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::AddedToken;
 
 use crate::error::{Error, Result};
+use crate::params::NewInit;
 
 /// Image side of the tiny encoder (the synthetic photos are 240-400 px squares).
 pub const TINY_IMAGE: usize = 64;
 
-/// The tiny CLIP vision tower: ViT with 8 px patches on 64 px images.
+/// The tiny CLIP vision tower: ViT with 16 px patches on 64 px images (16 patches and the
+/// class token). With 8 px patches (64 tokens) training the encoder cost ~38 s per epoch of
+/// 1,200 images on 2 shared cores, with 16 px ~7 s: the tiny preset trains its encoder.
 pub fn tiny_encoder_config() -> ClipVisionConfig {
     ClipVisionConfig {
         hidden_size: 96,
@@ -26,7 +29,7 @@ pub fn tiny_encoder_config() -> ClipVisionConfig {
         num_attention_heads: 4,
         num_channels: 3,
         image_size: TINY_IMAGE,
-        patch_size: 8,
+        patch_size: 16,
         hidden_act: "quick_gelu".into(),
         layer_norm_eps: 1e-5,
         projection_dim: 96,
@@ -64,6 +67,56 @@ pub fn tiny_decoder_config(vocab_size: usize) -> OptConfig {
 /// The standard deviation of the tiny backbones' normal initialisation (transformers'
 /// `init_std` / `initializer_range`).
 pub const TINY_INIT_STD: f64 = 0.02;
+
+/// How the tiny encoder's new tensors are drawn: transformers' `CLIPPreTrainedModel._init_weights`
+/// (factor 1), not one `TINY_INIT_STD` for everything. With `d` the hidden size and `L` the
+/// layers: class embedding `d^-0.5`, patch and position embeddings `initializer_range`,
+/// q/k/v and fc2 `d^-0.5 (2L)^-0.5`, out_proj `d^-0.5`, fc1 `(2d)^-0.5`, visual projection
+/// `d^-0.5`.
+///
+/// Why: with 0.02 everywhere, `out_proj(v_proj(x))` scales a patch's contribution to the class
+/// token by about `0.02^2 d`, so the pooled embedding is almost a constant (class and position
+/// embeddings after LayerNorm) plus the images' mean colour: on a 1,500-image synthetic catalog
+/// the mean embedding's norm was 1.81 against 0.31 rms between images, three directions held
+/// 94% of the between-image variance, and linear probes on it reached only 35% (ProductType),
+/// 62% (Usage), 75% (Gender) validation accuracy. With CLIP's scales (and 16 px patches) the
+/// frozen embedding's probes reach 79% (ProductType), 68% (Usage), 91% (Gender). For a trained
+/// encoder the init was not measured alone: at lr 3e-3 (patch 16) validation loss was 0.52
+/// after 17 epochs with 0.02 everywhere and 0.47 after 14 with CLIP's init; the preset's lr
+/// 1e-3 with CLIP's init reaches 0.30 after 14 and 0.118 after 27.
+pub fn tiny_encoder_init(cfg: &ClipVisionConfig) -> Vec<(String, NewInit)> {
+    let d = cfg.hidden_size as f64;
+    let layers = cfg.num_hidden_layers as f64;
+    let in_proj = d.powf(-0.5) * (2.0 * layers).powf(-0.5);
+    let out_proj = d.powf(-0.5);
+    let fc1 = (2.0 * d).powf(-0.5);
+    let mut rules = vec![
+        (
+            "vision_model.embeddings.class_embedding".to_string(),
+            NewInit::Normal(d.powf(-0.5)),
+        ),
+        (
+            "visual_projection".to_string(),
+            NewInit::Normal(d.powf(-0.5)),
+        ),
+    ];
+    for l in 0..cfg.num_hidden_layers {
+        let p = format!("vision_model.encoder.layers.{l}.");
+        for (name, std) in [
+            ("self_attn.q_proj", in_proj),
+            ("self_attn.k_proj", in_proj),
+            ("self_attn.v_proj", in_proj),
+            ("self_attn.out_proj", out_proj),
+            ("mlp.fc1", fc1),
+            ("mlp.fc2", in_proj),
+        ] {
+            rules.push((format!("{p}{name}"), NewInit::Normal(std)));
+        }
+    }
+    // Patch and position embeddings, LayerNorms (1 and 0 whatever the std).
+    rules.push((String::new(), NewInit::Normal(TINY_INIT_STD)));
+    rules
+}
 
 /// Trains a byte-level BPE on `captions` (GPT-2's pre-tokenizer and decoder, OPT's special
 /// tokens `<s>`=0, `<pad>`=1, `</s>`=2, `<unk>`=3) with at most `vocab_size` tokens, and
