@@ -105,6 +105,7 @@ pub enum Error {
     #[error("invalid input: {0}")]
     Input(String),
     /// An error inside candle.
+    #[cfg(feature = "candle")]
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

@@ -7,24 +7,38 @@
 //! [`hub`] finds model directories locally or on the Hugging Face hub. [`checkpoint`] is MODA's
 //! own checkpoint directory, written by the trainer and read by the exporter.
 
+#[cfg(feature = "candle")]
 pub mod checkpoint;
+#[cfg(feature = "candle")]
 pub mod clip_vision;
 pub mod error;
+#[cfg(feature = "hub")]
 pub mod hub;
+#[cfg(feature = "candle")]
 pub mod moda;
+#[cfg(feature = "candle")]
 mod nn;
+#[cfg(feature = "candle")]
 pub mod opt;
 pub mod preprocess;
+#[cfg(feature = "candle")]
 pub mod projector;
 pub mod tokenizer;
+#[cfg(feature = "candle")]
 pub mod weights;
 
+#[cfg(feature = "candle")]
 pub use clip_vision::{ClipVision, ClipVisionConfig};
 pub use error::{Error, Result};
+#[cfg(feature = "candle")]
 pub use moda::{Moda, ModaBatch};
+#[cfg(feature = "candle")]
 pub use nn::Activation;
+#[cfg(feature = "candle")]
 pub use opt::{Cache, DecoderInput, Opt, OptConfig};
+#[cfg(feature = "candle")]
 pub use projector::{Projector, ProjectorConfig};
+#[cfg(feature = "candle")]
 pub use weights::Weights;
 
 #[cfg(test)]

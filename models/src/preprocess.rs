@@ -56,6 +56,7 @@
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
 
+#[cfg(feature = "candle")]
 use candle_core::{Device, Tensor};
 use image::{DynamicImage, GenericImageView, ImageReader, RgbImage};
 use serde::{Deserialize, Serialize};
@@ -1021,6 +1022,7 @@ impl ImageProcessor {
     }
 
     /// `pixel_values` of a batch: an `f32` tensor `[B, 3, H, W]` on `device`.
+    #[cfg(feature = "candle")]
     pub fn preprocess_batch(&self, imgs: &[DynamicImage], device: &Device) -> Result<Tensor> {
         if imgs.is_empty() {
             return Err(Error::Input("empty image batch".into()));
@@ -1515,10 +1517,13 @@ mod tests {
                         0.0, 0.0, 0.0, 0.0];
         assert_eq!(r, expected);
 
-        let t = ImageProcessor::new(ImageProcessorConfig::default())
-            .unwrap()
-            .preprocess_batch(&[img.clone(), img], &Device::Cpu)
-            .unwrap();
-        assert_eq!(t.dims(), &[2, 3, 224, 224]);
+        #[cfg(feature = "candle")]
+        {
+            let t = ImageProcessor::new(ImageProcessorConfig::default())
+                .unwrap()
+                .preprocess_batch(&[img.clone(), img], &Device::Cpu)
+                .unwrap();
+            assert_eq!(t.dims(), &[2, 3, 224, 224]);
+        }
     }
 }

@@ -84,3 +84,23 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// Exports the original recipe's fixture (clip_gelu encoder, `moda/fashion_opt.pth` projector
+/// and OPT, opt_preln's tokenizer) as a verified fp32 bundle at `out`, replacing what is there,
+/// and returns `out`. Tests call it once per test binary (behind a `OnceLock`) with a path
+/// under `CARGO_TARGET_TMPDIR`.
+pub fn export_recipe_bundle(out: &Path, quantize: exporter::Quantize) -> PathBuf {
+    let opts = exporter::ExportOptions {
+        checkpoint: fixture("moda/fashion_opt.pth"),
+        out: out.to_path_buf(),
+        encoder: fixture("clip_gelu").display().to_string(),
+        decoder: fixture("opt_preln").display().to_string(),
+        quantize,
+        force: true,
+        verify: true,
+    };
+    if let Err(e) = exporter::export_onnx(&opts) {
+        panic!("export the recipe fixture to {}: {e}", out.display());
+    }
+    out.to_path_buf()
+}

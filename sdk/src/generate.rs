@@ -1,0 +1,701 @@
+//! Text generation over a decoder that takes one token per row: greedy search, sampling and
+//! beam search, with the logits processors users know from `transformers`' `generate`.
+//!
+//! The search is written against [`StepModel`], so it knows nothing of ONNX Runtime; the
+//! processors run in `transformers`' order: repetition penalty, no-repeat n-gram, minimum
+//! length (which masks `</s>`), then, when sampling, temperature, top-k and top-p.
+//!
+//! "The sequence" of a row, for the repetition penalty and n-gram ban, is the tokens generated
+//! so far (the image prefix and the BOS are not text the model wrote). The log-probability
+//! reported for a token is its log-softmax under the processed logits, as `transformers`'
+//! `compute_transition_scores` reports it; under greedy search with no penalties that is the
+//! model's own log-probability.
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// How to generate a description. [`Default`] is greedy search with the bundle's
+/// `max_new_tokens`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GenerationOptions {
+    /// Most tokens to generate after the BOS, the final `</s>` included; `None` takes the
+    /// bundle's default (`generation.max_new_tokens` in `moda.json`).
+    pub max_new_tokens: Option<usize>,
+    /// `</s>` is forbidden until this many tokens have been generated.
+    pub min_new_tokens: usize,
+    /// Beams for beam search; 1 is greedy search (or sampling).
+    pub num_beams: usize,
+    /// Sample from the distribution instead of taking the most likely token.
+    pub do_sample: bool,
+    /// Sampling temperature (> 0); 1.0 leaves the logits as they are.
+    pub temperature: f32,
+    /// Sample among the `top_k` most likely tokens only; 0 turns it off. Default 50, as in
+    /// `transformers`.
+    pub top_k: usize,
+    /// Sample among the smallest set of tokens whose probability adds up to `top_p`; 1.0 turns
+    /// it off.
+    pub top_p: f32,
+    /// Seed of the sampler. Every image gets its own generator seeded with it, so an image's
+    /// description does not depend on the other images of its batch.
+    pub seed: u64,
+    /// Penalty on tokens already generated (> 0; 1.0 is none; `transformers`' CTRL rule:
+    /// positive logits are divided by it, negative ones multiplied).
+    pub repetition_penalty: f32,
+    /// Forbid repeating any n-gram of this size; 0 turns it off.
+    pub no_repeat_ngram_size: usize,
+    /// Beam search: a finished hypothesis scores `sum(logprobs) / len^length_penalty`.
+    pub length_penalty: f32,
+}
+
+impl Default for GenerationOptions {
+    fn default() -> Self {
+        Self {
+            max_new_tokens: None,
+            min_new_tokens: 0,
+            num_beams: 1,
+            do_sample: false,
+            temperature: 1.0,
+            top_k: 50,
+            top_p: 1.0,
+            seed: 0,
+            repetition_penalty: 1.0,
+            no_repeat_ngram_size: 0,
+            length_penalty: 1.0,
+        }
+    }
+}
+
+impl GenerationOptions {
+    /// Checks the ranges; `max_new_tokens` is the resolved maximum.
+    pub fn validate(&self, max_new_tokens: usize) -> Result<()> {
+        let bad = |m: String| Err(Error::InvalidArgument(m));
+        if max_new_tokens == 0 {
+            return bad("max_new_tokens must be at least 1".into());
+        }
+        if self.min_new_tokens > max_new_tokens {
+            return bad(format!(
+                "min_new_tokens ({}) is larger than max_new_tokens ({max_new_tokens})",
+                self.min_new_tokens
+            ));
+        }
+        if self.num_beams == 0 {
+            return bad("num_beams must be at least 1".into());
+        }
+        if self.num_beams > 64 {
+            return bad(format!("num_beams {} is more than 64", self.num_beams));
+        }
+        if self.num_beams > 1 && self.do_sample {
+            return bad("beam sampling (num_beams > 1 with do_sample) is not supported".into());
+        }
+        if !(self.temperature.is_finite() && self.temperature > 0.0) {
+            return bad(format!(
+                "temperature must be a positive number, not {}",
+                self.temperature
+            ));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad(format!("top_p must be in (0, 1], not {}", self.top_p));
+        }
+        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
+            return bad(format!(
+                "repetition_penalty must be a positive number, not {}",
+                self.repetition_penalty
+            ));
+        }
+        if !self.length_penalty.is_finite() {
+            return bad("length_penalty must be finite".into());
+        }
+        Ok(())
+    }
+}
+
+/// A decoder that has already seen each row's prompt.
+pub(crate) trait StepModel {
+    /// Feeds one token per row and returns the next logits, `[rows * vocab]`.
+    fn step(&mut self, tokens: &[u32]) -> Result<Vec<f32>>;
+    /// Keeps cache rows `rows`, in that order (rows may repeat): beam search's reordering.
+    fn reorder(&mut self, rows: &[usize]) -> Result<()>;
+}
+
+/// What one image's search produced.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct Generated {
+    /// Generated tokens, the final `</s>` included when one was generated.
+    pub token_ids: Vec<u32>,
+    /// Log-probability of each token.
+    pub logprobs: Vec<f32>,
+    /// Time of each decoder step that fed this row, in ms (greedy and sampling only).
+    pub step_ms: Vec<f64>,
+}
+
+/// Called with (image, token, logprob) as each token is chosen; `false` stops that image.
+pub(crate) type TokenSink<'a> = &'a mut dyn FnMut(usize, u32, f32) -> bool;
+
+/// Runs the search. `first` holds the logits after the prompt, `[rows * vocab]`, where rows is
+/// `images * num_beams` for beam search (each image's beams repeated) and `images` otherwise.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn generate(
+    model: &mut dyn StepModel,
+    first: Vec<f32>,
+    images: usize,
+    vocab: usize,
+    eos: u32,
+    opts: &GenerationOptions,
+    max_new_tokens: usize,
+    sink: Option<TokenSink<'_>>,
+) -> Result<Vec<Generated>> {
+    opts.validate(max_new_tokens)?;
+    if opts.num_beams > 1 {
+        let mut out = beam_search(model, first, images, vocab, eos, opts, max_new_tokens)?;
+        if let Some(sink) = sink {
+            for (i, g) in out.iter_mut().enumerate() {
+                for (&t, &l) in g.token_ids.iter().zip(&g.logprobs) {
+                    if !sink(i, t, l) {
+                        break;
+                    }
+                }
+            }
+        }
+        return Ok(out);
+    }
+    search(model, first, images, vocab, eos, opts, max_new_tokens, sink)
+}
+
+/// Greedy search or sampling, one row per image.
+#[allow(clippy::too_many_arguments)]
+fn search(
+    model: &mut dyn StepModel,
+    mut logits: Vec<f32>,
+    rows: usize,
+    vocab: usize,
+    eos: u32,
+    opts: &GenerationOptions,
+    max_new_tokens: usize,
+    mut sink: Option<TokenSink<'_>>,
+) -> Result<Vec<Generated>> {
+    check_len(&logits, rows, vocab)?;
+    let mut out = vec![Generated::default(); rows];
+    let mut done = vec![false; rows];
+    let mut rngs: Vec<ChaCha8Rng> = (0..rows)
+        .map(|_| ChaCha8Rng::seed_from_u64(opts.seed))
+        .collect();
+    let mut scratch = Vec::with_capacity(vocab);
+    for step in 0..max_new_tokens {
+        let mut next = vec![eos; rows];
+        for r in 0..rows {
+            if done[r] {
+                continue;
+            }
+            let row = &mut logits[r * vocab..(r + 1) * vocab];
+            process(row, &out[r].token_ids, eos, opts);
+            let token = if opts.do_sample {
+                warp(row, opts, &mut scratch);
+                sample(row, &mut rngs[r])
+            } else {
+                argmax(row)
+            };
+            let lp = log_softmax_at(row, token);
+            out[r].token_ids.push(token as u32);
+            out[r].logprobs.push(lp);
+            next[r] = token as u32;
+            let go_on = match sink.as_mut() {
+                Some(s) => s(r, token as u32, lp),
+                None => true,
+            };
+            if token as u32 == eos || !go_on {
+                done[r] = true;
+            }
+        }
+        if done.iter().all(|&d| d) || step + 1 == max_new_tokens {
+            break;
+        }
+        let t = std::time::Instant::now();
+        logits = model.step(&next)?;
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        check_len(&logits, rows, vocab)?;
+        for (r, g) in out.iter_mut().enumerate() {
+            if !done[r] {
+                g.step_ms.push(ms);
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn check_len(logits: &[f32], rows: usize, vocab: usize) -> Result<()> {
+    if logits.len() != rows * vocab {
+        return Err(Error::InvalidArgument(format!(
+            "decoder returned {} logits, expected {rows} rows of {vocab}",
+            logits.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Repetition penalty, no-repeat n-gram and minimum length, on one row.
+fn process(row: &mut [f32], generated: &[u32], eos: u32, opts: &GenerationOptions) {
+    let p = opts.repetition_penalty;
+    if p != 1.0 {
+        let mut seen = generated.to_vec();
+        seen.sort_unstable();
+        seen.dedup();
+        for t in seen {
+            if let Some(l) = row.get_mut(t as usize) {
+                *l = if *l < 0.0 { *l * p } else { *l / p };
+            }
+        }
+    }
+    let n = opts.no_repeat_ngram_size;
+    if n > 0 && generated.len() + 1 >= n {
+        let prefix = &generated[generated.len() + 1 - n..];
+        for start in 0..(generated.len() + 1).saturating_sub(n) {
+            if &generated[start..start + n - 1] == prefix {
+                if let Some(l) = row.get_mut(generated[start + n - 1] as usize) {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+        }
+    }
+    if generated.len() < opts.min_new_tokens {
+        if let Some(l) = row.get_mut(eos as usize) {
+            *l = f32::NEG_INFINITY;
+        }
+    }
+}
+
+/// Temperature, top-k and top-p, on one row (sampling only).
+fn warp(row: &mut [f32], opts: &GenerationOptions, scratch: &mut Vec<(f32, usize)>) {
+    if opts.temperature != 1.0 {
+        for l in row.iter_mut() {
+            *l /= opts.temperature;
+        }
+    }
+    let k = opts.top_k;
+    if k > 0 && k < row.len() {
+        let mut sorted: Vec<f32> = row.to_vec();
+        sorted.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+        let kth = sorted[k - 1];
+        for l in row.iter_mut() {
+            if *l < kth {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+    }
+    if opts.top_p < 1.0 {
+        scratch.clear();
+        scratch.extend(
+            row.iter()
+                .enumerate()
+                .filter(|(_, l)| l.is_finite())
+                .map(|(i, &l)| (l, i)),
+        );
+        scratch.sort_by(|a, b| b.0.total_cmp(&a.0));
+        let max = scratch.first().map_or(0.0, |x| x.0);
+        let total: f64 = scratch.iter().map(|x| ((x.0 - max) as f64).exp()).sum();
+        let mut cum = 0.0f64;
+        let mut keep = scratch.len();
+        for (j, x) in scratch.iter().enumerate() {
+            cum += ((x.0 - max) as f64).exp() / total;
+            // Keep the smallest prefix whose mass reaches top_p (at least one token).
+            if cum >= opts.top_p as f64 {
+                keep = j + 1;
+                break;
+            }
+        }
+        for x in &scratch[keep..] {
+            row[x.1] = f32::NEG_INFINITY;
+        }
+    }
+}
+
+fn argmax(row: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &l) in row.iter().enumerate() {
+        if l > row[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+fn sample(row: &[f32], rng: &mut ChaCha8Rng) -> usize {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if !max.is_finite() {
+        return argmax(row);
+    }
+    let total: f64 = row.iter().map(|&l| ((l - max) as f64).exp()).sum();
+    let mut u = rng.random::<f64>() * total;
+    let mut last = 0;
+    for (i, &l) in row.iter().enumerate() {
+        let p = ((l - max) as f64).exp();
+        if p > 0.0 {
+            last = i;
+            if u < p {
+                return i;
+            }
+            u -= p;
+        }
+    }
+    last
+}
+
+/// `log_softmax(row)[i]`.
+fn log_softmax_at(row: &[f32], i: usize) -> f32 {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if !max.is_finite() {
+        return f32::NEG_INFINITY;
+    }
+    let sum: f64 = row.iter().map(|&l| ((l - max) as f64).exp()).sum();
+    ((row[i] - max) as f64 - sum.ln()) as f32
+}
+
+fn log_softmax(row: &[f32], out: &mut Vec<f32>) {
+    out.clear();
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = row.iter().map(|&l| ((l - max) as f64).exp()).sum();
+    let lse = max as f64 + sum.ln();
+    out.extend(row.iter().map(|&l| (l as f64 - lse) as f32));
+}
+
+#[derive(Clone)]
+struct Beam {
+    tokens: Vec<u32>,
+    logprobs: Vec<f32>,
+    score: f32,
+}
+
+struct Hypotheses {
+    list: Vec<(f32, Beam)>,
+    done: bool,
+}
+
+impl Hypotheses {
+    fn worst(&self) -> f32 {
+        self.list.iter().map(|h| h.0).fold(f32::INFINITY, f32::min)
+    }
+
+    fn add(&mut self, beam: Beam, length_penalty: f32, k: usize) {
+        let score = beam.score / (beam.tokens.len().max(1) as f32).powf(length_penalty);
+        if self.list.len() < k || score > self.worst() {
+            self.list.push((score, beam));
+            if self.list.len() > k {
+                let (i, _) = self
+                    .list
+                    .iter()
+                    .enumerate()
+                    .min_by(|a, b| a.1 .0.total_cmp(&b.1 .0))
+                    .unwrap_or((0, &self.list[0]));
+                self.list.remove(i);
+            }
+        }
+    }
+}
+
+/// Beam search as `transformers` does it (no early stopping: an image is finished when it
+/// has `num_beams` hypotheses and no running beam can beat the worst of them).
+fn beam_search(
+    model: &mut dyn StepModel,
+    mut logits: Vec<f32>,
+    images: usize,
+    vocab: usize,
+    eos: u32,
+    opts: &GenerationOptions,
+    max_new_tokens: usize,
+) -> Result<Vec<Generated>> {
+    let k = opts.num_beams;
+    let rows = images * k;
+    check_len(&logits, rows, vocab)?;
+    // All beams of an image start equal: only the first may expand at the first step.
+    let mut beams: Vec<Beam> = (0..rows)
+        .map(|r| Beam {
+            tokens: Vec::new(),
+            logprobs: Vec::new(),
+            score: if r % k == 0 { 0.0 } else { -1e9 },
+        })
+        .collect();
+    let mut hyps: Vec<Hypotheses> = (0..images)
+        .map(|_| Hypotheses {
+            list: Vec::new(),
+            done: false,
+        })
+        .collect();
+    let mut lsm = Vec::with_capacity(vocab);
+    let lp = opts.length_penalty;
+    for step in 0..max_new_tokens {
+        let mut next_beams = Vec::with_capacity(rows);
+        let mut source = Vec::with_capacity(rows);
+        for i in 0..images {
+            if hyps[i].done {
+                for b in 0..k {
+                    next_beams.push(beams[i * k + b].clone());
+                    source.push(i * k + b);
+                }
+                continue;
+            }
+            // Candidates (score, beam, token, logprob) over all k beams.
+            let mut cands: Vec<(f32, usize, u32, f32)> = Vec::with_capacity(2 * k * k);
+            for b in 0..k {
+                let r = i * k + b;
+                let row = &mut logits[r * vocab..(r + 1) * vocab];
+                process(row, &beams[r].tokens, eos, opts);
+                log_softmax(row, &mut lsm);
+                // The 2k best tokens of this beam suffice for the 2k best overall.
+                let mut idx: Vec<usize> = (0..vocab).collect();
+                let take = (2 * k).min(vocab);
+                idx.select_nth_unstable_by(take - 1, |&a, &c| lsm[c].total_cmp(&lsm[a]));
+                for &t in &idx[..take] {
+                    cands.push((beams[r].score + lsm[t], r, t as u32, lsm[t]));
+                }
+            }
+            cands.sort_by(|a, b| b.0.total_cmp(&a.0));
+            let mut chosen = 0;
+            for (rank, &(score, r, t, l)) in cands.iter().enumerate() {
+                if chosen == k {
+                    break;
+                }
+                let mut beam = beams[r].clone();
+                beam.tokens.push(t);
+                beam.logprobs.push(l);
+                beam.score = score;
+                if t == eos {
+                    if rank < k {
+                        hyps[i].add(beam, lp, k);
+                    }
+                    continue;
+                }
+                next_beams.push(beam);
+                source.push(r);
+                chosen += 1;
+            }
+            while chosen < k {
+                // Every candidate ended: pad with dead beams.
+                let mut beam = beams[i * k].clone();
+                beam.score = f32::NEG_INFINITY;
+                beam.tokens.push(eos);
+                beam.logprobs.push(f32::NEG_INFINITY);
+                next_beams.push(beam);
+                source.push(i * k);
+                chosen += 1;
+            }
+            let best_running = next_beams[i * k..]
+                .iter()
+                .map(|b| b.score)
+                .fold(f32::NEG_INFINITY, f32::max);
+            let cur_len = (step + 1) as f32;
+            if hyps[i].list.len() >= k && hyps[i].worst() >= best_running / cur_len.powf(lp) {
+                hyps[i].done = true;
+            }
+        }
+        beams = next_beams;
+        if hyps.iter().all(|h| h.done) || step + 1 == max_new_tokens {
+            break;
+        }
+        model.reorder(&source)?;
+        let tokens: Vec<u32> = beams
+            .iter()
+            .map(|b| *b.tokens.last().unwrap_or(&eos))
+            .collect();
+        logits = model.step(&tokens)?;
+        check_len(&logits, rows, vocab)?;
+    }
+    let mut out = Vec::with_capacity(images);
+    for (i, h) in hyps.iter_mut().enumerate() {
+        if !h.done {
+            for b in 0..k {
+                let beam = beams[i * k + b].clone();
+                if beam.score.is_finite() {
+                    h.add(beam, lp, k);
+                }
+            }
+        }
+        let best = h
+            .list
+            .iter()
+            .max_by(|a, b| a.0.total_cmp(&b.0))
+            .map(|x| x.1.clone());
+        let g = match best {
+            Some(b) => Generated {
+                token_ids: b.tokens,
+                logprobs: b.logprobs,
+                step_ms: Vec::new(),
+            },
+            None => Generated::default(),
+        };
+        out.push(g);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A toy model whose logits depend on the last token fed: a fixed bigram table.
+    struct Bigram {
+        table: Vec<Vec<f32>>,
+        last: Vec<u32>,
+    }
+
+    impl StepModel for Bigram {
+        fn step(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+            self.last = tokens.to_vec();
+            Ok(tokens
+                .iter()
+                .flat_map(|&t| self.table[t as usize].clone())
+                .collect())
+        }
+        fn reorder(&mut self, rows: &[usize]) -> Result<()> {
+            self.last = rows.iter().map(|&r| self.last[r]).collect();
+            Ok(())
+        }
+    }
+
+    fn table() -> Vec<Vec<f32>> {
+        // Token 0 = eos. From 1 the best is 2 then 3; from 2 best 1; from 3 best eos.
+        vec![
+            vec![0.0, 1.0, 0.5, 0.2],
+            vec![0.1, -1.0, 2.0, 1.9],
+            vec![0.3, 2.0, -1.0, 0.0],
+            vec![3.0, 0.0, 0.0, -1.0],
+        ]
+    }
+
+    #[test]
+    fn greedy_follows_argmax_and_stops_at_eos() {
+        let mut m = Bigram {
+            table: table(),
+            last: vec![],
+        };
+        let first = table()[1].clone();
+        let opts = GenerationOptions::default();
+        let g = generate(&mut m, first, 1, 4, 0, &opts, 6, None).expect("generate");
+        // 1 -> 2 -> 1 -> 2 ... never eos: stops at max.
+        assert_eq!(g[0].token_ids, vec![2, 1, 2, 1, 2, 1]);
+        let lp = log_softmax_at(&table()[1], 2);
+        assert!((g[0].logprobs[0] - lp).abs() < 1e-6);
+    }
+
+    #[test]
+    fn no_repeat_ngram_and_repetition_penalty_change_the_path() {
+        let mut m = Bigram {
+            table: table(),
+            last: vec![],
+        };
+        let opts = GenerationOptions {
+            no_repeat_ngram_size: 2,
+            ..Default::default()
+        };
+        let g = generate(&mut m, table()[1].clone(), 1, 4, 0, &opts, 6, None).expect("generate");
+        // 2, 1, 2, then (2, 1) is banned: from 2 the next best is eos.
+        assert_eq!(g[0].token_ids, vec![2, 1, 2, 0]);
+        let opts = GenerationOptions {
+            repetition_penalty: 10.0,
+            ..Default::default()
+        };
+        let g = generate(&mut m, table()[1].clone(), 1, 4, 0, &opts, 6, None).expect("generate");
+        assert_eq!(g[0].token_ids, vec![2, 1, 3, 0]);
+    }
+
+    #[test]
+    fn min_new_tokens_masks_eos() {
+        let mut m = Bigram {
+            table: table(),
+            last: vec![],
+        };
+        let opts = GenerationOptions {
+            min_new_tokens: 3,
+            ..Default::default()
+        };
+        let g = generate(&mut m, table()[3].clone(), 1, 4, 0, &opts, 5, None).expect("generate");
+        assert_ne!(g[0].token_ids[0], 0);
+        assert!(g[0].token_ids[..3].iter().all(|&t| t != 0));
+    }
+
+    #[test]
+    fn sampling_is_seeded_and_top_k_1_is_greedy() {
+        let run = |seed, top_k| {
+            let mut m = Bigram {
+                table: table(),
+                last: vec![],
+            };
+            let opts = GenerationOptions {
+                do_sample: true,
+                seed,
+                top_k,
+                ..Default::default()
+            };
+            generate(&mut m, table()[1].clone(), 2, 4, 0, &opts, 8, None).expect("generate")
+        };
+        assert_eq!(run(7, 0), run(7, 0));
+        let a = run(7, 0);
+        assert_eq!(a[0], a[1], "each image has its own generator, same seed");
+        let g = run(3, 1);
+        assert_eq!(g[0].token_ids, vec![2, 1, 2, 1, 2, 1, 2, 1]);
+    }
+
+    #[test]
+    fn top_p_keeps_the_smallest_set_reaching_p() {
+        let mut row = vec![2.0f32, 1.0, 0.0, -1.0];
+        let opts = GenerationOptions {
+            top_k: 0,
+            top_p: 0.7,
+            ..Default::default()
+        };
+        warp(&mut row, &opts, &mut Vec::new());
+        // softmax: 0.644, 0.237, 0.087, 0.032 -> keep the first two.
+        assert!(row[0].is_finite() && row[1].is_finite());
+        assert!(row[2] == f32::NEG_INFINITY && row[3] == f32::NEG_INFINITY);
+    }
+
+    #[test]
+    fn beam_search_finds_the_better_sequence() {
+        // Greedy from 1 goes 2 (2.0) then 1...; the beam sees 3 (1.9) then eos (3.0).
+        let mut m = Bigram {
+            table: table(),
+            last: vec![],
+        };
+        let opts = GenerationOptions {
+            num_beams: 2,
+            ..Default::default()
+        };
+        let first: Vec<f32> = [table()[1].clone(), table()[1].clone()].concat();
+        let g = generate(&mut m, first, 1, 4, 0, &opts, 4, None).expect("generate");
+        assert_eq!(g[0].token_ids, vec![3, 0]);
+        assert_eq!(g[0].logprobs.len(), 2);
+    }
+
+    #[test]
+    fn options_are_validated() {
+        let bad = [
+            GenerationOptions {
+                temperature: 0.0,
+                ..Default::default()
+            },
+            GenerationOptions {
+                top_p: 0.0,
+                ..Default::default()
+            },
+            GenerationOptions {
+                num_beams: 0,
+                ..Default::default()
+            },
+            GenerationOptions {
+                num_beams: 2,
+                do_sample: true,
+                ..Default::default()
+            },
+            GenerationOptions {
+                min_new_tokens: 9,
+                ..Default::default()
+            },
+        ];
+        for o in bad {
+            assert!(o.validate(8).is_err(), "{o:?}");
+        }
+        assert!(GenerationOptions::default().validate(0).is_err());
+    }
+}

@@ -1,0 +1,1007 @@
+//! [`Moda`]: an opened bundle, its ONNX Runtime sessions and what runs them.
+//!
+//! ## Threads
+//! `Moda` is `Send + Sync`. ONNX Runtime's `Run` on one session is not safe to call from two
+//! threads at once (the `ort` crate makes it `&mut`), so `Moda` keeps a **pool of session
+//! sets**: a call takes an idle set, runs the whole description with it and gives it back.
+//! [`OpenOptions::sessions`] sets the most sets the pool makes (default 1): with one, callers
+//! take turns and results are the same as calling one after another; each further set costs
+//! another copy of the weights in memory (about the bundle's size: 1 GB for fp32 ViT-B/32 +
+//! OPT-125m, 0.3 GB for int4), made the first time that many callers overlap. The first set is
+//! built by [`Moda::open`], so a broken graph fails there.
+//!
+//! ## The KV cache
+//! The decoder graph appends each step's keys and values to the past it is given
+//! (`Concat` on the sequence axis) and returns the whole cache as `present.*`. The SDK moves
+//! those output values, which ONNX Runtime allocated, straight back in as the next step's
+//! `past_key_values.*`: no copy is made on the Rust side, nor any per-step allocation of the
+//! cache beyond the graph's own concatenation (O(cache) bytes per step, against the weights'
+//! hundreds of MB, so the per-token time stays flat). The token embeddings likewise go from
+//! the `embed_tokens` graph's output into the decoder without a copy. Beam search reorders the
+//! cache rows between steps, which copies it, as every beam search does.
+
+use std::borrow::Cow;
+use std::path::{Path, PathBuf};
+use std::sync::{Condvar, Mutex};
+use std::time::Instant;
+
+use moda_models::preprocess::{
+    decode_image, load_image, ImageLimits, ImageProcessor, ImageProcessorConfig,
+};
+use moda_models::tokenizer::ModaTokenizer;
+use ort::session::{Session, SessionInputValue};
+use ort::value::{DynValue, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::generate::{generate, GenerationOptions, StepModel};
+use crate::manifest::{GraphInfo, Manifest, FORMAT, FORMAT_VERSION, MANIFEST_FILE};
+use crate::runtime::{session_from_file, SessionOptions};
+
+/// How [`Moda::open`] sets things up.
+#[derive(Debug, Clone)]
+pub struct OpenOptions {
+    /// Threads ONNX Runtime uses inside one graph run. `None` picks the number of cores the
+    /// process may use, at most 8 (a 125M-parameter decoder gains nothing from more threads
+    /// per token), divided among [`OpenOptions::sessions`].
+    pub intra_threads: Option<usize>,
+    /// Most session sets in the pool (see the module documentation); at least 1.
+    pub sessions: usize,
+    /// Check every file's SHA-256 against the manifest (reads the whole bundle once; a few
+    /// seconds for an fp32 bundle). Sizes are always checked.
+    pub verify_checksums: bool,
+    /// Limits on decoded images (dimensions and allocation).
+    pub image_limits: ImageLimits,
+    /// Run ONNX Runtime's graph optimisations (on by default).
+    pub optimize: bool,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        Self {
+            intra_threads: None,
+            sessions: 1,
+            verify_checksums: false,
+            image_limits: ImageLimits::default(),
+            optimize: true,
+        }
+    }
+}
+
+/// An image to describe or embed.
+#[derive(Debug, Clone, Copy)]
+pub enum ImageInput<'a> {
+    /// An image file (JPEG, PNG, WebP, GIF, BMP, TIFF; recognised by its bytes).
+    Path(&'a Path),
+    /// An encoded image in memory; `name` is used in error messages.
+    Bytes {
+        /// The encoded file.
+        bytes: &'a [u8],
+        /// What to call it in messages.
+        name: &'a str,
+    },
+    /// Decoded pixels: `height` rows of `width` RGB triplets, 8 bits each, no padding.
+    Rgb8 {
+        /// `width * height * 3` bytes.
+        data: &'a [u8],
+        /// Pixels per row.
+        width: u32,
+        /// Rows.
+        height: u32,
+    },
+}
+
+impl ImageInput<'_> {
+    /// How messages name this image.
+    pub fn name(&self) -> String {
+        match self {
+            ImageInput::Path(p) => p.display().to_string(),
+            ImageInput::Bytes { name, .. } => name.to_string(),
+            ImageInput::Rgb8 { width, height, .. } => format!("RGB buffer {width}x{height}"),
+        }
+    }
+}
+
+/// Where the time of a description went, in milliseconds. In a batch every image reports the
+/// batch's times, except `tokens` and `decode_ms`, which are the image's own.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Timings {
+    /// Decoding and preprocessing the image(s).
+    pub preprocess_ms: f64,
+    /// The image encoder.
+    pub encoder_ms: f64,
+    /// The projector.
+    pub projector_ms: f64,
+    /// The decoder over the image prefix and the BOS (with the BOS's embedding).
+    pub prefill_ms: f64,
+    /// The decoder steps after the prefill (each with its token embedding).
+    pub decode_ms: f64,
+    /// The whole call.
+    pub total_ms: f64,
+    /// Tokens generated.
+    pub tokens: usize,
+    /// Each decoder step after the prefill (greedy search and sampling), in order.
+    #[serde(skip)]
+    pub step_ms: Vec<f64>,
+}
+
+/// A generated description.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Description {
+    /// The text, special tokens removed.
+    pub text: String,
+    /// The generated tokens, the final `</s>` included when one was generated.
+    pub token_ids: Vec<u32>,
+    /// Log-probability of each generated token (see [`crate::generate`]).
+    pub logprobs: Vec<f32>,
+    /// Where the time went.
+    pub timings: Timings,
+}
+
+/// A token as it is generated, for streaming.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenEvent<'a> {
+    /// Which image of the batch (0 for [`Moda::describe`]).
+    pub image: usize,
+    /// The token's index in its description.
+    pub index: usize,
+    /// The token id.
+    pub token_id: u32,
+    /// Its log-probability.
+    pub logprob: f32,
+    /// The text this token adds to the description (may be empty, e.g. for `</s>` or for the
+    /// first bytes of a character split across tokens; the pieces add up to the final text).
+    pub text: &'a str,
+}
+
+/// The names of one graph's inputs and outputs, from the manifest.
+#[derive(Debug, Clone)]
+struct Io {
+    inputs: Vec<String>,
+    outputs: Vec<String>,
+}
+
+impl Io {
+    fn of(g: &GraphInfo) -> Self {
+        Self {
+            inputs: g.inputs.iter().map(|t| t.name.clone()).collect(),
+            outputs: g.outputs.iter().map(|t| t.name.clone()).collect(),
+        }
+    }
+}
+
+/// One set of sessions: each graph once.
+struct Worker {
+    encoder: Session,
+    projector: Session,
+    embed: Session,
+    decoder: Session,
+}
+
+struct PoolState {
+    idle: Vec<Worker>,
+    live: usize,
+}
+
+/// An opened bundle, ready to describe and embed images. See the module documentation for
+/// threads and memory.
+pub struct Moda {
+    dir: PathBuf,
+    manifest: Manifest,
+    tokenizer: ModaTokenizer,
+    processor: ImageProcessor,
+    options: OpenOptions,
+    session_options: SessionOptions,
+    encoder_io: Io,
+    projector_io: Io,
+    embed_io: Io,
+    decoder_io: Io,
+    pool: Mutex<PoolState>,
+    returned: Condvar,
+}
+
+impl std::fmt::Debug for Moda {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Moda")
+            .field("dir", &self.dir)
+            .field("quantization", &self.manifest.quantization)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Reads and checks `moda.json` in `dir`.
+pub fn read_manifest(dir: &Path) -> Result<Manifest> {
+    if !dir.is_dir() {
+        return Err(Error::bundle(
+            dir,
+            "no such directory (make one with `exporter onnx --checkpoint CKPT --out DIR`)",
+        ));
+    }
+    let path = dir.join(MANIFEST_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        Error::bundle(
+            &path,
+            format!("cannot read the manifest ({e}); is this a bundle written by `exporter onnx`?"),
+        )
+    })?;
+    let value: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::bundle(&path, format!("not valid JSON: {e}")))?;
+    if value.get("format").and_then(|v| v.as_str()) != Some(FORMAT) {
+        return Err(Error::bundle(
+            &path,
+            format!("not a MODA manifest (its \"format\" is not \"{FORMAT}\")"),
+        ));
+    }
+    let version = value.get("format_version").and_then(|v| v.as_u64());
+    match version {
+        Some(v) if v > FORMAT_VERSION as u64 => {
+            return Err(Error::bundle(
+                &path,
+                format!(
+                    "bundle format version {v} is newer than this SDK reads (version \
+                     {FORMAT_VERSION}); upgrade moda-sdk, or export the bundle with a matching \
+                     exporter"
+                ),
+            ))
+        }
+        Some(_) => {}
+        None => return Err(Error::bundle(&path, "no \"format_version\" number")),
+    }
+    let m: Manifest = serde_json::from_value(value)
+        .map_err(|e| Error::bundle(&path, format!("malformed manifest: {e}")))?;
+    Ok(m)
+}
+
+fn check_graph(path: &Path, m: &Manifest, role: &str, ins: usize, outs: usize) -> Result<Io> {
+    let g = m
+        .graphs
+        .get(role)
+        .ok_or_else(|| Error::bundle(path, format!("the manifest lists no \"{role}\" graph")))?;
+    if g.inputs.len() != ins || g.outputs.len() != outs {
+        return Err(Error::bundle(
+            path,
+            format!(
+                "the {role} graph has {} inputs and {} outputs; this SDK expects {ins} and {outs}",
+                g.inputs.len(),
+                g.outputs.len()
+            ),
+        ));
+    }
+    Ok(Io::of(g))
+}
+
+fn sha256_file(path: &Path) -> std::io::Result<String> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// The default intra-op thread count: the cores this process may use, at most 8, shared by
+/// `sessions` session sets.
+fn default_threads(sessions: usize) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores.min(8) / sessions.max(1)).max(1)
+}
+
+impl Moda {
+    /// Opens the bundle in `dir`: reads and checks the manifest and the files, loads ONNX
+    /// Runtime (see [`crate::runtime`]), the tokenizer and the preprocessing, and builds the
+    /// first session set.
+    pub fn open(dir: impl AsRef<Path>, options: &OpenOptions) -> Result<Self> {
+        let dir = dir.as_ref().to_path_buf();
+        let manifest = read_manifest(&dir)?;
+        let mpath = dir.join(MANIFEST_FILE);
+        let d = manifest.model;
+        let layers = d.num_layers;
+        let encoder_io = check_graph(&mpath, &manifest, "encoder", 1, 1)?;
+        let projector_io = check_graph(&mpath, &manifest, "projector", 1, 1)?;
+        let embed_io = check_graph(&mpath, &manifest, "embed_tokens", 1, 1)?;
+        let decoder_io = check_graph(&mpath, &manifest, "decoder", 2 + 2 * layers, 1 + 2 * layers)?;
+        if d.prefix_len != 1 {
+            return Err(Error::bundle(
+                &mpath,
+                format!(
+                    "image prefix of {} positions; this SDK supports 1",
+                    d.prefix_len
+                ),
+            ));
+        }
+        for (role, g) in &manifest.graphs {
+            let p = dir.join(&g.file);
+            if !p.is_file() {
+                return Err(Error::bundle(
+                    &p,
+                    format!("the {role} graph's file is missing"),
+                ));
+            }
+        }
+        for (name, info) in &manifest.files {
+            let p = dir.join(name);
+            let meta = std::fs::metadata(&p)
+                .map_err(|e| Error::bundle(&p, format!("listed in the manifest but {e}")))?;
+            if meta.len() != info.bytes {
+                return Err(Error::bundle(
+                    &p,
+                    format!(
+                        "is {} bytes, the manifest says {} (truncated or replaced?)",
+                        meta.len(),
+                        info.bytes
+                    ),
+                ));
+            }
+            if options.verify_checksums {
+                let got = sha256_file(&p).map_err(|e| Error::bundle(&p, e.to_string()))?;
+                if got != info.sha256 {
+                    return Err(Error::bundle(
+                        &p,
+                        format!("SHA-256 {got} differs from the manifest's {}", info.sha256),
+                    ));
+                }
+            }
+        }
+        let tok_path = dir.join(&manifest.tokenizer);
+        let tokenizer = ModaTokenizer::from_tokenizer_json(&tok_path)
+            .map_err(|e| Error::bundle(&tok_path, e.to_string()))?;
+        let cfg: ImageProcessorConfig = serde_json::from_value(manifest.preprocessing.clone())
+            .map_err(|e| Error::bundle(&mpath, format!("bad \"preprocessing\": {e}")))?;
+        let processor =
+            ImageProcessor::new(cfg).map_err(|e| Error::bundle(&mpath, e.to_string()))?;
+        let (h, w) = processor.config().output_size();
+        if h != d.image_size || w != d.image_size {
+            return Err(Error::bundle(
+                &mpath,
+                format!(
+                    "preprocessing makes {h}x{w} images but the encoder takes {0}x{0}",
+                    d.image_size
+                ),
+            ));
+        }
+        let sessions = options.sessions.max(1);
+        let session_options = SessionOptions {
+            intra_threads: Some(
+                options
+                    .intra_threads
+                    .unwrap_or_else(|| default_threads(sessions))
+                    .max(1),
+            ),
+            disable_optimizations: !options.optimize,
+            optimized_model_path: None,
+        };
+        let moda = Self {
+            dir,
+            manifest,
+            tokenizer,
+            processor,
+            options: OpenOptions {
+                sessions,
+                ..options.clone()
+            },
+            session_options,
+            encoder_io,
+            projector_io,
+            embed_io,
+            decoder_io,
+            pool: Mutex::new(PoolState {
+                idle: Vec::new(),
+                live: 1,
+            }),
+            returned: Condvar::new(),
+        };
+        let first = moda.build_worker()?;
+        moda.lock_pool().idle.push(first);
+        Ok(moda)
+    }
+
+    /// The bundle's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The bundle's manifest.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &ModaTokenizer {
+        &self.tokenizer
+    }
+
+    /// The intra-op thread count each session uses.
+    pub fn intra_threads(&self) -> usize {
+        self.session_options.intra_threads.unwrap_or(1)
+    }
+
+    fn build_worker(&self) -> Result<Worker> {
+        let open = |role: &str| -> Result<Session> {
+            let g = &self.manifest.graphs[role];
+            Ok(session_from_file(
+                &self.dir.join(&g.file),
+                &self.session_options,
+            )?)
+        };
+        Ok(Worker {
+            encoder: open("encoder")?,
+            projector: open("projector")?,
+            embed: open("embed_tokens")?,
+            decoder: open("decoder")?,
+        })
+    }
+
+    fn lock_pool(&self) -> std::sync::MutexGuard<'_, PoolState> {
+        // A panic while holding the lock leaves the state consistent (a push or a pop).
+        self.pool.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes an idle session set, making one if fewer than `sessions` exist, else waits.
+    fn checkout(&self) -> Result<WorkerGuard<'_>> {
+        let mut st = self.lock_pool();
+        loop {
+            if let Some(w) = st.idle.pop() {
+                return Ok(WorkerGuard {
+                    moda: self,
+                    worker: Some(w),
+                });
+            }
+            if st.live < self.options.sessions {
+                st.live += 1;
+                drop(st);
+                return match self.build_worker() {
+                    Ok(w) => Ok(WorkerGuard {
+                        moda: self,
+                        worker: Some(w),
+                    }),
+                    Err(e) => {
+                        self.lock_pool().live -= 1;
+                        self.returned.notify_one();
+                        Err(e)
+                    }
+                };
+            }
+            st = self.returned.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Decodes and preprocesses one image into `pixel_values` (`3 * size * size` floats).
+    pub fn pixel_values(&self, image: &ImageInput<'_>) -> Result<Vec<f32>> {
+        let limits = &self.options.image_limits;
+        let name = image.name();
+        let to_err = |e: moda_models::Error| Error::Image {
+            source_name: name.clone(),
+            msg: strip_name(&e.to_string(), &name),
+        };
+        let img = match image {
+            ImageInput::Path(p) => load_image(p, limits).map_err(to_err)?,
+            ImageInput::Bytes { bytes, name } => {
+                decode_image(bytes, name, limits).map_err(to_err)?
+            }
+            ImageInput::Rgb8 {
+                data,
+                width,
+                height,
+            } => rgb_image(data, *width, *height, limits).map_err(|msg| Error::Image {
+                source_name: name.clone(),
+                msg,
+            })?,
+        };
+        self.processor.preprocess(&img).map_err(to_err)
+    }
+
+    /// The image embedding (`projection_dim` floats, 512 for FashionCLIP), L2-normalised when
+    /// `normalize` is set (then cosine similarity is a dot product).
+    pub fn embed(&self, image: &ImageInput<'_>, normalize: bool) -> Result<Vec<f32>> {
+        let mut all = self.embed_batch(std::slice::from_ref(image), normalize)?;
+        all.pop()
+            .unwrap_or_else(|| Err(Error::InvalidArgument("no embedding returned".into())))
+    }
+
+    /// Embeddings of many images, run through the encoder as one batch; an image that cannot
+    /// be read gets its own error and the others go on.
+    pub fn embed_batch(
+        &self,
+        images: &[ImageInput<'_>],
+        normalize: bool,
+    ) -> Result<Vec<Result<Vec<f32>>>> {
+        let (pixels, slots) = self.preprocess_all(images);
+        if pixels.is_empty() {
+            return Ok(slots.into_iter().map(|s| Err(s.unwrap_err_or())).collect());
+        }
+        let mut guard = self.checkout()?;
+        let w = guard.worker_mut()?;
+        let n = pixels.len();
+        let embeds = self.run_encoder(w, pixels)?;
+        let p = self.manifest.model.projection_dim;
+        let mut ok = (0..n).map(|i| {
+            let mut v = embeds[i * p..(i + 1) * p].to_vec();
+            if normalize {
+                let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+                v.iter_mut().for_each(|x| *x /= norm);
+            }
+            v
+        });
+        Ok(slots
+            .into_iter()
+            .map(|s| match s {
+                Slot::Ok => ok.next().ok_or_else(|| {
+                    Error::InvalidArgument("encoder returned too few embeddings".into())
+                }),
+                Slot::Err(e) => Err(e),
+            })
+            .collect())
+    }
+
+    /// Describes one image.
+    pub fn describe(
+        &self,
+        image: &ImageInput<'_>,
+        options: &GenerationOptions,
+    ) -> Result<Description> {
+        self.describe_with(image, options, &mut |_| true)
+    }
+
+    /// Describes one image, calling `on_token` as each token is chosen (return `false` to stop
+    /// early). With beam search the tokens are only known at the end, and `on_token` sees them
+    /// then.
+    pub fn describe_with(
+        &self,
+        image: &ImageInput<'_>,
+        options: &GenerationOptions,
+        on_token: &mut dyn FnMut(&TokenEvent<'_>) -> bool,
+    ) -> Result<Description> {
+        let mut all = self.describe_batch_with(std::slice::from_ref(image), options, on_token)?;
+        all.pop()
+            .unwrap_or_else(|| Err(Error::InvalidArgument("no description returned".into())))
+    }
+
+    /// Describes many images as one batch through the encoder and the decoder. The results
+    /// are in order; an image that cannot be read gets its own error and the others go on.
+    /// Each image's description is the same as [`Moda::describe`] would give it (up to
+    /// floating-point differences between batch sizes in ONNX Runtime's kernels, which do not
+    /// change greedy tokens in practice).
+    pub fn describe_batch(
+        &self,
+        images: &[ImageInput<'_>],
+        options: &GenerationOptions,
+    ) -> Result<Vec<Result<Description>>> {
+        self.describe_batch_with(images, options, &mut |_| true)
+    }
+
+    /// [`Moda::describe_batch`] with a per-token callback (see [`Moda::describe_with`]);
+    /// [`TokenEvent::image`] is the image's index in `images`.
+    pub fn describe_batch_with(
+        &self,
+        images: &[ImageInput<'_>],
+        options: &GenerationOptions,
+        on_token: &mut dyn FnMut(&TokenEvent<'_>) -> bool,
+    ) -> Result<Vec<Result<Description>>> {
+        let t0 = Instant::now();
+        let max_new = options
+            .max_new_tokens
+            .unwrap_or(self.manifest.generation.max_new_tokens);
+        options.validate(max_new)?;
+        let (pixels, slots) = self.preprocess_all(images);
+        let preprocess_ms = ms_since(t0);
+        let n = pixels.len() / self.pixels_per_image();
+        if n == 0 {
+            return Ok(slots.into_iter().map(|s| Err(s.unwrap_err_or())).collect());
+        }
+        // Which input image each batch row is.
+        let rows_to_image: Vec<usize> = slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| matches!(s, Slot::Ok))
+            .map(|(i, _)| i)
+            .collect();
+        let mut guard = self.checkout()?;
+        let w = guard.worker_mut()?;
+        let t = Instant::now();
+        let embeds = self.run_encoder(w, pixels)?;
+        let encoder_ms = ms_since(t);
+        let t = Instant::now();
+        let prefix = self.run_projector(w, embeds, n)?;
+        let projector_ms = ms_since(t);
+
+        let beams = options.num_beams.max(1);
+        let rows = n * beams;
+        let e = self.manifest.model.embed_dim;
+        // Prefill: [prefix, BOS] for every row (beams repeat their image).
+        let t = Instant::now();
+        let bos = self.embed_tokens(w, &vec![self.manifest.special_tokens.bos; rows])?;
+        let bos_data = extract_f32(&bos, "embed_tokens")?;
+        let mut embeds = Vec::with_capacity(rows * 2 * e);
+        for r in 0..rows {
+            let img = r / beams;
+            embeds.extend_from_slice(&prefix[img * e..(img + 1) * e]);
+            embeds.extend_from_slice(&bos_data[r * e..(r + 1) * e]);
+        }
+        let mut state = DecodeState {
+            moda: self,
+            worker: w,
+            past: Vec::new(),
+            total: 0,
+            rows,
+        };
+        let first = state.prefill(embeds)?;
+        let prefill_ms = ms_since(t);
+
+        let eos = self.manifest.special_tokens.eos;
+        let vocab = self.manifest.model.vocab_size;
+        let mut streams: Vec<TextStream> = (0..n).map(|_| TextStream::default()).collect();
+        let tokenizer = &self.tokenizer;
+        let mut sink = |row: usize, token: u32, logprob: f32| -> bool {
+            let s = &mut streams[row];
+            let piece = s.push(tokenizer, token);
+            on_token(&TokenEvent {
+                image: rows_to_image[row],
+                index: s.ids.len() - 1,
+                token_id: token,
+                logprob,
+                text: &piece,
+            })
+        };
+        let generated = generate(
+            &mut state,
+            first,
+            n,
+            vocab,
+            eos,
+            options,
+            max_new,
+            Some(&mut sink),
+        )?;
+        drop(guard);
+        let total_ms = ms_since(t0);
+        let mut gen = generated.into_iter();
+        let mut out = Vec::with_capacity(images.len());
+        for s in slots {
+            match s {
+                Slot::Err(e) => out.push(Err(e)),
+                Slot::Ok => {
+                    let g = gen.next().ok_or_else(|| {
+                        Error::InvalidArgument("generation returned too few rows".into())
+                    })?;
+                    let text = self
+                        .tokenizer
+                        .decode(&g.token_ids, true)
+                        .map_err(|e| Error::Tokenizer(e.to_string()))?;
+                    let decode_ms = g.step_ms.iter().sum();
+                    out.push(Ok(Description {
+                        text,
+                        timings: Timings {
+                            preprocess_ms,
+                            encoder_ms,
+                            projector_ms,
+                            prefill_ms,
+                            decode_ms,
+                            total_ms,
+                            tokens: g.token_ids.len(),
+                            step_ms: g.step_ms,
+                        },
+                        token_ids: g.token_ids,
+                        logprobs: g.logprobs,
+                    }));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn pixels_per_image(&self) -> usize {
+        let d = self.manifest.model;
+        d.num_channels * d.image_size * d.image_size
+    }
+
+    /// Preprocesses every image; the good ones' pixels are concatenated.
+    fn preprocess_all(&self, images: &[ImageInput<'_>]) -> (Vec<f32>, Vec<Slot>) {
+        let mut pixels = Vec::with_capacity(images.len() * self.pixels_per_image());
+        let mut slots = Vec::with_capacity(images.len());
+        for img in images {
+            match self.pixel_values(img) {
+                Ok(p) => {
+                    pixels.extend(p);
+                    slots.push(Slot::Ok);
+                }
+                Err(e) => slots.push(Slot::Err(e)),
+            }
+        }
+        (pixels, slots)
+    }
+
+    /// `pixel_values` -> image embeddings `[n * projection_dim]`.
+    fn run_encoder(&self, w: &mut Worker, pixels: Vec<f32>) -> Result<Vec<f32>> {
+        let d = self.manifest.model;
+        let n = pixels.len() / self.pixels_per_image();
+        let shape = [n, d.num_channels, d.image_size, d.image_size];
+        let input = Tensor::from_array((shape, pixels)).map_err(|e| Error::run("encoder", e))?;
+        let out = run(
+            &mut w.encoder,
+            "encoder",
+            vec![(self.encoder_io.inputs[0].clone(), input.into())],
+            &self.encoder_io.outputs[0],
+        )?;
+        extract_f32(&out, "encoder")
+    }
+
+    /// Image embeddings -> prefix embeddings `[n * embed_dim]`.
+    fn run_projector(&self, w: &mut Worker, embeds: Vec<f32>, n: usize) -> Result<Vec<f32>> {
+        let d = self.manifest.model;
+        let input = Tensor::from_array(([n, d.projection_dim], embeds))
+            .map_err(|e| Error::run("projector", e))?;
+        let out = run(
+            &mut w.projector,
+            "projector",
+            vec![(self.projector_io.inputs[0].clone(), input.into())],
+            &self.projector_io.outputs[0],
+        )?;
+        extract_f32(&out, "projector")
+    }
+
+    /// Token ids (one per row) -> embeddings `[rows, 1, embed_dim]`, left in ONNX Runtime's
+    /// memory.
+    fn embed_tokens(&self, w: &mut Worker, ids: &[u32]) -> Result<DynValue> {
+        let data: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
+        let input = Tensor::from_array(([ids.len(), 1], data))
+            .map_err(|e| Error::run("embed_tokens", e))?;
+        run(
+            &mut w.embed,
+            "embed_tokens",
+            vec![(self.embed_io.inputs[0].clone(), input.into())],
+            &self.embed_io.outputs[0],
+        )
+    }
+}
+
+/// A preprocessed image or why not.
+enum Slot {
+    Ok,
+    Err(Error),
+}
+
+impl Slot {
+    fn unwrap_err_or(self) -> Error {
+        match self {
+            Slot::Err(e) => e,
+            Slot::Ok => Error::InvalidArgument("image was not processed".into()),
+        }
+    }
+}
+
+/// Gives its session set back to the pool when dropped.
+struct WorkerGuard<'m> {
+    moda: &'m Moda,
+    worker: Option<Worker>,
+}
+
+impl WorkerGuard<'_> {
+    fn worker_mut(&mut self) -> Result<&mut Worker> {
+        self.worker
+            .as_mut()
+            .ok_or_else(|| Error::InvalidArgument("session set already returned".into()))
+    }
+}
+
+impl Drop for WorkerGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(w) = self.worker.take() {
+            self.moda.lock_pool().idle.push(w);
+            self.moda.returned.notify_one();
+        }
+    }
+}
+
+/// Runs `session` and returns the output `out`.
+fn run(
+    session: &mut Session,
+    graph: &str,
+    inputs: Vec<(String, SessionInputValue<'static>)>,
+    out: &str,
+) -> Result<DynValue> {
+    let inputs: Vec<(Cow<'static, str>, SessionInputValue<'static>)> = inputs
+        .into_iter()
+        .map(|(n, v)| (Cow::Owned(n), v))
+        .collect();
+    let mut outputs = session.run(inputs).map_err(|e| Error::run(graph, e))?;
+    outputs
+        .remove(out)
+        .ok_or_else(|| Error::run(graph, format!("no output named {out}")))
+}
+
+fn extract_f32(v: &DynValue, graph: &str) -> Result<Vec<f32>> {
+    let (_, data) = v
+        .try_extract_tensor::<f32>()
+        .map_err(|e| Error::run(graph, e))?;
+    Ok(data.to_vec())
+}
+
+fn ms_since(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
+}
+
+/// The models crate prefixes image errors with the source name; the SDK's error adds it
+/// again, so drop the first copy.
+fn strip_name(msg: &str, name: &str) -> String {
+    msg.strip_prefix(name)
+        .and_then(|m| m.strip_prefix(": "))
+        .unwrap_or(msg)
+        .to_string()
+}
+
+fn rgb_image(
+    data: &[u8],
+    width: u32,
+    height: u32,
+    limits: &ImageLimits,
+) -> std::result::Result<image::DynamicImage, String> {
+    if width == 0 || height == 0 {
+        return Err(format!("empty image ({width}x{height})"));
+    }
+    if width > limits.max_width || height > limits.max_height {
+        return Err(format!(
+            "{width}x{height} is larger than the limit {}x{}",
+            limits.max_width, limits.max_height
+        ));
+    }
+    let need = (width as u64) * (height as u64) * 3;
+    if data.len() as u64 != need {
+        return Err(format!(
+            "buffer holds {} bytes; {width}x{height} RGB8 needs {need}",
+            data.len()
+        ));
+    }
+    let img = image::RgbImage::from_raw(width, height, data.to_vec())
+        .ok_or_else(|| "buffer does not match the dimensions".to_string())?;
+    Ok(image::DynamicImage::ImageRgb8(img))
+}
+
+/// The decoder's running state for one batch.
+struct DecodeState<'a> {
+    moda: &'a Moda,
+    worker: &'a mut Worker,
+    /// `present.*` of the last run, in the decoder's input order.
+    past: Vec<DynValue>,
+    /// Positions so far (image prefix, BOS and generated tokens).
+    total: usize,
+    rows: usize,
+}
+
+impl DecodeState<'_> {
+    /// Runs the decoder on `embeds` (`[rows, seq, embed_dim]`, as a value) and returns the last
+    /// position's logits `[rows * vocab]`.
+    fn run(&mut self, embeds: SessionInputValue<'static>, seq: usize) -> Result<Vec<f32>> {
+        let m = self.moda;
+        let d = m.manifest.model;
+        let io = &m.decoder_io;
+        let total = self.total + seq;
+        let mask = Tensor::from_array(([self.rows, total], vec![1i64; self.rows * total]))
+            .map_err(|e| Error::run("decoder", e))?;
+        let mut inputs: Vec<(Cow<'static, str>, SessionInputValue<'static>)> =
+            Vec::with_capacity(io.inputs.len());
+        inputs.push((Cow::Owned(io.inputs[0].clone()), embeds));
+        inputs.push((Cow::Owned(io.inputs[1].clone()), mask.into()));
+        if self.past.is_empty() {
+            for name in &io.inputs[2..] {
+                let empty = Tensor::from_array((
+                    [self.rows, d.num_heads, 0, d.head_dim],
+                    Vec::<f32>::new(),
+                ))
+                .map_err(|e| Error::run("decoder", e))?;
+                inputs.push((Cow::Owned(name.clone()), empty.into()));
+            }
+        } else {
+            for (name, v) in io.inputs[2..].iter().zip(self.past.drain(..)) {
+                inputs.push((Cow::Owned(name.clone()), v.into()));
+            }
+        }
+        let mut outputs = self
+            .worker
+            .decoder
+            .run(inputs)
+            .map_err(|e| Error::run("decoder", e))?;
+        let mut past = Vec::with_capacity(io.outputs.len() - 1);
+        for name in &io.outputs[1..] {
+            past.push(
+                outputs
+                    .remove(name.as_str())
+                    .ok_or_else(|| Error::run("decoder", format!("no output named {name}")))?,
+            );
+        }
+        let logits = outputs
+            .remove(io.outputs[0].as_str())
+            .ok_or_else(|| Error::run("decoder", "no logits output"))?;
+        drop(outputs);
+        self.past = past;
+        self.total = total;
+        let (shape, data) = logits
+            .try_extract_tensor::<f32>()
+            .map_err(|e| Error::run("decoder", e))?;
+        let v = d.vocab_size;
+        if shape.len() != 3 || shape[0] as usize != self.rows || shape[2] as usize != v {
+            return Err(Error::run(
+                "decoder",
+                format!(
+                    "logits have shape {shape:?}, expected [{}, seq, {v}]",
+                    self.rows
+                ),
+            ));
+        }
+        let s = shape[1] as usize;
+        let mut last = Vec::with_capacity(self.rows * v);
+        for r in 0..self.rows {
+            let start = (r * s + s - 1) * v;
+            last.extend_from_slice(&data[start..start + v]);
+        }
+        Ok(last)
+    }
+
+    fn prefill(&mut self, embeds: Vec<f32>) -> Result<Vec<f32>> {
+        let e = self.moda.manifest.model.embed_dim;
+        let t = Tensor::from_array(([self.rows, 2, e], embeds))
+            .map_err(|err| Error::run("decoder", err))?;
+        self.run(t.into(), 2)
+    }
+}
+
+impl StepModel for DecodeState<'_> {
+    fn step(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let embeds = self.moda.embed_tokens(self.worker, tokens)?;
+        self.run(embeds.into(), 1)
+    }
+
+    fn reorder(&mut self, rows: &[usize]) -> Result<()> {
+        if rows.iter().enumerate().all(|(i, &r)| i == r) {
+            return Ok(());
+        }
+        let mut out = Vec::with_capacity(self.past.len());
+        for v in &self.past {
+            let (shape, data) = v
+                .try_extract_tensor::<f32>()
+                .map_err(|e| Error::run("decoder", e))?;
+            let dims: Vec<usize> = shape.iter().map(|&x| x as usize).collect();
+            let per_row: usize = dims[1..].iter().product();
+            let mut g = Vec::with_capacity(rows.len() * per_row);
+            for &r in rows {
+                g.extend_from_slice(&data[r * per_row..(r + 1) * per_row]);
+            }
+            let mut new_dims = dims.clone();
+            new_dims[0] = rows.len();
+            let t = Tensor::from_array((new_dims, g)).map_err(|e| Error::run("decoder", e))?;
+            out.push(t.into_dyn());
+        }
+        self.past = out;
+        Ok(())
+    }
+}
+
+/// Turns a growing list of token ids into text pieces whose concatenation is the decoded
+/// text: a piece is emitted once the text decoded so far no longer ends in an incomplete
+/// character.
+#[derive(Default)]
+struct TextStream {
+    ids: Vec<u32>,
+    emitted: usize,
+}
+
+impl TextStream {
+    fn push(&mut self, tok: &ModaTokenizer, id: u32) -> String {
+        self.ids.push(id);
+        let Ok(text) = tok.decode(&self.ids, true) else {
+            return String::new();
+        };
+        if text.ends_with('\u{FFFD}') || text.len() < self.emitted {
+            return String::new();
+        }
+        let piece = text.get(self.emitted..).unwrap_or("").to_string();
+        self.emitted = text.len();
+        piece
+    }
+}
