@@ -12,8 +12,11 @@
 //!
 //! [`model`] holds [`Moda`] (threads, memory and the KV cache are described there),
 //! [`generate`] the search and its options, [`manifest`] the bundle's `moda.json` and
-//! [`runtime`] how ONNX Runtime is found.
+//! [`runtime`] how ONNX Runtime is found; [`catalog`] and [`bench`] are what the `moda-sdk`
+//! command line runs: catalog jobs (inputs, shards, resumable output) and the benchmark.
 
+pub mod bench;
+pub mod catalog;
 pub mod error;
 pub mod generate;
 pub mod manifest;

@@ -1,1 +1,718 @@
-fn main() {}
+//! `moda-sdk`: describes and embeds product images with an exported bundle, benchmarks a
+//! bundle and shows what it holds. Arguments in, calls into the `moda_sdk` library (jobs in
+//! `catalog`, measurements in `bench`), errors printed with `{:#}` and an exit code out (see
+//! `shared/STYLE.md`).
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use moda_sdk::bench::{bench, BenchOptions, BenchReport};
+use moda_sdk::catalog::{
+    list_csv, list_paths, run_job, CatalogError, Record, ResumableOutput, Shard, Task,
+};
+use moda_sdk::manifest::{Manifest, TensorInfo, MANIFEST_FILE};
+use moda_sdk::{read_manifest, GenerationOptions, ImageInput, Moda, OpenOptions};
+
+/// The exit status, as `--help` states it.
+macro_rules! exit_codes {
+    () => {
+        "\
+Exit status:
+  0    success
+  1    the job ran, but at least one image failed (its record says why), or a CSV row
+       named no image
+  2    usage error, or the model bundle, ONNX Runtime, an input list or an output file
+       could not be used
+  130  stopped by Ctrl-C (what was written is kept; run the same command again to go on)"
+    };
+}
+
+const EXIT_CODES: &str = exit_codes!();
+
+const AFTER_JOB: &str = concat!(
+    "\
+Output:
+  text (default)  one line per image on stdout, IMAGE<TAB>RESULT; a failed image is written
+                  to stderr instead, as IMAGE<TAB>error: MESSAGE
+  --json          one JSON object per image on stdout, failures included:
+                    describe: {\"image\", \"description\", \"token_ids\", \"logprobs\", \"timings_ms\"}
+                    embed:    {\"image\", \"embedding\"}
+                    failure:  {\"image\", \"error\"}
+  --output FILE   the same JSON records, appended to FILE and flushed one by one. Run the
+                  same command again and it skips the images FILE already records (failures
+                  included: delete their lines to retry them); a half-written last line left
+                  by a crash is cut off first. Give each --shard its own FILE.
+
+\"image\" is the path as given (or found under a directory given), or the CSV cell as written.
+
+",
+    exit_codes!()
+);
+
+#[derive(Parser)]
+#[command(
+    name = "moda-sdk",
+    version,
+    about = "Describe and embed fashion product images with a MODA bundle (ONNX Runtime, CPU)",
+    after_help = EXIT_CODES
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write a description of each image.
+    #[command(after_help = AFTER_JOB)]
+    Describe(DescribeArgs),
+    /// Write the image embedding (the encoder's output) of each image.
+    #[command(after_help = AFTER_JOB)]
+    Embed(EmbedArgs),
+    /// Time each stage of describing one image, and a batch of copies of it.
+    #[command(after_help = EXIT_CODES)]
+    Bench(BenchArgs),
+    /// Show what a bundle's manifest says and which ONNX Runtime library would be loaded.
+    #[command(after_help = EXIT_CODES)]
+    Info(InfoArgs),
+}
+
+#[derive(Args)]
+#[command(next_help_heading = "Model")]
+struct ModelArgs {
+    /// The bundle directory (written by `exporter onnx`). Default: $MODA_MODEL, else the
+    /// demo's bundle, demo/bundle (in the current directory or the MODA repository).
+    #[arg(long, value_name = "DIR")]
+    model: Option<PathBuf>,
+    /// ONNX Runtime threads inside one graph run. Default: the cores available, at most 8.
+    #[arg(long, value_name = "N", value_parser = positive)]
+    threads: Option<usize>,
+    /// Check every bundle file's SHA-256 against the manifest before running (sizes are
+    /// always checked).
+    #[arg(long)]
+    verify_checksums: bool,
+}
+
+#[derive(Args)]
+#[command(next_help_heading = "Input")]
+struct InputArgs {
+    /// Image files, or directories searched recursively for *.jpg, *.jpeg, *.png, *.webp,
+    /// *.gif, *.bmp, *.tif, *.tiff (any letter case; sorted by path).
+    #[arg(
+        value_name = "IMAGE",
+        required_unless_present = "csv",
+        conflicts_with = "csv"
+    )]
+    images: Vec<PathBuf>,
+    /// Take the images from a CSV catalog (with a header row) instead, in row order.
+    #[arg(long, value_name = "FILE", requires = "image_column")]
+    csv: Option<PathBuf>,
+    /// With --csv: the column holding the image paths.
+    #[arg(long, value_name = "COL", requires = "csv")]
+    image_column: Option<String>,
+    /// With --csv: the directory relative image paths start from. Default: the CSV's
+    /// directory.
+    #[arg(long, value_name = "DIR", requires = "csv")]
+    root: Option<PathBuf>,
+}
+
+#[derive(Args)]
+#[command(next_help_heading = "Job")]
+struct JobArgs {
+    /// Write one JSON object per image to stdout instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Append JSON records to FILE instead of writing to stdout, skipping the images it
+    /// already records (a job can be stopped and run again).
+    #[arg(long, value_name = "FILE")]
+    output: Option<PathBuf>,
+    /// Run only shard I of N (0 <= I < N): the images at positions p with p % N == I, so
+    /// that N processes given the same inputs split them.
+    #[arg(long, value_name = "I/N")]
+    shard: Option<Shard>,
+    /// Images run through the model together.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = positive)]
+    batch_size: usize,
+    /// No progress bar, no summary, no failure messages on stderr (text mode still writes
+    /// failures there).
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+/// Generation options, named as in `transformers`' `generate`.
+#[derive(Args)]
+#[command(next_help_heading = "Generation (as in transformers' generate)")]
+struct GenArgs {
+    /// Most tokens generated, the final </s> included [default: the bundle's].
+    #[arg(long, value_name = "N")]
+    max_new_tokens: Option<usize>,
+    /// </s> is forbidden until this many tokens are generated [default: 0].
+    #[arg(long, value_name = "N")]
+    min_new_tokens: Option<usize>,
+    /// Beam search with N beams; 1 is greedy search (or sampling) [default: 1].
+    #[arg(long, value_name = "N")]
+    num_beams: Option<usize>,
+    /// Sample from the distribution instead of taking the most likely token.
+    #[arg(long)]
+    do_sample: bool,
+    /// Sampling temperature, > 0 [default: 1.0].
+    #[arg(long, value_name = "T")]
+    temperature: Option<f32>,
+    /// Sample among the K most likely tokens; 0 turns it off [default: 50].
+    #[arg(long, value_name = "K")]
+    top_k: Option<usize>,
+    /// Sample among the fewest tokens whose probabilities add up to P, in (0, 1]
+    /// [default: 1.0].
+    #[arg(long, value_name = "P")]
+    top_p: Option<f32>,
+    /// Seed of the sampler; each image gets its own generator with this seed [default: 0].
+    #[arg(long, value_name = "N")]
+    seed: Option<u64>,
+    /// Penalty on tokens already generated, > 0; 1.0 is none [default: 1.0].
+    #[arg(long, value_name = "X")]
+    repetition_penalty: Option<f32>,
+    /// Never repeat an n-gram of this size; 0 turns it off [default: 0].
+    #[arg(long, value_name = "N")]
+    no_repeat_ngram_size: Option<usize>,
+    /// Beam search: hypotheses score sum(logprobs) / length^X [default: 1.0].
+    #[arg(long, value_name = "X")]
+    length_penalty: Option<f32>,
+}
+
+impl GenArgs {
+    fn options(&self) -> GenerationOptions {
+        let d = GenerationOptions::default();
+        GenerationOptions {
+            max_new_tokens: self.max_new_tokens,
+            min_new_tokens: self.min_new_tokens.unwrap_or(d.min_new_tokens),
+            num_beams: self.num_beams.unwrap_or(d.num_beams),
+            do_sample: self.do_sample,
+            temperature: self.temperature.unwrap_or(d.temperature),
+            top_k: self.top_k.unwrap_or(d.top_k),
+            top_p: self.top_p.unwrap_or(d.top_p),
+            seed: self.seed.unwrap_or(d.seed),
+            repetition_penalty: self.repetition_penalty.unwrap_or(d.repetition_penalty),
+            no_repeat_ngram_size: self.no_repeat_ngram_size.unwrap_or(d.no_repeat_ngram_size),
+            length_penalty: self.length_penalty.unwrap_or(d.length_penalty),
+        }
+    }
+}
+
+#[derive(Args)]
+struct DescribeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    input: InputArgs,
+    #[command(flatten)]
+    job: JobArgs,
+    #[command(flatten)]
+    gen: GenArgs,
+}
+
+#[derive(Args)]
+struct EmbedArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    input: InputArgs,
+    #[command(flatten)]
+    job: JobArgs,
+    /// Scale each embedding to unit length (cosine similarity is then a dot product).
+    #[arg(long, help_heading = "Embedding")]
+    normalize: bool,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The image to describe.
+    #[arg(value_name = "IMAGE")]
+    image: PathBuf,
+    /// Tokens generated per description (exactly: </s> cannot end it early) [default: 64, or
+    /// as many as the decoder's positions hold].
+    #[arg(long, value_name = "N", value_parser = positive)]
+    tokens: Option<usize>,
+    /// Measured runs after one warm-up; each figure is the median.
+    #[arg(long, value_name = "R", default_value_t = BenchOptions::default().reps, value_parser = positive)]
+    reps: usize,
+    /// Copies of the image described as one batch, for images/s.
+    #[arg(long, value_name = "B", default_value_t = BenchOptions::default().batch, value_parser = positive)]
+    batch: usize,
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct InfoArgs {
+    /// The bundle directory. Default: $MODA_MODEL, else demo/bundle (in the current directory
+    /// or the MODA repository).
+    #[arg(long, value_name = "DIR")]
+    model: Option<PathBuf>,
+    /// Print one JSON object: the manifest, with each file's size on disk and the ONNX
+    /// Runtime library.
+    #[arg(long)]
+    json: bool,
+}
+
+fn positive(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".to_string()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Describe(a) => {
+            let task = Task::Describe(a.gen.options());
+            job(&a.model, &a.input, &a.job, task)
+        }
+        Command::Embed(a) => job(
+            &a.model,
+            &a.input,
+            &a.job,
+            Task::Embed {
+                normalize: a.normalize,
+            },
+        ),
+        Command::Bench(a) => run_bench(&a),
+        Command::Info(a) => info(&a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            if is_broken_pipe(&e) {
+                // The reader of stdout went away (`| head`): not an error of ours.
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("moda-sdk: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    matches!(
+        e.downcast_ref::<CatalogError>(),
+        Some(CatalogError::Emit(io)) if io.kind() == std::io::ErrorKind::BrokenPipe
+    )
+}
+
+/// The bundle to use: `--model`, `$MODA_MODEL`, or the demo's bundle.
+fn resolve_model(arg: Option<&Path>) -> anyhow::Result<PathBuf> {
+    let make = "make one with `make demo` (in the MODA repository; writes demo/bundle) or \
+                `exporter onnx --checkpoint CKPT --out DIR`";
+    let (dir, from) = if let Some(p) = arg {
+        (p.to_path_buf(), "--model")
+    } else if let Some(p) = std::env::var_os("MODA_MODEL").filter(|p| !p.is_empty()) {
+        (PathBuf::from(p), "$MODA_MODEL")
+    } else {
+        let mut candidates = Vec::new();
+        if let Ok(cwd) = std::env::current_dir() {
+            candidates.push(cwd.join("demo").join("bundle"));
+        }
+        // This crate's source is `<workspace>/sdk`.
+        if let Some(ws) = Path::new(env!("CARGO_MANIFEST_DIR")).parent() {
+            let c = ws.join("demo").join("bundle");
+            if !candidates.contains(&c) {
+                candidates.push(c);
+            }
+        }
+        if let Some(found) = candidates.iter().find(|c| c.join(MANIFEST_FILE).is_file()) {
+            return Ok(found.clone());
+        }
+        bail!(
+            "no model bundle: pass --model DIR or set MODA_MODEL (looked for {}); {make}",
+            candidates
+                .iter()
+                .map(|c| c.display().to_string())
+                .collect::<Vec<_>>()
+                .join(" and ")
+        );
+    };
+    if !dir.is_dir() {
+        bail!(
+            "model bundle {} (from {from}) does not exist; {make}",
+            dir.display()
+        );
+    }
+    Ok(dir)
+}
+
+fn open_model(args: &ModelArgs) -> anyhow::Result<Moda> {
+    let dir = resolve_model(args.model.as_deref())?;
+    let opts = OpenOptions {
+        intra_threads: args.threads,
+        verify_checksums: args.verify_checksums,
+        ..Default::default()
+    };
+    Ok(Moda::open(&dir, &opts)?)
+}
+
+/// `describe` and `embed`.
+fn job(
+    model: &ModelArgs,
+    input: &InputArgs,
+    job: &JobArgs,
+    task: Task,
+) -> anyhow::Result<ExitCode> {
+    let listing = match (&input.csv, &input.image_column) {
+        (Some(csv), Some(col)) => list_csv(csv, col, input.root.as_deref())?,
+        (Some(_), None) => bail!("--csv needs --image-column"),
+        _ => list_paths(&input.images)?,
+    };
+    for s in &listing.skipped {
+        eprintln!("moda-sdk: skipped: {s}");
+    }
+    if listing.items.is_empty() {
+        bail!(
+            "no images to {}: directories are searched for files ending in .{}",
+            task.name(),
+            moda_sdk::catalog::IMAGE_EXTENSIONS.join(", .")
+        );
+    }
+    let items = job.shard.unwrap_or(Shard::ALL).select(listing.items);
+    let mut output = None;
+    let mut earlier_failures = 0;
+    let mut todo = items.clone();
+    if let Some(path) = &job.output {
+        let (out, recorded) = ResumableOutput::open(path, &task)?;
+        if recorded.truncated_bytes > 0 && !job.quiet {
+            eprintln!(
+                "moda-sdk: cut off an incomplete last line ({} bytes) of {}",
+                recorded.truncated_bytes,
+                path.display()
+            );
+        }
+        earlier_failures = items
+            .iter()
+            .filter(|it| recorded.images.get(&it.key) == Some(&true))
+            .count();
+        todo.retain(|it| !recorded.images.contains_key(&it.key));
+        if !job.quiet && todo.len() < items.len() {
+            eprintln!(
+                "moda-sdk: {} of {} images already in {}; {} to go",
+                items.len() - todo.len(),
+                items.len(),
+                path.display(),
+                todo.len()
+            );
+        }
+        output = Some(out);
+    }
+
+    let moda = open_model(model)?;
+    if let Task::Describe(opts) = &task {
+        let max_new = opts
+            .max_new_tokens
+            .unwrap_or(moda.manifest().generation.max_new_tokens);
+        opts.validate(max_new)?;
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        // A first Ctrl-C finishes the batch in flight; a second one stops at once.
+        let installed = ctrlc::set_handler(move || {
+            if stop.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+        });
+        if let Err(e) = installed {
+            eprintln!("moda-sdk: warning: cannot catch Ctrl-C: {e}");
+        }
+    }
+
+    let bar = progress_bar(todo.len() as u64, job.quiet, task.name());
+    let stdout = std::io::stdout();
+    let mut emit = |r: &Record| -> std::io::Result<()> {
+        let text_mode = output.is_none() && !job.json;
+        if let Record::Error { image, error } = r {
+            if text_mode || !job.quiet {
+                bar.suspend(|| eprintln!("{image}\terror: {}", one_line(error)));
+            }
+        }
+        match &mut output {
+            Some(out) => out.append(r)?,
+            None => {
+                let line = if job.json {
+                    Some(r.to_json())
+                } else {
+                    text_line(r)
+                };
+                if let Some(line) = line {
+                    bar.suspend(|| -> std::io::Result<()> {
+                        let mut out = stdout.lock();
+                        writeln!(out, "{line}")?;
+                        out.flush()
+                    })?;
+                }
+            }
+        }
+        bar.inc(1);
+        Ok(())
+    };
+    let summary = run_job(&moda, &todo, &task, job.batch_size, &stop, &mut emit)?;
+    bar.finish_and_clear();
+
+    let failed = summary.failed + earlier_failures;
+    if !job.quiet {
+        let mut msg = format!(
+            "moda-sdk: {} images: {} {}, {} failed",
+            summary.done,
+            summary.done - summary.failed,
+            match task {
+                Task::Describe(_) => "described",
+                Task::Embed { .. } => "embedded",
+            },
+            summary.failed
+        );
+        if items.len() > todo.len() {
+            msg += &format!(
+                "; {} recorded earlier ({earlier_failures} failed)",
+                items.len() - todo.len()
+            );
+        }
+        eprintln!("{msg}");
+    }
+    if summary.interrupted {
+        eprintln!(
+            "moda-sdk: interrupted after {} of {} images{}",
+            summary.done,
+            todo.len(),
+            if job.output.is_some() {
+                "; run the same command again to go on"
+            } else {
+                ""
+            }
+        );
+        return Ok(ExitCode::from(130));
+    }
+    Ok(if failed > 0 || !listing.skipped.is_empty() {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn progress_bar(len: u64, quiet: bool, what: &str) -> ProgressBar {
+    if quiet || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let style = ProgressStyle::with_template(&format!(
+        "{what} {{wide_bar}} {{pos}}/{{len}} images, {{per_sec}}, ETA {{eta}}"
+    ))
+    .unwrap_or_else(|_| ProgressStyle::default_bar());
+    ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr()).with_style(style)
+}
+
+/// Text on one line: control characters (newlines, tabs, escapes) become spaces, as text
+/// output is one line per image and goes to terminals; `--json` keeps the exact text.
+fn one_line(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
+/// The text-mode line of a successful record.
+fn text_line(r: &Record) -> Option<String> {
+    match r {
+        Record::Description {
+            image, description, ..
+        } => Some(format!("{image}\t{}", one_line(description))),
+        Record::Embedding { image, embedding } => Some(format!(
+            "{image}\t{}",
+            embedding
+                .iter()
+                .map(|x| x.to_string())
+                .collect::<Vec<_>>()
+                .join(" ")
+        )),
+        Record::Error { .. } => None,
+    }
+}
+
+fn run_bench(a: &BenchArgs) -> anyhow::Result<ExitCode> {
+    let moda = open_model(&a.model)?;
+    let d = moda.manifest().model;
+    // The image prefix and the BOS come before the generated tokens.
+    let room = d.max_positions.saturating_sub(d.prefix_len + 1).max(1);
+    let opts = BenchOptions {
+        tokens: a.tokens.unwrap_or(BenchOptions::default().tokens.min(room)),
+        reps: a.reps,
+        batch: a.batch,
+    };
+    let report = bench(&moda, &ImageInput::Path(&a.image), &opts)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print_bench(&report, moda.dir());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_bench(r: &BenchReport, dir: &Path) {
+    let opt = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:10.2} ms"));
+    println!(
+        "{}: bundle {} ({}), {} threads, {} tokens, median of {} runs",
+        r.image,
+        dir.display(),
+        r.quantization,
+        r.threads,
+        r.tokens,
+        r.reps
+    );
+    println!("  {:<22}{:10.2} ms", "preprocess", r.preprocess_ms);
+    println!("  {:<22}{:10.2} ms", "encoder", r.encoder_ms);
+    println!("  {:<22}{:10.2} ms", "projector", r.projector_ms);
+    println!("  {:<22}{:10.2} ms", "prefill", r.prefill_ms);
+    if let Some(s) = r.early_step {
+        println!(
+            "  {:<22}{}",
+            format!("decode step {s}"),
+            opt(r.token_ms_early)
+        );
+    }
+    if let Some(s) = r.late_step.filter(|&s| Some(s) != r.early_step) {
+        println!(
+            "  {:<22}{}",
+            format!("decode step {s}"),
+            opt(r.token_ms_late)
+        );
+    }
+    let steps = r
+        .decode_tokens_per_s
+        .map_or(String::new(), |v| format!("  ({v:.1} steps/s)"));
+    println!(
+        "  {:<22}{:10.2} ms{steps}",
+        "decode, all steps", r.decode_ms
+    );
+    println!(
+        "  {:<22}{:10.2} ms  ({:.1} tokens/s)",
+        "describe", r.describe_ms, r.tokens_per_s
+    );
+    println!(
+        "  {:<22}{:10.2} ms  ({:.1} images/s)",
+        format!("batch of {}", r.batch),
+        r.batch_ms,
+        r.images_per_s
+    );
+    match r.peak_rss_mb {
+        Some(m) => println!("  {:<22}{m:10.0} MiB", "peak RSS"),
+        None => println!("  {:<22}{:>10}", "peak RSS", "unknown"),
+    }
+}
+
+fn info(a: &InfoArgs) -> anyhow::Result<ExitCode> {
+    let dir = resolve_model(a.model.as_deref())?;
+    let manifest = read_manifest(&dir)?;
+    let runtime = moda_sdk::runtime::runtime().map(|rt| rt.library().to_path_buf());
+    let on_disk = |name: &str| std::fs::metadata(dir.join(name)).ok().map(|m| m.len());
+    if a.json {
+        let mut v = serde_json::to_value(&manifest).context("serialising the manifest")?;
+        v["bundle"] = serde_json::json!(dir.display().to_string());
+        if let Some(files) = v.get_mut("files").and_then(|f| f.as_object_mut()) {
+            for (name, f) in files.iter_mut() {
+                f["bytes_on_disk"] = serde_json::json!(on_disk(name));
+            }
+        }
+        v["onnxruntime"] = match &runtime {
+            Ok(lib) => serde_json::json!({"library": lib.display().to_string(), "error": null}),
+            Err(e) => serde_json::json!({"library": null, "error": e.to_string()}),
+        };
+        println!("{v}");
+    } else {
+        print_info(&dir, &manifest, &on_disk, &runtime);
+    }
+    match runtime {
+        Ok(_) => Ok(ExitCode::SUCCESS),
+        Err(e) => {
+            if !a.json {
+                eprintln!("moda-sdk: error: {e}");
+            }
+            Ok(ExitCode::from(2))
+        }
+    }
+}
+
+fn print_info(
+    dir: &Path,
+    m: &Manifest,
+    on_disk: &dyn Fn(&str) -> Option<u64>,
+    runtime: &Result<PathBuf, moda_sdk::runtime::RuntimeError>,
+) {
+    let d = &m.model;
+    let g = &m.generation;
+    let s = &m.special_tokens;
+    println!("bundle        {}", dir.display());
+    println!("format        {} version {}", m.format, m.format_version);
+    println!("exporter      {} {}", m.exporter.name, m.exporter.version);
+    println!("quantization  {}", m.quantization);
+    println!(
+        "model         image {0}x{0}x{1}, embedding {2}, decoder {3} layers x {4} heads x {5} \
+         (hidden {6}, input embeddings {7}), vocabulary {8}, {9} positions, image prefix {10}",
+        d.image_size,
+        d.num_channels,
+        d.projection_dim,
+        d.num_layers,
+        d.num_heads,
+        d.head_dim,
+        d.hidden_size,
+        d.embed_dim,
+        d.vocab_size,
+        d.max_positions,
+        d.prefix_len
+    );
+    println!(
+        "generation    max_new_tokens {}, num_beams {}, do_sample {}",
+        g.max_new_tokens, g.num_beams, g.do_sample
+    );
+    println!("tokens        bos {}, eos {}, pad {}", s.bos, s.eos, s.pad);
+    println!("tokenizer     {}", m.tokenizer);
+    println!("graphs");
+    let tensor = |t: &TensorInfo| {
+        let shape: Vec<String> = t
+            .shape
+            .iter()
+            .map(|x| match x {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            })
+            .collect();
+        format!("{} {} [{}]", t.name, t.dtype, shape.join(", "))
+    };
+    for (role, gi) in &m.graphs {
+        println!("  {role} ({})", gi.file);
+        for t in &gi.inputs {
+            println!("    in   {}", tensor(t));
+        }
+        for t in &gi.outputs {
+            println!("    out  {}", tensor(t));
+        }
+    }
+    println!("files");
+    let width = m.files.keys().map(String::len).max().unwrap_or(0);
+    for (name, f) in &m.files {
+        let state = match on_disk(name) {
+            None => "MISSING".to_string(),
+            Some(n) if n != f.bytes => format!("SIZE DIFFERS: {n} bytes on disk"),
+            Some(_) => "ok".to_string(),
+        };
+        println!("  {name:<width$}  {:>12} bytes  {state}", f.bytes);
+    }
+    match runtime {
+        Ok(lib) => println!("onnxruntime   {}", lib.display()),
+        Err(_) => println!("onnxruntime   cannot be loaded (see below)"),
+    }
+}

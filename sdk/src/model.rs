@@ -430,11 +430,17 @@ impl Moda {
                 &self.session_options,
             )?)
         };
+        // Largest first: loading a graph briefly needs more than its final size, and that
+        // peak comes on top of what is already loaded.
+        let decoder = open("decoder")?;
+        let encoder = open("encoder")?;
+        let embed = open("embed_tokens")?;
+        let projector = open("projector")?;
         Ok(Worker {
-            encoder: open("encoder")?,
-            projector: open("projector")?,
-            embed: open("embed_tokens")?,
-            decoder: open("decoder")?,
+            encoder,
+            projector,
+            embed,
+            decoder,
         })
     }
 
@@ -589,6 +595,15 @@ impl Moda {
             .max_new_tokens
             .unwrap_or(self.manifest.generation.max_new_tokens);
         options.validate(max_new)?;
+        let d = self.manifest.model;
+        if d.prefix_len + max_new > d.max_positions {
+            return Err(Error::InvalidArgument(format!(
+                "max_new_tokens {max_new} is more than this model's {} positions allow \
+                 (at most {})",
+                d.max_positions,
+                d.max_positions.saturating_sub(d.prefix_len)
+            )));
+        }
         let (pixels, slots) = self.preprocess_all(images);
         let preprocess_ms = ms_since(t0);
         let n = pixels.len() / self.pixels_per_image();
@@ -670,10 +685,7 @@ impl Moda {
                     let g = gen.next().ok_or_else(|| {
                         Error::InvalidArgument("generation returned too few rows".into())
                     })?;
-                    let text = self
-                        .tokenizer
-                        .decode(&g.token_ids, true)
-                        .map_err(|e| Error::Tokenizer(e.to_string()))?;
+                    let text = decode_text(&self.tokenizer, &g.token_ids)?;
                     let decode_ms = g.step_ms.iter().sum();
                     out.push(Ok(Description {
                         text,
@@ -982,6 +994,20 @@ impl StepModel for DecodeState<'_> {
     }
 }
 
+/// The text of generated ids, special tokens left out. Ids the tokenizer does not know are
+/// skipped, as `transformers`' `decode` does: a model's embedding table is often larger than
+/// its tokenizer's vocabulary (OPT-125m: 50272 rows, 50265 tokens), and those rows can be
+/// generated.
+fn decode_text(tok: &ModaTokenizer, ids: &[u32]) -> Result<String> {
+    let known: Vec<u32> = ids
+        .iter()
+        .copied()
+        .filter(|&id| tok.inner().id_to_token(id).is_some())
+        .collect();
+    tok.decode(&known, true)
+        .map_err(|e| Error::Tokenizer(e.to_string()))
+}
+
 /// Turns a growing list of token ids into text pieces whose concatenation is the decoded
 /// text: a piece is emitted once the text decoded so far no longer ends in an incomplete
 /// character.
@@ -994,7 +1020,7 @@ struct TextStream {
 impl TextStream {
     fn push(&mut self, tok: &ModaTokenizer, id: u32) -> String {
         self.ids.push(id);
-        let Ok(text) = tok.decode(&self.ids, true) else {
+        let Ok(text) = decode_text(tok, &self.ids) else {
             return String::new();
         };
         if text.ends_with('\u{FFFD}') || text.len() < self.emitted {

@@ -6,10 +6,12 @@
 //! 1. `ORT_DYLIB_PATH` (a file). When it is set, it is the only place tried: a wrong value is an
 //!    error, not silently replaced by another library;
 //! 2. next to the executable (and one directory up, for `cargo test` binaries in `deps/`);
-//! 3. the project's own install, `.ort/<version>/onnxruntime/capi/`, written by
+//! 3. next to the shared library that holds this code, when it is one (`libmoda.so`, where
+//!    `make install` puts ONNX Runtime beside it; found with `dladdr`, on Unix);
+//! 4. the project's own install, `.ort/<version>/onnxruntime/capi/`, written by
 //!    `scripts/setup.sh` (the workspace is found from where this crate was built, and from
 //!    the current directory and its ancestors);
-//! 4. a Python `onnxruntime` package (`python3 -c "import onnxruntime"`).
+//! 5. a Python `onnxruntime` package (`python3 -c "import onnxruntime"`).
 //!
 //! If none loads, one error lists every place tried and how to fix it. The environment is
 //! created once ([`std::sync::OnceLock`]); `ort` allows only one per process.
@@ -194,6 +196,49 @@ fn project_installs() -> Vec<PathBuf> {
     dirs
 }
 
+/// The directory of the file that holds this code, found with `dladdr`: libmoda's own
+/// directory when the SDK is linked into `libmoda.so` (the executable's when it is linked
+/// into the executable, which the search has already tried).
+#[cfg(unix)]
+fn own_library_dir() -> Option<PathBuf> {
+    use std::ffi::{c_char, c_int, c_void, CStr, OsStr};
+    use std::os::unix::ffi::OsStrExt;
+
+    /// `Dl_info` of glibc, musl and macOS.
+    #[repr(C)]
+    struct DlInfo {
+        dli_fname: *const c_char,
+        dli_fbase: *mut c_void,
+        dli_sname: *const c_char,
+        dli_saddr: *mut c_void,
+    }
+    extern "C" {
+        fn dladdr(addr: *const c_void, info: *mut DlInfo) -> c_int;
+    }
+    let mut info = DlInfo {
+        dli_fname: std::ptr::null(),
+        dli_fbase: std::ptr::null_mut(),
+        dli_sname: std::ptr::null(),
+        dli_saddr: std::ptr::null_mut(),
+    };
+    let addr = own_library_dir as fn() -> Option<PathBuf> as *const c_void;
+    // SAFETY: dladdr only reads the address and fills `info`.
+    let found = unsafe { dladdr(addr, &mut info) };
+    if found == 0 || info.dli_fname.is_null() {
+        return None;
+    }
+    // SAFETY: dladdr sets dli_fname to a NUL-terminated path that lives as long as the object.
+    let name = unsafe { CStr::from_ptr(info.dli_fname) };
+    let file = Path::new(OsStr::from_bytes(name.to_bytes()));
+    let file = file.canonicalize().unwrap_or_else(|_| file.to_path_buf());
+    file.parent().map(Path::to_path_buf)
+}
+
+#[cfg(not(unix))]
+fn own_library_dir() -> Option<PathBuf> {
+    None
+}
+
 /// The `capi` directory of an installed Python `onnxruntime` package, if any.
 fn python_install() -> Result<PathBuf, String> {
     let out = Command::new("python3")
@@ -248,6 +293,14 @@ fn load() -> Result<Runtime, RuntimeError> {
             if let Some(up) = dir.parent() {
                 dirs.push(("next to the executable".to_string(), up.to_path_buf()));
             }
+        }
+    }
+    if let Some(dir) = own_library_dir() {
+        if !dirs.iter().any(|(_, d)| *d == dir) {
+            dirs.push((
+                "next to the library holding the SDK (libmoda)".to_string(),
+                dir,
+            ));
         }
     }
     for d in project_installs() {

@@ -1,0 +1,197 @@
+#!/usr/bin/env python3
+"""MODA describe: the Rust SDK (ONNX Runtime) against the original PyTorch + transformers model
+on the same real-size random weights, side by side in one run (developer-only; not in CI).
+
+    /work/pyenv/bin/python scripts/make_fixtures.py --full-size FULL      # backbones, once
+    /work/pyenv/bin/python scripts/bench_sdk.py --full-size FULL --work W   # prepare + measure
+
+`prepare` (run first, automatically, when W has no bundles): a FashionOPT `state_dict` (the
+original recipe's `.pth`: `opt.*`, `embed_tokens.weight`, `projection.*`) from FULL/opt-125m with
+a seeded projector (nn.Linear's default init), then `exporter onnx` writes W/bundle-fp32,
+W/bundle-int8 and W/bundle-int4 from it with FULL/clip-vit-b32 as the encoder. The tokenizer is
+the fixture one (tests/fixtures/tokenizer): only the ids matter for timing.
+
+`measure`: for each bundle, `moda-sdk bench --json` (one image, N tokens, greedy, forced length);
+then PyTorch in a fresh process: CLIPImageProcessor (Pillow) + CLIPVisionModelWithProjection +
+projector + OPTForCausalLM with a DynamicCache, greedy, the same N tokens, timing each decode
+step; peak RSS of each process. Prints a table and writes W/bench.json.
+
+Machine threads: both sides use every core the process may use (torch's default; the SDK's
+default intra-op threads).
+"""
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def prepare(full: Path, work: Path, exporter: str):
+    import torch
+    import torch.nn as nn
+    from transformers import OPTForCausalLM
+
+    work.mkdir(parents=True, exist_ok=True)
+    dec = work / "opt-125m"
+    dec.mkdir(exist_ok=True)
+    for f in (full / "opt-125m").iterdir():
+        t = dec / f.name
+        if not t.exists():
+            os.symlink(f.resolve(), t)
+    for f in (ROOT / "tests/fixtures/tokenizer").iterdir():
+        if f.suffix in (".json", ".txt") and f.name != "tokenizer_cases.json":
+            shutil.copy(f, dec / f.name)
+    pth = work / "fashion_opt.pth"
+    if not pth.exists():
+        torch.manual_seed(0)
+        opt = OPTForCausalLM.from_pretrained(full / "opt-125m", dtype=torch.float32)
+        clip_cfg = json.loads((full / "clip-vit-b32/config.json").read_text())
+        proj_dim = clip_cfg.get("projection_dim", 512)
+        h = opt.config.word_embed_proj_dim
+        projection = nn.Sequential(nn.Linear(proj_dim, 4 * h), nn.GELU(), nn.Linear(4 * h, h))
+        sd = {f"opt.{k}": v for k, v in opt.state_dict().items()}
+        sd["embed_tokens.weight"] = opt.get_input_embeddings().weight
+        sd.update({f"projection.{k}": v for k, v in projection.state_dict().items()})
+        torch.save(sd, pth)
+    for q in ("none", "int8", "int4"):
+        out = work / f"bundle-{'fp32' if q == 'none' else q}"
+        if (out / "moda.json").exists():
+            continue
+        cmd = [exporter, "onnx", "--checkpoint", str(pth), "--encoder", str(full / "clip-vit-b32"),
+               "--decoder", str(dec), "--out", str(out), "--quantize", q, "--force"]
+        print("+", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True)
+
+
+PYTORCH_CHILD = r"""
+import json, resource, sys, time
+import torch, torch.nn as nn
+from PIL import Image
+from transformers import CLIPImageProcessorPil, CLIPVisionModelWithProjection, OPTForCausalLM, DynamicCache
+full, pth, image, tokens, reps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+torch.manual_seed(0)
+proc = CLIPImageProcessorPil.from_pretrained(full + "/clip-vit-b32")
+clip = CLIPVisionModelWithProjection.from_pretrained(full + "/clip-vit-b32", dtype=torch.float32).eval()
+opt = OPTForCausalLM.from_pretrained(full + "/opt-125m", dtype=torch.float32).eval()
+sd = torch.load(pth, weights_only=True)
+h = opt.config.word_embed_proj_dim
+projection = nn.Sequential(nn.Linear(clip.config.projection_dim, 4 * h), nn.GELU(), nn.Linear(4 * h, h))
+projection.load_state_dict({k[len("projection."):]: v for k, v in sd.items() if k.startswith("projection.")})
+opt.load_state_dict({k[len("opt."):]: v for k, v in sd.items() if k.startswith("opt.")}, strict=False)
+emb = opt.get_input_embeddings()
+
+def describe():
+    t = {}
+    t0 = time.perf_counter()
+    px = proc(images=Image.open(image), return_tensors="pt")["pixel_values"]
+    t["preprocess"] = time.perf_counter() - t0
+    with torch.inference_mode():
+        t1 = time.perf_counter()
+        e = clip(pixel_values=px).image_embeds
+        t["encoder"] = time.perf_counter() - t1
+        t1 = time.perf_counter()
+        prefix = projection(e).unsqueeze(1)
+        t["projector"] = time.perf_counter() - t1
+        t1 = time.perf_counter()
+        x = torch.cat([prefix, emb(torch.tensor([[2]]))], 1)
+        cache = DynamicCache()
+        mask = torch.ones(1, 2, dtype=torch.long)
+        out = opt(inputs_embeds=x, attention_mask=mask, past_key_values=cache, use_cache=True)
+        t["prefill"] = time.perf_counter() - t1
+        steps = []
+        ids = []
+        logits = out.logits[:, -1]
+        for i in range(tokens):
+            tok = int(logits.argmax(-1))
+            ids.append(tok)
+            if i + 1 == tokens:
+                break
+            t1 = time.perf_counter()
+            mask = torch.ones(1, mask.shape[1] + 1, dtype=torch.long)
+            out = opt(inputs_embeds=emb(torch.tensor([[tok]])), attention_mask=mask,
+                      past_key_values=out.past_key_values, use_cache=True)
+            logits = out.logits[:, -1]
+            steps.append(time.perf_counter() - t1)
+    t["total"] = time.perf_counter() - t0
+    return t, steps, ids
+
+describe()
+runs = [describe() for _ in range(reps)]
+def med(xs):
+    xs = sorted(xs); return xs[len(xs) // 2]
+res = {k: med([r[0][k] for r in runs]) * 1e3 for k in runs[0][0]}
+steps = [[s * 1e3 for s in r[1]] for r in runs]
+res["step_ms"] = [med([s[i] for s in steps]) for i in range(len(steps[0]))]
+res["tokens"] = len(runs[0][2])
+res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+res["torch"] = torch.__version__
+res["threads"] = torch.get_num_threads()
+print(json.dumps(res))
+"""
+
+
+def per_token(steps, pos):
+    """Median-ish time of the decode steps around generated position `pos` (1-based)."""
+    i = max(0, min(len(steps) - 1, pos - 1))
+    window = steps[max(0, i - 2): i + 3]
+    return sum(window) / len(window)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--full-size", required=True, type=Path)
+    ap.add_argument("--work", required=True, type=Path)
+    ap.add_argument("--image", type=Path, default=ROOT / "tests/fixtures/images/photo.jpg")
+    ap.add_argument("--tokens", type=int, default=24)
+    ap.add_argument("--long-tokens", type=int, default=64, help="for the per-token time at position 60")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--bin", default=str(ROOT / "target/release"), help="where exporter and moda-sdk are")
+    args = ap.parse_args()
+    exporter = str(Path(args.bin) / "exporter")
+    sdk = str(Path(args.bin) / "moda-sdk")
+    prepare(args.full_size, args.work, exporter)
+
+    rows = {}
+    for name in ("fp32", "int8", "int4"):
+        bundle = args.work / f"bundle-{name}"
+        r = {}
+        for n in (args.tokens, args.long_tokens):
+            cmd = [sdk, "bench", "--model", str(bundle), str(args.image), "--tokens", str(n),
+                   "--reps", str(args.reps), "--json"]
+            print("+", " ".join(cmd), flush=True)
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            r[n] = json.loads(out.strip().splitlines()[-1])
+        rows[name] = r
+    cmd = [sys.executable, "-c", PYTORCH_CHILD, str(args.full_size), str(args.work / "fashion_opt.pth"),
+           str(args.image), str(args.long_tokens), str(args.reps)]
+    print("+ pytorch", flush=True)
+    pt_long = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+    cmd[-2] = str(args.tokens)
+    pt = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+    result = {"sdk": rows, "pytorch": {"short": pt, "long": pt_long},
+              "machine": os.uname().machine, "cpus": os.cpu_count()}
+    (args.work / "bench.json").write_text(json.dumps(result, indent=1))
+
+    print(f"\none image, {args.tokens} generated tokens, greedy; per-token at positions 5 and 60 "
+          f"from a {args.long_tokens}-token run; {args.reps} reps (median)")
+    print(f"{'':>22} {'describe ms':>12} {'vs torch':>9} {'encoder':>8} {'prefill':>8} "
+          f"{'tok@5':>7} {'tok@60':>7} {'60/5':>5} {'peak RSS MB':>12}")
+    t5, t60 = per_token(pt_long["step_ms"], 5), per_token(pt_long["step_ms"], 60)
+    print(f"{'pytorch+transformers':>22} {pt['total']:12.1f} {1.0:9.2f} {pt['encoder']:8.1f} "
+          f"{pt['prefill']:8.1f} {t5:7.1f} {t60:7.1f} {t60 / t5:5.2f} {pt['peak_rss_mb']:12.0f}")
+    for name, r in rows.items():
+        s, l = r[args.tokens], r[args.long_tokens]
+        print(f"{'moda-sdk ' + name:>22} {s['describe_ms']:12.1f} {s['describe_ms'] / pt['total']:9.2f} "
+              f"{s['encoder_ms']:8.1f} {s['prefill_ms']:8.1f} {l['token_ms_early']:7.1f} "
+              f"{l['token_ms_late']:7.1f} {l['token_ms_late'] / l['token_ms_early']:5.2f} "
+              f"{(s.get('peak_rss_mb') or 0):12.0f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,229 @@
+//! `moda-sdk bench`: where the time of one description goes, and how fast a batch runs.
+//!
+//! Greedy search with exactly `tokens` generated tokens (`min_new_tokens = max_new_tokens`,
+//! so `</s>` cannot end it early), one warm-up run, then the median over `reps` runs of each
+//! stage ([`Timings`]). Per-token decode times are read from [`Timings::step_ms`] around an
+//! early step (5) and a late one (60, or the last step for shorter runs): the mean of up to
+//! five steps centred on it, which smooths one-step noise without hiding a trend. "Step `i`"
+//! is the `i`-th decoder run after the prefill (1-based): it feeds generated token `i` with
+//! `i + 1` positions already in the KV cache and yields token `i + 1`, the way
+//! `scripts/bench_sdk.py` counts PyTorch's steps.
+//!
+//! Peak memory is the process's high-water resident set (`VmHWM` in `/proc/self/status`,
+//! Linux only).
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::generate::GenerationOptions;
+use crate::model::{ImageInput, Moda, Timings};
+
+/// The early step whose time [`BenchReport::token_ms_early`] reports.
+pub const EARLY_STEP: usize = 5;
+/// The late step whose time [`BenchReport::token_ms_late`] reports (or the last step).
+pub const LATE_STEP: usize = 60;
+
+/// What to measure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BenchOptions {
+    /// Tokens generated per description (forced: no early stop).
+    pub tokens: usize,
+    /// Measured runs (after one warm-up); medians are reported.
+    pub reps: usize,
+    /// Copies of the image described as one batch for the images/s figure.
+    pub batch: usize,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        Self {
+            tokens: 64,
+            reps: 5,
+            batch: 8,
+        }
+    }
+}
+
+/// The measurements, medians over the runs; times in milliseconds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BenchReport {
+    /// The image, as named.
+    pub image: String,
+    /// The bundle's weight quantization.
+    pub quantization: String,
+    /// ONNX Runtime's intra-op threads.
+    pub threads: usize,
+    /// Tokens generated per description.
+    pub tokens: usize,
+    /// Measured runs.
+    pub reps: usize,
+    /// Images in the batch run.
+    pub batch: usize,
+    /// Decoding and preprocessing the image.
+    pub preprocess_ms: f64,
+    /// The image encoder.
+    pub encoder_ms: f64,
+    /// The projector.
+    pub projector_ms: f64,
+    /// The decoder over the image prefix and the BOS.
+    pub prefill_ms: f64,
+    /// All decoder steps after the prefill.
+    pub decode_ms: f64,
+    /// The step [`BenchReport::token_ms_early`] is centred on; `None` with fewer than 2 tokens.
+    pub early_step: Option<usize>,
+    /// Time of one decoder step around [`BenchReport::early_step`].
+    pub token_ms_early: Option<f64>,
+    /// The step [`BenchReport::token_ms_late`] is centred on.
+    pub late_step: Option<usize>,
+    /// Time of one decoder step around [`BenchReport::late_step`].
+    pub token_ms_late: Option<f64>,
+    /// The median time of every step, in order (step 1 first).
+    pub step_ms: Vec<f64>,
+    /// One whole description (`Moda::describe`).
+    pub describe_ms: f64,
+    /// Generated tokens per second of the whole description.
+    pub tokens_per_s: f64,
+    /// Decoder steps per second (the decode phase alone).
+    pub decode_tokens_per_s: Option<f64>,
+    /// One `Moda::describe_batch` of `batch` copies.
+    pub batch_ms: f64,
+    /// Images per second of the batch run.
+    pub images_per_s: f64,
+    /// The process's peak resident memory in MiB (`None` where it cannot be read).
+    pub peak_rss_mb: Option<f64>,
+}
+
+/// Measures `image` with `moda` (see the module documentation).
+pub fn bench(moda: &Moda, image: &ImageInput<'_>, opts: &BenchOptions) -> Result<BenchReport> {
+    let d = moda.manifest().model;
+    if opts.tokens == 0 || opts.reps == 0 || opts.batch == 0 {
+        return Err(Error::InvalidArgument(
+            "tokens, reps and batch must each be at least 1".into(),
+        ));
+    }
+    // The prefix and the BOS take positions before the generated tokens.
+    let room = d.max_positions.saturating_sub(d.prefix_len + 1);
+    if opts.tokens > room {
+        return Err(Error::InvalidArgument(format!(
+            "{} tokens do not fit: the decoder covers {} positions, {} after the image and the \
+             BOS",
+            opts.tokens, d.max_positions, room
+        )));
+    }
+    let gen = GenerationOptions {
+        max_new_tokens: Some(opts.tokens),
+        min_new_tokens: opts.tokens,
+        ..Default::default()
+    };
+    let batch: Vec<ImageInput<'_>> = vec![*image; opts.batch];
+    let describe = || -> Result<Timings> {
+        let t = moda.describe(image, &gen)?.timings;
+        if t.tokens != opts.tokens {
+            return Err(Error::InvalidArgument(format!(
+                "generated {} tokens instead of {}",
+                t.tokens, opts.tokens
+            )));
+        }
+        Ok(t)
+    };
+    let describe_batch = || -> Result<f64> {
+        let t = std::time::Instant::now();
+        for r in moda.describe_batch(&batch, &gen)? {
+            r?;
+        }
+        Ok(t.elapsed().as_secs_f64() * 1e3)
+    };
+    // Warm-up: first runs allocate ONNX Runtime's arenas.
+    describe()?;
+    describe_batch()?;
+    let mut runs = Vec::with_capacity(opts.reps);
+    let mut batch_ms = Vec::with_capacity(opts.reps);
+    for _ in 0..opts.reps {
+        runs.push(describe()?);
+        batch_ms.push(describe_batch()?);
+    }
+    let med = |f: &dyn Fn(&Timings) -> f64| median(runs.iter().map(f).collect());
+    let steps = opts.tokens - 1;
+    let step_ms: Vec<f64> = (0..steps)
+        .map(|i| {
+            median(
+                runs.iter()
+                    .filter_map(|t| t.step_ms.get(i).copied())
+                    .collect(),
+            )
+        })
+        .collect();
+    let at = |step: usize| -> (Option<usize>, Option<f64>) {
+        if steps == 0 {
+            return (None, None);
+        }
+        let s = step.clamp(1, steps);
+        let lo = s.saturating_sub(2).max(1);
+        let hi = (s + 2).min(steps);
+        let window = &step_ms[lo - 1..hi];
+        (
+            Some(s),
+            Some(window.iter().sum::<f64>() / window.len() as f64),
+        )
+    };
+    let (early_step, token_ms_early) = at(EARLY_STEP);
+    let (late_step, token_ms_late) = at(LATE_STEP);
+    let decode_ms = med(&|t| t.decode_ms);
+    let describe_ms = med(&|t| t.total_ms);
+    let batch_ms = median(batch_ms);
+    Ok(BenchReport {
+        image: image.name(),
+        quantization: moda.manifest().quantization.clone(),
+        threads: moda.intra_threads(),
+        tokens: opts.tokens,
+        reps: opts.reps,
+        batch: opts.batch,
+        preprocess_ms: med(&|t| t.preprocess_ms),
+        encoder_ms: med(&|t| t.encoder_ms),
+        projector_ms: med(&|t| t.projector_ms),
+        prefill_ms: med(&|t| t.prefill_ms),
+        decode_ms,
+        early_step,
+        token_ms_early,
+        late_step,
+        token_ms_late,
+        step_ms,
+        describe_ms,
+        tokens_per_s: per_second(opts.tokens, describe_ms),
+        decode_tokens_per_s: (steps > 0).then(|| per_second(steps, decode_ms)),
+        batch_ms,
+        images_per_s: per_second(opts.batch, batch_ms),
+        peak_rss_mb: peak_rss_mb(),
+    })
+}
+
+fn per_second(n: usize, ms: f64) -> f64 {
+    if ms > 0.0 {
+        n as f64 / (ms / 1e3)
+    } else {
+        f64::INFINITY
+    }
+}
+
+/// The median (the upper one of an even count); 0 for none.
+fn median(mut xs: Vec<f64>) -> f64 {
+    if xs.is_empty() {
+        return 0.0;
+    }
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+/// The process's peak resident set in MiB: `VmHWM` of `/proc/self/status`.
+pub fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line
+        .trim_start_matches("VmHWM:")
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
+}

@@ -1,0 +1,978 @@
+//! The `moda-sdk` command line on the recipe fixture bundle (the tiny model of
+//! `tests/fixtures`, exported once per run): `describe` and `embed` against the library and the
+//! transformers fixtures, input listing (directories, CSV), resumable and sharded catalog
+//! jobs, bad images as records, model and runtime errors as exit status 2, `info` and `bench`.
+//!
+//! These tests live in the sdk package, not the `tests` crate, because cargo builds a
+//! package's binaries only for its own integration tests (and names them in
+//! `CARGO_BIN_EXE_*`).
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use moda_sdk::catalog::Record;
+use moda_sdk::{GenerationOptions, ImageInput, Moda, OpenOptions};
+use serde_json::Value;
+
+/// A path under `tests/fixtures` (the workspace's `tests` crate).
+fn fixture(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(rel)
+}
+
+/// The original recipe's fixture (clip_gelu encoder, `moda/fashion_opt.pth` projector and
+/// OPT, opt_preln's tokenizer) exported once per test binary as a verified fp32 bundle, as
+/// `moda_tests::export_recipe_bundle` does for the `tests` crate. (This crate does not depend
+/// on `moda-tests`: that would build libmoda for the SDK's tests.)
+fn bundle() -> &'static Path {
+    static B: OnceLock<PathBuf> = OnceLock::new();
+    B.get_or_init(|| {
+        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("sdk-cli-bundle");
+        let opts = exporter::ExportOptions {
+            checkpoint: fixture("moda/fashion_opt.pth"),
+            out: out.clone(),
+            encoder: fixture("clip_gelu").display().to_string(),
+            decoder: fixture("opt_preln").display().to_string(),
+            quantize: exporter::Quantize::None,
+            force: true,
+            verify: true,
+        };
+        if let Err(e) = exporter::export_onnx(&opts) {
+            panic!("export the recipe fixture to {}: {e}", out.display());
+        }
+        out
+    })
+}
+
+/// The transformers reference `greedy.tokens` (`[2, 8]` int64: photo.jpg, wide.png).
+fn reference_greedy_tokens() -> Vec<Vec<u32>> {
+    let bytes = std::fs::read(fixture("moda/reference.safetensors")).expect("read reference");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
+    let t = st.tensor("greedy.tokens").expect("greedy.tokens");
+    assert_eq!(t.dtype(), safetensors::Dtype::I64);
+    let cols = t.shape()[1];
+    let ids: Vec<u32> = t
+        .data()
+        .chunks_exact(8)
+        .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")) as u32)
+        .collect();
+    ids.chunks(cols).map(<[u32]>::to_vec).collect()
+}
+
+/// A fresh temporary directory, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let n = N.fetch_add(1, Ordering::SeqCst);
+        let p = std::env::temp_dir().join(format!("moda-cli-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        Self(p)
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn moda() -> &'static Moda {
+    static M: OnceLock<Moda> = OnceLock::new();
+    M.get_or_init(|| Moda::open(bundle(), &OpenOptions::default()).expect("open the bundle"))
+}
+
+fn image(name: &str) -> PathBuf {
+    fixture(&format!("images/{name}"))
+}
+
+/// The fixture images that decode.
+const GOOD: [&str; 8] = [
+    "photo.jpg",
+    "wide.png",
+    "gray.png",
+    "gray16.png",
+    "palette.png",
+    "rgba.png",
+    "small.png",
+    "photo_prog422.jpg",
+];
+
+fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// Runs `moda-sdk` with `args` (the bundle is not added), `MODA_MODEL` and `ORT_DYLIB_PATH`
+/// unset unless `env` sets them.
+fn run_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_moda-sdk"));
+    cmd.args(args)
+        .env_remove("MODA_MODEL")
+        .env_remove("ORT_DYLIB_PATH");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run moda-sdk");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("panicked"),
+        "moda-sdk {args:?} panicked:\n{stderr}"
+    );
+    out
+}
+
+/// Runs `moda-sdk SUBCOMMAND --model BUNDLE ARGS...`.
+fn run(sub: &str, args: &[&str]) -> Output {
+    let b = s(bundle());
+    let mut all = vec![sub, "--model", &b];
+    all.extend_from_slice(args);
+    run_env(&all, &[])
+}
+
+fn code(o: &Output) -> i32 {
+    o.status.code().expect("exit code (not killed by a signal)")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8(o.stdout.clone()).expect("stdout is UTF-8")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+/// Asserts exit status `want`, showing stderr otherwise.
+fn expect_code(o: &Output, want: i32) {
+    assert_eq!(code(o), want, "exit status; stderr:\n{}", stderr(o));
+}
+
+/// Every line of `text` as a JSON object.
+fn json_lines(text: &str) -> Vec<Value> {
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect()
+}
+
+fn records(text: &str) -> Vec<Record> {
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a record ({e}): {l}")))
+        .collect()
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v["token_ids"]
+        .as_array()
+        .expect("token_ids")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
+}
+
+fn floats(v: &Value, key: &str) -> Vec<f32> {
+    v[key]
+        .as_array()
+        .unwrap_or_else(|| panic!("{key} array in {v}"))
+        .iter()
+        .map(|x| x.as_f64().expect("number") as f32)
+        .collect()
+}
+
+fn forced(n: usize) -> GenerationOptions {
+    GenerationOptions {
+        max_new_tokens: Some(n),
+        min_new_tokens: n,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn describe_json_matches_transformers_and_the_library() {
+    let photo = image("photo.jpg");
+    let wide = image("wide.png");
+    let o = run(
+        "describe",
+        &[
+            &s(&photo),
+            &s(&wide),
+            "--json",
+            "--max-new-tokens",
+            "8",
+            "--min-new-tokens",
+            "8",
+        ],
+    );
+    expect_code(&o, 0);
+    let lines = json_lines(&stdout(&o));
+    assert_eq!(lines.len(), 2);
+    let want = reference_greedy_tokens();
+    for (i, (v, p)) in lines.iter().zip([&photo, &wide]).enumerate() {
+        assert_eq!(v["image"], s(p));
+        assert_eq!(ids(v), want[i], "{}: tokens vs transformers", s(p));
+        let lib = moda()
+            .describe(&ImageInput::Path(p), &forced(8))
+            .expect("library");
+        assert_eq!(ids(v), lib.token_ids);
+        assert_eq!(v["description"], lib.text.as_str());
+        assert_eq!(floats(v, "logprobs"), lib.logprobs);
+        let t = &v["timings_ms"];
+        assert_eq!(t["tokens"], 8);
+        for k in [
+            "preprocess",
+            "encoder",
+            "projector",
+            "prefill",
+            "decode",
+            "total",
+        ] {
+            let ms = t[k]
+                .as_f64()
+                .unwrap_or_else(|| panic!("timings_ms.{k} in {t}"));
+            assert!(ms > 0.0, "timings_ms.{k} = {ms}");
+        }
+    }
+}
+
+#[test]
+fn describe_text_is_one_line_per_image() {
+    let paths: Vec<String> = GOOD[..3].iter().map(|n| s(&image(n))).collect();
+    let mut args: Vec<&str> = paths.iter().map(String::as_str).collect();
+    args.extend(["--max-new-tokens", "10"]);
+    let o = run("describe", &args);
+    expect_code(&o, 0);
+    let out = stdout(&o);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    let opts = GenerationOptions {
+        max_new_tokens: Some(10),
+        ..Default::default()
+    };
+    for (line, p) in lines.iter().zip(&paths) {
+        let (path, text) = line.split_once('\t').expect("PATH<TAB>TEXT");
+        assert_eq!(path, p);
+        let lib = moda()
+            .describe(&ImageInput::Path(Path::new(p)), &opts)
+            .expect("library");
+        let want: String = lib
+            .text
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
+        assert_eq!(text, want, "{p}");
+    }
+}
+
+#[test]
+fn generation_flags_and_batches_map_onto_the_library() {
+    let photo = image("photo.jpg");
+    let cases: Vec<(Vec<&str>, GenerationOptions)> = vec![
+        (
+            vec!["--num-beams", "3", "--max-new-tokens", "9"],
+            GenerationOptions {
+                num_beams: 3,
+                max_new_tokens: Some(9),
+                ..Default::default()
+            },
+        ),
+        (
+            vec![
+                "--do-sample",
+                "--seed",
+                "7",
+                "--temperature",
+                "1.5",
+                "--top-k",
+                "40",
+                "--top-p",
+                "0.9",
+                "--max-new-tokens",
+                "12",
+            ],
+            GenerationOptions {
+                do_sample: true,
+                seed: 7,
+                temperature: 1.5,
+                top_k: 40,
+                top_p: 0.9,
+                max_new_tokens: Some(12),
+                ..Default::default()
+            },
+        ),
+        (
+            vec![
+                "--repetition-penalty",
+                "1.3",
+                "--no-repeat-ngram-size",
+                "2",
+                "--max-new-tokens",
+                "20",
+                "--min-new-tokens",
+                "20",
+            ],
+            GenerationOptions {
+                repetition_penalty: 1.3,
+                no_repeat_ngram_size: 2,
+                ..forced(20)
+            },
+        ),
+    ];
+    for (flags, opts) in cases {
+        let p = s(&photo);
+        let mut args = vec![p.as_str(), "--json"];
+        args.extend(&flags);
+        let o = run("describe", &args);
+        expect_code(&o, 0);
+        let v = &json_lines(&stdout(&o))[0];
+        let lib = moda()
+            .describe(&ImageInput::Path(&photo), &opts)
+            .expect("library");
+        assert_eq!(ids(v), lib.token_ids, "{flags:?}");
+    }
+    // Batches of 3 give what batches of 1 give.
+    let paths: Vec<String> = GOOD.iter().map(|n| s(&image(n))).collect();
+    let mut args: Vec<&str> = paths.iter().map(String::as_str).collect();
+    args.extend(["--json", "--max-new-tokens", "10"]);
+    let one = run("describe", &args);
+    args.extend(["--batch-size", "3"]);
+    let three = run("describe", &args);
+    expect_code(&one, 0);
+    expect_code(&three, 0);
+    let (one, three) = (json_lines(&stdout(&one)), json_lines(&stdout(&three)));
+    assert_eq!(one.len(), GOOD.len());
+    for (a, b) in one.iter().zip(&three) {
+        assert_eq!(a["image"], b["image"]);
+        assert_eq!(ids(a), ids(b), "{}", a["image"]);
+    }
+    // Out-of-range options are a usage error before any image is run.
+    let o = run(
+        "describe",
+        &[&s(&photo), "--do-sample", "--temperature", "0"],
+    );
+    expect_code(&o, 2);
+    assert!(stderr(&o).contains("temperature"), "{}", stderr(&o));
+    let o = run("describe", &[&s(&photo), "--batch-size", "0"]);
+    expect_code(&o, 2);
+}
+
+#[test]
+fn directories_are_searched_recursively_by_extension_and_sorted() {
+    let dir = TempDir::new("cli-dirs");
+    let d = dir.path();
+    for sub in ["b/deep", "a"] {
+        std::fs::create_dir_all(d.join(sub)).expect("mkdir");
+    }
+    let copy = |from: &str, to: &str| {
+        std::fs::copy(image(from), d.join(to)).expect("copy");
+    };
+    copy("photo.jpg", "b/deep/z.JPG");
+    copy("wide.png", "b/a.Png");
+    copy("gray.png", "a/m.jpeg");
+    copy("small.png", "top.webp.png");
+    copy("rgba.png", "c.TIFF"); // a PNG named .TIFF: listed by name, decoded by its bytes
+    std::fs::write(d.join("notes.txt"), "not an image").expect("write");
+    std::fs::write(d.join("a/README"), "no extension").expect("write");
+    let o = run("describe", &[&s(d), "--json", "--max-new-tokens", "3"]);
+    expect_code(&o, 0);
+    let got: Vec<String> = json_lines(&stdout(&o))
+        .iter()
+        .map(|v| v["image"].as_str().expect("image").to_string())
+        .collect();
+    let want: Vec<String> = [
+        "a/m.jpeg",
+        "b/a.Png",
+        "b/deep/z.JPG",
+        "c.TIFF",
+        "top.webp.png",
+    ]
+    .iter()
+    .map(|r| s(&d.join(r)))
+    .collect();
+    assert_eq!(got, want);
+    // A file and a directory holding it: the image is run once.
+    let o = run(
+        "describe",
+        &[
+            &s(&d.join("c.TIFF")),
+            &s(d),
+            "--json",
+            "--max-new-tokens",
+            "2",
+        ],
+    );
+    expect_code(&o, 0);
+    let got = json_lines(&stdout(&o));
+    assert_eq!(got.len(), 5);
+    assert_eq!(got[0]["image"], s(&d.join("c.TIFF")));
+    // A file named on the command line is taken whatever its name (and fails here).
+    let o = run("describe", &[&s(&d.join("a/README")), "--json"]);
+    expect_code(&o, 1);
+    assert!(json_lines(&stdout(&o))[0]["error"].is_string());
+    // A directory without images is a usage error, not an empty success.
+    let empty = TempDir::new("cli-empty");
+    std::fs::write(empty.path().join("x.txt"), "text").expect("write");
+    let o = run("describe", &[&s(empty.path())]);
+    expect_code(&o, 2);
+    assert!(stderr(&o).contains("no images"), "{}", stderr(&o));
+}
+
+#[test]
+fn csv_catalogs_are_read_in_row_order_relative_to_the_csv() {
+    let dir = TempDir::new("cli-csv");
+    let d = dir.path();
+    std::fs::create_dir_all(d.join("img")).expect("mkdir");
+    for n in ["photo.jpg", "wide.png", "gray.png"] {
+        std::fs::copy(image(n), d.join("img").join(n)).expect("copy");
+    }
+    let abs = s(&image("small.png"));
+    let csv = d.join("catalog.csv");
+    std::fs::write(
+        &csv,
+        format!(
+            "id,picture,caption\n1,img/wide.png,a\n2, img/photo.jpg ,b\n3,{abs},c\n4,img/wide.png,d\n5,img/gray.png,e\n"
+        ),
+    )
+    .expect("csv");
+    let o = run(
+        "describe",
+        &[
+            "--csv",
+            &s(&csv),
+            "--image-column",
+            "picture",
+            "--json",
+            "--max-new-tokens",
+            "4",
+        ],
+    );
+    expect_code(&o, 0);
+    let lines = json_lines(&stdout(&o));
+    let keys: Vec<&str> = lines
+        .iter()
+        .map(|v| v["image"].as_str().expect("image"))
+        .collect();
+    // The cells as written (trimmed), in row order, a repeated image once.
+    assert_eq!(
+        keys,
+        [
+            "img/wide.png",
+            "img/photo.jpg",
+            abs.as_str(),
+            "img/gray.png"
+        ]
+    );
+    let lib = moda()
+        .describe(
+            &ImageInput::Path(&image("photo.jpg")),
+            &GenerationOptions {
+                max_new_tokens: Some(4),
+                ..Default::default()
+            },
+        )
+        .expect("library");
+    assert_eq!(ids(&lines[1]), lib.token_ids);
+
+    // --root: relative cells start there.
+    let elsewhere = TempDir::new("cli-csv-root");
+    let csv2 = elsewhere.path().join("c.csv");
+    std::fs::write(&csv2, "picture\nimg/gray.png\n").expect("csv");
+    let o = run(
+        "embed",
+        &[
+            "--csv",
+            &s(&csv2),
+            "--image-column",
+            "picture",
+            "--root",
+            &s(d),
+            "--json",
+        ],
+    );
+    expect_code(&o, 0);
+    assert!(json_lines(&stdout(&o))[0]["embedding"].is_array());
+    // Without it the image is looked for next to the CSV: a per-image error.
+    let o = run(
+        "embed",
+        &["--csv", &s(&csv2), "--image-column", "picture", "--json"],
+    );
+    expect_code(&o, 1);
+    assert!(json_lines(&stdout(&o))[0]["error"].is_string());
+
+    // A row without an image is reported and makes the status 1; the others run.
+    std::fs::write(&csv, "picture,x\nimg/wide.png,1\n,2\n").expect("csv");
+    let o = run(
+        "describe",
+        &["--csv", &s(&csv), "--image-column", "picture", "--json"],
+    );
+    expect_code(&o, 1);
+    assert_eq!(json_lines(&stdout(&o)).len(), 1);
+    assert!(stderr(&o).contains("line 3"), "{}", stderr(&o));
+
+    // A column that is not there names the columns that are.
+    let o = run("describe", &["--csv", &s(&csv), "--image-column", "photo"]);
+    expect_code(&o, 2);
+    let err = stderr(&o);
+    assert!(
+        err.contains("\"photo\"") && err.contains("\"picture\""),
+        "{err}"
+    );
+    // --csv goes with --image-column, and not with IMAGE arguments.
+    expect_code(&run("describe", &["--csv", &s(&csv)]), 2);
+    expect_code(
+        &run(
+            "describe",
+            &[
+                &s(&image("photo.jpg")),
+                "--csv",
+                &s(&csv),
+                "--image-column",
+                "picture",
+            ],
+        ),
+        2,
+    );
+}
+
+#[test]
+fn a_stopped_job_resumes_where_it_stopped() {
+    let dir = TempDir::new("cli-resume");
+    let out = dir.path().join("results.jsonl");
+    let paths: Vec<String> = GOOD.iter().map(|n| s(&image(n))).collect();
+    let mut args: Vec<&str> = paths.iter().map(String::as_str).collect();
+    let o = s(&out);
+    args.extend(["--output", &o, "--quiet", "--max-new-tokens", "6"]);
+    let first = run("describe", &args);
+    expect_code(&first, 0);
+    assert!(stdout(&first).is_empty(), "records go to the file");
+    let full = std::fs::read_to_string(&out).expect("read");
+    let complete = records(&full);
+    assert_eq!(complete.len(), GOOD.len());
+
+    // A crash: three complete lines and half of the fourth.
+    let cut: usize = full.lines().take(3).map(|l| l.len() + 1).sum::<usize>()
+        + full.lines().nth(3).expect("line 4").len() / 2;
+    std::fs::write(&out, &full.as_bytes()[..cut]).expect("truncate");
+    let second = run("describe", &args);
+    expect_code(&second, 0);
+    let resumed = std::fs::read_to_string(&out).expect("read");
+    assert!(resumed.ends_with('\n'));
+    let got = records(&resumed);
+    let keys: BTreeSet<&str> = got.iter().map(Record::image).collect();
+    assert_eq!(got.len(), GOOD.len(), "each image exactly once:\n{resumed}");
+    assert_eq!(keys.len(), GOOD.len());
+    for r in &got {
+        let want = complete
+            .iter()
+            .find(|c| c.image() == r.image())
+            .expect("same images");
+        match (r, want) {
+            (
+                Record::Description { token_ids: a, .. },
+                Record::Description { token_ids: b, .. },
+            ) => assert_eq!(a, b, "{}", r.image()),
+            other => panic!("not descriptions: {other:?}"),
+        }
+    }
+    // The first three lines were kept as they were.
+    let head: String = full.lines().take(3).map(|l| format!("{l}\n")).collect();
+    assert!(resumed.starts_with(&head));
+
+    // Nothing left to do: the file stays as it is.
+    let third = run("describe", &args);
+    expect_code(&third, 0);
+    assert_eq!(std::fs::read_to_string(&out).expect("read"), resumed);
+
+    // An embed job will not append to a describe output, nor any job to a file of other
+    // things.
+    let o = run("embed", &[&paths[0], "--output", &s(&out)]);
+    expect_code(&o, 2);
+    assert!(stderr(&o).contains("results.jsonl"), "{}", stderr(&o));
+    let other = dir.path().join("other.txt");
+    std::fs::write(&other, "hello\nworld\n").expect("write");
+    let o = run("describe", &[&paths[0], "--output", &s(&other)]);
+    expect_code(&o, 2);
+    assert_eq!(
+        std::fs::read_to_string(&other).expect("read"),
+        "hello\nworld\n"
+    );
+}
+
+#[test]
+fn shards_split_a_catalog_without_overlap() {
+    let dir = TempDir::new("cli-shard");
+    let paths: Vec<String> = GOOD.iter().take(7).map(|n| s(&image(n))).collect();
+    let mut seen = Vec::new();
+    let mut all = BTreeSet::new();
+    for i in 0..2 {
+        let out = s(&dir.path().join(format!("shard{i}.jsonl")));
+        let shard = format!("{i}/2");
+        let mut args: Vec<&str> = paths.iter().map(String::as_str).collect();
+        args.extend(["--shard", &shard, "--output", &out, "--max-new-tokens", "2"]);
+        expect_code(&run("describe", &args), 0);
+        let keys: Vec<String> = records(&std::fs::read_to_string(&out).expect("read"))
+            .iter()
+            .map(|r| r.image().to_string())
+            .collect();
+        // Every second image of the list, starting at i.
+        let want: Vec<String> = paths.iter().skip(i).step_by(2).cloned().collect();
+        assert_eq!(keys, want, "shard {shard}");
+        all.extend(keys.iter().cloned());
+        seen.push(keys);
+    }
+    assert_eq!(seen[0].len() + seen[1].len(), paths.len(), "disjoint");
+    assert_eq!(all, paths.iter().cloned().collect::<BTreeSet<_>>(), "cover");
+    for bad in ["2/2", "1/0", "x", "1", "-1/2", "0/-2"] {
+        let o = run("describe", &[&paths[0], &format!("--shard={bad}")]);
+        expect_code(&o, 2);
+        assert!(stderr(&o).contains("shard"), "{bad}: {}", stderr(&o));
+    }
+}
+
+#[test]
+fn bad_images_are_error_records_and_the_job_goes_on() {
+    let dir = TempDir::new("cli-bad");
+    let d = dir.path();
+    let write = |name: &str, bytes: &[u8]| {
+        let p = d.join(name);
+        std::fs::write(&p, bytes).expect("write");
+        s(&p)
+    };
+    let jpg = std::fs::read(image("photo.jpg")).expect("jpg");
+    let png = std::fs::read(image("wide.png")).expect("png");
+    // A PNG whose header claims 100000 x 100000 pixels (CRC fixed so the header is valid).
+    let mut bomb = png[..33].to_vec();
+    bomb[16..20].copy_from_slice(&100_000u32.to_be_bytes());
+    bomb[20..24].copy_from_slice(&100_000u32.to_be_bytes());
+    let crc = crc32(&bomb[12..29]);
+    bomb[29..33].copy_from_slice(&crc.to_be_bytes());
+    bomb.extend_from_slice(&png[33..]);
+    let good = write("good.jpg", &jpg);
+    let bad = [
+        write("empty.jpg", b""),
+        write("text.jpg", b"this is not an image\n"),
+        write("trunc.jpg", &jpg[..jpg.len() / 2]),
+        write("trunc.png", &png[..png.len() / 2]),
+        write("bomb.png", &bomb),
+        s(&d.join("missing.jpg")),
+    ];
+    let mut args = vec![bad[0].as_str(), good.as_str()];
+    args.extend(bad[1..].iter().map(String::as_str));
+    args.extend(["--max-new-tokens", "4"]);
+    for batch in ["1", "3"] {
+        let mut a = args.clone();
+        a.extend(["--json", "--batch-size", batch]);
+        let o = run("describe", &a);
+        expect_code(&o, 1);
+        let lines = json_lines(&stdout(&o));
+        assert_eq!(lines.len(), bad.len() + 1, "one record per image");
+        for v in &lines {
+            let img = v["image"].as_str().expect("image");
+            if img == good {
+                assert!(v["description"].is_string(), "{v}");
+                assert!(v.get("error").is_none(), "{v}");
+            } else {
+                let err = v["error"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("error in {v}"));
+                assert!(!err.is_empty());
+                assert!(v.get("description").is_none(), "{v}");
+            }
+        }
+    }
+    // Text mode: the good image on stdout, each failure on stderr, status 1.
+    let o = run("describe", &args);
+    expect_code(&o, 1);
+    let out = stdout(&o);
+    assert_eq!(out.lines().count(), 1, "{out}");
+    assert!(out.starts_with(&format!("{good}\t")));
+    let err = stderr(&o);
+    for b in &bad {
+        assert!(err.contains(&format!("{b}\terror: ")), "{b}: {err}");
+    }
+    // embed too.
+    let mut a: Vec<&str> = args
+        .iter()
+        .copied()
+        .filter(|x| x.ends_with("jpg") || x.ends_with("png"))
+        .collect();
+    a.push("--json");
+    let o = run("embed", &a);
+    expect_code(&o, 1);
+    let lines = json_lines(&stdout(&o));
+    assert_eq!(lines.iter().filter(|v| v["error"].is_string()).count(), 6);
+    assert_eq!(
+        lines.iter().filter(|v| v["embedding"].is_array()).count(),
+        1
+    );
+    // The failures are recorded in an output file, and a second run skips them and still
+    // reports the failure in its status.
+    let out = s(&d.join("out.jsonl"));
+    let mut a = args.clone();
+    a.extend(["--output", &out, "--quiet"]);
+    expect_code(&run("describe", &a), 1);
+    let again = run("describe", &a);
+    expect_code(&again, 1);
+    assert_eq!(
+        records(&std::fs::read_to_string(&out).expect("read")).len(),
+        7
+    );
+}
+
+fn crc32(data: &[u8]) -> u32 {
+    let mut c = 0xFFFF_FFFFu32;
+    for &b in data {
+        c ^= b as u32;
+        for _ in 0..8 {
+            c = if c & 1 != 0 {
+                (c >> 1) ^ 0xEDB8_8320
+            } else {
+                c >> 1
+            };
+        }
+    }
+    !c
+}
+
+/// Copies the bundle so a test can break its copy.
+fn copy_bundle(tag: &str) -> TempDir {
+    let dir = TempDir::new(tag);
+    for e in std::fs::read_dir(bundle()).expect("ls") {
+        let e = e.expect("entry");
+        std::fs::copy(e.path(), dir.path().join(e.file_name())).expect("copy");
+    }
+    dir
+}
+
+/// `describe --model DIR photo.jpg` fails with status 2 and a message containing `needle`.
+fn model_error(dir: &Path, extra: &[&str], env: &[(&str, &str)], needle: &str) {
+    let photo = s(&image("photo.jpg"));
+    let d = s(dir);
+    let mut args = vec!["describe", "--model", &d, &photo];
+    args.extend_from_slice(extra);
+    let o = run_env(&args, env);
+    expect_code(&o, 2);
+    let err = stderr(&o);
+    assert!(err.contains(needle), "expected {needle:?} in:\n{err}");
+    assert!(stdout(&o).is_empty());
+}
+
+#[test]
+fn model_and_runtime_errors_exit_2_with_a_clear_message() {
+    model_error(
+        Path::new("/nonexistent/bundle"),
+        &[],
+        &[],
+        "/nonexistent/bundle",
+    );
+    // The message says how to make a bundle.
+    model_error(Path::new("/nonexistent/bundle"), &[], &[], "exporter onnx");
+
+    let d = copy_bundle("cli-no-decoder");
+    std::fs::remove_file(d.path().join("decoder.onnx")).expect("rm");
+    model_error(d.path(), &[], &[], "decoder.onnx");
+
+    let d = copy_bundle("cli-newer");
+    let mpath = d.path().join("moda.json");
+    let mut m: Value =
+        serde_json::from_str(&std::fs::read_to_string(&mpath).expect("read")).expect("json");
+    m["format_version"] = serde_json::json!(99);
+    std::fs::write(&mpath, m.to_string()).expect("write");
+    model_error(d.path(), &[], &[], "version 99");
+
+    // A corrupt graph of the right size: ONNX Runtime refuses it, and --verify-checksums
+    // catches it first.
+    let d = copy_bundle("cli-corrupt");
+    let p = d.path().join("projector.onnx");
+    let n = std::fs::metadata(&p).expect("meta").len() as usize;
+    std::fs::write(&p, vec![0x5Au8; n]).expect("write");
+    model_error(d.path(), &[], &[], "projector.onnx");
+    model_error(d.path(), &["--verify-checksums"], &[], "SHA-256");
+
+    // A wrong ORT_DYLIB_PATH: a path that does not exist, and a file that is not a library.
+    let not_lib = TempDir::new("cli-ort");
+    let fake = not_lib.path().join("libonnxruntime.so");
+    std::fs::write(&fake, b"not a shared library").expect("write");
+    for path in ["/nonexistent/libonnxruntime.so", &s(&fake)] {
+        model_error(bundle(), &[], &[("ORT_DYLIB_PATH", path)], "ORT_DYLIB_PATH");
+        model_error(bundle(), &[], &[("ORT_DYLIB_PATH", path)], path);
+        // info still shows the manifest, and fails.
+        let b = s(bundle());
+        let o = run_env(&["info", "--model", &b], &[("ORT_DYLIB_PATH", path)]);
+        expect_code(&o, 2);
+        assert!(stdout(&o).contains("decoder.onnx"));
+        assert!(stderr(&o).contains("ORT_DYLIB_PATH"), "{}", stderr(&o));
+    }
+    // bench and embed go through the same checks.
+    let b = s(bundle());
+    let photo = s(&image("photo.jpg"));
+    for sub in ["embed", "bench"] {
+        let o = run_env(
+            &[sub, "--model", &b, &photo],
+            &[("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so")],
+        );
+        expect_code(&o, 2);
+        assert!(stderr(&o).contains("ORT_DYLIB_PATH"), "{}", stderr(&o));
+    }
+}
+
+#[test]
+fn the_model_comes_from_moda_model_when_not_given() {
+    let photo = s(&image("photo.jpg"));
+    let b = s(bundle());
+    let o = run_env(
+        &[
+            "describe",
+            &photo,
+            "--json",
+            "--max-new-tokens",
+            "8",
+            "--min-new-tokens",
+            "8",
+        ],
+        &[("MODA_MODEL", &b)],
+    );
+    expect_code(&o, 0);
+    let lib = moda()
+        .describe(&ImageInput::Path(&image("photo.jpg")), &forced(8))
+        .expect("library");
+    assert_eq!(ids(&json_lines(&stdout(&o))[0]), lib.token_ids);
+    let o = run_env(&["describe", &photo], &[("MODA_MODEL", "/nonexistent/m")]);
+    expect_code(&o, 2);
+    let err = stderr(&o);
+    assert!(
+        err.contains("MODA_MODEL") && err.contains("make demo"),
+        "{err}"
+    );
+}
+
+#[test]
+fn embed_json_equals_the_library() {
+    let dim = moda().manifest().model.projection_dim;
+    assert_eq!(dim, 24, "the fixture's projection_dim");
+    let photo = image("photo.jpg");
+    let wide = image("wide.png");
+    for normalize in [false, true] {
+        let mut args = vec![s(&photo), s(&wide), "--json".to_string()];
+        if normalize {
+            args.push("--normalize".to_string());
+        }
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = run("embed", &a);
+        expect_code(&o, 0);
+        let lines = json_lines(&stdout(&o));
+        assert_eq!(lines.len(), 2);
+        for (v, p) in lines.iter().zip([&photo, &wide]) {
+            assert_eq!(v["image"], s(p));
+            let got = floats(v, "embedding");
+            let want = moda()
+                .embed(&ImageInput::Path(p), normalize)
+                .expect("library");
+            assert_eq!(got.len(), dim);
+            // f32 through JSON round-trips exactly; the same graph on the same input.
+            assert_eq!(got, want, "{} normalize={normalize}", s(p));
+        }
+    }
+    // Text: the path, a tab, the numbers.
+    let o = run("embed", &[&s(&photo)]);
+    expect_code(&o, 0);
+    let out = stdout(&o);
+    let (path, nums) = out.trim_end().split_once('\t').expect("PATH<TAB>NUMBERS");
+    assert_eq!(path, s(&photo));
+    let nums: Vec<f32> = nums
+        .split(' ')
+        .map(|x| x.parse().expect("number"))
+        .collect();
+    assert_eq!(
+        nums,
+        moda()
+            .embed(&ImageInput::Path(&photo), false)
+            .expect("library")
+    );
+}
+
+#[test]
+fn info_json_describes_the_bundle() {
+    let o = run("info", &["--json"]);
+    expect_code(&o, 0);
+    let v: Value = serde_json::from_str(stdout(&o).trim()).expect("one JSON object");
+    assert_eq!(v["format"], "moda-bundle");
+    assert_eq!(v["format_version"], 1);
+    assert_eq!(v["quantization"], "none");
+    assert_eq!(v["model"]["projection_dim"], 24);
+    let graphs: BTreeSet<&str> = v["graphs"]
+        .as_object()
+        .expect("graphs")
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(
+        graphs,
+        BTreeSet::from(["decoder", "embed_tokens", "encoder", "projector"])
+    );
+    assert_eq!(v["graphs"]["encoder"]["inputs"][0]["name"], "pixel_values");
+    for (name, f) in v["files"].as_object().expect("files") {
+        assert_eq!(f["bytes"], f["bytes_on_disk"], "{name}");
+    }
+    let lib = v["onnxruntime"]["library"].as_str().expect("library path");
+    assert!(Path::new(lib).is_file(), "{lib}");
+    // Text: the graphs and the files.
+    let o = run("info", &[]);
+    expect_code(&o, 0);
+    let out = stdout(&o);
+    for needle in ["encoder.onnx", "pixel_values", "moda-bundle version 1", lib] {
+        assert!(out.contains(needle), "{needle} in\n{out}");
+    }
+}
+
+#[test]
+fn bench_reports_each_stage() {
+    let photo = s(&image("photo.jpg"));
+    let o = run(
+        "bench",
+        &[
+            &photo, "--tokens", "6", "--reps", "1", "--batch", "2", "--json",
+        ],
+    );
+    expect_code(&o, 0);
+    let v: Value = serde_json::from_str(stdout(&o).trim()).expect("one JSON object");
+    assert_eq!(v["tokens"], 6);
+    assert_eq!(v["batch"], 2);
+    assert_eq!(v["reps"], 1);
+    assert_eq!(v["step_ms"].as_array().expect("steps").len(), 5);
+    for k in [
+        "preprocess_ms",
+        "encoder_ms",
+        "projector_ms",
+        "prefill_ms",
+        "decode_ms",
+        "token_ms_early",
+        "token_ms_late",
+        "describe_ms",
+        "tokens_per_s",
+        "batch_ms",
+        "images_per_s",
+    ] {
+        let x = v[k].as_f64().unwrap_or_else(|| panic!("{k} in {v}"));
+        assert!(x > 0.0, "{k} = {x}");
+    }
+    assert_eq!(v["early_step"], 5);
+    assert_eq!(v["late_step"], 5);
+    if cfg!(target_os = "linux") {
+        assert!(v["peak_rss_mb"].as_f64().expect("peak RSS") > 1.0);
+    }
+    // The table, and a token count the decoder cannot hold.
+    let o = run("bench", &[&photo, "--tokens", "3", "--reps", "1"]);
+    expect_code(&o, 0);
+    assert!(stdout(&o).contains("encoder"));
+    let o = run("bench", &[&photo, "--tokens", "1000", "--reps", "1"]);
+    expect_code(&o, 2);
+    assert!(stderr(&o).contains("positions"), "{}", stderr(&o));
+}
