@@ -7,6 +7,9 @@ need_apt=()
 command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
 command -v cc >/dev/null 2>&1 || need_apt+=(gcc)
 command -v pkg-config >/dev/null 2>&1 || need_apt+=(pkg-config)
+# The C API's tests (tests/tests/ffi.rs) build C and C++ programs and run them under valgrind.
+command -v c++ >/dev/null 2>&1 || need_apt+=(g++)
+command -v valgrind >/dev/null 2>&1 || need_apt+=(valgrind)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]}"

@@ -376,6 +376,7 @@ impl Moda {
             ),
             disable_optimizations: !options.optimize,
             optimized_model_path: None,
+            no_spinning: false,
         };
         let moda = Self {
             dir,
@@ -425,10 +426,12 @@ impl Moda {
     fn build_worker(&self) -> Result<Worker> {
         let open = |role: &str| -> Result<Session> {
             let g = &self.manifest.graphs[role];
-            Ok(session_from_file(
-                &self.dir.join(&g.file),
-                &self.session_options,
-            )?)
+            // Only the decoder, run once per token, keeps its threads spinning between runs.
+            let options = SessionOptions {
+                no_spinning: role != "decoder",
+                ..self.session_options.clone()
+            };
+            Ok(session_from_file(&self.dir.join(&g.file), &options)?)
         };
         // Largest first: loading a graph briefly needs more than its final size, and that
         // peak comes on top of what is already loaded.

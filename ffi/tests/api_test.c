@@ -1,0 +1,625 @@
+/*
+ * api_test: calls every function of moda.h, with good arguments and with NULL for every
+ * pointer, a missing bundle, files that are not images, bad parameters and too-small buffers.
+ * Run by tests/tests/ffi.rs under AddressSanitizer + UBSan and under valgrind.
+ *
+ *     api_test BUNDLE_DIR FIXTURE_IMAGES_DIR
+ *
+ * Prints "api_test: all N checks passed" and exits 0, or lists the failed checks and exits 1.
+ * Double free and use after free are not tested: the API does not promise to survive them.
+ */
+#include <math.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <moda.h>
+
+static int checks = 0;
+static int failures = 0;
+
+#define CHECK(cond)                                                                        \
+    do {                                                                                   \
+        checks++;                                                                          \
+        if (!(cond)) {                                                                     \
+            failures++;                                                                    \
+            fprintf(stderr, "%s:%d: check failed: %s (last error: %s)\n", __FILE__, __LINE__, \
+                    #cond, moda_last_error());                                             \
+        }                                                                                  \
+    } while (0)
+
+#define CHECK_RC(call, want) CHECK_RC_(call, want, #call)
+#define CHECK_RC_(call, want, text)                                                        \
+    do {                                                                                   \
+        int rc_ = (call);                                                                  \
+        checks++;                                                                          \
+        if (rc_ != (want)) {                                                               \
+            failures++;                                                                    \
+            fprintf(stderr, "%s:%d: %s returned %d (%s), expected %d; last error: %s\n",   \
+                    __FILE__, __LINE__, text, rc_, moda_status_string(rc_), (want),        \
+                    moda_last_error());                                                    \
+        }                                                                                  \
+    } while (0)
+
+static char *join(const char *dir, const char *name)
+{
+    size_t n = strlen(dir) + strlen(name) + 2;
+    char *p = malloc(n);
+    snprintf(p, n, "%s/%s", dir, name);
+    return p;
+}
+
+static unsigned char *read_file(const char *path, size_t *size)
+{
+    FILE *f = fopen(path, "rb");
+    unsigned char *buf;
+    long n;
+    if (!f) return NULL;
+    fseek(f, 0, SEEK_END);
+    n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    buf = malloc((size_t)n);
+    if (fread(buf, 1, (size_t)n, f) != (size_t)n) {
+        free(buf);
+        fclose(f);
+        return NULL;
+    }
+    fclose(f);
+    *size = (size_t)n;
+    return buf;
+}
+
+static int contains(const char *haystack, const char *needle)
+{
+    return haystack && strstr(haystack, needle) != NULL;
+}
+
+static int same_tokens(const moda_description *a, const moda_description *b)
+{
+    size_t n = moda_description_n_tokens(a);
+    return n == moda_description_n_tokens(b) && n > 0 &&
+           memcmp(moda_description_token_ids(a), moda_description_token_ids(b),
+                  n * sizeof(unsigned int)) == 0;
+}
+
+/* A synthetic RGB image, and the same pixels as a 24-bit BMP file (rows bottom-up, BGR,
+ * padded to 4 bytes): describing either must give the same tokens. */
+#define W 37
+#define H 29
+static unsigned char rgb[W * H * 3];
+static unsigned char bmp[54 + H * ((W * 3 + 3) & ~3)];
+
+static void put32(unsigned char *p, unsigned long v)
+{
+    p[0] = (unsigned char)v;
+    p[1] = (unsigned char)(v >> 8);
+    p[2] = (unsigned char)(v >> 16);
+    p[3] = (unsigned char)(v >> 24);
+}
+
+static void make_images(void)
+{
+    int x, y;
+    int stride = (W * 3 + 3) & ~3;
+    for (y = 0; y < H; y++) {
+        for (x = 0; x < W; x++) {
+            unsigned char *p = rgb + (y * W + x) * 3;
+            p[0] = (unsigned char)(x * 7);
+            p[1] = (unsigned char)(y * 9);
+            p[2] = (unsigned char)((x * y) % 251);
+        }
+    }
+    memset(bmp, 0, sizeof bmp);
+    bmp[0] = 'B';
+    bmp[1] = 'M';
+    put32(bmp + 2, sizeof bmp);
+    put32(bmp + 10, 54);
+    put32(bmp + 14, 40);
+    put32(bmp + 18, W);
+    put32(bmp + 22, H);
+    bmp[26] = 1;  /* planes */
+    bmp[28] = 24; /* bits per pixel */
+    put32(bmp + 34, (unsigned long)(H * stride));
+    for (y = 0; y < H; y++) {
+        unsigned char *row = bmp + 54 + (H - 1 - y) * stride;
+        for (x = 0; x < W; x++) {
+            const unsigned char *p = rgb + (y * W + x) * 3;
+            row[x * 3 + 0] = p[2];
+            row[x * 3 + 1] = p[1];
+            row[x * 3 + 2] = p[0];
+        }
+    }
+}
+
+/* Streaming: collects what the callback sees. */
+struct stream {
+    int calls;
+    int stop_after; /* 0: never stop */
+    unsigned int ids[256];
+    char text[4096];
+    size_t images_seen[8];
+    int order_ok;
+};
+
+static int on_token(const moda_token *t, void *user_data)
+{
+    struct stream *s = user_data;
+    if (t->image < 8) {
+        if (t->index != s->images_seen[t->image]) s->order_ok = 0;
+        s->images_seen[t->image]++;
+    }
+    if (t->image == 0 && s->calls < 256) {
+        s->ids[s->calls] = t->id;
+        if (strlen(t->text) > t->text_len || t->logprob > 0.0f) s->order_ok = 0;
+        if (strlen(s->text) + t->text_len < sizeof s->text) strcat(s->text, t->text);
+    }
+    s->calls++;
+    return s->stop_after > 0 && s->calls >= s->stop_after;
+}
+
+/* The per-thread message of a model: a failing call on another thread does not change it. */
+struct other_thread {
+    moda_model *model;
+    const char *missing;
+    int rc;
+    int saw_message;
+};
+
+static void *fail_on_other_thread(void *arg)
+{
+    struct other_thread *o = arg;
+    moda_image img = moda_image_from_file(o->missing);
+    moda_description *d = NULL;
+    o->rc = moda_model_describe(o->model, &img, NULL, &d);
+    o->saw_message = contains(moda_model_errmsg(o->model), "no-such-image.png") &&
+                     contains(moda_last_error(), "no-such-image.png");
+    return NULL;
+}
+
+int main(int argc, char **argv)
+{
+    const char *bundle;
+    const char *images;
+    char *photo, *wide, *not_image, *missing, *missing_bundle;
+    moda_model *model = NULL;
+    moda_model_params mp;
+    moda_generation_params gp;
+    moda_description *d = NULL, *d2 = NULL;
+    moda_image img, bad;
+    moda_timings t;
+    size_t dim, i, size = 0;
+    unsigned char *photo_bytes;
+
+    if (argc != 3) {
+        fprintf(stderr, "usage: %s BUNDLE_DIR FIXTURE_IMAGES_DIR\n", argv[0]);
+        return 2;
+    }
+    bundle = argv[1];
+    images = argv[2];
+    photo = join(images, "photo.jpg");
+    wide = join(images, "wide.png");
+    not_image = join(images, "not_an_image.jpg");
+    missing = join(images, "no-such-image.png");
+    missing_bundle = join(images, "no-such-bundle");
+    make_images();
+
+    /* Version and status strings. */
+    CHECK(strcmp(moda_version(), MODA_VERSION) == 0);
+    CHECK(moda_version_number() == MODA_VERSION_NUMBER);
+    CHECK(strcmp(moda_last_error(), "") == 0);
+    CHECK(strcmp(moda_status_string(MODA_OK), "success") == 0);
+    for (i = 1; i <= MODA_ERR_PANIC; i++) {
+        CHECK(strcmp(moda_status_string((int)i), "unknown status code") != 0);
+    }
+    CHECK(strcmp(moda_status_string(-1), "unknown status code") == 0);
+    CHECK(strcmp(moda_status_string(1000), "unknown status code") == 0);
+
+    /* Default parameters. */
+    mp = moda_model_default_params();
+    CHECK(mp.n_threads == 0 && mp.n_sessions == 1 && mp.verify_checksums == 0 && mp.optimize == 1);
+    CHECK(mp.max_image_width == 16384 && mp.max_image_height == 16384);
+    CHECK(mp.max_image_alloc == 512u * 1024u * 1024u);
+    gp = moda_generation_default_params();
+    CHECK(gp.max_new_tokens == 0 && gp.min_new_tokens == 0 && gp.num_beams == 1);
+    CHECK(gp.do_sample == 0 && gp.temperature == 1.0f && gp.top_k == 50 && gp.top_p == 1.0f);
+    CHECK(gp.seed == 0 && gp.repetition_penalty == 1.0f && gp.no_repeat_ngram_size == 0);
+    CHECK(gp.length_penalty == 1.0f);
+
+    /* Image constructors. */
+    img = moda_image_from_file(photo);
+    CHECK(img.kind == MODA_IMAGE_FILE && img.path == photo);
+    img = moda_image_from_bytes(bmp, sizeof bmp, "synthetic.bmp");
+    CHECK(img.kind == MODA_IMAGE_BYTES && img.data == bmp && img.size == sizeof bmp);
+    img = moda_image_from_rgb8(rgb, W, H);
+    CHECK(img.kind == MODA_IMAGE_RGB8 && img.size == sizeof rgb && img.width == W);
+    img = moda_image_from_rgb8(rgb, 0xFFFFFFFFu, 0xFFFFFFFFu);
+    CHECK(img.kind == MODA_IMAGE_RGB8);
+
+    /* Opening: NULL arguments, a missing bundle, bad parameters. */
+    model = (moda_model *)&checks; /* must be set to NULL on failure */
+    CHECK_RC(moda_model_open(NULL, NULL, &model), MODA_ERR_INVALID_ARGUMENT);
+    CHECK(model == NULL);
+    CHECK(contains(moda_last_error(), "bundle_dir"));
+    CHECK_RC(moda_model_open(bundle, NULL, NULL), MODA_ERR_INVALID_ARGUMENT);
+    CHECK(contains(moda_last_error(), "out"));
+    CHECK_RC(moda_model_open(missing_bundle, NULL, &model), MODA_ERR_BUNDLE);
+    CHECK(model == NULL);
+    CHECK(contains(moda_last_error(), "no-such-bundle"));
+    CHECK(moda_model_errmsg(NULL) == moda_last_error());
+    CHECK_RC(moda_model_open(images, NULL, &model), MODA_ERR_BUNDLE); /* no moda.json */
+    CHECK(contains(moda_last_error(), "moda.json"));
+    mp.n_sessions = 0;
+    CHECK_RC(moda_model_open(bundle, &mp, &model), MODA_ERR_INVALID_ARGUMENT);
+    CHECK(contains(moda_last_error(), "n_sessions"));
+    mp = moda_model_default_params();
+    mp.n_threads = -1;
+    CHECK_RC(moda_model_open(bundle, &mp, &model), MODA_ERR_INVALID_ARGUMENT);
+    mp = moda_model_default_params();
+    mp.max_image_width = 0;
+    CHECK_RC(moda_model_open(bundle, &mp, &model), MODA_ERR_INVALID_ARGUMENT);
+    CHECK(model == NULL);
+
+    /* Open for real (default parameters through NULL, then explicit ones). */
+    CHECK_RC(moda_model_open(bundle, NULL, &model), MODA_OK);
+    CHECK(model != NULL);
+    CHECK(strcmp(moda_last_error(), "") == 0);
+    moda_model_free(model);
+    model = NULL;
+    mp = moda_model_default_params();
+    mp.n_threads = 1;
+    mp.verify_checksums = 1;
+    CHECK_RC(moda_model_open(bundle, &mp, &model), MODA_OK);
+    if (!model) {
+        fprintf(stderr, "api_test: cannot open %s: %s\n", bundle, moda_last_error());
+        return 1;
+    }
+    CHECK(strcmp(moda_model_errmsg(model), "") == 0);
+    CHECK(moda_runtime_path() != NULL && contains(moda_runtime_path(), "onnxruntime"));
+    dim = moda_model_embedding_size(model);
+    CHECK(dim > 0);
+    CHECK(moda_model_embedding_size(NULL) == 0);
+
+    /* describe: NULL for every pointer. */
+    img = moda_image_from_file(photo);
+    d = (moda_description *)&checks;
+    CHECK_RC(moda_model_describe(NULL, &img, NULL, &d), MODA_ERR_INVALID_ARGUMENT);
+    CHECK(d == NULL);
+    CHECK(contains(moda_last_error(), "model"));
+    CHECK_RC(moda_model_describe(model, NULL, NULL, &d), MODA_ERR_INVALID_ARGUMENT);
+    CHECK(contains(moda_model_errmsg(model), "image is NULL"));
+    CHECK_RC(moda_model_describe(model, &img, NULL, NULL), MODA_ERR_INVALID_ARGUMENT);
+    CHECK(d == NULL);
+    bad = moda_image_from_file(NULL);
+    CHECK_RC(moda_model_describe(model, &bad, NULL, &d), MODA_ERR_INVALID_ARGUMENT);
+    bad = moda_image_from_bytes(NULL, 10, NULL);
+    CHECK_RC(moda_model_describe(model, &bad, NULL, &d), MODA_ERR_INVALID_ARGUMENT);
+    bad = moda_image_from_rgb8(NULL, W, H);
+    CHECK_RC(moda_model_describe(model, &bad, NULL, &d), MODA_ERR_INVALID_ARGUMENT);
+    memset(&bad, 0, sizeof bad);
+    CHECK_RC(moda_model_describe(model, &bad, NULL, &d), MODA_ERR_INVALID_ARGUMENT);
+    CHECK(contains(moda_model_errmsg(model), "unknown image kind 0"));
+    CHECK(d == NULL);
+
+    /* Files that are not images, or not there; empty and wrong-size buffers. */
+    bad = moda_image_from_file(not_image);
+    CHECK_RC(moda_model_describe(model, &bad, NULL, &d), MODA_ERR_IMAGE);
+    CHECK(contains(moda_model_errmsg(model), "not_an_image.jpg"));
+    CHECK(moda_model_errmsg(model) != moda_last_error());
+    CHECK(strcmp(moda_model_errmsg(model), moda_last_error()) == 0);
+    bad = moda_image_from_file(missing);
+    CHECK_RC(moda_model_describe(model, &bad, NULL, &d), MODA_ERR_IMAGE);
+    CHECK(contains(moda_model_errmsg(model), "no-such-image.png"));
+    bad = moda_image_from_bytes("garbage", 7, "garbage.bin");
+    CHECK_RC(moda_model_describe(model, &bad, NULL, &d), MODA_ERR_IMAGE);
+    CHECK(contains(moda_model_errmsg(model), "garbage.bin"));
+    bad = moda_image_from_bytes(NULL, 0, NULL);
+    CHECK_RC(moda_model_describe(model, &bad, NULL, &d), MODA_ERR_IMAGE);
+    CHECK(contains(moda_model_errmsg(model), "image bytes"));
+    bad = moda_image_from_rgb8(rgb, W, H);
+    bad.size -= 1;
+    CHECK_RC(moda_model_describe(model, &bad, NULL, &d), MODA_ERR_IMAGE);
+    CHECK(contains(moda_model_errmsg(model), "needs"));
+    bad = moda_image_from_rgb8(rgb, 0xFFFFFFFFu, 0xFFFFFFFFu);
+    CHECK_RC(moda_model_describe(model, &bad, NULL, &d), MODA_ERR_IMAGE);
+    CHECK(d == NULL);
+
+    /* Bad generation parameters. */
+    gp = moda_generation_default_params();
+    gp.num_beams = 0;
+    CHECK_RC(moda_model_describe(model, &img, &gp, &d), MODA_ERR_INVALID_ARGUMENT);
+    CHECK(contains(moda_model_errmsg(model), "num_beams"));
+    gp = moda_generation_default_params();
+    gp.max_new_tokens = -1;
+    CHECK_RC(moda_model_describe(model, &img, &gp, &d), MODA_ERR_INVALID_ARGUMENT);
+    CHECK(contains(moda_model_errmsg(model), "max_new_tokens"));
+    gp = moda_generation_default_params();
+    gp.do_sample = 1;
+    gp.temperature = 0.0f;
+    CHECK_RC(moda_model_describe(model, &img, &gp, &d), MODA_ERR_INVALID_ARGUMENT);
+    gp = moda_generation_default_params();
+    gp.top_p = 1.5f;
+    CHECK_RC(moda_model_describe(model, &img, &gp, &d), MODA_ERR_INVALID_ARGUMENT);
+    gp = moda_generation_default_params();
+    gp.min_new_tokens = 5;
+    gp.max_new_tokens = 2;
+    CHECK_RC(moda_model_describe(model, &img, &gp, &d), MODA_ERR_INVALID_ARGUMENT);
+    CHECK(d == NULL);
+
+    /* A description and its accessors. */
+    CHECK_RC(moda_model_describe(model, &img, NULL, &d), MODA_OK);
+    CHECK(d != NULL);
+    CHECK(strcmp(moda_model_errmsg(model), "") == 0);
+    CHECK(strcmp(moda_last_error(), "") == 0);
+    if (d) {
+        size_t n = moda_description_n_tokens(d);
+        const float *lp = moda_description_logprobs(d);
+        CHECK(moda_description_status(d) == MODA_OK);
+        CHECK(strcmp(moda_description_errmsg(d), "") == 0);
+        CHECK(moda_description_text(d) != NULL);
+        CHECK(strlen(moda_description_text(d)) == moda_description_text_len(d));
+        CHECK(n > 0 && n <= 32);
+        CHECK(moda_description_token_ids(d) != NULL);
+        CHECK(lp != NULL);
+        for (i = 0; lp && i < n; i++) CHECK(lp[i] <= 0.0f && lp[i] > -1e30f);
+        CHECK_RC(moda_description_timings(d, &t), MODA_OK);
+        CHECK(t.n_tokens == n && t.total_ms > 0.0 && t.total_ms >= t.encoder_ms);
+        CHECK_RC(moda_description_timings(d, NULL), MODA_ERR_INVALID_ARGUMENT);
+        CHECK_RC(moda_description_timings(NULL, &t), MODA_ERR_INVALID_ARGUMENT);
+    }
+    /* Accessors on NULL. */
+    CHECK(moda_description_status(NULL) == MODA_ERR_INVALID_ARGUMENT);
+    CHECK(strcmp(moda_description_errmsg(NULL), "") == 0);
+    CHECK(moda_description_text(NULL) == NULL);
+    CHECK(moda_description_text_len(NULL) == 0);
+    CHECK(moda_description_n_tokens(NULL) == 0);
+    CHECK(moda_description_token_ids(NULL) == NULL);
+    CHECK(moda_description_logprobs(NULL) == NULL);
+
+    /* The same image as bytes; a BMP and its RGB pixels. */
+    photo_bytes = read_file(photo, &size);
+    CHECK(photo_bytes != NULL);
+    img = moda_image_from_bytes(photo_bytes, size, "photo in memory");
+    CHECK_RC(moda_model_describe(model, &img, NULL, &d2), MODA_OK);
+    CHECK(d && d2 && same_tokens(d, d2));
+    CHECK(d && d2 && strcmp(moda_description_text(d), moda_description_text(d2)) == 0);
+    moda_description_free(d2);
+    d2 = NULL;
+    {
+        moda_description *a = NULL, *b = NULL;
+        moda_image from_bmp = moda_image_from_bytes(bmp, sizeof bmp, "synthetic.bmp");
+        moda_image from_rgb = moda_image_from_rgb8(rgb, W, H);
+        CHECK_RC(moda_model_describe(model, &from_bmp, NULL, &a), MODA_OK);
+        CHECK_RC(moda_model_describe(model, &from_rgb, NULL, &b), MODA_OK);
+        CHECK(a && b && same_tokens(a, b));
+        moda_description_free(a);
+        moda_description_free(b);
+    }
+
+    /* Generation parameters. */
+    img = moda_image_from_file(photo);
+    gp = moda_generation_default_params();
+    gp.max_new_tokens = 3;
+    CHECK_RC(moda_model_describe(model, &img, &gp, &d2), MODA_OK);
+    CHECK(moda_description_n_tokens(d2) >= 1 && moda_description_n_tokens(d2) <= 3);
+    moda_description_free(d2);
+    gp.min_new_tokens = 5;
+    gp.max_new_tokens = 5;
+    CHECK_RC(moda_model_describe(model, &img, &gp, &d2), MODA_OK);
+    CHECK(moda_description_n_tokens(d2) == 5);
+    moda_description_free(d2);
+    gp = moda_generation_default_params();
+    gp.do_sample = 1;
+    gp.seed = 7;
+    gp.temperature = 1.5f;
+    gp.top_k = 0;
+    gp.top_p = 0.9f;
+    gp.max_new_tokens = 10;
+    {
+        moda_description *a = NULL, *b = NULL;
+        CHECK_RC(moda_model_describe(model, &img, &gp, &a), MODA_OK);
+        CHECK_RC(moda_model_describe(model, &img, &gp, &b), MODA_OK);
+        CHECK(a && b && same_tokens(a, b)); /* seeded */
+        moda_description_free(a);
+        moda_description_free(b);
+    }
+    gp = moda_generation_default_params();
+    gp.num_beams = 3;
+    gp.max_new_tokens = 8;
+    gp.repetition_penalty = 1.3f;
+    gp.no_repeat_ngram_size = 2;
+    gp.length_penalty = 0.5f;
+    CHECK_RC(moda_model_describe(model, &img, &gp, &d2), MODA_OK);
+    CHECK(moda_description_n_tokens(d2) >= 1);
+    moda_description_free(d2);
+    d2 = NULL;
+
+    /* Streaming: every token, in order, adding up to the text; stopping early. */
+    {
+        struct stream s;
+        moda_description *sd = NULL;
+        memset(&s, 0, sizeof s);
+        s.order_ok = 1;
+        CHECK_RC(moda_model_describe_stream(model, &img, NULL, on_token, &s, &sd), MODA_OK);
+        CHECK(sd && (size_t)s.calls == moda_description_n_tokens(sd));
+        CHECK(s.order_ok);
+        CHECK(sd && memcmp(s.ids, moda_description_token_ids(sd),
+                           moda_description_n_tokens(sd) * sizeof(unsigned int)) == 0);
+        /* The pieces add up to the text, except that a final incomplete character (U+FFFD
+         * in the text) is never passed on. */
+        CHECK(sd && strncmp(s.text, moda_description_text(sd), strlen(s.text)) == 0);
+        CHECK(sd && (strcmp(moda_description_text(sd) + strlen(s.text), "") == 0 ||
+                     strcmp(moda_description_text(sd) + strlen(s.text), "\xEF\xBF\xBD") == 0));
+        CHECK(d && sd && same_tokens(d, sd));
+        moda_description_free(sd);
+        sd = NULL;
+        memset(&s, 0, sizeof s);
+        s.order_ok = 1;
+        s.stop_after = 2;
+        CHECK_RC(moda_model_describe_stream(model, &img, NULL, on_token, &s, &sd), MODA_OK);
+        CHECK(s.calls == 2 && moda_description_n_tokens(sd) == 2);
+        moda_description_free(sd);
+        sd = NULL;
+        /* No callback is allowed; NULL model, image or out are not. */
+        CHECK_RC(moda_model_describe_stream(model, &img, NULL, NULL, NULL, &sd), MODA_OK);
+        CHECK(d && sd && same_tokens(d, sd));
+        moda_description_free(sd);
+        CHECK_RC(moda_model_describe_stream(NULL, &img, NULL, on_token, &s, &sd),
+                 MODA_ERR_INVALID_ARGUMENT);
+        CHECK_RC(moda_model_describe_stream(model, NULL, NULL, on_token, &s, &sd),
+                 MODA_ERR_INVALID_ARGUMENT);
+        CHECK_RC(moda_model_describe_stream(model, &img, NULL, on_token, &s, NULL),
+                 MODA_ERR_INVALID_ARGUMENT);
+    }
+
+    /* Batch: a bad image and a bad struct get their own descriptions; the others equal
+     * single calls. */
+    {
+        moda_image batch[4];
+        moda_description *out[4];
+        struct stream s;
+        batch[0] = moda_image_from_file(photo);
+        batch[1] = moda_image_from_file(not_image);
+        batch[2] = moda_image_from_file(wide);
+        memset(&batch[3], 0, sizeof batch[3]);
+        memset(&s, 0, sizeof s);
+        s.order_ok = 1;
+        CHECK_RC(moda_model_describe_batch(model, batch, 4, NULL, on_token, &s, out),
+                 MODA_ERR_IMAGE);
+        CHECK(contains(moda_model_errmsg(model), "image 1 of 4"));
+        CHECK(contains(moda_model_errmsg(model), "2 of 4 failed"));
+        CHECK(out[0] && out[1] && out[2] && out[3]);
+        CHECK(moda_description_status(out[0]) == MODA_OK);
+        CHECK(d && same_tokens(d, out[0]));
+        CHECK(moda_description_status(out[1]) == MODA_ERR_IMAGE);
+        CHECK(contains(moda_description_errmsg(out[1]), "not_an_image.jpg"));
+        CHECK(strcmp(moda_description_text(out[1]), "") == 0);
+        CHECK(moda_description_n_tokens(out[1]) == 0);
+        CHECK(moda_description_token_ids(out[1]) == NULL);
+        CHECK(moda_description_status(out[2]) == MODA_OK);
+        CHECK(moda_description_status(out[3]) == MODA_ERR_INVALID_ARGUMENT);
+        CHECK(s.order_ok);
+        CHECK(s.images_seen[0] == moda_description_n_tokens(out[0]));
+        CHECK(s.images_seen[1] == 0 && s.images_seen[3] == 0);
+        CHECK(s.images_seen[2] == moda_description_n_tokens(out[2]));
+        for (i = 0; i < 4; i++) moda_description_free(out[i]);
+
+        /* All good: MODA_OK. */
+        CHECK_RC(moda_model_describe_batch(model, batch, 1, NULL, NULL, NULL, out), MODA_OK);
+        CHECK(same_tokens(d, out[0]));
+        moda_description_free(out[0]);
+        /* Whole-call failures: every out[i] is NULL. */
+        out[0] = out[1] = (moda_description *)&checks;
+        CHECK_RC(moda_model_describe_batch(NULL, batch, 2, NULL, NULL, NULL, out),
+                 MODA_ERR_INVALID_ARGUMENT);
+        CHECK(out[0] == NULL && out[1] == NULL);
+        out[0] = out[1] = (moda_description *)&checks;
+        CHECK_RC(moda_model_describe_batch(model, NULL, 2, NULL, NULL, NULL, out),
+                 MODA_ERR_INVALID_ARGUMENT);
+        CHECK(out[0] == NULL && out[1] == NULL);
+        CHECK_RC(moda_model_describe_batch(model, batch, 2, NULL, NULL, NULL, NULL),
+                 MODA_ERR_INVALID_ARGUMENT);
+        gp = moda_generation_default_params();
+        gp.num_beams = 100;
+        CHECK_RC(moda_model_describe_batch(model, batch, 2, &gp, NULL, NULL, out),
+                 MODA_ERR_INVALID_ARGUMENT);
+        CHECK(out[0] == NULL && out[1] == NULL);
+        /* An empty batch. */
+        CHECK_RC(moda_model_describe_batch(model, NULL, 0, NULL, NULL, NULL, NULL), MODA_OK);
+    }
+
+    /* Embeddings. */
+    {
+        float *e = calloc(dim * 3 + 1, sizeof(float));
+        float *e2 = calloc(dim, sizeof(float));
+        int statuses[3] = {-1, -1, -1};
+        moda_image batch[3];
+        double norm = 0.0;
+        img = moda_image_from_file(photo);
+        CHECK_RC(moda_model_embed(NULL, &img, 0, e, dim), MODA_ERR_INVALID_ARGUMENT);
+        CHECK_RC(moda_model_embed(model, NULL, 0, e, dim), MODA_ERR_INVALID_ARGUMENT);
+        CHECK_RC(moda_model_embed(model, &img, 0, NULL, dim), MODA_ERR_INVALID_ARGUMENT);
+        CHECK_RC(moda_model_embed(model, &img, 0, e, dim - 1), MODA_ERR_BUFFER_TOO_SMALL);
+        {
+            char want[64];
+            sprintf(want, "embedding has %lu", (unsigned long)dim);
+            CHECK(contains(moda_model_errmsg(model), want));
+        }
+        CHECK(e[0] == 0.0f); /* nothing written */
+        CHECK_RC(moda_model_embed(model, &img, 0, e, dim), MODA_OK);
+        CHECK(e[0] != 0.0f || e[1] != 0.0f);
+        CHECK_RC(moda_model_embed(model, &img, 1, e2, dim), MODA_OK);
+        for (i = 0; i < dim; i++) norm += (double)e2[i] * e2[i];
+        CHECK(fabs(norm - 1.0) < 1e-4);
+        bad = moda_image_from_file(not_image);
+        CHECK_RC(moda_model_embed(model, &bad, 0, e2, dim), MODA_ERR_IMAGE);
+        CHECK(contains(moda_model_errmsg(model), "not_an_image.jpg"));
+
+        batch[0] = moda_image_from_file(wide);
+        batch[1] = moda_image_from_file(not_image);
+        batch[2] = moda_image_from_file(photo);
+        CHECK_RC(moda_model_embed_batch(model, batch, 3, 0, e, dim * 3 - 1, statuses),
+                 MODA_ERR_BUFFER_TOO_SMALL);
+        CHECK(statuses[0] == MODA_ERR_BUFFER_TOO_SMALL && statuses[2] == MODA_ERR_BUFFER_TOO_SMALL);
+        {
+            char want[64];
+            sprintf(want, "need %lu", (unsigned long)(dim * 3));
+            CHECK(contains(moda_model_errmsg(model), want));
+        }
+        e[dim] = 123.0f;
+        CHECK_RC(moda_model_embed_batch(model, batch, 3, 0, e, dim * 3, statuses), MODA_ERR_IMAGE);
+        CHECK(statuses[0] == MODA_OK && statuses[1] == MODA_ERR_IMAGE && statuses[2] == MODA_OK);
+        CHECK(contains(moda_model_errmsg(model), "image 1 of 3"));
+        CHECK(e[dim] == 0.0f); /* the failed row is zeros */
+        CHECK_RC(moda_model_embed(model, &img, 0, e2, dim), MODA_OK);
+        for (i = 0; i < dim; i++) CHECK(fabs(e[2 * dim + i] - e2[i]) < 1e-4);
+        CHECK_RC(moda_model_embed_batch(model, batch, 1, 1, e, dim, NULL), MODA_OK);
+        CHECK_RC(moda_model_embed_batch(NULL, batch, 1, 0, e, dim, statuses),
+                 MODA_ERR_INVALID_ARGUMENT);
+        CHECK(statuses[0] == MODA_ERR_INVALID_ARGUMENT);
+        CHECK_RC(moda_model_embed_batch(model, NULL, 1, 0, e, dim, NULL), MODA_ERR_INVALID_ARGUMENT);
+        CHECK_RC(moda_model_embed_batch(model, batch, 1, 0, NULL, dim, NULL),
+                 MODA_ERR_INVALID_ARGUMENT);
+        CHECK_RC(moda_model_embed_batch(model, NULL, 0, 0, NULL, 0, NULL), MODA_OK);
+        free(e);
+        free(e2);
+    }
+
+    /* Messages are per thread: another thread's failure leaves this thread's "" alone. */
+    {
+        pthread_t th;
+        struct other_thread o;
+        moda_description *ok = NULL;
+        CHECK_RC(moda_model_describe(model, &img, NULL, &ok), MODA_OK);
+        moda_description_free(ok);
+        o.model = model;
+        o.missing = missing;
+        o.rc = 0;
+        o.saw_message = 0;
+        CHECK(pthread_create(&th, NULL, fail_on_other_thread, &o) == 0);
+        CHECK(pthread_join(th, NULL) == 0);
+        CHECK(o.rc == MODA_ERR_IMAGE && o.saw_message);
+        CHECK(strcmp(moda_model_errmsg(model), "") == 0);
+        CHECK(strcmp(moda_last_error(), "") == 0);
+    }
+
+    /* Destructors accept NULL; a description outlives its model. */
+    moda_description_free(NULL);
+    moda_model_free(NULL);
+    moda_model_free(model);
+    CHECK(d && strlen(moda_description_text(d)) == moda_description_text_len(d));
+    moda_description_free(d);
+
+    free(photo_bytes);
+    free(photo);
+    free(wide);
+    free(not_image);
+    free(missing);
+    free(missing_bundle);
+    if (failures) {
+        fprintf(stderr, "api_test: %d of %d checks failed\n", failures, checks);
+        return 1;
+    }
+    printf("api_test: all %d checks passed\n", checks);
+    return 0;
+}
