@@ -150,7 +150,9 @@ pub struct TokenEvent<'a> {
     /// Its log-probability.
     pub logprob: f32,
     /// The text this token adds to the description (may be empty, e.g. for `</s>` or for the
-    /// first bytes of a character split across tokens; the pieces add up to the final text).
+    /// first bytes of a character split across tokens). The pieces add up to the final text,
+    /// except that a character still incomplete when generation ends (a U+FFFD at the end of
+    /// the final text) is never passed.
     pub text: &'a str,
 }
 
