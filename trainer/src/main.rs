@@ -81,7 +81,8 @@ struct FitArgs {
     /// Keep the image encoder frozen (embeddings cached), also with `--preset tiny`.
     #[arg(long)]
     freeze_encoder: bool,
-    /// Decoder dropout (default: the decoder config's, 0.1 for OPT-125m).
+    /// Decoder dropout (default: 0.1 with `--preset tiny`, else the decoder config's, 0.1 for
+    /// OPT-125m).
     #[arg(long)]
     dropout: Option<f64>,
     /// Image encoder: local directory or hub id.
