@@ -7,6 +7,9 @@
 //! package's binaries only for its own integration tests (and names them in
 //! `CARGO_BIN_EXE_*`).
 
+#[path = "../../tests/src/bad_images.rs"]
+mod bad_images;
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -640,29 +643,15 @@ fn shards_split_a_catalog_without_overlap() {
 fn bad_images_are_error_records_and_the_job_goes_on() {
     let dir = TempDir::new("cli-bad");
     let d = dir.path();
-    let write = |name: &str, bytes: &[u8]| {
-        let p = d.join(name);
-        std::fs::write(&p, bytes).expect("write");
-        s(&p)
-    };
     let jpg = std::fs::read(image("photo.jpg")).expect("jpg");
     let png = std::fs::read(image("wide.png")).expect("png");
-    // A PNG whose header claims 100000 x 100000 pixels (CRC fixed so the header is valid).
-    let mut bomb = png[..33].to_vec();
-    bomb[16..20].copy_from_slice(&100_000u32.to_be_bytes());
-    bomb[20..24].copy_from_slice(&100_000u32.to_be_bytes());
-    let crc = crc32(&bomb[12..29]);
-    bomb[29..33].copy_from_slice(&crc.to_be_bytes());
-    bomb.extend_from_slice(&png[33..]);
-    let good = write("good.jpg", &jpg);
-    let bad = [
-        write("empty.jpg", b""),
-        write("text.jpg", b"this is not an image\n"),
-        write("trunc.jpg", &jpg[..jpg.len() / 2]),
-        write("trunc.png", &png[..png.len() / 2]),
-        write("bomb.png", &bomb),
-        s(&d.join("missing.jpg")),
-    ];
+    let good = d.join("good.jpg");
+    std::fs::write(&good, &jpg).expect("write");
+    let good = s(&good);
+    let bad: Vec<String> = bad_images::write_bad_images(d, &jpg, &png)
+        .iter()
+        .map(|(p, _)| s(p))
+        .collect();
     let mut args = vec![bad[0].as_str(), good.as_str()];
     args.extend(bad[1..].iter().map(String::as_str));
     args.extend(["--max-new-tokens", "4"]);
@@ -724,21 +713,6 @@ fn bad_images_are_error_records_and_the_job_goes_on() {
         records(&std::fs::read_to_string(&out).expect("read")).len(),
         7
     );
-}
-
-fn crc32(data: &[u8]) -> u32 {
-    let mut c = 0xFFFF_FFFFu32;
-    for &b in data {
-        c ^= b as u32;
-        for _ in 0..8 {
-            c = if c & 1 != 0 {
-                (c >> 1) ^ 0xEDB8_8320
-            } else {
-                c >> 1
-            };
-        }
-    }
-    !c
 }
 
 /// Copies the bundle so a test can break its copy.

@@ -443,28 +443,9 @@ fn streaming_pieces_add_up_and_can_stop() {
 #[test]
 fn bad_images_are_clear_errors() {
     let dir = TempDir::new("sdk-bad");
-    let write = |name: &str, bytes: &[u8]| {
-        let p = dir.path().join(name);
-        std::fs::write(&p, bytes).expect("write");
-        p
-    };
     let jpg = std::fs::read(image("photo.jpg")).expect("jpg");
     let png = std::fs::read(image("wide.png")).expect("png");
-    // A PNG whose header claims 100000 x 100000 pixels (CRC fixed so the header is valid).
-    let mut bomb = png[..33].to_vec();
-    bomb[16..20].copy_from_slice(&100_000u32.to_be_bytes());
-    bomb[20..24].copy_from_slice(&100_000u32.to_be_bytes());
-    let crc = crc32(&bomb[12..29]);
-    bomb[29..33].copy_from_slice(&crc.to_be_bytes());
-    bomb.extend_from_slice(&png[33..]);
-    let cases = [
-        (write("empty.jpg", b""), "empty"),
-        (write("text.jpg", b"this is not an image\n"), "text"),
-        (write("trunc.jpg", &jpg[..jpg.len() / 2]), "truncated JPEG"),
-        (write("trunc.png", &png[..png.len() / 2]), "truncated PNG"),
-        (write("bomb.png", &bomb), "100000x100000 PNG"),
-        (dir.path().join("missing.jpg"), "missing file"),
-    ];
+    let cases = moda_tests::bad_images::write_bad_images(dir.path(), &jpg, &png);
     for (path, what) in &cases {
         let err = moda()
             .describe(&ImageInput::Path(path), &greedy(4))
@@ -476,21 +457,6 @@ fn bad_images_are_clear_errors() {
             "{what}: the message names the file: {msg}"
         );
     }
-}
-
-fn crc32(data: &[u8]) -> u32 {
-    let mut c = 0xFFFF_FFFFu32;
-    for &b in data {
-        c ^= b as u32;
-        for _ in 0..8 {
-            c = if c & 1 != 0 {
-                (c >> 1) ^ 0xEDB8_8320
-            } else {
-                c >> 1
-            };
-        }
-    }
-    !c
 }
 
 /// Copies the bundle so a test can break its copy.
