@@ -686,25 +686,7 @@ fn verification_names_the_diverging_graph_and_output() {
     .expect("recipe model");
 
     // The same encoder and decoder with another projector.
-    let enc = ClipVision::from_dir(&fixture("clip_gelu"), DType::F32, &dev).expect("clip");
-    let dec = Opt::from_dir(&fixture("opt_preln"), DType::F32, &dev).expect("opt");
-    let pcfg = *model.projector().config();
-    let mut tensors = HashMap::new();
-    for (i, (name, shape)) in [
-        ("projection.0.weight", vec![pcfg.hidden_dim, pcfg.in_dim]),
-        ("projection.0.bias", vec![pcfg.hidden_dim]),
-        ("projection.2.weight", vec![pcfg.out_dim, pcfg.hidden_dim]),
-        ("projection.2.bias", vec![pcfg.out_dim]),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let n = shape.iter().product();
-        let t = Tensor::from_vec(probe_values(n, 50 + i as u64, -0.3, 0.3), shape, &dev);
-        tensors.insert(name.to_string(), t.expect("tensor"));
-    }
-    let proj = Projector::new(&pcfg, VarBuilder::from_tensors(tensors, DType::F32, &dev));
-    let other = Moda::new(enc, proj.expect("projector"), dec).expect("moda");
+    let other = recipe_with_projector(*model.projector().config(), None);
     let sources =
         BundleSources::from_dirs(&fixture("clip_gelu"), &fixture("opt_preln")).expect("sources");
     let other_bundle = dir.path().join("other");
@@ -731,4 +713,79 @@ fn verification_names_the_diverging_graph_and_output() {
         msg.contains("projector") && msg.contains("prefix_embeds"),
         "{msg}"
     );
+}
+
+/// The recipe fixture's encoder and decoder with a projector of seeded values, one of them NaN
+/// when `nan_at` is given (an index into `projection.0.weight`).
+fn recipe_with_projector(pcfg: ProjectorConfig, nan_at: Option<usize>) -> Moda {
+    let dev = Device::Cpu;
+    let enc = ClipVision::from_dir(&fixture("clip_gelu"), DType::F32, &dev).expect("clip");
+    let dec = Opt::from_dir(&fixture("opt_preln"), DType::F32, &dev).expect("opt");
+    let mut tensors = HashMap::new();
+    for (i, (name, shape)) in [
+        ("projection.0.weight", vec![pcfg.hidden_dim, pcfg.in_dim]),
+        ("projection.0.bias", vec![pcfg.hidden_dim]),
+        ("projection.2.weight", vec![pcfg.out_dim, pcfg.hidden_dim]),
+        ("projection.2.bias", vec![pcfg.out_dim]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let n = shape.iter().product();
+        let mut values = probe_values(n, 50 + i as u64, -0.3, 0.3);
+        if let (0, Some(k)) = (i, nan_at) {
+            values[k] = f32::NAN;
+        }
+        let t = Tensor::from_vec(values, shape, &dev);
+        tensors.insert(name.to_string(), t.expect("tensor"));
+    }
+    let proj = Projector::new(&pcfg, VarBuilder::from_tensors(tensors, DType::F32, &dev));
+    Moda::new(enc, proj.expect("projector"), dec).expect("moda")
+}
+
+/// A verification failure inside `write_bundle` (here a NaN weight in the projector, so the
+/// graph's output and the candle model's are NaN) is an error naming the graph and output,
+/// and leaves neither the bundle nor its temporary directory behind.
+#[test]
+fn failed_verification_leaves_no_bundle() {
+    let dir = TempDir::new("export-nan");
+    let pcfg = *Moda::from_recipe_checkpoint(
+        &fixture("moda/fashion_opt.pth"),
+        &fixture("clip_gelu"),
+        &fixture("opt_preln"),
+        &Device::Cpu,
+    )
+    .expect("recipe model")
+    .projector()
+    .config();
+    let model = recipe_with_projector(pcfg, Some(3));
+    let sources =
+        BundleSources::from_dirs(&fixture("clip_gelu"), &fixture("opt_preln")).expect("sources");
+    let out = dir.path().join("bundle");
+    let options = BundleOptions {
+        verify: true,
+        ..BundleOptions::default()
+    };
+    let err = write_bundle(&model, &sources, &out, &options).expect_err("a NaN must fail");
+    match &err {
+        Error::Verify {
+            graph,
+            output,
+            detail,
+            ..
+        } => {
+            assert_eq!(
+                (graph.as_str(), output.as_str(), detail.as_str()),
+                ("projector", "prefix_embeds", "a NaN")
+            );
+        }
+        other => panic!("expected a verification error, got {other:?}"),
+    }
+    assert!(err.to_string().contains("no bundle was written"), "{err}");
+    assert!(!out.exists(), "the bundle must not exist");
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("list")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
 }
