@@ -15,7 +15,9 @@ pub const OPSET: i64 = 17;
 /// The ONNX IR version matching [`OPSET`] (ONNX 1.12).
 pub const IR_VERSION: i64 = 8;
 
-/// ONNX Runtime's contrib-op domain (`MatMulNBits`).
+/// ONNX Runtime's contrib-op domain (`MatMulNBits`, `MultiHeadAttention`). A model with a node
+/// of this domain declares it in its opset imports ([`GraphBuilder::finish`]); `onnx.checker`
+/// then leaves those nodes unchecked (it has no schema for them) and checks the rest.
 pub const MS_DOMAIN: &str = "com.microsoft";
 
 /// One dimension of a declared input or output.
@@ -136,7 +138,8 @@ impl GraphBuilder {
         Self::default()
     }
 
-    fn fresh(&mut self, hint: &str) -> String {
+    /// A new value name, unique in this graph, starting with `hint`.
+    pub fn fresh(&mut self, hint: &str) -> String {
         self.counter += 1;
         format!("{hint}_{}", self.counter)
     }
@@ -169,12 +172,25 @@ impl GraphBuilder {
         });
     }
 
-    /// Adds a node of ONNX Runtime's `com.microsoft` domain with one fresh output.
-    pub fn contrib_op(&mut self, op: &str, inputs: &[&str], attrs: Vec<(&str, Attr)>) -> String {
-        let out = self.op(op, inputs, attrs);
+    /// Adds a node of ONNX Runtime's `com.microsoft` domain with explicit output names (an
+    /// empty input name leaves that optional input out).
+    pub fn push_contrib(
+        &mut self,
+        op: &str,
+        inputs: &[&str],
+        outputs: &[&str],
+        attrs: Vec<(&str, Attr)>,
+    ) {
+        self.push(op, inputs, outputs, attrs);
         if let Some(n) = self.nodes.last_mut() {
             n.domain = MS_DOMAIN.to_string();
         }
+    }
+
+    /// Adds a node of ONNX Runtime's `com.microsoft` domain with one fresh output.
+    pub fn contrib_op(&mut self, op: &str, inputs: &[&str], attrs: Vec<(&str, Attr)>) -> String {
+        let out = self.fresh(&op.to_lowercase());
+        self.push_contrib(op, inputs, &[&out], attrs);
         out
     }
 
@@ -226,7 +242,8 @@ impl GraphBuilder {
         self.const_i64(hint, &[data.len() as i64], data)
     }
 
-    /// Wraps the graph in a model with the standard opset.
+    /// Wraps the graph in a model with the standard opset, and `com.microsoft` version 1 when
+    /// a node uses that domain.
     pub fn finish(self, name: &str, doc: &str, metadata: &[(&str, String)]) -> ModelProto {
         let mut opset_import = vec![OperatorSetIdProto {
             domain: String::new(),

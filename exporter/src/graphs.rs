@@ -6,14 +6,21 @@
 //! - `decoder`: `OPTForCausalLM` (`modeling_opt.py`) from `inputs_embeds`, with the KV cache in
 //!   optimum's layout (`past_key_values.{i}.key|value` -> `present.{i}.key|value`,
 //!   `[batch, heads, past, head_dim]`). Positions (`cumsum(mask) * mask - 1`, plus OPT's offset
-//!   of 2) and the causal + padding mask are computed inside the graph from `attention_mask`,
-//!   so one graph serves the first step (`past = 0`) and every later one, with no `If`;
+//!   of 2) are computed inside the graph from `attention_mask`; self-attention is ONNX
+//!   Runtime's `com.microsoft.MultiHeadAttention` (CPU kernel), fed the cache through its
+//!   `past_key`/`past_value` inputs and `present_key`/`present_value` outputs, the padding as
+//!   its int32 `key_padding_mask` (`attention_mask` cast) and causality as `unidirectional = 1`
+//!   (offset by the past length in the kernel), so one graph serves the first step
+//!   (`past = 0`) and every later one, with no `If`;
 //! - `embed_tokens`: a `Gather` over the token embedding table.
 //!
 //! Shapes are written for ONNX Runtime's CPU fusions: `LayerNormalization` (opset 17),
 //! `MatMul` + `Add` with pre-transposed `[in, out]` weights, GELU as transformers' erf formula
 //! (`GeluFusion`), quick GELU as `x * Sigmoid(1.702 x)` (`QuickGeluFusion`). The attention
-//! scale is folded into the query projection (exact for head sizes that are powers of 4).
+//! scale is folded into the query projection (exact for head sizes that are powers of 4), so
+//! the decoder's `MultiHeadAttention` runs with `scale = 1`. ONNX Runtime's `AttentionFusion`
+//! does not match OPT's decoder with a dynamic KV cache, hence the contrib op written directly
+//! (the encoder, without a cache, keeps plain `MatMul`/`Softmax` attention).
 
 use std::collections::HashMap;
 
@@ -481,12 +488,7 @@ pub fn decoder(model: &Moda, quant: Option<WeightQuant>) -> Result<Graph> {
     let cfg: &OptConfig = model.decoder().config();
     let t = Named::new(model.decoder().named_tensors());
     let act = parse_act(&cfg.activation_function, "activation_function")?;
-    let (h, e, heads, hd) = (
-        cfg.hidden_size,
-        cfg.embed_dim(),
-        cfg.num_attention_heads,
-        cfg.head_dim(),
-    );
+    let (e, heads, hd) = (cfg.embed_dim(), cfg.num_attention_heads, cfg.head_dim());
     let eps = 1e-5; // PyTorch's LayerNorm default, as OPT uses.
     let dd = "model.decoder";
     let mut g = GraphBuilder::new();
@@ -530,11 +532,6 @@ pub fn decoder(model: &Moda, quant: Option<WeightQuant>) -> Result<Graph> {
         &[&embeds],
         vec![("start", Attr::Int(1)), ("end", Attr::Int(2))],
     );
-    let total = g.op(
-        "Shape",
-        &[&mask],
-        vec![("start", Attr::Int(1)), ("end", Attr::Int(2))],
-    );
     let neg_seq = g.op("Neg", &[&seq], vec![]);
     let end = g.ints("slice_end", &[i64::MAX]);
     let axes1 = g.ints("axes1", &[1]);
@@ -545,24 +542,12 @@ pub fn decoder(model: &Moda, quant: Option<WeightQuant>) -> Result<Graph> {
     )?;
     let pos_emb = g.op("Gather", &[&pos_table, &pos], vec![("axis", Attr::Int(0))]);
 
-    // Additive attention bias [batch, 1, seq, total]: 0 where query i (at absolute position
-    // past + i) may see key j (j <= past + i and mask[j] = 1), the lowest finite f32 elsewhere.
-    let past = g.op("Sub", &[&total, &seq], vec![]);
-    let total_s = g.op("Squeeze", &[&total], vec![]);
-    let past_s = g.op("Squeeze", &[&past], vec![]);
-    let zero_s = g.const_i64("zero", &[], &[0]);
-    let one_s = g.const_i64("one", &[], &[1]);
-    let k_idx = g.op("Range", &[&zero_s, &total_s, &one_s], vec![]);
-    let q_idx = g.op("Range", &[&past_s, &total_s, &one_s], vec![]);
-    let q_col = g.op("Unsqueeze", &[&q_idx, &axes1], vec![]);
-    let causal = g.op("LessOrEqual", &[&k_idx, &q_col], vec![]);
-    let mask_b = g.op("Cast", &[&mask], vec![("to", Attr::Int(9))]); // BOOL
-    let axes12 = g.ints("axes12", &[1, 2]);
-    let mask4 = g.op("Unsqueeze", &[&mask_b, &axes12], vec![]);
-    let allowed = g.op("And", &[&causal, &mask4], vec![]);
-    let zero_f = g.const_f32("bias_zero", &[], &[0.0]);
-    let min_f = g.const_f32("bias_min", &[], &[f32::MIN]);
-    let bias = g.op("Where", &[&allowed, &zero_f, &min_f], vec![]);
+    // Padding for `MultiHeadAttention`: its `key_padding_mask` is int32 `[batch, total]` (1 keep,
+    // 0 pad); causality comes from its `unidirectional` attribute, offset by the past length.
+    // Masked scores get `mask_filter_value`, the lowest finite f32 as in the candle model and
+    // transformers (not the kernel's default -10000), so that even a fully masked row (a padded
+    // query) attends as theirs does: uniformly, and finite.
+    let mask_i32 = g.op("Cast", &[&mask], vec![("to", Attr::Int(6))]); // INT32
 
     let mut xs = match t.opt(&format!("{dd}.project_in.weight")) {
         Some(_) => linear_q(
@@ -613,21 +598,21 @@ pub fn decoder(model: &Moda, quant: Option<WeightQuant>) -> Result<Graph> {
             None,
             quant,
         )?;
-        let q = split_heads(&mut g, &q, heads, hd, false);
-        let k = split_heads(&mut g, &k, heads, hd, false);
-        let v = split_heads(&mut g, &v, heads, hd, false);
-        g.push("Concat", &[&pk, &k], &[&ok], vec![("axis", Attr::Int(2))]);
-        g.push("Concat", &[&pv, &v], &[&ov], vec![("axis", Attr::Int(2))]);
-        let kt = g.op(
-            "Transpose",
-            &[&ok],
-            vec![("perm", Attr::Ints(vec![0, 1, 3, 2]))],
+        // q, k, v stay `[batch, seq, heads * hd]`; the kernel splits the heads, appends k and v
+        // to the past (`present = concat(past, new)`, `[batch, heads, total, hd]`) and writes
+        // the context back as `[batch, seq, heads * hd]`. q is already scaled (above).
+        let ctx = g.fresh("mha");
+        g.push_contrib(
+            "MultiHeadAttention",
+            &[&q, &k, &v, "", &mask_i32, "", &pk, &pv],
+            &[&ctx, &ok, &ov],
+            vec![
+                ("num_heads", Attr::Int(heads as i64)),
+                ("unidirectional", Attr::Int(1)),
+                ("scale", Attr::Float(1.0)),
+                ("mask_filter_value", Attr::Float(f32::MIN)),
+            ],
         );
-        let scores = g.op("MatMul", &[&q, &kt], vec![]);
-        let scores = g.op("Add", &[&scores, &bias], vec![]);
-        let probs = g.op("Softmax", &[&scores], vec![("axis", Attr::Int(-1))]);
-        let ctx = g.op("MatMul", &[&probs, &ov], vec![]);
-        let ctx = merge_heads(&mut g, &ctx, h);
         let a = linear_q(
             &mut g,
             &ctx,

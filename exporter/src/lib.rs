@@ -18,6 +18,11 @@
 //! external data). The bundle is written to a temporary directory beside `--out`, verified, and
 //! renamed into place: a failure leaves no bundle.
 //!
+//! The decoder's self-attention is ONNX Runtime's contrib op `com.microsoft.MultiHeadAttention`
+//! (KV cache through its `past_key`/`past_value` and `present_key`/`present_value`), so every
+//! decoder, fp32 included, needs ONNX Runtime (or another runtime with that contrib op); see
+//! [`graphs`].
+//!
 //! `--quantize int8|int4` writes the linear layers of the encoder's transformer and of the
 //! decoder (with its LM head) as ONNX Runtime's `com.microsoft.MatMulNBits` (symmetric, blocks
 //! of 32, `accuracy_level` 4: int8 dot products on CPU); the patch convolution, the projector
