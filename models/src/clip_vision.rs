@@ -177,6 +177,7 @@ impl ClipVisionConfig {
     }
 }
 
+#[derive(Clone)]
 struct Embeddings {
     patch: Conv2d,
     class: Tensor,
@@ -223,6 +224,7 @@ impl Module for Embeddings {
     }
 }
 
+#[derive(Clone)]
 struct SelfAttention {
     q: Linear,
     k: Linear,
@@ -262,6 +264,7 @@ impl Module for SelfAttention {
     }
 }
 
+#[derive(Clone)]
 struct EncoderLayer {
     layer_norm1: LayerNorm,
     self_attn: SelfAttention,
@@ -302,6 +305,7 @@ impl Module for EncoderLayer {
 }
 
 /// The CLIP vision tower with its visual projection: pixel values in, image embeddings out.
+#[derive(Clone)]
 pub struct ClipVision {
     cfg: ClipVisionConfig,
     embeddings: Embeddings,

@@ -26,7 +26,10 @@ use crate::weights::Weights;
 /// The label value that the loss ignores, as PyTorch's `CrossEntropyLoss(ignore_index=-100)`.
 pub const IGNORE_INDEX: i64 = -100;
 
-/// Encoder, projector and decoder.
+/// Encoder, projector and decoder. A clone shares the weights (candle tensors are reference
+/// counted; gradients of a clone's outputs are the same variables') but has a dropout generator
+/// of its own.
+#[derive(Clone)]
 pub struct Moda {
     encoder: ClipVision,
     projector: Projector,

@@ -217,6 +217,21 @@ struct Dropout {
     state: Mutex<u64>,
 }
 
+impl Clone for Dropout {
+    /// A generator of its own, starting from this one's state.
+    fn clone(&self) -> Self {
+        let state = self
+            .state
+            .lock()
+            .map(|s| *s)
+            .unwrap_or_else(|e| *e.into_inner());
+        Dropout {
+            p: self.p,
+            state: Mutex::new(state),
+        }
+    }
+}
+
 impl Dropout {
     fn next(state: &mut u64) -> u64 {
         // SplitMix64 (Steele, Lea and Flood, 2014).
@@ -269,6 +284,7 @@ fn linear(cfg: &OptConfig, i: usize, o: usize, vb: VarBuilder) -> candle_core::R
     }
 }
 
+#[derive(Clone)]
 struct SelfAttention {
     q: Linear,
     k: Linear,
@@ -318,6 +334,7 @@ impl SelfAttention {
     }
 }
 
+#[derive(Clone)]
 struct DecoderLayer {
     self_attn: SelfAttention,
     self_attn_layer_norm: LayerNorm,
@@ -392,6 +409,7 @@ pub enum DecoderInput<'a> {
 }
 
 /// `OPTForCausalLM`: the decoder and its LM head.
+#[derive(Clone)]
 pub struct Opt {
     cfg: OptConfig,
     embed_tokens: Embedding,

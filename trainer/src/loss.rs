@@ -18,9 +18,21 @@ const SKIP: u32 = u32::MAX;
 /// The mean next-token cross-entropy of `logits [b, s, V]` against `labels [b, s]`, as
 /// `OPTForCausalLM(labels=..)`: logits at `i` predict `labels[i + 1]`.
 pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let (sum, count) = causal_lm_loss_sum(logits, labels)?;
+    if !logits.device().is_cpu() || logits.dtype() != DType::F32 {
+        return Ok(sum);
+    }
+    Ok((sum / count.max(1) as f64)?)
+}
+
+/// The summed next-token cross-entropy and the number of predicted tokens (labels not
+/// `-100`), so that shards of a batch combine into the batch's mean. Other devices or dtypes
+/// than f32 on the CPU (or a single position) get the mean from the composed version and a
+/// count of 1.
+pub fn causal_lm_loss_sum(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, usize)> {
     let (b, s, v) = logits.dims3()?;
     if !logits.device().is_cpu() || logits.dtype() != DType::F32 || s < 2 {
-        return Ok(moda_models::moda::causal_lm_loss(logits, labels)?);
+        return Ok((moda_models::moda::causal_lm_loss(logits, labels)?, 1));
     }
     let rows = logits
         .narrow(1, 0, s - 1)?
@@ -46,7 +58,7 @@ pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
         .collect();
     let targets = Tensor::from_vec(targets, b * (s - 1), logits.device())?;
     let nll = rows.apply_op2(&targets, CrossEntropy)?;
-    Ok((nll.sum_all()? / count.max(1) as f64)?)
+    Ok((nll.sum_all()?, count))
 }
 
 fn rows_of<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {

@@ -55,7 +55,7 @@ of the caption has a visual cue by construction:
   Category     follows from ProductType (Apparel, Footwear).
   Gender       the backdrop: a cool, pale blue backdrop with a blue band along the bottom for
                Boys and Men; a warm, pale rose backdrop with a rose band for Girls and Women.
-  Usage        the pattern on the product: Casual = plain; Formal = thin vertical pinstripes;
+  Usage        the pattern on the product: Casual = plain; Formal = vertical pinstripes;
                Sports = two broad diagonal stripes; Ethnic = a grid of dots and a contrasting
                trim along the outline.";
 
@@ -800,13 +800,15 @@ fn silhouette(shape: Shape) -> Option<Silhouette> {
         ),
         Shape::Heel => (
             vec![
+                // A closed pump: a full upper above the sloping sole line, so that the
+                // Usage pattern has room to show.
                 body(poly(
-                    (14.0, 30.0),
+                    (14.0, 28.0),
                     &[
-                        L(22.0, 30.0),
-                        Q(30.0, 44.0, 46.0, 50.0),
-                        L(60.0, 53.0),
-                        Q(84.0, 57.0, 91.0, 67.0),
+                        L(24.0, 28.0),
+                        Q(32.0, 36.0, 46.0, 40.0),
+                        L(62.0, 44.0),
+                        Q(86.0, 49.0, 92.0, 65.0),
                         L(89.0, 71.0),
                         Q(62.0, 64.0, 44.0, 59.0),
                         Q(28.0, 54.0, 15.0, 50.0),
@@ -817,7 +819,7 @@ fn silhouette(shape: Shape) -> Option<Silhouette> {
                     [36, 34, 36],
                 ),
             ],
-            vec![(curve((46.0, 50.0), (56.0, 60.0), (62.0, 54.0)), 0.8)],
+            vec![(curve((44.0, 42.0), (54.0, 50.0), (62.0, 46.0)), 0.8)],
         ),
         Shape::Flat => (
             vec![
@@ -965,14 +967,13 @@ fn render_jpeg(p: &Product, seed: u64, index: u64, path: &Path) -> Result<Vec<u8
     }
 
     // Placement: the product fills most of the square above the band.
-    // Side views of shoes are wide and low: draw them a little larger.
+    // Side views of shoes are wide and low: draw them a little larger, and heels (a thin
+    // sloping band) larger still, so that their Usage pattern stays legible at 64 px.
     let shape_scale = match p.ptype.shape {
-        Shape::CasualShoe
-        | Shape::SportsShoe
-        | Shape::FormalShoe
-        | Shape::Heel
-        | Shape::Flat
-        | Shape::Sandal => 1.12,
+        Shape::Heel => 1.25,
+        Shape::CasualShoe | Shape::SportsShoe | Shape::FormalShoe | Shape::Flat | Shape::Sandal => {
+            1.12
+        }
         _ => 1.0,
     };
     let scale = s * 0.0078 * shape_scale * rng.random_range(0.82..1.0);
@@ -1063,12 +1064,13 @@ fn render_jpeg(p: &Product, seed: u64, index: u64, path: &Path) -> Result<Vec<u8
     let (l, t, w, h) = (bounds.left(), bounds.top(), bounds.width(), bounds.height());
     match p.usage {
         "Formal" => {
-            // Thin vertical pinstripes.
-            let step = (w / 11.0).max(3.0);
+            // Vertical pinstripes, about 7 across the product and 2 units wide, so that they stay
+            // lines (not a tint) at the tiny preset's 64 px.
+            let step = (w / 7.0).max(5.0);
             let mut x = l + step * rng.random_range(0.2..0.8);
             while x < l + w {
                 if let Some(path) = line(&[(x, t - 1.0), (x, t + h + 1.0)]) {
-                    pm.stroke_path(&path, &pattern, &stroke(0.9), ts, Some(&body_mask));
+                    pm.stroke_path(&path, &pattern, &stroke(2.0), ts, Some(&body_mask));
                 }
                 x += step;
             }
@@ -1090,9 +1092,10 @@ fn render_jpeg(p: &Product, seed: u64, index: u64, path: &Path) -> Result<Vec<u8
             }
         }
         "Ethnic" => {
-            // A grid of dots and a contrasting trim along the outline.
-            let step = (w.min(h) / 6.0).clamp(4.0, 12.0);
-            let r = step * 0.2;
+            // A grid of dots and a contrasting trim along the outline; dots of 3 units and
+            // more across, at least 1.5 px at 64 px.
+            let step = (w.min(h) / 5.0).clamp(7.0, 14.0);
+            let r = step * 0.25;
             let mut y = t + step * 0.5;
             let mut row = 0;
             while y < t + h {
@@ -1107,7 +1110,7 @@ fn render_jpeg(p: &Product, seed: u64, index: u64, path: &Path) -> Result<Vec<u8
                 row += 1;
             }
             for part in sil.parts.iter().filter(|p| p.role == Role::Body) {
-                pm.stroke_path(&part.path, &pattern, &stroke(2.6), ts, Some(&body_mask));
+                pm.stroke_path(&part.path, &pattern, &stroke(3.6), ts, Some(&body_mask));
             }
         }
         _ => {} // Casual: plain.
