@@ -47,24 +47,26 @@ pub fn plot_losses(path: &Path, history: &[EpochRecord]) -> Result<()> {
         root.fill(&WHITE).map_err(|e| plot_err(path, e))?;
         let last = history.last().map_or(1, |r| r.epoch).max(2);
         let first = history.first().map_or(1, |r| r.epoch);
-        let hi = history
-            .iter()
-            .flat_map(|r| [r.train_loss, r.val_loss])
-            .filter(|v| v.is_finite())
-            .fold(0f64, f64::max)
-            .max(1e-3)
-            * 1.05;
+        // A log scale: the first epochs' losses are 100x the last ones'.
+        let positive = || {
+            history
+                .iter()
+                .flat_map(|r| [r.train_loss, r.val_loss])
+                .filter(|v| v.is_finite() && *v > 0.0)
+        };
+        let hi = positive().fold(0f64, f64::max).max(1e-3) * 1.25;
+        let lo = positive().fold(f64::INFINITY, f64::min).min(hi / 2.0) * 0.8;
         let mut chart = ChartBuilder::on(&root)
             .caption("MODA training: loss per epoch", (FONT, 22))
             .margin(15)
             .x_label_area_size(40)
             .y_label_area_size(55)
-            .build_cartesian_2d(first as f64..last as f64, 0f64..hi)
+            .build_cartesian_2d(first as f64..last as f64, (lo..hi).log_scale())
             .map_err(|e| plot_err(path, e))?;
         chart
             .configure_mesh()
             .x_desc("epoch")
-            .y_desc("loss")
+            .y_desc("loss (log scale)")
             .label_style((FONT, 14))
             .draw()
             .map_err(|e| plot_err(path, e))?;
@@ -81,6 +83,7 @@ pub fn plot_losses(path: &Path, history: &[EpochRecord]) -> Result<()> {
                         if train { r.train_loss } else { r.val_loss },
                     )
                 })
+                .filter(|(_, v)| v.is_finite() && *v > 0.0)
                 .collect();
             chart
                 .draw_series(LineSeries::new(points.clone(), colour.stroke_width(2)))
