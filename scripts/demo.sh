@@ -17,8 +17,8 @@ cargo build --release -p trainer -p exporter -p moda-sdk
 bin="${CARGO_TARGET_DIR:-$root/target}/release"
 
 if [ ! -f "$out/catalog/fashion.csv" ]; then
-  step "synthetic catalog: 1500 products -> demo/catalog"
-  "$bin/trainer" synth --out "$out/catalog" --count 1500 --seed 0
+  step "synthetic catalog: 3000 products -> demo/catalog"
+  "$bin/trainer" synth --out "$out/catalog" --count 3000 --seed 0
 else
   step "synthetic catalog: reusing demo/catalog"
 fi

@@ -387,6 +387,25 @@ fn data_parallel_shards_equal_one_batch() {
     }
 }
 
+/// The preset's sample budget sets the epochs from the catalog's size: 40 products, 32 of
+/// them for training, and a budget of 70 samples give ceil(70 / 32) = 3 epochs, not 180.
+#[test]
+fn sample_budget_sets_the_epochs() {
+    let tmp = TempDir::new("budget");
+    let cat = tmp.path().join("catalog");
+    synth_catalog(&cat, 40, 8);
+    let out = tmp.path().join("run");
+    let cfg = FitConfig {
+        sample_budget: Some(70),
+        batch_size: 16,
+        ..FitConfig::tiny()
+    };
+    assert_eq!(cfg.epochs, 180);
+    tiny_run(&cat, &out, &tmp.path().join("cache"), &cfg, None);
+    let state = trainer::fit::read_state(&out.join("last")).expect("state");
+    assert_eq!((state.config.epochs, state.history.len()), (3, 3));
+}
+
 #[test]
 fn tiny_preset_learns_on_a_synthetic_catalog() {
     let tmp = TempDir::new("e2e");
