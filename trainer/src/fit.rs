@@ -1042,6 +1042,20 @@ pub fn fit(cfg: &FitConfig, opts: &FitOptions) -> Result<FitReport> {
     let bs = cfg.batch_size;
     let batches = split.train.len().div_ceil(bs);
     let mut end = FitEnd::Finished;
+    // Augmentation (only of pixels: cached embeddings cannot be augmented): shifts of up to
+    // 1/16 of the side.
+    let augment = match (&data.pixels, cfg.augment) {
+        (Some(px), true) => Some(Augment {
+            flip: true,
+            max_shift: px.dims().last().copied().unwrap_or(0) / 16,
+        }),
+        _ => None,
+    };
+    let shards_wanted = if device.is_cpu() {
+        cfg.data_parallel
+    } else {
+        1
+    };
     // State at the last optimizer-step boundary (what an interruption saves).
     let mut boundary = state.clone();
     boundary.dropout_state = t.model.decoder().dropout_state();
@@ -1086,25 +1100,8 @@ pub fn fit(cfg: &FitConfig, opts: &FitOptions) -> Result<FitReport> {
             }
             let b = state.batch_pos;
             let idx = &order[b * bs..((b + 1) * bs).min(order.len())];
-            let augment = (cfg.augment && data.pixels.is_some()).then(|| {
-                let side = data
-                    .pixels
-                    .as_ref()
-                    .map_or(0, |p| p.dims().last().copied().unwrap_or(0));
-                Augment {
-                    flip: true,
-                    max_shift: side / 16,
-                }
-            });
             let mut aug_rng = crate::augment::batch_rng(cfg.seed, epoch, b);
-            let shards = shard_ranges(
-                idx.len(),
-                if device.is_cpu() {
-                    cfg.data_parallel
-                } else {
-                    1
-                },
-            );
+            let shards = shard_ranges(idx.len(), shards_wanted);
             let value = if shards.len() > 1 {
                 let images = batch_images(&data, idx, device, augment.map(|a| (a, &mut aug_rng)))?;
                 sharded_step(

@@ -103,23 +103,22 @@ impl AdamW {
     /// Adds this backward pass's gradients to the accumulated ones (`loss.backward()`
     /// without `zero_grad()`).
     pub fn accumulate(&mut self, store: &GradStore) -> Result<()> {
-        for (i, (_, var)) in self.vars.iter().enumerate() {
-            if let Some(g) = store.get(var.as_tensor()) {
-                self.grads[i] = Some(match self.grads[i].take() {
-                    Some(acc) => (acc + g)?,
-                    None => g.clone(),
-                });
-            }
-        }
-        Ok(())
+        self.add_grads(store, None)
     }
 
     /// Adds `scale` times the gradients of `store` (a shard of a micro-batch whose loss was a
     /// sum: `scale` turns it into its part of the mean).
     pub fn accumulate_scaled(&mut self, store: &GradStore, scale: f64) -> Result<()> {
+        self.add_grads(store, Some(scale))
+    }
+
+    fn add_grads(&mut self, store: &GradStore, scale: Option<f64>) -> Result<()> {
         for (i, (_, var)) in self.vars.iter().enumerate() {
             if let Some(g) = store.get(var.as_tensor()) {
-                let g = (g * scale)?;
+                let g = match scale {
+                    Some(s) => (g * s)?,
+                    None => g.clone(),
+                };
                 self.grads[i] = Some(match self.grads[i].take() {
                     Some(acc) => (acc + g)?,
                     None => g,
