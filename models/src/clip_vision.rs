@@ -10,8 +10,9 @@
 
 use std::path::Path;
 
+use crate::nn::Linear;
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Conv2d, Conv2dConfig, LayerNorm, VarBuilder};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
@@ -239,10 +240,10 @@ impl SelfAttention {
     fn new(cfg: &ClipVisionConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let h = cfg.hidden_size;
         Ok(Self {
-            q: candle_nn::linear(h, h, vb.pp("q_proj"))?,
-            k: candle_nn::linear(h, h, vb.pp("k_proj"))?,
-            v: candle_nn::linear(h, h, vb.pp("v_proj"))?,
-            out: candle_nn::linear(h, h, vb.pp("out_proj"))?,
+            q: crate::nn::linear(h, h, vb.pp("q_proj"))?,
+            k: crate::nn::linear(h, h, vb.pp("k_proj"))?,
+            v: crate::nn::linear(h, h, vb.pp("v_proj"))?,
+            out: crate::nn::linear(h, h, vb.pp("out_proj"))?,
             heads: cfg.num_attention_heads,
             head_dim: cfg.head_dim(),
             scale: (cfg.head_dim() as f64).powf(-0.5),
@@ -281,9 +282,9 @@ impl EncoderLayer {
             layer_norm1: candle_nn::layer_norm(h, cfg.layer_norm_eps, vb.pp("layer_norm1"))?,
             self_attn: SelfAttention::new(cfg, vb.pp("self_attn"))?,
             layer_norm2: candle_nn::layer_norm(h, cfg.layer_norm_eps, vb.pp("layer_norm2"))?,
-            fc1: candle_nn::linear(h, cfg.intermediate_size, vb.pp("mlp").pp("fc1"))?,
+            fc1: crate::nn::linear(h, cfg.intermediate_size, vb.pp("mlp").pp("fc1"))?,
             act,
-            fc2: candle_nn::linear(cfg.intermediate_size, h, vb.pp("mlp").pp("fc2"))?,
+            fc2: crate::nn::linear(cfg.intermediate_size, h, vb.pp("mlp").pp("fc2"))?,
         })
     }
 }
@@ -334,7 +335,7 @@ impl ClipVision {
             pre_layrnorm: candle_nn::layer_norm(h, cfg.layer_norm_eps, vm.pp("pre_layrnorm"))?,
             layers,
             post_layernorm: candle_nn::layer_norm(h, cfg.layer_norm_eps, vm.pp("post_layernorm"))?,
-            visual_projection: candle_nn::linear_no_bias(
+            visual_projection: crate::nn::linear_no_bias(
                 h,
                 cfg.projection_dim,
                 vb.pp("visual_projection"),

@@ -12,6 +12,8 @@ pub mod checkpoint;
 #[cfg(feature = "candle")]
 pub mod clip_vision;
 pub mod error;
+#[cfg(feature = "candle")]
+mod fused;
 #[cfg(feature = "hub")]
 pub mod hub;
 #[cfg(feature = "candle")]

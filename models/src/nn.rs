@@ -49,9 +49,53 @@ impl Module for Activation {
             Self::QuickGelu => xs * candle_nn::ops::sigmoid(&(xs * 1.702)?)?,
             Self::Gelu => xs.gelu_erf(),
             Self::GeluTanh => xs.gelu(),
+            Self::Relu if crate::fused::applies(xs, None) => crate::fused::relu(xs),
             Self::Relu => xs.relu(),
         }
     }
+}
+
+/// candle_nn's `Linear` (`y = x w^T + b`), computed by the fused training kernel while
+/// training on the CPU in f32 (see [`crate::fused`]) and by candle_nn's otherwise.
+#[derive(Clone, Debug)]
+pub(crate) struct Linear(candle_nn::Linear);
+
+impl Linear {
+    pub(crate) fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self(candle_nn::Linear::new(weight, bias))
+    }
+}
+
+impl std::ops::Deref for Linear {
+    type Target = candle_nn::Linear;
+
+    fn deref(&self) -> &candle_nn::Linear {
+        &self.0
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        if crate::fused::applies(xs, Some(self.0.weight())) {
+            crate::fused::linear(xs, self.0.weight(), self.0.bias())
+        } else {
+            self.0.forward(xs)
+        }
+    }
+}
+
+/// A linear layer with a bias, `{prefix}.weight` `[out, in]` and `{prefix}.bias` from `vb`.
+pub(crate) fn linear(i: usize, o: usize, vb: candle_nn::VarBuilder) -> candle_core::Result<Linear> {
+    candle_nn::linear(i, o, vb).map(Linear)
+}
+
+/// A linear layer without a bias.
+pub(crate) fn linear_no_bias(
+    i: usize,
+    o: usize,
+    vb: candle_nn::VarBuilder,
+) -> candle_core::Result<Linear> {
+    candle_nn::linear_no_bias(i, o, vb).map(Linear)
 }
 
 /// Appends a linear layer's tensors as `{prefix}.weight` (`[out, in]`) and `{prefix}.bias`.
@@ -113,14 +157,20 @@ pub(crate) fn merge_heads(xs: &Tensor) -> candle_core::Result<Tensor> {
 /// A LayerNorm that keeps the autograd graph. candle_nn's fused `layer-norm` op (what
 /// `LayerNorm::forward` uses on contiguous input) has no backward pass and silently stops
 /// gradients, as does `softmax_last_dim` below; when the input or the weight is tracked
-/// (training), the same maths is computed from differentiable primitives instead. Inference
-/// keeps the fused kernel.
+/// (training), [`crate::fused::layer_norm`] computes it with its own backward pass (CPU, f32),
+/// or, on other devices and dtypes, differentiable primitives do. Inference keeps candle_nn's
+/// kernel.
 pub(crate) fn layer_norm_fwd(
     ln: &candle_nn::LayerNorm,
     xs: &Tensor,
 ) -> candle_core::Result<Tensor> {
     if !(xs.track_op() || ln.weight().track_op()) {
         return ln.forward(xs);
+    }
+    if let Some(bias) = ln.bias() {
+        if crate::fused::applies(xs, Some(ln.weight())) && bias.dtype() == DType::F32 {
+            return crate::fused::layer_norm(xs, ln.weight(), bias, ln.eps());
+        }
     }
     let h = xs.dim(D::Minus1)? as f64;
     let mean = (xs.sum_keepdim(D::Minus1)? / h)?;

@@ -25,8 +25,9 @@
 use std::path::Path;
 use std::sync::Mutex;
 
+use crate::nn::Linear;
 use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Embedding, LayerNorm, VarBuilder};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
@@ -278,9 +279,9 @@ fn layer_norm(cfg: &OptConfig, vb: VarBuilder) -> candle_core::Result<LayerNorm>
 
 fn linear(cfg: &OptConfig, i: usize, o: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
     if cfg.enable_bias {
-        candle_nn::linear(i, o, vb)
+        crate::nn::linear(i, o, vb)
     } else {
-        candle_nn::linear_no_bias(i, o, vb)
+        crate::nn::linear_no_bias(i, o, vb)
     }
 }
 
@@ -450,8 +451,8 @@ impl Opt {
         )?;
         let (project_in, project_out) = if e != h {
             (
-                Some(candle_nn::linear_no_bias(e, h, dvb.pp("project_in"))?),
-                Some(candle_nn::linear_no_bias(h, e, dvb.pp("project_out"))?),
+                Some(crate::nn::linear_no_bias(e, h, dvb.pp("project_in"))?),
+                Some(crate::nn::linear_no_bias(h, e, dvb.pp("project_out"))?),
             )
         } else {
             (None, None)
@@ -467,7 +468,7 @@ impl Opt {
         let lm_head = if cfg.tie_word_embeddings {
             Linear::new(embed_tokens.embeddings().clone(), None)
         } else {
-            candle_nn::linear_no_bias(e, cfg.vocab_size, vb.pp("lm_head"))?
+            crate::nn::linear_no_bias(e, cfg.vocab_size, vb.pp("lm_head"))?
         };
         Ok(Self {
             cfg: cfg.clone(),

@@ -3,8 +3,9 @@
 //! (tensors `projection.0.*` and `projection.2.*`). It turns one image embedding into one
 //! prefix embedding in the decoder's input-embedding space.
 
+use crate::nn::Linear;
 use candle_core::{Module, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 /// Sizes of the projector.
@@ -43,8 +44,8 @@ impl Projector {
         let vb = vb.pp("projection");
         Ok(Self {
             cfg: *cfg,
-            fc1: candle_nn::linear(cfg.in_dim, cfg.hidden_dim, vb.pp("0"))?,
-            fc2: candle_nn::linear(cfg.hidden_dim, cfg.out_dim, vb.pp("2"))?,
+            fc1: crate::nn::linear(cfg.in_dim, cfg.hidden_dim, vb.pp("0"))?,
+            fc2: crate::nn::linear(cfg.hidden_dim, cfg.out_dim, vb.pp("2"))?,
         })
     }
 

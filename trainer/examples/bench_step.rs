@@ -17,6 +17,10 @@ fn main() -> anyhow::Result<()> {
         .map(|s| s.parse())
         .transpose()?
         .unwrap_or(5);
+    // As the trainer binary does (BENCH_GLIBC_DEFAULTS=1 to see the difference).
+    if std::env::var_os("BENCH_GLIBC_DEFAULTS").is_none() {
+        trainer::alloc::keep_freed_memory();
+    }
     let dev = Device::Cpu;
     let (b, t) = (32usize, 20usize);
     // OPT-125m geometry; BENCH_LAYERS=n changes the depth (to see where the time goes).

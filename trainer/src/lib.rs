@@ -5,6 +5,7 @@
 //! catalog (that layout, or a CSV of image paths and captions) and splits it, [`embed_cache`]
 //! stores the frozen encoder's image embeddings on disk, and [`error`] is the error type.
 
+pub mod alloc;
 pub mod augment;
 pub mod data;
 pub mod embed_cache;

@@ -314,6 +314,7 @@ fn run() -> anyhow::Result<()> {
 }
 
 fn main() {
+    trainer::alloc::keep_freed_memory();
     if let Err(e) = run() {
         eprintln!("error: {e:#}");
         std::process::exit(1);
