@@ -894,6 +894,18 @@ fn prepare_data(
 /// Trains MODA; see the module docs. `cfg` is ignored when resuming (the checkpoint's settings
 /// apply), except `epochs` and `max_steps`.
 pub fn fit(cfg: &FitConfig, opts: &FitOptions) -> Result<FitReport> {
+    let created = !opts.out.exists();
+    let result = fit_in(cfg, opts);
+    if result.is_err() && created {
+        // A run that failed before writing anything (a model that does not resolve, a bad
+        // catalog) leaves no empty output directory behind. `remove_dir` keeps a directory
+        // that holds anything (checkpoints of a run stopped by a NaN loss, say).
+        let _ = std::fs::remove_dir(&opts.out);
+    }
+    result
+}
+
+fn fit_in(cfg: &FitConfig, opts: &FitOptions) -> Result<FitReport> {
     let device = &opts.device;
     let say = |msg: String| {
         if opts.progress {
