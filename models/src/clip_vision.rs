@@ -10,7 +10,6 @@
 
 use std::path::Path;
 
-use crate::nn::Linear;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, LayerNorm, VarBuilder};
 use serde::Deserialize;
@@ -18,7 +17,7 @@ use serde::Deserialize;
 use crate::error::{Error, Result};
 use crate::nn::{
     attention, layer_norm_fwd, merge_heads, push_layer_norm, push_linear, read_json, split_heads,
-    Activation,
+    Activation, Linear,
 };
 use crate::weights::Weights;
 

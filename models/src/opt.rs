@@ -25,7 +25,6 @@
 use std::path::Path;
 use std::sync::Mutex;
 
-use crate::nn::Linear;
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Embedding, LayerNorm, VarBuilder};
 use serde::Deserialize;
@@ -33,7 +32,7 @@ use serde::Deserialize;
 use crate::error::{Error, Result};
 use crate::nn::{
     attention, layer_norm_fwd, merge_heads, push_layer_norm, push_linear, read_json, split_heads,
-    Activation,
+    Activation, Linear,
 };
 use crate::weights::Weights;
 

@@ -3,10 +3,11 @@
 //! (tensors `projection.0.*` and `projection.2.*`). It turns one image embedding into one
 //! prefix embedding in the decoder's input-embedding space.
 
-use crate::nn::Linear;
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
+
+use crate::nn::Linear;
 
 /// Sizes of the projector.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
