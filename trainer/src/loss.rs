@@ -9,6 +9,7 @@
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use moda_models::moda::IGNORE_INDEX;
+use rayon::prelude::*;
 
 use crate::error::Result;
 
@@ -63,37 +64,26 @@ pub fn causal_lm_loss_sum(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, u
     Ok((nll.sum_all()?, count))
 }
 
-fn rows_of<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+/// The elements of a contiguous input.
+fn contiguous<'a, T: candle_core::WithDType>(
+    s: &'a CpuStorage,
+    l: &Layout,
+) -> candle_core::Result<&'a [T]> {
     let (a, b) = l
         .contiguous_offsets()
         .ok_or_else(|| candle_core::Error::Msg("cross-entropy: non-contiguous".into()))?;
-    Ok(&s.as_slice::<f32>()?[a..b])
+    Ok(&s.as_slice::<T>()?[a..b])
 }
 
-fn targets_of<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [u32]> {
-    let (a, b) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("cross-entropy: non-contiguous".into()))?;
-    Ok(&s.as_slice::<u32>()?[a..b])
-}
-
-/// Runs `f(row_index, out_chunk)` over `n` rows of `width` outputs, split across threads.
+/// Runs `f(row_index, out_row)` over `n` rows of `width` outputs on rayon's pool (the one
+/// candle's CPU ops use, sized by `RAYON_NUM_THREADS`).
 fn par_rows(n: usize, width: usize, f: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
     let mut out = vec![0f32; n * width];
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |t| t.get())
-        .min(n.max(1));
-    let per = n.div_ceil(threads).max(1);
-    std::thread::scope(|sc| {
-        for (c, chunk) in out.chunks_mut(per * width.max(1)).enumerate() {
-            let f = &f;
-            sc.spawn(move || {
-                for (j, row) in chunk.chunks_mut(width.max(1)).enumerate() {
-                    f(c * per + j, row);
-                }
-            });
-        }
-    });
+    if width > 0 {
+        out.par_chunks_mut(width)
+            .enumerate()
+            .for_each(|(i, row)| f(i, row));
+    }
     out
 }
 
@@ -120,8 +110,8 @@ impl CustomOp2 for CrossEntropy {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, v) = l1.shape().dims2()?;
-        let x = rows_of(s1, l1)?;
-        let t = targets_of(s2, l2)?;
+        let x = contiguous::<f32>(s1, l1)?;
+        let t = contiguous::<u32>(s2, l2)?;
         let out = par_rows(n, 1, |i, o| {
             let target = t[i];
             if target != SKIP {
@@ -162,9 +152,9 @@ impl CustomOp3 for CrossEntropyGrad {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, v) = l1.shape().dims2()?;
-        let x = rows_of(s1, l1)?;
-        let t = targets_of(s2, l2)?;
-        let g = rows_of(s3, l3)?;
+        let x = contiguous::<f32>(s1, l1)?;
+        let t = contiguous::<u32>(s2, l2)?;
+        let g = contiguous::<f32>(s3, l3)?;
         // Targets were checked against the vocabulary in `causal_lm_loss`.
         let out = par_rows(n, v, |i, o| {
             let target = t[i];
