@@ -16,8 +16,8 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 use crate::nn::{
-    attention, layer_norm_fwd, merge_heads, push_layer_norm, push_linear, read_json, split_heads,
-    Activation, Linear,
+    attention, fused_self_attention, layer_norm_fwd, merge_heads, push_layer_norm, push_linear,
+    read_json, split_heads, Activation, Linear,
 };
 use crate::weights::Weights;
 
@@ -252,6 +252,10 @@ impl SelfAttention {
 
 impl Module for SelfAttention {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let proj = [&self.q, &self.k, &self.v, &self.out];
+        if let Some(ys) = fused_self_attention(xs, proj, self.heads, self.scale, None)? {
+            return Ok(ys);
+        }
         let q = split_heads(
             &(self.q.forward(xs)? * self.scale)?,
             self.heads,

@@ -1,21 +1,24 @@
-//! Training kernels for the CPU (f32): linear layers, LayerNorm and ReLU as single candle ops
-//! with a hand-written backward pass.
+//! Training kernels for the CPU (f32): linear layers, LayerNorm, ReLU and softmax attention as
+//! single candle ops with a hand-written backward pass.
 //!
 //! Built from candle primitives, a training step spends more time around the matrix
 //! products than in them: a LayerNorm is ten tensors forward and about thirty backward, each a
-//! fresh allocation; a bias's gradient is a strided reduction plus a zero tensor and an add; a
-//! weight's gradient goes through a transposed copy. Measured at OPT-125m's size (batch 32, 21
-//! positions, 2-core CPU), forward + backward composed: a LayerNorm 10-30 ms, a ReLU after
-//! `fc1` 14-45 ms, a 768-wide bias 4 ms (the lower figures once the allocator keeps freed
-//! memory, see `trainer::alloc`); fused, these ops no longer show in a profile. The whole
-//! real-size training step (`trainer/examples/bench_step.rs`) went from 6.1-6.2 s to 4.0-4.5 s
-//! with both changes, and its peak memory from 3.9 to 3.5 GB.
+//! fresh allocation; a bias's gradient is a strided reduction (on one thread) plus a zero tensor
+//! and an add; a weight's gradient goes through a transposed copy; attention is about twenty ops
+//! (head splits and merges, two batched products, the mask, five for the softmax). Measured at
+//! OPT-125m's size (batch 32, 21 positions, 2-core CPU), forward + backward composed: a
+//! LayerNorm 10-30 ms, a ReLU after `fc1` 14-45 ms, a 768-wide bias 4 ms (the lower figures once
+//! the allocator keeps freed memory, see `trainer::alloc`); fused, these ops no longer show in a
+//! profile. The whole real-size training step (`trainer/examples/bench_step.rs`) went from
+//! 6.1-6.2 s to 4.0-4.5 s with the linear, LayerNorm and ReLU ops and the allocator setting, its
+//! peak memory from 3.9 to 3.5 GB; fused attention and a parallel bias gradient then took it to
+//! 3.8 s (PyTorch: 3.4-3.8 s on the same machine).
 //!
 //! These ops are used only where they can run: while training (an input or a weight is
 //! tracked), on the CPU, in f32. Inference keeps candle's own kernels, and other devices and
 //! dtypes keep the composed versions, so every path computes the same maths. The backward
-//! formulas are those of PyTorch's `linear`, `native_layer_norm_backward` and
-//! `threshold_backward`; the tests compare them with candle's autograd of the composed ops.
+//! formulas are those of PyTorch's `linear`, `native_layer_norm_backward`, `threshold_backward`
+//! and softmax attention's; the tests compare them with candle's autograd of the composed ops.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -150,8 +153,45 @@ impl Linear {
         let x2 = x.reshape((m, k))?;
         let dx = g2.matmul(&w)?.reshape(x.shape())?;
         let dw = g2.t()?.matmul(&x2)?;
-        let db = if with_bias { Some(g2.sum(0)?) } else { None };
+        let db = if with_bias {
+            Some(g2.apply_op1_no_bwd(&ColumnSum)?)
+        } else {
+            None
+        };
         Ok((dx, dw, db))
+    }
+}
+
+/// The column sums of a contiguous `[m, n]` matrix (a bias's gradient), in parallel over
+/// blocks of columns. candle's `sum(0)` reduces the strided dimension on one thread: 3% of a
+/// real-size training step.
+struct ColumnSum;
+
+/// Columns per task of [`ColumnSum`].
+const COLUMNS_PER_TASK: usize = 256;
+
+impl CustomOp1 for ColumnSum {
+    fn name(&self) -> &'static str {
+        "fused-column-sum"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (_, n) = l.shape().dims2()?;
+        let g = slice::<f32>(s, l, "fused column sum")?;
+        let mut out = vec![0f32; n];
+        if n > 0 {
+            out.par_chunks_mut(COLUMNS_PER_TASK)
+                .enumerate()
+                .for_each(|(c, o)| {
+                    let first = c * COLUMNS_PER_TASK;
+                    for row in g.chunks_exact(n) {
+                        for (o, v) in o.iter_mut().zip(&row[first..]) {
+                            *o += v;
+                        }
+                    }
+                });
+        }
+        Ok((CpuStorage::F32(out), Shape::from(n)))
     }
 }
 
@@ -439,6 +479,275 @@ impl CustomOp2 for ReluGrad {
     }
 }
 
+/// Softmax attention, `softmax(scale * q k^T + mask) v` per head, for `q [b, s, heads * d]` and
+/// `k`, `v [b, t, heads * d]`: the heads side by side, as the projections give them, and the
+/// output the same way (`[b, s, heads * d]`, what the output projection takes). `mask` is
+/// additive and broadcasts to `[b, 1, s, t]`; it is a constant (no gradient).
+///
+/// Composed, this is about twenty candle ops (head splits and merges with their copies, two
+/// batched products, the mask, five for the softmax), each with its own backward and gradient
+/// buffers; here it is one, whose backward recomputes the probabilities (cheap at caption
+/// lengths) and returns dq, dk and dv.
+pub(crate) fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    heads: usize,
+    scale: f64,
+) -> candle_core::Result<Tensor> {
+    let (b, s, width) = q.dims3()?;
+    let (bk, t, wk) = k.dims3()?;
+    if bk != b || wk != width || v.dims() != k.dims() || heads == 0 || width % heads != 0 {
+        candle_core::bail!(
+            "fused attention: q {:?}, k {:?}, v {:?}, {heads} heads",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        );
+    }
+    let mask = match mask {
+        Some(m) => Some(std::sync::Arc::new(
+            m.detach()
+                .to_dtype(DType::F32)?
+                .broadcast_as((b, 1, s, t))?
+                .flatten_all()?
+                .to_vec1::<f32>()?,
+        )),
+        None => None,
+    };
+    let op = Attention {
+        heads,
+        scale: scale as f32,
+        mask,
+    };
+    q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+}
+
+struct Attention {
+    heads: usize,
+    scale: f32,
+    /// `[b, 1, s, t]`, row-major.
+    mask: Option<std::sync::Arc<Vec<f32>>>,
+}
+
+fn cpu_storage(s: &candle_core::Storage) -> candle_core::Result<&CpuStorage> {
+    match s {
+        candle_core::Storage::Cpu(c) => Ok(c),
+        _ => candle_core::bail!("fused attention backward: not on the CPU"),
+    }
+}
+
+/// `sum a[i] * b[i]` in eight lanes (so that the compiler vectorises it).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (a8, ar) = a.split_at(a.len() - a.len() % 8);
+    let (b8, br) = b.split_at(a8.len().min(b.len()));
+    for (x, y) in a8.chunks_exact(8).zip(b8.chunks_exact(8)) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let tail: f32 = ar.iter().zip(br).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `y += a * x`.
+fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+    for (y, x) in y.iter_mut().zip(x) {
+        *y += a * x;
+    }
+}
+
+/// One batch element's sizes and inputs, for the attention kernels.
+struct AttnItem<'a> {
+    t: usize,
+    d: usize,
+    width: usize,
+    /// `[s, width]`, `[t, width]`, `[t, width]`.
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    /// `[s, t]`.
+    mask: Option<&'a [f32]>,
+}
+
+impl AttnItem<'_> {
+    /// Head `h`'s probabilities `[s, t]` into `p`.
+    fn probs(&self, h: usize, scale: f32, p: &mut [f32]) {
+        let (t, d, w) = (self.t, self.d, self.width);
+        for (i, row) in p.chunks_mut(t).enumerate() {
+            let qi = &self.q[i * w + h * d..][..d];
+            for (j, r) in row.iter_mut().enumerate() {
+                *r = dot(qi, &self.k[j * w + h * d..][..d]) * scale;
+            }
+            if let Some(m) = self.mask {
+                for (r, m) in row.iter_mut().zip(&m[i * t..][..t]) {
+                    *r += m;
+                }
+            }
+            let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            let mut sum = 0f32;
+            for r in row.iter_mut() {
+                *r = (*r - max).exp();
+                sum += *r;
+            }
+            for r in row.iter_mut() {
+                *r /= sum;
+            }
+        }
+    }
+}
+
+impl Attention {
+    /// The per-batch-element inputs of contiguous `q`, `k`, `v` (and the mask).
+    fn items<'a>(
+        &'a self,
+        q: &'a [f32],
+        k: &'a [f32],
+        v: &'a [f32],
+        dims: (usize, usize, usize, usize),
+    ) -> Vec<AttnItem<'a>> {
+        let (b, s, t, width) = dims;
+        let d = width / self.heads;
+        (0..b)
+            .map(|i| AttnItem {
+                t,
+                d,
+                width,
+                q: &q[i * s * width..][..s * width],
+                k: &k[i * t * width..][..t * width],
+                v: &v[i * t * width..][..t * width],
+                mask: self.mask.as_ref().map(|m| &m[i * s * t..][..s * t]),
+            })
+            .collect()
+    }
+
+    fn dims(&self, lq: &Layout, lk: &Layout) -> candle_core::Result<(usize, usize, usize, usize)> {
+        let (b, s, width) = lq.shape().dims3()?;
+        let (_, t, _) = lk.shape().dims3()?;
+        if let Some(m) = &self.mask {
+            if m.len() != b * s * t {
+                candle_core::bail!("fused attention: a mask of {} for {b}x{s}x{t}", m.len());
+            }
+        }
+        Ok((b, s, t, width))
+    }
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "fused-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let q = slice::<f32>(s1, l1, "fused attention")?;
+        let k = slice::<f32>(s2, l2, "fused attention")?;
+        let v = slice::<f32>(s3, l3, "fused attention")?;
+        let dims = self.dims(l1, l2)?;
+        let (_, s, t, width) = dims;
+        let items = self.items(q, k, v, dims);
+        let mut out = vec![0f32; q.len()];
+        out.par_chunks_mut((s * width).max(1))
+            .zip(items.par_iter())
+            .for_each(|(o, it)| {
+                let mut p = vec![0f32; s * t];
+                for h in 0..self.heads {
+                    it.probs(h, self.scale, &mut p);
+                    for (i, row) in p.chunks(t).enumerate() {
+                        let oi = &mut o[i * width + h * it.d..][..it.d];
+                        for (j, &pij) in row.iter().enumerate() {
+                            axpy(oi, pij, &it.v[j * width + h * it.d..][..it.d]);
+                        }
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = g.detach().contiguous()?;
+        let (q, k, v) = (q.detach(), k.detach(), v.detach());
+        let (sq, lq) = q.storage_and_layout();
+        let (sk, lk) = k.storage_and_layout();
+        let (sv, lv) = v.storage_and_layout();
+        let (sg, lg) = g.storage_and_layout();
+        let (cq, ck, cv, cg) = (
+            cpu_storage(&sq)?,
+            cpu_storage(&sk)?,
+            cpu_storage(&sv)?,
+            cpu_storage(&sg)?,
+        );
+        let qv = slice::<f32>(cq, lq, "fused attention backward")?;
+        let kv = slice::<f32>(ck, lk, "fused attention backward")?;
+        let vv = slice::<f32>(cv, lv, "fused attention backward")?;
+        let gv = slice::<f32>(cg, lg, "fused attention backward")?;
+        let dims = self.dims(lq, lk)?;
+        let (_, s, t, width) = dims;
+        if gv.len() != qv.len() {
+            candle_core::bail!("fused attention backward: grad {:?}", lg.dims());
+        }
+        let items = self.items(qv, kv, vv, dims);
+        let mut dq = vec![0f32; qv.len()];
+        let mut dk = vec![0f32; kv.len()];
+        let mut dv = vec![0f32; vv.len()];
+        let (rows_q, rows_k) = ((s * width).max(1), (t * width).max(1));
+        dq.par_chunks_mut(rows_q)
+            .zip(dk.par_chunks_mut(rows_k).zip(dv.par_chunks_mut(rows_k)))
+            .zip(items.par_iter().zip(gv.par_chunks(rows_q)))
+            .for_each(|((dq, (dk, dv)), (it, g))| {
+                let d = it.d;
+                let mut p = vec![0f32; s * t];
+                let mut ds = vec![0f32; t];
+                for h in 0..self.heads {
+                    it.probs(h, self.scale, &mut p);
+                    for (i, prow) in p.chunks(t).enumerate() {
+                        let gi = &g[i * width + h * d..][..d];
+                        // dP = g v^T; dS = P * (dP - sum(P * dP)).
+                        let mut along = 0f32;
+                        for (j, (dsj, &pij)) in ds.iter_mut().zip(prow).enumerate() {
+                            *dsj = dot(gi, &it.v[j * width + h * d..][..d]);
+                            along += pij * *dsj;
+                        }
+                        for (dsj, &pij) in ds.iter_mut().zip(prow) {
+                            *dsj = pij * (*dsj - along) * self.scale;
+                        }
+                        let qi = &it.q[i * width + h * d..][..d];
+                        let dqi = &mut dq[i * width + h * d..][..d];
+                        for (j, (&dsj, &pij)) in ds.iter().zip(prow).enumerate() {
+                            let at = j * width + h * d;
+                            // dq += dS k; dk += dS^T q; dv += P^T g.
+                            axpy(dqi, dsj, &it.k[at..][..d]);
+                            axpy(&mut dk[at..][..d], dsj, qi);
+                            axpy(&mut dv[at..][..d], pij, gi);
+                        }
+                    }
+                }
+            });
+        drop((sq, sk, sv, sg));
+        let dq = Tensor::from_vec(dq, q.shape(), q.device())?;
+        let dk = Tensor::from_vec(dk, k.shape(), k.device())?;
+        let dv = Tensor::from_vec(dv, v.shape(), v.device())?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -494,10 +803,11 @@ mod tests {
 
     #[test]
     fn linear_matches_autograd() -> candle_core::Result<()> {
-        for bias in [true, false] {
+        // 300 outputs: more than one block of the bias gradient's column sums.
+        for (bias, n) in [(true, 10), (false, 10), (true, 300)] {
             let x = var(&[3, 5, 24], 1)?;
-            let w = var(&[10, 24], 2)?;
-            let b = var(&[10], 3)?;
+            let w = var(&[n, 24], 2)?;
+            let b = var(&[n], 3)?;
             let y = linear(x.as_tensor(), w.as_tensor(), bias.then_some(b.as_tensor()))?;
             let r = x.as_tensor().broadcast_matmul(&w.as_tensor().t()?)?;
             let r = if bias {
@@ -577,6 +887,59 @@ mod tests {
             assert_eq!(*a, if *x > 0.0 { *g } else { 0.0 });
         }
         assert!(xv.contains(&0.0));
+        Ok(())
+    }
+    #[test]
+    fn attention_matches_autograd() -> candle_core::Result<()> {
+        let (b, s, heads, d) = (3, 5, 4, 8);
+        let q = var(&[b, s, heads * d], 11)?;
+        let k = var(&[b, s, heads * d], 12)?;
+        let v = var(&[b, s, heads * d], 13)?;
+        // Causal, and the last position of batch element 1 padded, as attention_bias gives.
+        let mut m = vec![0f32; b * s * s];
+        for bi in 0..b {
+            for i in 0..s {
+                for j in 0..s {
+                    if j > i || (bi == 1 && j == s - 1) {
+                        m[(bi * s + i) * s + j] = f32::MIN;
+                    }
+                }
+            }
+        }
+        let mask = Tensor::from_vec(m, (b, 1, s, s), &Device::Cpu)?;
+        let scale = (d as f64).powf(-0.5);
+        for mask in [Some(&mask), None] {
+            let y = attention(
+                q.as_tensor(),
+                k.as_tensor(),
+                v.as_tensor(),
+                mask,
+                heads,
+                scale,
+            )?;
+            let split = |x: &Tensor| {
+                x.reshape((b, s, heads, d))
+                    .and_then(|x| x.transpose(1, 2))
+                    .and_then(|x| x.contiguous())
+            };
+            let scores = (split(q.as_tensor())? * scale)?.matmul(&split(k.as_tensor())?.t()?)?;
+            let scores = match mask {
+                Some(m) => scores.broadcast_add(m)?,
+                None => scores,
+            };
+            let r = candle_nn::ops::softmax(&scores, D::Minus1)?
+                .matmul(&split(v.as_tensor())?)?
+                .transpose(1, 2)?
+                .reshape((b, s, heads * d))?;
+            assert!(rel(&y, &r) < TOL, "forward {}", rel(&y, &r));
+            let gy = weighted_sum(&y, 14)?.backward()?;
+            let gr = weighted_sum(&r, 14)?.backward()?;
+            for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
+                let (a, e) = (gy.get(x).expect("fused grad"), gr.get(x).expect("grad"));
+                assert!(rel(a, e) < TOL, "d{name}: {}", rel(a, e));
+                assert!(!a.track_op(), "d{name} carries a graph");
+            }
+        }
         Ok(())
     }
 }

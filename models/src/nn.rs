@@ -211,6 +211,31 @@ pub(crate) fn attention(
     probs.matmul(&v.contiguous()?)
 }
 
+/// Self-attention as one fused op while training on the CPU ([`crate::fused::attention`]):
+/// `Some(out(attention(q(x) * scale, k(x), v(x), mask)))` for the projections
+/// `[q, k, v, out]`, or `None` where the fused op does not apply (inference, other devices and
+/// dtypes), for the caller's composed path.
+pub(crate) fn fused_self_attention(
+    xs: &Tensor,
+    [q, k, v, out]: [&Linear; 4],
+    heads: usize,
+    scale: f64,
+    mask: Option<&Tensor>,
+) -> candle_core::Result<Option<Tensor>> {
+    if !crate::fused::applies(xs, Some(q.weight())) {
+        return Ok(None);
+    }
+    let ys = crate::fused::attention(
+        &q.forward(xs)?,
+        &k.forward(xs)?,
+        &v.forward(xs)?,
+        mask,
+        heads,
+        scale,
+    )?;
+    out.forward(&ys).map(Some)
+}
+
 /// Index of the maximum along the last dimension, for greedy decoding: `[.., v] -> [..]` (u32).
 pub(crate) fn argmax_last(xs: &Tensor) -> candle_core::Result<Tensor> {
     xs.argmax(D::Minus1)

@@ -31,8 +31,8 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 use crate::nn::{
-    attention, layer_norm_fwd, merge_heads, push_layer_norm, push_linear, read_json, split_heads,
-    Activation, Linear,
+    attention, fused_self_attention, layer_norm_fwd, merge_heads, push_layer_norm, push_linear,
+    read_json, split_heads, Activation, Linear,
 };
 use crate::weights::Weights;
 
@@ -232,35 +232,58 @@ impl Clone for Dropout {
     }
 }
 
+/// SplitMix64's increment (Steele, Lea and Flood, 2014).
+const GOLDEN_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// Elements per parallel chunk of a dropout mask.
+const DROPOUT_CHUNK: usize = 1 << 14;
+
 impl Dropout {
-    fn next(state: &mut u64) -> u64 {
-        // SplitMix64 (Steele, Lea and Flood, 2014).
-        *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = *state;
+    /// SplitMix64's output for a generator state.
+    fn mix(mut z: u64) -> u64 {
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
     }
 
     fn apply(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        use rayon::prelude::*;
         if self.p <= 0.0 {
             return Ok(xs.clone());
         }
         let n = xs.elem_count();
-        let keep = (1.0 / (1.0 - self.p)) as f32;
-        let mut mask = Vec::with_capacity(n);
-        {
+        // SplitMix64 is a counter: the i-th draw after state s is mix(s + (i + 1) * gamma). So
+        // the mask is drawn in parallel chunks, and the generator advances by n draws at once;
+        // the masks are those of drawing the elements one by one.
+        let start = {
             let mut state = self
                 .state
                 .lock()
                 .map_err(|_| candle_core::Error::Msg("dropout generator poisoned".into()))?;
-            for _ in 0..n {
-                // 53 random bits -> a uniform float in [0, 1).
-                let u = (Self::next(&mut state) >> 11) as f64 / (1u64 << 53) as f64;
-                mask.push(if u < self.p { 0.0 } else { keep });
-            }
-        }
-        let mask = Tensor::from_vec(mask, xs.shape(), xs.device())?.to_dtype(xs.dtype())?;
+            let s = *state;
+            *state = s.wrapping_add(GOLDEN_GAMMA.wrapping_mul(n as u64));
+            s
+        };
+        let p = self.p;
+        let mut keep = vec![0u8; n];
+        keep.par_chunks_mut(DROPOUT_CHUNK)
+            .enumerate()
+            .for_each(|(c, chunk)| {
+                let first = (c * DROPOUT_CHUNK) as u64;
+                for (j, k) in chunk.iter_mut().enumerate() {
+                    let draw = first + j as u64 + 1;
+                    let z = Self::mix(start.wrapping_add(GOLDEN_GAMMA.wrapping_mul(draw)));
+                    // 53 random bits -> a uniform float in [0, 1).
+                    let u = (z >> 11) as f64 / (1u64 << 53) as f64;
+                    *k = u8::from(u >= p);
+                }
+            });
+        // Sent to the device as bytes (a quarter of the f32 mask), scaled there: the mask is
+        // 0 or 1 / (1 - p), exactly.
+        let scale = f64::from((1.0 / (1.0 - p)) as f32);
+        let mask = Tensor::from_vec(keep, xs.shape(), xs.device())?
+            .to_dtype(xs.dtype())?
+            .affine(scale, 0.0)?;
         xs * mask
     }
 }
@@ -315,6 +338,12 @@ impl SelfAttention {
         bias: Option<&Tensor>,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> candle_core::Result<Tensor> {
+        if cache.is_none() {
+            let proj = [&self.q, &self.k, &self.v, &self.out];
+            if let Some(ys) = fused_self_attention(xs, proj, self.heads, self.scale, bias)? {
+                return Ok(ys);
+            }
+        }
         let q = split_heads(
             &(self.q.forward(xs)? * self.scale)?,
             self.heads,
