@@ -7,10 +7,16 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 
 pub mod bad_images;
+pub mod parity;
+pub mod training;
 
-/// `tests/fixtures`, wherever the tests run from.
+/// `tests/fixtures`, wherever the tests run from; `MODA_TEST_FIXTURES` overrides it for a test
+/// binary run outside the tree it was built in (scripts/gpu_check.sh on the device machine).
 pub fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+    match std::env::var_os("MODA_TEST_FIXTURES") {
+        Some(dir) => PathBuf::from(dir),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures"),
+    }
 }
 
 /// A fixture path under `tests/fixtures`.

@@ -4,119 +4,20 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use moda_models::checkpoint::{self, CheckpointConfig, CheckpointContents, EncoderInfo};
 use moda_models::preprocess::ImageProcessorConfig;
 use moda_models::tokenizer::ModaTokenizer;
-use moda_models::{ClipVision, ClipVisionConfig, Moda, Opt, OptConfig, Projector};
-use moda_models::{ProjectorConfig, Weights};
+use moda_models::{ClipVisionConfig, Moda, OptConfig, ProjectorConfig, Weights};
+use moda_tests::training::{fit_options, run_fit, step_records, synth_catalog};
 use moda_tests::{fixture, get, load_refs, max_abs_diff, TempDir};
 use trainer::data::{CaptionTemplate, CatalogSource};
-use trainer::fit::{fit, FitConfig, FitOptions};
-use trainer::optim::{AdamW, AdamWParams};
-use trainer::params::ParamStore;
-
-/// max |a - b| / max |b|.
-fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
-    let scale = b
-        .abs()
-        .and_then(|t| t.flatten_all())
-        .and_then(|t| t.max(0))
-        .and_then(|t| t.to_scalar::<f32>())
-        .expect("max");
-    max_abs_diff(a, b) / scale.max(1e-12)
-}
-
-const TRAIN_STEP_TENSORS: [&str; 6] = [
-    "projection.0.weight",
-    "projection.0.bias",
-    "projection.2.weight",
-    "projection.2.bias",
-    "opt.model.decoder.layers.0.self_attn.q_proj.weight",
-    "opt.model.decoder.embed_tokens.weight",
-];
+use trainer::fit::{fit, FitConfig};
 
 #[test]
 fn two_adamw_steps_match_pytorch() {
-    let dev = Device::Cpu;
-    let refs = load_refs("train_step/reference.safetensors");
-    let weights = Weights::from_file(&fixture("moda/fashion_opt.pth")).expect("pth");
-    let store = ParamStore::new(Some(weights), vec![], 0);
-    let dcfg = OptConfig::from_file(&fixture("opt_preln/config.json")).expect("config");
-    let vb = store.var_builder(&dev);
-    let decoder = Opt::new(&dcfg, vb.pp("opt")).expect("opt");
-    let projector = Projector::new(&ProjectorConfig::new(24, dcfg.embed_dim()), vb).expect("proj");
-    let encoder = ClipVision::from_dir(&fixture("clip_gelu"), DType::F32, &dev).expect("clip");
-    let model = Moda::new(encoder, projector, decoder).expect("moda");
-    // The tied lm_head is the embedding: one variable, as PyTorch's named_parameters().
-    assert!(!store.names().iter().any(|n| n.contains("lm_head")));
-    let mut adam = AdamW::new(store.vars(), AdamWParams::default()).expect("adamw");
-    for name in TRAIN_STEP_TENSORS {
-        let d = max_abs_diff(
-            &store.tensors()[name],
-            get(&refs, &format!("before.{name}")),
-        );
-        assert_eq!(d, 0.0, "{name} before the step");
-    }
-    let embeds = get(&refs, "image_embeds");
-    let ids = get(&refs, "input_ids");
-    let mask = get(&refs, "text_mask");
-    let mut prev: BTreeMap<String, Tensor> = store.snapshot().expect("snapshot");
-    for step in 1..=2 {
-        for mb in 0..2 {
-            let prefix = model
-                .project(&embeds.narrow(0, 2 * mb, 2).expect("n"))
-                .expect("p");
-            let batch = model
-                .build_batch(
-                    &prefix,
-                    &ids.narrow(0, 2 * mb, 2).expect("n"),
-                    &mask.narrow(0, 2 * mb, 2).expect("n"),
-                )
-                .expect("batch");
-            // The trainer's fused loss, checked against the model core's composed one.
-            let logits = model.logits(&batch).expect("logits");
-            let loss = trainer::loss::causal_lm_loss(&logits, &batch.labels).expect("loss");
-            let composed = model.loss(&batch).expect("loss");
-            assert!(rel_diff(&loss, &composed) <= 1e-5);
-            let want = get(&refs, &format!("step{step}.loss{mb}"));
-            let d = rel_diff(&loss, want);
-            assert!(d <= 1e-4, "step {step} loss {mb}: {loss} vs {want} ({d})");
-            let grads = (loss / 2.0).expect("div").backward().expect("backward");
-            adam.accumulate(&grads).expect("accumulate");
-        }
-        let norm = adam.clip_grad_norm(1.0).expect("clip");
-        let want: f32 = get(&refs, &format!("step{step}.grad_norm"))
-            .to_scalar()
-            .expect("norm");
-        assert!(
-            ((norm as f32 - want) / want).abs() <= 1e-4,
-            "step {step} grad norm {norm} vs {want}"
-        );
-        adam.step().expect("step");
-        let now = store.snapshot().expect("snapshot");
-        for name in TRAIN_STEP_TENSORS {
-            let want = get(&refs, &format!("step{step}.{name}"));
-            let d = rel_diff(&now[name], want);
-            assert!(d <= 1e-4, "step {step} {name}: relative diff {d}");
-            // The update itself (after - before) agrees too, not only the parameter. Looser:
-            // on the first steps Adam's update is about lr * sign(grad), so elements whose
-            // gradient is near zero (comparable to float noise) may move differently.
-            let ours = (&now[name] - &prev[name]).expect("delta");
-            let before = if step == 1 {
-                get(&refs, &format!("before.{name}")).clone()
-            } else {
-                get(&refs, &format!("step1.{name}")).clone()
-            };
-            let theirs = (want - &before).expect("delta");
-            let d = rel_diff(&ours, &theirs);
-            assert!(d <= 1e-2, "step {step} {name}: update relative diff {d}");
-        }
-        prev = now;
-    }
+    moda_tests::parity::two_adamw_steps(&Device::Cpu);
 }
 
 fn recipe_checkpoint_config() -> CheckpointConfig {
@@ -235,26 +136,6 @@ fn recipe_pth_and_our_checkpoint_load_the_same_model() {
     assert_eq!(d, 0.0);
 }
 
-fn tiny_run(catalog: &Path, out: &Path, cache: &Path, cfg: &FitConfig, resume: Option<&Path>) {
-    let opts = FitOptions {
-        source: CatalogSource::Kaggle {
-            dir: catalog.to_path_buf(),
-            template: CaptionTemplate::default(),
-        },
-        out: out.to_path_buf(),
-        resume: resume.map(Path::to_path_buf),
-        device: Device::Cpu,
-        cache_dir: cache.to_path_buf(),
-        progress: false,
-        stop: Arc::new(AtomicBool::new(false)),
-    };
-    fit(cfg, &opts).expect("fit");
-}
-
-fn synth_catalog(dir: &Path, count: usize, seed: u64) {
-    trainer::synth::synth(&trainer::synth::SynthArgs::new(dir, count, seed)).expect("synth");
-}
-
 #[test]
 fn resume_continues_exactly() {
     let tmp = TempDir::new("resume");
@@ -276,16 +157,23 @@ fn resume_continues_exactly() {
         ..FitConfig::tiny()
     };
     let straight = tmp.path().join("straight");
-    tiny_run(&cat, &straight, &cache, &cfg, None);
+    run_fit(&cat, &straight, &cache, &cfg, None, &Device::Cpu);
     let split = tmp.path().join("split");
     let half = FitConfig {
         max_steps: Some(4),
         ..cfg.clone()
     };
-    tiny_run(&cat, &split, &cache, &half, None);
+    run_fit(&cat, &split, &cache, &half, None, &Device::Cpu);
     let state = trainer::fit::read_state(&split.join("last")).expect("state");
     assert_eq!((state.step, state.epoch, state.batch_pos), (4, 1, 2));
-    tiny_run(&cat, &split, &cache, &cfg, Some(&split.join("last")));
+    run_fit(
+        &cat,
+        &split,
+        &cache,
+        &cfg,
+        Some(&split.join("last")),
+        &Device::Cpu,
+    );
 
     for file in [
         "model.safetensors",
@@ -313,21 +201,6 @@ fn resume_continues_exactly() {
         (sa.step, sa.epoch, sa.batch_pos, sa.dropout_state),
         (sb.step, sb.epoch, sb.batch_pos, sb.dropout_state)
     );
-}
-
-/// The step records (loss, grad_norm) of a run's metrics file.
-fn step_records(out: &Path) -> Vec<(f64, f64)> {
-    let text = std::fs::read_to_string(out.join("metrics.jsonl")).expect("metrics");
-    text.lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json"))
-        .filter(|v| v["kind"] == "step")
-        .map(|v| {
-            (
-                v["loss"].as_f64().expect("loss"),
-                v["grad_norm"].as_f64().expect("grad_norm"),
-            )
-        })
-        .collect()
 }
 
 /// `--data-parallel`: a micro-batch split into shards on threads has the loss and gradients
@@ -359,7 +232,7 @@ fn data_parallel_shards_equal_one_batch() {
             data_parallel: shards,
             ..base.clone()
         };
-        tiny_run(&cat, &out, &cache, &cfg, None);
+        run_fit(&cat, &out, &cache, &cfg, None, &Device::Cpu);
         records.push(step_records(&out));
     }
     let (one, three) = (&records[0], &records[1]);
@@ -401,7 +274,14 @@ fn sample_budget_sets_the_epochs() {
         ..FitConfig::tiny()
     };
     assert_eq!(cfg.epochs, 180);
-    tiny_run(&cat, &out, &tmp.path().join("cache"), &cfg, None);
+    run_fit(
+        &cat,
+        &out,
+        &tmp.path().join("cache"),
+        &cfg,
+        None,
+        &Device::Cpu,
+    );
     let state = trainer::fit::read_state(&out.join("last")).expect("state");
     assert_eq!((state.config.epochs, state.history.len()), (3, 3));
 }
@@ -416,7 +296,14 @@ fn tiny_preset_learns_on_a_synthetic_catalog() {
         epochs: 4,
         ..FitConfig::tiny()
     };
-    tiny_run(&cat, &out, &tmp.path().join("cache"), &cfg, None);
+    run_fit(
+        &cat,
+        &out,
+        &tmp.path().join("cache"),
+        &cfg,
+        None,
+        &Device::Cpu,
+    );
     let state = trainer::fit::read_state(&out.join("last")).expect("state");
     assert_eq!(state.history.len(), 4);
     let first = state.history[0].val_loss;
@@ -460,18 +347,7 @@ fn unwritable_output_directory_is_a_clear_error() {
     synth_catalog(&cat, 8, 1);
     // /proc refuses new directories even to root.
     let out = Path::new("/proc/moda-trainer-test/out");
-    let opts = FitOptions {
-        source: CatalogSource::Kaggle {
-            dir: cat,
-            template: CaptionTemplate::default(),
-        },
-        out: out.to_path_buf(),
-        resume: None,
-        device: Device::Cpu,
-        cache_dir: tmp.path().join("cache"),
-        progress: false,
-        stop: Arc::new(AtomicBool::new(false)),
-    };
+    let opts = fit_options(&cat, out, &tmp.path().join("cache"), None, &Device::Cpu);
     let err = fit(&FitConfig::tiny(), &opts).expect_err("must fail");
     let msg = err.to_string();
     assert!(
@@ -496,18 +372,7 @@ fn non_finite_loss_stops_with_a_clear_error() {
         grad_accum: 1,
         ..FitConfig::tiny()
     };
-    let opts = FitOptions {
-        source: CatalogSource::Kaggle {
-            dir: cat,
-            template: CaptionTemplate::default(),
-        },
-        out: out.clone(),
-        resume: None,
-        device: Device::Cpu,
-        cache_dir: tmp.path().join("cache"),
-        progress: false,
-        stop: Arc::new(AtomicBool::new(false)),
-    };
+    let opts = fit_options(&cat, &out, &tmp.path().join("cache"), None, &Device::Cpu);
     let err = fit(&cfg, &opts).expect_err("must stop");
     assert!(matches!(err, trainer::Error::NonFiniteLoss { .. }), "{err}");
     let msg = err.to_string();

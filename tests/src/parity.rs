@@ -1,0 +1,206 @@
+//! Parity checks against the `transformers` fixtures, written once for any candle device: the
+//! CPU tests (`tests/moda.rs`, `tests/trainer_fit.rs`) and the CUDA ones (`tests/cuda.rs`, built
+//! with the `cuda` feature) call the same functions. Inputs come from the fixture files on the
+//! CPU and are moved to the device; results are compared on the host.
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Tensor};
+use moda_models::{ClipVision, Moda, Opt, OptConfig, Projector, ProjectorConfig, Weights};
+use trainer::optim::{AdamW, AdamWParams};
+use trainer::params::ParamStore;
+
+use crate::{fixture, get, load_refs, max_abs_diff};
+
+/// f32 parity bound of the model-core issue: max |ours - transformers| on embeddings, logits
+/// and losses of order 1-10. f32 arithmetic in another summation order (another BLAS, another
+/// device) differs by about 1e-6 relative; 1e-4 absolute leaves room for that and still fails
+/// on any real difference (a wrong scale, a missing bias, a mask off by one).
+pub const F32_TOL: f32 = 1e-4;
+
+/// max |a - b| / max |b|.
+pub fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
+    let scale = b
+        .abs()
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.max(0))
+        .and_then(|t| t.to_scalar::<f32>())
+        .expect("max");
+    max_abs_diff(a, b) / scale.max(1e-12)
+}
+
+/// A fixture tensor on `dev`.
+fn on(refs: &std::collections::HashMap<String, Tensor>, name: &str, dev: &Device) -> Tensor {
+    get(refs, name).to_device(dev).expect("to device")
+}
+
+/// The original recipe's `.pth` with the clip_gelu encoder and opt_preln's config, on `dev`.
+pub fn load_recipe(dev: &Device) -> Moda {
+    Moda::from_recipe_checkpoint(
+        &fixture("moda/fashion_opt.pth"),
+        &fixture("clip_gelu"),
+        &fixture("opt_preln"),
+        dev,
+    )
+    .expect("load the recipe checkpoint")
+}
+
+/// Image embeddings of two real photos, and the projector's output, against PyTorch.
+pub fn image_embeddings_and_projector(dev: &Device) {
+    let model = load_recipe(dev);
+    let refs = load_refs("moda/reference.safetensors");
+    let clip = load_refs("clip_gelu/reference.safetensors");
+    let pixels = Tensor::cat(
+        &[
+            on(&clip, "pixel_values.photo.jpg", dev),
+            on(&clip, "pixel_values.wide.png", dev),
+        ],
+        0,
+    )
+    .expect("cat");
+    let embeds = model.encode_images(&pixels).expect("encode");
+    let d = max_abs_diff(&embeds, get(&refs, "image_embeds"));
+    assert!(d <= F32_TOL, "image embeds on {dev:?}: max abs diff {d}");
+    let prefix = model
+        .project(&on(&refs, "image_embeds", dev))
+        .expect("project");
+    let d = max_abs_diff(&prefix, get(&refs, "prefix_embeds"));
+    assert!(d <= F32_TOL, "projector on {dev:?}: max abs diff {d}");
+}
+
+/// The training batch's labels, the logits and the masked loss, against PyTorch.
+pub fn loss_labels_and_logits(dev: &Device) {
+    let model = load_recipe(dev);
+    let refs = load_refs("moda/reference.safetensors");
+    let ids = on(&refs, "input_ids", dev);
+    let t = ids.dim(1).expect("t");
+    let text_mask = on(&refs, "attention_mask", dev)
+        .narrow(1, 1, t)
+        .expect("text mask");
+    let batch = model
+        .build_batch(&on(&refs, "prefix_embeds", dev), &ids, &text_mask)
+        .expect("batch");
+    let want_labels: Vec<Vec<i64>> = get(&refs, "labels").to_vec2().expect("labels");
+    let got_labels: Vec<Vec<i64>> = batch.labels.to_vec2().expect("labels");
+    assert_eq!(got_labels, want_labels);
+    let logits = model.logits(&batch).expect("logits");
+    let d = max_abs_diff(&logits, get(&refs, "logits"));
+    assert!(d <= F32_TOL, "logits on {dev:?}: max abs diff {d}");
+    let loss = model.loss(&batch).expect("loss");
+    let d = max_abs_diff(&loss, get(&refs, "loss"));
+    assert!(
+        d <= F32_TOL,
+        "loss on {dev:?}: {loss} vs {}",
+        get(&refs, "loss")
+    );
+}
+
+/// Greedy decoding with the KV cache gives PyTorch's tokens.
+pub fn greedy_decoding(dev: &Device) {
+    let model = load_recipe(dev);
+    let refs = load_refs("moda/reference.safetensors");
+    let want: Vec<Vec<i64>> = get(&refs, "greedy.tokens").to_vec2().expect("tokens");
+    let steps = want[0].len();
+    let got = model
+        .generate_greedy(&on(&refs, "prefix_embeds", dev), steps)
+        .expect("generate");
+    let eos = model.decoder().config().eos_token_id as i64;
+    for (r, w) in want.iter().enumerate() {
+        // The reference loop runs a fixed number of steps; ours stops at `</s>`.
+        let n = w.iter().position(|t| *t == eos).map_or(w.len(), |p| p + 1);
+        let w: Vec<u32> = w[..n].iter().map(|t| *t as u32).collect();
+        assert_eq!(got[r], w, "row {r} on {dev:?}");
+    }
+}
+
+/// The tensors `train_step/reference.safetensors` holds before and after each step.
+const TRAIN_STEP_TENSORS: [&str; 6] = [
+    "projection.0.weight",
+    "projection.0.bias",
+    "projection.2.weight",
+    "projection.2.bias",
+    "opt.model.decoder.layers.0.self_attn.q_proj.weight",
+    "opt.model.decoder.embed_tokens.weight",
+];
+
+/// Two AdamW steps of two micro-batches each, with gradient clipping, from the recipe's
+/// `.pth`: the losses, the gradient norms and the updated parameters against PyTorch
+/// (relative 1e-4, the issue's bound; the updates themselves 1e-2, see below).
+pub fn two_adamw_steps(dev: &Device) {
+    let refs = load_refs("train_step/reference.safetensors");
+    let weights = Weights::from_file(&fixture("moda/fashion_opt.pth")).expect("pth");
+    let store = ParamStore::new(Some(weights), vec![], 0);
+    let dcfg = OptConfig::from_file(&fixture("opt_preln/config.json")).expect("config");
+    let vb = store.var_builder(dev);
+    let decoder = Opt::new(&dcfg, vb.pp("opt")).expect("opt");
+    let projector = Projector::new(&ProjectorConfig::new(24, dcfg.embed_dim()), vb).expect("proj");
+    let encoder = ClipVision::from_dir(&fixture("clip_gelu"), DType::F32, dev).expect("clip");
+    let model = Moda::new(encoder, projector, decoder).expect("moda");
+    // The tied lm_head is the embedding: one variable, as PyTorch's named_parameters().
+    assert!(!store.names().iter().any(|n| n.contains("lm_head")));
+    let mut adam = AdamW::new(store.vars(), AdamWParams::default()).expect("adamw");
+    for name in TRAIN_STEP_TENSORS {
+        let d = max_abs_diff(
+            &store.tensors()[name],
+            get(&refs, &format!("before.{name}")),
+        );
+        assert_eq!(d, 0.0, "{name} before the step");
+    }
+    let embeds = on(&refs, "image_embeds", dev);
+    let ids = on(&refs, "input_ids", dev);
+    let mask = on(&refs, "text_mask", dev);
+    let mut prev: BTreeMap<String, Tensor> = store.snapshot().expect("snapshot");
+    for step in 1..=2 {
+        for mb in 0..2 {
+            let prefix = model
+                .project(&embeds.narrow(0, 2 * mb, 2).expect("n"))
+                .expect("p");
+            let batch = model
+                .build_batch(
+                    &prefix,
+                    &ids.narrow(0, 2 * mb, 2).expect("n"),
+                    &mask.narrow(0, 2 * mb, 2).expect("n"),
+                )
+                .expect("batch");
+            // The trainer's loss (fused on the CPU), checked against the model core's
+            // composed one.
+            let logits = model.logits(&batch).expect("logits");
+            let loss = trainer::loss::causal_lm_loss(&logits, &batch.labels).expect("loss");
+            let composed = model.loss(&batch).expect("loss");
+            assert!(rel_diff(&loss, &composed) <= 1e-5);
+            let want = get(&refs, &format!("step{step}.loss{mb}"));
+            let d = rel_diff(&loss, want);
+            assert!(d <= 1e-4, "step {step} loss {mb}: {loss} vs {want} ({d})");
+            let grads = (loss / 2.0).expect("div").backward().expect("backward");
+            adam.accumulate(&grads).expect("accumulate");
+        }
+        let norm = adam.clip_grad_norm(1.0).expect("clip");
+        let want: f32 = get(&refs, &format!("step{step}.grad_norm"))
+            .to_scalar()
+            .expect("norm");
+        assert!(
+            ((norm as f32 - want) / want).abs() <= 1e-4,
+            "step {step} grad norm {norm} vs {want}"
+        );
+        adam.step().expect("step");
+        let now = store.snapshot().expect("snapshot");
+        for name in TRAIN_STEP_TENSORS {
+            let want = get(&refs, &format!("step{step}.{name}"));
+            let d = rel_diff(&now[name], want);
+            assert!(d <= 1e-4, "step {step} {name}: relative diff {d}");
+            // The update itself (after - before) agrees too, not only the parameter. Looser:
+            // on the first steps Adam's update is about lr * sign(grad), so elements whose
+            // gradient is near zero (comparable to float noise) may move differently.
+            let ours = (&now[name] - &prev[name]).expect("delta");
+            let before = if step == 1 {
+                get(&refs, &format!("before.{name}")).clone()
+            } else {
+                get(&refs, &format!("step1.{name}")).clone()
+            };
+            let theirs = (want - &before).expect("delta");
+            let d = rel_diff(&ours, &theirs);
+            assert!(d <= 1e-2, "step {step} {name}: update relative diff {d}");
+        }
+        prev = now;
+    }
+}
