@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use candle_core::Device;
 use trainer::data::{CaptionTemplate, CatalogSource};
+use trainer::eval::{evaluate, EvalOptions, EvalReport, EvalSplit};
 use trainer::fit::{fit, FitConfig, FitOptions};
 
 /// A synthetic Kaggle-layout catalog of `count` products at `dir`.
@@ -62,4 +63,31 @@ pub fn step_records(out: &Path) -> Vec<(f64, f64)> {
             )
         })
         .collect()
+}
+
+/// `trainer eval` of `checkpoint` on the validation split it recorded of the Kaggle-layout
+/// catalog at `catalog`: greedy descriptions (up to 32 tokens, batches of 16), scores, and
+/// `predictions.csv` beside the checkpoint.
+pub fn evaluate_val(
+    checkpoint: &Path,
+    catalog: &Path,
+    cache: &Path,
+    device: &Device,
+) -> EvalReport {
+    let opts = EvalOptions {
+        checkpoint: checkpoint.to_path_buf(),
+        source: CatalogSource::Kaggle {
+            dir: catalog.to_path_buf(),
+            template: CaptionTemplate::default(),
+        },
+        template: trainer::data::DEFAULT_TEMPLATE.to_string(),
+        split: EvalSplit::Val,
+        predictions: checkpoint.with_file_name("predictions.csv"),
+        device: device.clone(),
+        cache_dir: cache.to_path_buf(),
+        max_new_tokens: 32,
+        batch_size: 16,
+        progress: false,
+    };
+    evaluate(&opts).unwrap_or_else(|e| panic!("eval of {}: {e}", checkpoint.display()))
 }

@@ -8,9 +8,8 @@
 #![cfg(feature = "cuda")]
 
 use candle_core::Device;
-use moda_tests::training::{run_fit, step_records, synth_catalog};
+use moda_tests::training::{evaluate_val, run_fit, step_records, synth_catalog};
 use moda_tests::{parity, TempDir};
-use trainer::data::{CaptionTemplate, CatalogSource};
 use trainer::fit::FitConfig;
 
 fn cuda() -> Device {
@@ -82,22 +81,12 @@ fn fit_on_cuda_follows_fit_on_the_cpu() {
     }
 
     let out = tmp.path().join("cuda");
-    let report = trainer::eval::evaluate(&trainer::eval::EvalOptions {
-        checkpoint: out.join("last"),
-        source: CatalogSource::Kaggle {
-            dir: cat.clone(),
-            template: CaptionTemplate::default(),
-        },
-        template: trainer::data::DEFAULT_TEMPLATE.to_string(),
-        split: trainer::eval::EvalSplit::Val,
-        predictions: out.join("predictions.csv"),
-        device: cuda(),
-        cache_dir: tmp.path().join("cache-cuda"),
-        max_new_tokens: 16,
-        batch_size: 8,
-        progress: false,
-    })
-    .expect("eval on cuda");
+    let report = evaluate_val(
+        &out.join("last"),
+        &cat,
+        &tmp.path().join("cache-cuda"),
+        &cuda(),
+    );
     // 48 products, 20% held out.
     assert_eq!(report.samples, 10);
     let rows = std::fs::read_to_string(&report.predictions).expect("predictions");

@@ -10,9 +10,8 @@ use moda_models::checkpoint::{self, CheckpointConfig, CheckpointContents, Encode
 use moda_models::preprocess::ImageProcessorConfig;
 use moda_models::tokenizer::ModaTokenizer;
 use moda_models::{ClipVisionConfig, Moda, OptConfig, ProjectorConfig, Weights};
-use moda_tests::training::{fit_options, run_fit, step_records, synth_catalog};
+use moda_tests::training::{evaluate_val, fit_options, run_fit, step_records, synth_catalog};
 use moda_tests::{fixture, get, load_refs, max_abs_diff, TempDir};
-use trainer::data::{CaptionTemplate, CatalogSource};
 use trainer::fit::{fit, FitConfig};
 
 #[test]
@@ -274,14 +273,8 @@ fn sample_budget_sets_the_epochs() {
         ..FitConfig::tiny()
     };
     assert_eq!(cfg.epochs, 180);
-    run_fit(
-        &cat,
-        &out,
-        &tmp.path().join("cache"),
-        &cfg,
-        None,
-        &Device::Cpu,
-    );
+    let cache = tmp.path().join("cache");
+    run_fit(&cat, &out, &cache, &cfg, None, &Device::Cpu);
     let state = trainer::fit::read_state(&out.join("last")).expect("state");
     assert_eq!((state.config.epochs, state.history.len()), (3, 3));
 }
@@ -296,14 +289,8 @@ fn tiny_preset_learns_on_a_synthetic_catalog() {
         epochs: 4,
         ..FitConfig::tiny()
     };
-    run_fit(
-        &cat,
-        &out,
-        &tmp.path().join("cache"),
-        &cfg,
-        None,
-        &Device::Cpu,
-    );
+    let cache = tmp.path().join("cache");
+    run_fit(&cat, &out, &cache, &cfg, None, &Device::Cpu);
     let state = trainer::fit::read_state(&out.join("last")).expect("state");
     assert_eq!(state.history.len(), 4);
     let first = state.history[0].val_loss;
@@ -319,22 +306,7 @@ fn tiny_preset_learns_on_a_synthetic_catalog() {
     assert_eq!(epochs, 4, "{metrics}");
 
     // The checkpoint evaluates (greedy descriptions, scores, predictions CSV).
-    let report = trainer::eval::evaluate(&trainer::eval::EvalOptions {
-        checkpoint: out.join("best"),
-        source: CatalogSource::Kaggle {
-            dir: cat.clone(),
-            template: CaptionTemplate::default(),
-        },
-        template: trainer::data::DEFAULT_TEMPLATE.to_string(),
-        split: trainer::eval::EvalSplit::Val,
-        predictions: out.join("predictions.csv"),
-        device: Device::Cpu,
-        cache_dir: tmp.path().join("cache"),
-        max_new_tokens: 32,
-        batch_size: 16,
-        progress: false,
-    })
-    .expect("eval");
+    let report = evaluate_val(&out.join("best"), &cat, &cache, &Device::Cpu);
     assert_eq!(report.samples, 32);
     assert_eq!(report.attributes.len(), 6);
     assert!(out.join("predictions.csv").is_file());
