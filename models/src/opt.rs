@@ -743,3 +743,43 @@ impl std::fmt::Debug for Opt {
         f.debug_struct("Opt").field("config", &self.cfg).finish()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The dropout mask, drawn in parallel chunks, is the one of SplitMix64 drawn element by
+    /// element (the published algorithm, written out here), over several chunks, and the
+    /// generator ends where n sequential draws leave it.
+    #[test]
+    fn dropout_mask_is_sequential_splitmix64() -> candle_core::Result<()> {
+        let p = 0.3;
+        let state0 = 0x0123_4567_89AB_CDEFu64;
+        let d = Dropout {
+            p,
+            state: Mutex::new(state0),
+        };
+        let n = 2 * DROPOUT_CHUNK + 77;
+        let ones = Tensor::ones(n, DType::F32, &Device::Cpu)?;
+        let got = d.apply(&ones)?.to_vec1::<f32>()?;
+        let keep = (1.0 / (1.0 - p)) as f32;
+        let mut s = state0;
+        let mut dropped = 0;
+        for (i, g) in got.iter().enumerate() {
+            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = s;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            let u = (z >> 11) as f64 / (1u64 << 53) as f64;
+            let want = if u < p { 0.0 } else { keep };
+            assert_eq!(*g, want, "element {i}");
+            dropped += usize::from(u < p);
+        }
+        assert_eq!(*d.state.lock().expect("state"), s);
+        // About p of them dropped (n = 32845: 3 standard deviations are 0.008).
+        let frac = dropped as f64 / n as f64;
+        assert!((frac - p).abs() < 0.01, "dropped {frac}");
+        Ok(())
+    }
+}
