@@ -541,15 +541,19 @@ fn cpu_storage(s: &candle_core::Storage) -> candle_core::Result<&CpuStorage> {
 
 /// `sum a[i] * b[i]` in eight lanes (so that the compiler vectorises it).
 fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = a8
+        .remainder()
+        .iter()
+        .zip(b8.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
     let mut acc = [0f32; 8];
-    let (a8, ar) = a.split_at(a.len() - a.len() % 8);
-    let (b8, br) = b.split_at(a8.len().min(b.len()));
-    for (x, y) in a8.chunks_exact(8).zip(b8.chunks_exact(8)) {
+    for (x, y) in a8.zip(b8) {
         for l in 0..8 {
             acc[l] += x[l] * y[l];
         }
     }
-    let tail: f32 = ar.iter().zip(br).map(|(x, y)| x * y).sum();
     acc.iter().sum::<f32>() + tail
 }
 
