@@ -12,6 +12,7 @@ pub mod checkpoint;
 #[cfg(feature = "candle")]
 pub mod clip_vision;
 pub mod error;
+pub mod files;
 #[cfg(feature = "candle")]
 mod fused;
 #[cfg(feature = "hub")]

@@ -58,7 +58,7 @@ use std::path::{Path, PathBuf};
 
 #[cfg(feature = "candle")]
 use candle_core::{Device, Tensor};
-use image::{DynamicImage, GenericImageView, ImageReader, RgbImage};
+use image::{DynamicImage, GenericImageView, ImageDecoder, ImageReader, RgbImage};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -221,16 +221,17 @@ impl Default for ImageProcessorConfig {
 impl ImageProcessorConfig {
     /// Reads a `preprocessor_config.json`; errors name the file.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                Error::MissingFile {
-                    path: path.to_path_buf(),
-                    what: "image preprocessor configuration".into(),
+        let text = crate::files::read_text_bounded(path, crate::files::TEXT_FILE_MAX_BYTES)
+            .map_err(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    Error::MissingFile {
+                        path: path.to_path_buf(),
+                        what: "image preprocessor configuration".into(),
+                    }
+                } else {
+                    Error::io(path, e)
                 }
-            } else {
-                Error::io(path, e)
-            }
-        })?;
+            })?;
         serde_json::from_str(&text).map_err(|source| Error::Json {
             path: path.to_path_buf(),
             source,
@@ -295,8 +296,12 @@ fn image_err(source_name: &str, msg: impl Into<String>) -> Error {
 
 /// Reads and decodes an image file; the format is detected from the content, not the
 /// extension. Errors name the file. EXIF orientation is not applied (as `PIL.Image.open`).
+/// Only a regular file is read (a FIFO or a device is an error, never a hang), and only if
+/// it holds at most [`ImageLimits::max_alloc`] bytes: an encoded image is smaller than the
+/// pixels it decodes to.
 pub fn load_image(path: &Path, limits: &ImageLimits) -> Result<DynamicImage> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes =
+        crate::files::read_bounded(path, limits.max_alloc).map_err(|e| Error::io(path, e))?;
     decode_image(&bytes, &path.display().to_string(), limits)
 }
 
@@ -320,9 +325,13 @@ pub fn decode_image(bytes: &[u8], source_name: &str, limits: &ImageLimits) -> Re
         }
         Ok(r)
     };
-    let (w, h) = reader()?
-        .into_dimensions()
+    let header = reader()?
+        .into_decoder()
         .map_err(|e| image_err(source_name, format!("not a readable image: {e}")))?;
+    let (w, h) = header.dimensions();
+    let color = header.color_type();
+    let decoded = header.total_bytes();
+    drop(header);
     if w > limits.max_width || h > limits.max_height {
         return Err(image_err(
             source_name,
@@ -332,10 +341,30 @@ pub fn decode_image(bytes: &[u8], source_name: &str, limits: &ImageLimits) -> Re
             ),
         ));
     }
+    // Everything this image makes us hold at once counts against one limit: the file's
+    // bytes, the decoded pixels and, unless they are RGB8 already, the RGB8 copy that
+    // preprocessing converts them to.
+    let convert = if color == image::ColorType::Rgb8 {
+        0
+    } else {
+        rgb8_bytes(w, h)
+    };
+    let other = (bytes.len() as u64).saturating_add(convert);
+    let need = other.saturating_add(decoded);
+    if need > limits.max_alloc {
+        return Err(image_err(
+            source_name,
+            format!(
+                "too large: {w}x{h} ({color:?}) needs about {need} bytes to decode and convert \
+                 to RGB (max {} bytes)",
+                limits.max_alloc
+            ),
+        ));
+    }
     let mut decoder_limits = image::Limits::default();
     decoder_limits.max_image_width = Some(limits.max_width);
     decoder_limits.max_image_height = Some(limits.max_height);
-    decoder_limits.max_alloc = Some(limits.max_alloc);
+    decoder_limits.max_alloc = Some(limits.max_alloc - other);
     let mut r = reader()?;
     r.limits(decoder_limits);
     r.decode().map_err(|e| match e {
@@ -348,6 +377,11 @@ pub fn decode_image(bytes: &[u8], source_name: &str, limits: &ImageLimits) -> Re
         ),
         other => image_err(source_name, format!("cannot decode image: {other}")),
     })
+}
+
+/// Bytes of a `w`x`h` RGB8 image.
+fn rgb8_bytes(w: u32, h: u32) -> u64 {
+    u64::from(w) * u64::from(h) * 3
 }
 
 /// The first bytes of every JPEG file (SOI and the start of the next marker).
@@ -484,7 +518,17 @@ fn decode_jpeg_inner(
         .iter()
         .map(|c| u64::from(c.width_in_blocks) * u64::from(c.height_in_blocks) * 64 * 2)
         .sum();
-    let need = (w as u64) * (h as u64) * channels + coefs;
+    // As for the other formats, the file's bytes and the RGB8 copy count too (gray is
+    // converted by preprocessing, CMYK here).
+    let convert = if channels == 3 {
+        0
+    } else {
+        rgb8_bytes(w as u32, h as u32)
+    };
+    let need = ((w as u64) * (h as u64) * channels)
+        .saturating_add(coefs)
+        .saturating_add(convert)
+        .saturating_add(bytes.len() as u64);
     if need > limits.max_alloc {
         return Err(image_err(
             source_name,
@@ -857,6 +901,10 @@ mod pillow {
     }
 }
 
+/// The largest output side a preprocessing configuration may ask for (CLIP models take 224
+/// to 448; `pixel_values` of this side are 3 x 4096^2 floats, 192 MiB).
+pub const MAX_OUTPUT_SIDE: usize = 4096;
+
 /// Preprocesses images into CLIP `pixel_values`.
 #[derive(Debug, Clone)]
 pub struct ImageProcessor {
@@ -904,6 +952,31 @@ impl ImageProcessor {
                 "positive sizes",
             ));
         }
+        // Every number must give finite pixel values: a zero standard deviation divides by
+        // zero, a NaN mean makes every pixel NaN.
+        if cfg.do_rescale && !(cfg.rescale_factor.is_finite() && cfg.rescale_factor > 0.0) {
+            return Err(unsupported(
+                "rescale_factor",
+                cfg.rescale_factor.to_string(),
+                "a finite number > 0",
+            ));
+        }
+        if cfg.do_normalize {
+            if !cfg.image_mean.iter().all(|m| m.is_finite()) {
+                return Err(unsupported(
+                    "image_mean",
+                    format!("{:?}", cfg.image_mean),
+                    "finite numbers",
+                ));
+            }
+            if !cfg.image_std.iter().all(|s| s.is_finite() && *s != 0.0) {
+                return Err(unsupported(
+                    "image_std",
+                    format!("{:?}", cfg.image_std),
+                    "finite, non-zero numbers",
+                ));
+            }
+        }
         let fixed =
             cfg.do_center_crop || (cfg.do_resize && matches!(cfg.size, Size::HeightWidth { .. }));
         if !fixed {
@@ -911,6 +984,14 @@ impl ImageProcessor {
                 "do_center_crop",
                 "false".into(),
                 "true, or false with do_resize and size {height, width} (a fixed output size)",
+            ));
+        }
+        let (oh, ow) = cfg.output_size();
+        if oh > MAX_OUTPUT_SIDE || ow > MAX_OUTPUT_SIDE {
+            return Err(unsupported(
+                "crop_size",
+                format!("{oh}x{ow}"),
+                &format!("at most {MAX_OUTPUT_SIDE}x{MAX_OUTPUT_SIDE}"),
             ));
         }
         Ok(ImageProcessor { cfg, filter })
@@ -924,23 +1005,34 @@ impl ImageProcessor {
     /// `pixel_values` of one image: CHW `f32`, `3 * H * W` values with `(H, W)` =
     /// [`ImageProcessorConfig::output_size`].
     pub fn preprocess(&self, img: &DynamicImage) -> Result<Vec<f32>> {
-        let rgb = if self.cfg.do_convert_rgb {
-            to_rgb8(img)
-        } else {
-            match img {
-                DynamicImage::ImageRgb8(im) => im.clone(),
-                DynamicImage::ImageRgb16(_) => to_rgb8(img),
-                other => {
-                    return Err(Error::Input(format!(
-                        "do_convert_rgb is false but the image is {:?}, not RGB",
-                        other.color()
-                    )))
-                }
+        let rgb: std::borrow::Cow<'_, RgbImage> = match img {
+            // Already what the resampler reads: no copy.
+            DynamicImage::ImageRgb8(im) => std::borrow::Cow::Borrowed(im),
+            _ if self.cfg.do_convert_rgb => std::borrow::Cow::Owned(to_rgb8(img)),
+            DynamicImage::ImageRgb16(_) => std::borrow::Cow::Owned(to_rgb8(img)),
+            other => {
+                return Err(Error::Input(format!(
+                    "do_convert_rgb is false but the image is {:?}, not RGB",
+                    other.color()
+                )))
             }
         };
-        let (w, h) = (rgb.width() as usize, rgb.height() as usize);
+        self.preprocess_rgb8(rgb.as_raw(), rgb.width(), rgb.height())
+    }
+
+    /// [`ImageProcessor::preprocess`] of decoded pixels: `height` rows of `width` RGB
+    /// triplets, 8 bits each, no padding, read in place (no copy of the image is made).
+    pub fn preprocess_rgb8(&self, raw: &[u8], width: u32, height: u32) -> Result<Vec<f32>> {
+        let (w, h) = (width as usize, height as usize);
         if w == 0 || h == 0 {
             return Err(Error::Input(format!("empty image ({w}x{h})")));
+        }
+        let need = (width as u64) * (height as u64) * 3;
+        if raw.len() as u64 != need {
+            return Err(Error::Input(format!(
+                "buffer holds {} bytes; {w}x{h} RGB8 needs {need}",
+                raw.len()
+            )));
         }
         // Size after resizing.
         let (rh, rw) = if self.cfg.do_resize {
@@ -983,9 +1075,8 @@ impl ImageProcessor {
             h: y_hi - y_lo,
         };
         let pixels = if self.cfg.do_resize {
-            pillow::resample(rgb.as_raw(), w, h, rw, rh, win, self.filter)
+            pillow::resample(raw, w, h, rw, rh, win, self.filter)
         } else {
-            let raw = rgb.as_raw();
             (y_lo..y_hi)
                 .flat_map(|y| raw[(y * w + x_lo) * 3..(y * w + x_hi) * 3].iter().copied())
                 .collect()
@@ -1162,6 +1253,78 @@ mod tests {
     }
 
     /// A PNG signature and IHDR claiming 100000x100000 RGB pixels, then an empty IDAT and IEND.
+    /// A real 16-bit gray PNG of `w`x`h` (a ramp).
+    fn gray16_png(w: u32, h: u32) -> Vec<u8> {
+        let img = image::ImageBuffer::<image::Luma<u16>, Vec<u16>>::from_fn(w, h, |x, y| {
+            image::Luma([((x * 31 + y * 17) % 65536) as u16])
+        });
+        let mut out = Vec::new();
+        image::DynamicImage::ImageLuma16(img)
+            .write_to(&mut Cursor::new(&mut out), image::ImageFormat::Png)
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn the_rgb_conversion_and_the_file_count_against_the_allocation_limit() {
+        // 500x500 16-bit gray: 500 kB decoded, 750 kB more as RGB8. A 1 MiB limit holds the
+        // decoded pixels alone, not the two together.
+        let png = gray16_png(500, 500);
+        let limits = ImageLimits {
+            max_alloc: 1 << 20,
+            ..ImageLimits::default()
+        };
+        let e = decode_image(&png, "gray16.png", &limits).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("convert to RGB") && msg.contains("gray16.png"),
+            "{msg}"
+        );
+        let limits = ImageLimits {
+            max_alloc: 2 << 20,
+            ..ImageLimits::default()
+        };
+        let img = decode_image(&png, "gray16.png", &limits).unwrap();
+        assert_eq!(img.dimensions(), (500, 500));
+    }
+
+    #[test]
+    fn image_files_must_be_regular_and_within_the_limit() {
+        #[cfg(unix)]
+        {
+            let e = load_image(Path::new("/dev/zero"), &ImageLimits::default()).unwrap_err();
+            assert!(e.to_string().contains("character device"), "{e}");
+        }
+        let d = crate::testutil::TempDir::new();
+        let p = d.0.join("big.png");
+        std::fs::write(&p, gray16_png(64, 64)).unwrap();
+        let limits = ImageLimits {
+            max_alloc: 100,
+            ..ImageLimits::default()
+        };
+        let e = load_image(&p, &limits).unwrap_err();
+        assert!(e.to_string().contains("more than the limit"), "{e}");
+    }
+
+    #[test]
+    fn preprocessing_numbers_must_give_finite_pixels() {
+        for (key, value) in [
+            ("image_std", serde_json::json!([0.0, 1.0, 1.0])),
+            ("image_mean", serde_json::json!([1.0, 1.0, 1e39])),
+            ("rescale_factor", serde_json::json!(0.0)),
+            ("crop_size", serde_json::json!(100_000)),
+        ] {
+            let mut cfg = serde_json::to_value(ImageProcessorConfig::default()).unwrap();
+            cfg[key] = value;
+            // 1e39 does not fit an f32: a parse error is as good as a refusal.
+            let Ok(cfg) = serde_json::from_value::<ImageProcessorConfig>(cfg) else {
+                continue;
+            };
+            let e = ImageProcessor::new(cfg).unwrap_err();
+            assert!(e.to_string().contains(key), "{key}: {e}");
+        }
+    }
+
     fn huge_png() -> Vec<u8> {
         let mut b = b"\x89PNG\r\n\x1a\n".to_vec();
         let mut chunk = |kind: &[u8], data: &[u8]| {

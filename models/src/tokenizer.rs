@@ -159,7 +159,8 @@ const NAMED_KEYS: [&str; 7] = [
 ];
 
 fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::files::read_text_bounded(path, crate::files::TEXT_FILE_MAX_BYTES)
+        .map_err(|e| Error::io(path, e))?;
     serde_json::from_str(&text).map_err(|source| Error::Json {
         path: path.to_path_buf(),
         source,
@@ -387,7 +388,8 @@ impl ModaTokenizer {
     }
 
     fn load_tokenizer_json(path: &Path, cfg: Option<&DirConfig>) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let bytes = crate::files::read_bounded(path, crate::files::TEXT_FILE_MAX_BYTES)
+            .map_err(|e| Error::io(path, e))?;
         let json: Value = serde_json::from_slice(&bytes).map_err(|source| Error::Json {
             path: path.to_path_buf(),
             source,
@@ -662,7 +664,8 @@ fn read_vocab(path: &Path) -> Result<tokenizers::models::bpe::Vocab> {
 /// `merges.txt`: an optional `#version` line, then `left right` per line (blank lines
 /// ignored, as the slow tokenizer's `split("\n")[1:-1]` drops the trailing one).
 fn read_merges(path: &Path) -> Result<Vec<(String, String)>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::files::read_text_bounded(path, crate::files::TEXT_FILE_MAX_BYTES)
+        .map_err(|e| Error::io(path, e))?;
     let mut merges = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let line = line.strip_suffix('\r').unwrap_or(line);

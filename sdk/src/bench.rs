@@ -101,13 +101,14 @@ pub fn bench(moda: &Moda, image: &ImageInput<'_>, opts: &BenchOptions) -> Result
             "tokens, reps and batch must each be at least 1".into(),
         ));
     }
-    // The prefix and the BOS take positions before the generated tokens.
-    let room = d.max_positions.saturating_sub(d.prefix_len + 1);
+    // The prefix and the BOS take a position each; the last token is never fed back, so
+    // as many tokens fit as `describe` allows.
+    let room = d.max_positions.saturating_sub(d.prefix_len);
     if opts.tokens > room {
         return Err(Error::InvalidArgument(format!(
-            "{} tokens do not fit: the decoder covers {} positions, {} after the image and the \
-             BOS",
-            opts.tokens, d.max_positions, room
+            "{} tokens do not fit: the decoder covers {} positions, room for {room} generated \
+             tokens after the image",
+            opts.tokens, d.max_positions
         )));
     }
     let gen = GenerationOptions {

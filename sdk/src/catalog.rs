@@ -8,20 +8,24 @@
 //! "embedding"}` for `embed`, `{"image", "error"}` for an image that failed. `"image"` is the
 //! image as the job named it: the path given (or found under a directory given), or a CSV
 //! cell as written (trimmed); it is the key by which a job that is run again skips the images
-//! already recorded.
+//! already recorded. A file name that is not valid UTF-8 cannot be a JSON string as it is:
+//! its `"image"` shows it with U+FFFD in place of the bad bytes, and `"image_hex"` holds its
+//! exact bytes in hexadecimal, so that two such names stay two images and a resumed job maps
+//! each record back to its file.
 //!
 //! ## Resuming
-//! [`ResumableOutput::open`] reads an existing output file first. Every complete line (one
-//! that ends in a newline) must be a record; a last line without its newline is what a crash
-//! or a kill in the middle of a write leaves, and is cut off, so the file again ends with a
-//! complete record before anything is appended. Each record is written with a single
+//! [`ResumableOutput::open`] locks the output file (a second process that opens it is
+//! refused and told which process holds it) and reads it first. Its first line is a job
+//! header ([`JobHeader`]: the task, the shard, the options and the model) and a job run again
+//! with anything different is refused rather than mixed in. Every complete line (one that
+//! ends in a newline) must be a record; a last line without its newline is what a crash or a
+//! kill in the middle of a write leaves, and is cut off, so the file again ends with a
+//! complete record before anything is appended. Each record is appended with a single
 //! `write` of the whole line, so a stopped job loses at most the line it was writing.
-//!
-//! The same output file must not be written by two processes at once; give each shard its own.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{BufRead, Read, Write};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -83,20 +87,46 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CatalogError + '_ {
 /// One image of a job: the key it is recorded under and the file to read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CatalogItem {
-    /// The `"image"` value of its record (see the module documentation).
+    /// The `"image"` value of its record (see the module documentation). A file name that is
+    /// not UTF-8 shows here with U+FFFD in place of its bad bytes, and its exact bytes are in
+    /// [`CatalogItem::key_bytes`].
     pub key: String,
-    /// The file.
+    /// The exact bytes of a key that is not UTF-8 (the record's `"image_hex"`); `None` when
+    /// `key` is exact.
+    pub key_bytes: Option<Vec<u8>>,
+    /// The file; `-` is standard input.
     pub path: PathBuf,
 }
 
 impl CatalogItem {
     fn from_path(path: PathBuf) -> Self {
+        let key_bytes = path
+            .to_str()
+            .is_none()
+            .then(|| path.as_os_str().as_encoded_bytes().to_vec());
         Self {
             key: path.display().to_string(),
+            key_bytes,
             path,
         }
     }
+
+    /// What identifies the image in an output file: the exact bytes of its key. Two file
+    /// names that differ only in bytes that are not UTF-8 are two images.
+    pub fn identity(&self) -> Vec<u8> {
+        self.key_bytes
+            .clone()
+            .unwrap_or_else(|| self.key.as_bytes().to_vec())
+    }
+
+    /// Whether this item is standard input (`-`).
+    pub fn is_stdin(&self) -> bool {
+        self.path.as_os_str() == STDIN
+    }
 }
+
+/// The name that stands for standard input among the images and for `--csv`.
+pub const STDIN: &str = "-";
 
 /// The images a job runs, and the CSV rows that named none.
 #[derive(Debug, Clone, Default)]
@@ -121,7 +151,7 @@ pub fn has_image_extension(path: &Path) -> bool {
 pub fn list_paths(inputs: &[PathBuf]) -> Result<Listing, CatalogError> {
     let mut items = Vec::new();
     for input in inputs {
-        if input.is_dir() {
+        if input.as_os_str() != STDIN && input.is_dir() {
             let mut found = Vec::new();
             walk(input, &mut found)?;
             found.sort();
@@ -161,8 +191,12 @@ pub fn list_csv(csv: &Path, column: &str, root: Option<&Path>) -> Result<Listing
         path: csv.to_path_buf(),
         msg,
     };
-    let file = File::open(csv).map_err(io_err(csv))?;
-    let mut reader = csv::ReaderBuilder::new().flexible(true).from_reader(file);
+    let input: Box<dyn Read> = if csv.as_os_str() == STDIN {
+        Box::new(std::io::stdin().lock())
+    } else {
+        Box::new(moda_models::files::open_regular(csv).map_err(io_err(csv))?)
+    };
+    let mut reader = csv::ReaderBuilder::new().flexible(true).from_reader(input);
     let headers = reader
         .headers()
         .map_err(|e| csv_err(format!("cannot read the header row: {e}")))?
@@ -182,6 +216,7 @@ pub fn list_csv(csv: &Path, column: &str, root: Option<&Path>) -> Result<Listing
         })?;
     let base = match root {
         Some(r) => r.to_path_buf(),
+        None if csv.as_os_str() == STDIN => PathBuf::new(),
         None => csv.parent().map(Path::to_path_buf).unwrap_or_default(),
     };
     let mut items = Vec::new();
@@ -199,7 +234,14 @@ pub fn list_csv(csv: &Path, column: &str, root: Option<&Path>) -> Result<Listing
         }
         items.push(CatalogItem {
             key: cell.to_string(),
-            path: base.join(cell),
+            key_bytes: None,
+            // Never `-` alone (standard input): a CSV read from standard input names files
+            // relative to the current directory.
+            path: if base.as_os_str().is_empty() {
+                Path::new(".").join(cell)
+            } else {
+                base.join(cell)
+            },
         });
     }
     Ok(Listing {
@@ -212,7 +254,7 @@ fn dedup(items: Vec<CatalogItem>) -> Vec<CatalogItem> {
     let mut seen = HashSet::new();
     items
         .into_iter()
-        .filter(|it| seen.insert(it.key.clone()))
+        .filter(|it| seen.insert(it.identity()))
         .collect()
 }
 
@@ -304,6 +346,10 @@ pub enum Record {
     Description {
         /// The image's key.
         image: String,
+        /// The exact bytes of a key that is not UTF-8, in hexadecimal (see
+        /// [`CatalogItem::key_bytes`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        image_hex: Option<String>,
         /// The text.
         description: String,
         /// Generated token ids (the final `</s>` included when one was generated).
@@ -317,6 +363,9 @@ pub enum Record {
     Embedding {
         /// The image's key.
         image: String,
+        /// As in [`Record::Description`].
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        image_hex: Option<String>,
         /// `projection_dim` numbers.
         embedding: Vec<f32>,
     },
@@ -324,6 +373,9 @@ pub enum Record {
     Error {
         /// The image's key.
         image: String,
+        /// As in [`Record::Description`].
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        image_hex: Option<String>,
         /// Why it failed.
         error: String,
     },
@@ -331,13 +383,37 @@ pub enum Record {
 
 impl Record {
     /// A description's record.
-    pub fn description(image: &str, d: &Description) -> Self {
+    pub fn description(item: &CatalogItem, d: &Description) -> Self {
         Record::Description {
-            image: image.to_string(),
+            image: item.key.clone(),
+            image_hex: item_hex(item),
             description: d.text.clone(),
             token_ids: d.token_ids.clone(),
             logprobs: d.logprobs.clone(),
             timings_ms: TimingsMs::from(&d.timings),
+        }
+    }
+
+    /// An embedding's record.
+    pub fn embedding(item: &CatalogItem, embedding: Vec<f32>) -> Self {
+        Record::Embedding {
+            image: item.key.clone(),
+            image_hex: item_hex(item),
+            embedding,
+        }
+    }
+
+    /// An image's failure; the record names the image, so an image error's message goes
+    /// without the name again.
+    pub fn error(item: &CatalogItem, e: &crate::Error) -> Self {
+        let error = match e {
+            crate::Error::Image { msg, .. } => msg.clone(),
+            other => other.to_string(),
+        };
+        Record::Error {
+            image: item.key.clone(),
+            image_hex: item_hex(item),
+            error,
         }
     }
 
@@ -348,6 +424,17 @@ impl Record {
             | Record::Embedding { image, .. }
             | Record::Error { image, .. } => image,
         }
+    }
+
+    /// What identifies the image (see [`CatalogItem::identity`]).
+    pub fn identity(&self) -> Vec<u8> {
+        let hex = match self {
+            Record::Description { image_hex, .. }
+            | Record::Embedding { image_hex, .. }
+            | Record::Error { image_hex, .. } => image_hex.as_deref(),
+        };
+        hex.and_then(from_hex)
+            .unwrap_or_else(|| self.image().as_bytes().to_vec())
     }
 
     /// Whether this records a failure.
@@ -364,6 +451,22 @@ impl Record {
                 .to_string()
         })
     }
+}
+
+fn item_hex(item: &CatalogItem) -> Option<String> {
+    item.key_bytes
+        .as_ref()
+        .map(|b| b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+fn from_hex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| s.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
+        .collect()
 }
 
 /// What a job does to each image.
@@ -386,24 +489,118 @@ impl Task {
             Task::Embed { .. } => "embed",
         }
     }
-
-    /// The record field that a successful record of this task has.
-    fn field(&self) -> &'static str {
-        match self {
-            Task::Describe(_) => "description",
-            Task::Embed { .. } => "embedding",
-        }
-    }
 }
 
 /// What an existing output file already records.
 #[derive(Debug, Clone, Default)]
 pub struct Recorded {
-    /// Each recorded image, and whether its record is an error.
-    pub images: HashMap<String, bool>,
+    /// Each recorded image (by [`CatalogItem::identity`]), and whether its record is an
+    /// error.
+    pub images: HashMap<Vec<u8>, bool>,
     /// Bytes of an incomplete last line that were cut off.
     pub truncated_bytes: u64,
 }
+
+/// The first line of a job's output file: what the job was, so that running it again with
+/// other options, another shard or another model is refused instead of mixed in.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobHeader {
+    /// `describe` or `embed`.
+    pub task: String,
+    /// The shard, `i/n`.
+    pub shard: String,
+    /// The task's options: the generation options (with the bundle's defaults resolved)
+    /// or `{"normalize": ..}`.
+    pub options: serde_json::Value,
+    /// The model: the SHA-256 of the bundle's files as its manifest lists them.
+    pub model: String,
+}
+
+impl JobHeader {
+    /// The header of `task` on `shard` with the bundle `moda`.
+    pub fn new(moda: &Moda, task: &Task, shard: Shard) -> Self {
+        let options = match task {
+            Task::Describe(o) => {
+                let mut o = o.clone();
+                o.max_new_tokens = Some(
+                    o.max_new_tokens
+                        .unwrap_or(moda.manifest().generation.max_new_tokens),
+                );
+                serde_json::to_value(o).unwrap_or_default()
+            }
+            Task::Embed { normalize } => serde_json::json!({ "normalize": normalize }),
+        };
+        let files: Vec<String> = moda
+            .manifest()
+            .files
+            .iter()
+            .map(|(name, f)| format!("{name} {} {}", f.bytes, f.sha256))
+            .collect();
+        let model = {
+            use sha2::{Digest, Sha256};
+            Sha256::digest(files.join("\n").as_bytes())
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect()
+        };
+        Self {
+            task: task.name().to_string(),
+            shard: shard.to_string(),
+            options,
+            model,
+        }
+    }
+
+    fn to_line(&self) -> String {
+        let mut line = serde_json::json!({ HEADER_KEY: self }).to_string();
+        line.push('\n');
+        line
+    }
+
+    /// What differs between an output's header and this job's, in words.
+    fn differences(&self, old: &JobHeader) -> Vec<String> {
+        let mut d = Vec::new();
+        if self.task != old.task {
+            d.push(format!("it is a `{}` output", old.task));
+        }
+        if self.shard != old.shard {
+            d.push(format!(
+                "it holds shard {}, this job is shard {}",
+                old.shard, self.shard
+            ));
+        }
+        if self.model != old.model {
+            d.push("it was written with another model bundle".to_string());
+        }
+        if self.options != old.options {
+            let (a, b) = (&old.options, &self.options);
+            let keys: Vec<String> = match (a.as_object(), b.as_object()) {
+                (Some(a), Some(b)) => a
+                    .keys()
+                    .chain(b.keys())
+                    .filter(|k| a.get(*k) != b.get(*k))
+                    .map(|k| format!("{k} {} here, {} there", show(b.get(k)), show(a.get(k))))
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .into_iter()
+                    .collect(),
+                _ => vec![format!("{b} here, {a} there")],
+            };
+            d.push(format!("other options ({})", keys.join("; ")));
+        }
+        d
+    }
+}
+
+fn show(v: Option<&serde_json::Value>) -> String {
+    v.map_or("unset".to_string(), |v| v.to_string())
+}
+
+/// The key of the header line's object.
+pub const HEADER_KEY: &str = "moda_job";
+
+/// The longest line an output file may hold (a record is a few kB; an embedding of a few
+/// thousand numbers tens of kB).
+const MAX_LINE_BYTES: u64 = 64 << 20;
 
 /// A JSON Lines output file that a job appends to and can resume (see the module
 /// documentation).
@@ -414,60 +611,115 @@ pub struct ResumableOutput {
 }
 
 impl ResumableOutput {
-    /// Opens (or creates) `path` for `task`'s records: reads the records already there, cuts
-    /// off an incomplete last line, and positions at the end. A complete line that is not a
-    /// record, or a record of the other task, is an error (the file is left as it is).
-    pub fn open(path: &Path, task: &Task) -> Result<(Self, Recorded), CatalogError> {
-        let mut file = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
-            .map_err(io_err(path))?;
-        let mut bytes = Vec::new();
-        file.read_to_end(&mut bytes).map_err(io_err(path))?;
-        let complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-        let mut recorded = Recorded {
-            truncated_bytes: (bytes.len() - complete) as u64,
-            ..Default::default()
-        };
-        let bad = |line: usize, msg: String| CatalogError::Output {
+    /// Opens (or creates) `path` for the job `header`: takes an exclusive lock on it (a second
+    /// process writing the same file is refused, naming the process that holds it), reads
+    /// the records already there, cuts off an incomplete last line and appends from then
+    /// on. A new file starts with the header line; an existing one must have been written by
+    /// the same job (task, shard, options and model), or by a version that wrote no header.
+    /// A complete line that is not a record, or a record of the other task, is an error (the
+    /// file is left as it is). Only a regular file is accepted.
+    pub fn open(path: &Path, header: &JobHeader) -> Result<(Self, Recorded), CatalogError> {
+        let out_err = |msg: String| CatalogError::Output {
             path: path.to_path_buf(),
-            msg: format!(
+            msg,
+        };
+        let mut options = File::options();
+        options.read(true).append(true).create(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            // A FIFO would block the open until a reader came; refuse it instead (below).
+            options.custom_flags(libc::O_NONBLOCK);
+        }
+        let file = options.open(path).map_err(io_err(path))?;
+        let meta = file.metadata().map_err(io_err(path))?;
+        if !meta.is_file() {
+            return Err(out_err(
+                "not a regular file; --output takes a file that records are appended to (leave \
+                 it out to write the records to standard output)"
+                    .to_string(),
+            ));
+        }
+        lock_exclusive(&file, path)?;
+
+        let bad = |line: usize, msg: String| {
+            out_err(format!(
                 "line {line}: {msg}; this is not a `moda-sdk {}` output (choose another \
                  --output, or move this file away)",
-                task.name()
-            ),
+                header.task
+            ))
         };
-        for (i, line) in bytes[..complete].split(|&b| b == b'\n').enumerate() {
+        let field = match header.task.as_str() {
+            "embed" => "embedding",
+            _ => "description",
+        };
+        let mut recorded = Recorded::default();
+        let mut reader = std::io::BufReader::new(&file);
+        let mut line = Vec::new();
+        let mut complete: u64 = 0;
+        let mut number = 0usize;
+        let mut saw_header = false;
+        loop {
+            line.clear();
+            let n = (&mut reader)
+                .take(MAX_LINE_BYTES + 1)
+                .read_until(b'\n', &mut line)
+                .map_err(io_err(path))?;
+            if n == 0 {
+                break;
+            }
+            if line.last() != Some(&b'\n') {
+                if n as u64 > MAX_LINE_BYTES {
+                    return Err(bad(
+                        number + 1,
+                        format!("a line longer than {MAX_LINE_BYTES} bytes"),
+                    ));
+                }
+                // An incomplete last line: what a crash in the middle of a write leaves.
+                recorded.truncated_bytes = n as u64;
+                break;
+            }
+            number += 1;
+            complete += n as u64;
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
-            let v: serde_json::Value = serde_json::from_slice(line)
-                .map_err(|e| bad(i + 1, format!("not a JSON record ({e})")))?;
-            let image = v
-                .get("image")
-                .and_then(|x| x.as_str())
-                .ok_or_else(|| bad(i + 1, "no \"image\" string".to_string()))?;
-            let is_error = v.get("error").is_some();
-            if !is_error && v.get(task.field()).is_none() {
-                return Err(bad(i + 1, format!("a record without {:?}", task.field())));
+            let v: serde_json::Value = serde_json::from_slice(&line)
+                .map_err(|e| bad(number, format!("not a JSON record ({e})")))?;
+            if let Some(h) = v.get(HEADER_KEY) {
+                let old: JobHeader = serde_json::from_value(h.clone())
+                    .map_err(|e| bad(number, format!("a malformed job header ({e})")))?;
+                let diff = header.differences(&old);
+                if !diff.is_empty() {
+                    return Err(out_err(format!(
+                        "was written by another job: {}. Resume it with the same options, \
+                         or choose another --output",
+                        diff.join("; ")
+                    )));
+                }
+                saw_header = true;
+                continue;
             }
-            recorded.images.insert(image.to_string(), is_error);
+            let record: Record = serde_json::from_value(v.clone())
+                .map_err(|_| bad(number, "not a record (no \"image\" string)".to_string()))?;
+            if !record.is_error() && v.get(field).is_none() {
+                return Err(bad(number, format!("a record without {field:?}")));
+            }
+            recorded.images.insert(record.identity(), record.is_error());
         }
+        drop(reader);
         if recorded.truncated_bytes > 0 {
-            file.set_len(complete as u64).map_err(io_err(path))?;
+            file.set_len(complete).map_err(io_err(path))?;
         }
-        file.seek(SeekFrom::Start(complete as u64))
-            .map_err(io_err(path))?;
-        Ok((
-            Self {
-                file,
-                path: path.to_path_buf(),
-            },
-            recorded,
-        ))
+        let mut out = Self {
+            file,
+            path: path.to_path_buf(),
+        };
+        if complete == 0 && !saw_header {
+            out.write_line(header.to_line().as_bytes())
+                .map_err(io_err(path))?;
+        }
+        Ok((out, recorded))
     }
 
     /// The file's path.
@@ -479,8 +731,69 @@ impl ResumableOutput {
     pub fn append(&mut self, record: &Record) -> std::io::Result<()> {
         let mut line = record.to_json();
         line.push('\n');
-        self.file.write_all(line.as_bytes())?;
+        self.write_line(line.as_bytes())
+    }
+
+    fn write_line(&mut self, line: &[u8]) -> std::io::Result<()> {
+        self.file.write_all(line)?;
         self.file.flush()
+    }
+}
+
+/// Takes an exclusive lock on the whole of `file` for as long as it is open, or says which
+/// process holds it.
+fn lock_exclusive(file: &File, path: &Path) -> Result<(), CatalogError> {
+    match file.try_lock() {
+        Ok(()) => Ok(()),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let who = lock_holder(file)
+                .map(|(pid, cmd)| format!(" (process {pid}: {cmd})"))
+                .unwrap_or_default();
+            Err(CatalogError::Output {
+                path: path.to_path_buf(),
+                msg: format!(
+                    "another process is writing it{who}; two jobs must not share an output \
+                     (give each --shard its own --output)"
+                ),
+            })
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(CatalogError::Io {
+            path: path.to_path_buf(),
+            error: e,
+        }),
+    }
+}
+
+/// The process that holds a lock on `file` and its command line, from Linux's `/proc/locks`
+/// (elsewhere, or if it cannot be read, `None`).
+fn lock_holder(file: &File) -> Option<(u32, String)> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::fs::MetadataExt;
+        let ino = file.metadata().ok()?.ino();
+        let locks = std::fs::read_to_string("/proc/locks").ok()?;
+        // "1: FLOCK  ADVISORY  WRITE 12345 00:2e:1234 0 EOF"
+        let pid = locks.lines().find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let (pid, dev_ino) = (f.get(4)?, f.get(5)?);
+            let this = dev_ino.rsplit(':').next()?.parse::<u64>().ok()? == ino;
+            this.then(|| pid.parse::<u32>().ok()).flatten()
+        })?;
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline"))
+            .map(|b| {
+                String::from_utf8_lossy(&b)
+                    .split('\0')
+                    .filter(|a| !a.is_empty())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .unwrap_or_default();
+        Some((pid, cmd))
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = file;
+        None
     }
 }
 
@@ -508,6 +821,17 @@ pub fn run_job(
     emit: &mut dyn FnMut(&Record) -> std::io::Result<()>,
 ) -> Result<JobSummary, CatalogError> {
     let mut summary = JobSummary::default();
+    // `-` is one image read from standard input, at most as many bytes as an image file may
+    // hold.
+    let stdin = if items.iter().any(CatalogItem::is_stdin) {
+        moda_models::files::read_reader_bounded(
+            std::io::stdin().lock(),
+            moda.image_limits().max_alloc,
+        )
+        .map_err(io_err(Path::new(STDIN)))?
+    } else {
+        Vec::new()
+    };
     for chunk in items.chunks(batch_size.max(1)) {
         if stop.load(Ordering::SeqCst) {
             summary.interrupted = true;
@@ -515,7 +839,16 @@ pub fn run_job(
         }
         let inputs: Vec<ImageInput<'_>> = chunk
             .iter()
-            .map(|it| ImageInput::Path(it.path.as_path()))
+            .map(|it| {
+                if it.is_stdin() {
+                    ImageInput::Bytes {
+                        bytes: &stdin,
+                        name: "standard input",
+                    }
+                } else {
+                    ImageInput::Path(it.path.as_path())
+                }
+            })
             .collect();
         let records: Vec<Record> = match task {
             Task::Describe(opts) => moda
@@ -523,8 +856,8 @@ pub fn run_job(
                 .into_iter()
                 .zip(chunk)
                 .map(|(r, it)| match r {
-                    Ok(d) => Record::description(&it.key, &d),
-                    Err(e) => error_record(it, &e),
+                    Ok(d) => Record::description(it, &d),
+                    Err(e) => Record::error(it, &e),
                 })
                 .collect(),
             Task::Embed { normalize } => moda
@@ -532,11 +865,8 @@ pub fn run_job(
                 .into_iter()
                 .zip(chunk)
                 .map(|(r, it)| match r {
-                    Ok(embedding) => Record::Embedding {
-                        image: it.key.clone(),
-                        embedding,
-                    },
-                    Err(e) => error_record(it, &e),
+                    Ok(embedding) => Record::embedding(it, embedding),
+                    Err(e) => Record::error(it, &e),
                 })
                 .collect(),
         };
@@ -547,17 +877,4 @@ pub fn run_job(
         }
     }
     Ok(summary)
-}
-
-/// An image's failure; the record names the image, so an image error's message goes without
-/// the name again.
-fn error_record(item: &CatalogItem, e: &crate::Error) -> Record {
-    let error = match e {
-        crate::Error::Image { msg, .. } => msg.clone(),
-        other => other.to_string(),
-    };
-    Record::Error {
-        image: item.key.clone(),
-        error,
-    }
 }

@@ -14,7 +14,7 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use moda_sdk::bench::{bench, BenchOptions, BenchReport};
 use moda_sdk::catalog::{
-    list_csv, list_paths, run_job, CatalogError, Record, ResumableOutput, Shard, Task,
+    list_csv, list_paths, run_job, CatalogError, JobHeader, Record, ResumableOutput, Shard, Task,
 };
 use moda_sdk::manifest::{Manifest, TensorInfo, MANIFEST_FILE};
 use moda_sdk::{read_manifest, GenerationOptions, ImageInput, Moda, OpenOptions};
@@ -44,12 +44,17 @@ Output:
                     describe: {\"image\", \"description\", \"token_ids\", \"logprobs\", \"timings_ms\"}
                     embed:    {\"image\", \"embedding\"}
                     failure:  {\"image\", \"error\"}
-  --output FILE   the same JSON records, appended to FILE and flushed one by one. Run the
-                  same command again and it skips the images FILE already records (failures
-                  included: delete their lines to retry them); a half-written last line left
-                  by a crash is cut off first. Give each --shard its own FILE.
+  --output FILE   the same JSON records, appended to FILE (a regular file) and flushed one
+                  by one, after a first line {\"moda_job\": ...} naming the task, shard,
+                  options and model. Run the same command again and it skips the images FILE
+                  already records (failures included: delete their lines to retry them); a
+                  half-written last line left by a crash is cut off first. The file is locked
+                  while a job writes it; a job with another shard, options or model is
+                  refused. Give each --shard its own FILE.
 
 \"image\" is the path as given (or found under a directory given), or the CSV cell as written.
+A file name that is not UTF-8 shows there with U+FFFD for its bad bytes; its exact bytes are
+in \"image_hex\" (hexadecimal).
 
 ",
     exit_codes!()
@@ -90,7 +95,8 @@ struct ModelArgs {
     /// demo's bundle, demo/bundle (in the current directory or the MODA repository).
     #[arg(long, value_name = "DIR")]
     model: Option<PathBuf>,
-    /// ONNX Runtime threads inside one graph run. Default: the cores available, at most 8.
+    /// ONNX Runtime threads inside one graph run. Default: the cores available, at most 8;
+    /// more than the cores available are capped at that number.
     #[arg(long, value_name = "N", value_parser = positive)]
     threads: Option<usize>,
     /// Check every bundle file's SHA-256 against the manifest before running (sizes are
@@ -103,14 +109,17 @@ struct ModelArgs {
 #[command(next_help_heading = "Input")]
 struct InputArgs {
     /// Image files, or directories searched recursively for *.jpg, *.jpeg, *.png, *.webp,
-    /// *.gif, *.bmp, *.tif, *.tiff (any letter case; sorted by path).
+    /// *.gif, *.bmp, *.tif, *.tiff (any letter case; sorted by path); `-` reads one image
+    /// from standard input. Only regular files are read (a FIFO or a device is that image's
+    /// error).
     #[arg(
         value_name = "IMAGE",
         required_unless_present = "csv",
         conflicts_with = "csv"
     )]
     images: Vec<PathBuf>,
-    /// Take the images from a CSV catalog (with a header row) instead, in row order.
+    /// Take the images from a CSV catalog (with a header row) instead, in row order; `-`
+    /// reads the CSV from standard input.
     #[arg(long, value_name = "FILE", requires = "image_column")]
     csv: Option<PathBuf>,
     /// With --csv: the column holding the image paths.
@@ -357,7 +366,16 @@ fn open_model(args: &ModelArgs) -> anyhow::Result<Moda> {
         verify_checksums: args.verify_checksums,
         ..Default::default()
     };
-    Ok(Moda::open(&dir, &opts)?)
+    let moda = Moda::open(&dir, &opts)?;
+    if let Some(asked) = args.threads.filter(|&n| n > moda.intra_threads()) {
+        eprintln!(
+            "moda-sdk: --threads {asked} is more than the {} cores this process may use; \
+             using {}",
+            moda_sdk::model::available_cores(),
+            moda.intra_threads()
+        );
+    }
+    Ok(moda)
 }
 
 /// `describe` and `embed`.
@@ -376,18 +394,43 @@ fn job(
         eprintln!("moda-sdk: skipped: {s}");
     }
     if listing.items.is_empty() {
-        bail!(
-            "no images to {}: directories are searched for files ending in .{}",
-            task.name(),
-            moda_sdk::catalog::IMAGE_EXTENSIONS.join(", .")
-        );
+        match &input.csv {
+            Some(csv) if listing.skipped.is_empty() => {
+                bail!(
+                    "{}: no rows after the header: no images to {}",
+                    csv.display(),
+                    task.name()
+                )
+            }
+            Some(csv) => bail!(
+                "{}: no row names an image (see the skipped rows above)",
+                csv.display()
+            ),
+            None => bail!(
+                "no images to {}: the directories given hold no files ending in .{}",
+                task.name(),
+                moda_sdk::catalog::IMAGE_EXTENSIONS.join(", .")
+            ),
+        }
     }
-    let items = job.shard.unwrap_or(Shard::ALL).select(listing.items);
+    let shard = job.shard.unwrap_or(Shard::ALL);
+    let items = shard.select(listing.items);
+
+    // The model first: a bundle that cannot be opened leaves no output file behind.
+    let moda = open_model(model)?;
+    if let Task::Describe(opts) = &task {
+        let max_new = opts
+            .max_new_tokens
+            .unwrap_or(moda.manifest().generation.max_new_tokens);
+        opts.validate(max_new)?;
+    }
+
     let mut output = None;
     let mut earlier_failures = 0;
     let mut todo = items.clone();
     if let Some(path) = &job.output {
-        let (out, recorded) = ResumableOutput::open(path, &task)?;
+        let header = JobHeader::new(&moda, &task, shard);
+        let (out, recorded) = ResumableOutput::open(path, &header)?;
         if recorded.truncated_bytes > 0 && !job.quiet {
             eprintln!(
                 "moda-sdk: cut off an incomplete last line ({} bytes) of {}",
@@ -397,9 +440,9 @@ fn job(
         }
         earlier_failures = items
             .iter()
-            .filter(|it| recorded.images.get(&it.key) == Some(&true))
+            .filter(|it| recorded.images.get(&it.identity()) == Some(&true))
             .count();
-        todo.retain(|it| !recorded.images.contains_key(&it.key));
+        todo.retain(|it| !recorded.images.contains_key(&it.identity()));
         if !job.quiet && todo.len() < items.len() {
             eprintln!(
                 "moda-sdk: {} of {} images already in {}; {} to go",
@@ -410,14 +453,6 @@ fn job(
             );
         }
         output = Some(out);
-    }
-
-    let moda = open_model(model)?;
-    if let Task::Describe(opts) = &task {
-        let max_new = opts
-            .max_new_tokens
-            .unwrap_or(moda.manifest().generation.max_new_tokens);
-        opts.validate(max_new)?;
     }
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -438,7 +473,7 @@ fn job(
     let stdout = std::io::stdout();
     let mut emit = |r: &Record| -> std::io::Result<()> {
         let text_mode = output.is_none() && !job.json;
-        if let Record::Error { image, error } = r {
+        if let Record::Error { image, error, .. } = r {
             if text_mode || !job.quiet {
                 bar.suspend(|| eprintln!("{image}\terror: {}", one_line(error)));
             }
@@ -531,7 +566,9 @@ fn text_line(r: &Record) -> Option<String> {
         Record::Description {
             image, description, ..
         } => Some(format!("{image}\t{}", one_line(description))),
-        Record::Embedding { image, embedding } => Some(format!(
+        Record::Embedding {
+            image, embedding, ..
+        } => Some(format!(
             "{image}\t{}",
             embedding
                 .iter()
@@ -546,8 +583,8 @@ fn text_line(r: &Record) -> Option<String> {
 fn run_bench(a: &BenchArgs) -> anyhow::Result<ExitCode> {
     let moda = open_model(&a.model)?;
     let d = moda.manifest().model;
-    // The image prefix and the BOS come before the generated tokens.
-    let room = d.max_positions.saturating_sub(d.prefix_len + 1).max(1);
+    // As many tokens as `describe` allows (see `bench`).
+    let room = d.max_positions.saturating_sub(d.prefix_len).max(1);
     let opts = BenchOptions {
         tokens: a.tokens.unwrap_or(BenchOptions::default().tokens.min(room)),
         reps: a.reps,

@@ -136,3 +136,149 @@ pub struct FileInfo {
     /// Lower-case hex SHA-256.
     pub sha256: String,
 }
+
+/// The largest number of positions, layers, heads, ... a manifest may state: far above any
+/// model this SDK runs, low enough that products of two of them cannot overflow.
+const MAX_DIM: usize = 1 << 24;
+
+impl Manifest {
+    /// Checks what can be checked without the graphs: every dimension positive and within
+    /// reason, the special tokens inside the vocabulary, the generation defaults within the
+    /// positions, and every file name a plain relative name (see [`check_file_name`]). The
+    /// graphs' own input and output shapes are compared when they are loaded.
+    pub fn validate(&self) -> Result<(), String> {
+        let d = &self.model;
+        let dims = [
+            ("image_size", d.image_size),
+            ("num_channels", d.num_channels),
+            ("projection_dim", d.projection_dim),
+            ("embed_dim", d.embed_dim),
+            ("hidden_size", d.hidden_size),
+            ("num_layers", d.num_layers),
+            ("num_heads", d.num_heads),
+            ("head_dim", d.head_dim),
+            ("vocab_size", d.vocab_size),
+            ("max_positions", d.max_positions),
+            ("prefix_len", d.prefix_len),
+        ];
+        for (name, v) in dims {
+            if v == 0 || v > MAX_DIM {
+                return Err(format!(
+                    "\"model\".\"{name}\" is {v}; it must be between 1 and {MAX_DIM}"
+                ));
+            }
+        }
+        if d.prefix_len != 1 {
+            return Err(format!(
+                "image prefix of {} positions; this SDK supports 1",
+                d.prefix_len
+            ));
+        }
+        let s = &self.special_tokens;
+        for (name, id) in [("bos", s.bos), ("eos", s.eos), ("pad", s.pad)] {
+            if id as usize >= d.vocab_size {
+                return Err(format!(
+                    "\"special_tokens\".\"{name}\" is {id}, outside the vocabulary of {}",
+                    d.vocab_size
+                ));
+            }
+        }
+        let g = &self.generation;
+        // The image prefix and the BOS take a position each; the last token generated is
+        // never fed back.
+        let room = d.max_positions.saturating_sub(d.prefix_len);
+        if g.max_new_tokens == 0 || g.max_new_tokens > room {
+            return Err(format!(
+                "\"generation\".\"max_new_tokens\" is {}; the decoder's {} positions allow 1 to \
+                 {room}",
+                g.max_new_tokens, d.max_positions
+            ));
+        }
+        if g.num_beams == 0 || g.num_beams > MAX_DIM {
+            return Err(format!(
+                "\"generation\".\"num_beams\" is {}; it must be at least 1",
+                g.num_beams
+            ));
+        }
+        check_file_name(&self.tokenizer).map_err(|e| format!("\"tokenizer\": {e}"))?;
+        if !self.files.contains_key(&self.tokenizer) {
+            return Err(format!(
+                "\"files\" does not list the tokenizer {:?} (its size and checksum)",
+                self.tokenizer
+            ));
+        }
+        for (role, graph) in &self.graphs {
+            check_file_name(&graph.file)
+                .map_err(|e| format!("\"graphs\".\"{role}\".\"file\": {e}"))?;
+            if !self.files.contains_key(&graph.file) {
+                return Err(format!(
+                    "\"files\" does not list the {role} graph {:?} (its size and checksum)",
+                    graph.file
+                ));
+            }
+        }
+        for name in self.files.keys() {
+            check_file_name(name).map_err(|e| format!("\"files\": {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// Checks that `name` is a plain relative file name inside a bundle: not empty, not
+/// absolute, no `..`, `.` or root components, no NUL, no backslash (a separator elsewhere).
+/// A bundle is a directory that may come from anywhere; what it names must stay inside it.
+pub fn check_file_name(name: &str) -> Result<(), String> {
+    use std::path::{Component, Path};
+    let bad = |why: &str| -> Result<(), String> {
+        Err(format!(
+            "{name:?} {why}; a bundle names its files by plain relative names"
+        ))
+    };
+    if name.is_empty() {
+        return Err("an empty file name".to_string());
+    }
+    if name.contains('\0') || name.contains('\\') {
+        return bad("holds a NUL or a backslash");
+    }
+    for c in Path::new(name).components() {
+        match c {
+            Component::Normal(_) => {}
+            Component::ParentDir => return bad("leads out of the bundle (..)"),
+            Component::RootDir | Component::Prefix(_) => return bad("is an absolute path"),
+            Component::CurDir => return bad("has a . component"),
+        }
+    }
+    Ok(())
+}
+
+/// The path of the bundle file `name` (checked with [`check_file_name`]) inside `dir`. If
+/// it exists, it must still be inside `dir` once symbolic links are resolved, and be a
+/// regular file.
+pub fn bundle_file(dir: &std::path::Path, name: &str) -> Result<std::path::PathBuf, String> {
+    check_file_name(name)?;
+    let path = dir.join(name);
+    if std::fs::symlink_metadata(&path).is_err() {
+        // Missing: the caller reports it with the file's role.
+        return Ok(path);
+    }
+    // Symbolic links (the file itself or a directory on the way) must not lead out.
+    let real = path
+        .canonicalize()
+        .map_err(|e| format!("{name:?} cannot be resolved ({e})"))?;
+    let root = dir
+        .canonicalize()
+        .map_err(|e| format!("cannot resolve the bundle directory ({e})"))?;
+    if !real.starts_with(&root) {
+        return Err(format!(
+            "{name:?} leads out of the bundle through a symbolic link (to {})",
+            real.display()
+        ));
+    }
+    let ft = std::fs::metadata(&path)
+        .map_err(|e| format!("{name:?}: {e}"))?
+        .file_type();
+    if !ft.is_file() {
+        return Err(format!("{name:?} is not a regular file"));
+    }
+    Ok(path)
+}

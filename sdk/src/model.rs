@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::generate::{generate, GenerationOptions, StepModel};
-use crate::manifest::{GraphInfo, Manifest, FORMAT, FORMAT_VERSION, MANIFEST_FILE};
+use crate::manifest::{bundle_file, GraphInfo, Manifest, FORMAT, FORMAT_VERSION, MANIFEST_FILE};
 use crate::runtime::{session_from_file, SessionOptions};
 
 /// How [`Moda::open`] sets things up.
@@ -43,7 +43,9 @@ use crate::runtime::{session_from_file, SessionOptions};
 pub struct OpenOptions {
     /// Threads ONNX Runtime uses inside one graph run. `None` picks the number of cores the
     /// process may use, at most 8 (a 125M-parameter decoder gains nothing from more threads
-    /// per token), divided among [`OpenOptions::sessions`].
+    /// per token), divided among [`OpenOptions::sessions`]. A larger number is capped at the
+    /// cores the process may use ([`available_cores`]; more threads than cores only wait on
+    /// each other); [`Moda::intra_threads`] tells the number used.
     pub intra_threads: Option<usize>,
     /// Most session sets in the pool (see the module documentation); at least 1.
     pub sessions: usize,
@@ -172,6 +174,10 @@ impl Io {
     }
 }
 
+/// Expected shapes of a graph's inputs or outputs: a number per fixed dimension, `None` for
+/// a dynamic one.
+type Shapes = Vec<Vec<Option<usize>>>;
+
 /// One set of sessions: each graph once.
 struct Worker {
     encoder: Session,
@@ -220,7 +226,7 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
         ));
     }
     let path = dir.join(MANIFEST_FILE);
-    let text = std::fs::read_to_string(&path).map_err(|e| {
+    let text = moda_models::files::read_text_bounded(&path, MANIFEST_MAX_BYTES).map_err(|e| {
         Error::bundle(
             &path,
             format!("cannot read the manifest ({e}); is this a bundle written by `exporter onnx`?"),
@@ -251,6 +257,7 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
     }
     let m: Manifest = serde_json::from_value(value)
         .map_err(|e| Error::bundle(&path, format!("malformed manifest: {e}")))?;
+    m.validate().map_err(|e| Error::bundle(&path, e))?;
     Ok(m)
 }
 
@@ -272,10 +279,15 @@ fn check_graph(path: &Path, m: &Manifest, role: &str, ins: usize, outs: usize) -
     Ok(Io::of(g))
 }
 
-fn sha256_file(path: &Path) -> std::io::Result<String> {
+/// The largest `moda.json` read (a real one is a few kB).
+const MANIFEST_MAX_BYTES: u64 = 16 << 20;
+
+/// The SHA-256 of a regular file, reading at most `bytes` bytes (its size in the manifest,
+/// checked before).
+fn sha256_file(path: &Path, bytes: u64) -> std::io::Result<String> {
     use sha2::{Digest, Sha256};
     use std::io::Read;
-    let mut f = std::fs::File::open(path)?;
+    let mut f = moda_models::files::open_regular(path)?.take(bytes);
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
@@ -288,11 +300,15 @@ fn sha256_file(path: &Path) -> std::io::Result<String> {
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
+/// The cores this process may use (its CPU affinity and cgroup quota included).
+pub fn available_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 /// The default intra-op thread count: the cores this process may use, at most 8, shared by
 /// `sessions` session sets.
 fn default_threads(sessions: usize) -> usize {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    (cores.min(8) / sessions.max(1)).max(1)
+    (available_cores().min(8) / sessions.max(1)).max(1)
 }
 
 impl Moda {
@@ -309,28 +325,18 @@ impl Moda {
         let projector_io = check_graph(&mpath, &manifest, "projector", 1, 1)?;
         let embed_io = check_graph(&mpath, &manifest, "embed_tokens", 1, 1)?;
         let decoder_io = check_graph(&mpath, &manifest, "decoder", 2 + 2 * layers, 1 + 2 * layers)?;
-        if d.prefix_len != 1 {
-            return Err(Error::bundle(
-                &mpath,
-                format!(
-                    "image prefix of {} positions; this SDK supports 1",
-                    d.prefix_len
-                ),
-            ));
-        }
-        for (role, g) in &manifest.graphs {
-            let p = dir.join(&g.file);
-            if !p.is_file() {
-                return Err(Error::bundle(
-                    &p,
-                    format!("the {role} graph's file is missing"),
-                ));
-            }
-        }
+        // Every file the manifest lists: inside the bundle, a regular file of its size (and
+        // checksum, when asked). The graphs and the tokenizer are among them.
         for (name, info) in &manifest.files {
-            let p = dir.join(name);
-            let meta = std::fs::metadata(&p)
-                .map_err(|e| Error::bundle(&p, format!("listed in the manifest but {e}")))?;
+            let p = bundle_file(&dir, name).map_err(|e| Error::bundle(&dir, e))?;
+            let role = manifest
+                .graphs
+                .iter()
+                .find(|(_, g)| &g.file == name)
+                .map(|(role, _)| format!("the {role} graph"))
+                .unwrap_or_else(|| "a file the manifest lists".to_string());
+            let meta =
+                std::fs::metadata(&p).map_err(|e| Error::bundle(&p, format!("{role}: {e}")))?;
             if meta.len() != info.bytes {
                 return Err(Error::bundle(
                     &p,
@@ -342,7 +348,8 @@ impl Moda {
                 ));
             }
             if options.verify_checksums {
-                let got = sha256_file(&p).map_err(|e| Error::bundle(&p, e.to_string()))?;
+                let got =
+                    sha256_file(&p, info.bytes).map_err(|e| Error::bundle(&p, e.to_string()))?;
                 if got != info.sha256 {
                     return Err(Error::bundle(
                         &p,
@@ -374,7 +381,7 @@ impl Moda {
                 options
                     .intra_threads
                     .unwrap_or_else(|| default_threads(sessions))
-                    .max(1),
+                    .clamp(1, available_cores()),
             ),
             disable_optimizations: !options.optimize,
             optimized_model_path: None,
@@ -420,6 +427,11 @@ impl Moda {
         &self.tokenizer
     }
 
+    /// The limits decoded images are held to.
+    pub fn image_limits(&self) -> &ImageLimits {
+        &self.options.image_limits
+    }
+
     /// The intra-op thread count each session uses.
     pub fn intra_threads(&self) -> usize {
         self.session_options.intra_threads.unwrap_or(1)
@@ -441,12 +453,116 @@ impl Moda {
         let encoder = open("encoder")?;
         let embed = open("embed_tokens")?;
         let projector = open("projector")?;
-        Ok(Worker {
+        let worker = Worker {
             encoder,
             projector,
             embed,
             decoder,
-        })
+        };
+        self.check_graph_shapes(&worker)?;
+        Ok(worker)
+    }
+
+    /// Compares every graph's inputs and outputs, as ONNX Runtime reads them from the graph
+    /// files, with the shapes the manifest's dimensions imply; a bundle whose `moda.json`
+    /// disagrees with its graphs is refused here instead of failing (or, worse, running on
+    /// wrong numbers) later. Dimensions a graph leaves dynamic are checked on every run.
+    fn check_graph_shapes(&self, w: &Worker) -> Result<()> {
+        let d = self.manifest.model;
+        let (c, s, p, e) = (
+            Some(d.num_channels),
+            Some(d.image_size),
+            Some(d.projection_dim),
+            Some(d.embed_dim),
+        );
+        let cache = vec![None, Some(d.num_heads), None, Some(d.head_dim)];
+        let mut decoder_in = vec![vec![None, None, e], vec![None, None]];
+        let mut decoder_out = vec![vec![None, None, Some(d.vocab_size)]];
+        for _ in 0..2 * d.num_layers {
+            decoder_in.push(cache.clone());
+            decoder_out.push(cache.clone());
+        }
+        let checks: [(&str, &Session, &Io, Shapes, Shapes); 4] = [
+            (
+                "encoder",
+                &w.encoder,
+                &self.encoder_io,
+                vec![vec![None, c, s, s]],
+                vec![vec![None, p]],
+            ),
+            (
+                "projector",
+                &w.projector,
+                &self.projector_io,
+                vec![vec![None, p]],
+                vec![vec![None, Some(d.prefix_len), e]],
+            ),
+            (
+                "embed_tokens",
+                &w.embed,
+                &self.embed_io,
+                vec![vec![None, None]],
+                vec![vec![None, None, e]],
+            ),
+            (
+                "decoder",
+                &w.decoder,
+                &self.decoder_io,
+                decoder_in,
+                decoder_out,
+            ),
+        ];
+        for (role, session, io, ins, outs) in checks {
+            let file = self.dir.join(&self.manifest.graphs[role].file);
+            let sides = [
+                ("input", session.inputs(), &io.inputs, ins),
+                ("output", session.outputs(), &io.outputs, outs),
+            ];
+            for (side, outlets, names, expected) in sides {
+                for (name, want) in names.iter().zip(expected) {
+                    let outlet = outlets.iter().find(|o| o.name() == name).ok_or_else(|| {
+                        Error::bundle(
+                            &file,
+                            format!(
+                                "the manifest names a {role} {side} {name:?} that the graph \
+                                 does not have"
+                            ),
+                        )
+                    })?;
+                    let got: Vec<i64> = outlet
+                        .dtype()
+                        .tensor_shape()
+                        .map(|s| s.iter().copied().collect())
+                        .unwrap_or_default();
+                    let fits = got.len() == want.len()
+                        && got
+                            .iter()
+                            .zip(&want)
+                            .all(|(&g, w)| g < 0 || w.is_none_or(|w| g as u64 == w as u64));
+                    if !fits {
+                        let show = |v: Vec<String>| format!("[{}]", v.join(", "));
+                        return Err(Error::bundle(
+                            &file,
+                            format!(
+                                "the graph's {role} {side} {name:?} has shape {}, but the \
+                                 manifest's \"model\" dimensions make it {}",
+                                show(
+                                    got.iter()
+                                        .map(|&g| if g < 0 { "?".into() } else { g.to_string() })
+                                        .collect()
+                                ),
+                                show(
+                                    want.iter()
+                                        .map(|w| w.map_or("?".into(), |w| w.to_string()))
+                                        .collect()
+                                )
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     fn lock_pool(&self) -> std::sync::MutexGuard<'_, PoolState> {
@@ -500,10 +616,18 @@ impl Moda {
                 data,
                 width,
                 height,
-            } => rgb_image(data, *width, *height, limits).map_err(|msg| Error::Image {
-                source_name: name.clone(),
-                msg,
-            })?,
+            } => {
+                // The caller's pixels are read in place, never copied; they still count
+                // against the image limits as a decoded image would.
+                check_rgb8(data, *width, *height, limits).map_err(|msg| Error::Image {
+                    source_name: name.clone(),
+                    msg,
+                })?;
+                return self
+                    .processor
+                    .preprocess_rgb8(data, *width, *height)
+                    .map_err(to_err);
+            }
         };
         self.processor.preprocess(&img).map_err(to_err)
     }
@@ -601,7 +725,7 @@ impl Moda {
             .unwrap_or(self.manifest.generation.max_new_tokens);
         options.validate(max_new)?;
         let d = self.manifest.model;
-        if d.prefix_len + max_new > d.max_positions {
+        if max_new > d.max_positions.saturating_sub(d.prefix_len) {
             return Err(Error::InvalidArgument(format!(
                 "max_new_tokens {max_new} is more than this model's {} positions allow \
                  (at most {})",
@@ -637,7 +761,7 @@ impl Moda {
         // Prefill: [prefix, BOS] for every row (beams repeat their image).
         let t = Instant::now();
         let bos = self.embed_tokens(w, &vec![self.manifest.special_tokens.bos; rows])?;
-        let bos_data = extract_f32(&bos, "embed_tokens")?;
+        let bos_data = extract_f32(&bos, "embed_tokens", &[rows, 1, e])?;
         let mut embeds = Vec::with_capacity(rows * 2 * e);
         for r in 0..rows {
             let img = r / beams;
@@ -737,7 +861,7 @@ impl Moda {
     /// `pixel_values` -> image embeddings `[n * projection_dim]`.
     fn run_encoder(&self, w: &mut Worker, pixels: Vec<f32>) -> Result<Vec<f32>> {
         let d = self.manifest.model;
-        let n = pixels.len() / self.pixels_per_image();
+        let n = pixels.len() / self.pixels_per_image().max(1);
         let shape = [n, d.num_channels, d.image_size, d.image_size];
         let input = Tensor::from_array((shape, pixels)).map_err(|e| Error::run("encoder", e))?;
         let out = run(
@@ -746,10 +870,11 @@ impl Moda {
             vec![(self.encoder_io.inputs[0].clone(), input.into())],
             &self.encoder_io.outputs[0],
         )?;
-        extract_f32(&out, "encoder")
+        extract_f32(&out, "encoder", &[n, d.projection_dim])
     }
 
-    /// Image embeddings -> prefix embeddings `[n * embed_dim]`.
+    /// Image embeddings -> prefix embeddings `[n * prefix_len * embed_dim]` (`prefix_len` is
+    /// 1).
     fn run_projector(&self, w: &mut Worker, embeds: Vec<f32>, n: usize) -> Result<Vec<f32>> {
         let d = self.manifest.model;
         let input = Tensor::from_array(([n, d.projection_dim], embeds))
@@ -760,7 +885,7 @@ impl Moda {
             vec![(self.projector_io.inputs[0].clone(), input.into())],
             &self.projector_io.outputs[0],
         )?;
-        extract_f32(&out, "projector")
+        extract_f32(&out, "projector", &[n, d.prefix_len, d.embed_dim])
     }
 
     /// Token ids (one per row) -> embeddings `[rows, 1, embed_dim]`, left in ONNX Runtime's
@@ -769,12 +894,18 @@ impl Moda {
         let data: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
         let input = Tensor::from_array(([ids.len(), 1], data))
             .map_err(|e| Error::run("embed_tokens", e))?;
-        run(
+        let out = run(
             &mut w.embed,
             "embed_tokens",
             vec![(self.embed_io.inputs[0].clone(), input.into())],
             &self.embed_io.outputs[0],
-        )
+        )?;
+        check_value_shape(
+            &out,
+            "embed_tokens",
+            &[ids.len(), 1, self.manifest.model.embed_dim],
+        )?;
+        Ok(out)
     }
 }
 
@@ -833,11 +964,39 @@ fn run(
         .ok_or_else(|| Error::run(graph, format!("no output named {out}")))
 }
 
-fn extract_f32(v: &DynValue, graph: &str) -> Result<Vec<f32>> {
-    let (_, data) = v
+/// The data of the `f32` output `v` of `graph`, which must have shape `want`.
+fn extract_f32(v: &DynValue, graph: &str, want: &[usize]) -> Result<Vec<f32>> {
+    let (shape, data) = v
         .try_extract_tensor::<f32>()
         .map_err(|e| Error::run(graph, e))?;
+    check_shape(graph, shape, want)?;
     Ok(data.to_vec())
+}
+
+/// [`check_shape`] of a value left in ONNX Runtime's memory.
+fn check_value_shape(v: &DynValue, graph: &str, want: &[usize]) -> Result<()> {
+    match v.dtype().tensor_shape() {
+        Some(shape) => check_shape(graph, shape, want),
+        None => Err(Error::run(graph, "an output that is not a tensor")),
+    }
+}
+
+/// An output's shape must be what the manifest's dimensions say; a graph that disagrees
+/// with its manifest is an error, not a silently truncated or misread tensor.
+fn check_shape(graph: &str, shape: &ort::value::Shape, want: &[usize]) -> Result<()> {
+    let same = shape.len() == want.len()
+        && shape
+            .iter()
+            .zip(want)
+            .all(|(&g, &w)| g >= 0 && g as u64 == w as u64);
+    if same {
+        Ok(())
+    } else {
+        Err(Error::run(
+            graph,
+            format!("output of shape {shape:?}; the manifest's dimensions make it {want:?}"),
+        ))
+    }
 }
 
 fn ms_since(t: Instant) -> f64 {
@@ -853,12 +1012,14 @@ fn strip_name(msg: &str, name: &str) -> String {
         .to_string()
 }
 
-fn rgb_image(
+/// Checks decoded RGB8 pixels against the image limits: dimensions, and their bytes
+/// against the allocation limit.
+fn check_rgb8(
     data: &[u8],
     width: u32,
     height: u32,
     limits: &ImageLimits,
-) -> std::result::Result<image::DynamicImage, String> {
+) -> std::result::Result<(), String> {
     if width == 0 || height == 0 {
         return Err(format!("empty image ({width}x{height})"));
     }
@@ -868,16 +1029,20 @@ fn rgb_image(
             limits.max_width, limits.max_height
         ));
     }
-    let need = (width as u64) * (height as u64) * 3;
+    let need = u64::from(width) * u64::from(height) * 3;
     if data.len() as u64 != need {
         return Err(format!(
             "buffer holds {} bytes; {width}x{height} RGB8 needs {need}",
             data.len()
         ));
     }
-    let img = image::RgbImage::from_raw(width, height, data.to_vec())
-        .ok_or_else(|| "buffer does not match the dimensions".to_string())?;
-    Ok(image::DynamicImage::ImageRgb8(img))
+    if need > limits.max_alloc {
+        return Err(format!(
+            "{width}x{height} RGB8 is {need} bytes, more than the limit of {} bytes",
+            limits.max_alloc
+        ));
+    }
+    Ok(())
 }
 
 /// The decoder's running state for one batch.
@@ -925,12 +1090,13 @@ impl DecodeState<'_> {
             .run(inputs)
             .map_err(|e| Error::run("decoder", e))?;
         let mut past = Vec::with_capacity(io.outputs.len() - 1);
+        let cache_shape = [self.rows, d.num_heads, total, d.head_dim];
         for name in &io.outputs[1..] {
-            past.push(
-                outputs
-                    .remove(name.as_str())
-                    .ok_or_else(|| Error::run("decoder", format!("no output named {name}")))?,
-            );
+            let v = outputs
+                .remove(name.as_str())
+                .ok_or_else(|| Error::run("decoder", format!("no output named {name}")))?;
+            check_value_shape(&v, "decoder", &cache_shape)?;
+            past.push(v);
         }
         let logits = outputs
             .remove(io.outputs[0].as_str())

@@ -263,13 +263,54 @@ fn python_install() -> Result<PathBuf, String> {
     Ok(PathBuf::from(dir).join("capi"))
 }
 
+/// ONNX Runtime's own log messages go through this: one plain line on standard error,
+/// `moda: onnxruntime LEVEL: MESSAGE`, for warnings by default. ONNX Runtime also logs every
+/// error that it returns; MODA reports those itself, with what it was doing, so by default
+/// they are not printed twice. `MODA_ORT_LOG` (`off`, `error`, `warning`, `info`, `verbose`)
+/// sets the least severe level printed, errors included once it is set.
+fn ort_logger() -> (ort::logging::LoggerFunction, ort::logging::LogLevel) {
+    use ort::logging::LogLevel;
+    let setting = std::env::var("MODA_ORT_LOG").ok();
+    let (threshold, errors) = match setting.as_deref().map(str::trim) {
+        Some("off") => (LogLevel::Fatal, false),
+        Some("fatal") => (LogLevel::Fatal, true),
+        Some("error") => (LogLevel::Error, true),
+        Some("info") => (LogLevel::Info, true),
+        Some("verbose") => (LogLevel::Verbose, true),
+        Some("warning") => (LogLevel::Warning, true),
+        _ => (LogLevel::Warning, false),
+    };
+    let silent = setting.as_deref() == Some("off");
+    let logger = move |level: LogLevel, _category: &str, _id: &str, _at: &str, msg: &str| {
+        if silent || level < threshold || (!errors && level >= LogLevel::Error) {
+            return;
+        }
+        let name = match level {
+            LogLevel::Verbose => "verbose",
+            LogLevel::Info => "info",
+            LogLevel::Warning => "warning",
+            LogLevel::Error => "error",
+            LogLevel::Fatal => "fatal error",
+        };
+        // Called from ONNX Runtime's C++ code: never panic here (a closed standard error
+        // makes `eprintln!` panic; a failed write is dropped).
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "moda: onnxruntime {name}: {msg}");
+    };
+    (std::sync::Arc::new(logger), threshold)
+}
+
 fn try_load(path: &Path) -> Result<Runtime, String> {
     let builder = ort::init_from(path).map_err(|e| e.to_string())?;
+    let (logger, threshold) = ort_logger();
     let env = builder
         .with_name("moda")
         .with_telemetry(false)
+        .with_logger(logger)
         .build()
         .map_err(|e| e.to_string())?;
+    // ONNX Runtime formats only the messages at or above this level.
+    env.set_log_level(threshold);
     Ok(Runtime {
         env,
         library: path.to_path_buf(),

@@ -166,8 +166,10 @@ fn json_lines(text: &str) -> Vec<Value> {
         .collect()
 }
 
+/// The records of an output (its job header line left out).
 fn records(text: &str) -> Vec<Record> {
     text.lines()
+        .filter(|l| !l.starts_with("{\"moda_job\""))
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a record ({e}): {l}")))
         .collect()
 }
@@ -949,4 +951,362 @@ fn bench_reports_each_stage() {
     let o = run("bench", &[&photo, "--tokens", "1000", "--reps", "1"]);
     expect_code(&o, 2);
     assert!(stderr(&o).contains("positions"), "{}", stderr(&o));
+}
+
+/// Runs `moda-sdk SUBCOMMAND --model BUNDLE ARGS...` with `input` on its standard input,
+/// failing the test (instead of hanging it) if it runs longer than a minute.
+fn run_stdin(sub: &str, args: &[&str], input: &[u8]) -> Output {
+    use std::io::Write;
+    use std::process::Stdio;
+    let b = s(bundle());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_moda-sdk"))
+        .arg(sub)
+        .args(["--model", &b])
+        .args(args)
+        .env_remove("MODA_MODEL")
+        .env_remove("ORT_DYLIB_PATH")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run moda-sdk");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let input = input.to_vec();
+    let writer = std::thread::spawn(move || {
+        let _ = stdin.write_all(&input);
+    });
+    let start = std::time::Instant::now();
+    while child.try_wait().expect("wait").is_none() {
+        if start.elapsed() > std::time::Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("moda-sdk {sub} {args:?} hung for a minute");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _ = writer.join();
+    let out = child.wait_with_output().expect("output");
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("panicked"),
+        "moda-sdk {args:?} panicked:\n{}",
+        stderr(&out)
+    );
+    out
+}
+
+fn mkfifo(p: &Path) {
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).expect("path");
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(
+        unsafe { libc::mkfifo(c.as_ptr(), 0o600) },
+        0,
+        "mkfifo {}",
+        p.display()
+    );
+}
+
+#[test]
+fn only_regular_files_are_read_or_written() {
+    let dir = TempDir::new("cli-nonregular");
+    let fifo = dir.path().join("pipe.jpg");
+    mkfifo(&fifo);
+    let photo = s(&image("photo.jpg"));
+    // A device and a FIFO as images: error records at once (they grew without end and hung).
+    let o = run_stdin(
+        "describe",
+        &[
+            "/dev/zero",
+            &s(&fifo),
+            &photo,
+            "--json",
+            "--max-new-tokens",
+            "2",
+        ],
+        b"",
+    );
+    expect_code(&o, 1);
+    let lines = json_lines(&stdout(&o));
+    assert_eq!(lines.len(), 3);
+    assert!(
+        lines[0]["error"]
+            .as_str()
+            .expect("error")
+            .contains("character device"),
+        "{}",
+        lines[0]
+    );
+    assert!(
+        lines[1]["error"].as_str().expect("error").contains("FIFO"),
+        "{}",
+        lines[1]
+    );
+    assert!(lines[2]["description"].is_string());
+    // The same in a CSV cell.
+    let csv = dir.path().join("c.csv");
+    std::fs::write(&csv, "Image\npipe.jpg\n").expect("write");
+    let o = run_stdin(
+        "describe",
+        &["--csv", &s(&csv), "--image-column", "Image", "--json"],
+        b"",
+    );
+    expect_code(&o, 1);
+    assert!(stdout(&o).contains("FIFO"), "{}", stdout(&o));
+    // Outputs: a device, a FIFO, a directory.
+    for out in ["/dev/full", "/dev/stdout", &s(&fifo), &s(dir.path())] {
+        let o = run_stdin("describe", &[&photo, "--output", out], b"");
+        expect_code(&o, 2);
+        let err = stderr(&o);
+        assert!(
+            err.contains("not a regular file") || err.contains("Is a directory"),
+            "{out}: {err}"
+        );
+    }
+    // A FIFO as the CSV.
+    let o = run_stdin(
+        "describe",
+        &["--csv", &s(&fifo), "--image-column", "Image"],
+        b"",
+    );
+    expect_code(&o, 2);
+    assert!(stderr(&o).contains("FIFO"), "{}", stderr(&o));
+}
+
+#[test]
+fn a_dash_is_standard_input() {
+    let photo = image("photo.jpg");
+    let bytes = std::fs::read(&photo).expect("read");
+    let args = ["--json", "--max-new-tokens", "5"];
+    let want = json_lines(&stdout(&run(
+        "describe",
+        &[&s(&photo), args[0], args[1], args[2]],
+    )));
+    let o = run_stdin("describe", &["-", args[0], args[1], args[2]], &bytes);
+    expect_code(&o, 0);
+    let got = json_lines(&stdout(&o));
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0]["image"], "-");
+    assert_eq!(got[0]["token_ids"], want[0]["token_ids"]);
+    // A CSV from standard input; its cells are relative to --root.
+    let root = s(&fixture("images"));
+    let o = run_stdin(
+        "describe",
+        &[
+            "--csv",
+            "-",
+            "--image-column",
+            "Image",
+            "--root",
+            &root,
+            "--json",
+            "--max-new-tokens",
+            "5",
+        ],
+        b"Image\nphoto.jpg\n",
+    );
+    expect_code(&o, 0);
+    let got = json_lines(&stdout(&o));
+    assert_eq!(got[0]["image"], "photo.jpg");
+    assert_eq!(got[0]["token_ids"], want[0]["token_ids"]);
+    // A header and no rows says so.
+    let o = run_stdin(
+        "describe",
+        &["--csv", "-", "--image-column", "Image"],
+        b"Image\n",
+    );
+    expect_code(&o, 2);
+    assert!(
+        stderr(&o).contains("no rows after the header"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn file_names_that_are_not_utf8_stay_distinct_and_resume() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = TempDir::new("cli-nonutf8");
+    let jpg = std::fs::read(image("photo.jpg")).expect("read");
+    let png = std::fs::read(image("wide.png")).expect("read");
+    let a = dir.path().join(std::ffi::OsStr::from_bytes(b"a\xff.jpg"));
+    let b = dir.path().join(std::ffi::OsStr::from_bytes(b"a\xfe.jpg"));
+    std::fs::write(&a, &jpg).expect("write");
+    std::fs::write(&b, &png).expect("write");
+    let out = s(&dir.path().join("out.jsonl"));
+    let d = s(dir.path());
+    let args = [
+        d.as_str(),
+        "--output",
+        &out,
+        "--max-new-tokens",
+        "4",
+        "--quiet",
+    ];
+    expect_code(&run("describe", &args), 0);
+    let text = std::fs::read_to_string(&out).expect("read");
+    let recs = records(&text);
+    assert_eq!(recs.len(), 2, "two images, two records:\n{text}");
+    let mut hex: Vec<String> = json_lines(&text)
+        .iter()
+        .filter_map(|v| v["image_hex"].as_str().map(str::to_string))
+        .collect();
+    hex.sort();
+    let name_hex = |p: &Path| -> String {
+        p.as_os_str()
+            .as_bytes()
+            .iter()
+            .map(|x| format!("{x:02x}"))
+            .collect()
+    };
+    let mut want = vec![name_hex(&a), name_hex(&b)];
+    want.sort();
+    assert_eq!(hex, want, "the exact bytes of each name");
+    // Run again: both are recognised as done.
+    let again = run("describe", &args[..args.len() - 1]);
+    expect_code(&again, 0);
+    assert!(
+        stderr(&again).contains("2 of 2 images already"),
+        "{}",
+        stderr(&again)
+    );
+    assert_eq!(std::fs::read_to_string(&out).expect("read"), text);
+}
+
+#[test]
+fn an_output_is_locked_and_records_its_job() {
+    let dir = TempDir::new("cli-lock");
+    let photo = s(&image("photo.jpg"));
+    let wide = s(&image("wide.png"));
+    let out = dir.path().join("out.jsonl");
+    let o = s(&out);
+    // A bundle that cannot be opened leaves no output file.
+    let r = run_env(
+        &[
+            "describe",
+            "--model",
+            "/nonexistent",
+            &photo,
+            "--output",
+            &o,
+        ],
+        &[],
+    );
+    expect_code(&r, 2);
+    assert!(!out.exists(), "no output file for a job that never ran");
+
+    expect_code(
+        &run(
+            "describe",
+            &[
+                &photo,
+                &wide,
+                "--output",
+                &o,
+                "--shard",
+                "0/2",
+                "--max-new-tokens",
+                "3",
+            ],
+        ),
+        0,
+    );
+    let text = std::fs::read_to_string(&out).expect("read");
+    let header: Value = serde_json::from_str(text.lines().next().expect("line")).expect("json");
+    assert_eq!(header["moda_job"]["task"], "describe");
+    assert_eq!(header["moda_job"]["shard"], "0/2");
+    assert_eq!(header["moda_job"]["options"]["max_new_tokens"], 3);
+    // Another shard, other options or another task: refused, the file untouched.
+    for (extra, needle) in [
+        (vec!["--shard", "1/2", "--max-new-tokens", "3"], "shard"),
+        (
+            vec!["--shard", "0/2", "--max-new-tokens", "4"],
+            "max_new_tokens",
+        ),
+        (
+            vec![
+                "--shard",
+                "0/2",
+                "--max-new-tokens",
+                "3",
+                "--num-beams",
+                "2",
+            ],
+            "num_beams",
+        ),
+    ] {
+        let mut args = vec![photo.as_str(), wide.as_str(), "--output", &o];
+        args.extend(extra);
+        let r = run("describe", &args);
+        expect_code(&r, 2);
+        assert!(stderr(&r).contains(needle), "{needle}: {}", stderr(&r));
+        assert_eq!(std::fs::read_to_string(&out).expect("read"), text);
+    }
+    let r = run("embed", &[&photo, "--output", &o, "--shard", "0/2"]);
+    expect_code(&r, 2);
+
+    // A second writer is refused and told who holds the file.
+    let held = std::fs::File::options()
+        .append(true)
+        .open(&out)
+        .expect("open");
+    held.try_lock().expect("lock");
+    let r = run(
+        "describe",
+        &[
+            &photo,
+            &wide,
+            "--output",
+            &o,
+            "--shard",
+            "0/2",
+            "--max-new-tokens",
+            "3",
+        ],
+    );
+    expect_code(&r, 2);
+    let err = stderr(&r);
+    assert!(err.contains("another process is writing it"), "{err}");
+    assert!(
+        err.contains(&format!("process {}", std::process::id())),
+        "{err}"
+    );
+    drop(held);
+    assert_eq!(std::fs::read_to_string(&out).expect("read"), text);
+}
+
+#[test]
+fn huge_numbers_are_refused_or_capped() {
+    let photo = s(&image("photo.jpg"));
+    let o = run(
+        "describe",
+        &[&photo, "--max-new-tokens", "18446744073709551615"],
+    );
+    expect_code(&o, 2);
+    let err = stderr(&o);
+    assert!(
+        err.contains("max_new_tokens") && !err.contains("Gather"),
+        "{err}"
+    );
+    let o = run(
+        "describe",
+        &[&photo, "--threads", "100000", "--max-new-tokens", "2"],
+    );
+    expect_code(&o, 0);
+    assert!(
+        stderr(&o).contains("--threads 100000 is more than"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn info_refuses_a_manifest_that_names_files_outside_the_bundle() {
+    let d = copy_bundle("cli-info-escape");
+    let mpath = d.path().join("moda.json");
+    let mut m: Value =
+        serde_json::from_str(&std::fs::read_to_string(&mpath).expect("read")).expect("json");
+    m["files"]["/etc/shadow"] = serde_json::json!({"bytes": 1, "sha256": "00"});
+    std::fs::write(&mpath, m.to_string()).expect("write");
+    let o = run_env(&["info", "--model", &s(d.path())], &[]);
+    expect_code(&o, 2);
+    assert!(stderr(&o).contains("absolute path"), "{}", stderr(&o));
+    assert!(!stdout(&o).contains("shadow"), "{}", stdout(&o));
 }

@@ -514,3 +514,167 @@ fn broken_bundles_are_clear_errors() {
     let err = Moda::open(d.path(), &OpenOptions::default()).expect_err("truncated");
     assert!(err.to_string().contains("bytes"), "{err}");
 }
+
+/// Opens a copy of the bundle whose `moda.json` `edit` changed; it must be refused with a
+/// message holding `needle` (and never panic).
+fn refused_manifest(tag: &str, needle: &str, edit: impl FnOnce(&mut serde_json::Value)) {
+    let d = copy_bundle(tag);
+    let mpath = d.path().join("moda.json");
+    let mut m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&mpath).expect("read")).expect("json");
+    edit(&mut m);
+    std::fs::write(&mpath, m.to_string()).expect("write");
+    let err = Moda::open(d.path(), &OpenOptions::default())
+        .expect_err(&format!("{tag}: the bundle must be refused"));
+    let msg = err.to_string();
+    assert!(msg.contains(needle), "{tag}: expected {needle:?} in: {msg}");
+    assert!(
+        msg.contains("moda.json") || msg.contains(".onnx"),
+        "{tag}: names the file: {msg}"
+    );
+}
+
+#[test]
+fn manifest_numbers_that_disagree_with_the_graphs_are_refused() {
+    // Each of these panicked, truncated embeddings or described with garbage before.
+    let graphs = "manifest's \"model\" dimensions";
+    refused_manifest("m-embed", graphs, |m| {
+        m["model"]["embed_dim"] = 100_000.into()
+    });
+    refused_manifest("m-proj", graphs, |m| {
+        m["model"]["projection_dim"] = 100_000.into()
+    });
+    refused_manifest("m-proj8", graphs, |m| {
+        m["model"]["projection_dim"] = 8.into()
+    });
+    refused_manifest("m-vocab", graphs, |m| {
+        let v = m["model"]["vocab_size"].as_u64().expect("vocab");
+        m["model"]["vocab_size"] = (v + 1).into();
+    });
+    refused_manifest("m-heads", graphs, |m| {
+        let h = m["model"]["num_heads"].as_u64().expect("heads");
+        let d = m["model"]["head_dim"].as_u64().expect("head_dim");
+        m["model"]["num_heads"] = (h * 2).into();
+        m["model"]["head_dim"] = (d / 2).into();
+    });
+    refused_manifest("m-chan0", "num_channels", |m| {
+        m["model"]["num_channels"] = 0.into()
+    });
+    refused_manifest("m-chan4", graphs, |m| m["model"]["num_channels"] = 4.into());
+    refused_manifest("m-pos0", "max_positions", |m| {
+        m["model"]["max_positions"] = 0.into()
+    });
+    refused_manifest("m-huge", "image_size", |m| {
+        m["model"]["image_size"] = serde_json::json!(u64::MAX)
+    });
+    refused_manifest("m-bos", "bos", |m| {
+        m["special_tokens"]["bos"] = 4_000_000.into()
+    });
+    refused_manifest("m-maxnew", "max_new_tokens", |m| {
+        m["generation"]["max_new_tokens"] = 1_000_000.into()
+    });
+    refused_manifest("m-std", "image_std", |m| {
+        m["preprocessing"]["image_std"] = serde_json::json!([0.0, 0.0, 0.0])
+    });
+    refused_manifest("m-rescale", "rescale_factor", |m| {
+        m["preprocessing"]["rescale_factor"] = serde_json::json!(-1.0)
+    });
+}
+
+#[test]
+fn manifest_paths_must_stay_inside_the_bundle() {
+    refused_manifest("p-graph", "leads out of the bundle", |m| {
+        m["graphs"]["encoder"]["file"] = "../../../../etc/passwd".into();
+    });
+    refused_manifest("p-tok", "absolute path", |m| {
+        m["tokenizer"] = "/etc/passwd".into();
+    });
+    refused_manifest("p-files", "absolute path", |m| {
+        m["files"]["/etc/shadow"] = serde_json::json!({"bytes": 0, "sha256": ""});
+    });
+    refused_manifest("p-zero", "absolute path", |m| {
+        m["files"]["/dev/zero"] = serde_json::json!({"bytes": 0, "sha256": ""});
+    });
+    refused_manifest("p-dot", ". component", |m| {
+        m["tokenizer"] = "./tokenizer.json".into();
+    });
+
+    // A symbolic link that leads out of the bundle, even to a file of the right content.
+    let d = copy_bundle("p-link");
+    let outside = TempDir::new("p-link-outside");
+    let tok = d.path().join("tokenizer.json");
+    let target = outside.path().join("tokenizer.json");
+    std::fs::rename(&tok, &target).expect("move");
+    std::os::unix::fs::symlink(&target, &tok).expect("symlink");
+    let err = Moda::open(d.path(), &OpenOptions::default()).expect_err("link out");
+    assert!(err.to_string().contains("symbolic link"), "{err}");
+    // A link inside the bundle is fine.
+    std::fs::rename(&target, d.path().join("tok.real")).expect("move back");
+    std::fs::remove_file(&tok).expect("rm link");
+    std::os::unix::fs::symlink("tok.real", &tok).expect("symlink");
+    Moda::open(d.path(), &OpenOptions::default()).expect("a link inside the bundle");
+
+    // A FIFO or a device in place of a bundle file: refused at once, never read.
+    let d = copy_bundle("p-fifo");
+    let tok = d.path().join("tokenizer.json");
+    std::fs::remove_file(&tok).expect("rm");
+    let c = std::ffi::CString::new(tok.as_os_str().as_encoded_bytes()).expect("path");
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+    let err = Moda::open(
+        d.path(),
+        &OpenOptions {
+            verify_checksums: true,
+            ..Default::default()
+        },
+    )
+    .expect_err("a FIFO");
+    assert!(err.to_string().contains("not a regular file"), "{err}");
+}
+
+#[test]
+fn user_numbers_never_overflow_or_oversubscribe() {
+    // A max_new_tokens that wrapped the position check and reached ONNX Runtime.
+    let err = moda()
+        .describe(
+            &ImageInput::Path(&image("photo.jpg")),
+            &GenerationOptions {
+                max_new_tokens: Some(usize::MAX),
+                ..Default::default()
+            },
+        )
+        .expect_err("too many tokens");
+    assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+    assert!(err.to_string().contains("max_new_tokens"), "{err}");
+
+    // Threads are capped at the cores this process may use.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let m = Moda::open(
+        bundle(),
+        &OpenOptions {
+            intra_threads: Some(100_000),
+            ..Default::default()
+        },
+    )
+    .expect("open");
+    assert_eq!(m.intra_threads(), cores);
+}
+
+#[test]
+fn rgb8_pixels_count_against_the_image_limit_and_are_not_copied() {
+    // 16384 x 16384 RGB8 is 768 MiB, over the default 512 MiB limit: refused before a
+    // byte is read (the zeroed buffer is never touched, so it costs no memory).
+    let (w, h) = (16384u32, 16384u32);
+    let data = vec![0u8; (w as usize) * (h as usize) * 3];
+    let err = moda()
+        .describe(
+            &ImageInput::Rgb8 {
+                data: &data,
+                width: w,
+                height: h,
+            },
+            &greedy(2),
+        )
+        .expect_err("over the limit");
+    assert!(err.to_string().contains("limit"), "{err}");
+}
