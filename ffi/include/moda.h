@@ -188,7 +188,8 @@ typedef struct moda_image {
 typedef struct moda_model_params {
     /**
      * Threads ONNX Runtime uses inside one graph run; 0 picks the cores this process may use
-     * (at most 8), shared among the sessions. Default 0.
+     * (at most 8), shared among the sessions; more than the cores this process may use is
+     * capped at that number. Default 0.
      */
     int n_threads;
     /**

@@ -17,7 +17,8 @@ use crate::image::{moda_image, path_of, Image};
 #[derive(Debug, Clone, Copy)]
 pub struct moda_model_params {
     /// Threads ONNX Runtime uses inside one graph run; 0 picks the cores this process may use
-    /// (at most 8), shared among the sessions. Default 0.
+    /// (at most 8), shared among the sessions; more than the cores this process may use is
+    /// capped at that number. Default 0.
     pub n_threads: c_int,
     /// Most session sets the model keeps (at least 1). Calls on one model from several threads
     /// each take an idle set; with 1 they take turns. Each further set costs another copy of

@@ -8,11 +8,15 @@
  * Prints "api_test: all N checks passed" and exits 0, or lists the failed checks and exits 1.
  * Double free and use after free are not tested: the API does not promise to survive them.
  */
+/* mkfifo, getpid */
+#define _POSIX_C_SOURCE 200809L
 #include <math.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <moda.h>
 
@@ -310,6 +314,20 @@ int main(int argc, char **argv)
     bad = moda_image_from_file(missing);
     CHECK_RC(moda_model_describe(model, &bad, NULL, &d), MODA_ERR_IMAGE);
     CHECK(contains(moda_model_errmsg(model), "no-such-image.png"));
+    /* A device and a FIFO: refused at once (reading them never ended, or blocked). */
+    bad = moda_image_from_file("/dev/zero");
+    CHECK_RC(moda_model_describe(model, &bad, NULL, &d), MODA_ERR_IMAGE);
+    CHECK(contains(moda_model_errmsg(model), "character device"));
+    {
+        char fifo[64];
+        snprintf(fifo, sizeof fifo, "/tmp/moda-api-test-%ld.fifo", (long)getpid());
+        remove(fifo);
+        CHECK(mkfifo(fifo, 0600) == 0);
+        bad = moda_image_from_file(fifo);
+        CHECK_RC(moda_model_describe(model, &bad, NULL, &d), MODA_ERR_IMAGE);
+        CHECK(contains(moda_model_errmsg(model), "FIFO"));
+        remove(fifo);
+    }
     bad = moda_image_from_bytes("garbage", 7, "garbage.bin");
     CHECK_RC(moda_model_describe(model, &bad, NULL, &d), MODA_ERR_IMAGE);
     CHECK(contains(moda_model_errmsg(model), "garbage.bin"));

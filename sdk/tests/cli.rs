@@ -737,6 +737,8 @@ fn model_error(dir: &Path, extra: &[&str], env: &[(&str, &str)], needle: &str) {
     expect_code(&o, 2);
     let err = stderr(&o);
     assert!(err.contains(needle), "expected {needle:?} in:\n{err}");
+    // ONNX Runtime's own log lines do not come before MODA's message.
+    assert!(!err.contains("[E:onnxruntime"), "raw ONNX Runtime log in:\n{err}");
     assert!(stdout(&o).is_empty());
 }
 
