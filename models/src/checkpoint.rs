@@ -16,9 +16,12 @@
 //! - any extra files the caller adds (the trainer's `training_state.json`, optimizer moments).
 //!
 //! [`save`] is atomic: everything is written and fsynced in a temporary directory next to the
-//! target, which then replaces it by rename. A previous checkpoint is moved aside to
-//! `.<name>.old` during the swap and removed after it; should the process die between the two
-//! renames, [`load`] and [`resolve_dir`] find the complete `.<name>.old`.
+//! target (`.<name>.tmp-<pid>`), which then replaces it by rename. A previous checkpoint is
+//! moved aside to `.<name>.old` during the swap and removed after it; should the process die
+//! between the two renames, [`load`] and [`resolve_dir`] find the complete `.<name>.old`.
+//! Should it die while writing, the temporary directory of a process that is gone is removed by
+//! the next [`save`] of that checkpoint, or by [`remove_stale_temporaries`]
+//! ([`remove_stale`] does the same for other temporary names that carry a process id).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -228,6 +231,143 @@ fn sibling(dir: &Path, suffix: &str) -> Result<PathBuf> {
     Ok(parent.join(format!(".{}.{suffix}", name.to_string_lossy())))
 }
 
+/// A temporary file or directory left by a process that is gone (killed while writing),
+/// found by [`remove_stale`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaleTemporary {
+    /// The file or directory.
+    pub path: PathBuf,
+    /// The process id in its name.
+    pub pid: u32,
+    /// Why it is stale: the process is not running, or (where that cannot be told) the entry
+    /// has not been modified for [`STALE_AGE`].
+    pub why: String,
+    /// `None` once removed, else why it could not be.
+    pub error: Option<String>,
+}
+
+impl std::fmt::Display for StaleTemporary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.error {
+            None => write!(
+                f,
+                "removed {}, left behind by process {} ({})",
+                self.path.display(),
+                self.pid,
+                self.why
+            ),
+            Some(e) => write!(
+                f,
+                "cannot remove {}, left behind by process {} ({}): {e}",
+                self.path.display(),
+                self.pid,
+                self.why
+            ),
+        }
+    }
+}
+
+/// Where a system cannot tell whether a process runs, a temporary entry counts as stale once
+/// it has not been modified for this long.
+pub const STALE_AGE: std::time::Duration = std::time::Duration::from_secs(6 * 3600);
+
+/// Whether process `pid` runs: `Some` on Linux with `/proc` mounted (`/proc/<pid>` exists; a
+/// process of another PID namespace is not seen), `None` where this cannot be told.
+pub fn process_alive(pid: u32) -> Option<bool> {
+    let proc = Path::new("/proc");
+    if cfg!(target_os = "linux") && proc.join("self").exists() {
+        Some(proc.join(pid.to_string()).exists())
+    } else {
+        None
+    }
+}
+
+/// Removes the entries of `parent` named `<prefix><pid>` or `<prefix><pid>-<anything>` whose
+/// process is gone: not running ([`process_alive`]), or, where that cannot be told, not
+/// modified for [`STALE_AGE`]. Entries of this process and of running processes are kept.
+/// Returns what was found stale, removed or not, for the caller to report.
+pub fn remove_stale(parent: &Path, prefix: &str) -> Vec<StaleTemporary> {
+    let parent = if parent.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        parent
+    };
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(prefix)) else {
+            continue;
+        };
+        let digits = rest.split('-').next().unwrap_or("");
+        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(pid) = digits.parse::<u32>() else {
+            continue;
+        };
+        if pid == std::process::id() {
+            continue;
+        }
+        let path = entry.path();
+        let why = match process_alive(pid) {
+            Some(true) => continue,
+            Some(false) => "no longer running".to_string(),
+            None => {
+                let age = std::fs::symlink_metadata(&path)
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok());
+                match age {
+                    Some(age) if age >= STALE_AGE => {
+                        format!("not modified for {} hours", age.as_secs() / 3600)
+                    }
+                    _ => continue,
+                }
+            }
+        };
+        let removed = match std::fs::symlink_metadata(&path) {
+            Ok(m) if m.is_dir() => std::fs::remove_dir_all(&path),
+            _ => std::fs::remove_file(&path),
+        };
+        found.push(StaleTemporary {
+            path,
+            pid,
+            why,
+            error: removed.err().map(|e| e.to_string()),
+        });
+    }
+    found.sort_by(|a, b| a.path.cmp(&b.path));
+    found
+}
+
+/// Removes the temporary directories that [`save`] of the checkpoint `dir` left when its
+/// process died while writing (`.<name>.tmp-<pid>` of a process that is gone, and the
+/// `.<name>.tmp` of older versions); see [`remove_stale`].
+pub fn remove_stale_temporaries(dir: &Path) -> Vec<StaleTemporary> {
+    let (Ok(tmp), Some(parent)) = (sibling(dir, "tmp-"), dir.parent()) else {
+        return Vec::new();
+    };
+    let Some(prefix) = tmp.file_name().and_then(|n| n.to_str()) else {
+        return Vec::new();
+    };
+    let mut found = remove_stale(parent, prefix);
+    if let Ok(legacy) = sibling(dir, "tmp") {
+        if legacy.is_dir() {
+            let removed = std::fs::remove_dir_all(&legacy);
+            found.push(StaleTemporary {
+                path: legacy,
+                pid: 0,
+                why: "an older version's temporary checkpoint".to_string(),
+                error: removed.err().map(|e| e.to_string()),
+            });
+        }
+    }
+    found
+}
+
 /// The directory to read a checkpoint from: `dir`, or its `.<name>.old` copy when a crash
 /// interrupted [`save`] between moving the old checkpoint aside and renaming the new one.
 pub fn resolve_dir(dir: &Path) -> PathBuf {
@@ -252,7 +392,10 @@ pub fn save(dir: &Path, contents: &CheckpointContents<'_>) -> Result<()> {
         parent
     };
     std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    let tmp = sibling(dir, "tmp")?;
+    for stale in remove_stale_temporaries(dir) {
+        eprintln!("warning: {stale}");
+    }
+    let tmp = sibling(dir, &format!("tmp-{}", std::process::id()))?;
     let old = sibling(dir, "old")?;
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
@@ -401,14 +544,52 @@ pub struct LoadedCheckpoint {
     pub dir: PathBuf,
 }
 
+/// What kind of file system entry `path` is, for messages: `None` when it does not exist,
+/// else "a directory", "a regular file", "a character device", ... (links followed).
+pub fn file_kind(path: &Path) -> Option<&'static str> {
+    let ft = std::fs::metadata(path).ok()?.file_type();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if ft.is_char_device() {
+            return Some("a character device");
+        }
+        if ft.is_block_device() {
+            return Some("a block device");
+        }
+        if ft.is_fifo() {
+            return Some("a FIFO (named pipe)");
+        }
+        if ft.is_socket() {
+            return Some("a socket");
+        }
+    }
+    Some(if ft.is_dir() {
+        "a directory"
+    } else if ft.is_file() {
+        "a regular file"
+    } else {
+        "not a regular file nor a directory"
+    })
+}
+
 /// Loads a checkpoint directory (f32).
 pub fn load(dir: &Path, device: &Device) -> Result<LoadedCheckpoint> {
     let dir = resolve_dir(dir);
-    if !dir.is_dir() {
-        return Err(Error::MissingFile {
-            path: dir,
-            what: "MODA checkpoint directory".into(),
-        });
+    match file_kind(&dir) {
+        Some("a directory") => {}
+        None => {
+            return Err(Error::MissingFile {
+                path: dir,
+                what: "MODA checkpoint directory".into(),
+            })
+        }
+        Some(kind) => {
+            return Err(Error::Input(format!(
+                "{} is {kind}, not a MODA checkpoint directory",
+                dir.display()
+            )))
+        }
     }
     let config = CheckpointConfig::from_dir(&dir)?;
     let enc_dir = encoder_dir(&dir, &config)?;
