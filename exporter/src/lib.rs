@@ -1,5 +1,5 @@
 //! `exporter onnx`: writes a MODA bundle (ONNX graphs, tokenizer, manifest) from a trained
-//! model and checks it in ONNX Runtime against the candle model it came from (issue 4).
+//! model and checks it in ONNX Runtime against the candle model it came from.
 //!
 //! The bundle is a directory:
 //!
@@ -15,8 +15,10 @@
 //! The token embedding table travels as its own small `Gather` graph so that the runtime
 //! needs nothing but ONNX Runtime; for a tied model it is stored twice (there and, transposed,
 //! as the decoder's LM head). Every graph is self-contained (initializers inside the model, no
-//! external data). The bundle is written to a temporary directory beside `--out`, verified, and
-//! renamed into place: a failure leaves no bundle.
+//! external data). The bundle is written to a temporary directory beside `--out`
+//! (`.<name>.partial-<pid>`), verified, and renamed into place: a failure leaves no bundle. A
+//! process killed while writing cannot clean up: the next export to the same `--out` removes the
+//! `.<name>.partial-<pid>` (and `.<name>.old-<pid>`) of processes that are gone, and says so.
 //!
 //! The decoder's self-attention is ONNX Runtime's contrib op `com.microsoft.MultiHeadAttention`
 //! (KV cache through its `past_key`/`past_value` and `present_key`/`present_value`), so every
@@ -70,14 +72,17 @@ pub const DEFAULT_ENCODER: &str = "patrickjohncyh/fashion-clip";
 pub const DEFAULT_DECODER: &str = "facebook/opt-125m";
 
 /// Errors of exporting.
+///
+/// A variant shows its cause in its message or returns it from `source()`, not both (a chain
+/// printer such as anyhow's `{:#}` would print it twice); [`report`] prints the chain.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// Loading the model or its files failed.
     #[error(transparent)]
     Model(#[from] moda_models::Error),
-    /// A tensor operation failed.
+    /// A tensor operation failed (candle's message shown, so not a `source()`).
     #[error("tensor operation: {0}")]
-    Candle(#[from] candle_core::Error),
+    Candle(candle_core::Error),
     /// ONNX Runtime could not be loaded.
     #[error(transparent)]
     Runtime(#[from] moda_sdk::runtime::RuntimeError),
@@ -112,13 +117,13 @@ pub enum Error {
     /// `--out` exists and `--force` was not given.
     #[error("{} already exists; pass --force to replace it", .0.display())]
     OutExists(PathBuf),
-    /// A file could not be read or written.
-    #[error("cannot write {}: {source}", path.display())]
+    /// A file or directory could not be read, written, created, renamed or removed.
+    #[error("{}: {cause}", path.display())]
     Io {
         /// The path.
         path: PathBuf,
-        /// The cause.
-        source: std::io::Error,
+        /// The operating system's error (in the message, so not a `source()`).
+        cause: std::io::Error,
     },
     /// The options are not usable.
     #[error("{0}")]
@@ -128,14 +133,38 @@ pub enum Error {
     Internal(String),
 }
 
+impl From<candle_core::Error> for Error {
+    fn from(e: candle_core::Error) -> Self {
+        Error::Candle(e)
+    }
+}
+
 /// The exporter's result type.
 pub type Result<T> = std::result::Result<T, Error>;
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |source| Error::Io {
+    move |cause| Error::Io {
         path: path.to_path_buf(),
-        source,
+        cause,
     }
+}
+
+/// An error and its chain of sources on one line, `message: cause: cause ...` as anyhow's
+/// `{:#}` prints it, except that a source whose message the line already holds is left out
+/// (errors of other crates, such as `moda_models::Error::Io`, show their cause and also return
+/// it from `source()`).
+pub fn report(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = error.to_string();
+    let mut next = error.source();
+    while let Some(cause) = next {
+        let msg = cause.to_string();
+        if !msg.is_empty() && !line.contains(&msg) {
+            line.push_str(": ");
+            line.push_str(&msg);
+        }
+        next = cause.source();
+    }
+    line
 }
 
 /// Weight quantization of the linear layers of the encoder's transformer and of the decoder
@@ -260,12 +289,19 @@ pub fn export_onnx(opts: &ExportOptions) -> Result<ExportReport> {
         return export_recipe(opts);
     }
     let dir = checkpoint::resolve_dir(&opts.checkpoint);
-    if !dir.is_dir() {
-        return Err(Error::Usage(format!(
-            "checkpoint {} does not exist (pass a trainer checkpoint directory or the \
-             original recipe's .pth)",
-            opts.checkpoint.display()
-        )));
+    match checkpoint::file_kind(&dir) {
+        Some("a directory") => {}
+        kind => {
+            let what = match kind {
+                None => "does not exist".to_string(),
+                Some(kind) => format!("is {kind}, not a checkpoint directory or file"),
+            };
+            return Err(Error::Usage(format!(
+                "checkpoint {} {what} (pass a trainer checkpoint directory or the original \
+                 recipe's .pth)",
+                opts.checkpoint.display()
+            )));
+        }
     }
     // A trainer checkpoint carries its encoder (or where it comes from), the decoder's
     // configuration and the tokenizer: --encoder and --decoder are not used.
@@ -345,6 +381,34 @@ fn sha256_hex(bytes: &[u8]) -> String {
         .collect()
 }
 
+/// Removes what exports to `parent/name` killed midway left behind: `.<name>.partial-<pid>`
+/// (a bundle being written) of processes that are gone, and their `.<name>.old-<pid>` (the
+/// bundle that was being replaced) when `out` exists; one killed between its two renames
+/// leaves no `out`, and its `.old` is then kept as the only copy of that bundle. Each is
+/// reported on stderr.
+fn remove_stale_partials(parent: &Path, name: &str, out: &Path) {
+    for stale in checkpoint::remove_stale(parent, &format!(".{name}.partial-")) {
+        eprintln!("exporter: {stale}");
+    }
+    let old = format!(".{name}.old-");
+    if out.symlink_metadata().is_ok() {
+        for stale in checkpoint::remove_stale(parent, &old) {
+            eprintln!("exporter: {stale}");
+        }
+    } else if let Ok(entries) = std::fs::read_dir(parent) {
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(&old) {
+                eprintln!(
+                    "exporter: {} holds a bundle that an interrupted export moved aside; \
+                     rename it to {} to restore it",
+                    entry.path().display(),
+                    out.display()
+                );
+            }
+        }
+    }
+}
+
 /// Writes the bundle of `model` to `out` (see the crate documentation): a temporary directory
 /// beside `out`, verified unless `verify` is false, then renamed into place.
 pub fn write_bundle(
@@ -364,6 +428,7 @@ pub fn write_bundle(
         _ => PathBuf::from("."),
     };
     std::fs::create_dir_all(&parent).map_err(io(&parent))?;
+    remove_stale_partials(&parent, &name, out);
     let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;

@@ -62,7 +62,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("exporter: error: {e:#}");
+            eprintln!("exporter: error: {}", exporter::report(&*e));
             ExitCode::from(2)
         }
     }

@@ -789,3 +789,114 @@ fn failed_verification_leaves_no_bundle() {
         .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
 }
+
+fn dead_pid() -> u32 {
+    let mut child = std::process::Command::new("true")
+        .spawn()
+        .expect("spawn true");
+    let pid = child.id();
+    child.wait().expect("wait");
+    pid
+}
+
+/// An export killed midway (`kill -9`) leaves `.<name>.partial-<pid>`, a whole bundle copy.
+/// The next export to that `--out` removes those of processes that are gone, and keeps the
+/// ones of running processes and of other bundles.
+#[test]
+fn stale_partial_bundles_are_removed_by_the_next_export() {
+    let dir = TempDir::new("export-stale");
+    let dead = dead_pid();
+    let mut sleeper = std::process::Command::new("sleep")
+        .arg("60")
+        .spawn()
+        .expect("spawn sleep");
+    let stale = dir.path().join(format!(".bundle.partial-{dead}"));
+    let live = dir.path().join(format!(".bundle.partial-{}", sleeper.id()));
+    let mine_other = dir
+        .path()
+        .join(format!(".other.partial-{}", std::process::id()));
+    for d in [&stale, &live, &mine_other] {
+        std::fs::create_dir_all(d).expect("fake partial bundle");
+        std::fs::write(d.join("decoder.onnx"), b"partial").expect("fake graph");
+    }
+    let out = dir.path().join("bundle");
+    let mut opts = recipe_options(&out);
+    opts.verify = false;
+    export_onnx(&opts).expect("export");
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    assert!(
+        !stale.exists(),
+        "the dead process's partial bundle is removed"
+    );
+    assert!(live.exists(), "a running process's partial bundle is kept");
+    assert!(
+        mine_other.exists(),
+        "another bundle's partial directory is kept"
+    );
+    assert!(out.join(MANIFEST_FILE).is_file());
+
+    // A killed export's moved-aside old bundle goes once `out` exists again.
+    let old = dir.path().join(format!(".bundle.old-{dead}"));
+    std::fs::create_dir_all(&old).expect("fake old bundle");
+    opts.force = true;
+    export_onnx(&opts).expect("export again");
+    assert!(!old.exists(), "the stale old bundle is removed");
+}
+
+/// `--checkpoint` naming something that is neither a directory nor a regular file says what it
+/// is, not that it does not exist; a missing one still says so.
+#[test]
+fn checkpoint_that_is_a_device_says_what_it_is() {
+    let dir = TempDir::new("export-dev");
+    let mut opts = recipe_options(&dir.path().join("bundle"));
+    opts.checkpoint = PathBuf::from("/dev/zero");
+    let msg = export_onnx(&opts)
+        .expect_err("not a checkpoint")
+        .to_string();
+    assert!(msg.contains("/dev/zero is a character device"), "{msg}");
+    assert!(!msg.contains("does not exist"), "{msg}");
+    opts.checkpoint = dir.path().join("absent");
+    let msg = export_onnx(&opts).expect_err("missing").to_string();
+    assert!(msg.contains("does not exist"), "{msg}");
+    // Loading it as a checkpoint directory says the same.
+    let err = moda_models::checkpoint::load(Path::new("/dev/zero"), &Device::Cpu)
+        .expect_err("not a directory");
+    assert!(
+        err.to_string()
+            .contains("is a character device, not a MODA checkpoint directory"),
+        "{err}"
+    );
+}
+
+/// An I/O error's cause is printed once, also through a chain printer (anyhow's `{:#}`): the
+/// exporter's error shows it or returns it as its source, not both, and `exporter::report`
+/// (what the binary prints) prints the model core's once too.
+#[test]
+fn error_causes_are_printed_once() {
+    fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+        let mut parts = vec![e.to_string()];
+        let mut next = e.source();
+        while let Some(c) = next {
+            parts.push(c.to_string());
+            next = c.source();
+        }
+        parts.join(": ")
+    }
+    let dir = TempDir::new("export-chain");
+    let file = dir.path().join("file");
+    std::fs::write(&file, b"not a directory").expect("file");
+    let mut opts = recipe_options(&file.join("bundle"));
+    opts.verify = false;
+    let err = export_onnx(&opts).expect_err("parent is a file");
+    assert!(matches!(err, Error::Io { .. }), "{err:?}");
+    for printed in [chain(&err), exporter::report(&err)] {
+        assert_eq!(printed.matches("os error").count(), 1, "{printed}");
+    }
+    let model = Error::Model(moda_models::Error::io(
+        "/x/ckpt",
+        std::io::Error::from_raw_os_error(17),
+    ));
+    let printed = exporter::report(&model);
+    assert_eq!(printed.matches("os error 17").count(), 1, "{printed}");
+}
