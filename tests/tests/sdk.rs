@@ -678,3 +678,58 @@ fn rgb8_pixels_count_against_the_image_limit_and_are_not_copied() {
         .expect_err("over the limit");
     assert!(err.to_string().contains("limit"), "{err}");
 }
+
+#[test]
+fn graph_data_outside_the_bundle_is_refused() {
+    // A graph may keep a tensor's data in another file ("external data"); one that names a
+    // file outside the bundle, directly or through a symbolic link, must not be read. ONNX
+    // Runtime (1.31 and later) refuses both; this guards that for the versions we load.
+    use candle_onnx::onnx::{tensor_proto::DataLocation, ModelProto, StringStringEntryProto};
+    use prost::Message;
+    let entry = |k: &str, v: &str| StringStringEntryProto {
+        key: k.to_string(),
+        value: v.to_string(),
+    };
+    for (tag, location) in [
+        ("ext-dotdot", "../../../../etc/hostname".to_string()),
+        ("ext-link", "data.bin".to_string()),
+    ] {
+        let d = copy_bundle(tag);
+        let outside = TempDir::new("ext-outside");
+        let secret = outside.path().join("secret.bin");
+        std::fs::write(&secret, [7u8; 4096]).expect("write");
+        std::os::unix::fs::symlink(&secret, d.path().join("data.bin")).expect("symlink");
+        let p = d.path().join("projector.onnx");
+        let mut m = ModelProto::decode(std::fs::read(&p).expect("read").as_slice()).expect("onnx");
+        let t = &mut m.graph.as_mut().expect("graph").initializer[0];
+        let n: i64 = t.dims.iter().product();
+        t.raw_data.clear();
+        t.float_data.clear();
+        t.data_location = DataLocation::External as i32;
+        t.external_data = vec![
+            entry("location", &location),
+            entry("length", &(4 * n).to_string()),
+        ];
+        let bytes = m.encode_to_vec();
+        std::fs::write(&p, &bytes).expect("write");
+        // The manifest agrees with the new file, so only the external data is wrong.
+        let mpath = d.path().join("moda.json");
+        let mut man: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&mpath).expect("read")).expect("json");
+        let sha: String = {
+            use sha2::{Digest, Sha256};
+            Sha256::digest(&bytes)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect()
+        };
+        man["files"]["projector.onnx"] = serde_json::json!({"bytes": bytes.len(), "sha256": sha});
+        std::fs::write(&mpath, man.to_string()).expect("write");
+        let err = Moda::open(d.path(), &OpenOptions::default()).expect_err(tag);
+        let msg = err.to_string();
+        assert!(
+            msg.contains("projector.onnx") && msg.contains("escapes"),
+            "{tag}: {msg}"
+        );
+    }
+}
