@@ -29,6 +29,7 @@ pub fn fit_options(
         },
         out: out.to_path_buf(),
         resume: resume.map(Path::to_path_buf),
+        resume_epochs: None,
         device: device.clone(),
         cache_dir: cache.to_path_buf(),
         progress: false,

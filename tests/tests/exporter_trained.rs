@@ -161,6 +161,7 @@ fn quantized_bundles_of_a_trained_model_describe_like_fp32() {
             },
             out: run_dir.clone(),
             resume: None,
+            resume_epochs: None,
             device: Device::Cpu,
             cache_dir: tmp.path().join("cache"),
             progress: false,

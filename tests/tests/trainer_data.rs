@@ -626,3 +626,151 @@ fn embedding_cache_errors_name_the_image() {
         )
         .is_err());
 }
+
+/// Rewrites the catalog's `fashion.csv` with `ProductId` set by `id(row index)` (the images
+/// stay where they are: the `Image` column is kept).
+fn set_product_ids(dir: &Path, id: impl Fn(usize) -> String) {
+    let csv_path = dir.join(KAGGLE_CSV);
+    let rows = rows(&csv_path);
+    let mut w = csv::Writer::from_path(&csv_path).expect("csv writer");
+    w.write_record(KAGGLE_COLUMNS).expect("header");
+    for (i, row) in rows.iter().enumerate() {
+        let record: Vec<String> = KAGGLE_COLUMNS
+            .iter()
+            .map(|c| {
+                if *c == "ProductId" {
+                    id(i)
+                } else {
+                    row[*c].clone()
+                }
+            })
+            .collect();
+        w.write_record(&record).expect("row");
+    }
+    w.flush().expect("flush");
+}
+
+/// Real catalogs repeat ids. The split is by row: recorded as rows, it rebuilds to exactly the
+/// rows held out (8 of 40), where a rebuild from ids puts every row of a repeated id into
+/// validation; the repeated ids are listed for a warning that names them and their rows.
+#[test]
+fn repeated_ids_split_by_row() {
+    let t = TempDir::new("dup-ids");
+    let dir = t.path().join("catalog");
+    make_catalog(&dir, 40, 9);
+    // Rows 2k and 2k+1 share an id; row 39 has its own.
+    set_product_ids(&dir, |i| {
+        if i == 39 {
+            "solo".into()
+        } else {
+            format!("P{}", i / 2)
+        }
+    });
+    let cat = load_catalog(&kaggle(&dir), &LoadOptions::default()).expect("load");
+    assert_eq!(cat.len(), 40);
+    let rows: Vec<usize> = cat.samples.iter().map(|s| s.row).collect();
+    assert_eq!(rows, (0..40).collect::<Vec<_>>());
+    let dups = cat.duplicate_ids();
+    assert_eq!(dups.len(), 19);
+    assert_eq!(dups[0], ("P0".to_string(), 2));
+    let warning = cat.duplicate_warning().expect("a warning");
+    assert!(
+        warning.contains("19 id(s)") && warning.contains("\"P0\" (2 rows)"),
+        "{warning}"
+    );
+    assert!(warning.contains("and 14 more"), "{warning}");
+
+    let split = cat.split(0.2, 42).expect("split");
+    assert_eq!(split.validation.len(), 8);
+    let recorded = split.validation_rows(&cat);
+    assert_eq!(recorded.len(), 8);
+    let (rebuilt, problems) = Split::from_rows(&cat, &recorded);
+    assert!(problems.is_empty(), "{problems:?}");
+    assert_eq!(rebuilt, split);
+    // What recording ids did: the partners of the held-out rows join them.
+    let (by_id, _) = Split::from_ids(&cat, &split.validation_ids(&cat));
+    assert!(by_id.validation.len() > 8, "{by_id:?}");
+
+    // A catalog whose rows moved: each recorded row that does not match is named.
+    set_product_ids(&dir, |i| format!("Q{i}"));
+    let moved = load_catalog(&kaggle(&dir), &LoadOptions::default()).expect("load");
+    assert!(moved.duplicate_warning().is_none());
+    let (_, problems) = Split::from_rows(&moved, &recorded);
+    assert_eq!(problems.len(), 8);
+    assert!(problems[0].contains("now has id \"Q"), "{problems:?}");
+}
+
+/// The pid of a process that has exited (and been waited for).
+fn dead_pid() -> u32 {
+    let mut child = std::process::Command::new("true")
+        .spawn()
+        .expect("spawn true");
+    let pid = child.id();
+    child.wait().expect("wait");
+    pid
+}
+
+/// `trainer synth` killed midway leaves `DIR.tmp-<pid>-<n>`, a whole catalog: the next synth
+/// into `DIR` removes those of processes that are gone and keeps those of running ones.
+#[test]
+fn synth_removes_stale_temporary_catalogs() {
+    let t = TempDir::new("synth-stale");
+    let dead = dead_pid();
+    let mut sleeper = std::process::Command::new("sleep")
+        .arg("60")
+        .spawn()
+        .expect("spawn sleep");
+    let stale = t.path().join(format!("catalog.tmp-{dead}-0"));
+    let live = t.path().join(format!("catalog.tmp-{}-0", sleeper.id()));
+    let other = t.path().join(format!("other.tmp-{dead}-0"));
+    for d in [&stale, &live, &other] {
+        std::fs::create_dir_all(d.join("Apparel")).expect("fake temporary catalog");
+    }
+    make_catalog(&t.path().join("catalog"), 4, 1);
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    assert!(!stale.exists(), "the dead process's catalog is removed");
+    assert!(live.exists(), "a running process's catalog is kept");
+    assert!(other.exists(), "another catalog's temporary is not ours");
+}
+
+/// An error that shows its cause in its message and also returns it from `source()` printed
+/// the cause twice through anyhow's `{:#}` ("File exists (os error 17): File exists (os error
+/// 17)"). The trainer's own errors show it once in a chain; `report` (what the binary prints)
+/// also prints the model core's that way once.
+#[test]
+fn error_chains_print_each_cause_once() {
+    fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+        let mut parts = vec![e.to_string()];
+        let mut next = e.source();
+        while let Some(c) = next {
+            parts.push(c.to_string());
+            next = c.source();
+        }
+        parts.join(": ")
+    }
+    let os = || std::io::Error::from_raw_os_error(17);
+    let own = Error::io("/x/run", os());
+    let model = Error::Model(moda_models::Error::io("/x/ckpt", os()));
+    for e in [&own, &model] {
+        let printed = trainer::error::report(e);
+        assert_eq!(printed.matches("os error 17").count(), 1, "{printed}");
+        assert!(printed.contains("File exists"), "{printed}");
+    }
+    assert_eq!(
+        chain(&own).matches("os error 17").count(),
+        1,
+        "{}",
+        chain(&own)
+    );
+    // The reporter keeps causes that the message does not hold.
+    let out = Error::OutputNotWritable {
+        path: "/x/out".into(),
+        source: os(),
+    };
+    let printed = trainer::error::report(&out);
+    assert!(
+        printed.contains("cannot be created or written: File exists"),
+        "{printed}"
+    );
+}

@@ -12,6 +12,8 @@ use moda_models::tokenizer::ModaTokenizer;
 use moda_models::{ClipVisionConfig, Moda, OptConfig, ProjectorConfig, Weights};
 use moda_tests::training::{evaluate_val, fit_options, run_fit, step_records, synth_catalog};
 use moda_tests::{fixture, get, load_refs, max_abs_diff, TempDir};
+use trainer::data::{load_catalog, CaptionTemplate, CatalogSource, LoadOptions, Split, KAGGLE_CSV};
+use trainer::eval::{evaluate, EvalOptions, EvalSplit};
 use trainer::fit::{fit, FitConfig};
 
 #[test]
@@ -350,4 +352,335 @@ fn non_finite_loss_stops_with_a_clear_error() {
     let msg = err.to_string();
     assert!(msg.contains("stopped without saving"), "{msg}");
     assert!(!out.join("last").exists());
+}
+
+/// Rewrites the catalog's `fashion.csv` with `ProductId` set by `id(row index)`.
+fn set_product_ids(dir: &Path, id: impl Fn(usize) -> String) {
+    let csv_path = dir.join(KAGGLE_CSV);
+    let mut r = csv::Reader::from_path(&csv_path).expect("csv");
+    let headers = r.headers().expect("headers").clone();
+    let col = headers
+        .iter()
+        .position(|h| h == "ProductId")
+        .expect("ProductId");
+    let records: Vec<csv::StringRecord> = r.records().map(|x| x.expect("record")).collect();
+    let mut w = csv::Writer::from_path(&csv_path).expect("csv writer");
+    w.write_record(&headers).expect("header");
+    for (i, rec) in records.iter().enumerate() {
+        let row: Vec<String> = rec
+            .iter()
+            .enumerate()
+            .map(|(j, v)| if j == col { id(i) } else { v.to_string() })
+            .collect();
+        w.write_record(&row).expect("row");
+    }
+    w.flush().expect("flush");
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for e in std::fs::read_dir(from).expect("read_dir") {
+        let p = e.expect("entry").path();
+        let dest = to.join(p.file_name().expect("name"));
+        if p.is_dir() {
+            copy_dir(&p, &dest);
+        } else {
+            std::fs::copy(&p, &dest).expect("copy");
+        }
+    }
+}
+
+fn eval_options(checkpoint: &Path, catalog: &Path, cache: &Path) -> EvalOptions {
+    EvalOptions {
+        checkpoint: checkpoint.to_path_buf(),
+        source: CatalogSource::Kaggle {
+            dir: catalog.to_path_buf(),
+            template: CaptionTemplate::default(),
+        },
+        template: trainer::data::DEFAULT_TEMPLATE.to_string(),
+        split: EvalSplit::Val,
+        predictions: checkpoint.join("predictions.csv"),
+        device: Device::Cpu,
+        cache_dir: cache.to_path_buf(),
+        max_new_tokens: 8,
+        batch_size: 16,
+        progress: false,
+    }
+}
+
+/// A catalog whose ids repeat (rows 2k and 2k+1 share one): `fit` warns, naming the ids and
+/// their rows, holds out 8 of 40 rows and records them, and `eval` scores exactly those 8 (it
+/// scored every row of a held-out id, training rows among them). A checkpoint of an older
+/// trainer (ids only) gets its run's split back from the seed on the same catalog, or, on a
+/// changed one, the id-based split with warnings; a checkpoint without a training state says
+/// it records no split and what to pass instead.
+#[test]
+fn repeated_ids_keep_the_recorded_split() {
+    let tmp = TempDir::new("dup-ids-fit");
+    let cat = tmp.path().join("catalog");
+    synth_catalog(&cat, 40, 4);
+    set_product_ids(&cat, |i| format!("P{}", i / 2));
+    let cache = tmp.path().join("cache");
+    let out = tmp.path().join("run");
+    let cfg = FitConfig {
+        epochs: 1,
+        batch_size: 16,
+        sample_budget: None,
+        ..FitConfig::tiny()
+    };
+    let report = fit(&cfg, &fit_options(&cat, &out, &cache, None, &Device::Cpu)).expect("fit");
+    assert!(
+        report
+            .warnings
+            .iter()
+            .any(|w| w.contains("20 id(s)") && w.contains("\"P0\" (2 rows)")),
+        "{:?}",
+        report.warnings
+    );
+    let state = trainer::fit::read_state(&out.join("last")).expect("state");
+    assert_eq!(state.validation_rows.len(), 8);
+    let catalog = load_catalog(
+        &CatalogSource::Kaggle {
+            dir: cat.clone(),
+            template: CaptionTemplate::default(),
+        },
+        &LoadOptions::default(),
+    )
+    .expect("catalog");
+    let by_id = Split::from_ids(&catalog, &state.validation_ids).0;
+    assert!(by_id.validation.len() > 8, "the ids leak: {by_id:?}");
+
+    let report = evaluate(&eval_options(&out.join("last"), &cat, &cache)).expect("eval");
+    assert_eq!(report.samples, 8);
+    let predicted: Vec<String> = csv::Reader::from_path(out.join("last/predictions.csv"))
+        .expect("predictions")
+        .records()
+        .map(|r| r.expect("row")[1].to_string())
+        .collect();
+    let held_out: Vec<String> = state
+        .validation_rows
+        .iter()
+        .map(|k| catalog.samples[k.row].image.display().to_string())
+        .collect();
+    assert_eq!(predicted, held_out);
+
+    // Resumed for one more epoch: the same rows, still recorded as rows.
+    let mut opts = fit_options(&cat, &out, &cache, Some(&out.join("last")), &Device::Cpu);
+    opts.resume_epochs = Some(2);
+    fit(&cfg, &opts).expect("resume");
+    let resumed = trainer::fit::read_state(&out.join("last")).expect("state");
+    assert_eq!(resumed.epoch, 2);
+    assert_eq!(resumed.validation_rows, state.validation_rows);
+
+    // An older trainer's checkpoint: validation ids only.
+    let legacy = tmp.path().join("legacy");
+    copy_dir(&out.join("last"), &legacy);
+    let state_path = legacy.join(trainer::fit::STATE_FILE);
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state_path).expect("read")).expect("json");
+    json.as_object_mut()
+        .expect("object")
+        .remove("validation_rows");
+    std::fs::write(&state_path, json.to_string()).expect("write");
+    let report = evaluate(&eval_options(&legacy, &cat, &cache)).expect("eval legacy");
+    assert_eq!(report.samples, 8, "the run's split, from its seed");
+    assert!(report.warnings.iter().all(|w| !w.contains("older")));
+    // ... on a changed catalog (a training row whose id is not held out removed): by id, with
+    // warnings that say so and name the shared ids.
+    let held: Vec<&str> = state.validation_ids.iter().map(String::as_str).collect();
+    let gone = (0..40)
+        .find(|&i| !held.contains(&format!("P{}", i / 2).as_str()))
+        .expect("a training pair");
+    let text = std::fs::read_to_string(cat.join(KAGGLE_CSV)).expect("csv");
+    let kept: Vec<&str> = text
+        .lines()
+        .enumerate()
+        .filter(|(n, _)| *n != gone + 1)
+        .map(|(_, l)| l)
+        .collect();
+    std::fs::write(cat.join(KAGGLE_CSV), kept.join("\n") + "\n").expect("write csv");
+    let report = evaluate(&eval_options(&legacy, &cat, &cache)).expect("eval legacy");
+    assert_eq!(report.samples, by_id.validation.len());
+    let all = report.warnings.join("\n");
+    assert!(all.contains("older trainer"), "{all}");
+    assert!(
+        all.contains("(2 rows)") && all.contains("rows the run trained on"),
+        "{all}"
+    );
+    // ... and the new checkpoint on that changed catalog: the rows moved, an error that says
+    // which.
+    let err = evaluate(&eval_options(&out.join("best"), &cat, &cache)).expect_err("moved rows");
+    assert!(matches!(err, trainer::Error::SplitMismatch(_)), "{err}");
+    assert!(err.to_string().contains("--split all"), "{err}");
+
+    // No training state: no recorded split, and what to do instead.
+    let bare = tmp.path().join("bare");
+    copy_dir(&out.join("last"), &bare);
+    std::fs::remove_file(bare.join(trainer::fit::STATE_FILE)).expect("rm state");
+    let err = evaluate(&eval_options(&bare, &cat, &cache)).expect_err("no split");
+    let msg = err.to_string();
+    assert!(
+        matches!(err, trainer::Error::NoRecordedSplit { .. }),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("no recorded train/validation split") && msg.contains("--split all"),
+        "{msg}"
+    );
+    assert!(!msg.contains("resume"), "{msg}");
+    let mut all_opts = eval_options(&bare, &cat, &cache);
+    all_opts.split = EvalSplit::All;
+    assert_eq!(evaluate(&all_opts).expect("--split all").samples, 39);
+}
+
+/// Metric records without timings, for comparing runs.
+fn metric_records(out: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(out.join("metrics.jsonl")).expect("metrics");
+    assert!(text.ends_with('\n'), "whole lines only");
+    text.lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).expect("a record per line");
+            let o = v.as_object_mut().expect("object");
+            o.remove("seconds");
+            o.remove("samples_per_s");
+            v
+        })
+        .collect()
+}
+
+/// A run stopped at step 3 of 8 whose metrics file then got records beyond that step (as a
+/// crash after the checkpoint leaves) and a torn last line: resumed with a `FitConfig` of 20
+/// epochs and no explicit length, it ends after its own 2 epochs, and its metrics file equals
+/// an uninterrupted run's, every step once.
+#[test]
+fn resume_keeps_the_run_length_and_repairs_the_metrics() {
+    let tmp = TempDir::new("resume-metrics");
+    let cat = tmp.path().join("catalog");
+    synth_catalog(&cat, 40, 6);
+    let cache = tmp.path().join("cache");
+    // 32 training samples in batches of 8: 4 steps per epoch.
+    let cfg = FitConfig {
+        epochs: 2,
+        batch_size: 8,
+        grad_accum: 1,
+        sample_budget: None,
+        ..FitConfig::tiny()
+    };
+    let straight = tmp.path().join("straight");
+    run_fit(&cat, &straight, &cache, &cfg, None, &Device::Cpu);
+    let split = tmp.path().join("split");
+    let half = FitConfig {
+        max_steps: Some(3),
+        ..cfg.clone()
+    };
+    run_fit(&cat, &split, &cache, &half, None, &Device::Cpu);
+    let metrics = split.join("metrics.jsonl");
+    let mut text = std::fs::read_to_string(&metrics).expect("metrics");
+    assert_eq!(text.lines().count(), 3);
+    text.push_str("{\"kind\":\"step\",\"epoch\":1,\"step\":4,\"loss\":9.0}\n");
+    text.push_str("{\"kind\":\"epoch\",\"epoch\":1,\"step\":4,\"val_loss\":9.0}\n");
+    text.push_str("{\"kind\":\"step\",\"epoch\":2,\"st");
+    std::fs::write(&metrics, text).expect("write");
+
+    let longer_default = FitConfig {
+        epochs: 20,
+        max_steps: None,
+        ..cfg.clone()
+    };
+    let opts = fit_options(
+        &cat,
+        &split,
+        &cache,
+        Some(&split.join("last")),
+        &Device::Cpu,
+    );
+    let report = fit(&longer_default, &opts).expect("resume");
+    assert!(
+        report
+            .warnings
+            .iter()
+            .any(|w| w.contains("dropped 2 record(s) after step 3") && w.contains("torn")),
+        "{:?}",
+        report.warnings
+    );
+    let (a, b) = (
+        trainer::fit::read_state(&straight.join("last")).expect("a"),
+        trainer::fit::read_state(&split.join("last")).expect("b"),
+    );
+    assert_eq!((b.epoch, b.config.epochs, b.step), (2, 2, 8));
+    let losses = |s: &trainer::fit::TrainState| -> Vec<(f64, f64)> {
+        s.history
+            .iter()
+            .map(|h| (h.train_loss, h.val_loss))
+            .collect()
+    };
+    assert_eq!(losses(&a), losses(&b));
+    assert_eq!(metric_records(&straight), metric_records(&split));
+    assert_eq!(metric_records(&split).len(), 8 + 2);
+}
+
+fn dead_pid() -> u32 {
+    let mut child = std::process::Command::new("true")
+        .spawn()
+        .expect("spawn true");
+    let pid = child.id();
+    child.wait().expect("wait");
+    pid
+}
+
+/// A trainer killed while writing a checkpoint leaves `.<name>.tmp-<pid>`, a whole checkpoint:
+/// the next save of that checkpoint removes those of processes that are gone (and an older
+/// version's `.<name>.tmp`), and keeps those of running processes.
+#[test]
+fn checkpoint_save_removes_stale_temporaries() {
+    let tmp = TempDir::new("ckpt-stale");
+    let dead = dead_pid();
+    let mut sleeper = std::process::Command::new("sleep")
+        .arg("60")
+        .spawn()
+        .expect("spawn sleep");
+    let stale = tmp.path().join(format!(".ckpt.tmp-{dead}"));
+    let legacy = tmp.path().join(".ckpt.tmp");
+    let live = tmp.path().join(format!(".ckpt.tmp-{}", sleeper.id()));
+    let other = tmp.path().join(format!(".other.tmp-{dead}"));
+    for d in [&stale, &legacy, &live, &other] {
+        std::fs::create_dir_all(d).expect("fake temporary");
+        std::fs::write(d.join("model.safetensors"), b"partial").expect("fake file");
+    }
+    let found = checkpoint::remove_stale_temporaries(&tmp.path().join("ckpt"));
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    let paths: Vec<&Path> = found.iter().map(|s| s.path.as_path()).collect();
+    assert_eq!(paths, vec![stale.as_path(), legacy.as_path()]);
+    assert!(found.iter().all(|s| s.error.is_none()));
+    assert!(
+        found[0].to_string().contains(&format!("process {dead}")),
+        "{}",
+        found[0]
+    );
+    assert!(!stale.exists() && !legacy.exists());
+    assert!(live.exists(), "a running process's checkpoint is kept");
+    assert!(
+        other.exists(),
+        "another checkpoint's temporary is left to it"
+    );
+
+    // `save` does the same before it writes.
+    std::fs::create_dir_all(&stale).expect("fake temporary");
+    let pth = fixture("moda/fashion_opt.pth");
+    let weights = Weights::from_file(&pth).expect("weights");
+    let tensors = checkpoint::recipe_state_dict(&weights, true).expect("state dict");
+    let tokenizer = ModaTokenizer::from_dir(&fixture("opt_preln")).expect("tokenizer");
+    let cfg = recipe_checkpoint_config();
+    let contents = CheckpointContents {
+        config: &cfg,
+        model: &tensors,
+        encoder: None,
+        tokenizer: &tokenizer,
+        extra_files: vec![],
+        extra_tensors: vec![],
+    };
+    checkpoint::save(&tmp.path().join("ckpt"), &contents).expect("save");
+    assert!(!stale.exists());
+    assert!(tmp.path().join("ckpt/config.json").is_file());
 }

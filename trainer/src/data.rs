@@ -1,5 +1,5 @@
-//! Catalogs: the Kaggle "fashion-images" layout (`fashion.csv` and the image folders, see
-//! `shared/MISSION.md`) with a caption template, or a user's CSV with an image-path column and
+//! Catalogs: the Kaggle "fashion-images" layout (`fashion.csv` and the image folders) with a
+//! caption template, or a user's CSV with an image-path column and
 //! a caption column; and the deterministic train/validation split.
 //!
 //! Rows whose image is missing or cannot be decoded, or whose caption would have a hole (an
@@ -9,16 +9,20 @@
 //!
 //! The split follows the original recipe's `random_split(dataset, [0.8, 0.2])`: a seeded
 //! shuffle of the rows (ChaCha8), the first `round(n * fraction)` to validation. It is recorded
-//! by sample id ([`Split::validation_ids`]) and rebuilt from the ids ([`Split::from_ids`]), so
-//! that evaluation sees exactly the images held out while training.
+//! by row ([`Split::validation_rows`]: the CSV row, its id and its image file) and rebuilt from
+//! the rows ([`Split::from_rows`]), so that evaluation sees exactly the rows held out while
+//! training. Ids are not unique in real catalogs (the Kaggle catalog repeats `ProductId`s), so a
+//! split recorded by id alone would put every row of a repeated id into validation, training
+//! rows included; [`Catalog::duplicate_ids`] lists the repeated ids for a warning.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use moda_models::preprocess::{load_image, ImageLimits};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
@@ -241,7 +245,11 @@ pub struct LoadOptions {
 /// One sample of a catalog.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sample {
-    /// Stable id: `ProductId` in the Kaggle layout, the image column's value in a user CSV.
+    /// The 0-based index of the sample's data row in the CSV (the header is not a row; skipped
+    /// rows count), which identifies the sample even when its id repeats.
+    pub row: usize,
+    /// The id: `ProductId` in the Kaggle layout, the image column's value in a user CSV. Not
+    /// necessarily unique (see [`Catalog::duplicate_ids`]).
     pub id: String,
     /// The image file.
     pub image: PathBuf,
@@ -365,6 +373,88 @@ impl Catalog {
     pub fn split(&self, validation_fraction: f64, seed: u64) -> Result<Split> {
         Split::new(self.samples.len(), validation_fraction, seed)
     }
+
+    /// The ids that more than one sample has, each with its number of samples, in order of
+    /// first appearance.
+    pub fn duplicate_ids(&self) -> Vec<(String, usize)> {
+        let mut counts: HashMap<&str, usize> = HashMap::new();
+        for s in &self.samples {
+            *counts.entry(s.id.as_str()).or_default() += 1;
+        }
+        let count = |id: &str| counts.get(id).copied().unwrap_or(0);
+        let mut seen = HashSet::new();
+        self.samples
+            .iter()
+            .filter(|s| count(&s.id) > 1 && seen.insert(s.id.as_str()))
+            .map(|s| (s.id.clone(), count(&s.id)))
+            .collect()
+    }
+
+    /// A warning about repeated ids, naming the first few and their numbers of rows; `None`
+    /// when every id is unique.
+    pub fn duplicate_warning(&self) -> Option<String> {
+        let dups = self.duplicate_ids();
+        if dups.is_empty() {
+            return None;
+        }
+        let rows: usize = dups.iter().map(|d| d.1).sum();
+        let mut named: Vec<String> = dups
+            .iter()
+            .take(LoadReport::EXAMPLES)
+            .map(|(id, n)| format!("{id:?} ({n} rows)"))
+            .collect();
+        if dups.len() > LoadReport::EXAMPLES {
+            named.push(format!("and {} more", dups.len() - LoadReport::EXAMPLES));
+        }
+        Some(format!(
+            "{}: {} id(s) appear on more than one row ({rows} rows in all): {}; the split is by \
+             row, so rows that share an id may fall on both sides of it",
+            self.csv.display(),
+            dups.len(),
+            named.join(", ")
+        ))
+    }
+}
+
+/// One row of a catalog as a checkpoint records it: the row, and its id and image file to
+/// check that the catalog still has that row there.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RowKey {
+    /// [`Sample::row`]: the 0-based index of the data row in the CSV.
+    pub row: usize,
+    /// [`Sample::id`].
+    pub id: String,
+    /// The file name of [`Sample::image`].
+    pub image: String,
+}
+
+impl RowKey {
+    /// The key of `sample`.
+    pub fn of(sample: &Sample) -> Self {
+        Self {
+            row: sample.row,
+            id: sample.id.clone(),
+            image: image_name(&sample.image),
+        }
+    }
+}
+
+impl std::fmt::Display for RowKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "data row {} (id {:?}, image {:?})",
+            self.row + 1,
+            self.id,
+            self.image
+        )
+    }
+}
+
+fn image_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// Command-line options that choose a catalog, for `trainer fit` and `trainer eval` to
@@ -535,6 +625,7 @@ pub fn load_catalog(source: &CatalogSource, opts: &LoadOptions) -> Result<Catalo
     let mut skipped: Vec<Skipped> = Vec::new();
     for record in reader.records() {
         let record = record.map_err(|e| csv_error(&csv_path, e))?;
+        let row = report.rows;
         report.rows += 1;
         let line = record.position().map(|p| p.line()).unwrap_or(0);
         let get = |c: &str| index_of(c).and_then(|i| record.get(i));
@@ -580,6 +671,7 @@ pub fn load_catalog(source: &CatalogSource, opts: &LoadOptions) -> Result<Catalo
             Ok((image, id, caption)) => candidates.push(Candidate {
                 line,
                 sample: Sample {
+                    row,
                     id,
                     image,
                     caption,
@@ -691,7 +783,17 @@ impl Split {
         Ok(Self { train, validation })
     }
 
-    /// The ids of the validation samples, in index order, to record in a checkpoint.
+    /// The rows of the validation samples, in index order: what a checkpoint records (see
+    /// [`Split::from_rows`]).
+    pub fn validation_rows(&self, catalog: &Catalog) -> Vec<RowKey> {
+        self.validation
+            .iter()
+            .filter_map(|&i| catalog.samples.get(i).map(RowKey::of))
+            .collect()
+    }
+
+    /// The ids of the validation samples, in index order (an id repeats when several rows have
+    /// it; see [`Split::validation_rows`] for what identifies a row).
     pub fn validation_ids(&self, catalog: &Catalog) -> Vec<String> {
         self.validation
             .iter()
@@ -707,9 +809,40 @@ impl Split {
             .collect()
     }
 
-    /// Rebuilds a split from recorded validation ids: samples whose id is listed are
-    /// validation, the others training. Returns the split and the recorded ids that the
-    /// catalog no longer has (for the caller to report).
+    /// Rebuilds exactly the split whose validation rows were recorded: those samples are
+    /// validation, the others training. Returns the split and, for the caller to report, the
+    /// recorded rows that the catalog does not have (the row is gone, skipped, or now holds
+    /// another id or image).
+    pub fn from_rows(catalog: &Catalog, rows: &[RowKey]) -> (Self, Vec<String>) {
+        let by_row: HashMap<usize, usize> = catalog
+            .samples
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.row, i))
+            .collect();
+        let mut wanted = HashSet::new();
+        let mut problems = Vec::new();
+        for key in rows {
+            match by_row.get(&key.row).map(|&i| (i, &catalog.samples[i])) {
+                Some((i, s)) if s.id == key.id && image_name(&s.image) == key.image => {
+                    wanted.insert(i);
+                }
+                Some((_, s)) => problems.push(format!(
+                    "{key} now has id {:?} and image {:?}",
+                    s.id,
+                    image_name(&s.image)
+                )),
+                None => problems.push(format!("{key} is not in the catalog (or was skipped)")),
+            }
+        }
+        let (validation, train) = (0..catalog.samples.len()).partition(|i| wanted.contains(i));
+        (Self { train, validation }, problems)
+    }
+
+    /// Rebuilds a split from recorded validation ids (what older checkpoints record): samples
+    /// whose id is listed are validation, the others training, so every row of a listed id
+    /// that repeats is validation. Returns the split and the recorded ids that the catalog no
+    /// longer has (for the caller to report).
     pub fn from_ids(catalog: &Catalog, validation_ids: &[String]) -> (Self, Vec<String>) {
         let wanted: HashSet<&str> = validation_ids.iter().map(String::as_str).collect();
         let mut found = HashSet::new();

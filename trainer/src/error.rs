@@ -1,6 +1,11 @@
 //! The error type of the `trainer` library: every failure names the file, column or setting at
-//! fault. The binary (`main.rs`) prints these with `anyhow`; the library never panics on user
+//! fault. The binary (`main.rs`) prints these with [`report`]; the library never panics on user
 //! data.
+//!
+//! A variant either shows its cause in its message or returns it from `source()`, never both:
+//! a chain printer (anyhow's `{:#}`) prints the message and then each source, so a cause in
+//! both places was printed twice ("File exists (os error 17): File exists (os error 17)").
+//! Errors of other crates that do both are printed once by [`report`].
 
 use std::path::PathBuf;
 
@@ -11,13 +16,12 @@ use std::path::PathBuf;
 #[non_exhaustive]
 pub enum Error {
     /// A file or directory could not be read or written.
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {cause}", path.display())]
     Io {
         /// The file or directory.
         path: PathBuf,
-        /// The operating system's error.
-        #[source]
-        source: std::io::Error,
+        /// The operating system's error (in the message, so not a `source()`).
+        cause: std::io::Error,
     },
     /// An error from the model core (loading weights, decoding or preprocessing an image, ...).
     #[error(transparent)]
@@ -116,6 +120,29 @@ pub enum Error {
     /// A training run cannot be resumed from the given checkpoint.
     #[error("cannot resume: {0}")]
     Resume(String),
+    /// A checkpoint's training state (`training_state.json`) cannot be read.
+    #[error("{}: {msg}", path.display())]
+    TrainingState {
+        /// The state file.
+        path: PathBuf,
+        /// What is wrong.
+        msg: String,
+    },
+    /// `trainer eval --split val` of a checkpoint that records no train/validation split.
+    #[error(
+        "{}: no recorded train/validation split (the checkpoint has no {}: it was not \
+         written by `trainer fit`, or not copied with it); evaluate every image of a catalog \
+         with --split all, e.g. --data with a catalog of held-out products only",
+        checkpoint.display(),
+        crate::fit::STATE_FILE
+    )]
+    NoRecordedSplit {
+        /// The checkpoint directory.
+        checkpoint: PathBuf,
+    },
+    /// The split recorded in a checkpoint does not fit the catalog given.
+    #[error("{0}")]
+    SplitMismatch(String),
     /// The loss became NaN or infinite; the run stopped without writing a checkpoint.
     #[error(
         "the training loss became {value} at epoch {epoch}, step {step}; stopped without \
@@ -162,10 +189,28 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     /// An [`Error::Io`] for `path`.
-    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub fn io(path: impl Into<PathBuf>, cause: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            cause,
         }
     }
+}
+
+/// An error and its chain of sources on one line, `message: cause: cause ...` as anyhow's
+/// `{:#}` prints it, except that a source whose message the line already holds is left out
+/// (an error that shows its cause and also returns it from `source()`, as
+/// `moda_models::Error::Io` does, would print it twice).
+pub fn report(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = error.to_string();
+    let mut next = error.source();
+    while let Some(cause) = next {
+        let msg = cause.to_string();
+        if !msg.is_empty() && !line.contains(&msg) {
+            line.push_str(": ");
+            line.push_str(&msg);
+        }
+        next = cause.source();
+    }
+    line
 }

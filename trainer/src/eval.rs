@@ -14,10 +14,10 @@ use moda_models::checkpoint;
 use moda_models::preprocess::ImageProcessor;
 use serde::Serialize;
 
-use crate::data::{load_catalog, CatalogSource, LoadOptions, Split, ATTRIBUTE_COLUMNS};
+use crate::data::{load_catalog, CatalogSource, LoadOptions, ATTRIBUTE_COLUMNS};
 use crate::embed_cache::{EmbeddingCache, EncoderFingerprint};
 use crate::error::{Error, Result};
-use crate::fit::read_state;
+use crate::fit::{recorded_split, TrainState, STATE_FILE};
 
 /// Which samples to evaluate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -73,6 +73,9 @@ pub struct EvalReport {
     pub attributes: BTreeMap<String, AttributeScore>,
     /// The predictions CSV.
     pub predictions: PathBuf,
+    /// The warnings printed (repeated ids, a split rebuilt from an older checkpoint's ids).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// One piece of a caption template.
@@ -190,21 +193,37 @@ pub fn macro_f1(truth: &[String], pred: &[Option<String>]) -> f64 {
 /// Evaluates a checkpoint on a catalog; see the module docs.
 pub fn evaluate(opts: &EvalOptions) -> Result<EvalReport> {
     let device = &opts.device;
+    let mut warnings = Vec::new();
+    let mut warn = |msg: String| {
+        eprintln!("warning: {msg}");
+        warnings.push(msg);
+    };
     let loaded = checkpoint::load(&opts.checkpoint, device)?;
-    let catalog = load_catalog(&opts.source, &LoadOptions::default())?;
-    let indices: Vec<usize> = match opts.split {
-        EvalSplit::All => (0..catalog.len()).collect(),
+    let state = match opts.split {
+        EvalSplit::All => None,
         EvalSplit::Val => {
-            let state = read_state(&opts.checkpoint)?;
-            let (split, absent) = Split::from_ids(&catalog, &state.validation_ids);
-            if !absent.is_empty() {
-                return Err(Error::InvalidArgument(format!(
-                    "{} validation sample(s) recorded in the checkpoint are not in the catalog \
-                     (first: {}); use --split all for another catalog",
-                    absent.len(),
-                    absent[0]
-                )));
+            if !loaded.dir.join(STATE_FILE).exists() {
+                return Err(Error::NoRecordedSplit {
+                    checkpoint: opts.checkpoint.clone(),
+                });
             }
+            Some(TrainState::from_dir(&loaded.dir)?)
+        }
+    };
+    let catalog = load_catalog(&opts.source, &LoadOptions::default())?;
+    if let Some(w) = catalog.duplicate_warning() {
+        warn(w);
+    }
+    let indices: Vec<usize> = match &state {
+        None => (0..catalog.len()).collect(),
+        Some(state) => {
+            let (split, notes) = recorded_split(&catalog, state).map_err(|msg| {
+                Error::SplitMismatch(format!(
+                    "{msg}; evaluate with the catalog the run was trained on, or every image \
+                     of this one with --split all"
+                ))
+            })?;
+            notes.into_iter().for_each(&mut warn);
             split.validation
         }
     };
@@ -307,6 +326,7 @@ pub fn evaluate(opts: &EvalOptions) -> Result<EvalReport> {
         exact_match: exact as f64 / samples.len() as f64,
         attributes,
         predictions: opts.predictions.clone(),
+        warnings,
     })
 }
 

@@ -14,7 +14,7 @@
 //! the epoch and the position in its (seeded) data order, the AdamW moments and the dropout
 //! generator's state.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -35,7 +35,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::augment::Augment;
-use crate::data::{load_catalog, Catalog, CatalogSource, LoadOptions, Split};
+use crate::data::{load_catalog, Catalog, CatalogSource, LoadOptions, RowKey, Split};
 use crate::embed_cache::{EmbeddingCache, EncoderFingerprint};
 use crate::error::{Error, Result};
 use crate::optim::{cosine_lr, step_lr, AdamW, AdamWParams};
@@ -124,7 +124,7 @@ pub struct FitConfig {
 }
 
 impl Default for FitConfig {
-    /// The original recipe (see `shared/MISSION.md`).
+    /// The original recipe.
     fn default() -> Self {
         Self {
             epochs: 20,
@@ -282,8 +282,15 @@ pub struct TrainState {
     pub best_val_loss: Option<f64>,
     /// The dropout generator's state.
     pub dropout_state: Option<u64>,
-    /// The ids of the validation samples (what `trainer eval --split val` uses).
+    /// The ids of the validation samples, in row order, for people and older tools to read
+    /// (an id repeats when several rows have it). Checkpoints of older trainers record only
+    /// these; see [`recorded_split`].
+    #[serde(default)]
     pub validation_ids: Vec<String>,
+    /// The validation rows: exactly the run's split, what `--resume` and `trainer eval
+    /// --split val` use ([`recorded_split`]).
+    #[serde(default)]
+    pub validation_rows: Vec<RowKey>,
     /// Finished epochs.
     pub history: Vec<EpochRecord>,
     /// Whether the run reached its last epoch.
@@ -294,14 +301,84 @@ impl TrainState {
     /// Reads `dir/training_state.json`.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let path = dir.join(STATE_FILE);
-        let text = std::fs::read_to_string(&path).map_err(|e| {
-            Error::Resume(format!(
-                "{}: {e} (is this a checkpoint written by `trainer fit`?)",
-                path.display()
-            ))
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::TrainingState {
+            path: path.clone(),
+            msg: if e.kind() == std::io::ErrorKind::NotFound {
+                "missing (is this a checkpoint written by `trainer fit`?)".to_string()
+            } else {
+                e.to_string()
+            },
         })?;
-        serde_json::from_str(&text).map_err(|e| Error::Resume(format!("{}: {e}", path.display())))
+        serde_json::from_str(&text).map_err(|e| Error::TrainingState {
+            path,
+            msg: e.to_string(),
+        })
     }
+}
+
+/// The train/validation split of the run whose state is `state`, rebuilt on `catalog`, and
+/// warnings for the caller to show; `Err` says why the catalog does not have it.
+///
+/// A state that records rows ([`TrainState::validation_rows`]) gives exactly its split, or an
+/// error when a row is not there. Older checkpoints record only the validation ids: their run
+/// drew the split with [`Split::new`] from its seed, so when that draw on `catalog` gives the
+/// recorded ids, it is the run's split; otherwise (the catalog changed) the split is rebuilt from
+/// the ids, with a warning, and rows that share a recorded id all count as validation.
+pub fn recorded_split(
+    catalog: &Catalog,
+    state: &TrainState,
+) -> std::result::Result<(Split, Vec<String>), String> {
+    let csv = catalog.csv.display();
+    if !state.validation_rows.is_empty() {
+        let (split, problems) = Split::from_rows(catalog, &state.validation_rows);
+        return match problems.first() {
+            Some(first) => Err(format!(
+                "{} of the {} validation rows recorded in the checkpoint are not in the catalog \
+                 {csv} (first: {first})",
+                problems.len(),
+                state.validation_rows.len()
+            )),
+            None => Ok((split, Vec::new())),
+        };
+    }
+    if state.validation_ids.is_empty() {
+        return Err("the checkpoint records no validation split".to_string());
+    }
+    if let Ok(split) = catalog.split(state.config.val_fraction, state.config.seed) {
+        if split.validation_ids(catalog) == state.validation_ids {
+            return Ok((split, Vec::new()));
+        }
+    }
+    let (split, absent) = Split::from_ids(catalog, &state.validation_ids);
+    if let Some(first) = absent.first() {
+        return Err(format!(
+            "{} validation sample id(s) recorded in the checkpoint are not in the catalog {csv} \
+             (first: {first})",
+            absent.len()
+        ));
+    }
+    let mut warnings = vec![format!(
+        "the checkpoint records its validation split by id only (an older trainer wrote it) \
+         and the catalog {csv} is not the one its run split: the {} validation rows are those \
+         with a recorded id",
+        split.validation.len()
+    )];
+    let recorded: HashSet<&str> = state.validation_ids.iter().map(String::as_str).collect();
+    let shared: Vec<String> = catalog
+        .duplicate_ids()
+        .into_iter()
+        .filter(|(id, _)| recorded.contains(id.as_str()))
+        .map(|(id, n)| format!("{id:?} ({n} rows)"))
+        .collect();
+    if !shared.is_empty() {
+        warnings.push(format!(
+            "{} recorded validation id(s) appear on more than one row, and all their rows count \
+             as validation, rows the run trained on among them: {}",
+            shared.len(),
+            shared.join(", ")
+        ));
+    }
+    Ok((split, warnings))
 }
 
 /// What stopped [`fit`].
@@ -320,6 +397,9 @@ pub enum FitEnd {
 pub struct FitReport {
     /// Why it stopped.
     pub end: FitEnd,
+    /// The warnings the run printed (repeated ids, a split rebuilt from an older checkpoint's
+    /// ids, metrics records dropped on resume, stale temporary checkpoints removed).
+    pub warnings: Vec<String>,
     /// The final state.
     pub state: TrainState,
     /// The output directory.
@@ -333,9 +413,13 @@ pub struct FitOptions {
     pub source: CatalogSource,
     /// The output directory (checkpoints `best/`, `last/`, metrics, plot).
     pub out: PathBuf,
-    /// A checkpoint to continue from (its `training_state.json` gives the settings; only
-    /// `max_steps` and `epochs` may be raised).
+    /// A checkpoint to continue from: its `training_state.json` gives every setting of the run
+    /// (the `FitConfig` passed to [`fit`] is then used only for `max_steps`), and the run
+    /// continues exactly as it would have without the interruption.
     pub resume: Option<PathBuf>,
+    /// When resuming: a new total number of epochs (`--epochs` given explicitly), which also
+    /// stretches or shrinks a cosine schedule. `None` keeps the run's recorded length.
+    pub resume_epochs: Option<usize>,
     /// The device.
     pub device: Device,
     /// Where image embeddings are cached.
@@ -789,6 +873,10 @@ fn ensure_writable(out: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Appends one record to the metrics file as one line written by one `write_all` of the
+/// whole line, newline included, on an unbuffered file opened for appending: a crash leaves
+/// either the whole line or a torn last line, which [`repair_metrics`] drops, never two
+/// records glued together.
 fn append_metric(out: &Path, value: &serde_json::Value) -> Result<()> {
     let path = out.join(METRICS_FILE);
     let mut f = std::fs::OpenOptions::new()
@@ -796,7 +884,111 @@ fn append_metric(out: &Path, value: &serde_json::Value) -> Result<()> {
         .append(true)
         .open(&path)
         .map_err(|e| Error::io(&path, e))?;
-    writeln!(f, "{value}").map_err(|e| Error::io(&path, e))
+    write_record(&mut f, value).map_err(|e| Error::io(&path, e))
+}
+
+/// Writes `value` and a newline with a single `write_all`.
+fn write_record(w: &mut impl Write, value: &serde_json::Value) -> std::io::Result<()> {
+    let mut line = value.to_string();
+    line.push('\n');
+    w.write_all(line.as_bytes())
+}
+
+/// What [`repair_metrics`] dropped from a metrics file.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MetricsRepair {
+    /// The step the file was cut back to.
+    pub step: u64,
+    /// Records kept.
+    pub kept: usize,
+    /// Complete records after the state (step or epoch beyond it).
+    pub after: usize,
+    /// A last line without its newline (a write cut short).
+    pub torn: bool,
+    /// Complete lines that are not a record (not JSON, or no `step`).
+    pub unreadable: usize,
+}
+
+impl MetricsRepair {
+    /// A line for the log, when anything was dropped.
+    pub fn message(&self) -> Option<String> {
+        let mut parts = Vec::new();
+        if self.after > 0 {
+            parts.push(format!(
+                "{} record(s) after step {}, where this run starts",
+                self.after, self.step
+            ));
+        }
+        if self.unreadable > 0 {
+            parts.push(format!("{} unreadable line(s)", self.unreadable));
+        }
+        if self.torn {
+            parts.push("a torn last line".to_string());
+        }
+        (!parts.is_empty()).then(|| format!("{METRICS_FILE}: dropped {}", parts.join(", ")))
+    }
+}
+
+/// Cuts a metrics file back to a run state of `step` optimizer steps and `epochs` finished
+/// epochs: keeps the step records up to `step` and the epoch records up to `epochs`, and drops
+/// the rest, a torn last line and lines that are not records. A run resumed from a checkpoint
+/// then writes each step's record once; a new run (`0, 0`) starts an empty file. The file is
+/// rewritten (a temporary file renamed over it) only when something is dropped.
+pub fn repair_metrics(path: &Path, step: u64, epochs: usize) -> Result<MetricsRepair> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(MetricsRepair::default()),
+        Err(e) => return Err(Error::io(path, e)),
+    };
+    let mut repair = MetricsRepair {
+        step,
+        ..MetricsRepair::default()
+    };
+    let mut kept = Vec::with_capacity(bytes.len());
+    let mut rest = bytes.as_slice();
+    while !rest.is_empty() {
+        let Some(end) = rest.iter().position(|&b| b == b'\n') else {
+            repair.torn = true;
+            break;
+        };
+        let (line, tail) = rest.split_at(end + 1);
+        rest = tail;
+        let record: Option<serde_json::Value> = serde_json::from_slice(line).ok();
+        let at = record.as_ref().and_then(|v| {
+            let step = v.get("step")?.as_u64()?;
+            let epoch = v.get("epoch").and_then(serde_json::Value::as_u64);
+            Some((
+                v.get("kind").and_then(serde_json::Value::as_str) == Some("epoch"),
+                step,
+                epoch,
+            ))
+        });
+        match at {
+            None => repair.unreadable += 1,
+            Some((is_epoch, s, e)) => {
+                let keep = if is_epoch {
+                    e.is_some_and(|e| e <= epochs as u64) && s <= step
+                } else {
+                    s <= step
+                };
+                if keep {
+                    kept.extend_from_slice(line);
+                    repair.kept += 1;
+                } else {
+                    repair.after += 1;
+                }
+            }
+        }
+    }
+    if repair.message().is_some() {
+        let tmp = path.with_file_name(format!(".{METRICS_FILE}.tmp-{}", std::process::id()));
+        std::fs::write(&tmp, &kept).map_err(|e| Error::io(&tmp, e))?;
+        std::fs::rename(&tmp, path).map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            Error::io(path, e)
+        })?;
+    }
+    Ok(repair)
 }
 
 /// Loads the catalog and computes (or reads from the cache) what training needs.
@@ -921,17 +1113,36 @@ fn fit_in(cfg: &FitConfig, opts: &FitOptions) -> Result<FitReport> {
             eprintln!("{msg}");
         }
     };
+    // Warnings are printed whatever `progress` says, and returned in the report.
+    let mut warnings: Vec<String> = Vec::new();
+    let mut warn = |msg: String| {
+        eprintln!("warning: {msg}");
+        warnings.push(msg);
+    };
     // --- settings: the checkpoint's when resuming -----------------------------------------
     let resume_dir = opts.resume.as_deref().map(checkpoint::resolve_dir);
     let mut state = match &resume_dir {
         Some(dir) => {
-            let mut s = TrainState::from_dir(dir)?;
-            // More epochs only when asked for (`--epochs`, which drops a preset's budget).
-            if cfg.sample_budget.is_none() {
-                s.config.epochs = cfg.epochs.max(s.config.epochs);
+            let mut s = TrainState::from_dir(dir).map_err(|e| Error::Resume(e.to_string()))?;
+            // The recorded run, to its recorded end: another length only when asked for.
+            if let Some(epochs) = opts.resume_epochs {
+                if epochs < s.epoch {
+                    return Err(Error::Resume(format!(
+                        "--epochs {epochs}: the run has already finished {} epochs",
+                        s.epoch
+                    )));
+                }
+                if epochs != s.config.epochs {
+                    say(format!(
+                        "--epochs {epochs}: the run's {} epochs become {epochs}",
+                        s.config.epochs
+                    ));
+                }
+                s.config.epochs = epochs;
+                s.config.sample_budget = None;
             }
             s.config.max_steps = cfg.max_steps;
-            s.finished = false;
+            s.finished = s.epoch >= s.config.epochs;
             s
         }
         None => TrainState {
@@ -944,6 +1155,7 @@ fn fit_in(cfg: &FitConfig, opts: &FitOptions) -> Result<FitReport> {
             best_val_loss: None,
             dropout_state: None,
             validation_ids: Vec::new(),
+            validation_rows: Vec::new(),
             history: Vec::new(),
             finished: false,
         },
@@ -957,19 +1169,15 @@ fn fit_in(cfg: &FitConfig, opts: &FitOptions) -> Result<FitReport> {
     if catalog.report.skipped() > 0 {
         say(catalog.report.summary());
     }
+    if let Some(w) = catalog.duplicate_warning() {
+        warn(w);
+    }
     let split = if resume_dir.is_some() {
-        let (split, absent) = Split::from_ids(&catalog, &state.validation_ids);
-        if !absent.is_empty() {
-            return Err(Error::Resume(format!(
-                "{} validation sample(s) of the run are not in the catalog (first: {})",
-                absent.len(),
-                absent[0]
-            )));
-        }
+        let (split, notes) = recorded_split(&catalog, &state).map_err(Error::Resume)?;
+        notes.into_iter().for_each(&mut warn);
         split
     } else {
         let split = catalog.split(cfg.val_fraction, cfg.seed)?;
-        state.validation_ids = split.validation_ids(&catalog);
         if let Some(budget) = cfg.sample_budget {
             let n = split.train.len().max(1) as u64;
             let epochs = budget.div_ceil(n).max(1) as usize;
@@ -984,6 +1192,9 @@ fn fit_in(cfg: &FitConfig, opts: &FitOptions) -> Result<FitReport> {
         }
         split
     };
+    // Recorded by row (an older checkpoint's ids become rows from here on).
+    state.validation_rows = split.validation_rows(&catalog);
+    state.validation_ids = split.validation_ids(&catalog);
     if split.train.is_empty() || split.validation.is_empty() {
         return Err(Error::InvalidArgument(format!(
             "{} sample(s): too few to train and validate",
@@ -1059,6 +1270,21 @@ fn fit_in(cfg: &FitConfig, opts: &FitOptions) -> Result<FitReport> {
     // --- the loop --------------------------------------------------------------------------
     let best_dir = opts.out.join("best");
     let last_dir = opts.out.join("last");
+    // Temporary checkpoints (and metrics files) of a run killed while writing one.
+    let metrics_tmp = format!(".{METRICS_FILE}.tmp-");
+    for stale in [&best_dir, &last_dir]
+        .into_iter()
+        .flat_map(|d| checkpoint::remove_stale_temporaries(d))
+        .chain(checkpoint::remove_stale(&opts.out, &metrics_tmp))
+    {
+        warn(stale.to_string());
+    }
+    // The metrics file continues from where the state stands: records after it (written
+    // after the checkpoint, or by an earlier run in this directory) and a torn last line go.
+    let repair = repair_metrics(&opts.out.join(METRICS_FILE), state.step, state.epoch)?;
+    if let Some(msg) = repair.message() {
+        warn(msg);
+    }
     let mut last_good: Option<PathBuf> = resume_dir.clone();
     let bs = cfg.batch_size;
     let batches = split.train.len().div_ceil(bs);
@@ -1268,6 +1494,7 @@ fn fit_in(cfg: &FitConfig, opts: &FitOptions) -> Result<FitReport> {
     }
     Ok(FitReport {
         end,
+        warnings,
         state,
         out: opts.out.clone(),
     })
@@ -1301,5 +1528,90 @@ pub fn parse_device(name: &str) -> Result<Device> {
         other => Err(Error::Device(format!(
             "{other:?}: unknown (expected cpu or cuda)"
         ))),
+    }
+}
+
+#[cfg(test)]
+#[expect(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// Counts the `write` calls it gets.
+    struct CountingWriter {
+        bytes: Vec<u8>,
+        writes: usize,
+    }
+
+    impl Write for CountingWriter {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.writes += 1;
+            self.bytes.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_metrics_record_is_one_write() {
+        let mut w = CountingWriter {
+            bytes: Vec::new(),
+            writes: 0,
+        };
+        let value = serde_json::json!({"kind": "step", "epoch": 1, "step": 7, "loss": 0.5});
+        write_record(&mut w, &value).unwrap();
+        assert_eq!(w.writes, 1, "the line and its newline in one write");
+        assert_eq!(String::from_utf8(w.bytes).unwrap(), format!("{value}\n"));
+    }
+
+    #[test]
+    fn metrics_are_cut_back_to_the_state() {
+        let dir = std::env::temp_dir().join(format!("moda-metrics-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(METRICS_FILE);
+        let step = |s: u64, e: u64| format!("{{\"kind\":\"step\",\"epoch\":{e},\"step\":{s}}}\n");
+        let epoch = |e: u64, s: u64| format!("{{\"kind\":\"epoch\",\"epoch\":{e},\"step\":{s}}}\n");
+        let kept = [step(1, 1), step(2, 1), epoch(1, 2), step(3, 2)].concat();
+        let text = [
+            kept.clone(),
+            step(4, 2),
+            epoch(2, 4),
+            "not json\n".to_string(),
+            step(5, 3),
+            "{\"kind\":\"step\",\"ep".to_string(),
+        ]
+        .concat();
+        std::fs::write(&path, &text).unwrap();
+        // A state at step 3, one epoch finished.
+        let r = repair_metrics(&path, 3, 1).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), kept);
+        assert_eq!((r.kept, r.after, r.unreadable, r.torn), (4, 3, 1, true));
+        let msg = r.message().unwrap();
+        assert!(
+            msg.contains("3 record(s) after step 3") && msg.contains("torn"),
+            "{msg}"
+        );
+        // Nothing to drop: the file is left alone.
+        let r = repair_metrics(&path, 3, 1).unwrap();
+        assert_eq!((r.kept, r.message()), (4, None));
+        // An epoch record is kept only when its epoch is finished in the state, even at the
+        // state's step (the run stopped at the epoch's last step, before validation).
+        let r = repair_metrics(&path, 2, 0).unwrap();
+        assert_eq!(r.after, 2);
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            [step(1, 1), step(2, 1)].concat()
+        );
+        // A new run starts an empty file; no file is nothing to do.
+        repair_metrics(&path, 0, 0).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "");
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(
+            repair_metrics(&path, 0, 0).unwrap(),
+            MetricsRepair::default()
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

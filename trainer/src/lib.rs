@@ -1,4 +1,4 @@
-//! `trainer`: fits MODA's projector and OPT decoder in candle (issue 3).
+//! `trainer`: fits MODA's projector and OPT decoder in candle.
 //!
 //! The data side lives here as library modules that the `trainer` binary calls:
 //! [`synth`] writes a synthetic catalog in the Kaggle "fashion-images" layout, [`data`] loads a
@@ -12,7 +12,7 @@ pub mod embed_cache;
 pub mod error;
 pub mod synth;
 
-// --- training side (fit loop, checkpoints, plots, evaluation): declared below by its owner ---
+// The training side: fit loop, checkpoints, plots, evaluation.
 pub mod eval;
 pub mod fit;
 pub mod loss;

@@ -1,6 +1,6 @@
 //! `trainer`: writes synthetic catalogs, fits MODA's projector and OPT decoder in candle, and
-//! evaluates checkpoints. Arguments in, a library call, errors printed with `{:#}` and a
-//! non-zero exit (see `shared/STYLE.md`).
+//! evaluates checkpoints. Arguments in, a library call, errors printed with their causes
+//! (`trainer::error::report`) and a non-zero exit.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,7 +14,7 @@ use trainer::eval::{EvalOptions, EvalSplit};
 use trainer::fit::{FitConfig, FitEnd, FitOptions};
 
 #[derive(Parser)]
-#[command(name = "trainer", version, about = "Train and evaluate MODA (issue 3)")]
+#[command(name = "trainer", version, about = "Train and evaluate MODA")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -42,7 +42,8 @@ struct FitArgs {
     #[arg(long, value_name = "NAME")]
     preset: Option<String>,
     /// Epochs [recipe: 20; tiny preset: 180 for 1,200 training samples, fewer for larger
-    /// catalogs, the same number of samples in all].
+    /// catalogs, the same number of samples in all]. With --resume: a new length for the run
+    /// (without it, the run ends where it was set to end).
     #[arg(long)]
     epochs: Option<usize>,
     /// Micro-batch size [recipe: 32].
@@ -113,7 +114,8 @@ struct FitArgs {
     /// cpu, or cuda / cuda:N (built with the `cuda` feature).
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// Continue the run of this checkpoint (e.g. OUT/last) exactly where it stopped.
+    /// Continue the run of this checkpoint (e.g. OUT/last) exactly where it stopped, with its
+    /// recorded settings (only --epochs and --max-steps apply).
     #[arg(long, value_name = "DIR")]
     resume: Option<PathBuf>,
     /// Embedding cache directory [$MODA_CACHE_DIR/embeddings or ~/.cache/moda/embeddings].
@@ -240,6 +242,7 @@ fn fit(a: FitArgs) -> anyhow::Result<()> {
     let opts = FitOptions {
         source: a.data.source()?,
         out,
+        resume_epochs: a.resume.as_ref().and(a.epochs),
         resume: a.resume,
         device: trainer::fit::parse_device(&a.device)?,
         cache_dir: a.cache_dir.unwrap_or_else(default_cache_dir),
@@ -316,7 +319,7 @@ fn run() -> anyhow::Result<()> {
 fn main() {
     trainer::alloc::keep_freed_memory();
     if let Err(e) = run() {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", trainer::error::report(&*e));
         std::process::exit(1);
     }
 }

@@ -316,8 +316,9 @@ fn plan(count: usize, seed: u64) -> Vec<Product> {
 }
 
 /// Writes a synthetic catalog (see [`SYNTH_LONG_ABOUT`]) into `args.out`, atomically: into a
-/// sibling `DIR.tmp-*` first, renamed to `DIR` when complete. An existing non-empty `DIR` is
-/// refused unless `args.force`.
+/// sibling `DIR.tmp-<pid>-<n>` first, renamed to `DIR` when complete. An existing non-empty
+/// `DIR` is refused unless `args.force`. The `DIR.tmp-*` of a process that is gone (killed
+/// while writing) are removed, with a warning on stderr.
 pub fn synth(args: &SynthArgs) -> Result<SynthReport> {
     if args.count == 0 || args.count > MAX_COUNT {
         return Err(Error::InvalidArgument(format!(
@@ -349,6 +350,9 @@ pub fn synth(args: &SynthArgs) -> Result<SynthReport> {
         .ok_or_else(|| Error::InvalidArgument(format!("--out {} has no name", out.display())))?
         .to_string_lossy()
         .to_string();
+    for stale in moda_models::checkpoint::remove_stale(&parent, &format!("{name}.tmp-")) {
+        eprintln!("warning: {stale}");
+    }
     static RUN: AtomicUsize = AtomicUsize::new(0);
     let tmp = parent.join(format!(
         "{name}.tmp-{}-{}",
