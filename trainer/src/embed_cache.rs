@@ -1,7 +1,7 @@
 //! The frozen encoder's image embeddings, computed once and kept on disk.
 //!
 //! The original recipe spent most of its 104 minutes recomputing FashionCLIP for every image in
-//! every epoch (`shared/MISSION.md`). With the encoder frozen an embedding depends only on the
+//! every epoch. With the encoder frozen an embedding depends only on the
 //! image bytes, the encoder weights and the preprocessing, so it is stored under a key made of
 //! exactly those three, and reused across epochs and runs.
 //!

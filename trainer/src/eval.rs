@@ -394,7 +394,7 @@ pub fn format_table(r: &EvalReport) -> String {
     s
 }
 
-/// The report as the JSON: `{"exact_match": .., "attributes": {..}}` (plus `samples`
+/// The report as JSON: `{"exact_match": .., "attributes": {..}}` (plus `samples`
 /// and `predictions`).
 pub fn to_json(r: &EvalReport) -> serde_json::Value {
     serde_json::json!({

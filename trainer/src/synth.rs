@@ -1,5 +1,5 @@
 //! `trainer synth`: a synthetic product catalog in exactly the layout of the Kaggle
-//! "fashion-images" data set (vikashrajluhaniwal; see `shared/MISSION.md`), for the demo, the
+//! "fashion-images" data set (vikashrajluhaniwal), for the demo, the
 //! tests and offline runs.
 //!
 //! The layout: `fashion.csv` with the columns of [`crate::data::KAGGLE_COLUMNS`], and images at
