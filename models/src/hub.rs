@@ -313,7 +313,7 @@ impl HubOptions {
             let path = get("HF_TOKEN_PATH")
                 .map(expand)
                 .unwrap_or_else(|| hf_home.join("token"));
-            std::fs::read_to_string(path)
+            crate::files::read_text_bounded(&path, crate::files::TEXT_FILE_MAX_BYTES)
                 .ok()
                 .map(|t| t.trim().to_string())
                 .filter(|t| !t.is_empty())
@@ -396,7 +396,8 @@ fn index_shards(index_path: &Path) -> Result<Vec<String>> {
     struct Index {
         weight_map: std::collections::BTreeMap<String, String>,
     }
-    let text = std::fs::read_to_string(index_path).map_err(|e| Error::io(index_path, e))?;
+    let text = crate::files::read_text_bounded(index_path, crate::files::TEXT_FILE_MAX_BYTES)
+        .map_err(|e| Error::io(index_path, e))?;
     let index: Index = serde_json::from_str(&text).map_err(|source| Error::Json {
         path: index_path.to_path_buf(),
         source,
@@ -507,7 +508,7 @@ fn resolve_local(dir: &Path, files: &[FileReq]) -> Result<PathBuf> {
 /// The snapshot directory the cache has for `revision`, if any.
 fn cached_snapshot(repo_dir: &Path, revision: &str) -> Option<PathBuf> {
     let ref_path = repo_dir.join("refs").join(revision);
-    let commit = std::fs::read_to_string(&ref_path)
+    let commit = crate::files::read_text_bounded(&ref_path, crate::files::TEXT_FILE_MAX_BYTES)
         .ok()
         .map(|c| c.trim().to_string())
         .filter(|c| is_valid_revision(c));

@@ -120,16 +120,17 @@ pub(crate) fn push_layer_norm(
 
 /// Reads and parses a JSON config file, with errors that name it.
 pub(crate) fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            Error::MissingFile {
-                path: path.to_path_buf(),
-                what: "model configuration".to_string(),
+    let text =
+        crate::files::read_text_bounded(path, crate::files::TEXT_FILE_MAX_BYTES).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Error::MissingFile {
+                    path: path.to_path_buf(),
+                    what: "model configuration".to_string(),
+                }
+            } else {
+                Error::io(path, e)
             }
-        } else {
-            Error::io(path, e)
-        }
-    })?;
+        })?;
     serde_json::from_str(&text).map_err(|e| Error::Json {
         path: path.to_path_buf(),
         source: e,

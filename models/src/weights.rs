@@ -132,7 +132,7 @@ impl Weights {
         let mut magic = [0u8; 4];
         {
             use std::io::Read;
-            let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+            let mut f = crate::files::open_regular(path).map_err(|e| Error::io(path, e))?;
             let n = f.read(&mut magic).map_err(|e| Error::io(path, e))?;
             if n < 4 {
                 return Err(bad(path, "file too short to be a checkpoint"));
@@ -147,7 +147,8 @@ impl Weights {
     }
 
     fn from_index(index: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+        let text = crate::files::read_text_bounded(index, crate::files::TEXT_FILE_MAX_BYTES)
+            .map_err(|e| Error::io(index, e))?;
         let idx: ShardIndex = serde_json::from_str(&text).map_err(|e| Error::Json {
             path: index.to_path_buf(),
             source: e,
@@ -199,7 +200,7 @@ impl Weights {
         let mut files = Vec::with_capacity(paths.len());
         let mut entries = BTreeMap::new();
         for (i, p) in paths.iter().enumerate() {
-            let f = std::fs::File::open(p).map_err(|e| Error::io(p, e))?;
+            let f = crate::files::open_regular(p).map_err(|e| Error::io(p, e))?;
             // SAFETY: the map is read-only; a file changed underneath us by another process
             // could change tensor values, which is the documented caveat of memory-mapping
             // weights, as in candle and safetensors themselves.
@@ -448,5 +449,29 @@ impl SimpleBackend for Weights {
 
     fn contains_tensor(&self, name: &str) -> bool {
         self.inner.entries.contains_key(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn weights_and_configs_are_read_only_from_regular_files() {
+        // A device as a checkpoint was read (or mapped) as if it were one.
+        let e = Weights::from_file(Path::new("/dev/zero")).expect_err("a device");
+        assert!(e.to_string().contains("character device"), "{e}");
+        let e = crate::nn::read_json::<serde_json::Value>(Path::new("/dev/zero"))
+            .expect_err("a device");
+        assert!(e.to_string().contains("character device"), "{e}");
+        // A FIFO: refused without waiting for a writer.
+        let d = crate::testutil::TempDir::new();
+        let p = d.0.join("model.safetensors");
+        let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).expect("path");
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+        let e = Weights::from_file(&p).expect_err("a FIFO");
+        assert!(e.to_string().contains("FIFO"), "{e}");
     }
 }
