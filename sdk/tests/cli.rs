@@ -738,7 +738,10 @@ fn model_error(dir: &Path, extra: &[&str], env: &[(&str, &str)], needle: &str) {
     let err = stderr(&o);
     assert!(err.contains(needle), "expected {needle:?} in:\n{err}");
     // ONNX Runtime's own log lines do not come before MODA's message.
-    assert!(!err.contains("[E:onnxruntime"), "raw ONNX Runtime log in:\n{err}");
+    assert!(
+        !err.contains("[E:onnxruntime"),
+        "raw ONNX Runtime log in:\n{err}"
+    );
     assert!(stdout(&o).is_empty());
 }
 
