@@ -774,3 +774,22 @@ fn error_chains_print_each_cause_once() {
         "{printed}"
     );
 }
+
+#[test]
+fn a_catalog_csv_that_is_a_fifo_or_a_device_is_refused_at_once() {
+    let dir = TempDir::new("csv-fifo");
+    let fifo = dir.path().join("catalog.csv");
+    let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).expect("path");
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+    for (csv, needle) in [(fifo.clone(), "FIFO"), ("/dev/zero".into(), "character device")] {
+        let source = CatalogSource::Csv {
+            csv,
+            image_column: "path".into(),
+            caption_column: "text".into(),
+            root: None,
+        };
+        let err = load_catalog(&source, &LoadOptions::default()).expect_err("refused");
+        assert!(err.to_string().contains(needle), "{err}");
+    }
+}

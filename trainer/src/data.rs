@@ -543,7 +543,7 @@ pub fn load_catalog(source: &CatalogSource, opts: &LoadOptions) -> Result<Catalo
             (csv.clone(), base)
         }
     };
-    if !csv_path.is_file() {
+    if !csv_path.exists() {
         let what = match source {
             CatalogSource::Kaggle { .. } => {
                 format!("{KAGGLE_CSV} (a catalog in the Kaggle fashion-images layout)")
@@ -555,10 +555,10 @@ pub fn load_catalog(source: &CatalogSource, opts: &LoadOptions) -> Result<Catalo
             std::io::Error::new(std::io::ErrorKind::NotFound, format!("missing {what}")),
         ));
     }
+    let file = moda_models::files::open_regular(&csv_path).map_err(|e| Error::io(&csv_path, e))?;
     let mut reader = csv::ReaderBuilder::new()
         .trim(csv::Trim::Headers)
-        .from_path(&csv_path)
-        .map_err(|e| csv_error(&csv_path, e))?;
+        .from_reader(file);
     let headers: Vec<String> = reader
         .headers()
         .map_err(|e| csv_error(&csv_path, e))?

@@ -87,7 +87,7 @@ fn is_weight_file(name: &str) -> bool {
 }
 
 fn sha256_file(path: &Path) -> Result<(u64, [u8; 32])> {
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut f = moda_models::files::open_regular(path).map_err(|e| Error::io(path, e))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut len = 0u64;
@@ -514,7 +514,10 @@ enum Lookup {
 }
 
 fn read_entry(path: &Path, ns: &str, image_hash: &str, dim: usize) -> Lookup {
-    let bytes = match std::fs::read(path) {
+    // An entry is a small header and `dim` floats; anything far larger, or not a regular
+    // file, is not one of ours.
+    let bound = 4 * dim as u64 + (1 << 16);
+    let bytes = match moda_models::files::read_bounded(path, bound) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Lookup::Absent,
         Err(_) => return Lookup::Corrupt,

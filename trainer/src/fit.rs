@@ -301,14 +301,16 @@ impl TrainState {
     /// Reads `dir/training_state.json`.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let path = dir.join(STATE_FILE);
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::TrainingState {
-            path: path.clone(),
-            msg: if e.kind() == std::io::ErrorKind::NotFound {
-                "missing (is this a checkpoint written by `trainer fit`?)".to_string()
-            } else {
-                e.to_string()
-            },
-        })?;
+        let text =
+            moda_models::files::read_text_bounded(&path, moda_models::files::TEXT_FILE_MAX_BYTES)
+                .map_err(|e| Error::TrainingState {
+                path: path.clone(),
+                msg: if e.kind() == std::io::ErrorKind::NotFound {
+                    "missing (is this a checkpoint written by `trainer fit`?)".to_string()
+                } else {
+                    e.to_string()
+                },
+            })?;
         serde_json::from_str(&text).map_err(|e| Error::TrainingState {
             path,
             msg: e.to_string(),
@@ -935,7 +937,9 @@ impl MetricsRepair {
 /// then writes each step's record once; a new run (`0, 0`) starts an empty file. The file is
 /// rewritten (a temporary file renamed over it) only when something is dropped.
 pub fn repair_metrics(path: &Path, step: u64, epochs: usize) -> Result<MetricsRepair> {
-    let bytes = match std::fs::read(path) {
+    // A regular file only (a FIFO or a device in the output directory is refused), of at
+    // most 1 GiB (millions of steps).
+    let bytes = match moda_models::files::read_bounded(path, 1 << 30) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(MetricsRepair::default()),
         Err(e) => return Err(Error::io(path, e)),
