@@ -281,6 +281,12 @@ unsafe fn slice<'a, T>(p: *const T, n: usize, func: &str, name: &str) -> Result<
             "{func}: {name} is NULL but the count is {n}"
         )));
     }
+    // No buffer in a process can be larger (`from_raw_parts`' own requirement).
+    if n > isize::MAX as usize / std::mem::size_of::<T>().max(1) {
+        return Err(Failure::invalid(format!(
+            "{func}: the count of {name}, {n}, is larger than any buffer can be"
+        )));
+    }
     // SAFETY: the caller's promise.
     Ok(unsafe { std::slice::from_raw_parts(p, n) })
 }
@@ -538,6 +544,13 @@ fn per_image<T>(
     run: impl FnOnce(&[ImageInput<'_>], &[usize]) -> Result<Vec<moda_sdk::Result<T>>, Failure>,
 ) -> Result<Vec<Result<T, Failure>>, Failure> {
     // SAFETY: each image's pointers are valid for the call (the caller's promise).
+    if images.len() > moda_sdk::model::MAX_BATCH {
+        return Err(Failure::invalid(format!(
+            "{f}: {} images in one call; at most {} (split the list)",
+            images.len(),
+            moda_sdk::model::MAX_BATCH
+        )));
+    }
     let checked: Vec<Result<Image<'_>, Failure>> = images
         .iter()
         .map(|img| unsafe { Image::from_c(img, f) })

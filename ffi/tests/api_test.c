@@ -328,6 +328,16 @@ int main(int argc, char **argv)
         CHECK(contains(moda_model_errmsg(model), "FIFO"));
         remove(fifo);
     }
+    /* Counts no buffer can hold: refused before anything is allocated or read. */
+    {
+        float one = 0.0f;
+        CHECK_RC(moda_model_embed_batch(model, &img, (size_t)-1 / 2, 0, &one, (size_t)-1 / 2, NULL),
+                 MODA_ERR_INVALID_ARGUMENT);
+        CHECK(contains(moda_model_errmsg(model), "larger than any buffer"));
+        CHECK_RC(moda_model_embed_batch(model, &img, 5000, 0, &one, (size_t)-1 / 8, NULL),
+                 MODA_ERR_INVALID_ARGUMENT);
+        CHECK(contains(moda_model_errmsg(model), "at most"));
+    }
     bad = moda_image_from_bytes("garbage", 7, "garbage.bin");
     CHECK_RC(moda_model_describe(model, &bad, NULL, &d), MODA_ERR_IMAGE);
     CHECK(contains(moda_model_errmsg(model), "garbage.bin"));

@@ -18,6 +18,9 @@ use crate::error::{Error, Result};
 use crate::generate::GenerationOptions;
 use crate::model::{ImageInput, Moda, Timings};
 
+/// The most measured runs `bench` makes.
+pub const MAX_REPS: usize = 10_000;
+
 /// The early step whose time [`BenchReport::token_ms_early`] reports.
 pub const EARLY_STEP: usize = 5;
 /// The late step whose time [`BenchReport::token_ms_late`] reports (or the last step).
@@ -100,6 +103,12 @@ pub fn bench(moda: &Moda, image: &ImageInput<'_>, opts: &BenchOptions) -> Result
         return Err(Error::InvalidArgument(
             "tokens, reps and batch must each be at least 1".into(),
         ));
+    }
+    if opts.reps > MAX_REPS || opts.batch > crate::model::MAX_BATCH {
+        return Err(Error::InvalidArgument(format!(
+            "reps must be at most {MAX_REPS} and batch at most {}",
+            crate::model::MAX_BATCH
+        )));
     }
     // The prefix and the BOS take a position each; the last token is never fed back, so
     // as many tokens fit as `describe` allows.

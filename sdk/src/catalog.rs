@@ -201,6 +201,11 @@ pub fn list_csv(csv: &Path, column: &str, root: Option<&Path>) -> Result<Listing
         .headers()
         .map_err(|e| csv_err(format!("cannot read the header row: {e}")))?
         .clone();
+    if headers.is_empty() {
+        return Err(csv_err(
+            "empty: no header row naming the columns".to_string(),
+        ));
+    }
     let index = headers
         .iter()
         .position(|h| h.trim() == column)
@@ -354,7 +359,9 @@ pub enum Record {
         description: String,
         /// Generated token ids (the final `</s>` included when one was generated).
         token_ids: Vec<u32>,
-        /// Log-probability of each generated token.
+        /// Log-probability of each generated token (`-inf`, which JSON cannot hold, is
+        /// written as `null` and read back as NaN).
+        #[serde(deserialize_with = "floats_or_null")]
         logprobs: Vec<f32>,
         /// Where the time went.
         timings_ms: TimingsMs,
@@ -367,6 +374,7 @@ pub enum Record {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         image_hex: Option<String>,
         /// `projection_dim` numbers.
+        #[serde(deserialize_with = "floats_or_null")]
         embedding: Vec<f32>,
     },
     /// A failure of this image.
@@ -451,6 +459,13 @@ impl Record {
                 .to_string()
         })
     }
+}
+
+/// serde_json writes a non-finite float as `null`; a record read back takes it as NaN, so
+/// that every record a job wrote can be read again.
+fn floats_or_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<f32>, D::Error> {
+    let v: Vec<Option<f32>> = Deserialize::deserialize(d)?;
+    Ok(v.into_iter().map(|x| x.unwrap_or(f32::NAN)).collect())
 }
 
 fn item_hex(item: &CatalogItem) -> Option<String> {
@@ -687,6 +702,12 @@ impl ResumableOutput {
             let v: serde_json::Value = serde_json::from_slice(&line)
                 .map_err(|e| bad(number, format!("not a JSON record ({e})")))?;
             if let Some(h) = v.get(HEADER_KEY) {
+                if saw_header || !recorded.images.is_empty() {
+                    return Err(bad(
+                        number,
+                        "a job header that is not the first line".to_string(),
+                    ));
+                }
                 let old: JobHeader = serde_json::from_value(h.clone())
                     .map_err(|e| bad(number, format!("a malformed job header ({e})")))?;
                 let diff = header.differences(&old);
@@ -701,7 +722,7 @@ impl ResumableOutput {
                 continue;
             }
             let record: Record = serde_json::from_value(v.clone())
-                .map_err(|_| bad(number, "not a record (no \"image\" string)".to_string()))?;
+                .map_err(|e| bad(number, format!("not a record of this task ({e})")))?;
             if !record.is_error() && v.get(field).is_none() {
                 return Err(bad(number, format!("a record without {field:?}")));
             }
@@ -715,7 +736,17 @@ impl ResumableOutput {
             file,
             path: path.to_path_buf(),
         };
-        if complete == 0 && !saw_header {
+        if !saw_header {
+            if !recorded.images.is_empty() {
+                return Err(out_err(
+                    "holds records but no job header (its first line, {\"moda_job\": ...}): \
+                     it was not written by `moda-sdk --output` (perhaps by `--json > FILE`), so \
+                     which task, shard and options made it is unknown; choose another --output"
+                        .to_string(),
+                ));
+            }
+            // Empty, or blank lines only: start it afresh with the header.
+            out.file.set_len(0).map_err(io_err(path))?;
             out.write_line(header.to_line().as_bytes())
                 .map_err(io_err(path))?;
         }

@@ -145,8 +145,8 @@ struct JobArgs {
     /// that N processes given the same inputs split them.
     #[arg(long, value_name = "I/N")]
     shard: Option<Shard>,
-    /// Images run through the model together.
-    #[arg(long, value_name = "N", default_value_t = 1, value_parser = positive)]
+    /// Images run through the model together (at most 1024).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = batch_size)]
     batch_size: usize,
     /// No progress bar, no summary, no failure messages on stderr (text mode still writes
     /// failures there).
@@ -249,11 +249,11 @@ struct BenchArgs {
     /// as many as the decoder's positions hold].
     #[arg(long, value_name = "N", value_parser = positive)]
     tokens: Option<usize>,
-    /// Measured runs after one warm-up; each figure is the median.
-    #[arg(long, value_name = "R", default_value_t = BenchOptions::default().reps, value_parser = positive)]
+    /// Measured runs after one warm-up (at most 10000); each figure is the median.
+    #[arg(long, value_name = "R", default_value_t = BenchOptions::default().reps, value_parser = reps)]
     reps: usize,
-    /// Copies of the image described as one batch, for images/s.
-    #[arg(long, value_name = "B", default_value_t = BenchOptions::default().batch, value_parser = positive)]
+    /// Copies of the image described as one batch, for images/s (at most 1024).
+    #[arg(long, value_name = "B", default_value_t = BenchOptions::default().batch, value_parser = batch_size)]
     batch: usize,
     /// Print the report as one JSON object.
     #[arg(long)]
@@ -270,6 +270,25 @@ struct InfoArgs {
     /// Runtime library.
     #[arg(long)]
     json: bool,
+}
+
+fn reps(s: &str) -> Result<usize, String> {
+    match positive(s)? {
+        n if n > moda_sdk::bench::MAX_REPS => {
+            Err(format!("at most {} runs", moda_sdk::bench::MAX_REPS))
+        }
+        n => Ok(n),
+    }
+}
+
+fn batch_size(s: &str) -> Result<usize, String> {
+    match positive(s)? {
+        n if n > moda_sdk::model::MAX_BATCH => Err(format!(
+            "at most {} images go through the model at once",
+            moda_sdk::model::MAX_BATCH
+        )),
+        n => Ok(n),
+    }
 }
 
 fn positive(s: &str) -> Result<usize, String> {
@@ -413,6 +432,12 @@ fn job(
             ),
         }
     }
+    if job.output.is_some() && listing.items.iter().any(|it| it.is_stdin()) {
+        bail!(
+            "`-` (an image from standard input) cannot go with --output: a job run again could \
+             not tell one piped image from another"
+        );
+    }
     let shard = job.shard.unwrap_or(Shard::ALL);
     let items = shard.select(listing.items);
 
@@ -475,7 +500,7 @@ fn job(
         let text_mode = output.is_none() && !job.json;
         if let Record::Error { image, error, .. } = r {
             if text_mode || !job.quiet {
-                bar.suspend(|| eprintln!("{image}\terror: {}", one_line(error)));
+                bar.suspend(|| eprintln!("{}\terror: {}", one_line(image), one_line(error)));
             }
         }
         match &mut output {
@@ -553,7 +578,8 @@ fn progress_bar(len: u64, quiet: bool, what: &str) -> ProgressBar {
 }
 
 /// Text on one line: control characters (newlines, tabs, escapes) become spaces, as text
-/// output is one line per image and goes to terminals; `--json` keeps the exact text.
+/// output is one line per image, `IMAGE<TAB>RESULT`, and goes to terminals; `--json` keeps
+/// the exact text (and image name).
 fn one_line(s: &str) -> String {
     s.chars()
         .map(|c| if c.is_control() { ' ' } else { c })
@@ -565,11 +591,12 @@ fn text_line(r: &Record) -> Option<String> {
     match r {
         Record::Description {
             image, description, ..
-        } => Some(format!("{image}\t{}", one_line(description))),
+        } => Some(format!("{}\t{}", one_line(image), one_line(description))),
         Record::Embedding {
             image, embedding, ..
         } => Some(format!(
-            "{image}\t{}",
+            "{}\t{}",
+            one_line(image),
             embedding
                 .iter()
                 .map(|x| x.to_string())
@@ -655,13 +682,19 @@ fn info(a: &InfoArgs) -> anyhow::Result<ExitCode> {
     let dir = resolve_model(a.model.as_deref())?;
     let manifest = read_manifest(&dir)?;
     let runtime = moda_sdk::runtime::runtime().map(|rt| rt.library().to_path_buf());
-    let on_disk = |name: &str| std::fs::metadata(dir.join(name)).ok().map(|m| m.len());
+    // Only files inside the bundle are looked at (a symbolic link leading out is refused).
+    let on_disk = |name: &str| -> Result<u64, String> {
+        let p = moda_sdk::manifest::bundle_file(&dir, name)?;
+        std::fs::metadata(p)
+            .map(|m| m.len())
+            .map_err(|_| "missing".to_string())
+    };
     if a.json {
         let mut v = serde_json::to_value(&manifest).context("serialising the manifest")?;
         v["bundle"] = serde_json::json!(dir.display().to_string());
         if let Some(files) = v.get_mut("files").and_then(|f| f.as_object_mut()) {
             for (name, f) in files.iter_mut() {
-                f["bytes_on_disk"] = serde_json::json!(on_disk(name));
+                f["bytes_on_disk"] = serde_json::json!(on_disk(name).ok());
             }
         }
         v["onnxruntime"] = match &runtime {
@@ -686,16 +719,24 @@ fn info(a: &InfoArgs) -> anyhow::Result<ExitCode> {
 fn print_info(
     dir: &Path,
     m: &Manifest,
-    on_disk: &dyn Fn(&str) -> Option<u64>,
+    on_disk: &dyn Fn(&str) -> Result<u64, String>,
     runtime: &Result<PathBuf, moda_sdk::runtime::RuntimeError>,
 ) {
     let d = &m.model;
     let g = &m.generation;
     let s = &m.special_tokens;
     println!("bundle        {}", dir.display());
-    println!("format        {} version {}", m.format, m.format_version);
-    println!("exporter      {} {}", m.exporter.name, m.exporter.version);
-    println!("quantization  {}", m.quantization);
+    println!(
+        "format        {} version {}",
+        one_line(&m.format),
+        m.format_version
+    );
+    println!(
+        "exporter      {} {}",
+        one_line(&m.exporter.name),
+        one_line(&m.exporter.version)
+    );
+    println!("quantization  {}", one_line(&m.quantization));
     println!(
         "model         image {0}x{0}x{1}, embedding {2}, decoder {3} layers x {4} heads x {5} \
          (hidden {6}, input embeddings {7}), vocabulary {8}, {9} positions, image prefix {10}",
@@ -716,7 +757,7 @@ fn print_info(
         g.max_new_tokens, g.num_beams, g.do_sample
     );
     println!("tokens        bos {}, eos {}, pad {}", s.bos, s.eos, s.pad);
-    println!("tokenizer     {}", m.tokenizer);
+    println!("tokenizer     {}", one_line(&m.tokenizer));
     println!("graphs");
     let tensor = |t: &TensorInfo| {
         let shape: Vec<String> = t
@@ -727,10 +768,10 @@ fn print_info(
                 other => other.to_string(),
             })
             .collect();
-        format!("{} {} [{}]", t.name, t.dtype, shape.join(", "))
+        one_line(&format!("{} {} [{}]", t.name, t.dtype, shape.join(", ")))
     };
     for (role, gi) in &m.graphs {
-        println!("  {role} ({})", gi.file);
+        println!("  {} ({})", one_line(role), one_line(&gi.file));
         for t in &gi.inputs {
             println!("    in   {}", tensor(t));
         }
@@ -742,11 +783,16 @@ fn print_info(
     let width = m.files.keys().map(String::len).max().unwrap_or(0);
     for (name, f) in &m.files {
         let state = match on_disk(name) {
-            None => "MISSING".to_string(),
-            Some(n) if n != f.bytes => format!("SIZE DIFFERS: {n} bytes on disk"),
-            Some(_) => "ok".to_string(),
+            Err(e) if e == "missing" => "MISSING".to_string(),
+            Err(e) => format!("REFUSED: {}", one_line(&e)),
+            Ok(n) if n != f.bytes => format!("SIZE DIFFERS: {n} bytes on disk"),
+            Ok(_) => "ok".to_string(),
         };
-        println!("  {name:<width$}  {:>12} bytes  {state}", f.bytes);
+        println!(
+            "  {:<width$}  {:>12} bytes  {state}",
+            one_line(name),
+            f.bytes
+        );
     }
     match runtime {
         Ok(lib) => println!("onnxruntime   {}", lib.display()),

@@ -137,6 +137,18 @@ pub struct FileInfo {
     pub sha256: String,
 }
 
+/// The names of layer `i`'s cache tensors in the decoder graph: the inputs
+/// `past_key_values.{i}.key` and `.value` and the outputs `present.{i}.key` and `.value`
+/// (the names `optimum` and `transformers.js` use).
+pub fn cache_names(i: usize) -> [String; 4] {
+    [
+        format!("past_key_values.{i}.key"),
+        format!("past_key_values.{i}.value"),
+        format!("present.{i}.key"),
+        format!("present.{i}.value"),
+    ]
+}
+
 /// The largest number of positions, layers, heads, ... a manifest may state: far above any
 /// model this SDK runs, low enough that products of two of them cannot overflow.
 const MAX_DIM: usize = 1 << 24;
@@ -220,8 +232,74 @@ impl Manifest {
         for name in self.files.keys() {
             check_file_name(name).map_err(|e| format!("\"files\": {e}"))?;
         }
+        self.check_cache_names()
+    }
+
+    /// The decoder's cache tensors are paired by name: `present.{i}.key` of one step goes in
+    /// as `past_key_values.{i}.key` of the next. The SDK feeds them by position, so the
+    /// manifest must list them in that order under those names; two layers' names swapped
+    /// would otherwise run every step on the wrong layer's cache, with no error.
+    fn check_cache_names(&self) -> Result<(), String> {
+        let Some(g) = self.graphs.get("decoder") else {
+            return Ok(());
+        };
+        let layers = self.model.num_layers;
+        let names = |v: &[TensorInfo]| v.iter().map(|t| t.name.clone()).collect::<Vec<_>>();
+        let (ins, outs) = (names(&g.inputs), names(&g.outputs));
+        for i in 0..layers {
+            let [pk, pv, k, v] = cache_names(i);
+            let want_in = [(2 + 2 * i, pk), (3 + 2 * i, pv)];
+            let want_out = [(1 + 2 * i, k), (2 + 2 * i, v)];
+            for (side, list, wants) in [("inputs", &ins, want_in), ("outputs", &outs, want_out)] {
+                for (at, want) in wants {
+                    if list.get(at) != Some(&want) {
+                        return Err(format!(
+                            "the decoder's {side} must list {want:?} at position {at} (layer \
+                             {i}'s cache, in layer order), not {:?}",
+                            list.get(at).map_or("nothing", String::as_str)
+                        ));
+                    }
+                }
+            }
+        }
         Ok(())
     }
+}
+
+/// Parses and checks the contents of a `moda.json`: JSON, the [`FORMAT`], a
+/// [`FORMAT_VERSION`] no newer than this crate's, every field, then [`Manifest::validate`].
+/// The error says what is wrong, without the file's name (the caller adds it).
+pub fn parse(bytes: &[u8]) -> Result<Manifest, String> {
+    let value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| format!("not valid JSON: {e}"))?;
+    if value.get("format").and_then(|v| v.as_str()) != Some(FORMAT) {
+        return Err(format!(
+            "not a MODA manifest (its \"format\" is not \"{FORMAT}\")"
+        ));
+    }
+    match value.get("format_version").and_then(|v| v.as_u64()) {
+        Some(v) if v > FORMAT_VERSION as u64 => {
+            return Err(format!(
+                "bundle format version {v} is newer than this SDK reads (version \
+                 {FORMAT_VERSION}); upgrade moda-sdk, or export the bundle with a matching \
+                 exporter"
+            ))
+        }
+        Some(_) => {}
+        None => {
+            return Err(format!(
+                "\"format_version\" must be a whole number (this SDK reads up to \
+                 {FORMAT_VERSION}), not {}",
+                value
+                    .get("format_version")
+                    .map_or("missing".to_string(), |v| v.to_string())
+            ))
+        }
+    }
+    let m: Manifest =
+        serde_json::from_value(value).map_err(|e| format!("malformed manifest: {e}"))?;
+    m.validate()?;
+    Ok(m)
 }
 
 /// Checks that `name` is a plain relative file name inside a bundle: not empty, not

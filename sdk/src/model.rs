@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::generate::{generate, GenerationOptions, StepModel};
-use crate::manifest::{bundle_file, GraphInfo, Manifest, FORMAT, FORMAT_VERSION, MANIFEST_FILE};
+use crate::manifest::{bundle_file, GraphInfo, Manifest, MANIFEST_FILE};
 use crate::runtime::{session_from_file, SessionOptions};
 
 /// How [`Moda::open`] sets things up.
@@ -174,6 +174,21 @@ impl Io {
     }
 }
 
+/// The most images one call of [`Moda::describe_batch`] or [`Moda::embed_batch`] takes: a
+/// batch holds every image's pixels (600 kB each at 224 px) and cache at once, so a larger
+/// list is split by the caller (catalog jobs run it in batches).
+pub const MAX_BATCH: usize = 1024;
+
+/// Refuses a batch larger than [`MAX_BATCH`].
+fn check_batch(n: usize) -> Result<()> {
+    if n > MAX_BATCH {
+        return Err(Error::InvalidArgument(format!(
+            "{n} images in one batch; at most {MAX_BATCH} (split the list)"
+        )));
+    }
+    Ok(())
+}
+
 /// Expected shapes of a graph's inputs or outputs: a number per fixed dimension, `None` for
 /// a dynamic one.
 type Shapes = Vec<Vec<Option<usize>>>;
@@ -232,33 +247,7 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
             format!("cannot read the manifest ({e}); is this a bundle written by `exporter onnx`?"),
         )
     })?;
-    let value: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| Error::bundle(&path, format!("not valid JSON: {e}")))?;
-    if value.get("format").and_then(|v| v.as_str()) != Some(FORMAT) {
-        return Err(Error::bundle(
-            &path,
-            format!("not a MODA manifest (its \"format\" is not \"{FORMAT}\")"),
-        ));
-    }
-    let version = value.get("format_version").and_then(|v| v.as_u64());
-    match version {
-        Some(v) if v > FORMAT_VERSION as u64 => {
-            return Err(Error::bundle(
-                &path,
-                format!(
-                    "bundle format version {v} is newer than this SDK reads (version \
-                     {FORMAT_VERSION}); upgrade moda-sdk, or export the bundle with a matching \
-                     exporter"
-                ),
-            ))
-        }
-        Some(_) => {}
-        None => return Err(Error::bundle(&path, "no \"format_version\" number")),
-    }
-    let m: Manifest = serde_json::from_value(value)
-        .map_err(|e| Error::bundle(&path, format!("malformed manifest: {e}")))?;
-    m.validate().map_err(|e| Error::bundle(&path, e))?;
-    Ok(m)
+    crate::manifest::parse(text.as_bytes()).map_err(|e| Error::bundle(&path, e))
 }
 
 fn check_graph(path: &Path, m: &Manifest, role: &str, ins: usize, outs: usize) -> Result<Io> {
@@ -519,6 +508,17 @@ impl Moda {
                 ("output", session.outputs(), &io.outputs, outs),
             ];
             for (side, outlets, names, expected) in sides {
+                if outlets.len() != names.len() {
+                    return Err(Error::bundle(
+                        &file,
+                        format!(
+                            "the {role} graph has {} {side}s, the manifest lists {} (is \
+                             \"model\".\"num_layers\" right?)",
+                            outlets.len(),
+                            names.len()
+                        ),
+                    ));
+                }
                 for (name, want) in names.iter().zip(expected) {
                     let outlet = outlets.iter().find(|o| o.name() == name).ok_or_else(|| {
                         Error::bundle(
@@ -647,6 +647,7 @@ impl Moda {
         images: &[ImageInput<'_>],
         normalize: bool,
     ) -> Result<Vec<Result<Vec<f32>>>> {
+        check_batch(images.len())?;
         let (pixels, slots) = self.preprocess_all(images);
         if pixels.is_empty() {
             return Ok(slots.into_iter().map(|s| Err(s.unwrap_err_or())).collect());
@@ -720,6 +721,7 @@ impl Moda {
         on_token: &mut dyn FnMut(&TokenEvent<'_>) -> bool,
     ) -> Result<Vec<Result<Description>>> {
         let t0 = Instant::now();
+        check_batch(images.len())?;
         let max_new = options
             .max_new_tokens
             .unwrap_or(self.manifest.generation.max_new_tokens);
@@ -870,7 +872,9 @@ impl Moda {
             vec![(self.encoder_io.inputs[0].clone(), input.into())],
             &self.encoder_io.outputs[0],
         )?;
-        extract_f32(&out, "encoder", &[n, d.projection_dim])
+        let embeds = extract_f32(&out, "encoder", &[n, d.projection_dim])?;
+        check_finite("encoder", "image embeddings", &embeds)?;
+        Ok(embeds)
     }
 
     /// Image embeddings -> prefix embeddings `[n * prefix_len * embed_dim]` (`prefix_len` is
@@ -971,6 +975,22 @@ fn extract_f32(v: &DynValue, graph: &str, want: &[usize]) -> Result<Vec<f32>> {
         .map_err(|e| Error::run(graph, e))?;
     check_shape(graph, shape, want)?;
     Ok(data.to_vec())
+}
+
+/// A graph output that holds NaN or infinity means broken weights (or preprocessing that
+/// overflowed): an error, never a description made of it.
+fn check_finite(graph: &str, what: &str, values: &[f32]) -> Result<()> {
+    match values.iter().position(|x| !x.is_finite()) {
+        None => Ok(()),
+        Some(i) => Err(Error::run(
+            graph,
+            format!(
+                "its {what} hold {} (at index {i}): the bundle's weights or preprocessing are \
+                 broken",
+                values[i]
+            ),
+        )),
+    }
 }
 
 /// [`check_shape`] of a value left in ONNX Runtime's memory.
@@ -1117,12 +1137,19 @@ impl DecodeState<'_> {
                 ),
             ));
         }
+        if shape[1] < 1 || data.len() as u64 != (self.rows as u64) * (shape[1] as u64) * v as u64 {
+            return Err(Error::run(
+                "decoder",
+                format!("logits have shape {shape:?}, with no position to read"),
+            ));
+        }
         let s = shape[1] as usize;
         let mut last = Vec::with_capacity(self.rows * v);
         for r in 0..self.rows {
             let start = (r * s + s - 1) * v;
             last.extend_from_slice(&data[start..start + v]);
         }
+        check_finite("decoder", "logits", &last)?;
         Ok(last)
     }
 

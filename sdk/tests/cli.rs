@@ -1315,3 +1315,79 @@ fn info_refuses_a_manifest_that_names_files_outside_the_bundle() {
     assert!(stderr(&o).contains("absolute path"), "{}", stderr(&o));
     assert!(!stdout(&o).contains("shadow"), "{}", stdout(&o));
 }
+
+#[test]
+fn an_output_without_a_job_header_is_not_mixed_into() {
+    let dir = TempDir::new("cli-noheader");
+    let photo = s(&image("photo.jpg"));
+    // Records written with --json > FILE: no header, so the job that made them is unknown.
+    let out = dir.path().join("out.jsonl");
+    let o = run("describe", &[&photo, "--json", "--max-new-tokens", "2"]);
+    std::fs::write(&out, stdout(&o)).expect("write");
+    let r = run(
+        "describe",
+        &[&photo, "--output", &s(&out), "--max-new-tokens", "5"],
+    );
+    expect_code(&r, 2);
+    assert!(stderr(&r).contains("no job header"), "{}", stderr(&r));
+    // A file of blank lines starts afresh, with the header.
+    std::fs::write(&out, "\n\n").expect("write");
+    expect_code(
+        &run(
+            "describe",
+            &[&photo, "--output", &s(&out), "--max-new-tokens", "2"],
+        ),
+        0,
+    );
+    let text = std::fs::read_to_string(&out).expect("read");
+    assert!(text.starts_with("{\"moda_job\""), "{text}");
+    assert_eq!(records(&text).len(), 1);
+    // Standard input cannot be resumed.
+    let r = run_stdin("describe", &["-", "--output", &s(&out)], b"");
+    expect_code(&r, 2);
+    assert!(stderr(&r).contains("standard input"), "{}", stderr(&r));
+}
+
+#[test]
+fn text_output_keeps_one_line_per_image_whatever_the_name() {
+    let dir = TempDir::new("cli-names");
+    let jpg = std::fs::read(image("photo.jpg")).expect("read");
+    let odd = dir.path().join("two\nlines\tand\x1b[31mred.jpg");
+    std::fs::write(&odd, &jpg).expect("write");
+    let o = run("describe", &[&s(&odd), "--max-new-tokens", "3"]);
+    expect_code(&o, 0);
+    let out = stdout(&o);
+    assert_eq!(out.lines().count(), 1, "{out:?}");
+    assert_eq!(out.matches('\t').count(), 1, "{out:?}");
+    assert!(!out.contains('\x1b'), "{out:?}");
+    // --json keeps the exact name.
+    let o = run("describe", &[&s(&odd), "--json", "--max-new-tokens", "3"]);
+    assert_eq!(json_lines(&stdout(&o))[0]["image"], s(&odd));
+}
+
+#[test]
+fn batch_and_bench_sizes_are_bounded() {
+    let photo = s(&image("photo.jpg"));
+    for args in [
+        vec![
+            "describe",
+            photo.as_str(),
+            "--batch-size",
+            "18446744073709551615",
+        ],
+        vec!["describe", photo.as_str(), "--batch-size", "100000"],
+        vec!["bench", photo.as_str(), "--batch", "100000"],
+        vec!["bench", photo.as_str(), "--reps", "18446744073709551615"],
+    ] {
+        let o = run(args[0], &args[1..]);
+        expect_code(&o, 2);
+        assert!(stderr(&o).contains("at most"), "{args:?}: {}", stderr(&o));
+    }
+    // info marks a file that leads out of the bundle instead of reading it.
+    let d = copy_bundle("cli-info-link");
+    let tok = d.path().join("tokenizer.json");
+    std::fs::remove_file(&tok).expect("rm");
+    std::os::unix::fs::symlink("/etc/hostname", &tok).expect("symlink");
+    let o = run_env(&["info", "--model", &s(d.path())], &[]);
+    assert!(stdout(&o).contains("REFUSED"), "{}", stdout(&o));
+}

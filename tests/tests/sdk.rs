@@ -733,3 +733,76 @@ fn graph_data_outside_the_bundle_is_refused() {
         );
     }
 }
+
+#[test]
+fn the_decoder_cache_is_paired_by_name_and_counted() {
+    // Two layers' cache names swapped: the shapes agree, only the names tell.
+    refused_manifest("c-swap", "layer 0's cache", |m| {
+        let outs = m["graphs"]["decoder"]["outputs"]
+            .as_array_mut()
+            .expect("outputs");
+        let a = outs[1]["name"].clone();
+        outs[1]["name"] = outs[3]["name"].clone();
+        outs[3]["name"] = a;
+    });
+    // One layer fewer in the manifest than in the graph.
+    refused_manifest("c-layers", "the manifest lists", |m| {
+        let l = m["model"]["num_layers"].as_u64().expect("layers");
+        m["model"]["num_layers"] = (l - 1).into();
+        for side in ["inputs", "outputs"] {
+            let v = m["graphs"]["decoder"][side].as_array_mut().expect("list");
+            v.truncate(v.len() - 2);
+        }
+    });
+}
+
+#[test]
+fn broken_weights_are_an_error_not_a_description() {
+    // NaN in the projector's weights: the image embeddings are fine, the prefix and so the
+    // logits are NaN. Before, the search took token 0 at every step and answered "<s><s>...".
+    use candle_onnx::onnx::ModelProto;
+    use prost::Message;
+    let d = copy_bundle("nan-weights");
+    let p = d.path().join("projector.onnx");
+    let mut m = ModelProto::decode(std::fs::read(&p).expect("read").as_slice()).expect("onnx");
+    let g = m.graph.as_mut().expect("graph");
+    let t = g
+        .initializer
+        .iter_mut()
+        .find(|t| !t.raw_data.is_empty() || !t.float_data.is_empty())
+        .expect("an initializer with data");
+    if t.raw_data.is_empty() {
+        t.float_data.iter_mut().for_each(|x| *x = f32::NAN);
+    } else {
+        for c in t.raw_data.chunks_exact_mut(4) {
+            c.copy_from_slice(&f32::NAN.to_le_bytes());
+        }
+    }
+    let bytes = m.encode_to_vec();
+    std::fs::write(&p, &bytes).expect("write");
+    let mpath = d.path().join("moda.json");
+    let mut man: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&mpath).expect("read")).expect("json");
+    man["files"]["projector.onnx"]["bytes"] = bytes.len().into();
+    std::fs::write(&mpath, man.to_string()).expect("write");
+    let moda = Moda::open(d.path(), &OpenOptions::default()).expect("open");
+    let err = moda
+        .describe(&ImageInput::Path(&image("photo.jpg")), &greedy(4))
+        .expect_err("NaN logits");
+    assert!(err.to_string().contains("NaN"), "{err}");
+}
+
+#[test]
+fn records_with_non_finite_numbers_read_back() {
+    // serde_json writes -inf and NaN as null; a job must read its own output again.
+    let line = r#"{"image":"a.jpg","description":"x","token_ids":[5,2],"logprobs":[null,-0.5],
+        "timings_ms":{"preprocess":1.0,"encoder":1.0,"projector":1.0,"prefill":1.0,
+        "decode":1.0,"total":5.0,"tokens":2}}"#;
+    match serde_json::from_str::<moda_sdk::catalog::Record>(line).expect("a record") {
+        moda_sdk::catalog::Record::Description { logprobs, .. } => {
+            assert!(logprobs[0].is_nan());
+            assert_eq!(logprobs[1], -0.5);
+        }
+        other => panic!("not a description: {other:?}"),
+    }
+}
