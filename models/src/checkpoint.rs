@@ -101,19 +101,22 @@ impl CheckpointConfig {
         }
     }
 
-    /// Reads and checks `dir/config.json`.
+    /// Reads and checks `dir/config.json` (a regular file of at most
+    /// [`crate::files::TEXT_FILE_MAX_BYTES`]: a FIFO or a device is refused, never waited on
+    /// or read without end).
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let path = dir.join(CONFIG_FILE);
-        let text = std::fs::read_to_string(&path).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                Error::MissingFile {
-                    path: path.clone(),
-                    what: "MODA checkpoint configuration".into(),
+        let text = crate::files::read_text_bounded(&path, crate::files::TEXT_FILE_MAX_BYTES)
+            .map_err(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    Error::MissingFile {
+                        path: path.clone(),
+                        what: "MODA checkpoint configuration".into(),
+                    }
+                } else {
+                    Error::io(&path, e)
                 }
-            } else {
-                Error::io(&path, e)
-            }
-        })?;
+            })?;
         let cfg: Self = serde_json::from_str(&text).map_err(|source| Error::Json {
             path: path.clone(),
             source,
@@ -611,4 +614,53 @@ pub fn load(dir: &Path, device: &Device) -> Result<LoadedCheckpoint> {
         config,
         dir,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs `f` on a thread and waits at most 20 s for it (a blocking open or an endless
+    /// read would hang the test instead of failing it).
+    fn within_seconds<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        match rx.recv_timeout(std::time::Duration::from_secs(20)) {
+            Ok(v) => v,
+            Err(_) => panic!("did not return within 20 s"),
+        }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_config_that_is_a_fifo_or_a_device_is_refused_at_once() {
+        let d = crate::testutil::TempDir::new();
+        let fifo_dir = d.0.join("fifo");
+        std::fs::create_dir(&fifo_dir).expect("mkdir");
+        let p = fifo_dir.join(CONFIG_FILE);
+        let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).expect("path");
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+        let zero_dir = d.0.join("zero");
+        std::fs::create_dir(&zero_dir).expect("mkdir");
+        std::os::unix::fs::symlink("/dev/zero", zero_dir.join(CONFIG_FILE)).expect("symlink");
+        for (dir, kind) in [(fifo_dir, "FIFO"), (zero_dir, "character device")] {
+            let e = within_seconds({
+                let dir = dir.clone();
+                move || CheckpointConfig::from_dir(&dir).map(|_| ())
+            })
+            .expect_err("not a regular file");
+            let msg = e.to_string();
+            assert!(msg.contains(CONFIG_FILE) && msg.contains(kind), "{msg}");
+            // The whole checkpoint (what the exporter and `trainer eval` load) too.
+            let e = within_seconds(move || load(&dir, &Device::Cpu).map(|_| ()))
+                .expect_err("not a regular file");
+            assert!(e.to_string().contains(kind), "{e}");
+        }
+        // A missing config still says it is missing.
+        let e = CheckpointConfig::from_dir(&d.0).expect_err("missing");
+        assert!(matches!(e, Error::MissingFile { .. }), "{e}");
+    }
 }
