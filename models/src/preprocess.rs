@@ -467,6 +467,75 @@ fn decode_jpeg(bytes: &[u8], source_name: &str, limits: &ImageLimits) -> Result<
     }
 }
 
+/// The most scans a JPEG may have. Real files have one (baseline) or fewer than 20
+/// (progressive: libjpeg's and mozjpeg's scripts write 6 to 12). libjpeg decodes every scan
+/// over the whole image, so a small file of thousands of near-empty scans over a large image
+/// keeps it busy for minutes (10,000 scans over 8000x8000 in 1.1 MB: 49 s); 256 scans of
+/// the largest accepted image take a few seconds.
+pub const MAX_JPEG_SCANS: usize = 256;
+
+/// The number of scans (SOS markers) in a JPEG, by a walk over its markers: a marker
+/// segment's length is skipped, and inside a scan's entropy-coded data `FF 00` (a stuffed
+/// byte), `FF FF` (fill) and `FF D0`-`FF D7` (restart markers) are not markers. The walk ends
+/// at EOI, at a byte where a marker should start and does not, or at the end of the data.
+fn jpeg_scan_count(bytes: &[u8]) -> usize {
+    let mut scans = 0;
+    // After SOI.
+    let mut i = 2;
+    loop {
+        // A marker: 0xFF, any fill 0xFF bytes, then its code.
+        if bytes.get(i) != Some(&0xFF) {
+            return scans;
+        }
+        while bytes.get(i) == Some(&0xFF) {
+            i += 1;
+        }
+        let Some(&code) = bytes.get(i) else {
+            return scans;
+        };
+        i += 1;
+        match code {
+            // EOI.
+            0xD9 => return scans,
+            // Standalone markers: SOI, RST0-7, TEM.
+            0xD8 | 0xD0..=0xD7 | 0x01 => continue,
+            _ => {}
+        }
+        let Some(len) = bytes
+            .get(i..i + 2)
+            .map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
+        else {
+            return scans;
+        };
+        if len < 2 {
+            return scans;
+        }
+        i += len;
+        if code == 0xDA {
+            scans += 1;
+            // The entropy-coded data, up to the next marker that is not a restart marker.
+            loop {
+                let Some(at) = bytes
+                    .get(i..)
+                    .and_then(|rest| rest.iter().position(|&b| b == 0xFF))
+                else {
+                    return scans;
+                };
+                i += at;
+                let mut j = i + 1;
+                while bytes.get(j) == Some(&0xFF) {
+                    j += 1;
+                }
+                match bytes.get(j) {
+                    None => return scans,
+                    Some(0x00) | Some(0xD0..=0xD7) => i = j + 1,
+                    Some(_) => break,
+                }
+            }
+        }
+    }
+}
+
 fn jpeg_truncated(source_name: &str) -> Error {
     image_err(source_name, "cannot decode JPEG: the file is truncated")
 }
@@ -479,6 +548,19 @@ fn decode_jpeg_inner(
 ) -> Result<DynamicImage> {
     use mozjpeg::ColorSpace;
 
+    // Before libjpeg sees the file: its time grows with the number of scans times the image
+    // size, not with the file's size.
+    let scans = jpeg_scan_count(bytes);
+    if scans > MAX_JPEG_SCANS {
+        return Err(image_err(
+            source_name,
+            format!(
+                "cannot decode JPEG: it has {scans} scans, more than the limit of \
+                 {MAX_JPEG_SCANS} (real JPEGs have fewer than 20; each scan is decoded over \
+                 the whole image)"
+            ),
+        ));
+    }
     let reader = EofFlagReader {
         data: bytes,
         hit_eof,
@@ -1471,6 +1553,92 @@ mod tests {
         trailing.extend_from_slice(b"trailing data");
         let img = decode_image(&trailing, "t.jpg", &l).unwrap();
         assert_eq!(to_rgb8(&img).as_raw().as_slice(), JPEG_RGB_5X3_PIXELS);
+    }
+
+    #[test]
+    fn jpeg_scans_are_counted_by_a_marker_walk() {
+        let bytes = [
+            &[0xFF, 0xD8][..],
+            // An APP1 segment whose payload holds the bytes of SOS and EOI markers.
+            &[0xFF, 0xE1, 0x00, 0x08, 0xFF, 0xDA, 0xFF, 0xDA, 0xFF, 0xD9],
+            // A scan: its header, then entropy-coded data with a stuffed byte, restart
+            // markers and fill bytes.
+            &[0xFF, 0xDA, 0x00, 0x04, 0x01, 0x02],
+            &[
+                0x12, 0xFF, 0x00, 0x34, 0xFF, 0xD0, 0x56, 0xFF, 0xFF, 0xD3, 0x78,
+            ],
+            // A DHT segment between scans, then a second scan.
+            &[0xFF, 0xC4, 0x00, 0x03, 0xDA],
+            &[0xFF, 0xFF, 0xDA, 0x00, 0x02, 0x9A, 0xFF, 0x00],
+            // EOI, then trailing bytes that look like a scan.
+            &[0xFF, 0xD9, 0xFF, 0xDA, 0x00, 0x02],
+        ]
+        .concat();
+        assert_eq!(jpeg_scan_count(&bytes), 2);
+        // Cut anywhere: no panic, never more.
+        for n in 0..bytes.len() {
+            assert!(jpeg_scan_count(&bytes[..n]) <= 2);
+        }
+        assert_eq!(jpeg_scan_count(&unhex(JPEG_RGB_5X3)), 1);
+    }
+
+    /// A progressive JPEG written by mozjpeg, `w` x `h`, with some texture.
+    fn progressive_jpeg(w: usize, h: usize) -> Vec<u8> {
+        let mut c = mozjpeg::Compress::new(mozjpeg::ColorSpace::JCS_RGB);
+        c.set_size(w, h);
+        c.set_quality(85.0);
+        c.set_progressive_mode();
+        let mut started = c.start_compress(Vec::new()).unwrap();
+        let pixels: Vec<u8> = (0..w * h * 3).map(|i| (i * 37 % 251) as u8).collect();
+        started.write_scanlines(&pixels).unwrap();
+        started.finish().unwrap()
+    }
+
+    #[test]
+    fn jpeg_with_too_many_scans_is_refused_before_decoding() {
+        let l = ImageLimits::default();
+        let jpeg = progressive_jpeg(64, 48);
+        let scans = jpeg_scan_count(&jpeg);
+        assert!((2..20).contains(&scans), "{scans} scans");
+        decode_image(&jpeg, "p.jpg", &l).unwrap();
+        // The file with its last scan repeated `extra` times.
+        let eoi = jpeg.len() - 2;
+        assert_eq!(jpeg[eoi..], [0xFF, 0xD9]);
+        let last = jpeg.windows(2).rposition(|w| w == [0xFF, 0xDA]).unwrap();
+        let with = |extra: usize| {
+            let mut v = jpeg[..eoi].to_vec();
+            for _ in 0..extra {
+                v.extend_from_slice(&jpeg[last..eoi]);
+            }
+            v.extend_from_slice(&[0xFF, 0xD9]);
+            v
+        };
+        // Up to the limit: decoded (libjpeg warns about the repeated scans and goes on).
+        let many = with(MAX_JPEG_SCANS - scans);
+        assert_eq!(jpeg_scan_count(&many), MAX_JPEG_SCANS);
+        decode_image(&many, "many.jpg", &l).unwrap();
+        // Past it: refused before libjpeg runs, with the count.
+        let bomb = with(10_000);
+        let started = std::time::Instant::now();
+        let e = decode_image(&bomb, "bomb.jpg", &l).unwrap_err().to_string();
+        assert!(
+            e.starts_with("bomb.jpg: cannot decode JPEG")
+                && e.contains(&format!("{} scans", 10_000 + scans))
+                && e.contains(&MAX_JPEG_SCANS.to_string()),
+            "{e}"
+        );
+        assert!(
+            started.elapsed().as_secs_f64() < 1.0,
+            "{:?}",
+            started.elapsed()
+        );
+        // The same from a file, through `load_image`.
+        let d = tmp_dir("scans");
+        let p = d.join("bomb.jpg");
+        std::fs::write(&p, &bomb).unwrap();
+        let e = load_image(&p, &l).unwrap_err().to_string();
+        assert!(e.contains("bomb.jpg") && e.contains("scans"), "{e}");
+        let _ = std::fs::remove_dir_all(&d);
     }
 
     #[test]
