@@ -92,6 +92,159 @@ struct ShardIndex {
     weight_map: BTreeMap<String, String>,
 }
 
+/// A tensor's entry in a safetensors header.
+#[derive(serde::Deserialize)]
+struct HeaderEntry {
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    data_offsets: (usize, usize),
+}
+
+/// Which tensor of the safetensors file `bytes` does not fit its data, and how: its offsets
+/// run backwards or past the end of the data, hold other than its dtype and shape need, or
+/// overlap another tensor's; or which bytes belong to no tensor. `None` when the header
+/// cannot be parsed or shows none of these (the `safetensors` crate's message then stands).
+fn offsets_problem(bytes: &[u8]) -> Option<String> {
+    let n = usize::try_from(u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?)).ok()?;
+    let header = bytes.get(8..n.checked_add(8)?)?;
+    let data_len = bytes.len() - 8 - n;
+    let map: BTreeMap<String, serde_json::Value> = serde_json::from_slice(header).ok()?;
+    let mut tensors = Vec::with_capacity(map.len());
+    for (name, value) in map {
+        if name == "__metadata__" {
+            continue;
+        }
+        let entry: HeaderEntry = serde_json::from_value(value).ok()?;
+        tensors.push((name, entry));
+    }
+    // Each tensor on its own (in name order: the first bad one is always the same).
+    for (name, t) in &tensors {
+        let (start, end) = t.data_offsets;
+        if end < start {
+            return Some(format!(
+                "tensor `{name}`: its data_offsets [{start}, {end}] end before they start"
+            ));
+        }
+        if end > data_len {
+            return Some(format!(
+                "tensor `{name}`: its data_offsets [{start}, {end}] reach past the end of the \
+                 data ({data_len} bytes)"
+            ));
+        }
+        let need = t
+            .shape
+            .iter()
+            .try_fold(t.dtype.bitsize(), |acc, &d| acc.checked_mul(d))
+            .map(|bits| bits.div_ceil(8));
+        match need {
+            None => {
+                return Some(format!(
+                    "tensor `{name}`: its shape {:?} has more elements than can be addressed",
+                    t.shape
+                ))
+            }
+            Some(need) if need != end - start => {
+                return Some(format!(
+                    "tensor `{name}` of dtype {:?} and shape {:?} needs {need} bytes, its \
+                     data_offsets [{start}, {end}] hold {}",
+                    t.dtype,
+                    t.shape,
+                    end - start
+                ))
+            }
+            Some(_) => {}
+        }
+    }
+    // Together: the tensors must tile the data, without overlaps or holes.
+    tensors.sort_by(|a, b| (a.1.data_offsets, &a.0).cmp(&(b.1.data_offsets, &b.0)));
+    let mut covered = 0usize;
+    let mut prev: Option<&(String, HeaderEntry)> = None;
+    for t in &tensors {
+        let (start, end) = t.1.data_offsets;
+        if start < covered {
+            if let Some((other, o)) = prev {
+                let (os, oe) = o.data_offsets;
+                return Some(format!(
+                    "tensor `{}`: its data_offsets [{start}, {end}] overlap those of tensor \
+                     `{other}` [{os}, {oe}]",
+                    t.0
+                ));
+            }
+        }
+        if start > covered {
+            return Some(format!(
+                "bytes {covered}..{start} of the data belong to no tensor (the next is `{}`)",
+                t.0
+            ));
+        }
+        covered = end;
+        prev = Some(t);
+    }
+    (covered != data_len).then(|| {
+        format!(
+            "bytes {covered}..{data_len} of the data, after the last tensor, belong to no tensor"
+        )
+    })
+}
+
+/// Refuses a PyTorch zip checkpoint that records a byte order other than little-endian in
+/// its `<archive>/byteorder` entry (PyTorch writes it since 1.13; files without it are
+/// little-endian). candle's reader takes every tensor's bytes as little-endian, so a
+/// big-endian file would load as garbage values.
+fn check_byte_order(path: &Path) -> Result<()> {
+    use std::io::Read;
+    let file = crate::files::open_regular(path).map_err(|e| Error::io(path, e))?;
+    let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file))
+        .map_err(|e| bad(path, format!("not a readable PyTorch checkpoint ({e})")))?;
+    let names: Vec<Vec<u8>> = zip
+        .file_names_raw()
+        .filter(|n| {
+            let mut parts = n.split(|&b| b == b'/');
+            match (parts.next(), parts.next(), parts.next()) {
+                (Some(b"byteorder"), None, _) => true,
+                (Some(_), Some(b"byteorder"), None) => true,
+                _ => false,
+            }
+        })
+        .map(<[u8]>::to_vec)
+        .collect();
+    for raw in names {
+        let name = String::from_utf8_lossy(&raw).into_owned();
+        let entry = zip
+            .by_name_raw(&raw)
+            .map_err(|e| bad(path, format!("cannot read its entry `{name}` ({e})")))?;
+        let mut value = Vec::new();
+        entry
+            .take(64)
+            .read_to_end(&mut value)
+            .map_err(|e| bad(path, format!("cannot read its entry `{name}` ({e})")))?;
+        let value = String::from_utf8_lossy(&value);
+        match value.trim() {
+            "little" => {}
+            "big" => {
+                return Err(bad(
+                    path,
+                    format!(
+                        "its tensors are stored big-endian (`{name}` says \"big\"), and only \
+                         little-endian PyTorch checkpoints can be read; load it with PyTorch \
+                         and save it again on a little-endian machine"
+                    ),
+                ))
+            }
+            other => {
+                return Err(bad(
+                    path,
+                    format!(
+                        "unknown byte order {other:?} in its entry `{name}` (expected \
+                         \"little\")"
+                    ),
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
 impl Weights {
     /// Opens the checkpoint in a Hugging Face model directory: `model.safetensors`, else
     /// `model.safetensors.index.json` and its shards, else `pytorch_model.bin`.
@@ -205,8 +358,17 @@ impl Weights {
             // could change tensor values, which is the documented caveat of memory-mapping
             // weights, as in candle and safetensors themselves.
             let mmap = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::io(p, e))?;
-            let (header_len, meta) = safetensors::SafeTensors::read_metadata(&mmap)
-                .map_err(|e| bad(p, format!("not a valid safetensors file ({e})")))?;
+            let (header_len, meta) =
+                safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| {
+                    // The crate's offset errors name whichever tensor follows a gap, often a
+                    // sound neighbour of the bad one: say which tensor is at fault when the
+                    // header tells.
+                    let msg = match offsets_problem(&mmap) {
+                        Some(why) => format!("not a valid safetensors file: {why}"),
+                        None => format!("not a valid safetensors file ({e})"),
+                    };
+                    bad(p, msg)
+                })?;
             let base = 8 + header_len;
             for (name, info) in meta.tensors() {
                 let (start, end) = info.data_offsets;
@@ -228,6 +390,7 @@ impl Weights {
     }
 
     fn from_pth(path: &Path) -> Result<Self> {
+        check_byte_order(path)?;
         let open = |key: Option<&str>| {
             catch_unwind(AssertUnwindSafe(|| {
                 candle_core::pickle::PthTensors::new(path, key)
@@ -473,5 +636,116 @@ mod tests {
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
         let e = Weights::from_file(&p).expect_err("a FIFO");
         assert!(e.to_string().contains("FIFO"), "{e}");
+    }
+
+    /// A safetensors file of three f32 tensors `a`, `b`, `c` of 4 values each, with `b` at
+    /// `b_offsets` and `data_len` bytes of data.
+    fn safetensors_with(dir: &Path, b_offsets: (usize, usize), data_len: usize) -> PathBuf {
+        let header = format!(
+            "{{\"a\":{{\"dtype\":\"F32\",\"shape\":[4],\"data_offsets\":[0,16]}},\
+             \"b\":{{\"dtype\":\"F32\",\"shape\":[4],\"data_offsets\":[{},{}]}},\
+             \"c\":{{\"dtype\":\"F32\",\"shape\":[4],\"data_offsets\":[32,48]}}}}",
+            b_offsets.0, b_offsets.1
+        );
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.resize(bytes.len() + data_len, 0);
+        let p = dir.join("model.safetensors");
+        std::fs::write(&p, bytes).expect("write");
+        p
+    }
+
+    #[test]
+    fn safetensors_offset_errors_name_the_tensor_at_fault() {
+        let d = crate::testutil::TempDir::new();
+        // Sound: loads.
+        let p = safetensors_with(&d.0, (16, 32), 48);
+        Weights::from_file(&p).expect("a valid file");
+        // `b` past the end of the data: the `safetensors` crate blamed `c`, the tensor after
+        // the hole `b` left.
+        for (b, data_len, says) in [
+            (
+                (48, 64),
+                48,
+                "tensor `b`: its data_offsets [48, 64] reach past the end",
+            ),
+            (
+                (16, 24),
+                48,
+                "tensor `b` of dtype F32 and shape [4] needs 16 bytes",
+            ),
+            (
+                (24, 16),
+                48,
+                "tensor `b`: its data_offsets [24, 16] end before",
+            ),
+            (
+                (0, 16),
+                48,
+                "tensor `b`: its data_offsets [0, 16] overlap those of tensor `a`",
+            ),
+            ((32, 48), 48, "bytes 16..32 of the data belong to no tensor"),
+            ((16, 32), 64, "bytes 48..64 of the data"),
+        ] {
+            let p = safetensors_with(&d.0, b, data_len);
+            let e = Weights::from_file(&p).expect_err("bad offsets").to_string();
+            assert!(e.contains(says), "{b:?}: {e}");
+            assert!(!e.contains("`c`"), "{b:?}: {e}");
+        }
+    }
+
+    /// A PyTorch zip of stored entries.
+    fn zip_with(path: &Path, entries: &[(&str, &[u8])]) {
+        use std::io::Write;
+        let f = std::fs::File::create(path).expect("create");
+        let mut w = zip::ZipWriter::new(f);
+        let opts = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Stored);
+        for (name, data) in entries {
+            w.start_file(*name, opts).expect("entry");
+            w.write_all(data).expect("data");
+        }
+        w.finish().expect("finish");
+    }
+
+    #[test]
+    fn big_endian_pth_is_refused() {
+        let d = crate::testutil::TempDir::new();
+        let p = d.0.join("model.pth");
+        // Read as little-endian, its tensors were garbage.
+        zip_with(
+            &p,
+            &[
+                ("model/data.pkl", b"\x80\x02}q\x00."),
+                ("model/byteorder", b"big"),
+            ],
+        );
+        let e = Weights::from_file(&p).expect_err("big-endian").to_string();
+        assert!(
+            e.contains("model.pth") && e.contains("big-endian") && e.contains("model/byteorder"),
+            "{e}"
+        );
+        zip_with(
+            &p,
+            &[
+                ("model/data.pkl", b"\x80\x02}q\x00."),
+                ("model/byteorder", b"middle"),
+            ],
+        );
+        let e = Weights::from_file(&p).expect_err("unknown").to_string();
+        assert!(e.contains("unknown byte order \"middle\""), "{e}");
+        // "little" passes this check (the empty pickle then has no tensors).
+        zip_with(
+            &p,
+            &[
+                ("model/data.pkl", b"\x80\x02}q\x00."),
+                ("model/byteorder", b"little"),
+            ],
+        );
+        let e = Weights::from_file(&p).expect_err("no tensors").to_string();
+        assert!(
+            !e.contains("byte order") && !e.contains("big-endian"),
+            "{e}"
+        );
     }
 }
