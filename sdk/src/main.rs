@@ -50,7 +50,8 @@ Output:
                   already records (failures included: delete their lines to retry them); a
                   half-written last line left by a crash is cut off first. The file is locked
                   while a job writes it; a job with another shard, options or model is
-                  refused. Give each --shard its own FILE.
+                  refused, and so is a file of records without the header. Give each
+                  --shard its own FILE; `-` (standard input) cannot go with --output.
 
 \"image\" is the path as given (or found under a directory given), or the CSV cell as written.
 A file name that is not UTF-8 shows there with U+FFFD for its bad bytes; its exact bytes are
