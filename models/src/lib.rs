@@ -26,6 +26,8 @@ pub mod opt;
 pub mod preprocess;
 #[cfg(feature = "candle")]
 pub mod projector;
+#[cfg(feature = "candle")]
+mod pth_check;
 pub mod tokenizer;
 #[cfg(feature = "candle")]
 pub mod weights;

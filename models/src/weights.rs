@@ -5,7 +5,9 @@
 //! offsets). Each tensor is copied out of the map exactly once, when a model asks for it, and
 //! the pages it came from are then released (`madvise(MADV_DONTNEED)`), so loading holds one copy
 //! of the weights, not two. PyTorch pickles go through candle's pickle reader, which executes
-//! nothing; its panics on hostile input are caught and turned into errors.
+//! nothing; what it would allocate is bounded first ([`crate::pth_check`]: strings, copies of
+//! memoised objects, nesting, each tensor's data against its storage), and its panics on
+//! hostile input are caught and turned into errors.
 //!
 //! [`Weights`] also remembers which tensors were taken, so that a loader can list the tensors a
 //! checkpoint has and the model did not use ([`Weights::unused`]), and keeps the first typed error
@@ -41,7 +43,11 @@ struct Entry {
 
 enum Files {
     Safetensors(Vec<(PathBuf, memmap2::Mmap)>),
-    Pth(PathBuf, Box<candle_core::pickle::PthTensors>),
+    Pth(
+        PathBuf,
+        Box<candle_core::pickle::PthTensors>,
+        crate::pth_check::Archive,
+    ),
 }
 
 struct Inner {
@@ -391,6 +397,8 @@ impl Weights {
 
     fn from_pth(path: &Path) -> Result<Self> {
         check_byte_order(path)?;
+        let archive = crate::pth_check::scan(path)
+            .map_err(|e| bad(path, format!("not a readable PyTorch checkpoint: {e}")))?;
         let open = |key: Option<&str>| {
             catch_unwind(AssertUnwindSafe(|| {
                 candle_core::pickle::PthTensors::new(path, key)
@@ -432,7 +440,7 @@ impl Weights {
             .collect();
         Ok(Self::new(
             path,
-            Files::Pth(path.to_path_buf(), Box::new(pth)),
+            Files::Pth(path.to_path_buf(), Box::new(pth), archive),
             entries,
         ))
     }
@@ -473,7 +481,7 @@ impl Weights {
     pub fn file_of(&self, name: &str) -> PathBuf {
         match (&self.inner.files, self.inner.entries.get(name)) {
             (Files::Safetensors(files), Some(e)) => files[e.file].0.clone(),
-            (Files::Pth(p, _), _) => p.clone(),
+            (Files::Pth(p, ..), _) => p.clone(),
             _ => self.inner.source.clone(),
         }
     }
@@ -554,7 +562,19 @@ impl Weights {
                 }
                 t
             }
-            Files::Pth(path, pth) => {
+            Files::Pth(path, pth, archive) => {
+                // candle allocates the tensor from its shape before reading its data.
+                if let Some(info) = pth.tensor_infos().get(name) {
+                    archive
+                        .check_tensor(
+                            name,
+                            &info.path,
+                            info.layout.dims(),
+                            info.dtype.size_in_bytes(),
+                            info.layout.start_offset(),
+                        )
+                        .map_err(|e| self.record(bad(path, e)))?;
+                }
                 let got = catch_unwind(AssertUnwindSafe(|| pth.get(name)))
                     .map_err(|p| {
                         self.record(bad(
