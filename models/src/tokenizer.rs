@@ -32,6 +32,9 @@
 //!   `tokenizers` crate would silently skip them). It applies no
 //!   `clean_up_tokenization_spaces`, like `transformers` with that option off; invalid UTF-8
 //!   from partial byte sequences becomes U+FFFD, like the slow tokenizer's `errors="replace"`.
+//! - A `tokenizer.json` may come with a bundle from anywhere: a panic of the `tokenizers` crate
+//!   while encoding or decoding (some of its components panic on settings such a file can
+//!   hold) is returned as an error.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -387,14 +390,24 @@ impl ModaTokenizer {
         Self::load_tokenizer_json(path, None)
     }
 
+    /// [`ModaTokenizer::from_tokenizer_json`] of the contents of a `tokenizer.json` already
+    /// in memory; `source` names it in errors and is what [`ModaTokenizer::source`] returns.
+    pub fn from_tokenizer_json_bytes(bytes: &[u8], source: &Path) -> Result<Self> {
+        Self::parse_tokenizer_json(bytes, source, None)
+    }
+
     fn load_tokenizer_json(path: &Path, cfg: Option<&DirConfig>) -> Result<Self> {
         let bytes = crate::files::read_bounded(path, crate::files::TEXT_FILE_MAX_BYTES)
             .map_err(|e| Error::io(path, e))?;
-        let json: Value = serde_json::from_slice(&bytes).map_err(|source| Error::Json {
+        Self::parse_tokenizer_json(&bytes, path, cfg)
+    }
+
+    fn parse_tokenizer_json(bytes: &[u8], path: &Path, cfg: Option<&DirConfig>) -> Result<Self> {
+        let json: Value = serde_json::from_slice(bytes).map_err(|source| Error::Json {
             path: path.to_path_buf(),
             source,
         })?;
-        let mut inner = tokenizers::Tokenizer::from_bytes(&bytes)
+        let mut inner = tokenizers::Tokenizer::from_bytes(bytes)
             .map_err(|e| bad(path, format!("not a valid tokenizer.json: {e}")))?;
         inner
             .with_truncation(None)
@@ -547,10 +560,10 @@ impl ModaTokenizer {
     /// Token ids of `text` alone, without BOS (special tokens written in the text, such as
     /// `</s>`, still map to their ids).
     pub fn encode_no_bos(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode_fast(text, false)
-            .map_err(|e| bad(&self.source, format!("cannot encode {text:?}: {e}")))?;
+        let enc = self.guarded(
+            || format!("cannot encode {text:?}"),
+            || self.inner.encode_fast(text, false),
+        )?;
         Ok(enc.get_ids().to_vec())
     }
 
@@ -566,9 +579,36 @@ impl ModaTokenizer {
                 ),
             ));
         }
-        self.inner
-            .decode(ids, skip_special_tokens)
-            .map_err(|e| bad(&self.source, format!("cannot decode: {e}")))
+        self.guarded(
+            || "cannot decode".to_string(),
+            || self.inner.decode(ids, skip_special_tokens),
+        )
+    }
+
+    /// Runs a call into the `tokenizers` crate, its errors and its panics turned into errors
+    /// that start with `what`: some of its components panic on settings that a hostile
+    /// `tokenizer.json` can hold (a `Strip` decoder whose `stop` is longer than a token indexes
+    /// before the token's start).
+    fn guarded<T>(
+        &self,
+        what: impl FnOnce() -> String,
+        f: impl FnOnce() -> tokenizers::Result<T>,
+    ) -> Result<T> {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(bad(&self.source, format!("{}: {e}", what()))),
+            Err(payload) => {
+                let msg = payload
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| payload.downcast_ref::<&str>().copied())
+                    .unwrap_or("no message");
+                Err(bad(
+                    &self.source,
+                    format!("{}: the tokenizer failed ({msg})", what()),
+                ))
+            }
+        }
     }
 
     /// The BOS id (2, `</s>`, for OPT).
