@@ -371,6 +371,60 @@ pub fn remove_stale_temporaries(dir: &Path) -> Vec<StaleTemporary> {
     found
 }
 
+/// `path` made absolute, with symbolic links, `.` and `..` resolved, whether it exists or not:
+/// its deepest existing ancestor canonicalized and the rest (which does not exist, so holds no
+/// links) appended component by component. Where an output would go, to compare with inputs.
+pub fn canonical_path(path: &Path) -> std::io::Result<PathBuf> {
+    use std::path::Component;
+    let mut rest = Vec::new();
+    let mut cur = path;
+    loop {
+        let probe = if cur.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            cur
+        };
+        match std::fs::canonicalize(probe) {
+            Ok(mut out) => {
+                for c in rest.iter().rev() {
+                    match c {
+                        Component::Normal(name) => out.push(name),
+                        Component::ParentDir => {
+                            out.pop();
+                        }
+                        _ => {}
+                    }
+                }
+                return Ok(out);
+            }
+            Err(e) => {
+                let (Some(last), Some(parent)) = (cur.components().next_back(), cur.parent())
+                else {
+                    return Err(e);
+                };
+                rest.push(last);
+                cur = parent;
+            }
+        }
+    }
+}
+
+/// How the output path `out` and the input path `input` overlap, after [`canonical_path`]:
+/// `Some("is")` (the same), `Some("is inside")` or `Some("contains")`; `None` when they are
+/// apart (or one cannot be resolved). Writing or replacing `out` must not touch an input.
+pub fn overlap(out: &Path, input: &Path) -> Option<&'static str> {
+    let (o, i) = (canonical_path(out).ok()?, canonical_path(input).ok()?);
+    if o == i {
+        Some("is")
+    } else if o.starts_with(&i) {
+        Some("is inside")
+    } else if i.starts_with(&o) {
+        Some("contains")
+    } else {
+        None
+    }
+}
+
 /// The directory to read a checkpoint from: `dir`, or its `.<name>.old` copy when a crash
 /// interrupted [`save`] between moving the old checkpoint aside and renaming the new one.
 pub fn resolve_dir(dir: &Path) -> PathBuf {
@@ -662,5 +716,40 @@ mod tests {
         // A missing config still says it is missing.
         let e = CheckpointConfig::from_dir(&d.0).expect_err("missing");
         assert!(matches!(e, Error::MissingFile { .. }), "{e}");
+    }
+
+    #[test]
+    fn paths_are_compared_resolved() {
+        let d = crate::testutil::TempDir::new();
+        let run = d.0.join("run");
+        std::fs::create_dir_all(run.join("best/encoder")).expect("mkdir");
+        #[cfg(unix)]
+        std::os::unix::fs::symlink(&run, d.0.join("link")).expect("symlink");
+        let real = canonical_path(&run).expect("canonical");
+        // Not existing yet, with `.` and `..` on the way.
+        assert_eq!(
+            canonical_path(&d.0.join("run/new/../best/./x/y")).expect("canonical"),
+            real.join("best/x/y")
+        );
+        assert_eq!(overlap(&run, &run.join("best")), Some("contains"));
+        assert_eq!(
+            overlap(&run.join("best/encoder"), &run.join("best")),
+            Some("is inside")
+        );
+        assert_eq!(
+            overlap(&run.join("best/../best"), &run.join("best")),
+            Some("is")
+        );
+        assert_eq!(overlap(&d.0.join("bundle"), &run.join("best")), None);
+        assert_eq!(
+            overlap(&d.0.join("run2"), &run),
+            None,
+            "a shared prefix is not inside"
+        );
+        #[cfg(unix)]
+        assert_eq!(
+            overlap(&d.0.join("link"), &run.join("best")),
+            Some("contains")
+        );
     }
 }

@@ -206,11 +206,10 @@ fn check_byte_order(path: &Path) -> Result<()> {
         .file_names_raw()
         .filter(|n| {
             let mut parts = n.split(|&b| b == b'/');
-            match (parts.next(), parts.next(), parts.next()) {
-                (Some(b"byteorder"), None, _) => true,
-                (Some(_), Some(b"byteorder"), None) => true,
-                _ => false,
-            }
+            matches!(
+                (parts.next(), parts.next(), parts.next()),
+                (Some(b"byteorder"), None, _) | (Some(_), Some(b"byteorder"), None)
+            )
         })
         .map(<[u8]>::to_vec)
         .collect();
