@@ -16,7 +16,11 @@ fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let bundle = PathBuf::from(args.next().context("usage: decode_bench BUNDLE [STEPS]")?);
     let steps: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(64);
-    let m: Manifest = serde_json::from_str(&std::fs::read_to_string(bundle.join(MANIFEST_FILE))?)?;
+    let manifest = bundle.join(MANIFEST_FILE);
+    let text =
+        moda_models::files::read_text_bounded(&manifest, moda_models::files::TEXT_FILE_MAX_BYTES)
+            .with_context(|| format!("reading {}", manifest.display()))?;
+    let m: Manifest = serde_json::from_str(&text)?;
     let d = m.model;
     let _ = open(&bundle, "embed_tokens.onnx")?;
     let mut dec = open(&bundle, "decoder.onnx")?;

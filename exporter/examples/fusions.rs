@@ -12,7 +12,9 @@ use moda_sdk::runtime::{session_from_file, SessionOptions};
 use prost::Message;
 
 fn op_counts(path: &std::path::Path) -> anyhow::Result<BTreeMap<String, usize>> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    // A regular file of at most 4 GiB (a FIFO or a device is refused, not read without end).
+    let bytes = moda_models::files::read_bounded(path, 4 << 30)
+        .with_context(|| format!("reading {}", path.display()))?;
     let model = candle_onnx::onnx::ModelProto::decode(bytes.as_slice())?;
     let mut counts = BTreeMap::new();
     for n in model.graph.map(|g| g.node).unwrap_or_default() {

@@ -1,8 +1,15 @@
 //! A small builder over the ONNX protobuf types that candle-onnx generates with prost
 //! (`candle_onnx::onnx`): nodes, initializers from candle tensors, typed inputs and outputs
 //! with symbolic dimensions, and the model wrapper. Nothing here knows about MODA.
+//!
+//! Every float initializer goes through one place, which refuses a NaN or an infinity
+//! ([`check_finite`]): a non-finite weight that the verification probes do not reach (a row
+//! of a position table beyond their length) would otherwise ship and poison the runtime's
+//! output. Quantized weights are checked the same way before they are quantized.
 
 use candle_core::{DType, Tensor};
+
+use crate::{Error, Result};
 use candle_onnx::onnx::{
     attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto, type_proto,
     AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, StringStringEntryProto,
@@ -212,17 +219,23 @@ impl GraphBuilder {
         name
     }
 
-    /// A float initializer from a candle tensor, as is.
-    pub fn tensor(&mut self, name: &str, t: &Tensor) -> candle_core::Result<String> {
-        let dims = t.dims().iter().map(|&d| d as i64).collect();
-        let data = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        Ok(self.initializer(name.to_string(), dims, Elem::F32, f32_bytes(&data)))
+    /// Every float initializer: refused unless all its values are finite.
+    fn f32_initializer(&mut self, name: String, dims: &[i64], data: &[f32]) -> Result<String> {
+        check_finite(&name, dims, data)?;
+        Ok(self.initializer(name, dims.to_vec(), Elem::F32, f32_bytes(data)))
     }
 
-    /// A float initializer with the given shape.
-    pub fn const_f32(&mut self, hint: &str, dims: &[i64], data: &[f32]) -> String {
+    /// A float initializer from a candle tensor, as is; an error if a value is not finite.
+    pub fn tensor(&mut self, name: &str, t: &Tensor) -> Result<String> {
+        let dims: Vec<i64> = t.dims().iter().map(|&d| d as i64).collect();
+        let data = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        self.f32_initializer(name.to_string(), &dims, &data)
+    }
+
+    /// A float initializer with the given shape; an error if a value is not finite.
+    pub fn const_f32(&mut self, hint: &str, dims: &[i64], data: &[f32]) -> Result<String> {
         let name = self.fresh(hint);
-        self.initializer(name, dims.to_vec(), Elem::F32, f32_bytes(data))
+        self.f32_initializer(name, dims, data)
     }
 
     /// An int64 initializer with the given shape (`&[]` for a scalar).
@@ -279,6 +292,29 @@ impl GraphBuilder {
             ..Default::default()
         }
     }
+}
+
+/// Refuses a weight `name` of shape `dims` (row-major `data`) that holds a NaN or an
+/// infinity: the error names the tensor, the first such value and where it is.
+pub fn check_finite(name: &str, dims: &[i64], data: &[f32]) -> Result<()> {
+    let Some(flat) = data.iter().position(|v| !v.is_finite()) else {
+        return Ok(());
+    };
+    // The flat position as an index into the shape.
+    let mut index = vec![0usize; dims.len()];
+    let mut rest = flat;
+    for (slot, &d) in index.iter_mut().zip(dims).rev() {
+        let d = usize::try_from(d).unwrap_or(1).max(1);
+        *slot = rest % d;
+        rest /= d;
+    }
+    Err(Error::NonFinite {
+        tensor: name.to_string(),
+        shape: dims.to_vec(),
+        index,
+        value: data[flat],
+        count: data.iter().filter(|v| !v.is_finite()).count(),
+    })
 }
 
 fn f32_bytes(data: &[f32]) -> Vec<u8> {

@@ -178,6 +178,8 @@ fn linear_q(
                 .to_dtype(candle_core::DType::F32)?
                 .flatten_all()?
                 .to_vec1::<f32>()?;
+            // Its values are not written as they are: check them before they are quantized.
+            crate::graph::check_finite(&format!("{prefix}.weight"), &[n as i64, k as i64], &data)?;
             let (packed, scales) = q.quantize(&data, n, k);
             let kb = k.div_ceil(q.block_size);
             let blob = q.block_size * q.bits as usize / 8;
@@ -186,7 +188,7 @@ fn linear_q(
                 &[n as i64, kb as i64, blob as i64],
                 packed,
             );
-            let sc = g.const_f32(&format!("{prefix}.scales"), &[(n * kb) as i64], &scales);
+            let sc = g.const_f32(&format!("{prefix}.scales"), &[(n * kb) as i64], &scales)?;
             g.contrib_op(
                 "MatMulNBits",
                 &[x, &b, &sc],
@@ -220,7 +222,7 @@ fn layer_norm(g: &mut GraphBuilder, x: &str, t: &Named, prefix: &str, eps: f64) 
         Some(b) => g.tensor(&format!("{prefix}.bias"), b)?,
         None => {
             let n = t.get(&format!("{prefix}.weight"))?.elem_count();
-            g.const_f32("zeros", &[n as i64], &vec![0.0; n])
+            g.const_f32("zeros", &[n as i64], &vec![0.0; n])?
         }
     };
     Ok(g.op(
@@ -233,32 +235,32 @@ fn layer_norm(g: &mut GraphBuilder, x: &str, t: &Named, prefix: &str, eps: f64) 
     ))
 }
 
-fn activation(g: &mut GraphBuilder, x: &str, act: Activation) -> String {
+fn activation(g: &mut GraphBuilder, x: &str, act: Activation) -> Result<String> {
     match act {
-        Activation::Relu => g.op("Relu", &[x], vec![]),
+        Activation::Relu => Ok(g.op("Relu", &[x], vec![])),
         Activation::QuickGelu => {
-            let a = g.const_f32("quick_gelu_alpha", &[], &[1.702]);
+            let a = g.const_f32("quick_gelu_alpha", &[], &[1.702])?;
             let ax = g.op("Mul", &[x, &a], vec![]);
             let s = g.op("Sigmoid", &[&ax], vec![]);
-            g.op("Mul", &[x, &s], vec![])
+            Ok(g.op("Mul", &[x, &s], vec![]))
         }
         Activation::Gelu => {
             // 0.5 x (1 + erf(x / sqrt 2)), as torch exports nn.GELU.
-            let sqrt2 = g.const_f32("sqrt2", &[], &[std::f32::consts::SQRT_2]);
-            let one = g.const_f32("one", &[], &[1.0]);
-            let half = g.const_f32("half", &[], &[0.5]);
+            let sqrt2 = g.const_f32("sqrt2", &[], &[std::f32::consts::SQRT_2])?;
+            let one = g.const_f32("one", &[], &[1.0])?;
+            let half = g.const_f32("half", &[], &[0.5])?;
             let q = g.op("Div", &[x, &sqrt2], vec![]);
             let e = g.op("Erf", &[&q], vec![]);
             let e1 = g.op("Add", &[&e, &one], vec![]);
             let m = g.op("Mul", &[x, &e1], vec![]);
-            g.op("Mul", &[&m, &half], vec![])
+            Ok(g.op("Mul", &[&m, &half], vec![]))
         }
         Activation::GeluTanh => {
             // 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))).
-            let c = g.const_f32("gelu_c", &[], &[(2.0f32 / std::f32::consts::PI).sqrt()]);
-            let k = g.const_f32("gelu_k", &[], &[0.044715]);
-            let one = g.const_f32("one", &[], &[1.0]);
-            let half = g.const_f32("half", &[], &[0.5]);
+            let c = g.const_f32("gelu_c", &[], &[(2.0f32 / std::f32::consts::PI).sqrt()])?;
+            let k = g.const_f32("gelu_k", &[], &[0.044715])?;
+            let one = g.const_f32("one", &[], &[1.0])?;
+            let half = g.const_f32("half", &[], &[0.5])?;
             let x2 = g.op("Mul", &[x, x], vec![]);
             let x3 = g.op("Mul", &[&x2, x], vec![]);
             let kx3 = g.op("Mul", &[&x3, &k], vec![]);
@@ -267,7 +269,7 @@ fn activation(g: &mut GraphBuilder, x: &str, act: Activation) -> String {
             let th = g.op("Tanh", &[&ci], vec![]);
             let t1 = g.op("Add", &[&th, &one], vec![]);
             let m = g.op("Mul", &[x, &t1], vec![]);
-            g.op("Mul", &[&m, &half], vec![])
+            Ok(g.op("Mul", &[&m, &half], vec![]))
         }
     }
 }
@@ -401,7 +403,7 @@ pub fn encoder(model: &Moda, quant: Option<WeightQuant>) -> Result<Graph> {
         xs = g.op("Add", &[&xs, &a], vec![]);
         let n2 = layer_norm(&mut g, &xs, &t, &format!("{l}.layer_norm2"), eps)?;
         let f = linear_q(&mut g, &n2, &t, &format!("{l}.mlp.fc1"), None, quant)?;
-        let f = activation(&mut g, &f, act);
+        let f = activation(&mut g, &f, act)?;
         let f = linear_q(&mut g, &f, &t, &format!("{l}.mlp.fc2"), None, quant)?;
         xs = g.op("Add", &[&xs, &f], vec![]);
     }
@@ -430,7 +432,7 @@ pub fn projector(model: &Moda) -> Result<Graph> {
     let in_dims = vec![Dim::named("batch"), d(cfg.in_dim)];
     let x = g.input("image_embeds", Elem::F32, &in_dims);
     let y = linear(&mut g, &x, &t, "projection.0", None)?;
-    let y = activation(&mut g, &y, Activation::Gelu);
+    let y = activation(&mut g, &y, Activation::Gelu)?;
     let y = linear(&mut g, &y, &t, "projection.2", None)?;
     let axes = g.ints("prefix_axis", &[1]);
     let y = g.op("Unsqueeze", &[&y, &axes], vec![]);
@@ -631,7 +633,7 @@ pub fn decoder(model: &Moda, quant: Option<WeightQuant>) -> Result<Graph> {
             xs.clone()
         };
         let f = linear_q(&mut g, &f_in, &t, &format!("{l}.fc1"), None, quant)?;
-        let f = activation(&mut g, &f, act);
+        let f = activation(&mut g, &f, act)?;
         let f = linear_q(&mut g, &f, &t, &format!("{l}.fc2"), None, quant)?;
         xs = g.op("Add", &[&xs, &f], vec![]);
         if !pre_ln {

@@ -19,6 +19,9 @@
 //! (`.<name>.partial-<pid>`), verified, and renamed into place: a failure leaves no bundle. A
 //! process killed while writing cannot clean up: the next export to the same `--out` removes the
 //! `.<name>.partial-<pid>` (and `.<name>.old-<pid>`) of processes that are gone, and says so.
+//! An existing `--out` is replaced only with `--force`, and only if it is a bundle (it has
+//! `moda.json`) or an empty directory; an `--out` that is, contains or lies inside the
+//! checkpoint, the encoder or the decoder is refused (paths compared with links resolved).
 //!
 //! The decoder's self-attention is ONNX Runtime's contrib op `com.microsoft.MultiHeadAttention`
 //! (KV cache through its `past_key`/`past_value` and `present_key`/`present_value`), so every
@@ -117,6 +120,30 @@ pub enum Error {
     /// `--out` exists and `--force` was not given.
     #[error("{} already exists; pass --force to replace it", .0.display())]
     OutExists(PathBuf),
+    /// `--out` exists and is not a bundle: `--force` replaces only a bundle.
+    #[error(
+        "{} exists and is not a MODA bundle (it has no {MANIFEST_FILE}); --force replaces only \
+         a bundle: remove it yourself or choose another --out",
+        .0.display()
+    )]
+    OutNotBundle(PathBuf),
+    /// `--out` is, contains or lies inside an input of the export.
+    #[error(
+        "--out {} {relation} the {what} {} that the export reads; choose an --out apart from \
+         it (writing the bundle there would destroy it)",
+        out.display(),
+        input.display()
+    )]
+    OutOverlapsInput {
+        /// The bundle directory asked for.
+        out: PathBuf,
+        /// "is", "is inside" or "contains".
+        relation: &'static str,
+        /// What the input is: checkpoint, encoder, decoder.
+        what: &'static str,
+        /// The input.
+        input: PathBuf,
+    },
     /// A file or directory could not be read, written, created, renamed or removed.
     #[error("{}: {cause}", path.display())]
     Io {
@@ -124,6 +151,23 @@ pub enum Error {
         path: PathBuf,
         /// The operating system's error (in the message, so not a `source()`).
         cause: std::io::Error,
+    },
+    /// A weight to be written holds a NaN or an infinity.
+    #[error(
+        "the weight `{tensor}` (shape {shape:?}) holds {value} at {index:?} ({count} non-finite \
+         value(s) in all); a bundle's weights must be finite, no bundle was written"
+    )]
+    NonFinite {
+        /// The tensor, as named in the graph (`.T`: stored transposed).
+        tensor: String,
+        /// Its shape.
+        shape: Vec<i64>,
+        /// The index of the first non-finite value.
+        index: Vec<usize>,
+        /// That value.
+        value: f32,
+        /// How many of its values are not finite.
+        count: usize,
     },
     /// The options are not usable.
     #[error("{0}")]
@@ -284,11 +328,20 @@ pub struct ExportReport {
 
 /// `exporter onnx`: loads the model and writes the bundle.
 pub fn export_onnx(opts: &ExportOptions) -> Result<ExportReport> {
-    check_out(&opts.out, opts.force)?;
+    if opts.out.as_os_str().is_empty() {
+        return Err(Error::Usage("--out is empty".to_string()));
+    }
+    check_apart(&opts.out, &opts.checkpoint, "checkpoint")?;
+    // Early, before loading anything; whether `--force` may replace it is checked once the
+    // inputs are known to lie apart (`write_bundle`).
+    if !opts.force && opts.out.symlink_metadata().is_ok() {
+        return Err(Error::OutExists(opts.out.clone()));
+    }
     if opts.checkpoint.is_file() {
         return export_recipe(opts);
     }
     let dir = checkpoint::resolve_dir(&opts.checkpoint);
+    check_apart(&opts.out, &dir, "checkpoint")?;
     match checkpoint::file_kind(&dir) {
         Some("a directory") => {}
         kind => {
@@ -306,6 +359,10 @@ pub fn export_onnx(opts: &ExportOptions) -> Result<ExportReport> {
     // A trainer checkpoint carries its encoder (or where it comes from), the decoder's
     // configuration and the tokenizer: --encoder and --decoder are not used.
     let loaded = checkpoint::load(&dir, &Device::Cpu)?;
+    if !loaded.config.encoder.embedded {
+        let encoder = checkpoint::encoder_dir(&loaded.dir, &loaded.config)?;
+        check_apart(&opts.out, &encoder, "encoder")?;
+    }
     let sources = BundleSources {
         tokenizer: loaded.tokenizer,
         preprocessing: loaded.config.preprocessor.clone(),
@@ -328,6 +385,8 @@ fn export_recipe(opts: &ExportOptions) -> Result<ExportReport> {
     let mut dec_files = vec![FileReq::config()];
     dec_files.extend(FileReq::tokenizer_all());
     let decoder_dir = resolve_model(&opts.decoder, &dec_files)?;
+    check_apart(&opts.out, &encoder_dir, "encoder")?;
+    check_apart(&opts.out, &decoder_dir, "decoder")?;
     let model =
         Moda::from_recipe_checkpoint(&opts.checkpoint, &encoder_dir, &decoder_dir, &Device::Cpu)?;
     let mut sources = BundleSources::from_dirs(&encoder_dir, &decoder_dir)?;
@@ -336,15 +395,39 @@ fn export_recipe(opts: &ExportOptions) -> Result<ExportReport> {
     write_bundle(&model, &sources, &opts.out, &opts.bundle_options())
 }
 
-/// Refuses an existing `out` unless `force`.
+/// Refuses an existing `out` unless `force`, and with `force` unless it is a bundle (it has
+/// a manifest) or an empty directory: nothing else is replaced.
 fn check_out(out: &Path, force: bool) -> Result<()> {
     if out.as_os_str().is_empty() {
         return Err(Error::Usage("--out is empty".to_string()));
     }
-    if out.symlink_metadata().is_ok() && !force {
+    if out.symlink_metadata().is_err() {
+        return Ok(());
+    }
+    if !force {
         return Err(Error::OutExists(out.to_path_buf()));
     }
-    Ok(())
+    let bundle = out.join(MANIFEST_FILE).is_file();
+    let empty = std::fs::read_dir(out).is_ok_and(|mut entries| entries.next().is_none());
+    if bundle || empty {
+        Ok(())
+    } else {
+        Err(Error::OutNotBundle(out.to_path_buf()))
+    }
+}
+
+/// Refuses an `out` that is the input `input` (`what`: checkpoint, encoder, decoder), lies
+/// inside it or contains it, symbolic links resolved: the bundle replaces `out` as a whole.
+fn check_apart(out: &Path, input: &Path, what: &'static str) -> Result<()> {
+    match checkpoint::overlap(out, input) {
+        None => Ok(()),
+        Some(relation) => Err(Error::OutOverlapsInput {
+            out: out.to_path_buf(),
+            relation,
+            what,
+            input: input.to_path_buf(),
+        }),
+    }
 }
 
 /// Removes a directory when dropped, unless disarmed.
@@ -475,7 +558,9 @@ pub fn write_bundle(
     }
     let tok_path = tmp.join(TOKENIZER_FILE);
     sources.tokenizer.save(&tok_path)?;
-    let tok_bytes = std::fs::read(&tok_path).map_err(io(&tok_path))?;
+    let tok_bytes =
+        moda_models::files::read_bounded(&tok_path, moda_models::files::TEXT_FILE_MAX_BYTES)
+            .map_err(io(&tok_path))?;
     files.insert(
         TOKENIZER_FILE.to_string(),
         FileInfo {

@@ -48,7 +48,7 @@ enum Command {
         /// (MatMulNBits, blocks of 32).
         #[arg(long, value_enum, default_value = "none")]
         quantize: QuantizeArg,
-        /// Replace an existing --out.
+        /// Replace an existing --out, if it is a bundle (a directory with moda.json).
         #[arg(long)]
         force: bool,
         /// Skip the check of the graphs in ONNX Runtime against the candle model.

@@ -422,13 +422,296 @@ fn existing_out_needs_force() {
         out.join("keep.txt").is_file(),
         "the existing directory is untouched"
     );
+    // --force replaces only a bundle: a directory of other files is refused (it was deleted).
     let mut opts = recipe_options(&out);
     opts.force = true;
-    export_onnx(&opts).expect("--force replaces it");
-    assert!(!out.join("keep.txt").exists());
+    opts.verify = false;
+    let err = export_onnx(&opts).expect_err("not a bundle");
+    assert!(matches!(err, Error::OutNotBundle(_)), "{err:?}");
+    assert!(err.to_string().contains("not a MODA bundle"), "{err}");
+    assert!(out.join("keep.txt").is_file(), "the directory is untouched");
+    // So is a regular file.
+    let file = dir.path().join("file");
+    std::fs::write(&file, "mine").expect("write");
+    opts.out = file.clone();
+    let err = export_onnx(&opts).expect_err("a file");
+    assert!(matches!(err, Error::OutNotBundle(_)), "{err:?}");
+    assert_eq!(std::fs::read_to_string(&file).expect("read"), "mine");
+    // A bundle, and an empty directory, are replaced.
+    std::fs::remove_file(&file).expect("rm");
+    std::fs::remove_file(out.join("keep.txt")).expect("rm");
+    opts.out = out.clone();
+    export_onnx(&opts).expect("--force replaces an empty directory");
     assert!(out.join(MANIFEST_FILE).is_file());
+    export_onnx(&opts).expect("--force replaces a bundle");
     let entries: Vec<_> = std::fs::read_dir(dir.path()).expect("dir").collect();
     assert_eq!(entries.len(), 1, "no temporary or old directory left");
+}
+
+/// Saves the recipe fixture's weights as a trainer checkpoint directory at `ckpt` (the
+/// clip_gelu encoder, external unless `encoder` gives a copy to record), after `edit` changes
+/// its state dict.
+fn save_recipe_checkpoint(
+    ckpt: &Path,
+    encoder: Option<&Path>,
+    edit: impl FnOnce(&mut std::collections::BTreeMap<String, Tensor>),
+) {
+    use moda_models::checkpoint::{
+        recipe_state_dict, save, CheckpointConfig, CheckpointContents, EncoderInfo,
+    };
+    use moda_models::preprocess::ImageProcessorConfig;
+    use moda_models::tokenizer::ModaTokenizer;
+    use moda_models::{ClipVisionConfig, OptConfig, Weights};
+
+    let weights = Weights::from_file(&fixture("moda/fashion_opt.pth")).expect("pth");
+    let mut tensors = recipe_state_dict(&weights, true).expect("state dict");
+    edit(&mut tensors);
+    let clip_dir = encoder.map_or_else(|| fixture("clip_gelu"), Path::to_path_buf);
+    let enc_cfg = ClipVisionConfig::from_file(&clip_dir.join("config.json")).expect("clip cfg");
+    let dec_cfg = OptConfig::from_file(&fixture("opt_preln").join("config.json")).expect("opt cfg");
+    let config = CheckpointConfig::new(
+        EncoderInfo {
+            config: enc_cfg.clone(),
+            source: clip_dir.display().to_string(),
+            embedded: false,
+            trained: false,
+        },
+        dec_cfg.clone(),
+        ProjectorConfig::new(enc_cfg.projection_dim, dec_cfg.embed_dim()),
+        ImageProcessorConfig::from_dir_or_default(&clip_dir).expect("preprocessor"),
+    );
+    let tokenizer = ModaTokenizer::from_dir(&fixture("opt_preln")).expect("tokenizer");
+    save(
+        ckpt,
+        &CheckpointContents {
+            config: &config,
+            model: &tensors,
+            encoder: None,
+            tokenizer: &tokenizer,
+            extra_files: Vec::new(),
+            extra_tensors: Vec::new(),
+        },
+    )
+    .expect("save checkpoint");
+}
+
+/// A copy of the files of fixture directory `name` in `dir`.
+fn copy_fixture(name: &str, dir: &Path) -> PathBuf {
+    let to = dir.join(name);
+    std::fs::create_dir_all(&to).expect("mkdir");
+    for entry in std::fs::read_dir(fixture(name)).expect("read dir") {
+        let entry = entry.expect("entry");
+        if entry.path().is_file() {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).expect("copy");
+        }
+    }
+    to
+}
+
+/// Lists every file under `dir` with its size, to see that nothing changed.
+fn tree(dir: &Path) -> Vec<(PathBuf, u64)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).expect("read dir") {
+            let entry = entry.expect("entry");
+            let meta = entry.metadata().expect("metadata");
+            if meta.is_dir() {
+                stack.push(entry.path());
+            } else {
+                out.push((entry.path(), meta.len()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// `--out` must lie apart from everything the export reads: it deleted the run when it was
+/// the run (`--checkpoint run/best --out run --force`), and the checkpoint's encoder when it
+/// lay inside the checkpoint. Paths are compared with links resolved.
+#[test]
+fn out_overlapping_an_input_is_refused_and_nothing_is_touched() {
+    let dir = TempDir::new("export-overlap");
+    let run = dir.path().join("run");
+    let encoder = copy_fixture("clip_gelu", dir.path());
+    let decoder = copy_fixture("opt_preln", dir.path());
+    let best = run.join("best");
+    save_recipe_checkpoint(&best, Some(&encoder), |_| {});
+    std::fs::write(run.join("metrics.jsonl"), "{}\n").expect("metrics");
+    #[cfg(unix)]
+    std::os::unix::fs::symlink(&run, dir.path().join("run-link")).expect("symlink");
+    let pth = dir.path().join("fashion_opt.pth");
+    std::fs::copy(fixture("moda/fashion_opt.pth"), &pth).expect("copy pth");
+    let before = tree(dir.path());
+
+    let mut cases: Vec<(PathBuf, PathBuf, &str, &str)> = vec![
+        // (checkpoint, out, relation, what)
+        (best.clone(), run.clone(), "contains", "checkpoint"),
+        (best.clone(), best.clone(), "is", "checkpoint"),
+        (
+            best.clone(),
+            best.join("encoder"),
+            "is inside",
+            "checkpoint",
+        ),
+        (best.clone(), encoder.clone(), "is", "encoder"),
+        (best.clone(), encoder.join("sub"), "is inside", "encoder"),
+        (
+            best.clone(),
+            dir.path().to_path_buf(),
+            "contains",
+            "checkpoint",
+        ),
+        (pth.clone(), pth.clone(), "is", "checkpoint"),
+        (pth.clone(), decoder.clone(), "is", "decoder"),
+        (pth.clone(), encoder.clone(), "is", "encoder"),
+    ];
+    #[cfg(unix)]
+    cases.push((
+        best.clone(),
+        dir.path().join("run-link"),
+        "contains",
+        "checkpoint",
+    ));
+    for (checkpoint, out, relation, what) in cases {
+        let opts = ExportOptions {
+            checkpoint: checkpoint.clone(),
+            out: out.clone(),
+            encoder: encoder.display().to_string(),
+            decoder: decoder.display().to_string(),
+            quantize: Quantize::None,
+            force: true,
+            verify: false,
+        };
+        let err = export_onnx(&opts).expect_err("must refuse");
+        match &err {
+            Error::OutOverlapsInput {
+                relation: r,
+                what: w,
+                ..
+            } => assert_eq!((*r, *w), (relation, what), "{out:?}: {err}"),
+            other => panic!("{out:?}: expected OutOverlapsInput, got {other:?}"),
+        }
+        let msg = err.to_string();
+        assert!(msg.contains(&format!("--out {}", out.display())), "{msg}");
+    }
+    assert_eq!(tree(dir.path()), before, "nothing was removed or written");
+    // Apart from them, the same export works.
+    let opts = ExportOptions {
+        checkpoint: best,
+        out: dir.path().join("bundle"),
+        encoder: encoder.display().to_string(),
+        decoder: decoder.display().to_string(),
+        quantize: Quantize::None,
+        force: true,
+        verify: false,
+    };
+    export_onnx(&opts).expect("export apart from the inputs");
+}
+
+/// A checkpoint whose config.json is a FIFO (or a link to /dev/zero) is refused at once: the
+/// export waited for a writer forever (or read zeros until memory ran out).
+#[cfg(unix)]
+#[test]
+fn checkpoint_config_that_is_a_fifo_or_a_device_is_refused_at_once() {
+    let dir = TempDir::new("export-fifo");
+    let ckpt = dir.path().join("ckpt");
+    save_recipe_checkpoint(&ckpt, None, |_| {});
+    let config = ckpt.join("config.json");
+    for kind in ["FIFO", "character device"] {
+        std::fs::remove_file(&config).expect("rm config");
+        if kind == "FIFO" {
+            let c = std::ffi::CString::new(config.as_os_str().as_encoded_bytes()).expect("path");
+            // SAFETY: a valid NUL-terminated path.
+            assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+        } else {
+            std::os::unix::fs::symlink("/dev/zero", &config).expect("symlink");
+        }
+        let mut opts = recipe_options(&dir.path().join("bundle"));
+        opts.checkpoint = ckpt.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(export_onnx(&opts).map(|_| ()).map_err(|e| e.to_string()));
+        });
+        let msg = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("the export must not hang")
+            .expect_err("must refuse");
+        assert!(msg.contains("config.json") && msg.contains(kind), "{msg}");
+        assert!(!dir.path().join("bundle").exists());
+    }
+}
+
+/// A NaN in a weight is refused when the graph is written, naming the tensor and where the
+/// value is: in a row of the position table beyond the verification's probes it used to
+/// export and verify, and the runtime then produced garbage. Quantized weights are checked
+/// before they are quantized.
+#[test]
+fn non_finite_weights_are_refused_naming_the_tensor() {
+    let dir = TempDir::new("export-nonfinite");
+    let cases = [
+        (
+            "opt.model.decoder.embed_positions.weight",
+            40usize,
+            f32::NAN,
+            Quantize::None,
+            "embed_positions.weight",
+        ),
+        (
+            "opt.model.decoder.layers.0.fc1.weight",
+            3,
+            f32::INFINITY,
+            Quantize::Int8,
+            "layers.0.fc1.weight",
+        ),
+        (
+            "opt.model.decoder.layers.1.fc2.weight",
+            5,
+            f32::NAN,
+            Quantize::Int4,
+            "layers.1.fc2.weight",
+        ),
+    ];
+    for (i, (name, row, value, quantize, shown)) in cases.into_iter().enumerate() {
+        let ckpt = dir.path().join(format!("ckpt{i}"));
+        save_recipe_checkpoint(&ckpt, None, |tensors| {
+            let t = tensors.get_mut(name).expect("tensor");
+            let (rows, cols) = t.dims2().expect("2-d");
+            let mut v: Vec<f32> = t.flatten_all().and_then(|t| t.to_vec1()).expect("values");
+            v[row * cols + 1] = value;
+            *t = Tensor::from_vec(v, (rows, cols), &Device::Cpu).expect("tensor");
+        });
+        let out = dir.path().join(format!("bundle{i}"));
+        let mut opts = recipe_options(&out);
+        opts.checkpoint = ckpt;
+        opts.quantize = quantize;
+        let err = export_onnx(&opts).expect_err("a non-finite weight");
+        match &err {
+            Error::NonFinite {
+                tensor, value: v, ..
+            } => {
+                assert!(tensor.contains(shown), "{err}");
+                assert!(!v.is_finite(), "{err}");
+            }
+            other => panic!("expected NonFinite, got {other:?}"),
+        }
+        let msg = err.to_string();
+        assert!(
+            msg.contains(shown) && msg.contains("no bundle was written"),
+            "{msg}"
+        );
+        if quantize == Quantize::None {
+            assert!(msg.contains("[40, 1]"), "the index of the value: {msg}");
+        }
+        assert!(!out.exists());
+    }
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("list")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with("ckpt"))
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
 }
 
 #[test]
@@ -515,44 +798,9 @@ fn checkpoint_not_matching_the_decoder_config_names_the_tensor() {
 /// reference).
 #[test]
 fn trainer_checkpoint_exports_like_the_recipe() {
-    use moda_models::checkpoint::{
-        recipe_state_dict, save, CheckpointConfig, CheckpointContents, EncoderInfo,
-    };
-    use moda_models::preprocess::ImageProcessorConfig;
-    use moda_models::tokenizer::ModaTokenizer;
-    use moda_models::{ClipVisionConfig, OptConfig, Weights};
-
     let dir = TempDir::new("export-ckpt");
-    let weights = Weights::from_file(&fixture("moda/fashion_opt.pth")).expect("pth");
-    let tensors = recipe_state_dict(&weights, true).expect("state dict");
-    let clip_dir = fixture("clip_gelu");
-    let enc_cfg = ClipVisionConfig::from_file(&clip_dir.join("config.json")).expect("clip cfg");
-    let dec_cfg = OptConfig::from_file(&fixture("opt_preln").join("config.json")).expect("opt cfg");
-    let config = CheckpointConfig::new(
-        EncoderInfo {
-            config: enc_cfg.clone(),
-            source: clip_dir.display().to_string(),
-            embedded: false,
-            trained: false,
-        },
-        dec_cfg.clone(),
-        ProjectorConfig::new(enc_cfg.projection_dim, dec_cfg.embed_dim()),
-        ImageProcessorConfig::from_dir_or_default(&clip_dir).expect("preprocessor"),
-    );
-    let tokenizer = ModaTokenizer::from_dir(&fixture("opt_preln")).expect("tokenizer");
     let ckpt = dir.path().join("ckpt");
-    save(
-        &ckpt,
-        &CheckpointContents {
-            config: &config,
-            model: &tensors,
-            encoder: None,
-            tokenizer: &tokenizer,
-            extra_files: Vec::new(),
-            extra_tensors: Vec::new(),
-        },
-    )
-    .expect("save checkpoint");
+    save_recipe_checkpoint(&ckpt, None, |_| {});
     let bundle = dir.path().join("bundle");
     let mut opts = recipe_options(&bundle);
     opts.checkpoint = ckpt;
@@ -743,11 +991,11 @@ fn recipe_with_projector(pcfg: ProjectorConfig, nan_at: Option<usize>) -> Moda {
     Moda::new(enc, proj.expect("projector"), dec).expect("moda")
 }
 
-/// A verification failure inside `write_bundle` (here a NaN weight in the projector, so the
-/// graph's output and the candle model's are NaN) is an error naming the graph and output,
-/// and leaves neither the bundle nor its temporary directory behind.
+/// A failure inside `write_bundle` after its temporary directory exists (here a NaN weight in
+/// the projector, refused when its graph is written) is an error naming the tensor, and
+/// leaves neither the bundle nor its temporary directory behind.
 #[test]
-fn failed_verification_leaves_no_bundle() {
+fn failed_export_leaves_no_bundle() {
     let dir = TempDir::new("export-nan");
     let pcfg = *Moda::from_recipe_checkpoint(
         &fixture("moda/fashion_opt.pth"),
@@ -768,18 +1016,12 @@ fn failed_verification_leaves_no_bundle() {
     };
     let err = write_bundle(&model, &sources, &out, &options).expect_err("a NaN must fail");
     match &err {
-        Error::Verify {
-            graph,
-            output,
-            detail,
-            ..
-        } => {
-            assert_eq!(
-                (graph.as_str(), output.as_str(), detail.as_str()),
-                ("projector", "prefix_embeds", "a NaN")
-            );
+        Error::NonFinite { tensor, index, .. } => {
+            assert_eq!(tensor, "projection.0.weight.T");
+            // `projection.0.weight` is [hidden, in]; written transposed.
+            assert_eq!(index, &vec![3 % pcfg.in_dim, 3 / pcfg.in_dim]);
         }
-        other => panic!("expected a verification error, got {other:?}"),
+        other => panic!("expected a non-finite weight error, got {other:?}"),
     }
     assert!(err.to_string().contains("no bundle was written"), "{err}");
     assert!(!out.exists(), "the bundle must not exist");
