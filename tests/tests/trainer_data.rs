@@ -782,7 +782,10 @@ fn a_catalog_csv_that_is_a_fifo_or_a_device_is_refused_at_once() {
     let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).expect("path");
     // SAFETY: a valid NUL-terminated path.
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
-    for (csv, needle) in [(fifo.clone(), "FIFO"), ("/dev/zero".into(), "character device")] {
+    for (csv, needle) in [
+        (fifo.clone(), "FIFO"),
+        ("/dev/zero".into(), "character device"),
+    ] {
         let source = CatalogSource::Csv {
             csv,
             image_column: "path".into(),
@@ -791,5 +794,63 @@ fn a_catalog_csv_that_is_a_fifo_or_a_device_is_refused_at_once() {
         };
         let err = load_catalog(&source, &LoadOptions::default()).expect_err("refused");
         assert!(err.to_string().contains(needle), "{err}");
+    }
+}
+
+/// A row whose image is a FIFO, a directory or a device is skipped as unreadable, saying what
+/// the file is; it was counted as a missing image.
+#[cfg(unix)]
+#[test]
+fn images_that_are_not_regular_files_say_what_they_are() {
+    let t = TempDir::new("image-kinds");
+    let dir = t.path().join("catalog");
+    make_catalog(&dir, 8, 5);
+    let rows = rows(&dir.join(KAGGLE_CSV));
+    let fifo = image_path(&dir, &rows[0]);
+    std::fs::remove_file(&fifo).expect("rm");
+    let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).expect("path");
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+    let folder = image_path(&dir, &rows[1]);
+    std::fs::remove_file(&folder).expect("rm");
+    std::fs::create_dir(&folder).expect("mkdir");
+    let device = image_path(&dir, &rows[2]);
+    std::fs::remove_file(&device).expect("rm");
+    std::os::unix::fs::symlink("/dev/zero", &device).expect("symlink");
+    std::fs::remove_file(image_path(&dir, &rows[3])).expect("rm");
+    for check in [ImageCheck::Decode, ImageCheck::Exists] {
+        let opts = LoadOptions {
+            check,
+            ..Default::default()
+        };
+        let cat = load_catalog(&kaggle(&dir), &opts).expect("load");
+        let r = &cat.report;
+        assert_eq!((r.loaded, r.missing, r.unreadable), (4, 1, 3), "{check:?}");
+        let details: Vec<(SkipReason, &str)> = r
+            .examples
+            .iter()
+            .map(|e| (e.reason, e.detail.as_str()))
+            .collect();
+        assert_eq!(
+            details,
+            [
+                (
+                    SkipReason::Unreadable,
+                    "is a FIFO (named pipe), not an image file"
+                ),
+                (SkipReason::Unreadable, "is a directory, not an image file"),
+                (
+                    SkipReason::Unreadable,
+                    "is a character device, not an image file"
+                ),
+                (SkipReason::Missing, ""),
+            ],
+            "{check:?}"
+        );
+        let summary = r.summary();
+        assert!(
+            summary.contains("1 missing images, 3 unreadable") && summary.contains("FIFO"),
+            "{summary}"
+        );
     }
 }

@@ -270,7 +270,8 @@ impl AsRef<Path> for Sample {
 pub enum SkipReason {
     /// The image file does not exist.
     Missing,
-    /// The image file cannot be read or decoded.
+    /// The image file cannot be read or decoded, or is not a regular file (a directory, a
+    /// FIFO, a device).
     Unreadable,
     /// A column the caption needs is empty.
     Incomplete,
@@ -298,7 +299,7 @@ pub struct LoadReport {
     pub loaded: usize,
     /// Rows whose image does not exist.
     pub missing: usize,
-    /// Rows whose image cannot be decoded.
+    /// Rows whose image cannot be read or decoded, or is not a regular file.
     pub unreadable: usize,
     /// Rows with an empty value in a column the caption needs.
     pub incomplete: usize,
@@ -733,8 +734,21 @@ pub fn load_catalog(source: &CatalogSource, opts: &LoadOptions) -> Result<Catalo
 fn check_images(candidates: &[Candidate], opts: &LoadOptions) -> Vec<Option<(SkipReason, String)>> {
     let check = |c: &Candidate| -> Option<(SkipReason, String)> {
         let path = &c.sample.image;
-        if !path.is_file() {
-            return Some((SkipReason::Missing, String::new()));
+        // Missing is what does not exist; a directory, a FIFO or a device is there, and is no
+        // image (a FIFO is never opened: that would wait for a writer).
+        match std::fs::metadata(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Some((SkipReason::Missing, String::new()))
+            }
+            Err(e) => return Some((SkipReason::Unreadable, e.to_string())),
+            Ok(m) if !m.is_file() => {
+                let kind = moda_models::checkpoint::file_kind(path).unwrap_or("not a regular file");
+                return Some((
+                    SkipReason::Unreadable,
+                    format!("is {kind}, not an image file"),
+                ));
+            }
+            Ok(_) => {}
         }
         match opts.check {
             ImageCheck::Exists => None,
