@@ -684,3 +684,151 @@ fn checkpoint_save_removes_stale_temporaries() {
     assert!(!stale.exists());
     assert!(tmp.path().join("ckpt/config.json").is_file());
 }
+
+/// Every setting is checked before anything runs, the error naming the flag: `--max-steps 0`
+/// ran one step, `--lr-gamma nan`, `--dropout 1`, `nan` or `1.5` trained until the loss
+/// became NaN, and `--max-grad-norm nan` turned clipping off without a word.
+#[test]
+fn settings_are_checked_naming_the_flag() {
+    let tmp = TempDir::new("fit-flags");
+    let out = tmp.path().join("run");
+    let opts = fit_options(
+        &tmp.path().join("no-catalog"),
+        &out,
+        &tmp.path().join("cache"),
+        None,
+        &Device::Cpu,
+    );
+    let base = FitConfig::tiny();
+    let cases: Vec<(&str, FitConfig)> = vec![
+        (
+            "--max-steps",
+            FitConfig {
+                max_steps: Some(0),
+                ..base.clone()
+            },
+        ),
+        (
+            "--lr-gamma",
+            FitConfig {
+                lr_gamma: f64::NAN,
+                ..base.clone()
+            },
+        ),
+        (
+            "--lr-gamma",
+            FitConfig {
+                lr_gamma: 0.0,
+                ..base.clone()
+            },
+        ),
+        (
+            "--dropout",
+            FitConfig {
+                dropout: Some(1.0),
+                ..base.clone()
+            },
+        ),
+        (
+            "--dropout",
+            FitConfig {
+                dropout: Some(f64::NAN),
+                ..base.clone()
+            },
+        ),
+        (
+            "--dropout",
+            FitConfig {
+                dropout: Some(1.5),
+                ..base.clone()
+            },
+        ),
+        (
+            "--dropout",
+            FitConfig {
+                dropout: Some(-0.1),
+                ..base.clone()
+            },
+        ),
+        (
+            "--max-grad-norm",
+            FitConfig {
+                max_grad_norm: f64::NAN,
+                ..base.clone()
+            },
+        ),
+        (
+            "--max-grad-norm",
+            FitConfig {
+                max_grad_norm: -1.0,
+                ..base.clone()
+            },
+        ),
+        (
+            "--weight-decay",
+            FitConfig {
+                weight_decay: f64::INFINITY,
+                ..base.clone()
+            },
+        ),
+        (
+            "--lr",
+            FitConfig {
+                lr: f64::NAN,
+                ..base.clone()
+            },
+        ),
+        (
+            "--warmup-epochs",
+            FitConfig {
+                warmup_epochs: f64::NAN,
+                ..base.clone()
+            },
+        ),
+        (
+            "--val-fraction",
+            FitConfig {
+                val_fraction: f64::NAN,
+                ..base.clone()
+            },
+        ),
+        (
+            "--lr-step-epochs",
+            FitConfig {
+                lr_step_epochs: 0,
+                ..base.clone()
+            },
+        ),
+        (
+            "--epochs",
+            FitConfig {
+                epochs: 0,
+                ..base.clone()
+            },
+        ),
+    ];
+    for (flag, cfg) in cases {
+        let err = fit(&cfg, &opts).expect_err(flag);
+        assert!(
+            matches!(err, trainer::Error::InvalidArgument(_)),
+            "{flag}: {err}"
+        );
+        let msg = err.to_string();
+        assert!(msg.contains(flag), "{flag}: {msg}");
+        assert!(!out.exists(), "{flag}: nothing is written");
+    }
+    // The boundaries that are allowed.
+    for cfg in [
+        FitConfig {
+            dropout: Some(0.0),
+            max_grad_norm: 0.0,
+            weight_decay: 0.0,
+            warmup_epochs: 0.0,
+            max_steps: Some(1),
+            ..base.clone()
+        },
+        FitConfig::default(),
+    ] {
+        cfg.check().expect("valid settings");
+    }
+}

@@ -218,22 +218,71 @@ impl FitConfig {
         }
     }
 
-    fn check(&self) -> Result<()> {
-        let bad = |m: &str| Err(Error::InvalidArgument(m.to_string()));
-        if self.batch_size == 0 || self.grad_accum == 0 || self.epochs == 0 {
-            return bad("--epochs, --batch-size and --grad-accum must be positive");
+    /// Checks every setting: counts positive, every float finite and in its range; the error
+    /// names the flag.
+    pub fn check(&self) -> Result<()> {
+        fn bad(msg: String) -> Result<()> {
+            Err(Error::InvalidArgument(msg))
         }
-        if !(self.lr.is_finite() && self.lr > 0.0) {
-            return bad("--lr must be a positive number");
+        for (flag, value) in [
+            ("--epochs", self.epochs),
+            ("--batch-size", self.batch_size),
+            ("--grad-accum", self.grad_accum),
+            ("--lr-step-epochs", self.lr_step_epochs),
+            ("--data-parallel", self.data_parallel),
+        ] {
+            if value == 0 {
+                return bad(format!("{flag} must be at least 1, got 0"));
+            }
         }
-        if self.data_parallel == 0 {
-            return bad("--data-parallel must be at least 1");
+        if self.max_steps == Some(0) {
+            return bad("--max-steps must be at least 1, got 0".to_string());
         }
-        if !(self.warmup_epochs.is_finite() && self.warmup_epochs >= 0.0) {
-            return bad("--warmup-epochs must be a number >= 0");
-        }
-        if !(0.0..1.0).contains(&self.val_fraction) || self.val_fraction == 0.0 {
-            return bad("--val-fraction must lie in (0, 1)");
+        let check = |flag: &str, v: f64, ok: bool, range: &str| -> Result<()> {
+            if v.is_finite() && ok {
+                Ok(())
+            } else {
+                bad(format!("{flag} must be {range}, got {v}"))
+            }
+        };
+        check("--lr", self.lr, self.lr > 0.0, "a number > 0")?;
+        check(
+            "--weight-decay",
+            self.weight_decay,
+            self.weight_decay >= 0.0,
+            "a number >= 0",
+        )?;
+        check(
+            "--lr-gamma",
+            self.lr_gamma,
+            self.lr_gamma > 0.0,
+            "a number > 0",
+        )?;
+        check(
+            "--warmup-epochs",
+            self.warmup_epochs,
+            self.warmup_epochs >= 0.0,
+            "a number >= 0",
+        )?;
+        check(
+            "--max-grad-norm",
+            self.max_grad_norm,
+            self.max_grad_norm >= 0.0,
+            "a number >= 0 (0 turns clipping off)",
+        )?;
+        check(
+            "--val-fraction",
+            self.val_fraction,
+            self.val_fraction > 0.0 && self.val_fraction < 1.0,
+            "a number in (0, 1)",
+        )?;
+        if let Some(p) = self.dropout {
+            check(
+                "--dropout",
+                p,
+                (0.0..1.0).contains(&p),
+                "a number in [0, 1)",
+            )?;
         }
         if let Some(p) = &self.preset {
             if p != "tiny" {
@@ -1250,6 +1299,14 @@ fn fit_in(cfg: &FitConfig, opts: &FitOptions) -> Result<FitReport> {
     )?;
     if let Some(dir) = &resume_dir {
         let path = dir.join(OPTIMIZER_FILE);
+    if let (Some(_), Some(max)) = (&resume_dir, cfg.max_steps) {
+        if max <= state.step {
+            return Err(Error::Resume(format!(
+                "--max-steps {max}: the run has already taken {} optimizer steps",
+                state.step
+            )));
+        }
+    }
         let moments: BTreeMap<String, Tensor> = candle_core::safetensors::load(&path, device)
             .map_err(|e| Error::Resume(format!("{}: {e}", path.display())))?
             .into_iter()
