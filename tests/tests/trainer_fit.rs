@@ -832,3 +832,238 @@ fn settings_are_checked_naming_the_flag() {
         cfg.check().expect("valid settings");
     }
 }
+
+/// Runs `f` on a thread and waits at most a minute for it: a blocking open of a FIFO hung
+/// these commands.
+fn within_a_minute<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(60))
+        .expect("must not hang")
+}
+
+#[cfg(unix)]
+fn mkfifo(path: &Path) {
+    let _ = std::fs::remove_file(path);
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("path");
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+}
+
+/// Lists every path under `dir` (directories too) with file sizes.
+fn tree(dir: &Path) -> Vec<(std::path::PathBuf, u64)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).expect("read_dir") {
+            let e = e.expect("entry");
+            let meta = std::fs::symlink_metadata(e.path()).expect("metadata");
+            if meta.is_dir() {
+                stack.push(e.path());
+            }
+            out.push((e.path(), if meta.is_file() { meta.len() } else { 0 }));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// One short run, then what must be refused around it: a checkpoint whose files are FIFOs or
+/// devices (`--resume` and `eval` hung on them), outputs that are, contain or lie inside what
+/// the command reads, an output directory of other files, and `--max-steps` already reached.
+/// Nothing on disk changes.
+#[test]
+fn hostile_run_files_and_overlapping_outputs_are_refused() {
+    let tmp = TempDir::new("fit-hostile");
+    let cat = tmp.path().join("catalog");
+    synth_catalog(&cat, 20, 8);
+    let cache = tmp.path().join("cache");
+    let out = tmp.path().join("run");
+    let cfg = FitConfig {
+        epochs: 1,
+        batch_size: 8,
+        max_steps: Some(1),
+        sample_budget: None,
+        ..FitConfig::tiny()
+    };
+    run_fit(&cat, &out, &cache, &cfg, None, &Device::Cpu);
+    let last = out.join("last");
+    assert!(last.join("optimizer.safetensors").is_file());
+
+    // --max-steps already reached: refused (it ran one more step).
+    let err = fit(
+        &cfg,
+        &fit_options(&cat, &out, &cache, Some(&last), &Device::Cpu),
+    )
+    .expect_err("--max-steps 1 reached");
+    assert!(
+        err.to_string().contains("--max-steps 1") && err.to_string().contains("already"),
+        "{err}"
+    );
+
+    // Outputs overlapping inputs.
+    let before = tree(tmp.path());
+    let overlapping = [
+        (cat.clone(), None, "is", "catalog"),
+        (cat.join("run"), None, "is inside", "catalog"),
+        (tmp.path().to_path_buf(), None, "contains", "catalog"),
+        (
+            last.clone(),
+            Some(last.clone()),
+            "is",
+            "checkpoint being resumed",
+        ),
+        (
+            last.join("sub"),
+            Some(last.clone()),
+            "is inside",
+            "checkpoint being resumed",
+        ),
+    ];
+    for (o, resume, relation, what) in overlapping {
+        let opts = fit_options(&cat, &o, &cache, resume.as_deref(), &Device::Cpu);
+        let err = fit(
+            &FitConfig {
+                max_steps: Some(5),
+                ..cfg.clone()
+            },
+            &opts,
+        )
+        .expect_err("overlapping output");
+        match &err {
+            trainer::Error::OutputOverlapsInput {
+                relation: r,
+                what: w,
+                ..
+            } => assert_eq!((*r, w.as_str()), (relation, what), "{o:?}: {err}"),
+            other => panic!("{o:?}: expected OutputOverlapsInput, got {other}"),
+        }
+    }
+    // A local encoder directory as --out (the recipe's settings, no preset).
+    let encoder = tmp.path().join("encoder");
+    copy_dir(&fixture("clip_gelu"), &encoder);
+    let recipe = FitConfig {
+        encoder: encoder.display().to_string(),
+        decoder: fixture("opt_preln").display().to_string(),
+        ..FitConfig::default()
+    };
+    let err = fit(
+        &recipe,
+        &fit_options(&cat, &encoder.join("run"), &cache, None, &Device::Cpu),
+    )
+    .expect_err("inside the encoder");
+    assert!(err.to_string().contains("is inside the encoder"), "{err}");
+    std::fs::remove_dir_all(&encoder).expect("rm encoder");
+    assert_eq!(tree(tmp.path()), before, "nothing was written or removed");
+
+    // An output directory holding other files, or a best/ that is no checkpoint.
+    let other = tmp.path().join("other");
+    std::fs::create_dir_all(other.join("best")).expect("mkdir");
+    std::fs::write(other.join("best/photo.jpg"), "mine").expect("write");
+    let err = fit(&cfg, &fit_options(&cat, &other, &cache, None, &Device::Cpu))
+        .expect_err("best/ is not a checkpoint");
+    assert!(
+        matches!(err, trainer::Error::OutputNotReplaceable { .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("\"best\""), "{err}");
+    std::fs::remove_dir_all(other.join("best")).expect("rm");
+    std::fs::write(other.join("notes.txt"), "mine").expect("write");
+    let err =
+        fit(&cfg, &fit_options(&cat, &other, &cache, None, &Device::Cpu)).expect_err("other files");
+    assert!(err.to_string().contains("notes.txt"), "{err}");
+    assert_eq!(
+        std::fs::read_dir(&other).expect("ls").count(),
+        1,
+        "nothing written"
+    );
+
+    // --predictions over what `eval` reads.
+    let mut eval_opts = eval_options(&last, &cat, &cache);
+    eval_opts.split = EvalSplit::All;
+    let image = load_catalog(
+        &CatalogSource::Kaggle {
+            dir: cat.clone(),
+            template: CaptionTemplate::default(),
+        },
+        &LoadOptions::default(),
+    )
+    .expect("catalog")
+    .samples[0]
+        .image
+        .clone();
+    let before = tree(tmp.path());
+    for (predictions, what) in [
+        (cat.join(KAGGLE_CSV), "catalog CSV"),
+        (last.join("model.safetensors"), "checkpoint file"),
+        (last.join("encoder/config.json"), "encoder directory"),
+        (image, "catalog image"),
+        (out.clone(), "checkpoint"),
+    ] {
+        let opts = EvalOptions {
+            predictions: predictions.clone(),
+            ..eval_opts.clone()
+        };
+        let err = evaluate(&opts).expect_err("over an input");
+        assert!(
+            matches!(err, trainer::Error::OutputOverlapsInput { .. })
+                && err.to_string().contains(what),
+            "{predictions:?}: {err}"
+        );
+    }
+    assert_eq!(tree(tmp.path()), before, "nothing was written");
+
+    // Run files that are FIFOs or devices: refused at once, not waited on.
+    #[cfg(unix)]
+    for (file, kind) in [
+        ("optimizer.safetensors", "FIFO"),
+        ("optimizer.safetensors", "character device"),
+        ("config.json", "FIFO"),
+        ("config.json", "character device"),
+    ] {
+        let ckpt = tmp.path().join("hostile");
+        let _ = std::fs::remove_dir_all(&ckpt);
+        copy_dir(&last, &ckpt);
+        let path = ckpt.join(file);
+        if kind == "FIFO" {
+            mkfifo(&path);
+        } else {
+            std::fs::remove_file(&path).expect("rm");
+            std::os::unix::fs::symlink("/dev/zero", &path).expect("symlink");
+        }
+        let resumed = {
+            let opts = fit_options(
+                &cat,
+                &tmp.path().join("resumed"),
+                &cache,
+                Some(&ckpt),
+                &Device::Cpu,
+            );
+            let cfg = FitConfig {
+                max_steps: Some(5),
+                ..cfg.clone()
+            };
+            within_a_minute(move || fit(&cfg, &opts).map(|_| ()).map_err(|e| e.to_string()))
+        };
+        let msg = resumed.expect_err("a hostile checkpoint file");
+        assert!(
+            msg.contains(file) && msg.contains(kind),
+            "{file} {kind}: {msg}"
+        );
+        if file == "config.json" {
+            let opts = EvalOptions {
+                predictions: tmp.path().join("predictions.csv"),
+                ..eval_options(&ckpt, &cat, &cache)
+            };
+            let msg =
+                within_a_minute(move || evaluate(&opts).map(|_| ()).map_err(|e| e.to_string()))
+                    .expect_err("a hostile config");
+            assert!(
+                msg.contains(file) && msg.contains(kind),
+                "eval {kind}: {msg}"
+            );
+        }
+    }
+}

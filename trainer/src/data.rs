@@ -233,6 +233,34 @@ pub enum CatalogSource {
     },
 }
 
+impl CatalogSource {
+    /// What a command reads of this catalog, for keeping outputs apart from it: the Kaggle
+    /// layout's folder (the CSV's folder when its `fashion.csv` is named); a CSV and the
+    /// `--root` its images start from, when given.
+    pub fn inputs(&self) -> Vec<(&'static str, PathBuf)> {
+        match self {
+            CatalogSource::Kaggle { dir, .. } => {
+                let folder = if dir.is_file() {
+                    match dir.parent() {
+                        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+                        _ => PathBuf::from("."),
+                    }
+                } else {
+                    dir.clone()
+                };
+                vec![("catalog", folder)]
+            }
+            CatalogSource::Csv { csv, root, .. } => {
+                let mut v = vec![("catalog CSV", csv.clone())];
+                if let Some(r) = root {
+                    v.push(("image root", r.clone()));
+                }
+                v
+            }
+        }
+    }
+}
+
 /// Options of [`load_catalog`].
 #[derive(Debug, Clone, Default)]
 pub struct LoadOptions {

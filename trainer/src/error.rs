@@ -106,6 +106,34 @@ pub enum Error {
         /// The directory.
         path: PathBuf,
     },
+    /// An output path is, contains or lies inside something the command reads.
+    #[error(
+        "{flag} {} {relation} the {what} {}; choose {flag} apart from it (writing there would \
+         destroy it)",
+        out.display(),
+        input.display()
+    )]
+    OutputOverlapsInput {
+        /// The option that names the output (`--out`, `--predictions`).
+        flag: &'static str,
+        /// The output path.
+        out: PathBuf,
+        /// "is", "is inside" or "contains".
+        relation: &'static str,
+        /// What the input is ("catalog", "encoder", "checkpoint", ...).
+        what: String,
+        /// The input.
+        input: PathBuf,
+    },
+    /// An existing output directory is not what the command writes, so it is not replaced
+    /// (nor written into).
+    #[error("{}: {msg}", path.display())]
+    OutputNotReplaceable {
+        /// The directory.
+        path: PathBuf,
+        /// What it is and what would be replaced.
+        msg: String,
+    },
     /// An image could not be drawn or encoded.
     #[error("{}: {msg}", path.display())]
     Image {

@@ -190,6 +190,57 @@ pub fn macro_f1(truth: &[String], pred: &[Option<String>]) -> f64 {
     sum / labels.len() as f64
 }
 
+/// Refuses a predictions file that would overwrite what the evaluation reads: a file of the
+/// checkpoint (its default place, `CHECKPOINT/predictions.csv`, is none), anything in or
+/// around the encoder's directory, the catalog's CSV or one of its images.
+fn check_predictions(
+    path: &Path,
+    checkpoint_dir: &Path,
+    encoder_dir: &Path,
+    catalog: &crate::data::Catalog,
+) -> Result<()> {
+    let refuse = |relation: &'static str, what: &str, input: &Path| {
+        Err(Error::OutputOverlapsInput {
+            flag: "--predictions",
+            out: path.to_path_buf(),
+            relation,
+            what: what.to_string(),
+            input: input.to_path_buf(),
+        })
+    };
+    if let Some(relation) = checkpoint::overlap(path, checkpoint_dir).filter(|r| *r != "is inside")
+    {
+        return refuse(relation, "checkpoint", checkpoint_dir);
+    }
+    if let Some(relation) = checkpoint::overlap(path, encoder_dir) {
+        return refuse(relation, "encoder directory", encoder_dir);
+    }
+    for name in [
+        checkpoint::CONFIG_FILE,
+        checkpoint::MODEL_FILE,
+        checkpoint::TOKENIZER_FILE,
+        STATE_FILE,
+        crate::fit::OPTIMIZER_FILE,
+    ] {
+        let file = checkpoint_dir.join(name);
+        if let Some(relation) = checkpoint::overlap(path, &file) {
+            return refuse(relation, "checkpoint file", &file);
+        }
+    }
+    if let Some(relation) = checkpoint::overlap(path, &catalog.csv) {
+        return refuse(relation, "catalog CSV", &catalog.csv);
+    }
+    // Only an existing file can be an image.
+    if let Ok(target) = std::fs::canonicalize(path) {
+        for s in &catalog.samples {
+            if std::fs::canonicalize(&s.image).is_ok_and(|i| i == target) {
+                return refuse("is", "catalog image", &s.image);
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Evaluates a checkpoint on a catalog; see the module docs.
 pub fn evaluate(opts: &EvalOptions) -> Result<EvalReport> {
     let device = &opts.device;
@@ -236,6 +287,7 @@ pub fn evaluate(opts: &EvalOptions) -> Result<EvalReport> {
         .collect();
     // Image embeddings through the cache.
     let enc_dir = checkpoint::encoder_dir(&loaded.dir, &loaded.config)?;
+    check_predictions(&opts.predictions, &loaded.dir, &enc_dir, &catalog)?;
     let fingerprint = EncoderFingerprint::from_dir(&enc_dir)?;
     let cache = EmbeddingCache::open(opts.cache_dir.clone(), fingerprint)?;
     let processor = ImageProcessor::new(loaded.config.preprocessor.clone())?;

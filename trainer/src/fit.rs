@@ -910,6 +910,90 @@ fn epoch_order(train: &[usize], seed: u64, epoch: usize) -> Vec<usize> {
     order
 }
 
+/// Refuses an output directory that is, contains or lies inside what the run reads (the
+/// catalog, a local encoder or decoder, the checkpoint it resumes, unless that is the run's
+/// own `best/` or `last/`), and an existing one that holds anything but a run's files: the run
+/// replaces `best/` and `last/` and rewrites the metrics and the plot.
+fn check_run_dir(cfg: &FitConfig, opts: &FitOptions, resume: Option<&Path>) -> Result<()> {
+    let out = &opts.out;
+    let apart = |what: &str, input: &Path| -> Result<()> {
+        match checkpoint::overlap(out, input) {
+            None => Ok(()),
+            Some(relation) => Err(Error::OutputOverlapsInput {
+                flag: "--out",
+                out: out.clone(),
+                relation,
+                what: what.to_string(),
+                input: input.to_path_buf(),
+            }),
+        }
+    };
+    for (what, input) in opts.source.inputs() {
+        apart(what, &input)?;
+    }
+    match resume {
+        Some(dir) => {
+            // `--resume OUT/last` (or `OUT/best`, or the `.last.old` a crash left) continues a
+            // run in its own directory: the checkpoint is read whole before it is replaced.
+            let own = ["best", "last", ".best.old", ".last.old"]
+                .iter()
+                .any(|n| checkpoint::overlap(&out.join(n), dir) == Some("is"));
+            if !own {
+                apart("checkpoint being resumed", dir)?;
+            }
+            if let Ok(ck) = CheckpointConfig::from_dir(dir) {
+                let source = Path::new(&ck.encoder.source);
+                if !ck.encoder.embedded && source.exists() {
+                    apart("encoder of the checkpoint being resumed", source)?;
+                }
+            }
+        }
+        None if cfg.preset.is_none() => {
+            for (what, name) in [("encoder", &cfg.encoder), ("decoder", &cfg.decoder)] {
+                let path = Path::new(name);
+                if path.exists() {
+                    apart(what, path)?;
+                }
+            }
+        }
+        None => {}
+    }
+    let Ok(entries) = std::fs::read_dir(out) else {
+        return Ok(());
+    };
+    let foreign: Vec<String> = entries
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            match name.as_ref() {
+                // Temporaries (checkpoints being written, metrics being repaired).
+                n if n.starts_with('.') => false,
+                "best" | "last" => !e.path().join(checkpoint::CONFIG_FILE).is_file(),
+                METRICS_FILE | PLOT_FILE => !e.path().is_file(),
+                _ => true,
+            }
+        })
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    if let Some(first) = foreign.first() {
+        return Err(Error::OutputNotReplaceable {
+            path: out.clone(),
+            msg: format!(
+                "not a training run's directory: it holds {first:?}{} (a run's directory holds \
+                 only the checkpoints best/ and last/, {METRICS_FILE} and {PLOT_FILE}); \
+                 `trainer fit` would write among them and replace any best/ or last/: choose a \
+                 new or empty --out",
+                match foreign.len() {
+                    1 => String::new(),
+                    n => format!(" and {} other entries", n - 1),
+                }
+            ),
+        });
+    }
+    Ok(())
+}
+
 fn ensure_writable(out: &Path) -> Result<()> {
     std::fs::create_dir_all(out).map_err(|source| Error::OutputNotWritable {
         path: out.to_path_buf(),
@@ -1215,6 +1299,15 @@ fn fit_in(cfg: &FitConfig, opts: &FitOptions) -> Result<FitReport> {
     };
     let mut cfg = state.config.clone();
     cfg.check()?;
+    check_run_dir(&cfg, opts, resume_dir.as_deref())?;
+    if let (Some(_), Some(max)) = (&resume_dir, cfg.max_steps) {
+        if max <= state.step {
+            return Err(Error::Resume(format!(
+                "--max-steps {max}: the run has already taken {} optimizer steps",
+                state.step
+            )));
+        }
+    }
     ensure_writable(&opts.out)?;
 
     // --- data ------------------------------------------------------------------------------
@@ -1298,19 +1391,7 @@ fn fit_in(cfg: &FitConfig, opts: &FitOptions) -> Result<FitReport> {
         },
     )?;
     if let Some(dir) = &resume_dir {
-        let path = dir.join(OPTIMIZER_FILE);
-    if let (Some(_), Some(max)) = (&resume_dir, cfg.max_steps) {
-        if max <= state.step {
-            return Err(Error::Resume(format!(
-                "--max-steps {max}: the run has already taken {} optimizer steps",
-                state.step
-            )));
-        }
-    }
-        let moments: BTreeMap<String, Tensor> = candle_core::safetensors::load(&path, device)
-            .map_err(|e| Error::Resume(format!("{}: {e}", path.display())))?
-            .into_iter()
-            .collect();
+        let moments = read_moments(&dir.join(OPTIMIZER_FILE), device)?;
         optimizer.load_state(&moments, state.step)?;
     }
     t.model
@@ -1559,6 +1640,25 @@ fn fit_in(cfg: &FitConfig, opts: &FitOptions) -> Result<FitReport> {
         state,
         out: opts.out.clone(),
     })
+}
+
+/// The optimizer moments of a checkpoint: its safetensors file, read only if it is a regular
+/// file (a FIFO is refused, not waited on; a device is refused, not read without end) and
+/// mapped rather than read whole.
+fn read_moments(path: &Path, device: &Device) -> Result<BTreeMap<String, Tensor>> {
+    use candle_nn::var_builder::SimpleBackend;
+    let resume = |e: moda_models::Error| Error::Resume(e.to_string());
+    let weights = Weights::from_file(path).map_err(resume)?;
+    weights
+        .names()
+        .into_iter()
+        .map(|name| {
+            let t = weights
+                .get_unchecked(&name, DType::F32, device)
+                .map_err(|e| resume(weights.explain(e)))?;
+            Ok((name, t))
+        })
+        .collect()
 }
 
 /// Reads a checkpoint's training state and settings, for tools that inspect a run.

@@ -75,7 +75,8 @@ pub struct SynthArgs {
     /// Seed of every random choice; the same seed gives byte-identical files.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Replace --out if it exists and is not empty.
+    /// Replace --out if it exists and is not empty; only a catalog that `trainer synth` wrote
+    /// is replaced.
     #[arg(long)]
     pub force: bool,
     /// No progress bar.
@@ -282,10 +283,7 @@ impl Product {
             self.usage.to_string(),
             self.title.clone(),
             self.image_name(),
-            format!(
-                "https://example.invalid/fashion-images/{}",
-                self.image_name()
-            ),
+            format!("{SYNTH_URL}{}", self.image_name()),
         ]
     }
 }
@@ -317,7 +315,8 @@ fn plan(count: usize, seed: u64) -> Vec<Product> {
 
 /// Writes a synthetic catalog (see [`SYNTH_LONG_ABOUT`]) into `args.out`, atomically: into a
 /// sibling `DIR.tmp-<pid>-<n>` first, renamed to `DIR` when complete. An existing non-empty
-/// `DIR` is refused unless `args.force`. The `DIR.tmp-*` of a process that is gone (killed
+/// `DIR` is refused unless `args.force`, and even then unless it is a catalog that `synth`
+/// wrote (nothing but its CSV and image folders). The `DIR.tmp-*` of a process that is gone (killed
 /// while writing) are removed, with a warning on stderr.
 pub fn synth(args: &SynthArgs) -> Result<SynthReport> {
     if args.count == 0 || args.count > MAX_COUNT {
@@ -338,6 +337,18 @@ pub fn synth(args: &SynthArgs) -> Result<SynthReport> {
             .is_some();
         if non_empty && !args.force {
             return Err(Error::OutputExists { path: out });
+        }
+        if non_empty {
+            if let Err(what) = synthetic_catalog(&out) {
+                return Err(Error::OutputNotReplaceable {
+                    path: out,
+                    msg: format!(
+                        "--force replaces only a synthetic catalog that `trainer synth` wrote \
+                         ({KAGGLE_CSV} and the Apparel/ and Footwear/ image folders), and this \
+                         directory is not one: {what}; remove it yourself or choose another --out"
+                    ),
+                });
+            }
         }
     }
     let parent = match out.parent() {
@@ -383,6 +394,98 @@ pub fn synth(args: &SynthArgs) -> Result<SynthReport> {
         return Err(Error::io(&out, e));
     }
     Ok(SynthReport { out, ..report })
+}
+
+/// The start of every image URL that [`synth`] writes (`example.invalid` is reserved: no real
+/// catalog uses it).
+const SYNTH_URL: &str = "https://example.invalid/fashion-images/";
+
+/// `Ok` when `dir` holds a catalog that [`synth`] wrote and nothing else: `fashion.csv` with
+/// its columns and its image URLs, and the folders `<Category>/<Gender>/Images/
+/// images_with_product_ids/` of `.jpg` files; else what is not. A real Kaggle catalog has the
+/// same layout but other image URLs.
+fn synthetic_catalog(dir: &Path) -> std::result::Result<(), String> {
+    use std::io::{BufRead, Read};
+    let list = |d: &Path| -> std::result::Result<Vec<(String, std::fs::FileType)>, String> {
+        std::fs::read_dir(d)
+            .and_then(|entries| {
+                entries
+                    .map(|e| {
+                        let e = e?;
+                        Ok((e.file_name().to_string_lossy().into_owned(), e.file_type()?))
+                    })
+                    .collect()
+            })
+            .map_err(|e| format!("cannot list {}: {e}", d.display()))
+    };
+    let mut has_csv = false;
+    for (name, ft) in list(dir)? {
+        let folder = FOLDERS.iter().any(|(category, _, _)| *category == name);
+        if name == KAGGLE_CSV && ft.is_file() {
+            has_csv = true;
+        } else if !(folder && ft.is_dir()) {
+            return Err(format!("it holds {name:?}"));
+        }
+    }
+    if !has_csv {
+        return Err(format!("it has no {KAGGLE_CSV}"));
+    }
+    // The header and the first row's image URL.
+    let csv = dir.join(KAGGLE_CSV);
+    let file = moda_models::files::open_regular(&csv).map_err(|e| format!("{KAGGLE_CSV}: {e}"))?;
+    let mut lines = std::io::BufReader::new(file.take(1 << 16)).lines();
+    let header = lines.next().and_then(|l| l.ok()).unwrap_or_default();
+    let first = lines.next().and_then(|l| l.ok()).unwrap_or_default();
+    if header.trim_end() != KAGGLE_COLUMNS.join(",") || !first.contains(SYNTH_URL) {
+        return Err(format!(
+            "its {KAGGLE_CSV} was not written by `trainer synth` (other columns or image URLs)"
+        ));
+    }
+    for (category, gender, _) in FOLDERS {
+        let images = dir
+            .join(category)
+            .join(gender)
+            .join("Images")
+            .join("images_with_product_ids");
+        if !images.is_dir() {
+            continue;
+        }
+        for (name, ft) in list(&images)? {
+            if !(ft.is_file() && name.ends_with(".jpg")) {
+                return Err(format!("{} holds {name:?}", images.display()));
+            }
+        }
+    }
+    // Nothing else in the category, gender and Images folders.
+    for (category, _, _) in FOLDERS {
+        let c = dir.join(category);
+        if !c.is_dir() {
+            continue;
+        }
+        for (gender, ft) in list(&c)? {
+            let known = FOLDERS
+                .iter()
+                .any(|(cat, g, _)| *cat == category && *g == gender);
+            if !(known && ft.is_dir()) {
+                return Err(format!("{} holds {gender:?}", c.display()));
+            }
+            let g = c.join(&gender);
+            for (sub, ft) in list(&g)? {
+                if sub != "Images" || !ft.is_dir() {
+                    return Err(format!("{} holds {sub:?}", g.display()));
+                }
+            }
+            let i = g.join("Images");
+            if i.is_dir() {
+                for (sub, ft) in list(&i)? {
+                    if sub != "images_with_product_ids" || !ft.is_dir() {
+                        return Err(format!("{} holds {sub:?}", i.display()));
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 fn write_catalog(dir: &Path, args: &SynthArgs) -> Result<SynthReport> {
@@ -1248,12 +1351,81 @@ mod tests {
         let e = synth(&SynthArgs::new(&d, 3, 0)).unwrap_err();
         assert!(matches!(e, Error::OutputExists { .. }), "{e}");
         assert!(d.join("keep.txt").exists());
-        let mut args = SynthArgs::new(&d, 3, 0);
+        // An empty directory is written into.
+        std::fs::remove_file(d.join("keep.txt")).unwrap();
+        let r = synth(&SynthArgs::new(&d, 3, 0)).unwrap();
+        assert_eq!(r.count, 3);
+        // --force replaces a catalog that synth wrote.
+        let mut args = SynthArgs::new(&d, 4, 1);
         args.force = true;
         let r = synth(&args).unwrap();
-        assert_eq!(r.count, 3);
-        assert!(!d.join("keep.txt").exists());
+        assert_eq!(r.count, 4);
         assert!(d.join(KAGGLE_CSV).is_file());
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// `--force` replaced any directory: a home directory, a real Kaggle catalog, a catalog
+    /// with a training run inside. It replaces only what `synth` wrote.
+    #[test]
+    fn force_replaces_only_a_synthetic_catalog() {
+        let d = tmp("force");
+        let mut args = SynthArgs::new(&d, 6, 2);
+        args.force = true;
+        let refused = |what: &str| {
+            let e = synth(&args).unwrap_err();
+            assert!(
+                matches!(e, Error::OutputNotReplaceable { .. }),
+                "{what}: {e}"
+            );
+            let msg = e.to_string();
+            assert!(msg.contains("only a synthetic catalog"), "{what}: {msg}");
+            msg
+        };
+        // A directory of unrelated files.
+        std::fs::create_dir_all(d.join("docs")).unwrap();
+        std::fs::write(d.join("docs/thesis.tex"), "years of work").unwrap();
+        let msg = refused("unrelated");
+        assert!(msg.contains("\"docs\""), "{msg}");
+        assert!(d.join("docs/thesis.tex").is_file());
+        std::fs::remove_dir_all(&d).unwrap();
+        // A synthetic catalog with something added: a file at the top, in a folder, a run.
+        synth(&SynthArgs::new(&d, 6, 2)).unwrap();
+        let images = d.join("Apparel/Boys/Images/images_with_product_ids");
+        let images = if images.is_dir() {
+            images
+        } else {
+            d.join("Apparel/Girls/Images/images_with_product_ids")
+        };
+        for extra in [
+            d.join("run/best/config.json"),
+            d.join("notes.txt"),
+            images.join("notes.txt"),
+            d.join("Footwear/Kids/x.jpg"),
+        ] {
+            std::fs::create_dir_all(extra.parent().unwrap()).unwrap();
+            std::fs::write(&extra, "mine").unwrap();
+            refused(&extra.display().to_string());
+            assert!(extra.is_file());
+            std::fs::remove_file(&extra).unwrap();
+            let mut dir = extra.parent().unwrap().to_path_buf();
+            while dir != d && std::fs::remove_dir(&dir).is_ok() {
+                dir = dir.parent().unwrap().to_path_buf();
+            }
+        }
+        // The Kaggle layout with real image URLs: not written by synth.
+        let csv = d.join(KAGGLE_CSV);
+        let text = std::fs::read_to_string(&csv).unwrap();
+        std::fs::write(
+            &csv,
+            text.replace(SYNTH_URL, "http://assets.myntassets.com/"),
+        )
+        .unwrap();
+        let msg = refused("kaggle");
+        assert!(msg.contains("image URLs"), "{msg}");
+        std::fs::write(&csv, text).unwrap();
+        // As written by synth: replaced.
+        let r = synth(&args).unwrap();
+        assert_eq!(r.count, 6);
         std::fs::remove_dir_all(&d).unwrap();
     }
 
