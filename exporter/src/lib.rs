@@ -130,7 +130,7 @@ pub enum Error {
     /// `--out` is, contains or lies inside an input of the export.
     #[error(
         "--out {} {relation} the {what} {} that the export reads; choose an --out apart from \
-         it (writing the bundle there would destroy it)",
+         it (the bundle replaces --out as a whole: writing it there could destroy its input)",
         out.display(),
         input.display()
     )]

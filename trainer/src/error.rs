@@ -108,8 +108,8 @@ pub enum Error {
     },
     /// An output path is, contains or lies inside something the command reads.
     #[error(
-        "{flag} {} {relation} the {what} {}; choose {flag} apart from it (writing there would \
-         destroy it)",
+        "{flag} {} {relation} the {what} {}; choose {flag} apart from it (an output that is, \
+         contains or lies inside an input could overwrite it)",
         out.display(),
         input.display()
     )]
