@@ -53,6 +53,8 @@ preds = list(csv.DictReader(open(sys.argv[1], newline="")))
 recs = {}
 for line in open(sys.argv[2]):
     r = json.loads(line)
+    if "moda_job" in r:  # the job header: the task, shard, options and model
+        continue
     recs[r["image"]] = r
 catalog = list(csv.DictReader(open(sys.argv[3], newline="")))
 attrs = ["Colour", "Usage", "ProductType", "Gender", "Category", "SubCategory"]
