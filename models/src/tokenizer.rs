@@ -989,4 +989,28 @@ mod tests {
         let err = ModaTokenizer::from_dir(&d.0).unwrap_err();
         assert!(err.to_string().contains("merges.txt"), "{err}");
     }
+
+    #[test]
+    fn a_panicking_decoder_is_an_error() {
+        // The `tokenizers` crate's Strip decoder indexes before the start of a token made only
+        // of its `content` when `stop` is longer than the token.
+        let json = serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+            "normalizer": null, "pre_tokenizer": null, "post_processor": null,
+            "decoder": {"type": "Strip", "content": "a", "start": 0, "stop": 5},
+            "model": {"type": "WordLevel", "vocab": {"</s>": 0, "a": 1}, "unk_token": "</s>"},
+        });
+        let tok = ModaTokenizer::from_tokenizer_json_bytes(
+            json.to_string().as_bytes(),
+            Path::new("strip/tokenizer.json"),
+        )
+        .unwrap();
+        assert_eq!(tok.source(), Path::new("strip/tokenizer.json"));
+        let err = tok.decode(&[1], false).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("strip/tokenizer.json") && msg.contains("the tokenizer failed"),
+            "{msg}"
+        );
+    }
 }
