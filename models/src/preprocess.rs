@@ -983,6 +983,20 @@ mod pillow {
     }
 }
 
+/// The `pixel_values` entry of the 8-bit value `v` in channel `c`: rescaled, then
+/// normalized, as `CLIPImageProcessor` computes it (in f32 after the rescale).
+fn pixel_value(cfg: &ImageProcessorConfig, v: u8, c: usize) -> f32 {
+    let mut x = if cfg.do_rescale {
+        (f64::from(v) * cfg.rescale_factor) as f32
+    } else {
+        f32::from(v)
+    };
+    if cfg.do_normalize {
+        x = (x - cfg.image_mean[c]) / cfg.image_std[c];
+    }
+    x
+}
+
 /// The largest output side a preprocessing configuration may ask for (CLIP models take 224
 /// to 448; `pixel_values` of this side are 3 x 4096^2 floats, 192 MiB).
 pub const MAX_OUTPUT_SIDE: usize = 4096;
@@ -1057,6 +1071,24 @@ impl ImageProcessor {
                     format!("{:?}", cfg.image_std),
                     "finite, non-zero numbers",
                 ));
+            }
+        }
+        // The output is affine in the 8-bit value, so its extremes are those of 0 and 255:
+        // both must be finite (a standard deviation of 1e-45 passes the checks above and
+        // still divides a pixel into infinity).
+        for c in 0..3 {
+            for v in [0u8, 255] {
+                let x = pixel_value(&cfg, v, c);
+                if !x.is_finite() {
+                    return Err(unsupported(
+                        "image_std",
+                        format!(
+                            "{:?} with image_mean {:?} (channel {c}, value {v} gives {x})",
+                            cfg.image_std, cfg.image_mean
+                        ),
+                        "values that give finite pixel values",
+                    ));
+                }
             }
         }
         let fixed =
@@ -1165,17 +1197,7 @@ impl ImageProcessor {
         };
         let plane = out_h * out_w;
         let mut out = vec![0f32; 3 * plane];
-        let value = |v: u8, c: usize| -> f32 {
-            let mut x = if self.cfg.do_rescale {
-                (f64::from(v) * self.cfg.rescale_factor) as f32
-            } else {
-                f32::from(v)
-            };
-            if self.cfg.do_normalize {
-                x = (x - self.cfg.image_mean[c]) / self.cfg.image_std[c];
-            }
-            x
-        };
+        let value = |v: u8, c: usize| pixel_value(&self.cfg, v, c);
         // Padding (outside the window) is 0 before rescaling and normalization.
         let pad = [value(0, 0), value(0, 1), value(0, 2)];
         for (c, p) in pad.iter().enumerate() {
@@ -1392,6 +1414,7 @@ mod tests {
     fn preprocessing_numbers_must_give_finite_pixels() {
         for (key, value) in [
             ("image_std", serde_json::json!([0.0, 1.0, 1.0])),
+            ("image_std", serde_json::json!([1e-45, 1.0, 1.0])),
             ("image_mean", serde_json::json!([1.0, 1.0, 1e39])),
             ("rescale_factor", serde_json::json!(0.0)),
             ("crop_size", serde_json::json!(100_000)),
