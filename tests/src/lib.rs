@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 
 pub mod bad_images;
+pub mod fuzz;
 pub mod parity;
 pub mod training;
 

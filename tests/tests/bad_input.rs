@@ -137,3 +137,57 @@ fn a_file_that_is_not_an_image_is_named() {
     assert!(matches!(err, Error::Image { .. }), "{err:?}");
     assert!(err.to_string().contains("not_an_image.jpg"), "{err}");
 }
+
+/// Every input of the fuzz corpora and of the crashes found by fuzzing
+/// (`tests/fuzz/corpus/<target>/`, `tests/fuzz/regressions/<target>/`) goes through its
+/// target's body again (`moda_tests::fuzz`): each must return; a panic fails this test. A
+/// target without a non-empty corpus fails it too, so that no target goes unreplayed.
+#[test]
+fn fuzz_corpora_and_regressions_replay() {
+    let fuzz = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
+    let files = |dir: &std::path::Path| -> Vec<std::path::PathBuf> {
+        let mut v: Vec<_> = std::fs::read_dir(dir)
+            .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default();
+        v.retain(|p| p.is_file());
+        v.sort();
+        v
+    };
+    let mut declared: Vec<String> = files(&fuzz.join("fuzz_targets"))
+        .iter()
+        .filter_map(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+        .collect();
+    declared.sort();
+    let mut known: Vec<String> = moda_tests::fuzz::TARGETS
+        .iter()
+        .map(|(name, _)| name.to_string())
+        .collect();
+    known.sort();
+    assert_eq!(
+        declared, known,
+        "tests/fuzz/fuzz_targets/ and moda_tests::fuzz::TARGETS differ"
+    );
+    for (name, target) in moda_tests::fuzz::TARGETS {
+        let corpus = files(&fuzz.join("corpus").join(name));
+        assert!(
+            !corpus.is_empty(),
+            "the fuzz target {name} has no corpus in tests/fuzz/corpus/{name}/"
+        );
+        let regressions = files(&fuzz.join("regressions").join(name));
+        for path in corpus.iter().chain(&regressions) {
+            let data = std::fs::read(path).expect("read a fuzz input");
+            let run = std::panic::catch_unwind(|| target(&data));
+            assert!(
+                run.is_ok(),
+                "fuzz target {name} panicked on {}",
+                path.display()
+            );
+        }
+        eprintln!(
+            "fuzz target {name}: {} corpus inputs, {} regressions",
+            corpus.len(),
+            regressions.len()
+        );
+    }
+    moda_tests::fuzz::remove_scratch_dir();
+}

@@ -1,0 +1,3 @@
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(init: moda_tests::fuzz::init(), |data: &[u8]| moda_tests::fuzz::resumable_output(data));
