@@ -193,23 +193,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     }
 }
 
-/// An error and its chain of sources on one line, `message: cause: cause ...` as anyhow's
-/// `{:#}` prints it, except that a source whose message the line already holds is left out
-/// (errors of other crates, such as `moda_models::Error::Io`, show their cause and also return
-/// it from `source()`).
-pub fn report(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut line = error.to_string();
-    let mut next = error.source();
-    while let Some(cause) = next {
-        let msg = cause.to_string();
-        if !msg.is_empty() && !line.contains(&msg) {
-            line.push_str(": ");
-            line.push_str(&msg);
-        }
-        next = cause.source();
-    }
-    line
-}
+pub use moda_models::error::report;
 
 /// Weight quantization of the linear layers of the encoder's transformer and of the decoder
 /// (with its LM head); the patch convolution, the projector and the embeddings stay fp32.

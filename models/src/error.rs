@@ -122,3 +122,22 @@ impl Error {
         }
     }
 }
+
+/// An error and its chain of sources on one line, `message: cause: cause ...` as anyhow's
+/// `{:#}` prints it, except that a source whose message the line already holds is left out:
+/// an error that shows its cause and also returns it from `source()` (as [`Error::Io`] and
+/// [`Error::Json`] do) would print it twice. The `trainer` and `exporter` binaries print
+/// their errors with it.
+pub fn report(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = error.to_string();
+    let mut next = error.source();
+    while let Some(cause) = next {
+        let msg = cause.to_string();
+        if !msg.is_empty() && !line.contains(&msg) {
+            line.push_str(": ");
+            line.push_str(&msg);
+        }
+        next = cause.source();
+    }
+    line
+}

@@ -113,3 +113,14 @@ pub fn export_recipe_bundle(out: &Path, quantize: exporter::Quantize) -> PathBuf
     }
     out.to_path_buf()
 }
+
+/// The id of a process that has exited (for tests of what is left behind by processes that
+/// are gone).
+pub fn dead_pid() -> u32 {
+    let mut child = std::process::Command::new("true")
+        .spawn()
+        .expect("spawn true");
+    let pid = child.id();
+    child.wait().expect("wait");
+    pid
+}

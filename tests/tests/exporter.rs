@@ -1032,22 +1032,13 @@ fn failed_export_leaves_no_bundle() {
     assert!(left.is_empty(), "left behind: {left:?}");
 }
 
-fn dead_pid() -> u32 {
-    let mut child = std::process::Command::new("true")
-        .spawn()
-        .expect("spawn true");
-    let pid = child.id();
-    child.wait().expect("wait");
-    pid
-}
-
 /// An export killed midway (`kill -9`) leaves `.<name>.partial-<pid>`, a whole bundle copy.
 /// The next export to that `--out` removes those of processes that are gone, and keeps the
 /// ones of running processes and of other bundles.
 #[test]
 fn stale_partial_bundles_are_removed_by_the_next_export() {
     let dir = TempDir::new("export-stale");
-    let dead = dead_pid();
+    let dead = moda_tests::dead_pid();
     let mut sleeper = std::process::Command::new("sleep")
         .arg("60")
         .spawn()

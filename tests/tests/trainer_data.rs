@@ -700,22 +700,12 @@ fn repeated_ids_split_by_row() {
     assert!(problems[0].contains("now has id \"Q"), "{problems:?}");
 }
 
-/// The pid of a process that has exited (and been waited for).
-fn dead_pid() -> u32 {
-    let mut child = std::process::Command::new("true")
-        .spawn()
-        .expect("spawn true");
-    let pid = child.id();
-    child.wait().expect("wait");
-    pid
-}
-
 /// `trainer synth` killed midway leaves `DIR.tmp-<pid>-<n>`, a whole catalog: the next synth
 /// into `DIR` removes those of processes that are gone and keeps those of running ones.
 #[test]
 fn synth_removes_stale_temporary_catalogs() {
     let t = TempDir::new("synth-stale");
-    let dead = dead_pid();
+    let dead = moda_tests::dead_pid();
     let mut sleeper = std::process::Command::new("sleep")
         .arg("60")
         .spawn()

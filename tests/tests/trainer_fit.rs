@@ -619,22 +619,13 @@ fn resume_keeps_the_run_length_and_repairs_the_metrics() {
     assert_eq!(metric_records(&split).len(), 8 + 2);
 }
 
-fn dead_pid() -> u32 {
-    let mut child = std::process::Command::new("true")
-        .spawn()
-        .expect("spawn true");
-    let pid = child.id();
-    child.wait().expect("wait");
-    pid
-}
-
 /// A trainer killed while writing a checkpoint leaves `.<name>.tmp-<pid>`, a whole checkpoint:
 /// the next save of that checkpoint removes those of processes that are gone (and an older
 /// version's `.<name>.tmp`), and keeps those of running processes.
 #[test]
 fn checkpoint_save_removes_stale_temporaries() {
     let tmp = TempDir::new("ckpt-stale");
-    let dead = dead_pid();
+    let dead = moda_tests::dead_pid();
     let mut sleeper = std::process::Command::new("sleep")
         .arg("60")
         .spawn()
