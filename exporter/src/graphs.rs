@@ -474,15 +474,7 @@ pub fn embed_tokens(model: &Moda) -> Result<Graph> {
     })
 }
 
-/// Names of the cache inputs and outputs of layer `i`.
-pub fn cache_names(i: usize) -> [String; 4] {
-    [
-        format!("past_key_values.{i}.key"),
-        format!("past_key_values.{i}.value"),
-        format!("present.{i}.key"),
-        format!("present.{i}.value"),
-    ]
-}
+pub use moda_sdk::manifest::cache_names;
 
 /// The decoder with its KV cache (see the module documentation); `quant` quantizes its
 /// linear layers and LM head.

@@ -124,3 +124,31 @@ pub fn dead_pid() -> u32 {
     child.wait().expect("wait");
     pid
 }
+
+/// A running process (`sleep 60`), killed when dropped (a failed test leaves none behind): a
+/// pid that is alive, beside [`dead_pid`]'s.
+pub struct LiveProcess(std::process::Child);
+
+impl LiveProcess {
+    /// Starts it.
+    pub fn start() -> Self {
+        Self(
+            std::process::Command::new("sleep")
+                .arg("60")
+                .spawn()
+                .expect("spawn sleep"),
+        )
+    }
+
+    /// Its pid.
+    pub fn id(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for LiveProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -1039,10 +1039,7 @@ fn failed_export_leaves_no_bundle() {
 fn stale_partial_bundles_are_removed_by_the_next_export() {
     let dir = TempDir::new("export-stale");
     let dead = moda_tests::dead_pid();
-    let mut sleeper = std::process::Command::new("sleep")
-        .arg("60")
-        .spawn()
-        .expect("spawn sleep");
+    let sleeper = moda_tests::LiveProcess::start();
     let stale = dir.path().join(format!(".bundle.partial-{dead}"));
     let live = dir.path().join(format!(".bundle.partial-{}", sleeper.id()));
     let mine_other = dir
@@ -1056,8 +1053,7 @@ fn stale_partial_bundles_are_removed_by_the_next_export() {
     let mut opts = recipe_options(&out);
     opts.verify = false;
     export_onnx(&opts).expect("export");
-    let _ = sleeper.kill();
-    let _ = sleeper.wait();
+    drop(sleeper);
     assert!(
         !stale.exists(),
         "the dead process's partial bundle is removed"

@@ -706,10 +706,7 @@ fn repeated_ids_split_by_row() {
 fn synth_removes_stale_temporary_catalogs() {
     let t = TempDir::new("synth-stale");
     let dead = moda_tests::dead_pid();
-    let mut sleeper = std::process::Command::new("sleep")
-        .arg("60")
-        .spawn()
-        .expect("spawn sleep");
+    let sleeper = moda_tests::LiveProcess::start();
     let stale = t.path().join(format!("catalog.tmp-{dead}-0"));
     let live = t.path().join(format!("catalog.tmp-{}-0", sleeper.id()));
     let other = t.path().join(format!("other.tmp-{dead}-0"));
@@ -717,8 +714,7 @@ fn synth_removes_stale_temporary_catalogs() {
         std::fs::create_dir_all(d.join("Apparel")).expect("fake temporary catalog");
     }
     make_catalog(&t.path().join("catalog"), 4, 1);
-    let _ = sleeper.kill();
-    let _ = sleeper.wait();
+    drop(sleeper);
     assert!(!stale.exists(), "the dead process's catalog is removed");
     assert!(live.exists(), "a running process's catalog is kept");
     assert!(other.exists(), "another catalog's temporary is not ours");

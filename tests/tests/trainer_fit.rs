@@ -626,10 +626,7 @@ fn resume_keeps_the_run_length_and_repairs_the_metrics() {
 fn checkpoint_save_removes_stale_temporaries() {
     let tmp = TempDir::new("ckpt-stale");
     let dead = moda_tests::dead_pid();
-    let mut sleeper = std::process::Command::new("sleep")
-        .arg("60")
-        .spawn()
-        .expect("spawn sleep");
+    let sleeper = moda_tests::LiveProcess::start();
     let stale = tmp.path().join(format!(".ckpt.tmp-{dead}"));
     let legacy = tmp.path().join(".ckpt.tmp");
     let live = tmp.path().join(format!(".ckpt.tmp-{}", sleeper.id()));
@@ -639,8 +636,7 @@ fn checkpoint_save_removes_stale_temporaries() {
         std::fs::write(d.join("model.safetensors"), b"partial").expect("fake file");
     }
     let found = checkpoint::remove_stale_temporaries(&tmp.path().join("ckpt"));
-    let _ = sleeper.kill();
-    let _ = sleeper.wait();
+    drop(sleeper);
     let paths: Vec<&Path> = found.iter().map(|s| s.path.as_path()).collect();
     assert_eq!(paths, vec![stale.as_path(), legacy.as_path()]);
     assert!(found.iter().all(|s| s.error.is_none()));
