@@ -162,8 +162,8 @@ def main():
         bundle = args.work / f"bundle-{name}"
         r = {}
         for n in (args.tokens, args.long_tokens):
-            cmd = [sdk, "bench", "--model", str(bundle), str(args.image), "--tokens", str(n),
-                   "--reps", str(args.reps), "--batch", "4", "--json"]
+            cmd = [sdk, "bench", "--model", str(bundle), str(args.image), "--max-new-tokens", str(n),
+                   "--reps", str(args.reps), "--batch-size", "4", "--json"]
             print("+", " ".join(cmd), flush=True)
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             r[n] = json.loads(out.strip().splitlines()[-1])

@@ -13,7 +13,7 @@ mkdir -p "$out"
 step() { printf '\n== %s\n' "$*"; }
 
 step "build (release)"
-cargo build --release -p trainer -p exporter -p moda-sdk
+cargo build --release -p trainer -p exporter -p moda-cli
 bin="${CARGO_TARGET_DIR:-$root/target}/release"
 
 if [ ! -f "$out/catalog/fashion.csv" ]; then

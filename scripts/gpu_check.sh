@@ -88,7 +88,7 @@ cp "$WORK/run/metrics.jsonl" "$WORK/run/loss.png" "$OUT/"
 
 log "trainer eval --device $DEVICE"
 "$BIN/trainer" eval --checkpoint "$WORK/run/best" --data "$WORK/catalog" --device "$DEVICE" \
-    --cache-dir "$WORK/cache" --json >"$OUT/eval.json"
+    --cache-dir "$WORK/cache" --predictions "$OUT/predictions.csv" --json >"$OUT/eval.json"
 
 python3 - "$OUT" "$start" "$end" <<'EOF'
 import json, sys

@@ -26,13 +26,44 @@ use std::collections::HashMap;
 
 use candle_core::Tensor;
 use candle_onnx::onnx::ModelProto;
-use moda_models::{Activation, ClipVisionConfig, Moda, OptConfig};
+use moda_models::{Activation, CaptionModel, ClipVisionConfig, OptConfig};
+
+use moda_sdk::manifest::{
+    Quantization, ATTENTION_MASK, IMAGE_EMBEDS, INPUTS_EMBEDS, INPUT_IDS, LOGITS, PIXEL_VALUES,
+    PREFIX_EMBEDS,
+};
 
 use crate::graph::{Attr, Dim, Elem, GraphBuilder};
 use crate::{Error, Result};
 
-/// A graph's declared inputs or outputs: name, element type, dimensions.
-pub type Signature = Vec<(String, Elem, Vec<Dim>)>;
+/// A declared input or output of a graph.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorSpec {
+    /// Its name in the graph (the names [`moda_sdk::manifest::Role`] gives).
+    pub name: String,
+    /// Its element type.
+    pub elem: Elem,
+    /// Its dimensions.
+    pub dims: Vec<Dim>,
+}
+
+impl TensorSpec {
+    fn new(name: &str, elem: Elem, dims: Vec<Dim>) -> Self {
+        Self {
+            name: name.to_string(),
+            elem,
+            dims,
+        }
+    }
+
+    /// Declares it as an input of `g` and returns its value name.
+    fn declare_input(&self, g: &mut GraphBuilder) -> String {
+        g.input(&self.name, self.elem, &self.dims)
+    }
+}
+
+/// A graph's declared inputs or outputs, in order.
+pub type Signature = Vec<TensorSpec>;
 
 /// A written graph and its signature.
 pub struct Graph {
@@ -59,6 +90,15 @@ pub struct WeightQuant {
 }
 
 impl WeightQuant {
+    /// The `MatMulNBits` parameters of a bundle's quantization, if any.
+    pub fn of(quantization: Quantization) -> Option<Self> {
+        match quantization {
+            Quantization::None => None,
+            Quantization::Int8 => Some(Self::INT8),
+            Quantization::Int4 => Some(Self::INT4),
+        }
+    }
+
     /// int8, blocks of 32.
     pub const INT8: Self = Self {
         bits: 8,
@@ -308,16 +348,54 @@ fn parse_act(name: &str, key: &str) -> Result<Activation> {
 /// The image encoder: `pixel_values [batch, C, S, S]` -> `image_embeds [batch, projection_dim]`;
 /// `quant` quantizes the transformer's linear layers (not the patch convolution, not the
 /// projection).
-pub fn encoder(model: &Moda, quant: Option<WeightQuant>) -> Result<Graph> {
+pub fn encoder(model: &CaptionModel, quant: Option<WeightQuant>) -> Result<Graph> {
     let cfg: &ClipVisionConfig = model.encoder_config();
     let t = Named::new(model.encoder().named_tensors());
     let act = parse_act(&cfg.hidden_act, "hidden_act")?;
-    let (h, s, p) = (cfg.hidden_size, cfg.image_size, cfg.patch_size);
     let eps = cfg.layer_norm_eps;
+    let s = cfg.image_size;
     let mut g = GraphBuilder::new();
-    let in_dims = vec![Dim::named("batch"), d(cfg.num_channels), d(s), d(s)];
-    let pix = g.input("pixel_values", Elem::F32, &in_dims);
+    let input = TensorSpec::new(
+        PIXEL_VALUES,
+        Elem::F32,
+        vec![Dim::named("batch"), d(cfg.num_channels), d(s), d(s)],
+    );
+    let pix = input.declare_input(&mut g);
+    let xs = vision_embeddings(&mut g, &t, cfg, &pix)?;
+    let mut xs = layer_norm(&mut g, &xs, &t, "vision_model.pre_layrnorm", eps)?;
+    for i in 0..cfg.num_hidden_layers {
+        xs = vision_layer(&mut g, &t, cfg, act, quant, i, &xs)?;
+    }
+    let zero = g.const_i64("cls_index", &[], &[0]);
+    let cls = g.op("Gather", &[&xs, &zero], vec![("axis", Attr::Int(1))]);
+    let cls = layer_norm(&mut g, &cls, &t, "vision_model.post_layernorm", eps)?;
+    let emb = linear(&mut g, &cls, &t, "visual_projection", None)?;
+    let output = TensorSpec::new(
+        IMAGE_EMBEDS,
+        Elem::F32,
+        vec![Dim::named("batch"), d(cfg.projection_dim)],
+    );
+    g.output(&emb, &output.name, output.elem, &output.dims);
+    Ok(Graph {
+        model: g.finish(
+            "moda_encoder",
+            "CLIP vision tower + visual_projection (CLIPModel.get_image_features)",
+            &[],
+        ),
+        inputs: vec![input],
+        outputs: vec![output],
+    })
+}
 
+/// CLIP's embeddings of `pix`: the patch convolution, flattened to `[batch, patches, hidden]`,
+/// the class embedding in front, plus the position embeddings.
+fn vision_embeddings(
+    g: &mut GraphBuilder,
+    t: &Named,
+    cfg: &ClipVisionConfig,
+    pix: &str,
+) -> Result<String> {
+    let (h, p) = (cfg.hidden_size, cfg.patch_size as i64);
     let e = "vision_model.embeddings";
     let wp = g.tensor(
         &format!("{e}.patch_embedding.weight"),
@@ -325,10 +403,10 @@ pub fn encoder(model: &Moda, quant: Option<WeightQuant>) -> Result<Graph> {
     )?;
     let conv = g.op(
         "Conv",
-        &[&pix, &wp],
+        &[pix, &wp],
         vec![
-            ("kernel_shape", Attr::Ints(vec![p as i64, p as i64])),
-            ("strides", Attr::Ints(vec![p as i64, p as i64])),
+            ("kernel_shape", Attr::Ints(vec![p, p])),
+            ("strides", Attr::Ints(vec![p, p])),
         ],
     );
     let flat_shape = g.ints("patch_shape", &[0, h as i64, -1]);
@@ -340,7 +418,7 @@ pub fn encoder(model: &Moda, quant: Option<WeightQuant>) -> Result<Graph> {
     );
     let batch = g.op(
         "Shape",
-        &[&pix],
+        &[pix],
         vec![("start", Attr::Int(0)), ("end", Attr::Int(1))],
     );
     let rest = g.ints("class_shape_rest", &[1, h as i64]);
@@ -353,314 +431,362 @@ pub fn encoder(model: &Moda, quant: Option<WeightQuant>) -> Result<Graph> {
         &format!("{e}.position_embedding.weight"),
         t.get(&format!("{e}.position_embedding.weight"))?,
     )?;
-    let xs = g.op("Add", &[&xs, &pos], vec![]);
-    let mut xs = layer_norm(&mut g, &xs, &t, "vision_model.pre_layrnorm", eps)?;
+    Ok(g.op("Add", &[&xs, &pos], vec![]))
+}
 
-    let (heads, hd) = (cfg.num_attention_heads, cfg.head_dim());
+/// CLIP vision layer `i` on `xs` (pre-LN): self-attention as plain `MatMul`/`Softmax` (no
+/// cache), then the MLP, each with its residual.
+fn vision_layer(
+    g: &mut GraphBuilder,
+    t: &Named,
+    cfg: &ClipVisionConfig,
+    act: Activation,
+    quant: Option<WeightQuant>,
+    i: usize,
+    xs: &str,
+) -> Result<String> {
+    let (h, heads, hd) = (cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim());
+    let eps = cfg.layer_norm_eps;
     let scale = (hd as f64).powf(-0.5);
-    for i in 0..cfg.num_hidden_layers {
-        let l = format!("vision_model.encoder.layers.{i}");
-        let n1 = layer_norm(&mut g, &xs, &t, &format!("{l}.layer_norm1"), eps)?;
-        let q = linear_q(
-            &mut g,
-            &n1,
-            &t,
-            &format!("{l}.self_attn.q_proj"),
-            Some(scale),
-            quant,
-        )?;
-        let k = linear_q(
-            &mut g,
-            &n1,
-            &t,
-            &format!("{l}.self_attn.k_proj"),
-            None,
-            quant,
-        )?;
-        let v = linear_q(
-            &mut g,
-            &n1,
-            &t,
-            &format!("{l}.self_attn.v_proj"),
-            None,
-            quant,
-        )?;
-        let q = split_heads(&mut g, &q, heads, hd, false);
-        let kt = split_heads(&mut g, &k, heads, hd, true);
-        let v = split_heads(&mut g, &v, heads, hd, false);
-        let scores = g.op("MatMul", &[&q, &kt], vec![]);
-        let probs = g.op("Softmax", &[&scores], vec![("axis", Attr::Int(-1))]);
-        let ctx = g.op("MatMul", &[&probs, &v], vec![]);
-        let ctx = merge_heads(&mut g, &ctx, h);
-        let a = linear_q(
-            &mut g,
-            &ctx,
-            &t,
-            &format!("{l}.self_attn.out_proj"),
-            None,
-            quant,
-        )?;
-        xs = g.op("Add", &[&xs, &a], vec![]);
-        let n2 = layer_norm(&mut g, &xs, &t, &format!("{l}.layer_norm2"), eps)?;
-        let f = linear_q(&mut g, &n2, &t, &format!("{l}.mlp.fc1"), None, quant)?;
-        let f = activation(&mut g, &f, act)?;
-        let f = linear_q(&mut g, &f, &t, &format!("{l}.mlp.fc2"), None, quant)?;
-        xs = g.op("Add", &[&xs, &f], vec![]);
-    }
-    let zero = g.const_i64("cls_index", &[], &[0]);
-    let cls = g.op("Gather", &[&xs, &zero], vec![("axis", Attr::Int(1))]);
-    let cls = layer_norm(&mut g, &cls, &t, "vision_model.post_layernorm", eps)?;
-    let emb = linear(&mut g, &cls, &t, "visual_projection", None)?;
-    let out_dims = vec![Dim::named("batch"), d(cfg.projection_dim)];
-    g.output(&emb, "image_embeds", Elem::F32, &out_dims);
-    Ok(Graph {
-        model: g.finish(
-            "moda_encoder",
-            "CLIP vision tower + visual_projection (CLIPModel.get_image_features)",
-            &[],
-        ),
-        inputs: vec![("pixel_values".into(), Elem::F32, in_dims)],
-        outputs: vec![("image_embeds".into(), Elem::F32, out_dims)],
-    })
+    let l = format!("vision_model.encoder.layers.{i}");
+    let attn = format!("{l}.self_attn");
+    let n1 = layer_norm(g, xs, t, &format!("{l}.layer_norm1"), eps)?;
+    let q = linear_q(g, &n1, t, &format!("{attn}.q_proj"), Some(scale), quant)?;
+    let k = linear_q(g, &n1, t, &format!("{attn}.k_proj"), None, quant)?;
+    let v = linear_q(g, &n1, t, &format!("{attn}.v_proj"), None, quant)?;
+    let q = split_heads(g, &q, heads, hd, false);
+    let kt = split_heads(g, &k, heads, hd, true);
+    let v = split_heads(g, &v, heads, hd, false);
+    let scores = g.op("MatMul", &[&q, &kt], vec![]);
+    let probs = g.op("Softmax", &[&scores], vec![("axis", Attr::Int(-1))]);
+    let ctx = g.op("MatMul", &[&probs, &v], vec![]);
+    let ctx = merge_heads(g, &ctx, h);
+    let a = linear_q(g, &ctx, t, &format!("{attn}.out_proj"), None, quant)?;
+    let xs = g.op("Add", &[xs, &a], vec![]);
+    let n2 = layer_norm(g, &xs, t, &format!("{l}.layer_norm2"), eps)?;
+    let f = linear_q(g, &n2, t, &format!("{l}.mlp.fc1"), None, quant)?;
+    let f = activation(g, &f, act)?;
+    let f = linear_q(g, &f, t, &format!("{l}.mlp.fc2"), None, quant)?;
+    Ok(g.op("Add", &[&xs, &f], vec![]))
 }
 
 /// The projector: `image_embeds [batch, in]` -> `prefix_embeds [batch, 1, embed_dim]`.
-pub fn projector(model: &Moda) -> Result<Graph> {
+pub fn projector(model: &CaptionModel) -> Result<Graph> {
     let cfg = *model.projector().config();
     let t = Named::new(model.projector().named_tensors());
     let mut g = GraphBuilder::new();
-    let in_dims = vec![Dim::named("batch"), d(cfg.in_dim)];
-    let x = g.input("image_embeds", Elem::F32, &in_dims);
+    let input = TensorSpec::new(
+        IMAGE_EMBEDS,
+        Elem::F32,
+        vec![Dim::named("batch"), d(cfg.in_dim)],
+    );
+    let x = input.declare_input(&mut g);
     let y = linear(&mut g, &x, &t, "projection.0", None)?;
     let y = activation(&mut g, &y, Activation::Gelu)?;
     let y = linear(&mut g, &y, &t, "projection.2", None)?;
     let axes = g.ints("prefix_axis", &[1]);
     let y = g.op("Unsqueeze", &[&y, &axes], vec![]);
-    let out_dims = vec![Dim::named("batch"), d(1), d(cfg.out_dim)];
-    g.output(&y, "prefix_embeds", Elem::F32, &out_dims);
+    let output = TensorSpec::new(
+        PREFIX_EMBEDS,
+        Elem::F32,
+        vec![Dim::named("batch"), d(1), d(cfg.out_dim)],
+    );
+    g.output(&y, &output.name, output.elem, &output.dims);
     Ok(Graph {
         model: g.finish(
             "moda_projector",
             "MODA projector: Linear, exact GELU, Linear",
             &[],
         ),
-        inputs: vec![("image_embeds".into(), Elem::F32, in_dims)],
-        outputs: vec![("prefix_embeds".into(), Elem::F32, out_dims)],
+        inputs: vec![input],
+        outputs: vec![output],
     })
 }
 
 /// The token embedding lookup: `input_ids [batch, sequence]` (int64) ->
 /// `inputs_embeds [batch, sequence, embed_dim]`.
-pub fn embed_tokens(model: &Moda) -> Result<Graph> {
+pub fn embed_tokens(model: &CaptionModel) -> Result<Graph> {
     let cfg: &OptConfig = model.decoder().config();
     let mut g = GraphBuilder::new();
-    let in_dims = vec![Dim::named("batch"), Dim::named("sequence")];
-    let ids = g.input("input_ids", Elem::I64, &in_dims);
+    let input = TensorSpec::new(
+        INPUT_IDS,
+        Elem::I64,
+        vec![Dim::named("batch"), Dim::named("sequence")],
+    );
+    let ids = input.declare_input(&mut g);
     let table = g.tensor(
         "model.decoder.embed_tokens.weight",
         model.decoder().embedding_table(),
     )?;
     let y = g.op("Gather", &[&table, &ids], vec![("axis", Attr::Int(0))]);
-    let out_dims = vec![
-        Dim::named("batch"),
-        Dim::named("sequence"),
-        d(cfg.embed_dim()),
-    ];
-    g.output(&y, "inputs_embeds", Elem::F32, &out_dims);
+    let output = TensorSpec::new(
+        INPUTS_EMBEDS,
+        Elem::F32,
+        vec![
+            Dim::named("batch"),
+            Dim::named("sequence"),
+            d(cfg.embed_dim()),
+        ],
+    );
+    g.output(&y, &output.name, output.elem, &output.dims);
     Ok(Graph {
         model: g.finish("moda_embed_tokens", "OPT token embedding lookup", &[]),
-        inputs: vec![("input_ids".into(), Elem::I64, in_dims)],
-        outputs: vec![("inputs_embeds".into(), Elem::F32, out_dims)],
+        inputs: vec![input],
+        outputs: vec![output],
     })
 }
 
 pub use moda_sdk::manifest::cache_names;
 
+/// What every part of the decoder graph reads: the weights and the shape of the model.
+struct DecoderParts<'a> {
+    cfg: &'a OptConfig,
+    t: Named,
+    act: Activation,
+    quant: Option<WeightQuant>,
+}
+
+/// The decoder's declared inputs and outputs, and the values the layers share.
+struct DecoderIo {
+    inputs: Signature,
+    /// `logits` first, then each layer's `present` key and value.
+    outputs: Signature,
+    /// The `inputs_embeds` value.
+    embeds: String,
+    /// The `attention_mask` value (int64).
+    mask: String,
+}
+
+/// OPT's LayerNorm epsilon (PyTorch's default).
+const OPT_LAYER_NORM_EPS: f64 = 1e-5;
+/// The prefix of OPT's decoder tensors.
+const OPT_DECODER: &str = "model.decoder";
+
 /// The decoder with its KV cache (see the module documentation); `quant` quantizes its
 /// linear layers and LM head.
-pub fn decoder(model: &Moda, quant: Option<WeightQuant>) -> Result<Graph> {
+pub fn decoder(model: &CaptionModel, quant: Option<WeightQuant>) -> Result<Graph> {
     let cfg: &OptConfig = model.decoder().config();
-    let t = Named::new(model.decoder().named_tensors());
-    let act = parse_act(&cfg.activation_function, "activation_function")?;
-    let (e, heads, hd) = (cfg.embed_dim(), cfg.num_attention_heads, cfg.head_dim());
-    let eps = 1e-5; // PyTorch's LayerNorm default, as OPT uses.
-    let dd = "model.decoder";
+    let parts = DecoderParts {
+        cfg,
+        t: Named::new(model.decoder().named_tensors()),
+        act: parse_act(&cfg.activation_function, "activation_function")?,
+        quant,
+    };
     let mut g = GraphBuilder::new();
-    let mut inputs: Signature = Vec::new();
-    let mut outputs: Signature = Vec::new();
-
-    let emb_dims = vec![Dim::named("batch"), Dim::named("sequence"), d(e)];
-    let embeds = g.input("inputs_embeds", Elem::F32, &emb_dims);
-    inputs.push(("inputs_embeds".into(), Elem::F32, emb_dims));
-    let mask_dims = vec![Dim::named("batch"), Dim::named("total_sequence")];
-    let mask = g.input("attention_mask", Elem::I64, &mask_dims);
-    inputs.push(("attention_mask".into(), Elem::I64, mask_dims));
-    let past_dims = vec![
-        Dim::named("batch"),
-        d(heads),
-        Dim::named("past_sequence"),
-        d(hd),
-    ];
-    let present_dims = vec![
-        Dim::named("batch"),
-        d(heads),
-        Dim::named("total_sequence"),
-        d(hd),
-    ];
-    for i in 0..cfg.num_hidden_layers {
-        let [pk, pv, _, _] = cache_names(i);
-        for n in [pk, pv] {
-            g.input(&n, Elem::F32, &past_dims);
-            inputs.push((n, Elem::F32, past_dims.clone()));
-        }
-    }
-
-    // Positions: cumsum(mask) * mask - 1 + 2, for the last `seq` columns.
-    let one_i = g.const_i64("axis1", &[], &[1]);
-    let cs = g.op("CumSum", &[&mask, &one_i], vec![]);
-    let csm = g.op("Mul", &[&cs, &mask], vec![]);
-    let offset = g.const_i64("position_offset", &[], &[1]);
-    let pos = g.op("Add", &[&csm, &offset], vec![]);
-    let seq = g.op(
-        "Shape",
-        &[&embeds],
-        vec![("start", Attr::Int(1)), ("end", Attr::Int(2))],
-    );
-    let neg_seq = g.op("Neg", &[&seq], vec![]);
-    let end = g.ints("slice_end", &[i64::MAX]);
-    let axes1 = g.ints("axes1", &[1]);
-    let pos = g.op("Slice", &[&pos, &neg_seq, &end, &axes1], vec![]);
-    let pos_table = g.tensor(
-        &format!("{dd}.embed_positions.weight"),
-        t.get(&format!("{dd}.embed_positions.weight"))?,
-    )?;
-    let pos_emb = g.op("Gather", &[&pos_table, &pos], vec![("axis", Attr::Int(0))]);
-
+    let io = declare_decoder_io(&mut g, cfg);
+    let pos_emb = position_embeddings(&mut g, &parts, &io)?;
     // Padding for `MultiHeadAttention`: its `key_padding_mask` is int32 `[batch, total]` (1 keep,
     // 0 pad); causality comes from its `unidirectional` attribute, offset by the past length.
-    // Masked scores get `mask_filter_value`, the lowest finite f32 as in the candle model and
-    // transformers (not the kernel's default -10000), so that even a fully masked row (a padded
-    // query) attends as theirs does: uniformly, and finite.
-    let mask_i32 = g.op("Cast", &[&mask], vec![("to", Attr::Int(6))]); // INT32
-
-    let mut xs = match t.opt(&format!("{dd}.project_in.weight")) {
-        Some(_) => linear_q(
-            &mut g,
-            &embeds,
-            &t,
-            &format!("{dd}.project_in"),
-            None,
-            quant,
-        )?,
-        None => embeds.clone(),
+    let mask_i32 = g.op("Cast", &[&io.mask], vec![("to", Attr::Int(6))]); // INT32
+    let mut xs = match parts.t.opt(&format!("{OPT_DECODER}.project_in.weight")) {
+        Some(_) => parts.linear(&mut g, &io.embeds, "project_in", None)?,
+        None => io.embeds.clone(),
     };
     xs = g.op("Add", &[&xs, &pos_emb], vec![]);
-
-    let scale = (hd as f64).powf(-0.5);
-    let pre_ln = cfg.do_layer_norm_before;
     for i in 0..cfg.num_hidden_layers {
-        let l = format!("{dd}.layers.{i}");
-        let [pk, pv, ok, ov] = cache_names(i);
-        let ln1 = format!("{l}.self_attn_layer_norm");
-        let ln2 = format!("{l}.final_layer_norm");
-        let a_in = if pre_ln {
-            layer_norm(&mut g, &xs, &t, &ln1, eps)?
-        } else {
-            xs.clone()
-        };
-        let q = linear_q(
-            &mut g,
-            &a_in,
-            &t,
-            &format!("{l}.self_attn.q_proj"),
-            Some(scale),
-            quant,
-        )?;
-        let k = linear_q(
-            &mut g,
-            &a_in,
-            &t,
-            &format!("{l}.self_attn.k_proj"),
-            None,
-            quant,
-        )?;
-        let v = linear_q(
-            &mut g,
-            &a_in,
-            &t,
-            &format!("{l}.self_attn.v_proj"),
-            None,
-            quant,
-        )?;
-        // q, k, v stay `[batch, seq, heads * hd]`; the kernel splits the heads, appends k and v
-        // to the past (`present = concat(past, new)`, `[batch, heads, total, hd]`) and writes
-        // the context back as `[batch, seq, heads * hd]`. q is already scaled (above).
-        let ctx = g.fresh("mha");
-        g.push_contrib(
-            "MultiHeadAttention",
-            &[&q, &k, &v, "", &mask_i32, "", &pk, &pv],
-            &[&ctx, &ok, &ov],
-            vec![
-                ("num_heads", Attr::Int(heads as i64)),
-                ("unidirectional", Attr::Int(1)),
-                ("scale", Attr::Float(1.0)),
-                ("mask_filter_value", Attr::Float(f32::MIN)),
-            ],
-        );
-        let a = linear_q(
-            &mut g,
-            &ctx,
-            &t,
-            &format!("{l}.self_attn.out_proj"),
-            None,
-            quant,
-        )?;
-        xs = g.op("Add", &[&xs, &a], vec![]);
-        if !pre_ln {
-            xs = layer_norm(&mut g, &xs, &t, &ln1, eps)?;
-        }
-        let f_in = if pre_ln {
-            layer_norm(&mut g, &xs, &t, &ln2, eps)?
-        } else {
-            xs.clone()
-        };
-        let f = linear_q(&mut g, &f_in, &t, &format!("{l}.fc1"), None, quant)?;
-        let f = activation(&mut g, &f, act)?;
-        let f = linear_q(&mut g, &f, &t, &format!("{l}.fc2"), None, quant)?;
-        xs = g.op("Add", &[&xs, &f], vec![]);
-        if !pre_ln {
-            xs = layer_norm(&mut g, &xs, &t, &ln2, eps)?;
-        }
-        outputs.push((ok, Elem::F32, present_dims.clone()));
-        outputs.push((ov, Elem::F32, present_dims.clone()));
+        xs = decoder_layer(&mut g, &parts, i, &xs, &mask_i32)?;
     }
-    if t.opt(&format!("{dd}.final_layer_norm.weight")).is_some() {
-        xs = layer_norm(&mut g, &xs, &t, &format!("{dd}.final_layer_norm"), eps)?;
+    let logits = decoder_head(&mut g, &parts, xs)?;
+    for (i, spec) in io.outputs.iter().enumerate() {
+        // The present tensors are already named by the attention ops; only declare them.
+        let value = if i == 0 { &logits } else { &spec.name };
+        g.output(value, &spec.name, spec.elem, &spec.dims);
     }
-    if t.opt(&format!("{dd}.project_out.weight")).is_some() {
-        xs = linear_q(&mut g, &xs, &t, &format!("{dd}.project_out"), None, quant)?;
-    }
-    let logits = linear_q(&mut g, &xs, &t, "lm_head", None, quant)?;
-    let logits_dims = vec![
-        Dim::named("batch"),
-        Dim::named("sequence"),
-        d(cfg.vocab_size),
-    ];
-    g.output(&logits, "logits", Elem::F32, &logits_dims);
-    for (name, elem, dims) in &outputs {
-        // The present tensors are already named; only declare them.
-        g.output(name, name, *elem, dims);
-    }
-    outputs.insert(0, ("logits".into(), Elem::F32, logits_dims));
     Ok(Graph {
         model: g.finish(
             "moda_decoder",
             "OPTForCausalLM from inputs_embeds with a KV cache",
             &[],
         ),
+        inputs: io.inputs,
+        outputs: io.outputs,
+    })
+}
+
+impl DecoderParts<'_> {
+    /// [`linear_q`] of the decoder's layer `name` (under `model.decoder`).
+    fn linear(
+        &self,
+        g: &mut GraphBuilder,
+        x: &str,
+        name: &str,
+        scale: Option<f64>,
+    ) -> Result<String> {
+        let prefix = format!("{OPT_DECODER}.{name}");
+        linear_q(g, x, &self.t, &prefix, scale, self.quant)
+    }
+
+    /// [`layer_norm`] of the decoder's `name` (under `model.decoder`).
+    fn layer_norm(&self, g: &mut GraphBuilder, x: &str, name: &str) -> Result<String> {
+        let prefix = format!("{OPT_DECODER}.{name}");
+        layer_norm(g, x, &self.t, &prefix, OPT_LAYER_NORM_EPS)
+    }
+}
+
+/// Declares the decoder's inputs (`inputs_embeds`, `attention_mask`, each layer's past key and
+/// value) and lists its outputs (`logits`, each layer's present key and value), with the
+/// names [`moda_sdk::manifest::Role::Decoder`] gives.
+fn declare_decoder_io(g: &mut GraphBuilder, cfg: &OptConfig) -> DecoderIo {
+    let (heads, hd) = (cfg.num_attention_heads, cfg.head_dim());
+    let batch = || Dim::named("batch");
+    let cache = |seq: &str| vec![batch(), d(heads), Dim::named(seq), d(hd)];
+    let mut inputs = vec![
+        TensorSpec::new(
+            INPUTS_EMBEDS,
+            Elem::F32,
+            vec![batch(), Dim::named("sequence"), d(cfg.embed_dim())],
+        ),
+        TensorSpec::new(
+            ATTENTION_MASK,
+            Elem::I64,
+            vec![batch(), Dim::named("total_sequence")],
+        ),
+    ];
+    let mut outputs = vec![TensorSpec::new(
+        LOGITS,
+        Elem::F32,
+        vec![batch(), Dim::named("sequence"), d(cfg.vocab_size)],
+    )];
+    for i in 0..cfg.num_hidden_layers {
+        let [pk, pv, k, v] = cache_names(i);
+        for name in [pk, pv] {
+            inputs.push(TensorSpec::new(&name, Elem::F32, cache("past_sequence")));
+        }
+        for name in [k, v] {
+            outputs.push(TensorSpec::new(&name, Elem::F32, cache("total_sequence")));
+        }
+    }
+    // Every input is declared, in order; the cache inputs are used by name in the layers.
+    let values: Vec<String> = inputs.iter().map(|spec| spec.declare_input(g)).collect();
+    let (embeds, mask) = (values[0].clone(), values[1].clone());
+    DecoderIo {
         inputs,
         outputs,
-    })
+        embeds,
+        mask,
+    }
+}
+
+/// OPT's learned position embeddings of the new tokens. Positions are computed from the mask:
+/// `cumsum(mask) * mask - 1`, plus OPT's offset of 2, for the last `sequence` columns (the
+/// mask covers the past as well).
+fn position_embeddings(
+    g: &mut GraphBuilder,
+    parts: &DecoderParts,
+    io: &DecoderIo,
+) -> Result<String> {
+    let mask = &io.mask;
+    let one_i = g.const_i64("axis1", &[], &[1]);
+    let cs = g.op("CumSum", &[mask, &one_i], vec![]);
+    let csm = g.op("Mul", &[&cs, mask], vec![]);
+    let offset = g.const_i64("position_offset", &[], &[1]);
+    let pos = g.op("Add", &[&csm, &offset], vec![]);
+    let seq = g.op(
+        "Shape",
+        &[&io.embeds],
+        vec![("start", Attr::Int(1)), ("end", Attr::Int(2))],
+    );
+    let neg_seq = g.op("Neg", &[&seq], vec![]);
+    let end = g.ints("slice_end", &[i64::MAX]);
+    let axes1 = g.ints("axes1", &[1]);
+    let pos = g.op("Slice", &[&pos, &neg_seq, &end, &axes1], vec![]);
+    let name = format!("{OPT_DECODER}.embed_positions.weight");
+    let pos_table = g.tensor(&name, parts.t.get(&name)?)?;
+    Ok(g.op("Gather", &[&pos_table, &pos], vec![("axis", Attr::Int(0))]))
+}
+
+/// Decoder layer `i` on `xs`: self-attention with the layer's cache, then the MLP, each with
+/// its residual and LayerNorm (before for pre-LN models, after for post-LN ones).
+fn decoder_layer(
+    g: &mut GraphBuilder,
+    parts: &DecoderParts,
+    i: usize,
+    xs: &str,
+    mask_i32: &str,
+) -> Result<String> {
+    let pre_ln = parts.cfg.do_layer_norm_before;
+    let l = format!("layers.{i}");
+    let ln1 = format!("{l}.self_attn_layer_norm");
+    let ln2 = format!("{l}.final_layer_norm");
+    let a_in = if pre_ln {
+        parts.layer_norm(g, xs, &ln1)?
+    } else {
+        xs.to_string()
+    };
+    let a = self_attention(g, parts, i, &a_in, mask_i32)?;
+    let mut xs = g.op("Add", &[xs, &a], vec![]);
+    if !pre_ln {
+        xs = parts.layer_norm(g, &xs, &ln1)?;
+    }
+    let f_in = if pre_ln {
+        parts.layer_norm(g, &xs, &ln2)?
+    } else {
+        xs.clone()
+    };
+    let f = parts.linear(g, &f_in, &format!("{l}.fc1"), None)?;
+    let f = activation(g, &f, parts.act)?;
+    let f = parts.linear(g, &f, &format!("{l}.fc2"), None)?;
+    xs = g.op("Add", &[&xs, &f], vec![]);
+    if !pre_ln {
+        xs = parts.layer_norm(g, &xs, &ln2)?;
+    }
+    Ok(xs)
+}
+
+/// Layer `i`'s self-attention as ONNX Runtime's `MultiHeadAttention`, which also writes the
+/// layer's `present` key and value outputs.
+fn self_attention(
+    g: &mut GraphBuilder,
+    parts: &DecoderParts,
+    i: usize,
+    x: &str,
+    mask_i32: &str,
+) -> Result<String> {
+    let cfg = parts.cfg;
+    let attn = format!("layers.{i}.self_attn");
+    let scale = (cfg.head_dim() as f64).powf(-0.5);
+    let q = parts.linear(g, x, &format!("{attn}.q_proj"), Some(scale))?;
+    let k = parts.linear(g, x, &format!("{attn}.k_proj"), None)?;
+    let v = parts.linear(g, x, &format!("{attn}.v_proj"), None)?;
+    // q, k, v stay `[batch, seq, heads * hd]`; the kernel splits the heads, appends k and v
+    // to the past (`present = concat(past, new)`, `[batch, heads, total, hd]`) and writes
+    // the context back as `[batch, seq, heads * hd]`. q is already scaled (above). Masked
+    // scores get `mask_filter_value`, the lowest finite f32 as in the candle model and
+    // transformers (not the kernel's default -10000), so that even a fully masked row (a
+    // padded query) attends as theirs does: uniformly, and finite.
+    let [pk, pv, ok, ov] = cache_names(i);
+    let ctx = g.fresh("mha");
+    g.push_contrib(
+        "MultiHeadAttention",
+        &[&q, &k, &v, "", mask_i32, "", &pk, &pv],
+        &[&ctx, &ok, &ov],
+        vec![
+            ("num_heads", Attr::Int(cfg.num_attention_heads as i64)),
+            ("unidirectional", Attr::Int(1)),
+            ("scale", Attr::Float(1.0)),
+            ("mask_filter_value", Attr::Float(f32::MIN)),
+        ],
+    );
+    parts.linear(g, &ctx, &format!("{attn}.out_proj"), None)
+}
+
+/// The final LayerNorm and `project_out` (where the model has them), then the LM head.
+fn decoder_head(g: &mut GraphBuilder, parts: &DecoderParts, mut xs: String) -> Result<String> {
+    if parts
+        .t
+        .opt(&format!("{OPT_DECODER}.final_layer_norm.weight"))
+        .is_some()
+    {
+        xs = parts.layer_norm(g, &xs, "final_layer_norm")?;
+    }
+    if parts
+        .t
+        .opt(&format!("{OPT_DECODER}.project_out.weight"))
+        .is_some()
+    {
+        xs = parts.linear(g, &xs, "project_out", None)?;
+    }
+    linear_q(g, &xs, &parts.t, "lm_head", None, parts.quant)
 }
 
 #[cfg(test)]

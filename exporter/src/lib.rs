@@ -12,13 +12,19 @@
 //! | `tokenizer.json` | the decoder's tokenizer |
 //! | `moda.json` | the manifest ([`moda_sdk::manifest::Manifest`]) |
 //!
+//! The graphs' roles, file names and input and output names are the bundle format's
+//! ([`moda_sdk::manifest::Role`]), shared with the SDK that reads the bundle.
+//!
 //! The token embedding table travels as its own small `Gather` graph so that the runtime
 //! needs nothing but ONNX Runtime; for a tied model it is stored twice (there and, transposed,
 //! as the decoder's LM head). Every graph is self-contained (initializers inside the model, no
 //! external data). The bundle is written to a temporary directory beside `--out`
-//! (`.<name>.partial-<pid>`), verified, and renamed into place: a failure leaves no bundle. A
+//! (`.<name>.partial-<pid>`), verified, and put in place by
+//! [`moda_models::files::replace_dir`] (files fsynced, an existing bundle moved aside to
+//! `.<name>.old` and removed once the new one is in place): a failure leaves no bundle. A
 //! process killed while writing cannot clean up: the next export to the same `--out` removes the
-//! `.<name>.partial-<pid>` (and `.<name>.old-<pid>`) of processes that are gone, and says so.
+//! `.<name>.partial-<pid>` of processes that are gone (and the `.<name>.old-<pid>` that earlier
+//! exporters moved a bundle aside to), and says so.
 //! An existing `--out` is replaced only with `--force`, and only if it is a bundle (it has
 //! `moda.json`) or an empty directory; an `--out` that is, contains or lies inside the
 //! checkpoint, the encoder or the decoder is refused (paths compared with links resolved).
@@ -48,9 +54,9 @@ use moda_models::checkpoint;
 use moda_models::hub::{resolve_model, FileReq};
 use moda_models::preprocess::ImageProcessorConfig;
 use moda_models::tokenizer::ModaTokenizer;
-use moda_models::Moda;
+use moda_models::CaptionModel;
 use moda_sdk::manifest::{
-    FileInfo, GenerationDefaults, GraphInfo, Manifest, ModelDims, Producer, SpecialTokenIds,
+    FileInfo, GenerationDefaults, GraphInfo, Manifest, ModelDims, Producer, Role, SpecialTokenIds,
     TensorInfo, FORMAT, FORMAT_VERSION, MANIFEST_FILE,
 };
 use prost::Message;
@@ -58,21 +64,22 @@ use sha2::{Digest, Sha256};
 
 pub use verify::Measurements;
 
-/// The image encoder's file in a bundle.
-pub const ENCODER_FILE: &str = "encoder.onnx";
+/// The image encoder's file in a bundle ([`Role::default_file`]).
+pub const ENCODER_FILE: &str = Role::Encoder.default_file();
 /// The projector's file.
-pub const PROJECTOR_FILE: &str = "projector.onnx";
+pub const PROJECTOR_FILE: &str = Role::Projector.default_file();
 /// The decoder's file.
-pub const DECODER_FILE: &str = "decoder.onnx";
+pub const DECODER_FILE: &str = Role::Decoder.default_file();
 /// The token embedding graph's file.
-pub const EMBED_TOKENS_FILE: &str = "embed_tokens.onnx";
-/// The tokenizer's file.
-pub const TOKENIZER_FILE: &str = "tokenizer.json";
+pub const EMBED_TOKENS_FILE: &str = Role::EmbedTokens.default_file();
+pub use moda_sdk::manifest::TOKENIZER_FILE;
 
-/// The default frozen encoder (FashionCLIP).
-pub const DEFAULT_ENCODER: &str = "patrickjohncyh/fashion-clip";
-/// The default decoder configuration and tokenizer (OPT-125m).
-pub const DEFAULT_DECODER: &str = "facebook/opt-125m";
+/// The default of `--max-new-tokens`: the most tokens a description gets unless its caller
+/// asks otherwise (the manifest's `generation.max_new_tokens`).
+pub const DEFAULT_MAX_NEW_TOKENS: usize = 32;
+
+/// The default frozen encoder (FashionCLIP) and decoder (OPT-125m), as `trainer fit` uses them.
+pub use moda_models::hub::{DEFAULT_DECODER, DEFAULT_ENCODER};
 
 /// Errors of exporting.
 ///
@@ -196,47 +203,33 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
 pub use moda_models::error::report;
 
 /// Weight quantization of the linear layers of the encoder's transformer and of the decoder
-/// (with its LM head); the patch convolution, the projector and the embeddings stay fp32.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Quantize {
-    /// fp32 weights.
-    #[default]
-    None,
-    /// int8 weights, blocks of 32 (`MatMulNBits` with `bits = 8`).
-    Int8,
-    /// int4 weights, blocks of 32 (`MatMulNBits` with `bits = 4`).
-    Int4,
-}
-
-impl Quantize {
-    /// The name in the manifest.
-    pub fn name(self) -> &'static str {
-        match self {
-            Quantize::None => "none",
-            Quantize::Int8 => "int8",
-            Quantize::Int4 => "int4",
-        }
-    }
-
-    /// The `MatMulNBits` parameters, if any.
-    pub fn weight_quant(self) -> Option<graphs::WeightQuant> {
-        match self {
-            Quantize::None => None,
-            Quantize::Int8 => Some(graphs::WeightQuant::INT8),
-            Quantize::Int4 => Some(graphs::WeightQuant::INT4),
-        }
-    }
-}
+/// (with its LM head): the manifest's own type ([`moda_sdk::manifest::Quantization`]); the
+/// `MatMulNBits` parameters of each are [`graphs::WeightQuant::of`].
+pub use moda_sdk::manifest::Quantization as Quantize;
 
 /// How [`write_bundle`] writes.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct BundleOptions {
     /// Replace an existing bundle.
     pub force: bool,
     /// Check the graphs in ONNX Runtime before renaming the bundle into place.
     pub verify: bool,
-    /// Weight quantization of the decoder.
+    /// Weight quantization of the encoder and the decoder.
     pub quantize: Quantize,
+    /// The manifest's default `max_new_tokens`: at least 1, at most what the decoder's
+    /// positions allow ([`ModelDims::max_new_tokens_allowed`]).
+    pub max_new_tokens: usize,
+}
+
+impl Default for BundleOptions {
+    fn default() -> Self {
+        Self {
+            force: false,
+            verify: false,
+            quantize: Quantize::None,
+            max_new_tokens: DEFAULT_MAX_NEW_TOKENS,
+        }
+    }
 }
 
 /// What `exporter onnx` was asked to do.
@@ -257,6 +250,8 @@ pub struct ExportOptions {
     pub force: bool,
     /// Run the verification (on by default).
     pub verify: bool,
+    /// The manifest's default `max_new_tokens` ([`BundleOptions::max_new_tokens`]).
+    pub max_new_tokens: usize,
 }
 
 impl ExportOptions {
@@ -265,6 +260,7 @@ impl ExportOptions {
             force: self.force,
             verify: self.verify,
             quantize: self.quantize,
+            max_new_tokens: self.max_new_tokens,
         }
     }
 }
@@ -326,7 +322,7 @@ pub fn export_onnx(opts: &ExportOptions) -> Result<ExportReport> {
     }
     let dir = checkpoint::resolve_dir(&opts.checkpoint);
     check_apart(&opts.out, &dir, "checkpoint")?;
-    match checkpoint::file_kind(&dir) {
+    match moda_models::files::file_kind(&dir) {
         Some("a directory") => {}
         kind => {
             let what = match kind {
@@ -371,8 +367,12 @@ fn export_recipe(opts: &ExportOptions) -> Result<ExportReport> {
     let decoder_dir = resolve_model(&opts.decoder, &dec_files)?;
     check_apart(&opts.out, &encoder_dir, "encoder")?;
     check_apart(&opts.out, &decoder_dir, "decoder")?;
-    let model =
-        Moda::from_recipe_checkpoint(&opts.checkpoint, &encoder_dir, &decoder_dir, &Device::Cpu)?;
+    let model = CaptionModel::from_recipe_checkpoint(
+        &opts.checkpoint,
+        &encoder_dir,
+        &decoder_dir,
+        &Device::Cpu,
+    )?;
     let mut sources = BundleSources::from_dirs(&encoder_dir, &decoder_dir)?;
     sources.encoder = opts.encoder.clone();
     sources.decoder = opts.decoder.clone();
@@ -403,7 +403,7 @@ fn check_out(out: &Path, force: bool) -> Result<()> {
 /// Refuses an `out` that is the input `input` (`what`: checkpoint, encoder, decoder), lies
 /// inside it or contains it, symbolic links resolved: the bundle replaces `out` as a whole.
 fn check_apart(out: &Path, input: &Path, what: &'static str) -> Result<()> {
-    match checkpoint::overlap(out, input) {
+    match moda_models::files::overlap(out, input) {
         None => Ok(()),
         Some(relation) => Err(Error::OutOverlapsInput {
             out: out.to_path_buf(),
@@ -414,23 +414,69 @@ fn check_apart(out: &Path, input: &Path, what: &'static str) -> Result<()> {
     }
 }
 
-/// Removes a directory when dropped, unless disarmed.
-struct Cleanup(Option<PathBuf>);
+/// The temporary directory a bundle is written to, `.<name>.partial-<pid>` beside `out`; it is
+/// removed when dropped unless [`Staging::commit`] renamed it into place.
+struct Staging {
+    /// The temporary directory.
+    tmp: PathBuf,
+    /// The bundle directory it becomes.
+    out: PathBuf,
+    /// Renamed into place: nothing to remove.
+    committed: bool,
+}
 
-impl Drop for Cleanup {
+impl Staging {
+    /// Creates the temporary directory (and `out`'s parent), after removing what exports to
+    /// the same `out` killed midway left behind.
+    fn create(out: &Path) -> Result<Self> {
+        let name = out
+            .file_name()
+            .ok_or_else(|| Error::Usage(format!("--out {} has no file name", out.display())))?
+            .to_string_lossy()
+            .to_string();
+        let parent = match out.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        std::fs::create_dir_all(&parent).map_err(io(&parent))?;
+        remove_stale_partials(&parent, &name, out);
+        let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+        }
+        std::fs::create_dir(&tmp).map_err(io(&tmp))?;
+        Ok(Self {
+            tmp,
+            out: out.to_path_buf(),
+            committed: false,
+        })
+    }
+
+    /// Puts the complete bundle in the place of `out` ([`moda_models::files::replace_dir`]:
+    /// an existing `out`, allowed by `--force`, is moved aside and removed once the new one
+    /// is in place).
+    fn commit(mut self) -> Result<()> {
+        moda_models::files::replace_dir(&self.tmp, &self.out).map_err(io(&self.out))?;
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl Drop for Staging {
     fn drop(&mut self) {
-        if let Some(p) = self.0.take() {
-            let _ = std::fs::remove_dir_all(p);
+        if !self.committed {
+            let _ = std::fs::remove_dir_all(&self.tmp);
         }
     }
 }
 
 fn tensor_info(sig: &graphs::Signature) -> Vec<TensorInfo> {
     sig.iter()
-        .map(|(name, elem, dims)| TensorInfo {
-            name: name.clone(),
-            dtype: elem.name().to_string(),
-            shape: dims
+        .map(|t| TensorInfo {
+            name: t.name.clone(),
+            dtype: t.elem.name().to_string(),
+            shape: t
+                .dims
                 .iter()
                 .map(|d| match d {
                     graph::Dim::Fixed(n) => serde_json::Value::from(*n),
@@ -442,117 +488,155 @@ fn tensor_info(sig: &graphs::Signature) -> Vec<TensorInfo> {
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    moda_models::files::hex(&Sha256::digest(bytes))
 }
 
 /// Removes what exports to `parent/name` killed midway left behind: `.<name>.partial-<pid>`
-/// (a bundle being written) of processes that are gone, and their `.<name>.old-<pid>` (the
-/// bundle that was being replaced) when `out` exists; one killed between its two renames
-/// leaves no `out`, and its `.old` is then kept as the only copy of that bundle. Each is
-/// reported on stderr.
+/// (a bundle being written) of processes that are gone, and, when `out` exists, the
+/// `.<name>.old-<pid>` that earlier exporters moved an existing bundle aside to. Without `out`,
+/// such a copy, or the `.<name>.old` of [`moda_models::files::replace_dir`], is kept as the
+/// only copy of that bundle and reported. Each is reported on stderr.
 fn remove_stale_partials(parent: &Path, name: &str, out: &Path) {
-    for stale in checkpoint::remove_stale(parent, &format!(".{name}.partial-")) {
+    for stale in moda_models::files::remove_stale(parent, &format!(".{name}.partial-")) {
         eprintln!("exporter: {stale}");
     }
     let old = format!(".{name}.old-");
     if out.symlink_metadata().is_ok() {
-        for stale in checkpoint::remove_stale(parent, &old) {
+        for stale in moda_models::files::remove_stale(parent, &old) {
             eprintln!("exporter: {stale}");
         }
-    } else if let Ok(entries) = std::fs::read_dir(parent) {
-        for entry in entries.flatten() {
-            if entry.file_name().to_string_lossy().starts_with(&old) {
-                eprintln!(
-                    "exporter: {} holds a bundle that an interrupted export moved aside; \
-                     rename it to {} to restore it",
-                    entry.path().display(),
-                    out.display()
-                );
-            }
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    let moved_aside = format!(".{name}.old");
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let file_name = file_name.to_string_lossy();
+        if file_name.starts_with(&old) || file_name == moved_aside {
+            eprintln!(
+                "exporter: {} holds a bundle that an interrupted export moved aside; rename it \
+                 to {} to restore it",
+                entry.path().display(),
+                out.display()
+            );
         }
     }
 }
 
-/// Writes the bundle of `model` to `out` (see the crate documentation): a temporary directory
-/// beside `out`, verified unless `verify` is false, then renamed into place.
-pub fn write_bundle(
-    model: &Moda,
-    sources: &BundleSources,
-    out: &Path,
-    options: &BundleOptions,
-) -> Result<ExportReport> {
-    check_out(out, options.force)?;
-    let name = out
-        .file_name()
-        .ok_or_else(|| Error::Usage(format!("--out {} has no file name", out.display())))?
-        .to_string_lossy()
-        .to_string();
-    let parent = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&parent).map_err(io(&parent))?;
-    remove_stale_partials(&parent, &name, out);
-    let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
-    }
-    std::fs::create_dir(&tmp).map_err(io(&tmp))?;
-    let mut cleanup = Cleanup(Some(tmp.clone()));
+/// What the graphs and the tokenizer written so far are, as the manifest lists them.
+#[derive(Debug, Default)]
+struct WrittenFiles {
+    /// Each graph's file and signature, by role.
+    graphs: BTreeMap<Role, GraphInfo>,
+    /// Each file's size and checksum, by name.
+    files: BTreeMap<String, FileInfo>,
+}
 
-    let start = Instant::now();
-    let mut files = BTreeMap::new();
-    let mut graph_infos = BTreeMap::new();
-    let quant = options.quantize.weight_quant();
-    let writers = [
-        ("encoder", ENCODER_FILE),
-        ("projector", PROJECTOR_FILE),
-        ("embed_tokens", EMBED_TOKENS_FILE),
-        ("decoder", DECODER_FILE),
-    ];
-    for (role, file) in writers {
-        let g = match role {
-            "encoder" => graphs::encoder(model, quant)?,
-            "projector" => graphs::projector(model)?,
-            "embed_tokens" => graphs::embed_tokens(model)?,
-            _ => graphs::decoder(model, quant)?,
+impl WrittenFiles {
+    /// Writes `bytes` to `dir/name` and records the file.
+    fn write(&mut self, dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
+        let path = dir.join(name);
+        std::fs::write(&path, bytes).map_err(io(&path))?;
+        self.record(name, bytes);
+        Ok(())
+    }
+
+    /// Records the size and checksum of the file `name` holding `bytes`.
+    fn record(&mut self, name: &str, bytes: &[u8]) {
+        let info = FileInfo {
+            bytes: bytes.len() as u64,
+            sha256: sha256_hex(bytes),
         };
+        self.files.insert(name.to_string(), info);
+    }
+}
+
+/// Builds the graph of `role` from `model`.
+fn build_graph(model: &CaptionModel, role: Role, quantize: Quantize) -> Result<graphs::Graph> {
+    let quant = graphs::WeightQuant::of(quantize);
+    match role {
+        Role::Encoder => graphs::encoder(model, quant),
+        Role::Projector => graphs::projector(model),
+        Role::EmbedTokens => graphs::embed_tokens(model),
+        Role::Decoder => graphs::decoder(model, quant),
+    }
+}
+
+/// Writes every role's graph to its default file in `dir`, one at a time (each graph holds a
+/// copy of its weights until written).
+fn write_graphs(model: &CaptionModel, quantize: Quantize, dir: &Path) -> Result<WrittenFiles> {
+    let mut written = WrittenFiles::default();
+    for role in Role::ALL {
+        let g = build_graph(model, role, quantize)?;
         let bytes = g.model.encode_to_vec();
         drop(g.model);
-        let path = tmp.join(file);
-        std::fs::write(&path, &bytes).map_err(io(&path))?;
-        files.insert(
-            file.to_string(),
-            FileInfo {
-                bytes: bytes.len() as u64,
-                sha256: sha256_hex(&bytes),
-            },
-        );
-        graph_infos.insert(
-            role.to_string(),
-            GraphInfo {
-                file: file.to_string(),
-                inputs: tensor_info(&g.inputs),
-                outputs: tensor_info(&g.outputs),
-            },
-        );
+        let file = role.default_file();
+        written.write(dir, file, &bytes)?;
+        let info = GraphInfo {
+            file: file.to_string(),
+            inputs: tensor_info(&g.inputs),
+            outputs: tensor_info(&g.outputs),
+        };
+        written.graphs.insert(role, info);
     }
-    let tok_path = tmp.join(TOKENIZER_FILE);
-    sources.tokenizer.save(&tok_path)?;
-    let tok_bytes =
-        moda_models::files::read_bounded(&tok_path, moda_models::files::TEXT_FILE_MAX_BYTES)
-            .map_err(io(&tok_path))?;
-    files.insert(
-        TOKENIZER_FILE.to_string(),
-        FileInfo {
-            bytes: tok_bytes.len() as u64,
-            sha256: sha256_hex(&tok_bytes),
-        },
-    );
+    Ok(written)
+}
 
+/// Saves the tokenizer to `dir` and records it.
+fn write_tokenizer(
+    tokenizer: &ModaTokenizer,
+    dir: &Path,
+    written: &mut WrittenFiles,
+) -> Result<()> {
+    let path = dir.join(TOKENIZER_FILE);
+    tokenizer.save(&path)?;
+    let bytes = moda_models::files::read_bounded(&path, moda_models::files::TEXT_FILE_MAX_BYTES)
+        .map_err(io(&path))?;
+    written.record(TOKENIZER_FILE, &bytes);
+    Ok(())
+}
+
+/// The dimensions of `model` a runtime needs.
+fn model_dims(model: &CaptionModel) -> ModelDims {
+    let ecfg = model.encoder_config();
+    let dcfg = model.decoder().config();
+    ModelDims {
+        image_size: ecfg.image_size,
+        num_channels: ecfg.num_channels,
+        projection_dim: ecfg.projection_dim,
+        embed_dim: dcfg.embed_dim(),
+        hidden_size: dcfg.hidden_size,
+        num_layers: dcfg.num_hidden_layers,
+        num_heads: dcfg.num_attention_heads,
+        head_dim: dcfg.head_dim(),
+        vocab_size: dcfg.vocab_size,
+        max_positions: dcfg.max_position_embeddings,
+        prefix_len: 1,
+    }
+}
+
+/// Refuses a `--max-new-tokens` of 0 or more than the decoder's positions allow.
+fn check_max_new_tokens(dims: &ModelDims, max_new_tokens: usize) -> Result<()> {
+    let room = dims.max_new_tokens_allowed();
+    if max_new_tokens == 0 || max_new_tokens > room {
+        return Err(Error::Usage(format!(
+            "--max-new-tokens {max_new_tokens}: the decoder's {} positions allow 1 to {room}",
+            dims.max_positions
+        )));
+    }
+    Ok(())
+}
+
+/// The manifest of the bundle whose files are `written`, checked as the SDK checks it (a
+/// manifest the SDK would refuse is a bug here, not a bundle).
+fn build_manifest(
+    model: &CaptionModel,
+    sources: &BundleSources,
+    options: &BundleOptions,
+    written: WrittenFiles,
+) -> Result<Manifest> {
     let ecfg = model.encoder_config();
     let dcfg = model.decoder().config();
     let manifest = Manifest {
@@ -562,85 +646,95 @@ pub fn write_bundle(
             name: "moda-exporter".to_string(),
             version: env!("CARGO_PKG_VERSION").to_string(),
         },
-        model: ModelDims {
-            image_size: ecfg.image_size,
-            num_channels: ecfg.num_channels,
-            projection_dim: ecfg.projection_dim,
-            embed_dim: dcfg.embed_dim(),
-            hidden_size: dcfg.hidden_size,
-            num_layers: dcfg.num_hidden_layers,
-            num_heads: dcfg.num_attention_heads,
-            head_dim: dcfg.head_dim(),
-            vocab_size: dcfg.vocab_size,
-            max_positions: dcfg.max_position_embeddings,
-            prefix_len: 1,
-        },
-        graphs: graph_infos,
+        model: model_dims(model),
+        graphs: written.graphs,
         tokenizer: TOKENIZER_FILE.to_string(),
-        preprocessing: serde_json::to_value(&sources.preprocessing)
-            .map_err(|e| Error::Internal(format!("preprocessing config: {e}")))?,
+        preprocessing: sources.preprocessing.clone(),
         special_tokens: SpecialTokenIds {
             bos: sources.tokenizer.bos_id(),
             eos: sources.tokenizer.eos_id(),
             pad: sources.tokenizer.pad_id(),
         },
         generation: GenerationDefaults {
-            max_new_tokens: 32,
+            max_new_tokens: options.max_new_tokens,
             num_beams: 1,
             do_sample: false,
         },
-        quantization: options.quantize.name().to_string(),
-        files: files.clone(),
+        quantization: options.quantize,
+        files: written.files,
         source_configs: serde_json::json!({
             "encoder": { "source": sources.encoder, "config": ecfg },
             "projector": model.projector().config(),
             "decoder": { "source": sources.decoder, "config": dcfg },
         }),
     };
-    let manifest_path = tmp.join(MANIFEST_FILE);
+    manifest
+        .validate()
+        .map_err(|e| Error::Internal(format!("the manifest written would be refused: {e}")))?;
+    Ok(manifest)
+}
+
+/// Writes the graphs, the tokenizer and the manifest to `dir`; returns the manifest.
+fn write_contents(
+    model: &CaptionModel,
+    sources: &BundleSources,
+    options: &BundleOptions,
+    dir: &Path,
+) -> Result<Manifest> {
+    let mut written = write_graphs(model, options.quantize, dir)?;
+    write_tokenizer(&sources.tokenizer, dir, &mut written)?;
+    let manifest = build_manifest(model, sources, options, written)?;
+    let path = dir.join(MANIFEST_FILE);
     let text = serde_json::to_string_pretty(&manifest)
         .map_err(|e| Error::Internal(format!("manifest: {e}")))?;
-    std::fs::write(&manifest_path, text).map_err(io(&manifest_path))?;
+    std::fs::write(&path, text).map_err(io(&path))?;
+    Ok(manifest)
+}
+
+/// Each file of the bundle in `out` and its size, the manifest last.
+fn file_sizes(manifest: &Manifest, out: &Path) -> Vec<(String, u64)> {
+    let mut list: Vec<(String, u64)> = manifest
+        .files
+        .iter()
+        .map(|(k, v)| (k.clone(), v.bytes))
+        .collect();
+    let manifest_bytes = std::fs::metadata(out.join(MANIFEST_FILE)).map_or(0, |m| m.len());
+    list.push((MANIFEST_FILE.to_string(), manifest_bytes));
+    list
+}
+
+/// Writes the bundle of `model` to `out` (see the crate documentation): a temporary directory
+/// beside `out`, verified unless `verify` is false, then renamed into place.
+pub fn write_bundle(
+    model: &CaptionModel,
+    sources: &BundleSources,
+    out: &Path,
+    options: &BundleOptions,
+) -> Result<ExportReport> {
+    check_out(out, options.force)?;
+    check_max_new_tokens(&model_dims(model), options.max_new_tokens)?;
+    let staging = Staging::create(out)?;
+
+    let start = Instant::now();
+    let manifest = write_contents(model, sources, options, &staging.tmp)?;
     let write_seconds = start.elapsed().as_secs_f64();
 
     let start = Instant::now();
     let verification = if options.verify {
-        Some(verify::verify_bundle(model, &tmp, options.quantize)?)
+        Some(verify::verify_bundle(
+            model,
+            &staging.tmp,
+            options.quantize,
+        )?)
     } else {
         None
     };
     let verify_seconds = start.elapsed().as_secs_f64();
 
-    // Into place: move an existing `out` aside (only with --force), rename, drop the old one.
-    let old = parent.join(format!(".{name}.old-{}", std::process::id()));
-    let had_old = out.symlink_metadata().is_ok();
-    if had_old {
-        std::fs::rename(out, &old).map_err(io(out))?;
-    }
-    if let Err(e) = std::fs::rename(&tmp, out) {
-        if had_old {
-            let _ = std::fs::rename(&old, out);
-        }
-        return Err(io(out)(e));
-    }
-    cleanup.0 = None;
-    if had_old {
-        let _ = if old.is_dir() {
-            std::fs::remove_dir_all(&old)
-        } else {
-            std::fs::remove_file(&old)
-        };
-    }
-    let mut list: Vec<(String, u64)> = files.iter().map(|(k, v)| (k.clone(), v.bytes)).collect();
-    list.push((
-        MANIFEST_FILE.to_string(),
-        std::fs::metadata(out.join(MANIFEST_FILE))
-            .map(|m| m.len())
-            .unwrap_or(0),
-    ));
+    staging.commit()?;
     Ok(ExportReport {
         out: out.to_path_buf(),
-        files: list,
+        files: file_sizes(&manifest, out),
         verification,
         write_seconds,
         verify_seconds,

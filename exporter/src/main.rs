@@ -4,13 +4,25 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use exporter::{export_onnx, ExportOptions, Quantize, DEFAULT_DECODER, DEFAULT_ENCODER};
+use exporter::{
+    export_onnx, ExportOptions, Quantize, DEFAULT_DECODER, DEFAULT_ENCODER, DEFAULT_MAX_NEW_TOKENS,
+};
+
+/// The exit status, the scheme all three MODA command lines share (the exporter has no
+/// partial result, so no 1, and no Ctrl-C handling: an interrupted export leaves only a
+/// temporary directory, which the next export removes).
+const EXIT_STATUS_HELP: &str = "\
+Exit status:
+  0    the bundle was written (and checked, unless --no-verify)
+  2    usage error, or the checkpoint, the encoder or decoder, the output directory or the
+       check in ONNX Runtime failed (the message says which); nothing is written then";
 
 #[derive(Parser)]
 #[command(
     name = "exporter",
     version,
-    about = "Export a MODA model as an ONNX bundle"
+    about = "Export a MODA model as an ONNX bundle",
+    after_help = EXIT_STATUS_HELP
 )]
 struct Cli {
     #[command(subcommand)]
@@ -54,8 +66,15 @@ enum Command {
         /// Skip the check of the graphs in ONNX Runtime against the candle model.
         #[arg(long)]
         no_verify: bool,
+        /// The bundle's default limit on generated tokens (the SDK's --max-new-tokens when not
+        /// given); at most the decoder's positions minus the image prefix.
+        #[arg(long, default_value_t = DEFAULT_MAX_NEW_TOKENS)]
+        max_new_tokens: usize,
     },
 }
+
+/// A failed export (see [`EXIT_STATUS_HELP`]).
+const EXIT_FAILED: u8 = 2;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -63,7 +82,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("exporter: error: {}", exporter::report(&*e));
-            ExitCode::from(2)
+            ExitCode::from(EXIT_FAILED)
         }
     }
 }
@@ -78,6 +97,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             quantize,
             force,
             no_verify,
+            max_new_tokens,
         } => {
             if checkpoint.is_dir() && (encoder.is_some() || decoder.is_some()) {
                 eprintln!(
@@ -97,6 +117,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 },
                 force,
                 verify: !no_verify,
+                max_new_tokens,
             };
             let report = export_onnx(&opts)?;
             println!("wrote {}", report.out.display());

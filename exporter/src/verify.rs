@@ -10,13 +10,17 @@ use std::borrow::Cow;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use moda_models::{Cache, DecoderInput, Moda};
+use moda_models::{Cache, CaptionModel, DecoderInput};
 use moda_sdk::runtime::{session_from_file, SessionOptions};
 use ort::session::{Session, SessionInputValue};
 use ort::value::Tensor as OrtTensor;
 
-use crate::graphs::cache_names;
-use crate::{Error, Result};
+use moda_sdk::manifest::{
+    Role, ATTENTION_MASK, IMAGE_EMBEDS, INPUTS_EMBEDS, INPUT_IDS, LOGITS, PIXEL_VALUES,
+    PREFIX_EMBEDS,
+};
+
+use crate::{Error, Quantize, Result};
 
 /// Largest accepted difference of image embeddings and projector outputs.
 pub const EMBED_TOLERANCE: f32 = 1e-4;
@@ -52,18 +56,18 @@ pub struct Measurements {
 /// Lowest accepted cosine similarity between a quantized decoder's logits and fp32's, at
 /// every probe position. Argmax agreement is reported, not enforced: on random-weight models
 /// (the fixtures, the benchmark model) the logits are nearly flat and the argmax is noise.
-pub fn min_cosine(quantize: crate::Quantize) -> f32 {
+pub fn min_cosine(quantize: Quantize) -> f32 {
     match quantize {
-        crate::Quantize::Int4 => 0.7,
+        Quantize::Int4 => 0.7,
         _ => 0.95,
     }
 }
 
 /// Lowest accepted cosine similarity between a quantized encoder's image embeddings and
 /// fp32's.
-pub fn min_embeds_cosine(quantize: crate::Quantize) -> f32 {
+pub fn min_embeds_cosine(quantize: Quantize) -> f32 {
     match quantize {
-        crate::Quantize::Int4 => 0.9,
+        Quantize::Int4 => 0.9,
         _ => 0.98,
     }
 }
@@ -227,224 +231,325 @@ fn argmax_rows(data: &[f32], v: usize) -> Vec<usize> {
         .collect()
 }
 
+/// Probe images and token rows per run.
+const PROBE_ROWS: usize = 2;
+
 /// Runs every graph of the bundle in `dir` on the probes and compares with `model`. Quantized
 /// graphs are judged by cosine similarities ([`min_embeds_cosine`], [`min_cosine`]).
-pub fn verify_bundle(model: &Moda, dir: &Path, quantize: crate::Quantize) -> Result<Measurements> {
-    let quantized = quantize != crate::Quantize::None;
-    let dev = Device::Cpu;
-    let ecfg = model.encoder_config();
-    let dcfg = model.decoder().config();
+pub fn verify_bundle(model: &CaptionModel, dir: &Path, quantize: Quantize) -> Result<Measurements> {
     let mut m = Measurements::default();
-    let b = 2;
+    let image_embeds = verify_encoder(model, dir, quantize, &mut m)?;
+    // Each graph is fed the candle model's values, so that each is judged alone.
+    let prefix = verify_projector(model, dir, &image_embeds, &mut m)?;
+    let tokens = verify_embed_tokens(model, dir, &mut m)?;
+    verify_decoder(model, dir, quantize, &prefix, &tokens, &mut m)?;
+    Ok(m)
+}
 
-    // Encoder.
-    let (c, s) = (ecfg.num_channels, ecfg.image_size);
-    let pix = Tensor::from_vec(
-        probe_values(b * c * s * s, 1, -1.8, 2.1),
-        (b, c, s, s),
-        &dev,
-    )?;
+/// The encoder on two pseudo-random images; returns candle's image embeddings.
+fn verify_encoder(
+    model: &CaptionModel,
+    dir: &Path,
+    quantize: Quantize,
+    m: &mut Measurements,
+) -> Result<Tensor> {
+    let ecfg = model.encoder_config();
+    let (b, c, s) = (PROBE_ROWS, ecfg.num_channels, ecfg.image_size);
+    let values = probe_values(b * c * s * s, 1, -1.8, 2.1);
+    let pix = Tensor::from_vec(values, (b, c, s, s), &Device::Cpu)?;
     let want = model.encode_images(&pix)?;
-    let mut enc = open(dir, crate::ENCODER_FILE)?;
-    let got = run(
-        &mut enc,
-        "encoder",
-        vec![("pixel_values".into(), f32_input("encoder", &pix)?)],
-        &["image_embeds".into()],
-    )?;
+    let graph = Role::Encoder.name();
+    let mut session = open(dir, Role::Encoder.default_file())?;
+    let inputs = vec![(PIXEL_VALUES.to_string(), f32_input(graph, &pix)?)];
+    let got = run(&mut session, graph, inputs, &[IMAGE_EMBEDS.to_string()])?;
+    let quantized = quantize != Quantize::None;
     let tol = if quantized {
         f32::INFINITY
     } else {
         EMBED_TOLERANCE
     };
-    m.encoder = compare(
-        "encoder",
-        "image_embeds",
-        "probe images",
-        &got[0],
-        &want,
-        tol,
-    )?;
+    m.encoder = compare(graph, IMAGE_EMBEDS, "probe images", &got[0], &want, tol)?;
     if quantized {
-        let p = ecfg.projection_dim;
-        let want_data = want.flatten_all()?.to_vec1::<f32>()?;
-        let min_cos = got[0]
-            .data
-            .chunks(p)
-            .zip(want_data.chunks(p))
-            .map(|(a, b)| cosine(a, b))
-            .fold(1f32, f32::min);
+        let min_cos = min_row_cosine(&got[0], &want, ecfg.projection_dim)?;
         m.min_embeds_cosine = Some(min_cos);
-        let min = min_embeds_cosine(quantize);
-        if min_cos.is_nan() || min_cos < min {
-            return Err(Error::Verify {
-                graph: "encoder".to_string(),
-                output: "image_embeds".to_string(),
-                step: "probe images".to_string(),
-                diff: 1.0 - min_cos,
-                tol: 1.0 - min,
-                detail: format!(
-                    "the {} encoder's embeddings have a cosine similarity of only {min_cos:.4} \
-                     with fp32's (at least {min} expected)",
-                    quantize.name()
-                ),
-            });
-        }
+        check_cosine(quantize, min_cos, CosineCheck::Embeddings)?;
     }
-    drop(enc);
+    Ok(want)
+}
 
-    // Projector, fed the candle embeddings so that each graph is judged alone.
-    let prefix = model.project(&want)?;
-    let mut proj = open(dir, crate::PROJECTOR_FILE)?;
-    let got = run(
-        &mut proj,
-        "projector",
-        vec![("image_embeds".into(), f32_input("projector", &want)?)],
-        &["prefix_embeds".into()],
-    )?;
+/// The projector on candle's image embeddings; returns candle's prefix embeddings.
+fn verify_projector(
+    model: &CaptionModel,
+    dir: &Path,
+    image_embeds: &Tensor,
+    m: &mut Measurements,
+) -> Result<Tensor> {
+    let prefix = model.project(image_embeds)?;
+    let graph = Role::Projector.name();
+    let mut session = open(dir, Role::Projector.default_file())?;
+    let inputs = vec![(IMAGE_EMBEDS.to_string(), f32_input(graph, image_embeds)?)];
+    let got = run(&mut session, graph, inputs, &[PREFIX_EMBEDS.to_string()])?;
     m.projector = compare(
-        "projector",
-        "prefix_embeds",
+        graph,
+        PREFIX_EMBEDS,
         "probe embeddings",
         &got[0],
         &prefix,
         EMBED_TOLERANCE,
     )?;
-    drop(proj);
+    Ok(prefix)
+}
 
-    // Token embeddings.
+/// The token embeddings of four probe ids (the BOS first), the second row reversed; returns
+/// candle's.
+fn verify_embed_tokens(model: &CaptionModel, dir: &Path, m: &mut Measurements) -> Result<Tensor> {
+    let dcfg = model.decoder().config();
     let v = dcfg.vocab_size as u32;
     let ids: Vec<u32> = vec![dcfg.bos_token_id, 5 % v, 7 % v, 11 % v];
-    let ids = Tensor::from_vec(
-        [ids.clone(), ids.iter().rev().copied().collect()].concat(),
-        (b, 4),
-        &dev,
-    )?;
+    let rows = [ids.clone(), ids.iter().rev().copied().collect()].concat();
+    let ids = Tensor::from_vec(rows, (PROBE_ROWS, 4), &Device::Cpu)?;
     let tok = model.decoder().embed_tokens(&ids)?;
-    let mut emb = open(dir, crate::EMBED_TOKENS_FILE)?;
-    let got = run(
-        &mut emb,
-        "embed_tokens",
-        vec![("input_ids".into(), i64_input("embed_tokens", &ids)?)],
-        &["inputs_embeds".into()],
-    )?;
+    let graph = Role::EmbedTokens.name();
+    let mut session = open(dir, Role::EmbedTokens.default_file())?;
+    let inputs = vec![(INPUT_IDS.to_string(), i64_input(graph, &ids)?)];
+    let got = run(&mut session, graph, inputs, &[INPUTS_EMBEDS.to_string()])?;
     m.embed_tokens = compare(
-        "embed_tokens",
-        "inputs_embeds",
+        graph,
+        INPUTS_EMBEDS,
         "probe ids",
         &got[0],
         &tok,
         EMBED_TOLERANCE,
     )?;
-    drop(emb);
+    Ok(tok)
+}
 
-    // Decoder: prefill, then cached steps.
-    let mut dec = open(dir, crate::DECODER_FILE)?;
-    let layers = dcfg.num_hidden_layers;
-    let (heads, hd) = (dcfg.num_attention_heads, dcfg.head_dim());
-    let mut out_names = vec!["logits".to_string()];
-    for i in 0..layers {
-        let [_, _, k, v] = cache_names(i);
-        out_names.push(k);
-        out_names.push(v);
-    }
-    let mut embeds = Tensor::cat(&[&prefix, &tok], 1)?;
-    let seq = embeds.dim(1)?;
-    let mut mask_rows = vec![1i64; b * seq];
-    mask_rows[seq] = 0; // row 1 is left-padded by one position
-    let mut mask = Tensor::from_vec(mask_rows, (b, seq), &dev)?;
-    let mut cache = Cache::new(dcfg);
-    let mut past: Vec<Out> = (0..2 * layers)
-        .map(|_| Out {
-            shape: vec![b, heads, 0, hd],
-            data: Vec::new(),
-        })
-        .collect();
-    let steps = if quantized {
-        QUANTIZED_DECODE_STEPS
-    } else {
-        DECODE_STEPS
+/// The lowest cosine similarity between the rows (of `width` values) of `got` and `want`.
+fn min_row_cosine(got: &Out, want: &Tensor, width: usize) -> Result<f32> {
+    let want = want.flatten_all()?.to_vec1::<f32>()?;
+    Ok(got
+        .data
+        .chunks(width)
+        .zip(want.chunks(width))
+        .map(|(a, b)| cosine(a, b))
+        .fold(1f32, f32::min))
+}
+
+/// Which quantized output a cosine similarity was measured on.
+#[derive(Debug, Clone, Copy)]
+enum CosineCheck {
+    /// The encoder's image embeddings of the probe images.
+    Embeddings,
+    /// The decoder's logits at this many probe positions.
+    Logits(usize),
+}
+
+/// Refuses a quantized graph whose lowest cosine similarity with fp32 is below its bound.
+fn check_cosine(quantize: Quantize, min_cos: f32, what: CosineCheck) -> Result<()> {
+    let (graph, output, step, min, outputs) = match what {
+        CosineCheck::Embeddings => (
+            Role::Encoder,
+            IMAGE_EMBEDS,
+            "probe images".to_string(),
+            min_embeds_cosine(quantize),
+            "encoder's embeddings",
+        ),
+        CosineCheck::Logits(n) => (
+            Role::Decoder,
+            LOGITS,
+            format!("{n} probe positions"),
+            min_cosine(quantize),
+            "decoder's logits",
+        ),
     };
-    let (mut agree, mut counted) = (0usize, 0usize);
-    let mut min_cos = 1f32;
-    for step in 0..=steps {
-        let want = model.decoder().forward(
-            DecoderInput::Embeds(&embeds),
-            Some(&mask),
-            Some(&mut cache),
-        )?;
-        let mut inputs = vec![
-            ("inputs_embeds".to_string(), f32_input("decoder", &embeds)?),
-            ("attention_mask".to_string(), i64_input("decoder", &mask)?),
-        ];
-        for (i, p) in past.drain(..).enumerate() {
-            let [k, v, _, _] = cache_names(i / 2);
-            let name = if i % 2 == 0 { k } else { v };
-            let shape = p.shape.iter().map(|&d| d as i64).collect();
-            inputs.push((name, f32_raw("decoder", shape, p.data)?));
+    if !min_cos.is_nan() && min_cos >= min {
+        return Ok(());
+    }
+    Err(Error::Verify {
+        graph: graph.name().to_string(),
+        output: output.to_string(),
+        step,
+        diff: 1.0 - min_cos,
+        tol: 1.0 - min,
+        detail: format!(
+            "the {} {outputs} have a cosine similarity of only {min_cos:.4} with fp32's (at \
+             least {min} expected)",
+            quantize.name()
+        ),
+    })
+}
+
+/// How a quantized decoder's logits agree with fp32's over the probe positions.
+#[derive(Debug, Clone, Copy)]
+struct Agreement {
+    /// Positions where the argmax tokens are equal.
+    agree: usize,
+    /// Positions compared (padding left out).
+    counted: usize,
+    /// The lowest cosine similarity of the logits.
+    min_cos: f32,
+}
+
+impl Default for Agreement {
+    fn default() -> Self {
+        Self {
+            agree: 0,
+            counted: 0,
+            min_cos: 1.0,
         }
-        let mut got = run(&mut dec, "decoder", inputs, &out_names)?;
-        let label = if step == 0 {
-            "the prefill".to_string()
-        } else {
-            format!("cached step {step}")
-        };
-        let tol = if quantized {
-            f32::INFINITY
-        } else {
-            LOGITS_TOLERANCE
-        };
-        let diff = compare("decoder", "logits", &label, &got[0], &want, tol)?;
-        if quantized {
-            let v = dcfg.vocab_size;
-            let want_data = want.flatten_all()?.to_vec1::<f32>()?;
-            let valid = mask
-                .narrow(1, mask.dim(1)? - embeds.dim(1)?, embeds.dim(1)?)?
-                .flatten_all()?
-                .to_vec1::<i64>()?;
-            let a = argmax_rows(&got[0].data, v);
-            let w = argmax_rows(&want_data, v);
-            let rows = got[0].data.chunks(v).zip(want_data.chunks(v));
-            for (((x, y), ok), (gr, wr)) in a.iter().zip(&w).zip(&valid).zip(rows) {
-                if *ok == 1 {
-                    counted += 1;
-                    agree += usize::from(x == y);
-                    min_cos = min_cos.min(cosine(gr, wr));
-                }
+    }
+}
+
+impl Agreement {
+    /// Adds the positions of one run: `got` and `want` are `[rows * seq, vocab]` logits,
+    /// `valid` says which positions are not padding.
+    fn add(&mut self, got: &[f32], want: &[f32], valid: &[i64], vocab: usize) {
+        let a = argmax_rows(got, vocab);
+        let w = argmax_rows(want, vocab);
+        let rows = got.chunks(vocab).zip(want.chunks(vocab));
+        for (((x, y), ok), (gr, wr)) in a.iter().zip(&w).zip(valid).zip(rows) {
+            if *ok == 1 {
+                self.counted += 1;
+                self.agree += usize::from(x == y);
+                self.min_cos = self.min_cos.min(cosine(gr, wr));
             }
         }
-        if step == 0 {
-            m.decoder_prefill = diff;
-        } else {
-            m.decoder_steps = m.decoder_steps.max(diff);
+    }
+}
+
+/// The decoder's probe run: its inputs for the next step, candle's cache beside it.
+struct DecoderProbe<'m> {
+    model: &'m CaptionModel,
+    session: Session,
+    /// The new positions' embeddings `[rows, seq, embed_dim]`.
+    embeds: Tensor,
+    /// `[rows, past + seq]`; row 1 is left-padded by one position.
+    mask: Tensor,
+    /// Candle's KV cache.
+    cache: Cache,
+    /// ONNX Runtime's `present.*` of the last step, in the decoder's input order.
+    past: Vec<Out>,
+}
+
+impl<'m> DecoderProbe<'m> {
+    /// The prefill's inputs: `[prefix, four tokens]`, the second row left-padded by one.
+    fn new(model: &'m CaptionModel, dir: &Path, prefix: &Tensor, tokens: &Tensor) -> Result<Self> {
+        let dcfg = model.decoder().config();
+        let embeds = Tensor::cat(&[prefix, tokens], 1)?;
+        let seq = embeds.dim(1)?;
+        let mut mask_rows = vec![1i64; PROBE_ROWS * seq];
+        mask_rows[seq] = 0;
+        let mask = Tensor::from_vec(mask_rows, (PROBE_ROWS, seq), &Device::Cpu)?;
+        let (heads, hd) = (dcfg.num_attention_heads, dcfg.head_dim());
+        let past = (0..2 * dcfg.num_hidden_layers)
+            .map(|_| Out {
+                shape: vec![PROBE_ROWS, heads, 0, hd],
+                data: Vec::new(),
+            })
+            .collect();
+        Ok(Self {
+            model,
+            session: open(dir, Role::Decoder.default_file())?,
+            embeds,
+            mask,
+            cache: Cache::new(dcfg),
+            past,
+        })
+    }
+
+    /// Runs candle and ONNX Runtime on the current inputs; returns (ONNX Runtime's logits,
+    /// candle's) and keeps ONNX Runtime's cache for the next step.
+    fn step(&mut self) -> Result<(Out, Tensor)> {
+        let want = self.model.decoder().forward(
+            DecoderInput::Embeds(&self.embeds),
+            Some(&self.mask),
+            Some(&mut self.cache),
+        )?;
+        let graph = Role::Decoder.name();
+        let mut inputs = vec![
+            (INPUTS_EMBEDS.to_string(), f32_input(graph, &self.embeds)?),
+            (ATTENTION_MASK.to_string(), i64_input(graph, &self.mask)?),
+        ];
+        let layers = self.past.len() / 2;
+        let names = Role::Decoder.input_names(layers).into_iter().skip(2);
+        for (name, p) in names.zip(self.past.drain(..)) {
+            let shape = p.shape.iter().map(|&d| d as i64).collect();
+            inputs.push((name, f32_raw(graph, shape, p.data)?));
         }
-        past = got.split_off(1);
-        let next: Vec<u32> = (0..b as u32)
+        let outputs = Role::Decoder.output_names(layers);
+        let mut got = run(&mut self.session, graph, inputs, &outputs)?;
+        self.past = got.split_off(1);
+        let logits = got.pop().ok_or_else(|| ort_err(graph, "no logits"))?;
+        Ok((logits, want))
+    }
+
+    /// Which of the current positions are not padding, row by row.
+    fn valid_positions(&self) -> Result<Vec<i64>> {
+        let seq = self.embeds.dim(1)?;
+        let total = self.mask.dim(1)?;
+        Ok(self
+            .mask
+            .narrow(1, total - seq, seq)?
+            .flatten_all()?
+            .to_vec1::<i64>()?)
+    }
+
+    /// Feeds one more probe token per row (a different one each step).
+    fn advance(&mut self, step: usize) -> Result<()> {
+        let dev = Device::Cpu;
+        let v = self.model.decoder().config().vocab_size as u32;
+        let next: Vec<u32> = (0..PROBE_ROWS as u32)
             .map(|r| (13 + 17 * step as u32 + 29 * r) % v)
             .collect();
-        let next = Tensor::from_vec(next, (b, 1), &dev)?;
-        embeds = model.decoder().embed_tokens(&next)?;
-        let ones = Tensor::ones((b, 1), DType::I64, &dev)?;
-        mask = Tensor::cat(&[&mask, &ones], 1)?;
+        let next = Tensor::from_vec(next, (PROBE_ROWS, 1), &dev)?;
+        self.embeds = self.model.decoder().embed_tokens(&next)?;
+        let ones = Tensor::ones((PROBE_ROWS, 1), DType::I64, &dev)?;
+        self.mask = Tensor::cat(&[&self.mask, &ones], 1)?;
+        Ok(())
+    }
+}
+
+/// The decoder: a prefill of `[prefix, tokens]`, then cached steps of one token each, each
+/// compared with candle's own KV-cache decoding.
+fn verify_decoder(
+    model: &CaptionModel,
+    dir: &Path,
+    quantize: Quantize,
+    prefix: &Tensor,
+    tokens: &Tensor,
+    m: &mut Measurements,
+) -> Result<()> {
+    let quantized = quantize != Quantize::None;
+    let (steps, tol) = if quantized {
+        (QUANTIZED_DECODE_STEPS, f32::INFINITY)
+    } else {
+        (DECODE_STEPS, LOGITS_TOLERANCE)
+    };
+    let vocab = model.decoder().config().vocab_size;
+    let mut probe = DecoderProbe::new(model, dir, prefix, tokens)?;
+    let mut agreement = Agreement::default();
+    for step in 0..=steps {
+        let (got, want) = probe.step()?;
+        let label = match step {
+            0 => "the prefill".to_string(),
+            _ => format!("cached step {step}"),
+        };
+        let diff = compare(Role::Decoder.name(), LOGITS, &label, &got, &want, tol)?;
+        if quantized {
+            let want = want.flatten_all()?.to_vec1::<f32>()?;
+            agreement.add(&got.data, &want, &probe.valid_positions()?, vocab);
+        }
+        match step {
+            0 => m.decoder_prefill = diff,
+            _ => m.decoder_steps = m.decoder_steps.max(diff),
+        }
+        probe.advance(step)?;
     }
     if quantized {
-        m.greedy_agreement = Some(agree as f32 / counted.max(1) as f32);
-        m.min_logits_cosine = Some(min_cos);
-        let min = min_cosine(quantize);
-        if min_cos.is_nan() || min_cos < min {
-            return Err(Error::Verify {
-                graph: "decoder".to_string(),
-                output: "logits".to_string(),
-                step: format!("{counted} probe positions"),
-                diff: 1.0 - min_cos,
-                tol: 1.0 - min,
-                detail: format!(
-                    "the {} decoder's logits have a cosine similarity of only {min_cos:.4} \
-                     with fp32's (at least {min} expected)",
-                    quantize.name()
-                ),
-            });
-        }
+        let a = agreement;
+        m.greedy_agreement = Some(a.agree as f32 / a.counted.max(1) as f32);
+        m.min_logits_cosine = Some(a.min_cos);
+        check_cosine(quantize, a.min_cos, CosineCheck::Logits(a.counted))?;
     }
-    Ok(m)
+    Ok(())
 }

@@ -38,13 +38,16 @@
  *   so); moda_model_params.n_sessions sets how many calls really run in parallel.
  * - Versions: MODA_VERSION and MODA_VERSION_NUMBER are the version this header describes;
  *   moda_version() and moda_version_number() the library's. New behaviour comes with new
- *   names; signatures do not change.
+ *   names; signatures do not change. The params structs begin with struct_size, which their
+ *   moda_*_default_params() functions set: a later libmoda can add fields at their end and
+ *   still tell an older program's struct from its own.
  * - ONNX Runtime (1.31 or newer) is loaded at run time, not linked: see moda_model_open().
  */
 #ifndef MODA_H
 #define MODA_H
 
 #include <stddef.h>
+#include <stdint.h>
 /** The version this header describes, as a string. */
 #define MODA_VERSION "0.1.0"
 
@@ -99,8 +102,8 @@ extern "C" {
 #define MODA_ERR_BUFFER_TOO_SMALL 6
 
 /**
- * A bug in libmoda: a Rust panic was caught at the C boundary. The message says where.
- * The handle stays usable, but please report it.
+ * A bug in libmoda: a Rust panic was caught at the C boundary, or an internal check failed.
+ * The message says where. The handle stays usable, but please report it.
  */
 #define MODA_ERR_PANIC 7
 
@@ -187,6 +190,12 @@ typedef struct moda_image {
  */
 typedef struct moda_model_params {
     /**
+     * sizeof(moda_model_params) as the caller's header declares it; moda_model_default_params()
+     * sets it. It lets a later libmoda add fields without breaking programs built against this
+     * header; a size this library does not know is MODA_ERR_INVALID_ARGUMENT.
+     */
+    size_t struct_size;
+    /**
      * Threads ONNX Runtime uses inside one graph run; 0 picks the cores this process may use
      * (at most 8), shared among the sessions; more than the cores this process may use is
      * capped at that number. Default 0.
@@ -228,6 +237,11 @@ typedef struct moda_model_params {
  */
 typedef struct moda_generation_params {
     /**
+     * sizeof(moda_generation_params) as the caller's header declares it;
+     * moda_generation_default_params() sets it (see moda_model_params.struct_size).
+     */
+    size_t struct_size;
+    /**
      * Most tokens to generate, the final </s> included; 0 takes the bundle's default
      * (generation.max_new_tokens in moda.json). Default 0.
      */
@@ -262,7 +276,7 @@ typedef struct moda_generation_params {
      * Seed of the sampler; each image gets its own generator seeded with it, so an image's
      * description does not depend on the rest of its batch. Default 0.
      */
-    unsigned long seed;
+    uint64_t seed;
     /**
      * Penalty on tokens already generated (> 0; 1.0 is none). Default 1.0.
      */
@@ -447,7 +461,8 @@ struct moda_generation_params moda_generation_default_params(void);
  *
  * ONNX Runtime (1.31 or newer) is found, in order, at ORT_DYLIB_PATH (a file; when set, the
  * only place tried), next to the executable, next to libmoda itself (where `make install`
- * puts it), in the MODA repository's .ort/ and in a Python onnxruntime package.
+ * puts it) and in the MODA repository's .ort/; in a Python onnxruntime package only when
+ * the environment variable MODA_ORT_PYTHON is 1 (finding it runs python3).
  * moda_runtime_path() tells which one was loaded.
  *
  * On success returns MODA_OK and sets *out to the new model; otherwise sets *out to NULL

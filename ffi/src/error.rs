@@ -27,8 +27,8 @@ pub const MODA_ERR_INFERENCE: c_int = 4;
 pub const MODA_ERR_IMAGE: c_int = 5;
 /// A caller's output buffer is too small; the message says how large it must be.
 pub const MODA_ERR_BUFFER_TOO_SMALL: c_int = 6;
-/// A bug in libmoda: a Rust panic was caught at the C boundary. The message says where.
-/// The handle stays usable, but please report it.
+/// A bug in libmoda: a Rust panic was caught at the C boundary, or an internal check failed.
+/// The message says where. The handle stays usable, but please report it.
 pub const MODA_ERR_PANIC: c_int = 7;
 
 /// A failed call: its status code and message.
@@ -65,6 +65,8 @@ impl From<moda_sdk::Error> for Failure {
             E::Run { .. } | E::Tokenizer(_) => MODA_ERR_INFERENCE,
             E::Image { .. } => MODA_ERR_IMAGE,
             E::InvalidArgument(_) => MODA_ERR_INVALID_ARGUMENT,
+            // Internal invariants, and any kind a later SDK adds before libmoda names it.
+            _ => MODA_ERR_PANIC,
         };
         Self::new(code, e.to_string())
     }

@@ -1,6 +1,6 @@
 //! `moda_model`: an opened bundle; describe and embed.
 
-use std::ffi::{c_char, c_int, c_uint, c_ulong, c_void, CStr, CString};
+use std::ffi::{c_char, c_int, c_uint, c_void, CStr, CString};
 use std::sync::OnceLock;
 
 use moda_sdk::{Description, GenerationOptions, ImageInput, ImageLimits, Moda, OpenOptions};
@@ -16,6 +16,10 @@ use crate::image::{moda_image, path_of, Image};
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct moda_model_params {
+    /// sizeof(moda_model_params) as the caller's header declares it; moda_model_default_params()
+    /// sets it. It lets a later libmoda add fields without breaking programs built against this
+    /// header; a size this library does not know is MODA_ERR_INVALID_ARGUMENT.
+    pub struct_size: usize,
     /// Threads ONNX Runtime uses inside one graph run; 0 picks the cores this process may use
     /// (at most 8), shared among the sessions; more than the cores this process may use is
     /// capped at that number. Default 0.
@@ -43,6 +47,9 @@ pub struct moda_model_params {
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct moda_generation_params {
+    /// sizeof(moda_generation_params) as the caller's header declares it;
+    /// moda_generation_default_params() sets it (see moda_model_params.struct_size).
+    pub struct_size: usize,
     /// Most tokens to generate, the final </s> included; 0 takes the bundle's default
     /// (generation.max_new_tokens in moda.json). Default 0.
     pub max_new_tokens: c_int,
@@ -62,7 +69,7 @@ pub struct moda_generation_params {
     pub top_p: f32,
     /// Seed of the sampler; each image gets its own generator seeded with it, so an image's
     /// description does not depend on the rest of its batch. Default 0.
-    pub seed: c_ulong,
+    pub seed: u64,
     /// Penalty on tokens already generated (> 0; 1.0 is none). Default 1.0.
     pub repetition_penalty: f32,
     /// Forbid repeating any n-gram of this size; 0 turns it off. Default 0.
@@ -120,6 +127,7 @@ pub struct moda_model {
 #[no_mangle]
 pub extern "C" fn moda_model_default_params() -> moda_model_params {
     let fallback = moda_model_params {
+        struct_size: std::mem::size_of::<moda_model_params>(),
         n_threads: 0,
         n_sessions: 1,
         verify_checksums: 0,
@@ -132,6 +140,7 @@ pub extern "C" fn moda_model_default_params() -> moda_model_params {
         let o = OpenOptions::default();
         let l = o.image_limits;
         moda_model_params {
+            struct_size: std::mem::size_of::<moda_model_params>(),
             n_threads: o.intra_threads.map_or(0, |n| n as c_int),
             n_sessions: o.sessions as c_int,
             verify_checksums: o.verify_checksums.into(),
@@ -150,6 +159,7 @@ pub extern "C" fn moda_model_default_params() -> moda_model_params {
 #[no_mangle]
 pub extern "C" fn moda_generation_default_params() -> moda_generation_params {
     let fallback = moda_generation_params {
+        struct_size: std::mem::size_of::<moda_generation_params>(),
         max_new_tokens: 0,
         min_new_tokens: 0,
         num_beams: 1,
@@ -171,6 +181,7 @@ pub extern "C" fn moda_generation_default_params() -> moda_generation_params {
 fn generation_params(g: &GenerationOptions) -> moda_generation_params {
     let int = |n: usize| c_int::try_from(n).unwrap_or(c_int::MAX);
     moda_generation_params {
+        struct_size: std::mem::size_of::<moda_generation_params>(),
         max_new_tokens: g.max_new_tokens.map_or(0, int),
         min_new_tokens: int(g.min_new_tokens),
         num_beams: int(g.num_beams),
@@ -178,7 +189,7 @@ fn generation_params(g: &GenerationOptions) -> moda_generation_params {
         temperature: g.temperature,
         top_k: int(g.top_k),
         top_p: g.top_p,
-        seed: g.seed as c_ulong,
+        seed: g.seed,
         repetition_penalty: g.repetition_penalty,
         no_repeat_ngram_size: int(g.no_repeat_ngram_size),
         length_penalty: g.length_penalty,
@@ -203,6 +214,12 @@ unsafe fn generation_options(
     let Some(p) = (unsafe { p.as_ref() }) else {
         return Ok(GenerationOptions::default());
     };
+    struct_size::<moda_generation_params>(
+        func,
+        "moda_generation_params",
+        "moda_generation_default_params",
+        p.struct_size,
+    )?;
     let max = count(func, "max_new_tokens", p.max_new_tokens)?;
     Ok(GenerationOptions {
         max_new_tokens: (max > 0).then_some(max),
@@ -212,24 +229,36 @@ unsafe fn generation_options(
         temperature: p.temperature,
         top_k: count(func, "top_k", p.top_k)?,
         top_p: p.top_p,
-        seed: seed_of(p.seed),
+        seed: p.seed,
         repetition_penalty: p.repetition_penalty,
         no_repeat_ngram_size: count(func, "no_repeat_ngram_size", p.no_repeat_ngram_size)?,
         length_penalty: p.length_penalty,
     })
 }
 
-/// `unsigned long` is 64 bits on LP64 systems and 32 on Windows.
-#[allow(
-    clippy::useless_conversion,
-    reason = "a no-op where c_ulong is u64, a widening where it is u32 (expect would fail there)"
-)]
-fn seed_of(seed: c_ulong) -> u64 {
-    u64::from(seed)
+/// Checks a params struct's `struct_size`: this library knows one version of each struct, so
+/// the size must be its own. A zero or other size means a struct not set up from its
+/// `*_default_params()` function, or a header of another libmoda version.
+fn struct_size<T>(func: &str, name: &str, defaults: &str, got: usize) -> Result<(), Failure> {
+    let want = std::mem::size_of::<T>();
+    if got == want {
+        return Ok(());
+    }
+    Err(Failure::invalid(format!(
+        "{func}: {name}.struct_size is {got}, not {want}: start from {defaults}() (which sets \
+         it), and build against the moda.h of this libmoda ({})",
+        env!("CARGO_PKG_VERSION")
+    )))
 }
 
 fn open_options(p: &moda_model_params) -> Result<OpenOptions, Failure> {
     let f = "moda_model_open";
+    struct_size::<moda_model_params>(
+        f,
+        "moda_model_params",
+        "moda_model_default_params",
+        p.struct_size,
+    )?;
     let threads = count(f, "n_threads", p.n_threads)?;
     if p.n_sessions < 1 {
         return Err(Failure::invalid(format!(
@@ -303,7 +332,8 @@ fn model<'a>(m: Option<&'a moda_model>, func: &str) -> Result<&'a moda_model, Fa
 ///
 /// ONNX Runtime (1.31 or newer) is found, in order, at ORT_DYLIB_PATH (a file; when set, the
 /// only place tried), next to the executable, next to libmoda itself (where `make install`
-/// puts it), in the MODA repository's .ort/ and in a Python onnxruntime package.
+/// puts it) and in the MODA repository's .ort/; in a Python onnxruntime package only when
+/// the environment variable MODA_ORT_PYTHON is 1 (finding it runs python3).
 /// moda_runtime_path() tells which one was loaded.
 ///
 /// On success returns MODA_OK and sets *out to the new model; otherwise sets *out to NULL

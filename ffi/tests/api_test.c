@@ -221,10 +221,13 @@ int main(int argc, char **argv)
 
     /* Default parameters. */
     mp = moda_model_default_params();
+    CHECK(mp.struct_size == sizeof(moda_model_params));
     CHECK(mp.n_threads == 0 && mp.n_sessions == 1 && mp.verify_checksums == 0 && mp.optimize == 1);
     CHECK(mp.max_image_width == 16384 && mp.max_image_height == 16384);
     CHECK(mp.max_image_alloc == 512u * 1024u * 1024u);
     gp = moda_generation_default_params();
+    CHECK(gp.struct_size == sizeof(moda_generation_params));
+    CHECK(sizeof gp.seed == 8);
     CHECK(gp.max_new_tokens == 0 && gp.min_new_tokens == 0 && gp.num_beams == 1);
     CHECK(gp.do_sample == 0 && gp.temperature == 1.0f && gp.top_k == 50 && gp.top_p == 1.0f);
     CHECK(gp.seed == 0 && gp.repetition_penalty == 1.0f && gp.no_repeat_ngram_size == 0);
@@ -261,6 +264,15 @@ int main(int argc, char **argv)
     CHECK_RC(moda_model_open(bundle, &mp, &model), MODA_ERR_INVALID_ARGUMENT);
     mp = moda_model_default_params();
     mp.max_image_width = 0;
+    CHECK_RC(moda_model_open(bundle, &mp, &model), MODA_ERR_INVALID_ARGUMENT);
+    CHECK(model == NULL);
+    /* A struct not set up by moda_model_default_params() (or from another header version). */
+    memset(&mp, 0, sizeof mp);
+    CHECK_RC(moda_model_open(bundle, &mp, &model), MODA_ERR_INVALID_ARGUMENT);
+    CHECK(contains(moda_last_error(), "struct_size"));
+    CHECK(contains(moda_last_error(), "moda_model_default_params"));
+    mp = moda_model_default_params();
+    mp.struct_size += 8;
     CHECK_RC(moda_model_open(bundle, &mp, &model), MODA_ERR_INVALID_ARGUMENT);
     CHECK(model == NULL);
 
@@ -372,6 +384,10 @@ int main(int argc, char **argv)
     gp.min_new_tokens = 5;
     gp.max_new_tokens = 2;
     CHECK_RC(moda_model_describe(model, &img, &gp, &d), MODA_ERR_INVALID_ARGUMENT);
+    CHECK(d == NULL);
+    memset(&gp, 0, sizeof gp);
+    CHECK_RC(moda_model_describe(model, &img, &gp, &d), MODA_ERR_INVALID_ARGUMENT);
+    CHECK(contains(moda_model_errmsg(model), "moda_generation_default_params"));
     CHECK(d == NULL);
 
     /* A description and its accessors. */

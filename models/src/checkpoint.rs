@@ -15,13 +15,14 @@
 //!   model (it was trained, or it is random as in the trainer's tiny preset);
 //! - any extra files the caller adds (the trainer's `training_state.json`, optimizer moments).
 //!
-//! [`save`] is atomic: everything is written and fsynced in a temporary directory next to the
-//! target (`.<name>.tmp-<pid>`), which then replaces it by rename. A previous checkpoint is
-//! moved aside to `.<name>.old` during the swap and removed after it; should the process die
-//! between the two renames, [`load`] and [`resolve_dir`] find the complete `.<name>.old`.
-//! Should it die while writing, the temporary directory of a process that is gone is removed by
-//! the next [`save`] of that checkpoint, or by [`remove_stale_temporaries`]
-//! ([`remove_stale`] does the same for other temporary names that carry a process id).
+//! [`save`] is atomic: everything is written in a temporary directory next to the target
+//! (`.<name>.tmp-<pid>`), which then replaces it with [`files::replace_dir`] (fsynced, the
+//! previous checkpoint moved aside to `.<name>.old` during the swap and removed after it);
+//! should the process die between the two renames, [`load`] and [`resolve_dir`] find the
+//! complete `.<name>.old`. Should it die while writing, the temporary directory of a process
+//! that is gone is removed by the next [`save`] of that checkpoint, or by
+//! [`remove_stale_temporaries`] ([`files::remove_stale`] does the same for other temporary
+//! names that carry a process id).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -31,8 +32,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::clip_vision::{ClipVision, ClipVisionConfig};
 use crate::error::{Error, Result};
+use crate::files;
 use crate::hub::{resolve_model, FileReq};
-use crate::moda::Moda;
+use crate::moda::CaptionModel;
 use crate::opt::{Opt, OptConfig};
 use crate::preprocess::ImageProcessorConfig;
 use crate::projector::{Projector, ProjectorConfig};
@@ -181,27 +183,11 @@ fn plain_name(name: &str) -> Result<()> {
 }
 
 fn sync_file(path: &Path) -> Result<()> {
-    std::fs::File::open(path)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| Error::io(path, e))
-}
-
-fn sync_dir(path: &Path) -> Result<()> {
-    // Directories can be opened and fsynced on Unix; elsewhere this is best effort.
-    match std::fs::File::open(path) {
-        Ok(f) => {
-            let _ = f.sync_all();
-            Ok(())
-        }
-        Err(e) => Err(Error::io(path, e)),
-    }
+    files::sync_file(path).map_err(|e| Error::io(path, e))
 }
 
 fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let mut f = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
-    f.write_all(bytes).map_err(|e| Error::io(path, e))?;
-    f.sync_all().map_err(|e| Error::io(path, e))
+    std::fs::write(path, bytes).map_err(|e| Error::io(path, e))
 }
 
 /// Writes tensors as safetensors with `{"format": "pt"}` metadata (as transformers does), then
@@ -222,145 +208,24 @@ pub fn write_safetensors(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Res
 }
 
 fn sibling(dir: &Path, suffix: &str) -> Result<PathBuf> {
-    let name = dir
-        .file_name()
-        .ok_or_else(|| Error::Input(format!("{} has no directory name", dir.display())))?;
-    let parent = dir.parent().unwrap_or(Path::new("."));
-    let parent = if parent.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        parent
-    };
-    Ok(parent.join(format!(".{}.{suffix}", name.to_string_lossy())))
-}
-
-/// A temporary file or directory left by a process that is gone (killed while writing),
-/// found by [`remove_stale`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StaleTemporary {
-    /// The file or directory.
-    pub path: PathBuf,
-    /// The process id in its name.
-    pub pid: u32,
-    /// Why it is stale: the process is not running, or (where that cannot be told) the entry
-    /// has not been modified for [`STALE_AGE`].
-    pub why: String,
-    /// `None` once removed, else why it could not be.
-    pub error: Option<String>,
-}
-
-impl std::fmt::Display for StaleTemporary {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.error {
-            None => write!(
-                f,
-                "removed {}, left behind by process {} ({})",
-                self.path.display(),
-                self.pid,
-                self.why
-            ),
-            Some(e) => write!(
-                f,
-                "cannot remove {}, left behind by process {} ({}): {e}",
-                self.path.display(),
-                self.pid,
-                self.why
-            ),
-        }
-    }
-}
-
-/// Where a system cannot tell whether a process runs, a temporary entry counts as stale once
-/// it has not been modified for this long.
-pub const STALE_AGE: std::time::Duration = std::time::Duration::from_secs(6 * 3600);
-
-/// Whether process `pid` runs: `Some` on Linux with `/proc` mounted (`/proc/<pid>` exists; a
-/// process of another PID namespace is not seen), `None` where this cannot be told.
-pub fn process_alive(pid: u32) -> Option<bool> {
-    let proc = Path::new("/proc");
-    if cfg!(target_os = "linux") && proc.join("self").exists() {
-        Some(proc.join(pid.to_string()).exists())
-    } else {
-        None
-    }
-}
-
-/// Removes the entries of `parent` named `<prefix><pid>` or `<prefix><pid>-<anything>` whose
-/// process is gone: not running ([`process_alive`]), or, where that cannot be told, not
-/// modified for [`STALE_AGE`]. Entries of this process and of running processes are kept.
-/// Returns what was found stale, removed or not, for the caller to report.
-pub fn remove_stale(parent: &Path, prefix: &str) -> Vec<StaleTemporary> {
-    let parent = if parent.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        parent
-    };
-    let Ok(entries) = std::fs::read_dir(parent) else {
-        return Vec::new();
-    };
-    let mut found = Vec::new();
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(prefix)) else {
-            continue;
-        };
-        let digits = rest.split('-').next().unwrap_or("");
-        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-            continue;
-        }
-        let Ok(pid) = digits.parse::<u32>() else {
-            continue;
-        };
-        if pid == std::process::id() {
-            continue;
-        }
-        let path = entry.path();
-        let why = match process_alive(pid) {
-            Some(true) => continue,
-            Some(false) => "no longer running".to_string(),
-            None => {
-                let age = std::fs::symlink_metadata(&path)
-                    .and_then(|m| m.modified())
-                    .ok()
-                    .and_then(|t| t.elapsed().ok());
-                match age {
-                    Some(age) if age >= STALE_AGE => {
-                        format!("not modified for {} hours", age.as_secs() / 3600)
-                    }
-                    _ => continue,
-                }
-            }
-        };
-        let removed = match std::fs::symlink_metadata(&path) {
-            Ok(m) if m.is_dir() => std::fs::remove_dir_all(&path),
-            _ => std::fs::remove_file(&path),
-        };
-        found.push(StaleTemporary {
-            path,
-            pid,
-            why,
-            error: removed.err().map(|e| e.to_string()),
-        });
-    }
-    found.sort_by(|a, b| a.path.cmp(&b.path));
-    found
+    files::sibling(dir, suffix).map_err(|e| Error::Input(e.to_string()))
 }
 
 /// Removes the temporary directories that [`save`] of the checkpoint `dir` left when its
 /// process died while writing (`.<name>.tmp-<pid>` of a process that is gone, and the
 /// `.<name>.tmp` of older versions); see [`remove_stale`].
-pub fn remove_stale_temporaries(dir: &Path) -> Vec<StaleTemporary> {
+pub fn remove_stale_temporaries(dir: &Path) -> Vec<files::StaleTemporary> {
     let (Ok(tmp), Some(parent)) = (sibling(dir, "tmp-"), dir.parent()) else {
         return Vec::new();
     };
     let Some(prefix) = tmp.file_name().and_then(|n| n.to_str()) else {
         return Vec::new();
     };
-    let mut found = remove_stale(parent, prefix);
+    let mut found = files::remove_stale(parent, prefix);
     if let Ok(legacy) = sibling(dir, "tmp") {
         if legacy.is_dir() {
             let removed = std::fs::remove_dir_all(&legacy);
-            found.push(StaleTemporary {
+            found.push(files::StaleTemporary {
                 path: legacy,
                 pid: 0,
                 why: "an older version's temporary checkpoint".to_string(),
@@ -371,71 +236,14 @@ pub fn remove_stale_temporaries(dir: &Path) -> Vec<StaleTemporary> {
     found
 }
 
-/// `path` made absolute, with symbolic links, `.` and `..` resolved, whether it exists or not:
-/// its deepest existing ancestor canonicalized and the rest (which does not exist, so holds no
-/// links) appended component by component. Where an output would go, to compare with inputs.
-pub fn canonical_path(path: &Path) -> std::io::Result<PathBuf> {
-    use std::path::Component;
-    let mut rest = Vec::new();
-    let mut cur = path;
-    loop {
-        let probe = if cur.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            cur
-        };
-        match std::fs::canonicalize(probe) {
-            Ok(mut out) => {
-                for c in rest.iter().rev() {
-                    match c {
-                        Component::Normal(name) => out.push(name),
-                        Component::ParentDir => {
-                            out.pop();
-                        }
-                        _ => {}
-                    }
-                }
-                return Ok(out);
-            }
-            Err(e) => {
-                let (Some(last), Some(parent)) = (cur.components().next_back(), cur.parent())
-                else {
-                    return Err(e);
-                };
-                rest.push(last);
-                cur = parent;
-            }
-        }
-    }
-}
-
-/// How the output path `out` and the input path `input` overlap, after [`canonical_path`]:
-/// `Some("is")` (the same), `Some("is inside")` or `Some("contains")`; `None` when they are
-/// apart (or one cannot be resolved). Writing or replacing `out` must not touch an input.
-pub fn overlap(out: &Path, input: &Path) -> Option<&'static str> {
-    let (o, i) = (canonical_path(out).ok()?, canonical_path(input).ok()?);
-    if o == i {
-        Some("is")
-    } else if o.starts_with(&i) {
-        Some("is inside")
-    } else if i.starts_with(&o) {
-        Some("contains")
-    } else {
-        None
-    }
-}
-
 /// The directory to read a checkpoint from: `dir`, or its `.<name>.old` copy when a crash
 /// interrupted [`save`] between moving the old checkpoint aside and renaming the new one.
 pub fn resolve_dir(dir: &Path) -> PathBuf {
-    if !dir.exists() {
-        if let Ok(old) = sibling(dir, "old") {
-            if old.join(CONFIG_FILE).is_file() {
-                return old;
-            }
-        }
+    let found = files::resolve_replaced(dir);
+    if found != dir && !found.join(CONFIG_FILE).is_file() {
+        return dir.to_path_buf();
     }
-    dir.to_path_buf()
+    found
 }
 
 /// Writes a checkpoint to `dir` atomically (see the module docs). The parent directory is
@@ -453,29 +261,16 @@ pub fn save(dir: &Path, contents: &CheckpointContents<'_>) -> Result<()> {
         eprintln!("warning: {stale}");
     }
     let tmp = sibling(dir, &format!("tmp-{}", std::process::id()))?;
-    let old = sibling(dir, "old")?;
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }
     std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let written = write_contents(&tmp, contents);
-    if let Err(e) = written {
+    let written = write_contents(&tmp, contents)
+        .and_then(|()| files::replace_dir(&tmp, dir).map_err(|e| Error::io(dir, e)));
+    if written.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
     }
-    sync_dir(&tmp)?;
-    if dir.exists() {
-        if old.exists() {
-            std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
-        }
-        std::fs::rename(dir, &old).map_err(|e| Error::io(dir, e))?;
-    }
-    std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
-    sync_dir(parent)?;
-    if old.exists() {
-        std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
-    }
-    Ok(())
+    written
 }
 
 fn write_contents(tmp: &Path, c: &CheckpointContents<'_>) -> Result<()> {
@@ -488,7 +283,6 @@ fn write_contents(tmp: &Path, c: &CheckpointContents<'_>) -> Result<()> {
     write_safetensors(&tmp.join(MODEL_FILE), c.model)?;
     let tok = tmp.join(TOKENIZER_FILE);
     c.tokenizer.save(&tok)?;
-    sync_file(&tok)?;
     match (c.config.encoder.embedded, c.encoder) {
         (true, Some(enc)) => {
             let d = tmp.join(ENCODER_DIR);
@@ -518,7 +312,6 @@ fn write_contents(tmp: &Path, c: &CheckpointContents<'_>) -> Result<()> {
                 }
             })?;
             write_file(&d.join("preprocessor_config.json"), &pp)?;
-            sync_dir(&d)?;
         }
         (true, None) => {
             return Err(Error::Input(
@@ -592,7 +385,7 @@ pub fn load_heads(
 #[derive(Debug)]
 pub struct LoadedCheckpoint {
     /// The model, in inference mode.
-    pub model: Moda,
+    pub model: CaptionModel,
     /// The tokenizer.
     pub tokenizer: ModaTokenizer,
     /// `config.json`.
@@ -601,39 +394,10 @@ pub struct LoadedCheckpoint {
     pub dir: PathBuf,
 }
 
-/// What kind of file system entry `path` is, for messages: `None` when it does not exist,
-/// else "a directory", "a regular file", "a character device", ... (links followed).
-pub fn file_kind(path: &Path) -> Option<&'static str> {
-    let ft = std::fs::metadata(path).ok()?.file_type();
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::FileTypeExt;
-        if ft.is_char_device() {
-            return Some("a character device");
-        }
-        if ft.is_block_device() {
-            return Some("a block device");
-        }
-        if ft.is_fifo() {
-            return Some("a FIFO (named pipe)");
-        }
-        if ft.is_socket() {
-            return Some("a socket");
-        }
-    }
-    Some(if ft.is_dir() {
-        "a directory"
-    } else if ft.is_file() {
-        "a regular file"
-    } else {
-        "not a regular file nor a directory"
-    })
-}
-
 /// Loads a checkpoint directory (f32).
 pub fn load(dir: &Path, device: &Device) -> Result<LoadedCheckpoint> {
     let dir = resolve_dir(dir);
-    match file_kind(&dir) {
+    match files::file_kind(&dir) {
         Some("a directory") => {}
         None => {
             return Err(Error::MissingFile {
@@ -661,7 +425,7 @@ pub fn load(dir: &Path, device: &Device) -> Result<LoadedCheckpoint> {
     let weights = Weights::from_file(&dir.join(MODEL_FILE))?;
     let (projector, decoder) = load_heads(&config, &weights, DType::F32, device)?;
     let tokenizer = ModaTokenizer::from_tokenizer_json(&dir.join(TOKENIZER_FILE))?;
-    let model = Moda::new(encoder, projector, decoder)?;
+    let model = CaptionModel::new(encoder, projector, decoder)?;
     Ok(LoadedCheckpoint {
         model,
         tokenizer,
@@ -716,40 +480,5 @@ mod tests {
         // A missing config still says it is missing.
         let e = CheckpointConfig::from_dir(&d.0).expect_err("missing");
         assert!(matches!(e, Error::MissingFile { .. }), "{e}");
-    }
-
-    #[test]
-    fn paths_are_compared_resolved() {
-        let d = crate::testutil::TempDir::new();
-        let run = d.0.join("run");
-        std::fs::create_dir_all(run.join("best/encoder")).expect("mkdir");
-        #[cfg(unix)]
-        std::os::unix::fs::symlink(&run, d.0.join("link")).expect("symlink");
-        let real = canonical_path(&run).expect("canonical");
-        // Not existing yet, with `.` and `..` on the way.
-        assert_eq!(
-            canonical_path(&d.0.join("run/new/../best/./x/y")).expect("canonical"),
-            real.join("best/x/y")
-        );
-        assert_eq!(overlap(&run, &run.join("best")), Some("contains"));
-        assert_eq!(
-            overlap(&run.join("best/encoder"), &run.join("best")),
-            Some("is inside")
-        );
-        assert_eq!(
-            overlap(&run.join("best/../best"), &run.join("best")),
-            Some("is")
-        );
-        assert_eq!(overlap(&d.0.join("bundle"), &run.join("best")), None);
-        assert_eq!(
-            overlap(&d.0.join("run2"), &run),
-            None,
-            "a shared prefix is not inside"
-        );
-        #[cfg(unix)]
-        assert_eq!(
-            overlap(&d.0.join("link"), &run.join("best")),
-            Some("contains")
-        );
     }
 }

@@ -5,14 +5,10 @@
 //! products than in them: a LayerNorm is ten tensors forward and about thirty backward, each a
 //! fresh allocation; a bias's gradient is a strided reduction (on one thread) plus a zero tensor
 //! and an add; a weight's gradient goes through a transposed copy; attention is about twenty ops
-//! (head splits and merges, two batched products, the mask, five for the softmax). Measured at
-//! OPT-125m's size (batch 32, 21 positions, 2-core CPU), forward + backward composed: a
-//! LayerNorm 10-30 ms, a ReLU after `fc1` 14-45 ms, a 768-wide bias 4 ms (the lower figures once
-//! the allocator keeps freed memory, see `trainer::alloc`); fused, these ops no longer show in a
-//! profile. The whole real-size training step (`trainer/examples/bench_step.rs`) went from
-//! 6.1-6.2 s to 4.0-4.5 s with the linear, LayerNorm and ReLU ops and the allocator setting, its
-//! peak memory from 3.9 to 3.5 GB; fused attention and a parallel bias gradient then took it to
-//! 3.8 s (PyTorch: 3.4-3.8 s on the same machine).
+//! (head splits and merges, two batched products, the mask, five for the softmax). Fused, each
+//! of these is one op that writes its output once, and bias gradients are column sums spread
+//! over the thread pool. The measurements (per op and for the whole real-size training step of
+//! `trainer/examples/bench_step.rs`, against PyTorch) are in `docs/PERFORMANCE.md`.
 //!
 //! These ops are used only where they can run: while training (an input or a weight is
 //! tracked), on the CPU, in f32. Inference keeps candle's own kernels, and other devices and
@@ -31,7 +27,11 @@ pub(crate) fn applies(xs: &Tensor, weight: Option<&Tensor>) -> bool {
         && weight.is_none_or(|w| w.dtype() == DType::F32)
 }
 
-fn slice<'a, T: candle_core::WithDType>(
+/// The elements of the contiguous CPU tensor `(s, l)` (a custom op's input), as `T`; a
+/// strided layout or another dtype is an error that names `op`. Candle hands custom ops the
+/// whole storage and a layout, so every CPU kernel of the workspace (these, the trainer's
+/// loss and optimizer) reads its inputs through this.
+pub fn cpu_slice<'a, T: candle_core::WithDType>(
     s: &'a CpuStorage,
     l: &Layout,
     op: &str,
@@ -40,6 +40,24 @@ fn slice<'a, T: candle_core::WithDType>(
         .contiguous_offsets()
         .ok_or_else(|| candle_core::Error::Msg(format!("{op}: non-contiguous input")))?;
     Ok(&s.as_slice::<T>()?[a..b])
+}
+
+/// [`cpu_slice`] for an f32 tensor updated in place (an in-place op's destination).
+pub fn cpu_slice_mut<'a>(
+    s: &'a mut CpuStorage,
+    l: &Layout,
+    op: &str,
+) -> candle_core::Result<&'a mut [f32]> {
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{op}: non-contiguous input")))?;
+    match s {
+        CpuStorage::F32(v) => Ok(&mut v[a..b]),
+        other => Err(candle_core::Error::Msg(format!(
+            "{op}: expected f32, got {:?}",
+            candle_core::backend::BackendStorage::dtype(&*other)
+        ))),
+    }
 }
 
 /// Rows of at least this many values go to the thread pool one at a time; smaller ones in
@@ -82,11 +100,11 @@ impl Linear {
             candle_core::bail!("fused linear: input width {kx}, weight {:?}", w.1.dims());
         }
         let m: usize = lead.iter().product();
-        let xv = slice::<f32>(x.0, x.1, "fused linear")?;
-        let wv = slice::<f32>(w.0, w.1, "fused linear")?;
+        let xv = cpu_slice::<f32>(x.0, x.1, "fused linear")?;
+        let wv = cpu_slice::<f32>(w.0, w.1, "fused linear")?;
         let mut out = match b {
             Some((bs, bl)) => {
-                let bv = slice::<f32>(bs, bl, "fused linear")?;
+                let bv = cpu_slice::<f32>(bs, bl, "fused linear")?;
                 if bv.len() != n {
                     candle_core::bail!("fused linear: bias of {} for {n} outputs", bv.len());
                 }
@@ -177,7 +195,7 @@ impl CustomOp1 for ColumnSum {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (_, n) = l.shape().dims2()?;
-        let g = slice::<f32>(s, l, "fused column sum")?;
+        let g = cpu_slice::<f32>(s, l, "fused column sum")?;
         let mut out = vec![0f32; n];
         if n > 0 {
             out.par_chunks_mut(COLUMNS_PER_TASK)
@@ -293,9 +311,9 @@ impl CustomOp3 for LayerNorm {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = slice::<f32>(s1, l1, "fused layer norm")?;
-        let w = slice::<f32>(s2, l2, "fused layer norm")?;
-        let b = slice::<f32>(s3, l3, "fused layer norm")?;
+        let x = cpu_slice::<f32>(s1, l1, "fused layer norm")?;
+        let w = cpu_slice::<f32>(s2, l2, "fused layer norm")?;
+        let b = cpu_slice::<f32>(s3, l3, "fused layer norm")?;
         let h = w.len();
         if h == 0 || b.len() != h || l1.dims().last() != Some(&h) {
             candle_core::bail!(
@@ -361,9 +379,9 @@ impl CustomOp3 for LayerNormGrad {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = slice::<f32>(s1, l1, "fused layer norm backward")?;
-        let w = slice::<f32>(s2, l2, "fused layer norm backward")?;
-        let g = slice::<f32>(s3, l3, "fused layer norm backward")?;
+        let x = cpu_slice::<f32>(s1, l1, "fused layer norm backward")?;
+        let w = cpu_slice::<f32>(s2, l2, "fused layer norm backward")?;
+        let g = cpu_slice::<f32>(s3, l3, "fused layer norm backward")?;
         let h = w.len();
         if h == 0 || g.len() != x.len() || x.len() % h != 0 {
             candle_core::bail!(
@@ -428,7 +446,7 @@ impl CustomOp1 for Relu {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = slice::<f32>(s, l, "fused relu")?;
+        let x = cpu_slice::<f32>(s, l, "fused relu")?;
         let mut out = vec![0f32; x.len()];
         let per = ROWS_PER_TASK_MIN_VALUES;
         out.par_chunks_mut(per)
@@ -461,8 +479,8 @@ impl CustomOp2 for ReluGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let y = slice::<f32>(s1, l1, "fused relu backward")?;
-        let g = slice::<f32>(s2, l2, "fused relu backward")?;
+        let y = cpu_slice::<f32>(s1, l1, "fused relu backward")?;
+        let g = cpu_slice::<f32>(s2, l2, "fused relu backward")?;
         if y.len() != g.len() {
             candle_core::bail!("fused relu backward: {:?} and {:?}", l1.dims(), l2.dims());
         }
@@ -654,9 +672,9 @@ impl CustomOp3 for Attention {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let q = slice::<f32>(s1, l1, "fused attention")?;
-        let k = slice::<f32>(s2, l2, "fused attention")?;
-        let v = slice::<f32>(s3, l3, "fused attention")?;
+        let q = cpu_slice::<f32>(s1, l1, "fused attention")?;
+        let k = cpu_slice::<f32>(s2, l2, "fused attention")?;
+        let v = cpu_slice::<f32>(s3, l3, "fused attention")?;
         let dims = self.dims(l1, l2)?;
         let (_, s, t, width) = dims;
         let items = self.items(q, k, v, dims);
@@ -698,10 +716,10 @@ impl CustomOp3 for Attention {
             cpu_storage(&sv)?,
             cpu_storage(&sg)?,
         );
-        let qv = slice::<f32>(cq, lq, "fused attention backward")?;
-        let kv = slice::<f32>(ck, lk, "fused attention backward")?;
-        let vv = slice::<f32>(cv, lv, "fused attention backward")?;
-        let gv = slice::<f32>(cg, lg, "fused attention backward")?;
+        let qv = cpu_slice::<f32>(cq, lq, "fused attention backward")?;
+        let kv = cpu_slice::<f32>(ck, lk, "fused attention backward")?;
+        let vv = cpu_slice::<f32>(cv, lv, "fused attention backward")?;
+        let gv = cpu_slice::<f32>(cg, lg, "fused attention backward")?;
         let dims = self.dims(lq, lk)?;
         let (_, s, t, width) = dims;
         if gv.len() != qv.len() {

@@ -32,6 +32,13 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 
+/// The image encoder of MODA's original recipe (FashionCLIP), the default of the tools'
+/// `--encoder`.
+pub const DEFAULT_ENCODER: &str = "patrickjohncyh/fashion-clip";
+/// The decoder of MODA's original recipe (OPT-125m: configuration, weights and tokenizer), the
+/// default of the tools' `--decoder`.
+pub const DEFAULT_DECODER: &str = "facebook/opt-125m";
+
 /// One file requirement: a list of alternatives, each a set of files that must all be
 /// present together (e.g. `tokenizer.json`, or `vocab.json` + `merges.txt`).
 ///
@@ -200,11 +207,10 @@ impl ModelSource {
     /// saying it is neither.
     pub fn parse(spec: &str) -> Result<Self> {
         if spec.is_empty() {
-            return Err(Error::Hub(
+            return Err(Error::Hub(format!(
                 "empty model source: pass a local directory or a Hugging Face model id \
-                 such as `facebook/opt-125m`"
-                    .to_string(),
-            ));
+                 such as `{DEFAULT_DECODER}`"
+            )));
         }
         let path = Path::new(spec);
         if path.exists() {
@@ -231,7 +237,7 @@ impl ModelSource {
         };
         Err(Error::Hub(format!(
             "`{spec}` is not an existing local path, and {why}; pass a local model directory \
-             or a Hugging Face model id such as `facebook/opt-125m`"
+             or a Hugging Face model id such as `{DEFAULT_DECODER}`"
         )))
     }
 
@@ -558,7 +564,7 @@ fn hub_error(
     Error::Hub(format!(
         "model `{spec}`: not a local directory, and not (completely) in the Hugging Face \
          cache at {} (missing: {}); it could not be downloaded: {reason}. Download it with \
-         `huggingface-cli download {repo_id}{rev_flag}` on a machine with internet (and copy \
+         `hf download {repo_id}{rev_flag}` on a machine with internet (and copy \
          the cache here, or point HF_HUB_CACHE / HF_HOME at it), or pass a local directory path",
         opts.repo_cache_dir(repo_id).display(),
         missing.join("; "),
@@ -791,16 +797,16 @@ mod tests {
     #[test]
     fn parse_specs() {
         assert_eq!(
-            ModelSource::parse("facebook/opt-125m").unwrap(),
+            ModelSource::parse(DEFAULT_DECODER).unwrap(),
             ModelSource::Hub {
-                repo_id: "facebook/opt-125m".into(),
+                repo_id: DEFAULT_DECODER.into(),
                 revision: "main".into()
             }
         );
         assert_eq!(
-            ModelSource::parse("patrickjohncyh/fashion-clip@refs/pr/3").unwrap(),
+            ModelSource::parse(&format!("{DEFAULT_ENCODER}@refs/pr/3")).unwrap(),
             ModelSource::Hub {
-                repo_id: "patrickjohncyh/fashion-clip".into(),
+                repo_id: DEFAULT_ENCODER.into(),
                 revision: "refs/pr/3".into()
             }
         );
@@ -908,7 +914,7 @@ mod tests {
         let t = TempDir::new();
         let snap = fake_cache(
             &t.0,
-            "facebook/opt-125m",
+            DEFAULT_DECODER,
             SHA,
             &[
                 ("config.json", "{}"),
@@ -918,43 +924,39 @@ mod tests {
                 ("special_tokens_map.json", "{}"),
             ],
         );
-        let src = ModelSource::parse("facebook/opt-125m").unwrap();
+        let src = ModelSource::parse(DEFAULT_DECODER).unwrap();
         let mut reqs = vec![FileReq::config(), FileReq::weights()];
         reqs.extend(FileReq::tokenizer_all());
         // tokenizer_config.json (optional) is absent: still fine offline.
         assert_eq!(src.resolve_with(&reqs, &offline(&t.0)).unwrap(), snap);
 
         // By commit hash, without a ref.
-        let by_sha = ModelSource::parse(&format!("facebook/opt-125m@{SHA}")).unwrap();
+        let by_sha = ModelSource::parse(&format!("{DEFAULT_DECODER}@{SHA}")).unwrap();
         assert_eq!(by_sha.resolve_with(&reqs, &offline(&t.0)).unwrap(), snap);
     }
 
     #[test]
     fn cached_offline_missing_file_is_clear() {
         let t = TempDir::new();
-        fake_cache(
-            &t.0,
-            "patrickjohncyh/fashion-clip",
-            SHA,
-            &[("config.json", "{}")],
-        );
-        let src = ModelSource::parse("patrickjohncyh/fashion-clip").unwrap();
+        fake_cache(&t.0, DEFAULT_ENCODER, SHA, &[("config.json", "{}")]);
+        let src = ModelSource::parse(DEFAULT_ENCODER).unwrap();
         let err = src
             .resolve_with(&[FileReq::config(), FileReq::weights()], &offline(&t.0))
             .unwrap_err();
         let msg = err.to_string();
         assert!(matches!(err, Error::Hub(_)));
         for needle in [
-            "patrickjohncyh/fashion-clip",
+            DEFAULT_ENCODER,
             "not a local directory",
-            "models--patrickjohncyh--fashion-clip",
+            &format!("models--{}", DEFAULT_ENCODER.replace('/', "--")),
             "model.safetensors",
             "HF_HUB_OFFLINE",
-            "huggingface-cli download patrickjohncyh/fashion-clip",
+            &format!("`hf download {DEFAULT_ENCODER}`"),
             "local directory path",
         ] {
             assert!(msg.contains(needle), "{needle:?} not in {msg}");
         }
+        assert!(!msg.contains("huggingface-cli"), "{msg}");
         assert!(!msg.contains("model configuration"), "{msg}");
 
         // Not cached at all.
@@ -964,7 +966,8 @@ mod tests {
             .unwrap_err();
         let msg = err.to_string();
         assert!(
-            msg.contains("someone/else@v1") && msg.contains("--revision v1"),
+            msg.contains("someone/else@v1")
+                && msg.contains("`hf download someone/else --revision v1`"),
             "{msg}"
         );
     }
@@ -1015,7 +1018,7 @@ mod tests {
             token: None,
             progress: false,
         };
-        let err = ModelSource::parse("facebook/opt-125m")
+        let err = ModelSource::parse(DEFAULT_DECODER)
             .unwrap()
             .resolve_with(&[FileReq::config()], &opts)
             .unwrap_err();

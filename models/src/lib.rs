@@ -1,7 +1,9 @@
 //! MODA model core: the FashionCLIP vision tower, the projector and the OPT decoder in candle,
 //! loaded from real Hugging Face checkpoints and matching `transformers`.
 //!
-//! The architecture is described in `shared/MISSION.md`; each model lives in its own file:
+//! The model: a frozen CLIP vision tower whose projected image embedding, through the projector
+//! (`Linear 512 -> 3072`, GELU, `Linear 3072 -> 768`), is a one-token prefix of OPT's input
+//! embeddings; OPT then writes the description. Each model lives in its own file:
 //! [`clip_vision`], [`projector`], [`opt`], [`moda`]. [`weights`] reads checkpoints,
 //! [`preprocess`] turns images into `pixel_values`, [`tokenizer`] is OPT's byte-level BPE and
 //! [`hub`] finds model directories locally or on the Hugging Face hub. [`checkpoint`] is MODA's
@@ -14,9 +16,11 @@ pub mod clip_vision;
 pub mod error;
 pub mod files;
 #[cfg(feature = "candle")]
-mod fused;
+pub mod fused;
+pub mod generate;
 #[cfg(feature = "hub")]
 pub mod hub;
+pub mod kaggle;
 #[cfg(feature = "candle")]
 pub mod moda;
 #[cfg(feature = "candle")]
@@ -36,7 +40,7 @@ pub mod weights;
 pub use clip_vision::{ClipVision, ClipVisionConfig};
 pub use error::{Error, Result};
 #[cfg(feature = "candle")]
-pub use moda::{Moda, ModaBatch};
+pub use moda::{CaptionBatch, CaptionDecoder, CaptionModel};
 #[cfg(feature = "candle")]
 pub use nn::Activation;
 #[cfg(feature = "candle")]
@@ -50,30 +54,22 @@ pub use weights::Weights;
 mod testutil {
     //! Helpers for the unit tests.
     use std::path::PathBuf;
-    use std::sync::atomic::{AtomicUsize, Ordering};
 
-    /// A fresh directory under the system temp dir, removed on drop.
-    pub(crate) struct TempDir(pub(crate) PathBuf);
+    /// A fresh directory under the system temp dir, removed on drop (a `tempfile::TempDir`),
+    /// with its path in `.0`.
+    pub(crate) struct TempDir(
+        pub(crate) PathBuf,
+        // Held for its drop, which removes the directory.
+        #[allow(dead_code)] tempfile::TempDir,
+    );
 
     impl TempDir {
         pub(crate) fn new() -> Self {
-            static N: AtomicUsize = AtomicUsize::new(0);
-            let p = std::env::temp_dir().join(format!(
-                "moda-models-test-{}-{}",
-                std::process::id(),
-                N.fetch_add(1, Ordering::SeqCst)
-            ));
-            let _ = std::fs::remove_dir_all(&p);
-            if let Err(e) = std::fs::create_dir_all(&p) {
-                panic!("cannot create {}: {e}", p.display());
-            }
-            Self(p)
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
+            let dir = tempfile::Builder::new()
+                .prefix("moda-models-test-")
+                .tempdir()
+                .unwrap_or_else(|e| panic!("cannot create a temporary directory: {e}"));
+            Self(dir.path().to_path_buf(), dir)
         }
     }
 }

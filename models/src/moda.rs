@@ -1,16 +1,17 @@
-//! MODA: the frozen CLIP image encoder, the projector and the OPT decoder, put together the way
-//! the original FashionOPT notebook does (see `shared/MISSION.md`).
+//! MODA's caption model ([`CaptionModel`]): the frozen CLIP image encoder, the projector and
+//! the OPT decoder, put together the way the original FashionOPT notebook does.
 //!
 //! The sequence is `[projected image, BOS, description tokens..., </s>]`. The training loss is
 //! next-token cross-entropy as `OPTForCausalLM(labels=..)` computes it: labels are the token ids
 //! with `-100` at the image position and at padding, logits at position `i` predict label
 //! `i + 1`, averaged over the labelled positions (so the image position predicts the BOS).
-//! Generation feeds `[projected image, BOS]` and decodes greedily with the KV cache until `</s>`
-//! or a length limit.
+//! Generation feeds `[projected image, BOS]` with the KV cache, then one token per row as the
+//! workspace's one search ([`crate::generate`], shared with the SDK) chooses them: greedy by
+//! default, sampling or beam search ([`CaptionDecoder`] is the decoding state it drives).
 //!
 //! The original recipe's checkpoint is a PyTorch `state_dict` with `opt.*` (the whole
 //! `OPTForCausalLM`), `embed_tokens.weight` (the same tensor as the OPT token embedding) and
-//! `projection.{0,2}.*`; [`Moda::from_recipe_checkpoint`] loads it.
+//! `projection.{0,2}.*`; [`CaptionModel::from_recipe_checkpoint`] loads it.
 
 use std::path::Path;
 
@@ -18,7 +19,7 @@ use candle_core::{DType, Device, Module, Tensor, D};
 
 use crate::clip_vision::{ClipVision, ClipVisionConfig};
 use crate::error::{Error, Result};
-use crate::nn::argmax_last;
+use crate::generate::{self, Generated, GenerationOptions, StepModel, TokenSink};
 use crate::opt::{Cache, DecoderInput, Opt, OptConfig};
 use crate::projector::{Projector, ProjectorConfig};
 use crate::weights::Weights;
@@ -30,7 +31,7 @@ pub const IGNORE_INDEX: i64 = -100;
 /// counted; gradients of a clone's outputs are the same variables') but has a dropout generator
 /// of its own.
 #[derive(Clone)]
-pub struct Moda {
+pub struct CaptionModel {
     encoder: ClipVision,
     projector: Projector,
     decoder: Opt,
@@ -38,7 +39,7 @@ pub struct Moda {
 
 /// A training or evaluation batch in MODA's layout.
 #[derive(Debug, Clone)]
-pub struct ModaBatch {
+pub struct CaptionBatch {
     /// Decoder inputs `[b, 1 + t, embed_dim]`: the projected image, then the token embeddings.
     pub inputs_embeds: Tensor,
     /// `[b, 1 + t]`: 1 for the image and real tokens, 0 for padding (f32).
@@ -47,7 +48,7 @@ pub struct ModaBatch {
     pub labels: Tensor,
 }
 
-impl Moda {
+impl CaptionModel {
     /// Puts the three parts together, checking that their sizes agree.
     pub fn new(encoder: ClipVision, projector: Projector, decoder: Opt) -> Result<Self> {
         let p = *projector.config();
@@ -153,7 +154,7 @@ impl Moda {
         prefix_embeds: &Tensor,
         input_ids: &Tensor,
         text_mask: &Tensor,
-    ) -> Result<ModaBatch> {
+    ) -> Result<CaptionBatch> {
         let (b, t) = input_ids.dims2()?;
         if prefix_embeds.dims3()?.0 != b || text_mask.dims() != [b, t] {
             return Err(Error::Input(format!(
@@ -179,7 +180,7 @@ impl Moda {
             &[&Tensor::full(IGNORE_INDEX, (b, 1), device)?, &text_labels],
             1,
         )?;
-        Ok(ModaBatch {
+        Ok(CaptionBatch {
             inputs_embeds,
             attention_mask,
             labels,
@@ -187,7 +188,7 @@ impl Moda {
     }
 
     /// Logits `[b, 1 + t, vocab]` of a batch.
-    pub fn logits(&self, batch: &ModaBatch) -> Result<Tensor> {
+    pub fn logits(&self, batch: &CaptionBatch) -> Result<Tensor> {
         self.decoder.forward(
             DecoderInput::Embeds(&batch.inputs_embeds),
             Some(&batch.attention_mask),
@@ -196,56 +197,183 @@ impl Moda {
     }
 
     /// The mean next-token cross-entropy of a batch (a scalar f32 tensor).
-    pub fn loss(&self, batch: &ModaBatch) -> Result<Tensor> {
+    pub fn loss(&self, batch: &CaptionBatch) -> Result<Tensor> {
         causal_lm_loss(&self.logits(batch)?, &batch.labels)
     }
 
-    /// Greedy decoding with the KV cache from prefix embeddings `[b, 1, embed_dim]`: feeds
-    /// `[prefix, BOS]`, then one token at a time. Each row stops at `</s>` (included in its
-    /// output) or after `max_new_tokens`. Returns the generated ids per row.
-    pub fn generate_greedy(
+    /// The most tokens [`CaptionModel::generate`] can generate after a one-position prefix
+    /// (what [`CaptionModel::project`] gives): the prefix and the BOS take a position each, and
+    /// the last token generated is never fed back.
+    pub fn max_new_tokens_limit(&self) -> usize {
+        self.decoder
+            .config()
+            .max_position_embeddings
+            .saturating_sub(1)
+    }
+
+    /// Starts decoding prefix embeddings `[n, prefix_len, embed_dim]`: feeds `[prefix, BOS]`
+    /// with the KV cache for `n * beams` rows (each image's prefix repeated `beams` times, next
+    /// to each other, as beam search lays out its beams) and returns the decoding state and
+    /// the logits after the BOS, `[n * beams * vocab]`, which is where
+    /// [`generate::generate`] starts.
+    pub fn prefill(
         &self,
         prefix_embeds: &Tensor,
-        max_new_tokens: usize,
-    ) -> Result<Vec<Vec<u32>>> {
-        let cfg = self.decoder.config();
-        let (b, _, _) = prefix_embeds.dims3()?;
-        let device = prefix_embeds.device();
-        let bos = Tensor::full(cfg.bos_token_id, (b, 1), device)?;
-        let bos = self
-            .decoder
-            .embed_tokens(&bos)?
-            .to_dtype(prefix_embeds.dtype())?;
-        let mut input = Tensor::cat(&[prefix_embeds, &bos], 1)?;
-        let mut cache = Cache::new(cfg);
-        let mut out = vec![Vec::new(); b];
-        let mut done = vec![false; b];
-        for _ in 0..max_new_tokens {
-            let total = cache.past_len() + input.dim(1)?;
-            let mask = Tensor::ones((b, total), DType::F32, device)?;
-            let logits = self.decoder.forward(
-                DecoderInput::Embeds(&input),
-                Some(&mask),
-                Some(&mut cache),
-            )?;
-            let last = logits.narrow(1, logits.dim(1)? - 1, 1)?.squeeze(1)?;
-            let next = argmax_last(&last)?.to_vec1::<u32>()?;
-            for (i, &tok) in next.iter().enumerate() {
-                if !done[i] {
-                    out[i].push(tok);
-                    done[i] = tok == cfg.eos_token_id;
-                }
-            }
-            if done.iter().all(|d| *d) {
-                break;
-            }
-            let ids = Tensor::from_vec(next, (b, 1), device)?;
-            input = self
-                .decoder
-                .embed_tokens(&ids)?
-                .to_dtype(prefix_embeds.dtype())?;
+        beams: usize,
+    ) -> Result<(CaptionDecoder<'_>, Vec<f32>)> {
+        let (n, _, _) = prefix_embeds.dims3()?;
+        if n == 0 || beams == 0 {
+            return Err(Error::Input(format!(
+                "cannot decode {n} images with {beams} beams"
+            )));
         }
-        Ok(out)
+        let device = prefix_embeds.device().clone();
+        let dtype = prefix_embeds.dtype();
+        let rows = n * beams;
+        let prefix = if beams == 1 {
+            prefix_embeds.clone()
+        } else {
+            let idx: Vec<u32> = (0..rows).map(|r| (r / beams) as u32).collect();
+            prefix_embeds.index_select(&Tensor::from_vec(idx, rows, &device)?, 0)?
+        };
+        let bos = Tensor::full(self.decoder.config().bos_token_id, (rows, 1), &device)?;
+        let bos = self.decoder.embed_tokens(&bos)?.to_dtype(dtype)?;
+        let input = Tensor::cat(&[&prefix, &bos], 1)?;
+        let mut state = CaptionDecoder {
+            model: self,
+            cache: Cache::new(self.decoder.config()),
+            rows,
+            dtype,
+            device,
+        };
+        let logits = state.run(&input)?;
+        Ok((state, logits))
+    }
+
+    /// Descriptions of prefix embeddings `[n, prefix_len, embed_dim]` with the workspace's one
+    /// search ([`generate::generate`], the same as the SDK's over ONNX Runtime): greedy by
+    /// default, sampling or beam search as `options` say. `options.max_new_tokens` of `None`
+    /// generates until `</s>` or until the decoder's positions run out. One result per image,
+    /// the final `</s>` included when one was generated.
+    pub fn generate(
+        &self,
+        prefix_embeds: &Tensor,
+        options: &GenerationOptions,
+    ) -> Result<Vec<Generated>> {
+        self.generate_with(prefix_embeds, options, None)
+    }
+
+    /// [`CaptionModel::generate`] with a callback that sees each token as it is chosen
+    /// (image, token, log-probability) and stops that image by returning `false`.
+    pub fn generate_with(
+        &self,
+        prefix_embeds: &Tensor,
+        options: &GenerationOptions,
+        sink: Option<TokenSink<'_>>,
+    ) -> Result<Vec<Generated>> {
+        let (n, prefix_len, _) = prefix_embeds.dims3()?;
+        let cfg = self.decoder.config();
+        let room = cfg.max_position_embeddings.saturating_sub(prefix_len);
+        let max_new = options.max_new_tokens.unwrap_or(room);
+        options.validate(max_new)?;
+        if max_new > room {
+            return Err(Error::Input(format!(
+                "max_new_tokens {max_new} is more than this model's {} positions allow after a \
+                 prefix of {prefix_len} (at most {room})",
+                cfg.max_position_embeddings
+            )));
+        }
+        let (mut state, first) = self.prefill(prefix_embeds, options.num_beams)?;
+        generate::generate(
+            &mut state,
+            first,
+            n,
+            cfg.vocab_size,
+            cfg.eos_token_id,
+            options,
+            max_new,
+            sink,
+        )
+    }
+}
+
+/// The candle model's decoding state for one batch, as the shared search drives it: the KV
+/// cache of every row (one per image, or per beam under beam search), fed one token per row.
+/// [`CaptionModel::prefill`] makes one.
+pub struct CaptionDecoder<'a> {
+    model: &'a CaptionModel,
+    cache: Cache,
+    rows: usize,
+    dtype: DType,
+    device: Device,
+}
+
+impl CaptionDecoder<'_> {
+    /// Rows (images times beams).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Positions in the cache (prefix, BOS and the tokens fed since).
+    pub fn past_len(&self) -> usize {
+        self.cache.past_len()
+    }
+
+    /// Runs the decoder on `input [rows, seq, embed_dim]` with the cache and returns the last
+    /// position's logits, `[rows * vocab]` (f32).
+    fn run(&mut self, input: &Tensor) -> Result<Vec<f32>> {
+        // No attention mask: every row is as long as the others (no padding).
+        let logits =
+            self.model
+                .decoder
+                .forward(DecoderInput::Embeds(input), None, Some(&mut self.cache))?;
+        let last = logits.narrow(1, logits.dim(1)? - 1, 1)?.squeeze(1)?;
+        Ok(last.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+    }
+}
+
+impl StepModel for CaptionDecoder<'_> {
+    type Error = Error;
+
+    fn step(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        if tokens.len() != self.rows {
+            return Err(Error::Input(format!(
+                "{} tokens for {} decoder rows",
+                tokens.len(),
+                self.rows
+            )));
+        }
+        let ids = Tensor::from_vec(tokens.to_vec(), (self.rows, 1), &self.device)?;
+        let input = self
+            .model
+            .decoder
+            .embed_tokens(&ids)?
+            .to_dtype(self.dtype)?;
+        self.run(&input)
+    }
+
+    fn reorder(&mut self, rows: &[usize]) -> Result<()> {
+        if rows.len() != self.rows || rows.iter().any(|&r| r >= self.rows) {
+            return Err(Error::Input(format!(
+                "cannot reorder {} decoder rows as {rows:?}",
+                self.rows
+            )));
+        }
+        if rows.iter().enumerate().all(|(i, &r)| i == r) {
+            return Ok(());
+        }
+        let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+        let idx = Tensor::from_vec(idx, rows.len(), &self.device)?;
+        self.cache.select_rows(&idx)
+    }
+}
+
+impl std::fmt::Debug for CaptionDecoder<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CaptionDecoder")
+            .field("rows", &self.rows)
+            .field("past_len", &self.cache.past_len())
+            .finish()
     }
 }
 
@@ -279,9 +407,9 @@ pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     Ok(total.broadcast_div(&count.maximum(1f64)?)?)
 }
 
-impl std::fmt::Debug for Moda {
+impl std::fmt::Debug for CaptionModel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Moda")
+        f.debug_struct("CaptionModel")
             .field("encoder", &self.encoder)
             .field("projector", self.projector.config())
             .field("decoder", &self.decoder)

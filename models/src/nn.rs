@@ -236,8 +236,3 @@ pub(crate) fn fused_self_attention(
     )?;
     out.forward(&ys).map(Some)
 }
-
-/// Index of the maximum along the last dimension, for greedy decoding: `[.., v] -> [..]` (u32).
-pub(crate) fn argmax_last(xs: &Tensor) -> candle_core::Result<Tensor> {
-    xs.argmax(D::Minus1)
-}

@@ -207,6 +207,16 @@ impl Cache {
     pub fn layer(&self, i: usize) -> Option<&(Tensor, Tensor)> {
         self.layers.get(i).and_then(|l| l.as_ref())
     }
+
+    /// Keeps batch rows `rows` (u32 indices) of every layer, in that order; rows may repeat.
+    /// Beam search reorders its beams' caches this way after each step.
+    pub fn select_rows(&mut self, rows: &Tensor) -> Result<()> {
+        for (k, v) in self.layers.iter_mut().flatten() {
+            *k = k.index_select(rows, 0)?;
+            *v = v.index_select(rows, 0)?;
+        }
+        Ok(())
+    }
 }
 
 /// Dropout as `nn.functional.dropout` in train mode: zero each element with probability `p`,

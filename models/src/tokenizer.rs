@@ -661,29 +661,8 @@ impl ModaTokenizer {
         let text = tok
             .to_string(true)
             .map_err(|e| bad(path, format!("cannot serialize the tokenizer: {e}")))?;
-        write_atomic(path, text.as_bytes())
+        crate::files::write_atomic(path, text.as_bytes()).map_err(|e| Error::io(path, e))
     }
-}
-
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| bad(path, "the path names no file"))?;
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(file_name);
-    tmp_name.push(format!(".tmp-{}", std::process::id()));
-    let tmp = path.with_file_name(tmp_name);
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    result.map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::io(path, e)
-    })
 }
 
 fn read_vocab(path: &Path) -> Result<tokenizers::models::bpe::Vocab> {

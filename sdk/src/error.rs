@@ -4,8 +4,10 @@ use std::path::PathBuf;
 
 use crate::runtime::RuntimeError;
 
-/// Why a call failed.
+/// Why a call failed. New kinds may be added (it is `non_exhaustive`): match the ones you
+/// handle and keep a catch-all arm.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The bundle directory, its manifest or one of its files is missing or wrong.
     #[error("bundle {}: {msg}", .path.display())]
@@ -40,10 +42,24 @@ pub enum Error {
     /// The tokenizer failed to decode generated ids.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// Something MODA itself got wrong (a broken internal invariant), not the caller's input:
+    /// please report it.
+    #[error("internal error (a bug in MODA, please report it): {0}")]
+    Internal(String),
 }
 
 /// The SDK's result type.
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// The search's errors (options out of range, logits of the wrong size) are invalid
+/// arguments, with the same messages.
+impl From<moda_models::generate::GenerateError> for Error {
+    fn from(e: moda_models::generate::GenerateError) -> Self {
+        match e {
+            moda_models::generate::GenerateError::InvalidArgument(m) => Error::InvalidArgument(m),
+        }
+    }
+}
 
 impl Error {
     pub(crate) fn bundle(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {

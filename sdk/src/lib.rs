@@ -12,13 +12,16 @@
 //!
 //! [`model`] holds [`Moda`] (threads, memory and the KV cache are described there),
 //! [`generate`] the search and its options, [`manifest`] the bundle's `moda.json` and
-//! [`runtime`] how ONNX Runtime is found; [`catalog`] and [`bench`] are what the `moda-sdk`
-//! command line runs: catalog jobs (inputs, shards, resumable output) and the benchmark.
+//! [`runtime`] how ONNX Runtime is found. The `moda-sdk` command line (catalog jobs, the
+//! benchmark) is a separate crate, `moda-cli`, so that a program embedding this library (and
+//! `libmoda`, the C API over it) builds none of its dependencies.
 
-pub mod bench;
-pub mod catalog;
 pub mod error;
-pub mod generate;
+/// The search and its options; it lives in `moda_models::generate`, shared with the candle
+/// model, and is re-exported here.
+pub mod generate {
+    pub use moda_models::generate::*;
+}
 pub mod manifest;
 pub mod model;
 pub mod runtime;

@@ -5,9 +5,16 @@
 //! preprocessing, the special tokens, generation defaults and the SHA-256 of every file.
 //! [`FORMAT_VERSION`] changes when a reader written for the old format would misread the new
 //! one; readers refuse versions newer than theirs.
+//!
+//! This module is the format's one definition, used by the writer (`exporter`) and the readers
+//! (this SDK, `libmoda`): the graphs' [`Role`]s with their file names and input and output
+//! names, the [`Quantization`], the typed preprocessing, and [`Manifest::validate`], the one
+//! place a manifest is checked. These types read and write the same JSON as the string-typed
+//! fields of the first exporters, so the format is still version 1.
 
 use std::collections::BTreeMap;
 
+use moda_models::preprocess::{ImageProcessor, ImageProcessorConfig};
 use serde::{Deserialize, Serialize};
 
 /// The manifest's file name inside a bundle.
@@ -16,6 +23,169 @@ pub const MANIFEST_FILE: &str = "moda.json";
 pub const FORMAT: &str = "moda-bundle";
 /// The format version this crate writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
+/// The tokenizer's file in a bundle written by `exporter onnx`.
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+
+/// The encoder's input: `pixel_values [batch, channels, image_size, image_size]` (f32).
+pub const PIXEL_VALUES: &str = "pixel_values";
+/// The encoder's output and the projector's input: `image_embeds [batch, projection_dim]`.
+pub const IMAGE_EMBEDS: &str = "image_embeds";
+/// The projector's output: `prefix_embeds [batch, prefix_len, embed_dim]`.
+pub const PREFIX_EMBEDS: &str = "prefix_embeds";
+/// The token embedding graph's input: `input_ids [batch, sequence]` (int64).
+pub const INPUT_IDS: &str = "input_ids";
+/// The token embedding graph's output and the decoder's first input:
+/// `inputs_embeds [batch, sequence, embed_dim]`.
+pub const INPUTS_EMBEDS: &str = "inputs_embeds";
+/// The decoder's second input: `attention_mask [batch, past + sequence]` (int64, 1 keep, 0
+/// pad).
+pub const ATTENTION_MASK: &str = "attention_mask";
+/// The decoder's first output: `logits [batch, sequence, vocab_size]`.
+pub const LOGITS: &str = "logits";
+
+/// The part a graph plays in a bundle: the key of [`Manifest::graphs`].
+///
+/// Each role has one default file name and one list of input and output names, which the
+/// exporter writes and the SDK expects ([`Manifest::validate`] refuses a manifest whose
+/// graphs name them otherwise). A manifest naming a role this crate does not know is refused
+/// when parsed.
+///
+/// The variants are declared in alphabetical order so that the map of graphs serialises in
+/// the same key order as the string-keyed map of earlier exporters did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// OPT with its KV cache: `inputs_embeds`, `attention_mask`, then `past_key_values.{i}.key`
+    /// and `.value` per layer -> `logits`, then `present.{i}.key` and `.value` per layer.
+    Decoder,
+    /// The token embedding lookup: `input_ids` -> `inputs_embeds`.
+    EmbedTokens,
+    /// The CLIP vision tower and its projection: `pixel_values` -> `image_embeds`.
+    Encoder,
+    /// The MLP from the image embedding to the decoder's prefix: `image_embeds` ->
+    /// `prefix_embeds`.
+    Projector,
+}
+
+impl Role {
+    /// Every role, in the order an image flows through them.
+    pub const ALL: [Role; 4] = [
+        Role::Encoder,
+        Role::Projector,
+        Role::EmbedTokens,
+        Role::Decoder,
+    ];
+
+    /// The role's name in the manifest (`encoder`, `projector`, `embed_tokens`, `decoder`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Role::Decoder => "decoder",
+            Role::EmbedTokens => "embed_tokens",
+            Role::Encoder => "encoder",
+            Role::Projector => "projector",
+        }
+    }
+
+    /// The file `exporter onnx` writes the role's graph to (a reader takes the file name from
+    /// [`GraphInfo::file`]).
+    pub const fn default_file(self) -> &'static str {
+        match self {
+            Role::Decoder => "decoder.onnx",
+            Role::EmbedTokens => "embed_tokens.onnx",
+            Role::Encoder => "encoder.onnx",
+            Role::Projector => "projector.onnx",
+        }
+    }
+
+    /// The graph's input names in order; the decoder's depend on its `num_layers`.
+    pub fn input_names(self, num_layers: usize) -> Vec<String> {
+        match self {
+            Role::Encoder => vec![PIXEL_VALUES.to_string()],
+            Role::Projector => vec![IMAGE_EMBEDS.to_string()],
+            Role::EmbedTokens => vec![INPUT_IDS.to_string()],
+            Role::Decoder => {
+                let mut names = vec![INPUTS_EMBEDS.to_string(), ATTENTION_MASK.to_string()];
+                for i in 0..num_layers {
+                    let [pk, pv, _, _] = cache_names(i);
+                    names.extend([pk, pv]);
+                }
+                names
+            }
+        }
+    }
+
+    /// The graph's output names in order; the decoder's depend on its `num_layers`.
+    pub fn output_names(self, num_layers: usize) -> Vec<String> {
+        match self {
+            Role::Encoder => vec![IMAGE_EMBEDS.to_string()],
+            Role::Projector => vec![PREFIX_EMBEDS.to_string()],
+            Role::EmbedTokens => vec![INPUTS_EMBEDS.to_string()],
+            Role::Decoder => {
+                let mut names = vec![LOGITS.to_string()];
+                for i in 0..num_layers {
+                    let [_, _, k, v] = cache_names(i);
+                    names.extend([k, v]);
+                }
+                names
+            }
+        }
+    }
+
+    /// What the name at position `at` of the role's inputs (or outputs) is, for error
+    /// messages: the decoder's cache tensors are paired with the next step's inputs by
+    /// position, so a name out of place is reported with its layer.
+    fn describe_slot(self, outputs: bool, at: usize) -> String {
+        let first_cache = if outputs { 1 } else { 2 };
+        match self {
+            Role::Decoder if at >= first_cache => {
+                format!("layer {}'s cache, in layer order", (at - first_cache) / 2)
+            }
+            _ => format!(
+                "the {self} graph's {}",
+                if outputs { "output" } else { "input" }
+            ),
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Weight quantization of a bundle's linear layers: those of the encoder's transformer and of
+/// the decoder (with its LM head), as ONNX Runtime's `com.microsoft.MatMulNBits` (blocks of
+/// 32); the patch convolution, the projector and the embeddings stay fp32. Written as `none`,
+/// `int8` or `int4`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Quantization {
+    /// fp32 weights.
+    #[default]
+    None,
+    /// int8 weights, blocks of 32.
+    Int8,
+    /// int4 weights, blocks of 32.
+    Int4,
+}
+
+impl Quantization {
+    /// The name in the manifest (`none`, `int8`, `int4`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Quantization::None => "none",
+            Quantization::Int8 => "int8",
+            Quantization::Int4 => "int4",
+        }
+    }
+}
+
+impl std::fmt::Display for Quantization {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
 
 /// `moda.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -28,20 +198,19 @@ pub struct Manifest {
     pub exporter: Producer,
     /// The model's dimensions.
     pub model: ModelDims,
-    /// The graphs by role: `encoder`, `projector`, `decoder`, `embed_tokens`.
-    pub graphs: BTreeMap<String, GraphInfo>,
+    /// The graphs by role; [`Manifest::validate`] requires every [`Role`].
+    pub graphs: BTreeMap<Role, GraphInfo>,
     /// The tokenizer file (`tokenizer.json`).
     pub tokenizer: String,
-    /// The image preprocessing, as `preprocessor_config.json` keys (`CLIPImageProcessor`).
-    pub preprocessing: serde_json::Value,
+    /// The image preprocessing, as `preprocessor_config.json` keys (`CLIPImageProcessor`);
+    /// missing keys take its defaults and unknown keys are ignored.
+    pub preprocessing: ImageProcessorConfig,
     /// Special token ids.
     pub special_tokens: SpecialTokenIds,
     /// Generation defaults.
     pub generation: GenerationDefaults,
-    /// Weight quantization of the linear layers of the encoder's transformer and of the
-    /// decoder (with its LM head): `none`, `int8` or `int4` (ONNX Runtime's
-    /// `com.microsoft.MatMulNBits`, blocks of 32); the projector and embeddings stay fp32.
-    pub quantization: String,
+    /// Weight quantization of the linear layers.
+    pub quantization: Quantization,
     /// Every other file of the bundle, with its size and SHA-256.
     pub files: BTreeMap<String, FileInfo>,
     /// The source models' own configurations (`config.json` contents), for reference.
@@ -82,6 +251,14 @@ pub struct ModelDims {
     pub max_positions: usize,
     /// Positions the image takes at the start of the sequence (1).
     pub prefix_len: usize,
+}
+
+impl ModelDims {
+    /// The most tokens generation may add after the BOS: the image prefix and the BOS take a
+    /// position each, and the last token generated is never fed back.
+    pub fn max_new_tokens_allowed(&self) -> usize {
+        self.max_positions.saturating_sub(self.prefix_len)
+    }
 }
 
 /// One graph of the bundle.
@@ -156,9 +333,37 @@ const MAX_DIM: usize = 1 << 24;
 impl Manifest {
     /// Checks what can be checked without the graphs: every dimension positive and within
     /// reason, the special tokens inside the vocabulary, the generation defaults within the
-    /// positions, and every file name a plain relative name (see [`check_file_name`]). The
-    /// graphs' own input and output shapes are compared when they are loaded.
+    /// positions, every [`Role`]'s graph present with the inputs and outputs that role has,
+    /// the preprocessing usable and of the encoder's image size, and every file name a plain
+    /// relative name (see [`check_file_name`]). The graphs' own input and output shapes are
+    /// compared when they are loaded.
     pub fn validate(&self) -> Result<(), String> {
+        self.check_dims()?;
+        self.check_special_tokens()?;
+        self.check_generation()?;
+        self.check_files()?;
+        for role in Role::ALL {
+            self.check_graph_names(role)?;
+        }
+        self.check_preprocessing()
+    }
+
+    /// The graph of `role`; every role is there once the manifest is validated.
+    pub fn graph(&self, role: Role) -> Result<&GraphInfo, String> {
+        self.graphs
+            .get(&role)
+            .ok_or_else(|| format!("the manifest lists no \"{role}\" graph"))
+    }
+
+    /// The role of the graph stored in the bundle file `file`, if one is.
+    pub fn role_of_file(&self, file: &str) -> Option<Role> {
+        self.graphs
+            .iter()
+            .find(|(_, g)| g.file == file)
+            .map(|(role, _)| *role)
+    }
+
+    fn check_dims(&self) -> Result<(), String> {
         let d = &self.model;
         let dims = [
             ("image_size", d.image_size),
@@ -186,24 +391,30 @@ impl Manifest {
                 d.prefix_len
             ));
         }
+        Ok(())
+    }
+
+    fn check_special_tokens(&self) -> Result<(), String> {
         let s = &self.special_tokens;
         for (name, id) in [("bos", s.bos), ("eos", s.eos), ("pad", s.pad)] {
-            if id as usize >= d.vocab_size {
+            if id as usize >= self.model.vocab_size {
                 return Err(format!(
                     "\"special_tokens\".\"{name}\" is {id}, outside the vocabulary of {}",
-                    d.vocab_size
+                    self.model.vocab_size
                 ));
             }
         }
+        Ok(())
+    }
+
+    fn check_generation(&self) -> Result<(), String> {
         let g = &self.generation;
-        // The image prefix and the BOS take a position each; the last token generated is
-        // never fed back.
-        let room = d.max_positions.saturating_sub(d.prefix_len);
+        let room = self.model.max_new_tokens_allowed();
         if g.max_new_tokens == 0 || g.max_new_tokens > room {
             return Err(format!(
                 "\"generation\".\"max_new_tokens\" is {}; the decoder's {} positions allow 1 to \
                  {room}",
-                g.max_new_tokens, d.max_positions
+                g.max_new_tokens, self.model.max_positions
             ));
         }
         if g.num_beams == 0 || g.num_beams > MAX_DIM {
@@ -212,6 +423,12 @@ impl Manifest {
                 g.num_beams
             ));
         }
+        Ok(())
+    }
+
+    /// Every file name plain and relative; the tokenizer and every graph among the files
+    /// listed with their size and checksum.
+    fn check_files(&self) -> Result<(), String> {
         check_file_name(&self.tokenizer).map_err(|e| format!("\"tokenizer\": {e}"))?;
         if !self.files.contains_key(&self.tokenizer) {
             return Err(format!(
@@ -232,35 +449,55 @@ impl Manifest {
         for name in self.files.keys() {
             check_file_name(name).map_err(|e| format!("\"files\": {e}"))?;
         }
-        self.check_cache_names()
+        Ok(())
     }
 
-    /// The decoder's cache tensors are paired by name: `present.{i}.key` of one step goes in
-    /// as `past_key_values.{i}.key` of the next. The SDK feeds them by position, so the
-    /// manifest must list them in that order under those names; two layers' names swapped
-    /// would otherwise run every step on the wrong layer's cache, with no error.
-    fn check_cache_names(&self) -> Result<(), String> {
-        let Some(g) = self.graphs.get("decoder") else {
-            return Ok(());
-        };
+    /// The graph of `role` must be listed with the inputs and outputs [`Role::input_names`]
+    /// and [`Role::output_names`] give, in that order. The SDK feeds the decoder's cache by
+    /// position (`present.{i}.key` of one step goes in as `past_key_values.{i}.key` of the
+    /// next), so two layers' names swapped would otherwise run every step on the wrong layer's
+    /// cache, with no error. A manifest listing fewer layers than its graph has passes here and
+    /// is refused when the graph is loaded.
+    fn check_graph_names(&self, role: Role) -> Result<(), String> {
+        let g = self.graph(role)?;
         let layers = self.model.num_layers;
-        let names = |v: &[TensorInfo]| v.iter().map(|t| t.name.clone()).collect::<Vec<_>>();
-        let (ins, outs) = (names(&g.inputs), names(&g.outputs));
-        for i in 0..layers {
-            let [pk, pv, k, v] = cache_names(i);
-            let want_in = [(2 + 2 * i, pk), (3 + 2 * i, pv)];
-            let want_out = [(1 + 2 * i, k), (2 + 2 * i, v)];
-            for (side, list, wants) in [("inputs", &ins, want_in), ("outputs", &outs, want_out)] {
-                for (at, want) in wants {
-                    if list.get(at) != Some(&want) {
-                        return Err(format!(
-                            "the decoder's {side} must list {want:?} at position {at} (layer \
-                             {i}'s cache, in layer order), not {:?}",
-                            list.get(at).map_or("nothing", String::as_str)
-                        ));
-                    }
+        let sides = [
+            ("inputs", false, &g.inputs, role.input_names(layers)),
+            ("outputs", true, &g.outputs, role.output_names(layers)),
+        ];
+        for (side, outputs, listed, wanted) in sides {
+            if listed.len() != wanted.len() {
+                return Err(format!(
+                    "the {role} graph lists {} {side}; with \"model\".\"num_layers\" {layers} \
+                     it has {}",
+                    listed.len(),
+                    wanted.len()
+                ));
+            }
+            for (at, (got, want)) in listed.iter().zip(&wanted).enumerate() {
+                if &got.name != want {
+                    return Err(format!(
+                        "the {role}'s {side} must list {want:?} at position {at} ({}), not {:?}",
+                        role.describe_slot(outputs, at),
+                        got.name
+                    ));
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// The preprocessing must be one the SDK runs ([`ImageProcessor::new`]) and make images of
+    /// the encoder's size.
+    fn check_preprocessing(&self) -> Result<(), String> {
+        let processor = ImageProcessor::new(self.preprocessing.clone())
+            .map_err(|e| format!("bad \"preprocessing\": {e}"))?;
+        let (h, w) = processor.config().output_size();
+        if h != self.model.image_size || w != self.model.image_size {
+            return Err(format!(
+                "preprocessing makes {h}x{w} images but the encoder takes {0}x{0}",
+                self.model.image_size
+            ));
         }
         Ok(())
     }
@@ -359,4 +596,256 @@ pub fn bundle_file(dir: &std::path::Path, name: &str) -> Result<std::path::PathB
         return Err(format!("{name:?} is not a regular file"));
     }
     Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A manifest as `exporter onnx` writes one for a 2-layer model with 64x64 images.
+    fn sample() -> Manifest {
+        let layers = 2;
+        let tensor = |name: String| TensorInfo {
+            name,
+            dtype: "float32".to_string(),
+            shape: vec![serde_json::Value::from("batch")],
+        };
+        let file = |bytes| FileInfo {
+            bytes,
+            sha256: "0".repeat(64),
+        };
+        let mut files = BTreeMap::from([(TOKENIZER_FILE.to_string(), file(10))]);
+        let mut graphs = BTreeMap::new();
+        for role in Role::ALL {
+            files.insert(role.default_file().to_string(), file(100));
+            let info = GraphInfo {
+                file: role.default_file().to_string(),
+                inputs: role.input_names(layers).into_iter().map(tensor).collect(),
+                outputs: role.output_names(layers).into_iter().map(tensor).collect(),
+            };
+            graphs.insert(role, info);
+        }
+        let preprocessing = ImageProcessorConfig {
+            crop_size: serde_json::from_value(serde_json::json!(64)).expect("crop"),
+            ..Default::default()
+        };
+        Manifest {
+            format: FORMAT.to_string(),
+            format_version: FORMAT_VERSION,
+            exporter: Producer {
+                name: "moda-exporter".to_string(),
+                version: "0.1.0".to_string(),
+            },
+            model: ModelDims {
+                image_size: 64,
+                num_channels: 3,
+                projection_dim: 24,
+                embed_dim: 32,
+                hidden_size: 32,
+                num_layers: layers,
+                num_heads: 4,
+                head_dim: 8,
+                vocab_size: 100,
+                max_positions: 40,
+                prefix_len: 1,
+            },
+            graphs,
+            tokenizer: TOKENIZER_FILE.to_string(),
+            preprocessing,
+            special_tokens: SpecialTokenIds {
+                bos: 2,
+                eos: 2,
+                pad: 1,
+            },
+            generation: GenerationDefaults {
+                max_new_tokens: 32,
+                num_beams: 1,
+                do_sample: false,
+            },
+            quantization: Quantization::Int8,
+            files,
+            source_configs: serde_json::json!({}),
+        }
+    }
+
+    fn json(m: &Manifest) -> serde_json::Value {
+        serde_json::to_value(m).expect("serialises")
+    }
+
+    fn parse_value(v: &serde_json::Value) -> Result<Manifest, String> {
+        parse(v.to_string().as_bytes())
+    }
+
+    #[test]
+    fn role_names_are_the_manifest_keys_and_file_stems() {
+        let names: Vec<&str> = Role::ALL.iter().map(|r| r.name()).collect();
+        assert_eq!(names, ["encoder", "projector", "embed_tokens", "decoder"]);
+        for role in Role::ALL {
+            assert_eq!(serde_json::to_value(role).expect("role"), role.name());
+            let back: Role = serde_json::from_value(role.name().into()).expect("role");
+            assert_eq!(back, role);
+            assert_eq!(role.to_string(), role.name());
+            assert_eq!(role.default_file(), format!("{}.onnx", role.name()));
+        }
+        // The map of graphs keeps the key order of the string-keyed map it replaced.
+        let mut sorted = Role::ALL;
+        sorted.sort();
+        let mut by_name = Role::ALL;
+        by_name.sort_by_key(|r| r.name());
+        assert_eq!(sorted, by_name);
+    }
+
+    #[test]
+    fn role_input_and_output_names_chain_the_graphs() {
+        let ins = |r: Role| r.input_names(0);
+        let outs = |r: Role| r.output_names(0);
+        assert_eq!(ins(Role::Encoder), [PIXEL_VALUES]);
+        assert_eq!(outs(Role::Encoder), ins(Role::Projector));
+        assert_eq!(outs(Role::Projector), [PREFIX_EMBEDS]);
+        assert_eq!(ins(Role::EmbedTokens), [INPUT_IDS]);
+        assert_eq!(outs(Role::EmbedTokens)[0], ins(Role::Decoder)[0]);
+        assert_eq!(
+            Role::Decoder.input_names(2),
+            [
+                "inputs_embeds",
+                "attention_mask",
+                "past_key_values.0.key",
+                "past_key_values.0.value",
+                "past_key_values.1.key",
+                "past_key_values.1.value",
+            ]
+        );
+        assert_eq!(
+            Role::Decoder.output_names(2),
+            [
+                "logits",
+                "present.0.key",
+                "present.0.value",
+                "present.1.key",
+                "present.1.value",
+            ]
+        );
+        // Only the decoder's lists depend on the layers.
+        for role in [Role::Encoder, Role::Projector, Role::EmbedTokens] {
+            assert_eq!(role.input_names(0), role.input_names(12));
+            assert_eq!(role.output_names(0), role.output_names(12));
+        }
+    }
+
+    #[test]
+    fn a_manifest_written_with_the_role_names_reads_back_the_same() {
+        let m = sample();
+        m.validate().expect("valid");
+        let v = json(&m);
+        assert_eq!(v["quantization"], "int8");
+        assert_eq!(v["preprocessing"]["crop_size"], serde_json::json!(64));
+        let keys: Vec<&String> = v["graphs"].as_object().expect("graphs").keys().collect();
+        assert_eq!(keys, ["decoder", "embed_tokens", "encoder", "projector"]);
+        assert_eq!(parse_value(&v).expect("parses"), m);
+    }
+
+    #[test]
+    fn quantization_reads_the_strings_of_earlier_bundles() {
+        for (name, q) in [
+            ("none", Quantization::None),
+            ("int8", Quantization::Int8),
+            ("int4", Quantization::Int4),
+        ] {
+            let mut v = json(&sample());
+            v["quantization"] = name.into();
+            assert_eq!(parse_value(&v).expect("parses").quantization, q);
+            assert_eq!(q.name(), name);
+        }
+        let mut v = json(&sample());
+        v["quantization"] = "int2".into();
+        let err = parse_value(&v).expect_err("int2");
+        assert!(err.contains("int2"), "{err}");
+    }
+
+    #[test]
+    fn preprocessing_ignores_unknown_keys_and_takes_defaults() {
+        let mut v = json(&sample());
+        v["preprocessing"] = serde_json::json!({
+            "crop_size": {"height": 64, "width": 64},
+            "image_processor_type": "CLIPImageProcessor",
+            "feature_extractor_type": "CLIPFeatureExtractor"
+        });
+        let m = parse_value(&v).expect("parses");
+        assert_eq!(m.preprocessing.crop_size.height_width(), (64, 64));
+        assert_eq!(
+            m.preprocessing.resample,
+            ImageProcessorConfig::default().resample
+        );
+    }
+
+    #[test]
+    fn preprocessing_the_sdk_cannot_run_is_refused() {
+        let mut v = json(&sample());
+        v["preprocessing"]["image_std"] = serde_json::json!([0.0, 0.0, 0.0]);
+        let err = parse_value(&v).expect_err("zero std");
+        assert!(err.contains("image_std"), "{err}");
+        let mut v = json(&sample());
+        v["preprocessing"]["crop_size"] = serde_json::json!(32);
+        let err = parse_value(&v).expect_err("wrong size");
+        assert!(err.contains("32x32") && err.contains("64x64"), "{err}");
+    }
+
+    #[test]
+    fn graphs_must_be_those_of_the_roles() {
+        let mut v = json(&sample());
+        v["graphs"]["extra"] = v["graphs"]["encoder"].clone();
+        let err = parse_value(&v).expect_err("unknown role");
+        assert!(err.contains("extra"), "{err}");
+
+        let mut v = json(&sample());
+        v["graphs"]
+            .as_object_mut()
+            .expect("graphs")
+            .remove("projector");
+        let err = parse_value(&v).expect_err("no projector");
+        assert!(err.contains("no \"projector\" graph"), "{err}");
+
+        let mut v = json(&sample());
+        v["graphs"]["encoder"]["inputs"][0]["name"] = "images".into();
+        let err = parse_value(&v).expect_err("renamed input");
+        assert!(err.contains("\"pixel_values\" at position 0"), "{err}");
+
+        let mut v = json(&sample());
+        let outs = v["graphs"]["decoder"]["outputs"]
+            .as_array_mut()
+            .expect("outputs");
+        outs.swap(1, 3);
+        let err = parse_value(&v).expect_err("swapped cache");
+        assert!(err.contains("layer 0's cache"), "{err}");
+
+        let mut v = json(&sample());
+        v["graphs"]["decoder"]["inputs"]
+            .as_array_mut()
+            .expect("inputs")
+            .pop();
+        let err = parse_value(&v).expect_err("a cache input fewer");
+        assert!(err.contains("lists 5 inputs"), "{err}");
+    }
+
+    #[test]
+    fn max_new_tokens_must_fit_the_positions() {
+        let m = sample();
+        assert_eq!(m.model.max_new_tokens_allowed(), 39);
+        for (n, ok) in [(0, false), (1, true), (39, true), (40, false)] {
+            let mut v = json(&m);
+            v["generation"]["max_new_tokens"] = n.into();
+            assert_eq!(parse_value(&v).is_ok(), ok, "{n}");
+        }
+    }
+
+    #[test]
+    fn newer_format_versions_are_refused_with_the_version() {
+        let mut v = json(&sample());
+        v["format_version"] = (FORMAT_VERSION + 1).into();
+        let err = parse_value(&v).expect_err("newer");
+        assert!(
+            err.contains(&format!("version {}", FORMAT_VERSION + 1)),
+            "{err}"
+        );
+    }
 }

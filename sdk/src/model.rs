@@ -25,9 +25,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex};
 use std::time::Instant;
 
-use moda_models::preprocess::{
-    decode_image, load_image, ImageLimits, ImageProcessor, ImageProcessorConfig,
-};
+use moda_models::preprocess::{decode_image, load_image, ImageLimits, ImageProcessor};
 use moda_models::tokenizer::ModaTokenizer;
 use ort::session::{Session, SessionInputValue};
 use ort::value::{DynValue, Tensor};
@@ -35,7 +33,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::generate::{generate, GenerationOptions, StepModel};
-use crate::manifest::{bundle_file, GraphInfo, Manifest, MANIFEST_FILE};
+use crate::manifest::{bundle_file, GraphInfo, Manifest, Role, MANIFEST_FILE};
 use crate::runtime::{session_from_file, SessionOptions};
 
 /// How [`Moda::open`] sets things up.
@@ -250,44 +248,15 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
     crate::manifest::parse(text.as_bytes()).map_err(|e| Error::bundle(&path, e))
 }
 
-fn check_graph(path: &Path, m: &Manifest, role: &str, ins: usize, outs: usize) -> Result<Io> {
-    let g = m
-        .graphs
-        .get(role)
-        .ok_or_else(|| Error::bundle(path, format!("the manifest lists no \"{role}\" graph")))?;
-    if g.inputs.len() != ins || g.outputs.len() != outs {
-        return Err(Error::bundle(
-            path,
-            format!(
-                "the {role} graph has {} inputs and {} outputs; this SDK expects {ins} and {outs}",
-                g.inputs.len(),
-                g.outputs.len()
-            ),
-        ));
-    }
+/// The names of `role`'s inputs and outputs; [`Manifest::validate`] has checked that they
+/// are the ones [`Role::input_names`] and [`Role::output_names`] give.
+fn graph_io(path: &Path, m: &Manifest, role: Role) -> Result<Io> {
+    let g = m.graph(role).map_err(|e| Error::bundle(path, e))?;
     Ok(Io::of(g))
 }
 
 /// The largest `moda.json` read (a real one is a few kB).
 const MANIFEST_MAX_BYTES: u64 = 16 << 20;
-
-/// The SHA-256 of a regular file, reading at most `bytes` bytes (its size in the manifest,
-/// checked before).
-fn sha256_file(path: &Path, bytes: u64) -> std::io::Result<String> {
-    use sha2::{Digest, Sha256};
-    use std::io::Read;
-    let mut f = moda_models::files::open_regular(path)?.take(bytes);
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
-}
 
 /// The cores this process may use (its CPU affinity and cgroup quota included).
 pub fn available_cores() -> usize {
@@ -308,21 +277,17 @@ impl Moda {
         let dir = dir.as_ref().to_path_buf();
         let manifest = read_manifest(&dir)?;
         let mpath = dir.join(MANIFEST_FILE);
-        let d = manifest.model;
-        let layers = d.num_layers;
-        let encoder_io = check_graph(&mpath, &manifest, "encoder", 1, 1)?;
-        let projector_io = check_graph(&mpath, &manifest, "projector", 1, 1)?;
-        let embed_io = check_graph(&mpath, &manifest, "embed_tokens", 1, 1)?;
-        let decoder_io = check_graph(&mpath, &manifest, "decoder", 2 + 2 * layers, 1 + 2 * layers)?;
+        let encoder_io = graph_io(&mpath, &manifest, Role::Encoder)?;
+        let projector_io = graph_io(&mpath, &manifest, Role::Projector)?;
+        let embed_io = graph_io(&mpath, &manifest, Role::EmbedTokens)?;
+        let decoder_io = graph_io(&mpath, &manifest, Role::Decoder)?;
         // Every file the manifest lists: inside the bundle, a regular file of its size (and
         // checksum, when asked). The graphs and the tokenizer are among them.
         for (name, info) in &manifest.files {
             let p = bundle_file(&dir, name).map_err(|e| Error::bundle(&dir, e))?;
             let role = manifest
-                .graphs
-                .iter()
-                .find(|(_, g)| &g.file == name)
-                .map(|(role, _)| format!("the {role} graph"))
+                .role_of_file(name)
+                .map(|role| format!("the {role} graph"))
                 .unwrap_or_else(|| "a file the manifest lists".to_string());
             let meta =
                 std::fs::metadata(&p).map_err(|e| Error::bundle(&p, format!("{role}: {e}")))?;
@@ -337,8 +302,9 @@ impl Moda {
                 ));
             }
             if options.verify_checksums {
-                let got =
-                    sha256_file(&p, info.bytes).map_err(|e| Error::bundle(&p, e.to_string()))?;
+                let got = moda_models::files::sha256_file(&p, info.bytes)
+                    .map(|d| d.hex())
+                    .map_err(|e| Error::bundle(&p, e.to_string()))?;
                 if got != info.sha256 {
                     return Err(Error::bundle(
                         &p,
@@ -350,20 +316,9 @@ impl Moda {
         let tok_path = dir.join(&manifest.tokenizer);
         let tokenizer = ModaTokenizer::from_tokenizer_json(&tok_path)
             .map_err(|e| Error::bundle(&tok_path, e.to_string()))?;
-        let cfg: ImageProcessorConfig = serde_json::from_value(manifest.preprocessing.clone())
-            .map_err(|e| Error::bundle(&mpath, format!("bad \"preprocessing\": {e}")))?;
-        let processor =
-            ImageProcessor::new(cfg).map_err(|e| Error::bundle(&mpath, e.to_string()))?;
-        let (h, w) = processor.config().output_size();
-        if h != d.image_size || w != d.image_size {
-            return Err(Error::bundle(
-                &mpath,
-                format!(
-                    "preprocessing makes {h}x{w} images but the encoder takes {0}x{0}",
-                    d.image_size
-                ),
-            ));
-        }
+        // Checked by `Manifest::validate` (its size included), so this does not fail.
+        let processor = ImageProcessor::new(manifest.preprocessing.clone())
+            .map_err(|e| Error::bundle(&mpath, e.to_string()))?;
         let sessions = options.sessions.max(1);
         let session_options = SessionOptions {
             intra_threads: Some(
@@ -427,21 +382,24 @@ impl Moda {
     }
 
     fn build_worker(&self) -> Result<Worker> {
-        let open = |role: &str| -> Result<Session> {
-            let g = &self.manifest.graphs[role];
+        let open = |role: Role| -> Result<Session> {
+            let g = self
+                .manifest
+                .graph(role)
+                .map_err(|e| Error::bundle(&self.dir, e))?;
             // Only the decoder, run once per token, keeps its threads spinning between runs.
             let options = SessionOptions {
-                no_spinning: role != "decoder",
+                no_spinning: role != Role::Decoder,
                 ..self.session_options.clone()
             };
             Ok(session_from_file(&self.dir.join(&g.file), &options)?)
         };
         // Largest first: loading a graph briefly needs more than its final size, and that
         // peak comes on top of what is already loaded.
-        let decoder = open("decoder")?;
-        let encoder = open("encoder")?;
-        let embed = open("embed_tokens")?;
-        let projector = open("projector")?;
+        let decoder = open(Role::Decoder)?;
+        let encoder = open(Role::Encoder)?;
+        let embed = open(Role::EmbedTokens)?;
+        let projector = open(Role::Projector)?;
         let worker = Worker {
             encoder,
             projector,
@@ -471,30 +429,30 @@ impl Moda {
             decoder_in.push(cache.clone());
             decoder_out.push(cache.clone());
         }
-        let checks: [(&str, &Session, &Io, Shapes, Shapes); 4] = [
+        let checks: [(Role, &Session, &Io, Shapes, Shapes); 4] = [
             (
-                "encoder",
+                Role::Encoder,
                 &w.encoder,
                 &self.encoder_io,
                 vec![vec![None, c, s, s]],
                 vec![vec![None, p]],
             ),
             (
-                "projector",
+                Role::Projector,
                 &w.projector,
                 &self.projector_io,
                 vec![vec![None, p]],
                 vec![vec![None, Some(d.prefix_len), e]],
             ),
             (
-                "embed_tokens",
+                Role::EmbedTokens,
                 &w.embed,
                 &self.embed_io,
                 vec![vec![None, None]],
                 vec![vec![None, None, e]],
             ),
             (
-                "decoder",
+                Role::Decoder,
                 &w.decoder,
                 &self.decoder_io,
                 decoder_in,
@@ -502,7 +460,11 @@ impl Moda {
             ),
         ];
         for (role, session, io, ins, outs) in checks {
-            let file = self.dir.join(&self.manifest.graphs[role].file);
+            let graph = self
+                .manifest
+                .graph(role)
+                .map_err(|e| Error::bundle(&self.dir, e))?;
+            let file = self.dir.join(&graph.file);
             let sides = [
                 ("input", session.inputs(), &io.inputs, ins),
                 ("output", session.outputs(), &io.outputs, outs),
@@ -637,7 +599,7 @@ impl Moda {
     pub fn embed(&self, image: &ImageInput<'_>, normalize: bool) -> Result<Vec<f32>> {
         let mut all = self.embed_batch(std::slice::from_ref(image), normalize)?;
         all.pop()
-            .unwrap_or_else(|| Err(Error::InvalidArgument("no embedding returned".into())))
+            .unwrap_or_else(|| Err(Error::Internal("no embedding returned".into())))
     }
 
     /// Embeddings of many images, run through the encoder as one batch; an image that cannot
@@ -668,9 +630,9 @@ impl Moda {
         Ok(slots
             .into_iter()
             .map(|s| match s {
-                Slot::Ok => ok.next().ok_or_else(|| {
-                    Error::InvalidArgument("encoder returned too few embeddings".into())
-                }),
+                Slot::Ok => ok
+                    .next()
+                    .ok_or_else(|| Error::Internal("encoder returned too few embeddings".into())),
                 Slot::Err(e) => Err(e),
             })
             .collect())
@@ -696,7 +658,7 @@ impl Moda {
     ) -> Result<Description> {
         let mut all = self.describe_batch_with(std::slice::from_ref(image), options, on_token)?;
         all.pop()
-            .unwrap_or_else(|| Err(Error::InvalidArgument("no description returned".into())))
+            .unwrap_or_else(|| Err(Error::Internal("no description returned".into())))
     }
 
     /// Describes many images as one batch through the encoder and the decoder. The results
@@ -763,7 +725,7 @@ impl Moda {
         // Prefill: [prefix, BOS] for every row (beams repeat their image).
         let t = Instant::now();
         let bos = self.embed_tokens(w, &vec![self.manifest.special_tokens.bos; rows])?;
-        let bos_data = extract_f32(&bos, "embed_tokens", &[rows, 1, e])?;
+        let bos_data = extract_f32(&bos, Role::EmbedTokens, &[rows, 1, e])?;
         let mut embeds = Vec::with_capacity(rows * 2 * e);
         for r in 0..rows {
             let img = r / beams;
@@ -814,7 +776,7 @@ impl Moda {
                 Slot::Err(e) => out.push(Err(e)),
                 Slot::Ok => {
                     let g = gen.next().ok_or_else(|| {
-                        Error::InvalidArgument("generation returned too few rows".into())
+                        Error::Internal("generation returned too few rows".into())
                     })?;
                     let text = decode_text(&self.tokenizer, &g.token_ids)?;
                     let decode_ms = g.step_ms.iter().sum();
@@ -865,15 +827,16 @@ impl Moda {
         let d = self.manifest.model;
         let n = pixels.len() / self.pixels_per_image().max(1);
         let shape = [n, d.num_channels, d.image_size, d.image_size];
-        let input = Tensor::from_array((shape, pixels)).map_err(|e| Error::run("encoder", e))?;
+        let input =
+            Tensor::from_array((shape, pixels)).map_err(|e| Error::run(Role::Encoder.name(), e))?;
         let out = run(
             &mut w.encoder,
-            "encoder",
+            Role::Encoder,
             vec![(self.encoder_io.inputs[0].clone(), input.into())],
             &self.encoder_io.outputs[0],
         )?;
-        let embeds = extract_f32(&out, "encoder", &[n, d.projection_dim])?;
-        check_finite("encoder", "image embeddings", &embeds)?;
+        let embeds = extract_f32(&out, Role::Encoder, &[n, d.projection_dim])?;
+        check_finite(Role::Encoder, "image embeddings", &embeds)?;
         Ok(embeds)
     }
 
@@ -882,14 +845,14 @@ impl Moda {
     fn run_projector(&self, w: &mut Worker, embeds: Vec<f32>, n: usize) -> Result<Vec<f32>> {
         let d = self.manifest.model;
         let input = Tensor::from_array(([n, d.projection_dim], embeds))
-            .map_err(|e| Error::run("projector", e))?;
+            .map_err(|e| Error::run(Role::Projector.name(), e))?;
         let out = run(
             &mut w.projector,
-            "projector",
+            Role::Projector,
             vec![(self.projector_io.inputs[0].clone(), input.into())],
             &self.projector_io.outputs[0],
         )?;
-        extract_f32(&out, "projector", &[n, d.prefix_len, d.embed_dim])
+        extract_f32(&out, Role::Projector, &[n, d.prefix_len, d.embed_dim])
     }
 
     /// Token ids (one per row) -> embeddings `[rows, 1, embed_dim]`, left in ONNX Runtime's
@@ -897,16 +860,16 @@ impl Moda {
     fn embed_tokens(&self, w: &mut Worker, ids: &[u32]) -> Result<DynValue> {
         let data: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
         let input = Tensor::from_array(([ids.len(), 1], data))
-            .map_err(|e| Error::run("embed_tokens", e))?;
+            .map_err(|e| Error::run(Role::EmbedTokens.name(), e))?;
         let out = run(
             &mut w.embed,
-            "embed_tokens",
+            Role::EmbedTokens,
             vec![(self.embed_io.inputs[0].clone(), input.into())],
             &self.embed_io.outputs[0],
         )?;
         check_value_shape(
             &out,
-            "embed_tokens",
+            Role::EmbedTokens,
             &[ids.len(), 1, self.manifest.model.embed_dim],
         )?;
         Ok(out)
@@ -923,7 +886,7 @@ impl Slot {
     fn unwrap_err_or(self) -> Error {
         match self {
             Slot::Err(e) => e,
-            Slot::Ok => Error::InvalidArgument("image was not processed".into()),
+            Slot::Ok => Error::Internal("image was not processed".into()),
         }
     }
 }
@@ -938,7 +901,7 @@ impl WorkerGuard<'_> {
     fn worker_mut(&mut self) -> Result<&mut Worker> {
         self.worker
             .as_mut()
-            .ok_or_else(|| Error::InvalidArgument("session set already returned".into()))
+            .ok_or_else(|| Error::Internal("session set already returned".into()))
     }
 }
 
@@ -954,7 +917,7 @@ impl Drop for WorkerGuard<'_> {
 /// Runs `session` and returns the output `out`.
 fn run(
     session: &mut Session,
-    graph: &str,
+    graph: Role,
     inputs: Vec<(String, SessionInputValue<'static>)>,
     out: &str,
 ) -> Result<DynValue> {
@@ -962,28 +925,30 @@ fn run(
         .into_iter()
         .map(|(n, v)| (Cow::Owned(n), v))
         .collect();
-    let mut outputs = session.run(inputs).map_err(|e| Error::run(graph, e))?;
+    let mut outputs = session
+        .run(inputs)
+        .map_err(|e| Error::run(graph.name(), e))?;
     outputs
         .remove(out)
-        .ok_or_else(|| Error::run(graph, format!("no output named {out}")))
+        .ok_or_else(|| Error::run(graph.name(), format!("no output named {out}")))
 }
 
 /// The data of the `f32` output `v` of `graph`, which must have shape `want`.
-fn extract_f32(v: &DynValue, graph: &str, want: &[usize]) -> Result<Vec<f32>> {
+fn extract_f32(v: &DynValue, graph: Role, want: &[usize]) -> Result<Vec<f32>> {
     let (shape, data) = v
         .try_extract_tensor::<f32>()
-        .map_err(|e| Error::run(graph, e))?;
+        .map_err(|e| Error::run(graph.name(), e))?;
     check_shape(graph, shape, want)?;
     Ok(data.to_vec())
 }
 
 /// A graph output that holds NaN or infinity means broken weights (or preprocessing that
 /// overflowed): an error, never a description made of it.
-fn check_finite(graph: &str, what: &str, values: &[f32]) -> Result<()> {
+fn check_finite(graph: Role, what: &str, values: &[f32]) -> Result<()> {
     match values.iter().position(|x| !x.is_finite()) {
         None => Ok(()),
         Some(i) => Err(Error::run(
-            graph,
+            graph.name(),
             format!(
                 "its {what} hold {} (at index {i}): the bundle's weights or preprocessing are \
                  broken",
@@ -994,16 +959,16 @@ fn check_finite(graph: &str, what: &str, values: &[f32]) -> Result<()> {
 }
 
 /// [`check_shape`] of a value left in ONNX Runtime's memory.
-fn check_value_shape(v: &DynValue, graph: &str, want: &[usize]) -> Result<()> {
+fn check_value_shape(v: &DynValue, graph: Role, want: &[usize]) -> Result<()> {
     match v.dtype().tensor_shape() {
         Some(shape) => check_shape(graph, shape, want),
-        None => Err(Error::run(graph, "an output that is not a tensor")),
+        None => Err(Error::run(graph.name(), "an output that is not a tensor")),
     }
 }
 
 /// An output's shape must be what the manifest's dimensions say; a graph that disagrees
 /// with its manifest is an error, not a silently truncated or misread tensor.
-fn check_shape(graph: &str, shape: &ort::value::Shape, want: &[usize]) -> Result<()> {
+fn check_shape(graph: Role, shape: &ort::value::Shape, want: &[usize]) -> Result<()> {
     let same = shape.len() == want.len()
         && shape
             .iter()
@@ -1013,7 +978,7 @@ fn check_shape(graph: &str, shape: &ort::value::Shape, want: &[usize]) -> Result
         Ok(())
     } else {
         Err(Error::run(
-            graph,
+            graph.name(),
             format!("output of shape {shape:?}; the manifest's dimensions make it {want:?}"),
         ))
     }
@@ -1085,7 +1050,7 @@ impl DecodeState<'_> {
         let io = &m.decoder_io;
         let total = self.total + seq;
         let mask = Tensor::from_array(([self.rows, total], vec![1i64; self.rows * total]))
-            .map_err(|e| Error::run("decoder", e))?;
+            .map_err(|e| Error::run(Role::Decoder.name(), e))?;
         let mut inputs: Vec<(Cow<'static, str>, SessionInputValue<'static>)> =
             Vec::with_capacity(io.inputs.len());
         inputs.push((Cow::Owned(io.inputs[0].clone()), embeds));
@@ -1096,7 +1061,7 @@ impl DecodeState<'_> {
                     [self.rows, d.num_heads, 0, d.head_dim],
                     Vec::<f32>::new(),
                 ))
-                .map_err(|e| Error::run("decoder", e))?;
+                .map_err(|e| Error::run(Role::Decoder.name(), e))?;
                 inputs.push((Cow::Owned(name.clone()), empty.into()));
             }
         } else {
@@ -1108,29 +1073,29 @@ impl DecodeState<'_> {
             .worker
             .decoder
             .run(inputs)
-            .map_err(|e| Error::run("decoder", e))?;
+            .map_err(|e| Error::run(Role::Decoder.name(), e))?;
         let mut past = Vec::with_capacity(io.outputs.len() - 1);
         let cache_shape = [self.rows, d.num_heads, total, d.head_dim];
         for name in &io.outputs[1..] {
-            let v = outputs
-                .remove(name.as_str())
-                .ok_or_else(|| Error::run("decoder", format!("no output named {name}")))?;
-            check_value_shape(&v, "decoder", &cache_shape)?;
+            let v = outputs.remove(name.as_str()).ok_or_else(|| {
+                Error::run(Role::Decoder.name(), format!("no output named {name}"))
+            })?;
+            check_value_shape(&v, Role::Decoder, &cache_shape)?;
             past.push(v);
         }
         let logits = outputs
             .remove(io.outputs[0].as_str())
-            .ok_or_else(|| Error::run("decoder", "no logits output"))?;
+            .ok_or_else(|| Error::run(Role::Decoder.name(), "no logits output"))?;
         drop(outputs);
         self.past = past;
         self.total = total;
         let (shape, data) = logits
             .try_extract_tensor::<f32>()
-            .map_err(|e| Error::run("decoder", e))?;
+            .map_err(|e| Error::run(Role::Decoder.name(), e))?;
         let v = d.vocab_size;
         if shape.len() != 3 || shape[0] as usize != self.rows || shape[2] as usize != v {
             return Err(Error::run(
-                "decoder",
+                Role::Decoder.name(),
                 format!(
                     "logits have shape {shape:?}, expected [{}, seq, {v}]",
                     self.rows
@@ -1139,7 +1104,7 @@ impl DecodeState<'_> {
         }
         if shape[1] < 1 || data.len() as u64 != (self.rows as u64) * (shape[1] as u64) * v as u64 {
             return Err(Error::run(
-                "decoder",
+                Role::Decoder.name(),
                 format!("logits have shape {shape:?}, with no position to read"),
             ));
         }
@@ -1149,19 +1114,21 @@ impl DecodeState<'_> {
             let start = (r * s + s - 1) * v;
             last.extend_from_slice(&data[start..start + v]);
         }
-        check_finite("decoder", "logits", &last)?;
+        check_finite(Role::Decoder, "logits", &last)?;
         Ok(last)
     }
 
     fn prefill(&mut self, embeds: Vec<f32>) -> Result<Vec<f32>> {
         let e = self.moda.manifest.model.embed_dim;
         let t = Tensor::from_array(([self.rows, 2, e], embeds))
-            .map_err(|err| Error::run("decoder", err))?;
+            .map_err(|err| Error::run(Role::Decoder.name(), err))?;
         self.run(t.into(), 2)
     }
 }
 
 impl StepModel for DecodeState<'_> {
+    type Error = Error;
+
     fn step(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
         let embeds = self.moda.embed_tokens(self.worker, tokens)?;
         self.run(embeds.into(), 1)
@@ -1175,7 +1142,7 @@ impl StepModel for DecodeState<'_> {
         for v in &self.past {
             let (shape, data) = v
                 .try_extract_tensor::<f32>()
-                .map_err(|e| Error::run("decoder", e))?;
+                .map_err(|e| Error::run(Role::Decoder.name(), e))?;
             let dims: Vec<usize> = shape.iter().map(|&x| x as usize).collect();
             let per_row: usize = dims[1..].iter().product();
             let mut g = Vec::with_capacity(rows.len() * per_row);
@@ -1184,7 +1151,8 @@ impl StepModel for DecodeState<'_> {
             }
             let mut new_dims = dims.clone();
             new_dims[0] = rows.len();
-            let t = Tensor::from_array((new_dims, g)).map_err(|e| Error::run("decoder", e))?;
+            let t = Tensor::from_array((new_dims, g))
+                .map_err(|e| Error::run(Role::Decoder.name(), e))?;
             out.push(t.into_dyn());
         }
         self.past = out;

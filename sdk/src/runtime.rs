@@ -1,7 +1,8 @@
 //! Finding and loading ONNX Runtime, once per process, and building sessions.
 //!
-//! The `ort` crate is built with `load-dynamic` (see `shared/ENVIRONMENT.md`): the shared
-//! library is opened at run time. [`runtime`] looks for it, in order, at
+//! The `ort` crate is built with `load-dynamic` (its default features would download a
+//! prebuilt library at build time, which offline builds cannot do): the shared library is
+//! opened at run time. [`runtime`] looks for it, in order, at
 //!
 //! 1. `ORT_DYLIB_PATH` (a file). When it is set, it is the only place tried: a wrong value is an
 //!    error, not silently replaced by another library;
@@ -11,13 +12,17 @@
 //! 4. the project's own install, `.ort/<version>/onnxruntime/capi/`, written by
 //!    `scripts/setup.sh` (the workspace is found from where this crate was built, and from
 //!    the current directory and its ancestors);
-//! 5. a Python `onnxruntime` package (`python3 -c "import onnxruntime"`).
+//! 5. a Python `onnxruntime` package (`python3 -c "import onnxruntime"`), only when the
+//!    program asked for it with [`allow_python_search`] (the `moda-sdk` command line does) or
+//!    `MODA_ORT_PYTHON=1` is set: a library inside a C or C++ host must not start a Python
+//!    interpreter behind its back.
 //!
 //! If none loads, one error lists every place tried and how to fix it. The environment is
 //! created once ([`std::sync::OnceLock`]); `ort` allows only one per process.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
 use ort::session::builder::GraphOptimizationLevel;
@@ -247,6 +252,20 @@ fn own_library_dir() -> Option<PathBuf> {
     None
 }
 
+static PYTHON_SEARCH: AtomicBool = AtomicBool::new(false);
+
+/// Lets [`runtime`] also look for ONNX Runtime in a Python `onnxruntime` package (it runs
+/// `python3` once to find it). Off by default; call it before the first model opens.
+pub fn allow_python_search() {
+    PYTHON_SEARCH.store(true, Ordering::Relaxed);
+}
+
+/// Whether the Python package is searched: [`allow_python_search`] or `MODA_ORT_PYTHON=1`.
+fn python_search_allowed() -> bool {
+    PYTHON_SEARCH.load(Ordering::Relaxed)
+        || std::env::var_os("MODA_ORT_PYTHON").is_some_and(|v| v == "1")
+}
+
 /// The `capi` directory of an installed Python `onnxruntime` package, if any.
 fn python_install() -> Result<PathBuf, String> {
     let out = Command::new("python3")
@@ -363,6 +382,14 @@ fn load() -> Result<Runtime, RuntimeError> {
             },
             None => tried.push(format!("{what}: {}: no library there", dir.display())),
         }
+    }
+    if !python_search_allowed() {
+        tried.push(
+            "Python onnxruntime: not searched (set MODA_ORT_PYTHON=1 to let MODA run python3 \
+             to find it)"
+                .to_string(),
+        );
+        return Err(RuntimeError::NotFound { tried });
     }
     match python_install() {
         Ok(dir) => match library_in(&dir) {

@@ -17,10 +17,10 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 use candle_nn::var_builder::SimpleBackend;
+use moda_cli::catalog::{JobHeader, Record, ResumableOutput};
 use moda_models::preprocess::{decode_image, ImageLimits, ImageProcessor, ImageProcessorConfig};
 use moda_models::tokenizer::ModaTokenizer;
 use moda_models::weights::Weights;
-use moda_sdk::catalog::{JobHeader, Record, ResumableOutput};
 
 /// A fuzz target's body.
 pub type Target = fn(&[u8]);
@@ -189,7 +189,7 @@ pub fn catalog_csv(data: &[u8]) {
     let Some(path) = scratch_file("catalog.csv", data) else {
         return;
     };
-    let _ = moda_sdk::catalog::list_csv(&path, "image", None);
+    let _ = moda_cli::catalog::list_csv(&path, "image", None);
 }
 
 /// Opens `data` as the output file of a `describe` job, then of an `embed` job; when it opens,

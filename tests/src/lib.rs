@@ -67,30 +67,24 @@ pub fn cosine(a: &Tensor, b: &Tensor) -> f64 {
     dot / (na * nb)
 }
 
-/// A fresh temporary directory under the system temp dir, removed on drop.
-pub struct TempDir(PathBuf);
+/// A fresh temporary directory, `moda-test-<tag>-<random>` under the system temp dir, removed
+/// on drop (a `tempfile::TempDir`: unique names, created without races).
+#[derive(Debug)]
+pub struct TempDir(tempfile::TempDir);
 
 impl TempDir {
-    /// Creates `moda-test-<tag>-<pid>-<n>`.
+    /// Creates it; `tag` names the test in the directory's name.
     pub fn new(tag: &str) -> Self {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let n = N.fetch_add(1, Ordering::SeqCst);
-        let p = std::env::temp_dir().join(format!("moda-test-{tag}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).expect("create temp dir");
-        Self(p)
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("moda-test-{tag}-"))
+            .tempdir()
+            .expect("create temp dir");
+        Self(dir)
     }
 
     /// The directory.
     pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        self.0.path()
     }
 }
 
@@ -107,6 +101,7 @@ pub fn export_recipe_bundle(out: &Path, quantize: exporter::Quantize) -> PathBuf
         quantize,
         force: true,
         verify: true,
+        max_new_tokens: exporter::DEFAULT_MAX_NEW_TOKENS,
     };
     if let Err(e) = exporter::export_onnx(&opts) {
         panic!("export the recipe fixture to {}: {e}", out.display());

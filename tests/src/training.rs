@@ -87,6 +87,7 @@ pub fn evaluate_val(
         device: device.clone(),
         cache_dir: cache.to_path_buf(),
         max_new_tokens: 32,
+        num_beams: 1,
         batch_size: 16,
         progress: false,
     };

@@ -3,7 +3,7 @@
 use candle_core::{DType, Device};
 use moda_models::opt::OptConfig;
 use moda_models::preprocess::{load_image, ImageLimits};
-use moda_models::{ClipVision, Error, Moda, Opt};
+use moda_models::{CaptionModel, ClipVision, Error, Opt};
 use moda_tests::{fixture, TempDir};
 
 fn copy_dir(from: &str, to: &std::path::Path) {
@@ -74,7 +74,7 @@ fn truncated_safetensors_is_an_error() {
 
 #[test]
 fn pth_with_unexpected_keys_lists_them() {
-    let err = Moda::from_recipe_checkpoint(
+    let err = CaptionModel::from_recipe_checkpoint(
         &fixture("moda/fashion_opt_extra_keys.pth"),
         &fixture("clip_gelu"),
         &fixture("opt_preln"),
@@ -104,7 +104,7 @@ fn garbage_pth_is_an_error_not_a_panic() {
     let mut bytes = b"PK\x03\x04".to_vec();
     bytes.extend(std::iter::repeat_n(0xAB, 200));
     std::fs::write(&p, &bytes).expect("write");
-    let err = Moda::from_recipe_checkpoint(
+    let err = CaptionModel::from_recipe_checkpoint(
         &p,
         &fixture("clip_gelu"),
         &fixture("opt_preln"),

@@ -32,6 +32,11 @@ fn greedy_decoding_matches_pytorch_on_cuda() {
 }
 
 #[test]
+fn beam_search_runs_on_cuda() {
+    parity::beam_search(&cuda());
+}
+
+#[test]
 fn two_adamw_steps_match_pytorch_on_cuda() {
     parity::two_adamw_steps(&cuda());
 }

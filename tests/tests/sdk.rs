@@ -78,7 +78,7 @@ fn greedy_tokens_match_transformers_and_candle() {
         ..Default::default()
     };
     let dev = Device::Cpu;
-    let candle = moda_models::Moda::from_recipe_checkpoint(
+    let candle = moda_models::CaptionModel::from_recipe_checkpoint(
         &fixture("moda/fashion_opt.pth"),
         &fixture("clip_gelu"),
         &fixture("opt_preln"),
@@ -109,8 +109,8 @@ fn greedy_tokens_match_transformers_and_candle() {
             moda().tokenizer().decode(&want, true).expect("decode")
         );
 
-        // The candle model, from the same files, agrees (it stops at </s>; compare the prefix
-        // up to its stop) and its first-step log-probability matches.
+        // The candle model, from the same files, through the same search with the same
+        // options, gives the same tokens.
         let px = proc
             .preprocess_path(&image(name), &Default::default())
             .expect("pixels");
@@ -118,8 +118,92 @@ fn greedy_tokens_match_transformers_and_candle() {
         let prefix = candle
             .project(&candle.encode_images(&px).expect("enc"))
             .expect("proj");
-        let c = candle.generate_greedy(&prefix, 8).expect("greedy");
-        assert_eq!(&d.token_ids[..c[0].len()], &c[0][..], "{name}: vs candle");
+        let c = candle.generate(&prefix, &opts).expect("candle generate");
+        assert_eq!(c[0].token_ids, d.token_ids, "{name}: vs candle");
+    }
+}
+
+/// The candle model of the recipe fixture and the images' prefix embeddings `[n, 1, e]`.
+fn candle_prefix(names: &[&str]) -> (moda_models::CaptionModel, Tensor) {
+    let dev = Device::Cpu;
+    let candle = moda_models::CaptionModel::from_recipe_checkpoint(
+        &fixture("moda/fashion_opt.pth"),
+        &fixture("clip_gelu"),
+        &fixture("opt_preln"),
+        &dev,
+    )
+    .expect("candle model");
+    let proc = ImageProcessor::new(
+        ImageProcessorConfig::from_dir_or_default(&fixture("clip_gelu")).expect("cfg"),
+    )
+    .expect("processor");
+    let mut px = Vec::new();
+    for name in names {
+        px.extend(
+            proc.preprocess_path(&image(name), &Default::default())
+                .expect("pixels"),
+        );
+    }
+    let px = Tensor::from_vec(px, (names.len(), 3, 64, 64), &dev).expect("pixels");
+    let prefix = candle
+        .project(&candle.encode_images(&px).expect("enc"))
+        .expect("proj");
+    (candle, prefix)
+}
+
+#[test]
+fn candle_and_the_bundle_give_the_same_tokens_through_the_one_search() {
+    // Both run `moda_models::generate` over their own decoder (candle's KV cache, ONNX
+    // Runtime's graph): for the same images and options the tokens are the same, and the
+    // log-probabilities differ by float noise only. Beam search exercises the reordering of
+    // each one's cache; a batch of several images, the rows kept apart.
+    let names = ["photo.jpg", "wide.png", "small.png", "palette.png"];
+    let (candle, prefix) = candle_prefix(&names);
+    let paths: Vec<PathBuf> = names.iter().map(|n| image(n)).collect();
+    let inputs: Vec<ImageInput<'_>> = paths.iter().map(|p| ImageInput::Path(p)).collect();
+    let max_new = moda().manifest().generation.max_new_tokens;
+    let cases = [
+        GenerationOptions::default(),
+        GenerationOptions {
+            num_beams: 3,
+            ..Default::default()
+        },
+        GenerationOptions {
+            num_beams: 2,
+            length_penalty: 0.5,
+            no_repeat_ngram_size: 2,
+            ..Default::default()
+        },
+        GenerationOptions {
+            repetition_penalty: 1.5,
+            min_new_tokens: 3,
+            ..Default::default()
+        },
+    ];
+    for opts in cases {
+        let bundle: Vec<_> = moda()
+            .describe_batch(&inputs, &opts)
+            .expect("describe")
+            .into_iter()
+            .map(|d| d.expect("an image"))
+            .collect();
+        // The bundle's default length, given to candle explicitly.
+        let candle_opts = GenerationOptions {
+            max_new_tokens: Some(max_new),
+            ..opts.clone()
+        };
+        let got = candle.generate(&prefix, &candle_opts).expect("candle");
+        assert_eq!(got.len(), names.len());
+        for ((name, c), d) in names.iter().zip(&got).zip(&bundle) {
+            assert_eq!(c.token_ids, d.token_ids, "{name} {opts:?}");
+            assert_eq!(c.logprobs.len(), d.logprobs.len());
+            for (a, b) in c.logprobs.iter().zip(&d.logprobs) {
+                assert!(
+                    (a - b).abs() < 1e-3 || (a.is_infinite() && a == b),
+                    "{name} {opts:?}: logprob {a} vs {b}"
+                );
+            }
+        }
     }
 }
 
@@ -129,7 +213,7 @@ fn logprobs_are_the_decoders_log_softmax() {
     // the transformers logits at the BOS position for the same prefix... the fixture's
     // teacher-forced logits use other tokens, so check against candle's prefill instead.
     let dev = Device::Cpu;
-    let candle = moda_models::Moda::from_recipe_checkpoint(
+    let candle = moda_models::CaptionModel::from_recipe_checkpoint(
         &fixture("moda/fashion_opt.pth"),
         &fixture("clip_gelu"),
         &fixture("opt_preln"),
@@ -798,8 +882,8 @@ fn records_with_non_finite_numbers_read_back() {
     let line = r#"{"image":"a.jpg","description":"x","token_ids":[5,2],"logprobs":[null,-0.5],
         "timings_ms":{"preprocess":1.0,"encoder":1.0,"projector":1.0,"prefill":1.0,
         "decode":1.0,"total":5.0,"tokens":2}}"#;
-    match serde_json::from_str::<moda_sdk::catalog::Record>(line).expect("a record") {
-        moda_sdk::catalog::Record::Description { logprobs, .. } => {
+    match serde_json::from_str::<moda_cli::catalog::Record>(line).expect("a record") {
+        moda_cli::catalog::Record::Description { logprobs, .. } => {
             assert!(logprobs[0].is_nan());
             assert_eq!(logprobs[1], -0.5);
         }

@@ -7,7 +7,9 @@
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use moda_models::{ClipVision, ClipVisionConfig, Moda, Opt, OptConfig, Projector, ProjectorConfig};
+use moda_models::{
+    CaptionModel, ClipVision, ClipVisionConfig, Opt, OptConfig, Projector, ProjectorConfig,
+};
 use trainer::optim::{AdamW, AdamWParams};
 use trainer::params::{NewInit, ParamStore};
 
@@ -49,7 +51,7 @@ fn main() -> anyhow::Result<()> {
     };
     let enc_store = ParamStore::new(None, vec![(String::new(), NewInit::Normal(0.02))], 1);
     let encoder = ClipVision::new(&ecfg, enc_store.var_builder(&dev))?;
-    let model = Moda::new(encoder, projector, decoder)?;
+    let model = CaptionModel::new(encoder, projector, decoder)?;
     let mut adam = AdamW::new(store.vars(), AdamWParams::default())?;
     println!("parameters: {}", store.num_params());
     let embeds = Tensor::randn(0f32, 1.0, (b, 512), &dev)?;

@@ -4,10 +4,9 @@
 //! gradients of 2 MB to 160 MB for the real-size model: its logits are 135 MB). glibc's defaults
 //! serve anything over 128 KB to 32 MB (the threshold grows as blocks are freed) with a fresh
 //! `mmap`, give it back at `free`, and trim the heap when 128 KB are free at its top. Every step
-//! then pays for the kernel zeroing the same pages again: on the real-size step
-//! (`examples/bench_step.rs`, 2-core machine) a fifth of the CPU time went to page faults
-//! (`clear_page_erms`). With the LM head alone (`BENCH_LAYERS=0`) a step took 1.8 s with glibc's
-//! defaults and with a 32 MB threshold, 1.2 s with 1 GiB.
+//! then pays for the kernel zeroing the same pages again (page faults in `clear_page_erms`);
+//! `docs/PERFORMANCE.md` has the measurement on the real-size step (`examples/bench_step.rs`,
+//! `BENCH_GLIBC_DEFAULTS=1` to compare).
 //!
 //! [`keep_freed_memory`] raises the `mmap` threshold to 1 GiB (or to 32 MB, HEAP_MAX_SIZE / 2,
 //! where glibc refuses more) and stops trimming, so those buffers are reused from the

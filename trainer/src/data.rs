@@ -26,22 +26,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
-/// The CSV file of the Kaggle layout.
-pub const KAGGLE_CSV: &str = "fashion.csv";
-
-/// The columns of the Kaggle `fashion.csv`, in order.
-pub const KAGGLE_COLUMNS: [&str; 10] = [
-    "ProductId",
-    "Gender",
-    "Category",
-    "SubCategory",
-    "ProductType",
-    "Colour",
-    "Usage",
-    "ProductTitle",
-    "Image",
-    "ImageURL",
-];
+/// The Kaggle layout's CSV file and columns (defined once, with the image folders, in
+/// `moda_models::kaggle`).
+pub use moda_models::kaggle::{COLUMNS as KAGGLE_COLUMNS, CSV_FILE as KAGGLE_CSV};
 
 /// The attributes of a description that evaluation scores, in caption order.
 pub const ATTRIBUTE_COLUMNS: [&str; 6] = [
@@ -57,15 +44,8 @@ pub const ATTRIBUTE_COLUMNS: [&str; 6] = [
 pub const DEFAULT_TEMPLATE: &str =
     "{Colour} {Usage} {ProductType} for {Gender} - {Category} {SubCategory}";
 
-/// The folder of a Kaggle image, below the catalog directory:
-/// `<Category>/<Gender>/Images/images_with_product_ids/<Image>`.
-pub fn kaggle_image_path(root: &Path, category: &str, gender: &str, image: &str) -> PathBuf {
-    root.join(category)
-        .join(gender)
-        .join("Images")
-        .join("images_with_product_ids")
-        .join(image)
-}
+/// The folder of a Kaggle image, below the catalog directory.
+pub use moda_models::kaggle::image_path as kaggle_image_path;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Piece {
@@ -770,7 +750,7 @@ fn check_images(candidates: &[Candidate], opts: &LoadOptions) -> Vec<Option<(Ski
             }
             Err(e) => return Some((SkipReason::Unreadable, e.to_string())),
             Ok(m) if !m.is_file() => {
-                let kind = moda_models::checkpoint::file_kind(path).unwrap_or("not a regular file");
+                let kind = moda_models::files::file_kind(path).unwrap_or("not a regular file");
                 return Some((
                     SkipReason::Unreadable,
                     format!("is {kind}, not an image file"),

@@ -30,12 +30,11 @@
 //! else is recomputed and rewritten.
 
 use std::collections::HashMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::{DType, Device, Tensor};
 use indicatif::ProgressBar;
+use moda_models::files::{self, hex};
 use moda_models::preprocess::{load_image, ImageLimits, ImageProcessor};
 use moda_models::ClipVision;
 use sha2::{Digest, Sha256};
@@ -86,28 +85,9 @@ fn is_weight_file(name: &str) -> bool {
         || name == "model.safetensors.index.json"
 }
 
-fn sha256_file(path: &Path) -> Result<(u64, [u8; 32])> {
-    let mut f = moda_models::files::open_regular(path).map_err(|e| Error::io(path, e))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut len = 0u64;
-    loop {
-        let n = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
-        if n == 0 {
-            break;
-        }
-        len += n as u64;
-        h.update(&buf[..n]);
-    }
-    Ok((len, h.finalize().into()))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes.iter().fold(String::new(), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+/// The size and SHA-256 of a whole regular file (weights, images: no bound but the file's).
+fn sha256_file(path: &Path) -> Result<files::FileDigest> {
+    files::sha256_file(path, u64::MAX).map_err(|e| Error::io(path, e))
 }
 
 impl EncoderFingerprint {
@@ -138,11 +118,11 @@ impl EncoderFingerprint {
         let mut h = Sha256::new();
         h.update(b"moda encoder fingerprint v1\n");
         for name in std::iter::once("config.json".to_string()).chain(names) {
-            let (len, digest) = sha256_file(&dir.join(&name))?;
+            let digest = sha256_file(&dir.join(&name))?;
             h.update(name.as_bytes());
             h.update(b"\0");
-            h.update(len.to_le_bytes());
-            h.update(digest);
+            h.update(digest.len.to_le_bytes());
+            h.update(digest.sha256);
         }
         Ok(Self(hex(&h.finalize())))
     }
@@ -222,26 +202,9 @@ pub fn default_cache_dir() -> PathBuf {
     PathBuf::from(".moda-cache").join("embeddings")
 }
 
-/// Writes `bytes` to `path` atomically: a temporary file in the same folder, renamed over it.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(
-        ".{name}.tmp-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    if let Err(e) = std::fs::write(&tmp, bytes) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(Error::io(path, e));
-    }
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::io(path, e)
-    })
+/// [`files::write_atomic`] with this crate's error.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    files::write_atomic(path, bytes).map_err(|e| Error::io(path, e))
 }
 
 /// Runs `f` on every item, on up to `available_parallelism` threads; results in order.
@@ -382,7 +345,7 @@ impl EmbeddingCache {
 
         // 1. Hash every image's bytes.
         let hashes: Vec<Result<String>> =
-            par_map(images, |p| sha256_file(p.as_ref()).map(|(_, d)| hex(&d)));
+            par_map(images, |p| sha256_file(p.as_ref()).map(|d| d.hex()));
         let hashes = hashes.into_iter().collect::<Result<Vec<String>>>()?;
 
         // 2. Distinct images: look each up once.

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 use indicatif::ProgressBar;
 use moda_models::checkpoint;
+use moda_models::generate::GenerationOptions;
 use moda_models::preprocess::ImageProcessor;
 use serde::Serialize;
 
@@ -47,6 +48,8 @@ pub struct EvalOptions {
     pub cache_dir: PathBuf,
     /// Generation length limit.
     pub max_new_tokens: usize,
+    /// Beams for beam search; 1 is greedy search.
+    pub num_beams: usize,
     /// Batch size for generation.
     pub batch_size: usize,
     /// Progress bars.
@@ -191,8 +194,8 @@ pub fn macro_f1(truth: &[String], pred: &[Option<String>]) -> f64 {
 }
 
 /// Refuses a predictions file that would overwrite what the evaluation reads: a file of the
-/// checkpoint (its default place, `CHECKPOINT/predictions.csv`, is none), anything in or
-/// around the encoder's directory, the catalog's CSV or one of its images.
+/// checkpoint (a new file inside the checkpoint directory is allowed), anything in or around
+/// the encoder's directory, the catalog's CSV or one of its images.
 fn check_predictions(
     path: &Path,
     checkpoint_dir: &Path,
@@ -208,11 +211,12 @@ fn check_predictions(
             input: input.to_path_buf(),
         })
     };
-    if let Some(relation) = checkpoint::overlap(path, checkpoint_dir).filter(|r| *r != "is inside")
+    if let Some(relation) =
+        moda_models::files::overlap(path, checkpoint_dir).filter(|r| *r != "is inside")
     {
         return refuse(relation, "checkpoint", checkpoint_dir);
     }
-    if let Some(relation) = checkpoint::overlap(path, encoder_dir) {
+    if let Some(relation) = moda_models::files::overlap(path, encoder_dir) {
         return refuse(relation, "encoder directory", encoder_dir);
     }
     for name in [
@@ -223,11 +227,11 @@ fn check_predictions(
         crate::fit::OPTIMIZER_FILE,
     ] {
         let file = checkpoint_dir.join(name);
-        if let Some(relation) = checkpoint::overlap(path, &file) {
+        if let Some(relation) = moda_models::files::overlap(path, &file) {
             return refuse(relation, "checkpoint file", &file);
         }
     }
-    if let Some(relation) = checkpoint::overlap(path, &catalog.csv) {
+    if let Some(relation) = moda_models::files::overlap(path, &catalog.csv) {
         return refuse(relation, "catalog CSV", &catalog.csv);
     }
     // Only an existing file can be an image.
@@ -300,20 +304,33 @@ pub fn evaluate(opts: &EvalOptions) -> Result<EvalReport> {
         &ProgressBar::hidden(),
     )?;
     let embeds = embeds.to_dtype(DType::F32)?;
-    // Greedy descriptions.
+    // Descriptions through the workspace's one search (the SDK's too): greedy unless the
+    // options ask for beams. A length limit past the decoder's positions is cut to them, as
+    // no description can be longer.
     let pb = if opts.progress {
         ProgressBar::new(samples.len() as u64)
     } else {
         ProgressBar::hidden()
+    };
+    let generation = GenerationOptions {
+        max_new_tokens: Some(opts.max_new_tokens.min(loaded.model.max_new_tokens_limit())),
+        num_beams: opts.num_beams,
+        ..GenerationOptions::default()
     };
     let mut texts = Vec::with_capacity(samples.len());
     for start in (0..samples.len()).step_by(opts.batch_size.max(1)) {
         let n = opts.batch_size.max(1).min(samples.len() - start);
         let e = embeds.narrow(0, start, n)?;
         let prefix = loaded.model.project(&e)?;
-        let out = loaded.model.generate_greedy(&prefix, opts.max_new_tokens)?;
-        for ids in out {
-            texts.push(loaded.tokenizer.decode(&ids, true)?.trim().to_string());
+        let out = loaded.model.generate(&prefix, &generation)?;
+        for g in out {
+            texts.push(
+                loaded
+                    .tokenizer
+                    .decode(&g.token_ids, true)?
+                    .trim()
+                    .to_string(),
+            );
         }
         pb.inc(n as u64);
     }

@@ -1,7 +1,10 @@
-//! `trainer fit`: the training loop, one function to read top to bottom (nanoGPT's `train.py`,
-//! nanoVLM's `train.py`): settings with the original recipe's defaults, the model, the data
-//! with the frozen encoder's embeddings cached, then epochs of gradient-accumulated AdamW
-//! steps with clipping and the StepLR schedule, validation, checkpoints, metrics and a plot.
+//! `trainer fit`: the training loop, read top to bottom as nanoGPT's and nanoVLM's `train.py`.
+//! [`fit`] calls one named step after another: the starting state (new, or the checkpoint's),
+//! the checks, the catalog and its split, the model (`build_trainee`), the data (the frozen
+//! encoder's embeddings cached, or pixels), the optimizer; then `Run::train` runs the epochs:
+//! micro-batches (`Run::micro_batch`), gradient-accumulated AdamW steps with clipping and the
+//! learning-rate schedule (`Run::optimizer_step`), and at each epoch's end validation,
+//! metrics, checkpoints and a plot (`Run::end_epoch`).
 //!
 //! Differences from the original notebook, on purpose:
 //! - image embeddings come from the on-disk cache (the encoder is frozen), not recomputed;
@@ -24,10 +27,10 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use moda_models::checkpoint::{self, CheckpointConfig, CheckpointContents, EncoderInfo};
-use moda_models::hub::{resolve_model, FileReq};
+use moda_models::hub::{resolve_model, FileReq, DEFAULT_DECODER, DEFAULT_ENCODER};
 use moda_models::preprocess::{ImageProcessor, ImageProcessorConfig};
 use moda_models::tokenizer::ModaTokenizer;
-use moda_models::{ClipVision, ClipVisionConfig, Moda, Opt, OptConfig, Projector};
+use moda_models::{CaptionModel, ClipVision, ClipVisionConfig, Opt, OptConfig, Projector};
 use moda_models::{ProjectorConfig, Weights};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -40,7 +43,7 @@ use crate::embed_cache::{EmbeddingCache, EncoderFingerprint};
 use crate::error::{Error, Result};
 use crate::optim::{cosine_lr, step_lr, AdamW, AdamWParams};
 use crate::params::{NewInit, ParamStore};
-use crate::preset;
+use crate::preset::{self, Preset};
 
 /// The training state file of a checkpoint.
 pub const STATE_FILE: &str = "training_state.json";
@@ -104,8 +107,8 @@ pub struct FitConfig {
     pub encoder: String,
     /// The decoder: a local directory or a hub id (unused by the tiny preset).
     pub decoder: String,
-    /// `Some("tiny")` for the tiny preset.
-    pub preset: Option<String>,
+    /// The preset the settings come from (`--preset`), if any.
+    pub preset: Option<Preset>,
     /// Override of the decoder's dropout (`None`: the decoder config's).
     pub dropout: Option<f64>,
     /// Split each micro-batch into this many shards, computed on as many threads (CPU only;
@@ -141,8 +144,8 @@ impl Default for FitConfig {
             seed: 42,
             max_steps: None,
             train_encoder: false,
-            encoder: "patrickjohncyh/fashion-clip".into(),
-            decoder: "facebook/opt-125m".into(),
+            encoder: DEFAULT_ENCODER.into(),
+            decoder: DEFAULT_DECODER.into(),
             preset: None,
             dropout: None,
             augment: false,
@@ -161,43 +164,8 @@ impl FitConfig {
     /// `preset::tiny_encoder_init`) with augmented images (flips, shifts up to 4 px), one
     /// learning rate of 1e-3 for all on a cosine schedule after 5 warm-up epochs, a budget of
     /// [`TINY_SAMPLE_BUDGET`] samples (180 epochs of 1,200, 90 of 2,400), decoder dropout 0.1,
-    /// micro-batches split over 2 threads. Measured on 1,500-image
-    /// synthetic catalogs (`trainer synth`, 2 CPU cores, release build, held-out 20%):
-    /// - the old preset (frozen random encoder, patch 8, std 0.02 everywhere, lr 3e-3): exact
-    ///   match 16%, validation loss plateau 0.30; linear probes on its cached embeddings reach
-    ///   35-79% per attribute, so the frozen embedding, not the decoder, was the bottleneck;
-    /// - frozen, patch 16 and CLIP's init: probes 68-95%, exact 25%, validation loss 0.25
-    ///   (random features do not separate 15 colours or 4 fill patterns well enough);
-    /// - trained (patch 8): 38 s per epoch, too slow; patch 16 costs ~3.5 s per epoch;
-    /// - trained at lr 3e-3: validation loss 0.47 after 14 epochs (stuck near 0.62, the
-    ///   loss without the image, for 5); at 2e-3 (with augmentation) the encoder never learns
-    ///   the backdrop (Gender 50%, exact 25%);
-    /// - StepLR, 90 epochs halved every 30: no dropout, best validation loss 0.154 (epoch ~58,
-    ///   then overfitting: train 0.012), exact 52%; with decoder dropout 0.1, 0.146 and 65%
-    ///   (Usage 79%, Colour 87%), still overfitting (train 0.03 at epoch 60);
-    /// - the same with augmentation: train and validation loss stay together; 0.068, exact 76%
-    ///   (Colour 97%, Gender 97%; Usage 85%, its sub-pixel patterns, now drawn bolder: 89%);
-    /// - cosine with 5 warm-up epochs instead of StepLR: validation loss 0.043, exact 83%;
-    /// - a wider encoder (192 wide, 4 layers) learns slower per epoch and costs 2x per epoch;
-    ///   batches of 16 learn faster early but end worse (exact 65% against 76%);
-    /// - 2 shards per micro-batch on 2 threads: 2.2 s per epoch against 3.4 s; 140 epochs:
-    ///   exact 88-90% on two catalogs (seeds 0 and 1), Usage 94-95% with most of the errors on
-    ///   heels (a thin band: since drawn larger), ProductType 94-95%;
-    /// - 180 epochs (heels drawn 1.25x): exact 89.3% and 90.0% (seeds 0 and 1), ProductType
-    ///   94%, Usage 94-95%: validation loss flat after epoch ~150, the 1,200 images are the
-    ///   limit;
-    /// - the same number of samples from a 3,000-product catalog (90 epochs of 2,400): exact
-    ///   95.5% and 94.2% (seeds 0 and 1), every attribute 96.2% or more, 6.6 minutes; hence a
-    ///   sample budget rather than a number of epochs;
-    /// - the same with the fused CPU training kernels (`moda_models`' `fused.rs`, other float
-    ///   rounding): validation loss 0.016 and 0.017 (was 0.024 and 0.031), exact 94.3% and
-    ///   93.0%, every attribute 95.3% or more, 6.2-6.4 minutes (4.1 s per epoch); on
-    ///   1,500-product catalogs (180 epochs, 2.1 s each) exact 91.3% and 92.0% (seeds 0 and
-    ///   1), every attribute 95.6% or more, validation loss 0.025 and 0.023;
-    /// - the same with fused attention too: 3,000 products exact 96.2% and 93.3% (seeds 0 and
-    ///   1), every attribute 95.0% or more (Usage, seed 1), 6.4-6.6 minutes, validation loss
-    ///   0.013 and 0.015; 1,500 products exact 92.7% and 93.3%, every attribute 95.3% or more,
-    ///   6.0-6.2 minutes, validation loss 0.027 and 0.023.
+    /// micro-batches split over 2 threads. How each setting was chosen (the experiments on
+    /// synthetic catalogs and their results) is in docs/PERFORMANCE.md.
     pub fn tiny() -> Self {
         Self {
             epochs: 180,
@@ -207,7 +175,7 @@ impl FitConfig {
             lr_step_epochs: 30,
             lr_gamma: 0.5,
             train_encoder: true,
-            preset: Some("tiny".into()),
+            preset: Some(Preset::Tiny),
             dropout: Some(0.1),
             augment: true,
             lr_schedule: LrSchedule::Cosine,
@@ -283,13 +251,6 @@ impl FitConfig {
                 (0.0..1.0).contains(&p),
                 "a number in [0, 1)",
             )?;
-        }
-        if let Some(p) = &self.preset {
-            if p != "tiny" {
-                return Err(Error::InvalidArgument(format!(
-                    "unknown preset {p:?} (known: tiny)"
-                )));
-            }
         }
         Ok(())
     }
@@ -484,7 +445,7 @@ pub struct FitOptions {
 
 /// The model being trained and what is needed to save it.
 struct Trainee {
-    model: Moda,
+    model: CaptionModel,
     decoder_store: ParamStore,
     encoder_store: Option<ParamStore>,
     tokenizer: ModaTokenizer,
@@ -493,7 +454,8 @@ struct Trainee {
     encoder_dir: Option<PathBuf>,
 }
 
-/// Builds the model: from a checkpoint, from pretrained backbones, or tiny and random.
+/// Builds the model: from the checkpoint being resumed, tiny and random (`--preset tiny`), or
+/// from pretrained backbones.
 fn build_trainee(
     cfg: &FitConfig,
     resume: Option<&Path>,
@@ -501,85 +463,108 @@ fn build_trainee(
     scratch: &Path,
     device: &Device,
 ) -> Result<Trainee> {
-    let seed = cfg.seed;
-    if let Some(dir) = resume {
-        let ck = CheckpointConfig::from_dir(dir)?;
-        let w = Weights::from_file(&dir.join(checkpoint::MODEL_FILE))?;
-        let decoder_store = ParamStore::new(Some(w.clone()), vec![], seed);
-        let vb = decoder_store.var_builder(device);
-        let decoder = Opt::new(&ck.decoder, vb.pp("opt")).map_err(|e| w.explain(e))?;
-        let projector = Projector::new(&ck.projector, vb).map_err(|e| w.explain(e))?;
-        let enc_dir = checkpoint::encoder_dir(dir, &ck)?;
-        let (encoder, encoder_store, encoder_dir) = if ck.encoder.embedded {
-            let ew = Weights::from_dir(&enc_dir)?;
-            let store = ParamStore::new(Some(ew.clone()), vec![], seed);
-            let enc = ClipVision::new(&ck.encoder.config, store.var_builder(device))
-                .map_err(|e| ew.explain(e))?;
-            (enc, Some(store), None)
-        } else if cfg.train_encoder {
-            let ew = Weights::from_dir(&enc_dir)?;
-            let store = ParamStore::new(Some(ew.clone()), vec![], seed);
-            let enc = ClipVision::new(&ck.encoder.config, store.var_builder(device))
-                .map_err(|e| ew.explain(e))?;
-            (enc, Some(store), None)
-        } else {
-            let enc = ClipVision::from_dir(&enc_dir, DType::F32, device)?;
-            (enc, None, Some(enc_dir))
-        };
-        let tokenizer = ModaTokenizer::from_tokenizer_json(&dir.join(checkpoint::TOKENIZER_FILE))?;
-        let model = Moda::new(encoder, projector, decoder)?;
-        return Ok(Trainee {
-            model,
-            decoder_store,
-            encoder_store,
-            tokenizer,
-            ckpt: ck,
-            encoder_dir,
-        });
+    match (resume, cfg.preset) {
+        (Some(dir), _) => resumed_trainee(cfg, dir, device),
+        (None, Some(Preset::Tiny)) => tiny_trainee(cfg, captions, scratch, device),
+        (None, None) => pretrained_trainee(cfg, device),
     }
-    if cfg.preset.as_deref() == Some("tiny") {
-        let tokenizer = preset::train_tokenizer(captions, 1024, scratch)?;
-        let vocab = tokenizer.vocab_size().div_ceil(8) * 8;
-        let mut dcfg = preset::tiny_decoder_config(vocab);
-        if let Some(p) = cfg.dropout {
-            dcfg.dropout = p;
-        }
-        let ecfg = preset::tiny_encoder_config();
-        let pcfg = ProjectorConfig::new(ecfg.projection_dim, dcfg.embed_dim());
-        let encoder_store = ParamStore::new(None, preset::tiny_encoder_init(&ecfg), seed ^ 0x0e0c);
-        let encoder = ClipVision::new(&ecfg, encoder_store.var_builder(device))?;
-        let decoder_store = ParamStore::new(
-            None,
-            vec![
-                ("projection.".into(), NewInit::TorchLinear),
-                ("opt.".into(), NewInit::Normal(preset::TINY_INIT_STD)),
-            ],
-            seed ^ 0xdec0,
-        );
-        let vb = decoder_store.var_builder(device);
-        let decoder = Opt::new(&dcfg, vb.pp("opt"))?;
-        let projector = Projector::new(&pcfg, vb)?;
-        let ckpt = CheckpointConfig::new(
-            EncoderInfo {
-                config: ecfg,
-                source: checkpoint::ENCODER_DIR.into(),
-                embedded: true,
-                trained: cfg.train_encoder,
-            },
-            dcfg,
-            pcfg,
-            preset::tiny_preprocessor_config(),
-        );
-        return Ok(Trainee {
-            model: Moda::new(encoder, projector, decoder)?,
-            decoder_store,
-            encoder_store: Some(encoder_store),
-            tokenizer,
-            ckpt,
-            encoder_dir: None,
-        });
+}
+
+/// An encoder whose weights train: loaded from `dir` into a parameter store.
+fn trainable_encoder(
+    config: &ClipVisionConfig,
+    dir: &Path,
+    seed: u64,
+    device: &Device,
+) -> Result<(ClipVision, ParamStore)> {
+    let weights = Weights::from_dir(dir)?;
+    let store = ParamStore::new(Some(weights.clone()), vec![], seed);
+    let encoder =
+        ClipVision::new(config, store.var_builder(device)).map_err(|e| weights.explain(e))?;
+    Ok((encoder, store))
+}
+
+/// The model of a checkpoint, to continue its run: the encoder trains when the checkpoint
+/// embeds it or the run trains it; otherwise it is the fixed model the checkpoint names.
+fn resumed_trainee(cfg: &FitConfig, dir: &Path, device: &Device) -> Result<Trainee> {
+    let ckpt = CheckpointConfig::from_dir(dir)?;
+    let weights = Weights::from_file(&dir.join(checkpoint::MODEL_FILE))?;
+    let decoder_store = ParamStore::new(Some(weights.clone()), vec![], cfg.seed);
+    let vb = decoder_store.var_builder(device);
+    let decoder = Opt::new(&ckpt.decoder, vb.pp("opt")).map_err(|e| weights.explain(e))?;
+    let projector = Projector::new(&ckpt.projector, vb).map_err(|e| weights.explain(e))?;
+    let enc_dir = checkpoint::encoder_dir(dir, &ckpt)?;
+    let (encoder, encoder_store, encoder_dir) = if ckpt.encoder.embedded || cfg.train_encoder {
+        let (encoder, store) = trainable_encoder(&ckpt.encoder.config, &enc_dir, cfg.seed, device)?;
+        (encoder, Some(store), None)
+    } else {
+        let encoder = ClipVision::from_dir(&enc_dir, DType::F32, device)?;
+        (encoder, None, Some(enc_dir))
+    };
+    let tokenizer = ModaTokenizer::from_tokenizer_json(&dir.join(checkpoint::TOKENIZER_FILE))?;
+    Ok(Trainee {
+        model: CaptionModel::new(encoder, projector, decoder)?,
+        decoder_store,
+        encoder_store,
+        tokenizer,
+        ckpt,
+        encoder_dir,
+    })
+}
+
+/// The tiny preset's model: small random backbones (see [`preset`]) and a byte-level BPE
+/// trained on the training captions; the encoder is embedded in every checkpoint.
+fn tiny_trainee(
+    cfg: &FitConfig,
+    captions: &[String],
+    scratch: &Path,
+    device: &Device,
+) -> Result<Trainee> {
+    let tokenizer = preset::train_tokenizer(captions, 1024, scratch)?;
+    let vocab = tokenizer.vocab_size().div_ceil(8) * 8;
+    let mut dcfg = preset::tiny_decoder_config(vocab);
+    if let Some(p) = cfg.dropout {
+        dcfg.dropout = p;
     }
-    // Pretrained backbones: a local directory or a hub id each.
+    let ecfg = preset::tiny_encoder_config();
+    let pcfg = ProjectorConfig::new(ecfg.projection_dim, dcfg.embed_dim());
+    let encoder_store = ParamStore::new(None, preset::tiny_encoder_init(&ecfg), cfg.seed ^ 0x0e0c);
+    let encoder = ClipVision::new(&ecfg, encoder_store.var_builder(device))?;
+    let decoder_store = ParamStore::new(
+        None,
+        vec![
+            ("projection.".into(), NewInit::TorchLinear),
+            ("opt.".into(), NewInit::Normal(preset::TINY_INIT_STD)),
+        ],
+        cfg.seed ^ 0xdec0,
+    );
+    let vb = decoder_store.var_builder(device);
+    let decoder = Opt::new(&dcfg, vb.pp("opt"))?;
+    let projector = Projector::new(&pcfg, vb)?;
+    let ckpt = CheckpointConfig::new(
+        EncoderInfo {
+            config: ecfg,
+            source: checkpoint::ENCODER_DIR.into(),
+            embedded: true,
+            trained: cfg.train_encoder,
+        },
+        dcfg,
+        pcfg,
+        preset::tiny_preprocessor_config(),
+    );
+    Ok(Trainee {
+        model: CaptionModel::new(encoder, projector, decoder)?,
+        decoder_store,
+        encoder_store: Some(encoder_store),
+        tokenizer,
+        ckpt,
+        encoder_dir: None,
+    })
+}
+
+/// The recipe's model: the pretrained encoder and decoder (a local directory or a hub id
+/// each) and a new projector between them.
+fn pretrained_trainee(cfg: &FitConfig, device: &Device) -> Result<Trainee> {
     let enc_dir = resolve_model(
         &cfg.encoder,
         &[
@@ -591,10 +576,8 @@ fn build_trainee(
     let ecfg = ClipVisionConfig::from_file(&enc_dir.join("config.json"))?;
     let preprocessor = ImageProcessorConfig::from_dir_or_default(&enc_dir)?;
     let (encoder, encoder_store) = if cfg.train_encoder {
-        let ew = Weights::from_dir(&enc_dir)?;
-        let store = ParamStore::new(Some(ew.clone()), vec![], seed);
-        let enc = ClipVision::new(&ecfg, store.var_builder(device)).map_err(|e| ew.explain(e))?;
-        (enc, Some(store))
+        let (encoder, store) = trainable_encoder(&ecfg, &enc_dir, cfg.seed, device)?;
+        (encoder, Some(store))
     } else {
         (ClipVision::from_dir(&enc_dir, DType::F32, device)?, None)
     };
@@ -610,7 +593,7 @@ fn build_trainee(
     let decoder_store = ParamStore::new(
         Some(dw.clone()),
         vec![("projection.".into(), NewInit::TorchLinear)],
-        seed,
+        cfg.seed,
     );
     let vb = decoder_store.var_builder(device);
     let decoder = Opt::new(&dcfg, vb.pp("opt")).map_err(|e| dw.explain(e))?;
@@ -619,17 +602,7 @@ fn build_trainee(
     let ckpt = CheckpointConfig::new(
         EncoderInfo {
             config: ecfg,
-            source: if cfg.train_encoder {
-                checkpoint::ENCODER_DIR.into()
-            } else if Path::new(&cfg.encoder).is_dir() {
-                // A local directory: recorded absolute, so the checkpoint loads from anywhere.
-                std::fs::canonicalize(&cfg.encoder)
-                    .map_err(|e| Error::io(&cfg.encoder, e))?
-                    .display()
-                    .to_string()
-            } else {
-                cfg.encoder.clone()
-            },
+            source: recorded_encoder_source(cfg)?,
             embedded: cfg.train_encoder,
             trained: cfg.train_encoder,
         },
@@ -638,17 +611,29 @@ fn build_trainee(
         preprocessor,
     );
     Ok(Trainee {
-        model: Moda::new(encoder, projector, decoder)?,
+        model: CaptionModel::new(encoder, projector, decoder)?,
         decoder_store,
         encoder_store,
         tokenizer,
         ckpt,
-        encoder_dir: if cfg.train_encoder {
-            None
-        } else {
-            Some(enc_dir)
-        },
+        encoder_dir: (!cfg.train_encoder).then_some(enc_dir),
     })
+}
+
+/// Where a checkpoint finds its pretrained encoder: its own `encoder/` when the encoder
+/// trains (embedded), else the hub id, or the local directory made absolute so that the
+/// checkpoint loads from anywhere.
+fn recorded_encoder_source(cfg: &FitConfig) -> Result<String> {
+    if cfg.train_encoder {
+        Ok(checkpoint::ENCODER_DIR.into())
+    } else if Path::new(&cfg.encoder).is_dir() {
+        Ok(std::fs::canonicalize(&cfg.encoder)
+            .map_err(|e| Error::io(&cfg.encoder, e))?
+            .display()
+            .to_string())
+    } else {
+        Ok(cfg.encoder.clone())
+    }
 }
 
 /// The trainable parameters: projector and decoder, plus the encoder with `--train-encoder`.
@@ -751,7 +736,7 @@ fn batch_images(
 /// The summed loss of samples `idx` whose image inputs are `images` (see [`batch_images`]),
 /// and the number of predicted tokens.
 fn loss_sum(
-    model: &Moda,
+    model: &CaptionModel,
     data: &Prepared,
     images: &Tensor,
     idx: &[usize],
@@ -772,7 +757,7 @@ fn loss_sum(
 
 /// The mean loss of one micro-batch of sample indices.
 fn batch_loss(
-    model: &Moda,
+    model: &CaptionModel,
     data: &Prepared,
     idx: &[usize],
     pad: u32,
@@ -812,7 +797,7 @@ type ShardResult = Result<(f64, usize, candle_core::backprop::GradStore)>;
 /// number of shards (dropout draws, summation order), not on the number of cores.
 #[allow(clippy::too_many_arguments)]
 fn sharded_step(
-    model: &Moda,
+    model: &CaptionModel,
     data: &Prepared,
     images: &Tensor,
     idx: &[usize],
@@ -870,7 +855,7 @@ fn sharded_step(
 
 /// Mean loss over `idx` in eval mode (no dropout), in batches of `bs`.
 fn evaluate_loss(
-    model: &mut Moda,
+    model: &mut CaptionModel,
     data: &Prepared,
     idx: &[usize],
     bs: usize,
@@ -917,7 +902,7 @@ fn epoch_order(train: &[usize], seed: u64, epoch: usize) -> Vec<usize> {
 fn check_run_dir(cfg: &FitConfig, opts: &FitOptions, resume: Option<&Path>) -> Result<()> {
     let out = &opts.out;
     let apart = |what: &str, input: &Path| -> Result<()> {
-        match checkpoint::overlap(out, input) {
+        match moda_models::files::overlap(out, input) {
             None => Ok(()),
             Some(relation) => Err(Error::OutputOverlapsInput {
                 flag: "--out",
@@ -937,7 +922,7 @@ fn check_run_dir(cfg: &FitConfig, opts: &FitOptions, resume: Option<&Path>) -> R
             // run in its own directory: the checkpoint is read whole before it is replaced.
             let own = ["best", "last", ".best.old", ".last.old"]
                 .iter()
-                .any(|n| checkpoint::overlap(&out.join(n), dir) == Some("is"));
+                .any(|n| moda_models::files::overlap(&out.join(n), dir) == Some("is"));
             if !own {
                 apart("checkpoint being resumed", dir)?;
             }
@@ -1128,13 +1113,13 @@ pub fn repair_metrics(path: &Path, step: u64, epochs: usize) -> Result<MetricsRe
     Ok(repair)
 }
 
-/// Loads the catalog and computes (or reads from the cache) what training needs.
+/// What training needs of the catalog: every caption's token ids, and either the cached
+/// embeddings of the frozen encoder or, when the encoder trains, the pixel values.
 fn prepare_data(
     catalog: &Catalog,
     t: &Trainee,
     cfg: &FitConfig,
     opts: &FitOptions,
-    scratch_fingerprint: Option<EncoderFingerprint>,
 ) -> Result<Prepared> {
     let ids = catalog
         .samples
@@ -1151,56 +1136,77 @@ fn prepare_data(
     let processor = ImageProcessor::new(t.ckpt.preprocessor.clone())?;
     if cfg.train_encoder {
         // The encoder changes every step: no embedding cache, but the pixels are computed
-        // once (two threads per core at most), not every epoch.
-        let limits = moda_models::preprocess::ImageLimits::default();
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let chunk = catalog.samples.len().div_ceil(threads.max(1)).max(1);
-        let parts: Vec<Result<Vec<f32>>> = std::thread::scope(|sc| {
-            let handles: Vec<_> = catalog
-                .samples
-                .chunks(chunk)
-                .map(|c| {
-                    let (processor, limits) = (&processor, &limits);
-                    sc.spawn(move || -> Result<Vec<f32>> {
-                        let mut out = Vec::new();
-                        for s in c {
-                            out.extend(processor.preprocess_path(&s.image, limits)?);
-                        }
-                        Ok(out)
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join().unwrap_or_else(|_| {
-                        Err(Error::InvalidArgument(
-                            "image preprocessing panicked".into(),
-                        ))
-                    })
-                })
-                .collect()
-        });
-        let mut px = Vec::new();
-        for p in parts {
-            px.extend(p?);
-        }
-        let (h, w) = processor.config().output_size();
-        let pixels = Tensor::from_vec(px, (catalog.len(), 3, h, w), &opts.device)?;
+        // once, not every epoch.
+        let pixels = preprocess_all(catalog, &processor, &opts.device)?;
         return Ok(Prepared {
             ids,
             embeds: None,
             pixels: Some(pixels),
         });
     }
-    let fingerprint = match (scratch_fingerprint, &t.encoder_dir) {
-        (Some(f), _) => f,
-        (None, Some(d)) => EncoderFingerprint::from_dir(d)?,
-        (None, None) => {
-            return Err(Error::InvalidArgument(
-                "no fingerprint for the encoder".into(),
-            ))
-        }
+    let embeds = cached_embeddings(catalog, t, &processor, opts)?;
+    Ok(Prepared {
+        ids,
+        embeds: Some(embeds),
+        pixels: None,
+    })
+}
+
+/// The `[n, 3, h, w]` pixel values of every sample, preprocessed on one thread per core.
+fn preprocess_all(
+    catalog: &Catalog,
+    processor: &ImageProcessor,
+    device: &Device,
+) -> Result<Tensor> {
+    let limits = moda_models::preprocess::ImageLimits::default();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let chunk = catalog.samples.len().div_ceil(threads.max(1)).max(1);
+    let parts: Vec<Result<Vec<f32>>> = std::thread::scope(|sc| {
+        let handles: Vec<_> = catalog
+            .samples
+            .chunks(chunk)
+            .map(|c| {
+                let limits = &limits;
+                sc.spawn(move || -> Result<Vec<f32>> {
+                    let mut out = Vec::new();
+                    for s in c {
+                        out.extend(processor.preprocess_path(&s.image, limits)?);
+                    }
+                    Ok(out)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(Error::InvalidArgument(
+                        "image preprocessing panicked".into(),
+                    ))
+                })
+            })
+            .collect()
+    });
+    let mut px = Vec::new();
+    for p in parts {
+        px.extend(p?);
+    }
+    let (h, w) = processor.config().output_size();
+    Ok(Tensor::from_vec(px, (catalog.len(), 3, h, w), device)?)
+}
+
+/// The frozen encoder's `[n, projection_dim]` embeddings of every sample, read from the
+/// embedding cache or computed into it. The cache is keyed by the encoder: the fingerprint of
+/// an external model's directory, or of an embedded encoder's configuration and weights.
+fn cached_embeddings(
+    catalog: &Catalog,
+    t: &Trainee,
+    processor: &ImageProcessor,
+    opts: &FitOptions,
+) -> Result<Tensor> {
+    let fingerprint = match &t.encoder_dir {
+        Some(dir) => EncoderFingerprint::from_dir(dir)?,
+        None => embedded_encoder_fingerprint(t)?,
     };
     let cache = EmbeddingCache::open(opts.cache_dir.clone(), fingerprint)?;
     let pb = if opts.progress {
@@ -1216,17 +1222,32 @@ fn prepare_data(
     let embeds = cache.get_or_compute(
         &catalog.samples,
         t.model.encoder(),
-        &processor,
+        processor,
         &opts.device,
         64,
         &pb,
     )?;
     pb.finish_and_clear();
-    Ok(Prepared {
-        ids,
-        embeds: Some(embeds.to_dtype(DType::F32)?),
-        pixels: None,
-    })
+    Ok(embeds.to_dtype(DType::F32)?)
+}
+
+/// The fingerprint of an embedded encoder (random or resumed): its configuration and its
+/// weights' values.
+fn embedded_encoder_fingerprint(t: &Trainee) -> Result<EncoderFingerprint> {
+    let enc = t
+        .encoder_store
+        .as_ref()
+        .map(ParamStore::tensors)
+        .unwrap_or_default();
+    let mut parts: Vec<Vec<u8>> = vec![serde_json::to_vec(&t.ckpt.encoder.config)
+        .map_err(|e| Error::InvalidArgument(e.to_string()))?];
+    for (k, v) in &enc {
+        parts.push(k.as_bytes().to_vec());
+        let vals: Vec<f32> = v.flatten_all()?.to_vec1()?;
+        parts.push(vals.iter().flat_map(|x| x.to_le_bytes()).collect());
+    }
+    let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
+    Ok(EncoderFingerprint::from_parts(&refs))
 }
 
 /// Trains MODA; see the module docs. `cfg` is ignored when resuming (the checkpoint's settings
@@ -1243,47 +1264,89 @@ pub fn fit(cfg: &FitConfig, opts: &FitOptions) -> Result<FitReport> {
     result
 }
 
+/// The run, step by step: its starting state, the checks, the data and its split, the model,
+/// the cached embeddings (or pixels), the optimizer, then the epochs.
 fn fit_in(cfg: &FitConfig, opts: &FitOptions) -> Result<FitReport> {
-    let device = &opts.device;
-    let say = |msg: String| {
-        if opts.progress {
-            eprintln!("{msg}");
-        }
+    let mut log = Log {
+        progress: opts.progress,
+        warnings: Vec::new(),
     };
-    // Warnings are printed whatever `progress` says, and returned in the report.
-    let mut warnings: Vec<String> = Vec::new();
-    let mut warn = |msg: String| {
-        eprintln!("warning: {msg}");
-        warnings.push(msg);
-    };
-    // --- settings: the checkpoint's when resuming -----------------------------------------
     let resume_dir = opts.resume.as_deref().map(checkpoint::resolve_dir);
     let mut state = match &resume_dir {
-        Some(dir) => {
-            let mut s = TrainState::from_dir(dir).map_err(|e| Error::Resume(e.to_string()))?;
-            // The recorded run, to its recorded end: another length only when asked for.
-            if let Some(epochs) = opts.resume_epochs {
-                if epochs < s.epoch {
-                    return Err(Error::Resume(format!(
-                        "--epochs {epochs}: the run has already finished {} epochs",
-                        s.epoch
-                    )));
-                }
-                if epochs != s.config.epochs {
-                    say(format!(
-                        "--epochs {epochs}: the run's {} epochs become {epochs}",
-                        s.config.epochs
-                    ));
-                }
-                s.config.epochs = epochs;
-                s.config.sample_budget = None;
-            }
-            s.config.max_steps = cfg.max_steps;
-            s.finished = s.epoch >= s.config.epochs;
-            s
+        Some(dir) => resumed_state(dir, cfg, opts, &log)?,
+        None => TrainState::start(cfg.clone()),
+    };
+    let mut cfg = state.config.clone();
+    check_run(&cfg, &state, opts, resume_dir.as_deref())?;
+    let (catalog, split) =
+        load_and_split(&mut cfg, &mut state, opts, resume_dir.is_some(), &mut log)?;
+    let train_captions: Vec<String> = split
+        .train
+        .iter()
+        .map(|&i| catalog.samples[i].caption.clone())
+        .collect();
+    let mut trainee = build_trainee(
+        &cfg,
+        resume_dir.as_deref(),
+        &train_captions,
+        &opts.out,
+        &opts.device,
+    )?;
+    let data = prepare_data(&catalog, &trainee, &cfg, opts)?;
+    let optimizer = new_optimizer(&trainee, &cfg, &state, resume_dir.as_deref(), &opts.device)?;
+    trainee
+        .model
+        .decoder_mut()
+        .train(state.dropout_state.unwrap_or(cfg.seed ^ 0xd0d0));
+    log.say(format!(
+        "training {} parameters on {} samples ({} held out), {} epochs",
+        optimizer
+            .vars()
+            .iter()
+            .map(|(_, v)| v.elem_count())
+            .sum::<usize>(),
+        split.train.len(),
+        split.validation.len(),
+        cfg.epochs
+    ));
+    clean_output(opts, &state, &mut log)?;
+
+    let mut run = Run::new(cfg, opts, trainee, data, split, optimizer, state, log);
+    run.last_good = resume_dir;
+    let end = run.train()?;
+    Ok(FitReport {
+        end,
+        warnings: run.log.warnings,
+        state: run.state,
+        out: opts.out.clone(),
+    })
+}
+
+/// Where a run's messages go: progress lines to stderr when asked for; warnings always, and
+/// kept for the report.
+struct Log {
+    progress: bool,
+    warnings: Vec<String>,
+}
+
+impl Log {
+    fn say(&self, msg: String) {
+        if self.progress {
+            eprintln!("{msg}");
         }
-        None => TrainState {
-            config: cfg.clone(),
+    }
+
+    fn warn(&mut self, msg: String) {
+        eprintln!("warning: {msg}");
+        self.warnings.push(msg);
+    }
+}
+
+impl TrainState {
+    /// The state of a new run: nothing done yet.
+    fn start(config: FitConfig) -> Self {
+        TrainState {
+            config,
             epoch: 0,
             batch_pos: 0,
             step: 0,
@@ -1295,12 +1358,50 @@ fn fit_in(cfg: &FitConfig, opts: &FitOptions) -> Result<FitReport> {
             validation_rows: Vec::new(),
             history: Vec::new(),
             finished: false,
-        },
-    };
-    let mut cfg = state.config.clone();
+        }
+    }
+}
+
+/// The state of the checkpoint `dir`, to continue its run to its recorded end: to another
+/// length only when `--epochs` asks for one; `--max-steps` as given now.
+fn resumed_state(dir: &Path, cfg: &FitConfig, opts: &FitOptions, log: &Log) -> Result<TrainState> {
+    let mut s = TrainState::from_dir(dir).map_err(|e| Error::Resume(e.to_string()))?;
+    if let Some(epochs) = opts.resume_epochs {
+        if epochs < s.epoch {
+            return Err(Error::Resume(format!(
+                "--epochs {epochs}: the run has already finished {} epochs",
+                s.epoch
+            )));
+        }
+        if epochs != s.config.epochs {
+            log.say(format!(
+                "--epochs {epochs}: the run's {} epochs become {epochs}",
+                s.config.epochs
+            ));
+        }
+        s.config.epochs = epochs;
+        s.config.sample_budget = None;
+    }
+    s.config.max_steps = cfg.max_steps;
+    s.finished = s.epoch >= s.config.epochs;
+    Ok(s)
+}
+
+/// Everything checked before the catalog is read: the settings, the backbones a new run
+/// names, the output directory (apart from the inputs, a run's or empty, writable) and a
+/// `--max-steps` still ahead of a resumed run.
+fn check_run(
+    cfg: &FitConfig,
+    state: &TrainState,
+    opts: &FitOptions,
+    resume: Option<&Path>,
+) -> Result<()> {
     cfg.check()?;
-    check_run_dir(&cfg, opts, resume_dir.as_deref())?;
-    if let (Some(_), Some(max)) = (&resume_dir, cfg.max_steps) {
+    if resume.is_none() {
+        check_backbones_used(cfg)?;
+    }
+    check_run_dir(cfg, opts, resume)?;
+    if let (Some(_), Some(max)) = (resume, cfg.max_steps) {
         if max <= state.step {
             return Err(Error::Resume(format!(
                 "--max-steps {max}: the run has already taken {} optimizer steps",
@@ -1308,33 +1409,57 @@ fn fit_in(cfg: &FitConfig, opts: &FitOptions) -> Result<FitReport> {
             )));
         }
     }
-    ensure_writable(&opts.out)?;
+    ensure_writable(&opts.out)
+}
 
-    // --- data ------------------------------------------------------------------------------
+/// Refuses an encoder or decoder that a preset does not use: the tiny preset builds its own
+/// random backbones, so an `encoder` or `decoder` other than the defaults (a local directory,
+/// a hub id, or a path that does not exist) would be silently ignored.
+fn check_backbones_used(cfg: &FitConfig) -> Result<()> {
+    let Some(preset) = cfg.preset else {
+        return Ok(());
+    };
+    let name = preset.name();
+    for (flag, given, default, what) in [
+        ("--encoder", &cfg.encoder, DEFAULT_ENCODER, "encoder"),
+        ("--decoder", &cfg.decoder, DEFAULT_DECODER, "decoder"),
+    ] {
+        if given != default {
+            return Err(Error::InvalidArgument(format!(
+                "{flag} {given:?}: --preset {name} builds its own small random {what} and does \
+                 not read {flag}; drop {flag}, or drop --preset {name} to train from {given:?}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Loads the catalog and splits it: the split recorded in the checkpoint when resuming, else
+/// a new one drawn from the seed (a preset's sample budget then sets the epochs). The split
+/// is recorded in `state`.
+fn load_and_split(
+    cfg: &mut FitConfig,
+    state: &mut TrainState,
+    opts: &FitOptions,
+    resuming: bool,
+    log: &mut Log,
+) -> Result<(Catalog, Split)> {
     let catalog = load_catalog(&opts.source, &LoadOptions::default())?;
     if catalog.report.skipped() > 0 {
-        say(catalog.report.summary());
+        log.say(catalog.report.summary());
     }
     if let Some(w) = catalog.duplicate_warning() {
-        warn(w);
+        log.warn(w);
     }
-    let split = if resume_dir.is_some() {
-        let (split, notes) = recorded_split(&catalog, &state).map_err(Error::Resume)?;
-        notes.into_iter().for_each(&mut warn);
+    let split = if resuming {
+        let (split, notes) = recorded_split(&catalog, state).map_err(Error::Resume)?;
+        notes.into_iter().for_each(|n| log.warn(n));
         split
     } else {
         let split = catalog.split(cfg.val_fraction, cfg.seed)?;
-        if let Some(budget) = cfg.sample_budget {
-            let n = split.train.len().max(1) as u64;
-            let epochs = budget.div_ceil(n).max(1) as usize;
-            if epochs < cfg.epochs {
-                say(format!(
-                    "{} training samples: {epochs} epochs (a budget of {budget} samples)",
-                    split.train.len()
-                ));
-                cfg.epochs = epochs;
-                state.config.epochs = epochs;
-            }
+        if let Some(epochs) = budget_epochs(cfg, split.train.len(), log) {
+            cfg.epochs = epochs;
+            state.config.epochs = epochs;
         }
         split
     };
@@ -1347,299 +1472,403 @@ fn fit_in(cfg: &FitConfig, opts: &FitOptions) -> Result<FitReport> {
             catalog.len()
         )));
     }
-    let train_captions: Vec<String> = split
-        .train
-        .iter()
-        .map(|&i| catalog.samples[i].caption.clone())
-        .collect();
+    Ok((catalog, split))
+}
 
-    // --- model -----------------------------------------------------------------------------
-    let mut t = build_trainee(
-        &cfg,
-        resume_dir.as_deref(),
-        &train_captions,
-        &opts.out,
-        device,
-    )?;
-    let fingerprint = if t.encoder_dir.is_none() && !cfg.train_encoder {
-        // An embedded (random or resumed) encoder: fingerprint its weights' values.
-        let enc = t
-            .encoder_store
-            .as_ref()
-            .map(ParamStore::tensors)
-            .unwrap_or_default();
-        let mut parts: Vec<Vec<u8>> = vec![serde_json::to_vec(&t.ckpt.encoder.config)
-            .map_err(|e| Error::InvalidArgument(e.to_string()))?];
-        for (k, v) in &enc {
-            parts.push(k.as_bytes().to_vec());
-            let vals: Vec<f32> = v.flatten_all()?.to_vec1()?;
-            parts.push(vals.iter().flat_map(|x| x.to_le_bytes()).collect());
-        }
-        let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
-        Some(EncoderFingerprint::from_parts(&refs))
-    } else {
-        None
-    };
-    let data = prepare_data(&catalog, &t, &cfg, opts, fingerprint)?;
-    let pad = t.tokenizer.pad_id();
+/// The epochs of a sample budget ([`FitConfig::sample_budget`]) over `train` training
+/// samples, when they are fewer than the configured epochs.
+fn budget_epochs(cfg: &FitConfig, train: usize, log: &Log) -> Option<usize> {
+    let budget = cfg.sample_budget?;
+    let epochs = budget.div_ceil(train.max(1) as u64).max(1) as usize;
+    if epochs >= cfg.epochs {
+        return None;
+    }
+    log.say(format!(
+        "{train} training samples: {epochs} epochs (a budget of {budget} samples)"
+    ));
+    Some(epochs)
+}
+
+/// AdamW over the trainable parameters, with the checkpoint's moments when resuming.
+fn new_optimizer(
+    t: &Trainee,
+    cfg: &FitConfig,
+    state: &TrainState,
+    resume: Option<&Path>,
+    device: &Device,
+) -> Result<AdamW> {
     let mut optimizer = AdamW::new(
-        trainable_vars(&t, &cfg),
+        trainable_vars(t, cfg),
         AdamWParams {
             lr: cfg.lr,
             weight_decay: cfg.weight_decay,
             ..AdamWParams::default()
         },
     )?;
-    if let Some(dir) = &resume_dir {
+    if let Some(dir) = resume {
         let moments = read_moments(&dir.join(OPTIMIZER_FILE), device)?;
         optimizer.load_state(&moments, state.step)?;
     }
-    t.model
-        .decoder_mut()
-        .train(state.dropout_state.unwrap_or(cfg.seed ^ 0xd0d0));
-    say(format!(
-        "training {} parameters on {} samples ({} held out), {} epochs",
-        optimizer
-            .vars()
-            .iter()
-            .map(|(_, v)| v.elem_count())
-            .sum::<usize>(),
-        split.train.len(),
-        split.validation.len(),
-        cfg.epochs
-    ));
+    Ok(optimizer)
+}
 
-    // --- the loop --------------------------------------------------------------------------
-    let best_dir = opts.out.join("best");
-    let last_dir = opts.out.join("last");
-    // Temporary checkpoints (and metrics files) of a run killed while writing one.
+/// Removes what a run killed while writing left in the output directory (temporary
+/// checkpoints and metrics files), and cuts the metrics file back to where the state stands:
+/// records after it (written after the checkpoint, or by an earlier run in this directory)
+/// and a torn last line go.
+fn clean_output(opts: &FitOptions, state: &TrainState, log: &mut Log) -> Result<()> {
     let metrics_tmp = format!(".{METRICS_FILE}.tmp-");
-    for stale in [&best_dir, &last_dir]
+    for stale in ["best", "last"]
         .into_iter()
-        .flat_map(|d| checkpoint::remove_stale_temporaries(d))
-        .chain(checkpoint::remove_stale(&opts.out, &metrics_tmp))
+        .flat_map(|d| checkpoint::remove_stale_temporaries(&opts.out.join(d)))
+        .chain(moda_models::files::remove_stale(&opts.out, &metrics_tmp))
     {
-        warn(stale.to_string());
+        log.warn(stale.to_string());
     }
-    // The metrics file continues from where the state stands: records after it (written
-    // after the checkpoint, or by an earlier run in this directory) and a torn last line go.
     let repair = repair_metrics(&opts.out.join(METRICS_FILE), state.step, state.epoch)?;
     if let Some(msg) = repair.message() {
-        warn(msg);
+        log.warn(msg);
     }
-    let mut last_good: Option<PathBuf> = resume_dir.clone();
-    let bs = cfg.batch_size;
-    let batches = split.train.len().div_ceil(bs);
-    let mut end = FitEnd::Finished;
-    // Augmentation (only of pixels: cached embeddings cannot be augmented): shifts of up to
-    // 1/16 of the side.
-    let augment = match (&data.pixels, cfg.augment) {
-        (Some(px), true) => Some(Augment {
-            flip: true,
-            max_shift: px.dims().last().copied().unwrap_or(0) / 16,
-        }),
-        _ => None,
-    };
-    let shards_wanted = if device.is_cpu() {
-        cfg.data_parallel
-    } else {
-        1
-    };
-    // State at the last optimizer-step boundary (what an interruption saves).
-    let mut boundary = state.clone();
-    boundary.dropout_state = t.model.decoder().dropout_state();
-    'epochs: while state.epoch < cfg.epochs {
-        let epoch = state.epoch;
-        let lr_at = |progress: f64| match cfg.lr_schedule {
-            LrSchedule::Step => step_lr(cfg.lr, epoch, cfg.lr_step_epochs, cfg.lr_gamma),
-            LrSchedule::Cosine => cosine_lr(cfg.lr, progress, cfg.warmup_epochs, cfg.epochs as f64),
+    Ok(())
+}
+
+/// The learning rate at `progress` (in epochs) of `epoch`: StepLR's rate of the epoch, or the
+/// cosine schedule's at that point.
+fn lr_at(cfg: &FitConfig, epoch: usize, progress: f64) -> f64 {
+    match cfg.lr_schedule {
+        LrSchedule::Step => step_lr(cfg.lr, epoch, cfg.lr_step_epochs, cfg.lr_gamma),
+        LrSchedule::Cosine => cosine_lr(cfg.lr, progress, cfg.warmup_epochs, cfg.epochs as f64),
+    }
+}
+
+/// The micro-batches accumulated since the last optimizer step.
+struct StepWindow {
+    since: Instant,
+    samples: usize,
+    loss_sum: f64,
+    micro_batches: usize,
+}
+
+impl StepWindow {
+    fn new() -> Self {
+        Self {
+            since: Instant::now(),
+            samples: 0,
+            loss_sum: 0.0,
+            micro_batches: 0,
+        }
+    }
+
+    fn add(&mut self, samples: usize, loss: f32) {
+        self.samples += samples;
+        self.loss_sum += loss as f64;
+        self.micro_batches += 1;
+    }
+}
+
+/// A run under way: the settings, the model, the data, the optimizer and where the run
+/// stands.
+struct Run<'a> {
+    cfg: FitConfig,
+    opts: &'a FitOptions,
+    t: Trainee,
+    data: Prepared,
+    split: Split,
+    optimizer: AdamW,
+    /// The padding token.
+    pad: u32,
+    /// Micro-batches per epoch.
+    batches: usize,
+    /// Augmentation of the training images (only of pixels: cached embeddings cannot be
+    /// augmented).
+    augment: Option<Augment>,
+    /// Shards per micro-batch (1 off the CPU).
+    shards: usize,
+    best_dir: PathBuf,
+    last_dir: PathBuf,
+    /// The last checkpoint written, named by a non-finite loss error.
+    last_good: Option<PathBuf>,
+    state: TrainState,
+    /// The state at the last optimizer-step boundary (what an interruption saves).
+    boundary: TrainState,
+    log: Log,
+}
+
+impl<'a> Run<'a> {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        cfg: FitConfig,
+        opts: &'a FitOptions,
+        t: Trainee,
+        data: Prepared,
+        split: Split,
+        optimizer: AdamW,
+        state: TrainState,
+        log: Log,
+    ) -> Self {
+        // Shifts of up to 1/16 of the image side.
+        let augment = match (&data.pixels, cfg.augment) {
+            (Some(px), true) => Some(Augment {
+                flip: true,
+                max_shift: px.dims().last().copied().unwrap_or(0) / 16,
+            }),
+            _ => None,
         };
-        // The epoch's rate as recorded (the cosine schedule's at the middle of the epoch).
-        let lr = lr_at(epoch as f64 + 0.5);
-        optimizer.params.lr = lr;
-        let order = epoch_order(&split.train, cfg.seed, epoch);
-        let pb = if opts.progress {
-            let pb = ProgressBar::new(batches as u64);
-            pb.set_style(
-                ProgressStyle::with_template(
-                    "epoch {prefix} {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
-                )
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-            );
-            pb.set_prefix(format!("{}/{}", epoch + 1, cfg.epochs));
-            pb.set_position(state.batch_pos as u64);
-            pb
-        } else {
-            ProgressBar::hidden()
-        };
-        let started = Instant::now();
-        let mut window = (Instant::now(), 0usize, 0f64, 0usize); // (since, samples, loss sum, micro)
-        optimizer.zero_grad();
-        while state.batch_pos < batches {
-            if opts.stop.load(Ordering::SeqCst) {
-                pb.abandon_with_message("interrupted");
-                save_checkpoint(&last_dir, &t, &boundary, &optimizer)?;
-                say(format!(
-                    "interrupted: resumable checkpoint written to {}",
-                    last_dir.display()
-                ));
-                state = boundary;
-                end = FitEnd::Interrupted;
-                break 'epochs;
-            }
-            let b = state.batch_pos;
-            let idx = &order[b * bs..((b + 1) * bs).min(order.len())];
-            let mut aug_rng = crate::augment::batch_rng(cfg.seed, epoch, b);
-            let shards = shard_ranges(idx.len(), shards_wanted);
-            let value = if shards.len() > 1 {
-                let images = batch_images(&data, idx, device, augment.map(|a| (a, &mut aug_rng)))?;
-                sharded_step(
-                    &t.model,
-                    &data,
-                    &images,
-                    idx,
-                    &shards,
-                    pad,
-                    device,
-                    cfg.grad_accum,
-                    &mut optimizer,
-                )?
+        let mut boundary = state.clone();
+        boundary.dropout_state = t.model.decoder().dropout_state();
+        Run {
+            pad: t.tokenizer.pad_id(),
+            batches: split.train.len().div_ceil(cfg.batch_size),
+            augment,
+            shards: if opts.device.is_cpu() {
+                cfg.data_parallel
             } else {
-                let loss = batch_loss(
-                    &t.model,
-                    &data,
-                    idx,
-                    pad,
-                    device,
-                    augment.map(|a| (a, &mut aug_rng)),
-                )?;
-                let value = loss.to_scalar::<f32>()?;
-                if value.is_finite() {
-                    let grads = (loss / cfg.grad_accum as f64)?.backward()?;
-                    optimizer.accumulate(&grads)?;
-                }
-                value
-            };
-            if !value.is_finite() {
-                pb.abandon_with_message("non-finite loss");
-                return Err(Error::NonFiniteLoss {
-                    value,
-                    epoch: epoch + 1,
-                    step: state.step,
-                    last_good,
-                });
+                1
+            },
+            best_dir: opts.out.join("best"),
+            last_dir: opts.out.join("last"),
+            last_good: None,
+            cfg,
+            opts,
+            t,
+            data,
+            split,
+            optimizer,
+            state,
+            boundary,
+            log,
+        }
+    }
+
+    /// Trains epoch after epoch to the last, or until `max_steps` or the stop flag.
+    fn train(&mut self) -> Result<FitEnd> {
+        while self.state.epoch < self.cfg.epochs {
+            let started = Instant::now();
+            if let Some(end) = self.train_epoch()? {
+                return Ok(end);
             }
-            state.batch_pos += 1;
-            state.epoch_loss_sum += value as f64;
-            state.epoch_loss_count += 1;
-            window.1 += idx.len();
-            window.2 += value as f64;
-            window.3 += 1;
-            if window.3 == cfg.grad_accum || state.batch_pos == batches {
-                let grad_norm = if cfg.max_grad_norm > 0.0 {
-                    optimizer.clip_grad_norm(cfg.max_grad_norm)?
-                } else {
-                    f64::NAN
-                };
-                // The middle of this optimizer step, in epochs.
-                let progress = epoch as f64
-                    + (state.batch_pos as f64 - window.3 as f64 / 2.0) / batches as f64;
-                let step_lr_now = lr_at(progress);
-                optimizer.params.lr = step_lr_now;
-                optimizer.step()?;
-                state.step += 1;
-                let secs = window.0.elapsed().as_secs_f64().max(1e-9);
-                let step_loss = window.2 / window.3 as f64;
-                let sps = window.1 as f64 / secs;
-                append_metric(
-                    &opts.out,
-                    &serde_json::json!({
-                        "kind": "step", "epoch": epoch + 1, "step": state.step,
-                        "loss": step_loss, "lr": step_lr_now,
-                        "grad_norm": if grad_norm.is_finite() { Some(grad_norm) } else { None },
-                        "samples_per_s": sps,
-                    }),
-                )?;
-                pb.set_message(format!(
-                    "loss {step_loss:.4} lr {step_lr_now:.2e} {sps:.0} samples/s"
+            self.end_epoch(started)?;
+        }
+        Ok(FitEnd::Finished)
+    }
+
+    /// Trains the rest of the current epoch, micro-batch after micro-batch, with an optimizer
+    /// step every `grad_accum` of them and at the end of the epoch. `Some` when the run stops
+    /// inside the epoch (`max_steps`, the stop flag), after writing `last/`.
+    fn train_epoch(&mut self) -> Result<Option<FitEnd>> {
+        let epoch = self.state.epoch;
+        // The epoch's rate as recorded (the cosine schedule's at the middle of the epoch).
+        self.optimizer.params.lr = lr_at(&self.cfg, epoch, epoch as f64 + 0.5);
+        let order = epoch_order(&self.split.train, self.cfg.seed, epoch);
+        let pb = self.epoch_bar();
+        let bs = self.cfg.batch_size;
+        let mut window = StepWindow::new();
+        self.optimizer.zero_grad();
+        while self.state.batch_pos < self.batches {
+            if self.opts.stop.load(Ordering::SeqCst) {
+                pb.abandon_with_message("interrupted");
+                self.stop_at_boundary()?;
+                self.log.say(format!(
+                    "interrupted: resumable checkpoint written to {}",
+                    self.last_dir.display()
                 ));
-                window = (Instant::now(), 0, 0.0, 0);
-                boundary = state.clone();
-                boundary.dropout_state = t.model.decoder().dropout_state();
-                if cfg.max_steps.is_some_and(|m| state.step >= m) {
+                return Ok(Some(FitEnd::Interrupted));
+            }
+            let b = self.state.batch_pos;
+            let idx = &order[b * bs..((b + 1) * bs).min(order.len())];
+            let loss = self.micro_batch(epoch, b, idx)?;
+            if !loss.is_finite() {
+                pb.abandon_with_message("non-finite loss");
+                return Err(self.non_finite_loss(loss));
+            }
+            self.state.batch_pos += 1;
+            self.state.epoch_loss_sum += loss as f64;
+            self.state.epoch_loss_count += 1;
+            window.add(idx.len(), loss);
+            if window.micro_batches == self.cfg.grad_accum || self.state.batch_pos == self.batches {
+                let summary = self.optimizer_step(&window)?;
+                pb.set_message(summary);
+                window = StepWindow::new();
+                self.boundary = self.state.clone();
+                self.boundary.dropout_state = self.t.model.decoder().dropout_state();
+                if self.cfg.max_steps.is_some_and(|m| self.state.step >= m) {
                     pb.finish_and_clear();
-                    save_checkpoint(&last_dir, &t, &boundary, &optimizer)?;
-                    say(format!(
+                    self.stop_at_boundary()?;
+                    self.log.say(format!(
                         "reached --max-steps {}: checkpoint written to {}",
-                        state.step,
-                        last_dir.display()
+                        self.state.step,
+                        self.last_dir.display()
                     ));
-                    state = boundary;
-                    end = FitEnd::MaxSteps;
-                    break 'epochs;
+                    return Ok(Some(FitEnd::MaxSteps));
                 }
             }
-            pb.set_position(state.batch_pos as u64);
+            pb.set_position(self.state.batch_pos as u64);
         }
         pb.finish_and_clear();
+        Ok(None)
+    }
 
-        // --- end of epoch: validation, metrics, checkpoints ---------------------------------
-        let val_loss = evaluate_loss(&mut t.model, &data, &split.validation, bs, pad, device)?;
-        if !val_loss.is_finite() {
-            return Err(Error::NonFiniteLoss {
-                value: val_loss as f32,
-                epoch: epoch + 1,
-                step: state.step,
-                last_good,
-            });
+    /// The progress bar of the current epoch (hidden without `progress`).
+    fn epoch_bar(&self) -> ProgressBar {
+        if !self.opts.progress {
+            return ProgressBar::hidden();
         }
+        let pb = ProgressBar::new(self.batches as u64);
+        pb.set_style(
+            ProgressStyle::with_template(
+                "epoch {prefix} {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        pb.set_prefix(format!("{}/{}", self.state.epoch + 1, self.cfg.epochs));
+        pb.set_position(self.state.batch_pos as u64);
+        pb
+    }
+
+    /// Forward and backward of micro-batch `b` (samples `idx`) of `epoch`: its gradients,
+    /// divided by `grad_accum`, are added to the optimizer's. Returns its mean loss (no
+    /// gradients are added when it is not finite).
+    fn micro_batch(&mut self, epoch: usize, b: usize, idx: &[usize]) -> Result<f32> {
+        let device = &self.opts.device;
+        let mut aug_rng = crate::augment::batch_rng(self.cfg.seed, epoch, b);
+        let augment = self.augment.map(|a| (a, &mut aug_rng));
+        let shards = shard_ranges(idx.len(), self.shards);
+        if shards.len() > 1 {
+            let images = batch_images(&self.data, idx, device, augment)?;
+            return sharded_step(
+                &self.t.model,
+                &self.data,
+                &images,
+                idx,
+                &shards,
+                self.pad,
+                device,
+                self.cfg.grad_accum,
+                &mut self.optimizer,
+            );
+        }
+        let loss = batch_loss(&self.t.model, &self.data, idx, self.pad, device, augment)?;
+        let value = loss.to_scalar::<f32>()?;
+        if value.is_finite() {
+            let grads = (loss / self.cfg.grad_accum as f64)?.backward()?;
+            self.optimizer.accumulate(&grads)?;
+        }
+        Ok(value)
+    }
+
+    /// One optimizer step over the gradients of `window`'s micro-batches: clipping, the
+    /// learning rate at the middle of the step, AdamW, and the step's metrics record. Returns
+    /// the progress bar's message.
+    fn optimizer_step(&mut self, window: &StepWindow) -> Result<String> {
+        let cfg = &self.cfg;
+        let epoch = self.state.epoch;
+        let grad_norm = if cfg.max_grad_norm > 0.0 {
+            self.optimizer.clip_grad_norm(cfg.max_grad_norm)?
+        } else {
+            f64::NAN
+        };
+        // The middle of this optimizer step, in epochs.
+        let progress = epoch as f64
+            + (self.state.batch_pos as f64 - window.micro_batches as f64 / 2.0)
+                / self.batches as f64;
+        let lr = lr_at(cfg, epoch, progress);
+        self.optimizer.params.lr = lr;
+        self.optimizer.step()?;
+        self.state.step += 1;
+        let secs = window.since.elapsed().as_secs_f64().max(1e-9);
+        let loss = window.loss_sum / window.micro_batches as f64;
+        let sps = window.samples as f64 / secs;
+        append_metric(
+            &self.opts.out,
+            &serde_json::json!({
+                "kind": "step", "epoch": epoch + 1, "step": self.state.step,
+                "loss": loss, "lr": lr,
+                "grad_norm": if grad_norm.is_finite() { Some(grad_norm) } else { None },
+                "samples_per_s": sps,
+            }),
+        )?;
+        Ok(format!("loss {loss:.4} lr {lr:.2e} {sps:.0} samples/s"))
+    }
+
+    /// Writes `last/` with the state of the last optimizer-step boundary and takes the run
+    /// back to it: the micro-batches after it are not in the checkpoint, and a resumed run
+    /// does them again.
+    fn stop_at_boundary(&mut self) -> Result<()> {
+        save_checkpoint(&self.last_dir, &self.t, &self.boundary, &self.optimizer)?;
+        self.state = self.boundary.clone();
+        Ok(())
+    }
+
+    /// The error of a loss that became NaN or infinite in the current epoch.
+    fn non_finite_loss(&self, value: f32) -> Error {
+        Error::NonFiniteLoss {
+            value,
+            epoch: self.state.epoch + 1,
+            step: self.state.step,
+            last_good: self.last_good.clone(),
+        }
+    }
+
+    /// The end of an epoch that began at `started`: validation loss, the epoch's record (metrics file, history),
+    /// checkpoints `best/` (when the validation loss improved) and `last/`, the loss plot.
+    fn end_epoch(&mut self, started: Instant) -> Result<()> {
+        let epoch = self.state.epoch;
+        let val_loss = evaluate_loss(
+            &mut self.t.model,
+            &self.data,
+            &self.split.validation,
+            self.cfg.batch_size,
+            self.pad,
+            &self.opts.device,
+        )?;
+        if !val_loss.is_finite() {
+            return Err(self.non_finite_loss(val_loss as f32));
+        }
+        let lr = lr_at(&self.cfg, epoch, epoch as f64 + 0.5);
         let record = EpochRecord {
             epoch: epoch + 1,
-            train_loss: state.epoch_loss_sum / state.epoch_loss_count.max(1) as f64,
+            train_loss: self.state.epoch_loss_sum / self.state.epoch_loss_count.max(1) as f64,
             val_loss,
             lr,
-            step: state.step,
+            step: self.state.step,
             seconds: started.elapsed().as_secs_f64(),
         };
         append_metric(
-            &opts.out,
+            &self.opts.out,
             &serde_json::json!({
                 "kind": "epoch", "epoch": record.epoch, "step": record.step,
                 "train_loss": record.train_loss, "val_loss": record.val_loss,
                 "lr": lr, "seconds": record.seconds,
             }),
         )?;
-        say(format!(
+        self.log.say(format!(
             "epoch {}/{}: train loss {:.4}, val loss {:.4}, {:.1}s",
-            record.epoch, cfg.epochs, record.train_loss, record.val_loss, record.seconds
+            record.epoch, self.cfg.epochs, record.train_loss, record.val_loss, record.seconds
         ));
+        let state = &mut self.state;
         state.history.push(record);
         state.epoch += 1;
         state.batch_pos = 0;
         state.epoch_loss_sum = 0.0;
         state.epoch_loss_count = 0;
-        state.finished = state.epoch >= cfg.epochs;
-        state.dropout_state = t.model.decoder().dropout_state();
+        state.finished = state.epoch >= self.cfg.epochs;
+        state.dropout_state = self.t.model.decoder().dropout_state();
         let improved = state.best_val_loss.is_none_or(|b| val_loss < b);
         if improved {
             state.best_val_loss = Some(val_loss);
         }
-        boundary = state.clone();
+        self.boundary = self.state.clone();
         if improved {
-            save_checkpoint(&best_dir, &t, &state, &optimizer)?;
+            save_checkpoint(&self.best_dir, &self.t, &self.state, &self.optimizer)?;
         }
-        save_checkpoint(&last_dir, &t, &state, &optimizer)?;
-        last_good = Some(last_dir.clone());
-        if let Err(e) = crate::plot::plot_losses(&opts.out.join(PLOT_FILE), &state.history) {
-            say(format!("warning: loss plot not written: {e}"));
+        save_checkpoint(&self.last_dir, &self.t, &self.state, &self.optimizer)?;
+        self.last_good = Some(self.last_dir.clone());
+        let plot = self.opts.out.join(PLOT_FILE);
+        if let Err(e) = crate::plot::plot_losses(&plot, &self.state.history) {
+            self.log.say(format!("warning: loss plot not written: {e}"));
         }
+        Ok(())
     }
-    Ok(FitReport {
-        end,
-        warnings,
-        state,
-        out: opts.out.clone(),
-    })
 }
 
 /// The optimizer moments of a checkpoint: its safetensors file, read only if it is a regular
@@ -1712,6 +1941,47 @@ mod tests {
 
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
+        }
+    }
+
+    #[test]
+    fn a_preset_is_recorded_by_its_name() {
+        // Training states written when the preset was free text read back, and new ones are
+        // written the same way.
+        let tiny = serde_json::to_value(FitConfig::tiny()).unwrap();
+        assert_eq!(tiny["preset"], "tiny");
+        let recipe = serde_json::to_value(FitConfig::default()).unwrap();
+        assert_eq!(recipe["preset"], serde_json::Value::Null);
+        let back: FitConfig = serde_json::from_value(tiny).unwrap();
+        assert_eq!(back, FitConfig::tiny());
+    }
+
+    #[test]
+    fn a_preset_refuses_backbones_it_does_not_read() {
+        assert!(check_backbones_used(&FitConfig::tiny()).is_ok());
+        assert!(check_backbones_used(&FitConfig {
+            encoder: "some/encoder".into(),
+            ..FitConfig::default()
+        })
+        .is_ok());
+        for (encoder, decoder, named) in [
+            (
+                "does/not/exist",
+                DEFAULT_DECODER,
+                "--encoder \"does/not/exist\"",
+            ),
+            (DEFAULT_ENCODER, "./opt", "--decoder \"./opt\""),
+        ] {
+            let cfg = FitConfig {
+                encoder: encoder.into(),
+                decoder: decoder.into(),
+                ..FitConfig::tiny()
+            };
+            let err = check_backbones_used(&cfg).unwrap_err().to_string();
+            assert!(
+                err.contains(named) && err.contains("--preset tiny"),
+                "{err}"
+            );
         }
     }
 

@@ -8,6 +8,7 @@
 //! straight into the gradient buffer. Other devices and dtypes use the composed version.
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
+use moda_models::fused::cpu_slice;
 use moda_models::moda::IGNORE_INDEX;
 use rayon::prelude::*;
 
@@ -64,17 +65,6 @@ pub fn causal_lm_loss_sum(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, u
     Ok((nll.sum_all()?, count))
 }
 
-/// The elements of a contiguous input.
-fn contiguous<'a, T: candle_core::WithDType>(
-    s: &'a CpuStorage,
-    l: &Layout,
-) -> candle_core::Result<&'a [T]> {
-    let (a, b) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("cross-entropy: non-contiguous".into()))?;
-    Ok(&s.as_slice::<T>()?[a..b])
-}
-
 /// Runs `f(row_index, out_row)` over `n` rows of `width` outputs on rayon's pool (the one
 /// candle's CPU ops use, sized by `RAYON_NUM_THREADS`).
 fn par_rows(n: usize, width: usize, f: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
@@ -110,8 +100,8 @@ impl CustomOp2 for CrossEntropy {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, v) = l1.shape().dims2()?;
-        let x = contiguous::<f32>(s1, l1)?;
-        let t = contiguous::<u32>(s2, l2)?;
+        let x = cpu_slice::<f32>(s1, l1, "cross-entropy")?;
+        let t = cpu_slice::<u32>(s2, l2, "cross-entropy")?;
         let out = par_rows(n, 1, |i, o| {
             let target = t[i];
             if target != SKIP {
@@ -152,9 +142,9 @@ impl CustomOp3 for CrossEntropyGrad {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, v) = l1.shape().dims2()?;
-        let x = contiguous::<f32>(s1, l1)?;
-        let t = contiguous::<u32>(s2, l2)?;
-        let g = contiguous::<f32>(s3, l3)?;
+        let x = cpu_slice::<f32>(s1, l1, "cross-entropy")?;
+        let t = cpu_slice::<u32>(s2, l2, "cross-entropy")?;
+        let g = cpu_slice::<f32>(s3, l3, "cross-entropy")?;
         // Targets were checked against the vocabulary in `causal_lm_loss`.
         let out = par_rows(n, v, |i, o| {
             let target = t[i];

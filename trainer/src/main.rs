@@ -1,20 +1,51 @@
 //! `trainer`: writes synthetic catalogs, fits MODA's projector and OPT decoder in candle, and
 //! evaluates checkpoints. Arguments in, a library call, errors printed with their causes
-//! (`trainer::error::report`) and a non-zero exit.
+//! (`trainer::error::report`), and the exit status of [`EXIT_STATUS_HELP`].
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
+use moda_models::hub::{DEFAULT_DECODER, DEFAULT_ENCODER};
 use trainer::data::DataArgs;
 use trainer::embed_cache::default_cache_dir;
 use trainer::eval::{EvalOptions, EvalSplit};
 use trainer::fit::{FitConfig, FitEnd, FitOptions};
+use trainer::preset::Preset;
+
+/// The exit status of a command that failed: bad flags or input, missing files, a runtime
+/// error (clap's usage errors exit with it too).
+const EXIT_FAILED: u8 = 2;
+/// The exit status of a command interrupted by Ctrl-C.
+const EXIT_INTERRUPTED: u8 = 130;
+
+/// The exit statuses, shown by `trainer --help`; the scheme of `moda-sdk` and `exporter` too.
+const EXIT_STATUS_HELP: &str = "\
+Exit status:
+  0    success
+  1    not used by the trainer (moda-sdk and exporter: the command finished but some inputs
+       failed); catalog rows that cannot be used are skipped and reported, not a failure
+  2    the command failed: bad flags or input, missing files, a runtime error
+  130  interrupted by Ctrl-C (`fit` first writes a resumable checkpoint, OUT/last; a second
+       Ctrl-C quits at once)";
+
+/// `trainer eval`'s generation length limit, the default of the bundles' generation.
+const DEFAULT_MAX_NEW_TOKENS: usize = 32;
+
+/// `trainer eval`'s predictions CSV, in the current directory: beside the checkpoint rather
+/// than in it, so that the checkpoint stays as `trainer fit` wrote it.
+const DEFAULT_PREDICTIONS: &str = "predictions.csv";
 
 #[derive(Parser)]
-#[command(name = "trainer", version, about = "Train and evaluate MODA")]
+#[command(
+    name = "trainer",
+    version,
+    about = "Train and evaluate MODA",
+    after_help = EXIT_STATUS_HELP
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -37,10 +68,9 @@ struct FitArgs {
     /// Output directory: checkpoints best/ and last/, metrics.jsonl, loss.png.
     #[arg(long, value_name = "DIR", required_unless_present = "resume")]
     out: Option<PathBuf>,
-    /// `tiny`: small random backbones and a BPE tokenizer trained on the captions, with the
-    /// settings they need to learn on a CPU in minutes (other flags override them).
-    #[arg(long, value_name = "NAME")]
-    preset: Option<String>,
+    /// Settings for a purpose; every other flag overrides them.
+    #[arg(long, value_enum, value_name = "NAME")]
+    preset: Option<Preset>,
     /// Epochs [recipe: 20; tiny preset: 180 for 1,200 training samples, fewer for larger
     /// catalogs, the same number of samples in all]. With --resume: a new length for the run
     /// (without it, the run ends where it was set to end).
@@ -105,11 +135,13 @@ struct FitArgs {
     /// not on the cores) [1; tiny preset: 2].
     #[arg(long, value_name = "N")]
     data_parallel: Option<usize>,
-    /// Image encoder: local directory or hub id.
-    #[arg(long, default_value = "patrickjohncyh/fashion-clip")]
+    /// Image encoder: local directory or hub id (not read by `--preset tiny`: giving another
+    /// is an error).
+    #[arg(long, value_name = "DIR|ID", default_value = DEFAULT_ENCODER)]
     encoder: String,
-    /// Decoder: local directory or hub id.
-    #[arg(long, default_value = "facebook/opt-125m")]
+    /// Decoder: local directory or hub id (not read by `--preset tiny`: giving another is an
+    /// error).
+    #[arg(long, value_name = "DIR|ID", default_value = DEFAULT_DECODER)]
     decoder: String,
     /// cpu, or cuda / cuda:N (built with the `cuda` feature).
     #[arg(long, default_value = "cpu")]
@@ -139,12 +171,16 @@ struct EvalArgs {
     /// Print the scores as JSON.
     #[arg(long)]
     json: bool,
-    /// Predictions CSV [CHECKPOINT/predictions.csv].
+    /// Where to write every description, a CSV (replaced if it exists) [predictions.csv in
+    /// the current directory: never inside the checkpoint unless asked for].
     #[arg(long, value_name = "FILE")]
     predictions: Option<PathBuf>,
     /// Generation length limit.
-    #[arg(long, default_value_t = 48)]
+    #[arg(long, default_value_t = DEFAULT_MAX_NEW_TOKENS)]
     max_new_tokens: usize,
+    /// Beams for beam search (1 to 64); 1 is greedy search.
+    #[arg(long, default_value_t = 1)]
+    num_beams: usize,
     /// Images per generation batch.
     #[arg(long, default_value_t = 64)]
     batch_size: usize,
@@ -159,11 +195,10 @@ struct EvalArgs {
     quiet: bool,
 }
 
-fn fit(a: FitArgs) -> anyhow::Result<()> {
-    let mut cfg = match a.preset.as_deref() {
+fn fit(a: FitArgs) -> anyhow::Result<ExitCode> {
+    let mut cfg = match a.preset {
         None => FitConfig::default(),
-        Some("tiny") => FitConfig::tiny(),
-        Some(other) => bail!("unknown preset {other:?} (known: tiny)"),
+        Some(Preset::Tiny) => FitConfig::tiny(),
     };
     macro_rules! set {
         ($($f:ident),*) => { $( if let Some(v) = a.$f { cfg.$f = v; } )* };
@@ -214,9 +249,8 @@ fn fit(a: FitArgs) -> anyhow::Result<()> {
         (None, None) => bail!("--out is required"),
     };
     // Sharded micro-batches (--data-parallel N) run on N threads; candle's own threading inside
-    // each small op then only adds waiting (tiny preset, 2 cores: 3.4 s per epoch unsharded,
-    // 4.8 s with 2 shards and candle's default threads, 2.25 s with one thread per shard).
-    // So split the cores between the shards, unless RAYON_NUM_THREADS is set. This runs before
+    // each small op then only adds waiting (measured: docs/PERFORMANCE.md). So split the cores
+    // between the shards, unless RAYON_NUM_THREADS is set. This runs before
     // any other thread exists (the Ctrl-C handler's is started below).
     let shards = match &a.resume {
         Some(r) => trainer::fit::read_state(&moda_models::checkpoint::resolve_dir(r))
@@ -233,7 +267,7 @@ fn fit(a: FitArgs) -> anyhow::Result<()> {
         ctrlc::set_handler(move || {
             if stop.swap(true, Ordering::SeqCst) {
                 // Second Ctrl-C: leave now.
-                std::process::exit(130);
+                std::process::exit(EXIT_INTERRUPTED.into());
             }
             eprintln!("\nCtrl-C: writing a resumable checkpoint (press again to quit at once)");
         })
@@ -272,17 +306,17 @@ fn fit(a: FitArgs) -> anyhow::Result<()> {
                 report.state.step,
                 report.out.join("last").display()
             );
-            std::process::exit(130);
+            return Ok(ExitCode::from(EXIT_INTERRUPTED));
         }
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
-fn eval(a: EvalArgs) -> anyhow::Result<()> {
+fn eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
     let predictions = a
         .predictions
         .clone()
-        .unwrap_or_else(|| a.checkpoint.join("predictions.csv"));
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_PREDICTIONS));
     let opts = EvalOptions {
         checkpoint: a.checkpoint.clone(),
         source: a.data.source()?,
@@ -292,6 +326,7 @@ fn eval(a: EvalArgs) -> anyhow::Result<()> {
         device: trainer::fit::parse_device(&a.device)?,
         cache_dir: a.cache_dir.unwrap_or_else(default_cache_dir),
         max_new_tokens: a.max_new_tokens,
+        num_beams: a.num_beams,
         batch_size: a.batch_size,
         progress: !a.quiet && !a.json,
     };
@@ -301,25 +336,28 @@ fn eval(a: EvalArgs) -> anyhow::Result<()> {
     } else {
         print!("{}", trainer::eval::format_table(&report));
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
-fn run() -> anyhow::Result<()> {
+fn run() -> anyhow::Result<ExitCode> {
     match Cli::parse().command {
         Command::Synth(a) => {
             let r = trainer::synth::synth(&a)?;
             eprintln!("wrote {} products to {}", r.count, r.out.display());
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Fit(a) => fit(*a),
         Command::Eval(a) => eval(a),
     }
 }
 
-fn main() {
+fn main() -> ExitCode {
     trainer::alloc::keep_freed_memory();
-    if let Err(e) = run() {
-        eprintln!("error: {}", trainer::error::report(&*e));
-        std::process::exit(1);
+    match run() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {}", trainer::error::report(&*e));
+            ExitCode::from(EXIT_FAILED)
+        }
     }
 }

@@ -254,23 +254,10 @@ impl AdamW {
 /// for other devices.
 mod fused {
     use candle_core::{CpuStorage, Layout, Result};
+    use moda_models::fused::{cpu_slice, cpu_slice_mut};
 
-    fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-        let (a, b) = l
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("AdamW: non-contiguous tensor".into()))?;
-        Ok(&s.as_slice::<f32>()?[a..b])
-    }
-
-    fn slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> Result<&'a mut [f32]> {
-        let (a, b) = l
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("AdamW: non-contiguous tensor".into()))?;
-        match s {
-            CpuStorage::F32(v) => Ok(&mut v[a..b]),
-            _ => Err(candle_core::Error::Msg("AdamW: expected f32".into())),
-        }
-    }
+    /// The name in error messages.
+    const OP: &str = "AdamW";
 
     /// `m += (g - m) * w` (`exp_avg.lerp_(grad, w)`).
     pub(super) struct Lerp(pub(super) f64);
@@ -287,8 +274,8 @@ mod fused {
             l2: &Layout,
         ) -> Result<()> {
             let w = self.0 as f32;
-            let g = slice(s2, l2)?;
-            for (m, g) in slice_mut(s1, l1)?.iter_mut().zip(g) {
+            let g = cpu_slice::<f32>(s2, l2, OP)?;
+            for (m, g) in cpu_slice_mut(s1, l1, OP)?.iter_mut().zip(g) {
                 *m += (g - *m) * w;
             }
             Ok(())
@@ -310,8 +297,8 @@ mod fused {
             l2: &Layout,
         ) -> Result<()> {
             let (b2, c) = (self.0 as f32, (1.0 - self.0) as f32);
-            let g = slice(s2, l2)?;
-            for (v, g) in slice_mut(s1, l1)?.iter_mut().zip(g) {
+            let g = cpu_slice::<f32>(s2, l2, OP)?;
+            for (v, g) in cpu_slice_mut(s1, l1, OP)?.iter_mut().zip(g) {
                 *v = *v * b2 + g * g * c;
             }
             Ok(())
@@ -345,9 +332,9 @@ mod fused {
                 self.bc2_sqrt as f32,
                 self.eps as f32,
             );
-            let m = slice(s2, l2)?;
-            let v = slice(s3, l3)?;
-            for ((t, m), v) in slice_mut(s1, l1)?.iter_mut().zip(m).zip(v) {
+            let m = cpu_slice::<f32>(s2, l2, OP)?;
+            let v = cpu_slice::<f32>(s3, l3, OP)?;
+            for ((t, m), v) in cpu_slice_mut(s1, l1, OP)?.iter_mut().zip(m).zip(v) {
                 *t = *t * decay - step * (m / (v.sqrt() / bc2 + eps));
             }
             Ok(())

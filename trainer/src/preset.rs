@@ -15,12 +15,33 @@ use tokenizers::AddedToken;
 use crate::error::{Error, Result};
 use crate::params::NewInit;
 
+/// A named set of settings for `trainer fit --preset` (recorded in a run's training state by
+/// its lowercase name).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Preset {
+    /// Small random backbones (no --encoder or --decoder) and a byte-level BPE tokenizer
+    /// trained on the captions, with the settings they need to learn on a CPU in minutes.
+    Tiny,
+}
+
+impl Preset {
+    /// The name `--preset` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Preset::Tiny => "tiny",
+        }
+    }
+}
+
 /// Image side of the tiny encoder (the synthetic photos are 240-400 px squares).
 pub const TINY_IMAGE: usize = 64;
 
 /// The tiny CLIP vision tower: ViT with 16 px patches on 64 px images (16 patches and the
-/// class token). With 8 px patches (64 tokens) training the encoder cost ~38 s per epoch of
-/// 1,200 images on 2 shared cores, with 16 px ~7 s: the tiny preset trains its encoder.
+/// class token): a quarter of the tokens 8 px patches make, which is what lets the tiny preset
+/// train its encoder in minutes (docs/PERFORMANCE.md has the times).
 pub fn tiny_encoder_config() -> ClipVisionConfig {
     ClipVisionConfig {
         hidden_size: 96,

@@ -361,7 +361,7 @@ pub fn synth(args: &SynthArgs) -> Result<SynthReport> {
         .ok_or_else(|| Error::InvalidArgument(format!("--out {} has no name", out.display())))?
         .to_string_lossy()
         .to_string();
-    for stale in moda_models::checkpoint::remove_stale(&parent, &format!("{name}.tmp-")) {
+    for stale in moda_models::files::remove_stale(&parent, &format!("{name}.tmp-")) {
         eprintln!("warning: {stale}");
     }
     static RUN: AtomicUsize = AtomicUsize::new(0);

@@ -8,8 +8,8 @@ use moda_tests::{fixture, get, load_refs, max_abs_diff};
 
 const MODELS: [&str; 2] = ["opt_preln", "opt_postln"];
 
-/// f32 parity bound of the issue: same weights, only the summation order differs.
-const F32_TOL: f32 = 1e-4;
+// The f32 parity bound, and why it is 1e-4: `moda_tests::parity::F32_TOL`.
+use moda_tests::parity::F32_TOL;
 
 fn load(m: &str) -> Opt {
     Opt::from_dir(&fixture(m), DType::F32, &Device::Cpu).expect("load OPT")

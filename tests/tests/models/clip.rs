@@ -18,9 +18,8 @@ const IMAGES: [&str; 7] = [
 ];
 const MODELS: [&str; 2] = ["clip_gelu", "clip_quick"];
 
-/// f32 parity with transformers: the same weights and inputs, only summation order differs;
-/// 1e-4 absolute is the bound for every f32 comparison.
-const F32_TOL: f32 = 1e-4;
+// The f32 parity bound, and why it is 1e-4: `moda_tests::parity::F32_TOL`.
+use moda_tests::parity::F32_TOL;
 
 #[test]
 fn image_features_match_transformers_from_its_pixel_values() {
@@ -62,7 +61,8 @@ fn image_features_from_our_preprocessing_match_transformers() {
             let got = model.forward(&pixels).expect("forward");
             let want = get(&refs, &format!("image_embeds.{img}"));
             let c = cosine(&got, want);
-            // The bound: cosine >= 0.9999 from our own decoding and resizing.
+            // End to end, with our own decoding and resizing in front of the encoder: the
+            // embedding's cosine with transformers' (Pillow's preprocessing) is >= 0.9999.
             assert!(c >= 0.9999, "{m} {img}: cosine {c}");
         }
     }

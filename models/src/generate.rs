@@ -1,9 +1,12 @@
 //! Text generation over a decoder that takes one token per row: greedy search, sampling and
 //! beam search, with the logits processors users know from `transformers`' `generate`.
 //!
-//! The search is written against [`StepModel`], so it knows nothing of ONNX Runtime; the
-//! processors run in `transformers`' order: repetition penalty, no-repeat n-gram, minimum
-//! length (which masks `</s>`), then, when sampling, temperature, top-k and top-p.
+//! This is the only search of the workspace: the SDK runs it over ONNX Runtime's decoder and
+//! the candle model (`CaptionModel::generate`, with the `candle` feature) over its own, so that
+//! both give the same tokens for the same logits. It is written against [`StepModel`] and needs no
+//! candle (the SDK builds this crate without it). The processors run in `transformers`'
+//! order: repetition penalty, no-repeat n-gram, minimum length (which masks `</s>`), then,
+//! when sampling, temperature, top-k and top-p.
 //!
 //! "The sequence" of a row, for the repetition penalty and n-gram ban, is the tokens generated
 //! so far (the image prefix and the BOS are not text the model wrote). The log-probability
@@ -15,15 +18,34 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+/// Why a search could not run: options out of range, or a model that returned logits of the
+/// wrong size. A [`StepModel`]'s own error type converts from it, so that the search returns
+/// the model's errors and its own as one type.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GenerateError {
+    /// An option is out of range, or the model's logits do not have the expected size.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+}
 
-/// How to generate a description. [`Default`] is greedy search with the bundle's
+impl From<GenerateError> for crate::error::Error {
+    fn from(e: GenerateError) -> Self {
+        match e {
+            GenerateError::InvalidArgument(m) => crate::error::Error::Input(m),
+        }
+    }
+}
+
+type Result<T, E = GenerateError> = std::result::Result<T, E>;
+
+/// How to generate a description. [`Default`] is greedy search with the runner's default
 /// `max_new_tokens`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct GenerationOptions {
     /// Most tokens to generate after the BOS, the final `</s>` included; `None` takes the
-    /// bundle's default (`generation.max_new_tokens` in `moda.json`).
+    /// runner's default: the SDK's is the bundle's (`generation.max_new_tokens` in
+    /// `moda.json`), the candle model's as many as its decoder's positions allow.
     pub max_new_tokens: Option<usize>,
     /// `</s>` is forbidden until this many tokens have been generated.
     pub min_new_tokens: usize,
@@ -72,7 +94,7 @@ impl Default for GenerationOptions {
 impl GenerationOptions {
     /// Checks the ranges; `max_new_tokens` is the resolved maximum.
     pub fn validate(&self, max_new_tokens: usize) -> Result<()> {
-        let bad = |m: String| Err(Error::InvalidArgument(m));
+        let bad = |m: String| Err(GenerateError::InvalidArgument(m));
         if max_new_tokens == 0 {
             return bad("max_new_tokens must be at least 1".into());
         }
@@ -113,17 +135,22 @@ impl GenerationOptions {
     }
 }
 
-/// A decoder that has already seen each row's prompt.
-pub(crate) trait StepModel {
+/// A decoder that has already seen each row's prompt (the image prefix and the BOS), and
+/// keeps a KV cache per row. For beam search the rows are `images * num_beams`, each image's
+/// beams next to each other; otherwise one row per image.
+pub trait StepModel {
+    /// The model's error; the search's own errors convert into it.
+    type Error: From<GenerateError>;
     /// Feeds one token per row and returns the next logits, `[rows * vocab]`.
-    fn step(&mut self, tokens: &[u32]) -> Result<Vec<f32>>;
+    fn step(&mut self, tokens: &[u32]) -> Result<Vec<f32>, Self::Error>;
     /// Keeps cache rows `rows`, in that order (rows may repeat): beam search's reordering.
-    fn reorder(&mut self, rows: &[usize]) -> Result<()>;
+    /// `rows` has as many entries as there are rows.
+    fn reorder(&mut self, rows: &[usize]) -> Result<(), Self::Error>;
 }
 
 /// What one image's search produced.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub(crate) struct Generated {
+pub struct Generated {
     /// Generated tokens, the final `</s>` included when one was generated.
     pub token_ids: Vec<u32>,
     /// Log-probability of each token.
@@ -133,13 +160,15 @@ pub(crate) struct Generated {
 }
 
 /// Called with (image, token, logprob) as each token is chosen; `false` stops that image.
-pub(crate) type TokenSink<'a> = &'a mut dyn FnMut(usize, u32, f32) -> bool;
+pub type TokenSink<'a> = &'a mut dyn FnMut(usize, u32, f32) -> bool;
 
 /// Runs the search. `first` holds the logits after the prompt, `[rows * vocab]`, where rows is
-/// `images * num_beams` for beam search (each image's beams repeated) and `images` otherwise.
+/// `images * num_beams` for beam search (each image's beams repeated) and `images` otherwise;
+/// `max_new_tokens` is the resolved limit (`opts.max_new_tokens` is the caller's to resolve).
+/// Returns one result per image.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn generate(
-    model: &mut dyn StepModel,
+pub fn generate<M: StepModel + ?Sized>(
+    model: &mut M,
     first: Vec<f32>,
     images: usize,
     vocab: usize,
@@ -147,7 +176,7 @@ pub(crate) fn generate(
     opts: &GenerationOptions,
     max_new_tokens: usize,
     sink: Option<TokenSink<'_>>,
-) -> Result<Vec<Generated>> {
+) -> Result<Vec<Generated>, M::Error> {
     opts.validate(max_new_tokens)?;
     if opts.num_beams > 1 {
         let mut out = beam_search(model, first, images, vocab, eos, opts, max_new_tokens)?;
@@ -167,8 +196,8 @@ pub(crate) fn generate(
 
 /// Greedy search or sampling, one row per image.
 #[allow(clippy::too_many_arguments)]
-fn search(
-    model: &mut dyn StepModel,
+fn search<M: StepModel + ?Sized>(
+    model: &mut M,
     mut logits: Vec<f32>,
     rows: usize,
     vocab: usize,
@@ -176,7 +205,7 @@ fn search(
     opts: &GenerationOptions,
     max_new_tokens: usize,
     mut sink: Option<TokenSink<'_>>,
-) -> Result<Vec<Generated>> {
+) -> Result<Vec<Generated>, M::Error> {
     check_len(&logits, rows, vocab)?;
     let mut out = vec![Generated::default(); rows];
     let mut done = vec![false; rows];
@@ -228,7 +257,7 @@ fn search(
 
 fn check_len(logits: &[f32], rows: usize, vocab: usize) -> Result<()> {
     if logits.len() != rows * vocab {
-        return Err(Error::InvalidArgument(format!(
+        return Err(GenerateError::InvalidArgument(format!(
             "decoder returned {} logits, expected {rows} rows of {vocab}",
             logits.len()
         )));
@@ -397,15 +426,15 @@ impl Hypotheses {
 
 /// Beam search as `transformers` does it (no early stopping: an image is finished when it
 /// has `num_beams` hypotheses and no running beam can beat the worst of them).
-fn beam_search(
-    model: &mut dyn StepModel,
+fn beam_search<M: StepModel + ?Sized>(
+    model: &mut M,
     mut logits: Vec<f32>,
     images: usize,
     vocab: usize,
     eos: u32,
     opts: &GenerationOptions,
     max_new_tokens: usize,
-) -> Result<Vec<Generated>> {
+) -> Result<Vec<Generated>, M::Error> {
     let k = opts.num_beams;
     let rows = images * k;
     check_len(&logits, rows, vocab)?;
@@ -540,6 +569,7 @@ mod tests {
     }
 
     impl StepModel for Bigram {
+        type Error = GenerateError;
         fn step(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
             Ok(tokens
                 .iter()

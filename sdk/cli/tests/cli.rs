@@ -7,7 +7,7 @@
 //! package's binaries only for its own integration tests (and names them in
 //! `CARGO_BIN_EXE_*`).
 
-#[path = "../../tests/src/bad_images.rs"]
+#[path = "../../../tests/src/bad_images.rs"]
 mod bad_images;
 
 use std::collections::BTreeSet;
@@ -15,14 +15,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
-use moda_sdk::catalog::Record;
+use moda_cli::catalog::Record;
 use moda_sdk::{GenerationOptions, ImageInput, Moda, OpenOptions};
 use serde_json::Value;
 
 /// A path under `tests/fixtures` (the workspace's `tests` crate).
 fn fixture(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures")
+        .join("../../tests/fixtures")
         .join(rel)
 }
 
@@ -40,6 +40,7 @@ fn bundle() -> &'static Path {
             encoder: fixture("clip_gelu").display().to_string(),
             decoder: fixture("opt_preln").display().to_string(),
             quantize: exporter::Quantize::None,
+            max_new_tokens: exporter::DEFAULT_MAX_NEW_TOKENS,
             force: true,
             verify: true,
         };
@@ -509,7 +510,13 @@ fn csv_catalogs_are_read_in_row_order_relative_to_the_csv() {
         &["--csv", &s(&csv2), "--image-column", "picture", "--json"],
     );
     expect_code(&o, 1);
-    assert!(json_lines(&stdout(&o))[0]["error"].is_string());
+    // The record is keyed by the cell; its error names the file that was tried.
+    let tried = s(&elsewhere.path().join("img/gray.png"));
+    let err = json_lines(&stdout(&o))[0]["error"]
+        .as_str()
+        .expect("an error")
+        .to_string();
+    assert!(err.contains(&tried), "{err} should name {tried}");
 
     // A row without an image is reported and makes the status 1; the others run.
     std::fs::write(&csv, "picture,x\nimg/wide.png,1\n,2\n").expect("csv");
@@ -544,6 +551,65 @@ fn csv_catalogs_are_read_in_row_order_relative_to_the_csv() {
         ),
         2,
     );
+}
+
+#[test]
+fn a_kaggle_layout_catalog_finds_its_images_in_their_folders() {
+    // The Kaggle fashion-images layout: fashion.csv names `Image` files that sit at
+    // <Category>/<Gender>/Images/images_with_product_ids/<Image>, as `trainer` reads them.
+    let dir = TempDir::new("cli-kaggle");
+    let d = dir.path();
+    let mut csv = moda_models::kaggle::COLUMNS.join(",");
+    csv.push('\n');
+    for (id, cat, gender, img, src) in [
+        (1, "Apparel", "Boys", "1.jpg", "photo.jpg"),
+        (2, "Footwear", "Women", "1.jpg", "wide.png"),
+    ] {
+        let folder = moda_models::kaggle::image_path(d, cat, gender, "");
+        std::fs::create_dir_all(&folder).expect("mkdir");
+        std::fs::copy(image(src), folder.join(img)).expect("copy");
+        csv.push_str(&format!(
+            "{id},{gender},{cat},Topwear,Tshirts,Blue,Casual,A shirt,{img},http://x/{img}\n"
+        ));
+    }
+    let path = d.join(moda_models::kaggle::CSV_FILE);
+    std::fs::write(&path, csv).expect("csv");
+    let o = run(
+        "describe",
+        &[
+            "--csv",
+            &s(&path),
+            "--image-column",
+            "Image",
+            "--json",
+            "--max-new-tokens",
+            "4",
+        ],
+    );
+    expect_code(&o, 0);
+    let lines = json_lines(&stdout(&o));
+    // Both rows name `1.jpg`; their folders tell them apart, and so do their keys.
+    let keys: Vec<&str> = lines
+        .iter()
+        .map(|v| v["image"].as_str().expect("image"))
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "Apparel/Boys/Images/images_with_product_ids/1.jpg",
+            "Footwear/Women/Images/images_with_product_ids/1.jpg"
+        ]
+    );
+    let lib = moda()
+        .describe(
+            &ImageInput::Path(&image("wide.png")),
+            &GenerationOptions {
+                max_new_tokens: Some(4),
+                ..Default::default()
+            },
+        )
+        .expect("library");
+    assert_eq!(ids(&lines[1]), lib.token_ids);
 }
 
 #[test]
@@ -919,7 +985,14 @@ fn bench_reports_each_stage() {
     let o = run(
         "bench",
         &[
-            &photo, "--tokens", "6", "--reps", "1", "--batch", "2", "--json",
+            &photo,
+            "--max-new-tokens",
+            "6",
+            "--reps",
+            "1",
+            "--batch-size",
+            "2",
+            "--json",
         ],
     );
     expect_code(&o, 0);
@@ -950,10 +1023,13 @@ fn bench_reports_each_stage() {
         assert!(v["peak_rss_mb"].as_f64().expect("peak RSS") > 1.0);
     }
     // The table, and a token count the decoder cannot hold.
-    let o = run("bench", &[&photo, "--tokens", "3", "--reps", "1"]);
+    let o = run("bench", &[&photo, "--max-new-tokens", "3", "--reps", "1"]);
     expect_code(&o, 0);
     assert!(stdout(&o).contains("encoder"));
-    let o = run("bench", &[&photo, "--tokens", "1000", "--reps", "1"]);
+    let o = run(
+        "bench",
+        &[&photo, "--max-new-tokens", "1000", "--reps", "1"],
+    );
     expect_code(&o, 2);
     assert!(stderr(&o).contains("positions"), "{}", stderr(&o));
 }

@@ -10,10 +10,10 @@ use candle_nn::VarBuilder;
 use exporter::verify::{f32_input, f32_raw, i64_input, open, probe_values, run, Out};
 use exporter::{
     export_onnx, write_bundle, BundleOptions, BundleSources, Error, ExportOptions, Quantize,
-    DECODER_FILE, EMBED_TOKENS_FILE, ENCODER_FILE, PROJECTOR_FILE,
+    DECODER_FILE, DEFAULT_MAX_NEW_TOKENS, EMBED_TOKENS_FILE, ENCODER_FILE, PROJECTOR_FILE,
 };
-use moda_models::{ClipVision, Moda, Opt, Projector, ProjectorConfig};
-use moda_sdk::manifest::{Manifest, FORMAT_VERSION, MANIFEST_FILE};
+use moda_models::{CaptionModel, ClipVision, Opt, Projector, ProjectorConfig};
+use moda_sdk::manifest::{Manifest, Role, FORMAT_VERSION, MANIFEST_FILE};
 use moda_tests::{fixture, get, load_refs, max_abs_diff, TempDir};
 use sha2::{Digest, Sha256};
 
@@ -29,6 +29,7 @@ fn recipe_options(out: &Path) -> ExportOptions {
         quantize: Quantize::None,
         force: false,
         verify: true,
+        max_new_tokens: DEFAULT_MAX_NEW_TOKENS,
     }
 }
 
@@ -69,7 +70,7 @@ fn export_postln_with(dir: &TempDir, quantize: Quantize) -> PathBuf {
     put("projection.2.bias", &[pcfg.out_dim], 4);
     let vb = VarBuilder::from_tensors(tensors, DType::F32, &dev);
     let proj = Projector::new(&pcfg, vb).expect("projector");
-    let model = Moda::new(enc, proj, dec).expect("moda");
+    let model = CaptionModel::new(enc, proj, dec).expect("moda");
     let sources =
         BundleSources::from_dirs(&fixture("clip_quick"), &fixture("opt_postln")).expect("sources");
     let out = dir.path().join("bundle");
@@ -279,7 +280,8 @@ fn manifest_describes_the_bundle() {
         ),
         (2, 2, 1)
     );
-    assert_eq!(m.preprocessing["crop_size"]["height"], 64);
+    assert_eq!(m.preprocessing.crop_size.height_width(), (64, 64));
+    assert_eq!(m.generation.max_new_tokens, DEFAULT_MAX_NEW_TOKENS);
     for (file, info) in &m.files {
         let bytes = std::fs::read(bundle.join(file)).expect("listed file exists");
         let hex: String = Sha256::digest(&bytes)
@@ -295,10 +297,16 @@ fn manifest_describes_the_bundle() {
         let names: Vec<&str> = s.inputs().iter().map(|i| i.name()).collect();
         let listed: Vec<&str> = g.inputs.iter().map(|i| i.name.as_str()).collect();
         assert_eq!(names, listed, "{role} inputs");
+        assert_eq!(names, role.input_names(m.model.num_layers), "{role}");
         let names: Vec<&str> = s.outputs().iter().map(|o| o.name()).collect();
         let listed: Vec<&str> = g.outputs.iter().map(|o| o.name.as_str()).collect();
         assert_eq!(names, listed, "{role} outputs");
+        // The writer's names are the bundle format's, which the SDK expects.
+        assert_eq!(names, role.output_names(m.model.num_layers), "{role}");
+        assert_eq!(g.file, role.default_file(), "{role}");
     }
+    let roles: Vec<Role> = m.graphs.keys().copied().collect();
+    assert_eq!(roles.len(), Role::ALL.len());
     // Nothing else is left beside the bundle (no temporary directory).
     let entries: Vec<_> = std::fs::read_dir(dir.path()).expect("dir").collect();
     assert_eq!(entries.len(), 1);
@@ -306,6 +314,38 @@ fn manifest_describes_the_bundle() {
     let dir2 = TempDir::new("export-manifest-again");
     let again = manifest(&export_recipe(&dir2));
     assert_eq!(again.files, m.files);
+}
+
+/// `--max-new-tokens` becomes the manifest's default; one the decoder's positions cannot
+/// hold is refused before anything is written.
+#[test]
+fn max_new_tokens_is_written_and_checked_against_the_positions() {
+    let dir = TempDir::new("export-max-new");
+    let out = dir.path().join("bundle");
+    let opts = ExportOptions {
+        verify: false,
+        max_new_tokens: 7,
+        ..recipe_options(&out)
+    };
+    export_onnx(&opts).expect("export");
+    assert_eq!(manifest(&out).generation.max_new_tokens, 7);
+    let allowed = manifest(&out).model.max_new_tokens_allowed();
+    for n in [0, allowed + 1] {
+        let out = dir.path().join(format!("bundle-{n}"));
+        let opts = ExportOptions {
+            verify: false,
+            max_new_tokens: n,
+            ..recipe_options(&out)
+        };
+        match export_onnx(&opts).expect_err("must refuse") {
+            Error::Usage(msg) => assert!(
+                msg.contains("--max-new-tokens") && msg.contains(&format!("1 to {allowed}")),
+                "{msg}"
+            ),
+            other => panic!("expected a usage error, got {other:?}"),
+        }
+        assert!(!out.exists(), "nothing written for {n}");
+    }
 }
 
 #[test]
@@ -583,6 +623,7 @@ fn out_overlapping_an_input_is_refused_and_nothing_is_touched() {
             quantize: Quantize::None,
             force: true,
             verify: false,
+            max_new_tokens: DEFAULT_MAX_NEW_TOKENS,
         };
         let err = export_onnx(&opts).expect_err("must refuse");
         match &err {
@@ -606,6 +647,7 @@ fn out_overlapping_an_input_is_refused_and_nothing_is_touched() {
         quantize: Quantize::None,
         force: true,
         verify: false,
+        max_new_tokens: DEFAULT_MAX_NEW_TOKENS,
     };
     export_onnx(&opts).expect("export apart from the inputs");
 }
@@ -900,7 +942,7 @@ fn quantized_bundles_agree_with_fp32() {
             100.0 * rate
         );
         assert!(rate >= min_rate, "{}: {rate}", q.name());
-        assert_eq!(manifest(&out).quantization, q.name());
+        assert_eq!(manifest(&out).quantization, q);
         let size = std::fs::metadata(out.join(DECODER_FILE)).expect("q").len();
         assert!(size < fp32_size, "{}: {size} >= {fp32_size}", q.name());
         // The quantized graph runs where the runtime drives it: full-sequence logits.
@@ -914,7 +956,7 @@ fn quantized_bundles_agree_with_fp32() {
     for q in [Quantize::Int8, Quantize::Int4] {
         let d = TempDir::new("export-quant-postln");
         let out = export_postln_with(&d, q);
-        assert_eq!(manifest(&out).quantization, q.name());
+        assert_eq!(manifest(&out).quantization, q);
     }
 }
 
@@ -925,7 +967,7 @@ fn verification_names_the_diverging_graph_and_output() {
     let dev = Device::Cpu;
     let dir = TempDir::new("export-diverge");
     let bundle = export_recipe(&dir);
-    let model = Moda::from_recipe_checkpoint(
+    let model = CaptionModel::from_recipe_checkpoint(
         &fixture("moda/fashion_opt.pth"),
         &fixture("clip_gelu"),
         &fixture("opt_preln"),
@@ -965,7 +1007,7 @@ fn verification_names_the_diverging_graph_and_output() {
 
 /// The recipe fixture's encoder and decoder with a projector of seeded values, one of them NaN
 /// when `nan_at` is given (an index into `projection.0.weight`).
-fn recipe_with_projector(pcfg: ProjectorConfig, nan_at: Option<usize>) -> Moda {
+fn recipe_with_projector(pcfg: ProjectorConfig, nan_at: Option<usize>) -> CaptionModel {
     let dev = Device::Cpu;
     let enc = ClipVision::from_dir(&fixture("clip_gelu"), DType::F32, &dev).expect("clip");
     let dec = Opt::from_dir(&fixture("opt_preln"), DType::F32, &dev).expect("opt");
@@ -988,7 +1030,7 @@ fn recipe_with_projector(pcfg: ProjectorConfig, nan_at: Option<usize>) -> Moda {
         tensors.insert(name.to_string(), t.expect("tensor"));
     }
     let proj = Projector::new(&pcfg, VarBuilder::from_tensors(tensors, DType::F32, &dev));
-    Moda::new(enc, proj.expect("projector"), dec).expect("moda")
+    CaptionModel::new(enc, proj.expect("projector"), dec).expect("moda")
 }
 
 /// A failure inside `write_bundle` after its temporary directory exists (here a NaN weight in
@@ -997,7 +1039,7 @@ fn recipe_with_projector(pcfg: ProjectorConfig, nan_at: Option<usize>) -> Moda {
 #[test]
 fn failed_export_leaves_no_bundle() {
     let dir = TempDir::new("export-nan");
-    let pcfg = *Moda::from_recipe_checkpoint(
+    let pcfg = *CaptionModel::from_recipe_checkpoint(
         &fixture("moda/fashion_opt.pth"),
         &fixture("clip_gelu"),
         &fixture("opt_preln"),

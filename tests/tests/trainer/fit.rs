@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use moda_models::checkpoint::{self, CheckpointConfig, CheckpointContents, EncoderInfo};
 use moda_models::preprocess::ImageProcessorConfig;
 use moda_models::tokenizer::ModaTokenizer;
-use moda_models::{ClipVisionConfig, Moda, OptConfig, ProjectorConfig, Weights};
+use moda_models::{CaptionModel, ClipVisionConfig, OptConfig, ProjectorConfig, Weights};
 use moda_tests::training::{evaluate_val, fit_options, run_fit, step_records, synth_catalog};
 use moda_tests::{fixture, get, load_refs, max_abs_diff, TempDir};
 use trainer::data::{load_catalog, CaptionTemplate, CatalogSource, LoadOptions, Split, KAGGLE_CSV};
@@ -39,7 +39,7 @@ fn recipe_checkpoint_config() -> CheckpointConfig {
     )
 }
 
-fn reference_logits(model: &Moda) -> Tensor {
+fn reference_logits(model: &CaptionModel) -> Tensor {
     let refs = load_refs("moda/reference.safetensors");
     let ids = get(&refs, "input_ids");
     let t = ids.dim(1).expect("t");
@@ -54,9 +54,13 @@ fn recipe_pth_and_our_checkpoint_load_the_same_model() {
     let dev = Device::Cpu;
     let tmp = TempDir::new("ckpt");
     let pth = fixture("moda/fashion_opt.pth");
-    let from_pth =
-        Moda::from_recipe_checkpoint(&pth, &fixture("clip_gelu"), &fixture("opt_preln"), &dev)
-            .expect("pth");
+    let from_pth = CaptionModel::from_recipe_checkpoint(
+        &pth,
+        &fixture("clip_gelu"),
+        &fixture("opt_preln"),
+        &dev,
+    )
+    .expect("pth");
     let weights = Weights::from_file(&pth).expect("weights");
     let tensors = checkpoint::recipe_state_dict(&weights, true).expect("state dict");
     let tokenizer = ModaTokenizer::from_dir(&fixture("opt_preln")).expect("tokenizer");
@@ -403,6 +407,7 @@ fn eval_options(checkpoint: &Path, catalog: &Path, cache: &Path) -> EvalOptions 
         device: Device::Cpu,
         cache_dir: cache.to_path_buf(),
         max_new_tokens: 8,
+        num_beams: 1,
         batch_size: 16,
         progress: false,
     }

@@ -1,7 +1,7 @@
 //! MODA put together from the original recipe's `.pth` (keys `opt.*`, `embed_tokens.weight`,
 //! `projection.*`): projector output, the masked training loss, logits and greedy decoding with
 //! the KV cache, against the same module built in PyTorch (`moda_tests::parity`; the same
-//! checks run on CUDA in `tests/cuda.rs`).
+//! checks run on CUDA in `tests/cuda.rs`), and beam search through the shared search.
 
 use candle_core::Device;
 use moda_tests::parity;
@@ -19,4 +19,9 @@ fn loss_labels_and_logits_match_pytorch() {
 #[test]
 fn greedy_decoding_matches_pytorch() {
     parity::greedy_decoding(&Device::Cpu);
+}
+
+#[test]
+fn beam_search_runs_on_the_candle_model() {
+    parity::beam_search(&Device::Cpu);
 }

@@ -1,7 +1,7 @@
 //! `moda-sdk`: describes and embeds product images with an exported bundle, benchmarks a
-//! bundle and shows what it holds. Arguments in, calls into the `moda_sdk` library (jobs in
-//! `catalog`, measurements in `bench`), errors printed with `{:#}` and an exit code out (see
-//! `shared/STYLE.md`).
+//! bundle and shows what it holds. Arguments in, calls into the `moda_sdk` library and this
+//! crate's `catalog` (jobs) and `bench` (measurements), errors printed with `{:#}` and an exit
+//! code out (the scheme `--help` states, shared by `trainer` and `exporter`).
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -12,8 +12,8 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use moda_sdk::bench::{bench, BenchOptions, BenchReport};
-use moda_sdk::catalog::{
+use moda_cli::bench::{bench, BenchOptions, BenchReport};
+use moda_cli::catalog::{
     list_csv, list_paths, run_job, CatalogError, JobHeader, Record, ResumableOutput, Shard, Task,
 };
 use moda_sdk::manifest::{Manifest, TensorInfo, MANIFEST_FILE};
@@ -92,8 +92,8 @@ enum Command {
 #[derive(Args)]
 #[command(next_help_heading = "Model")]
 struct ModelArgs {
-    /// The bundle directory (written by `exporter onnx`). Default: $MODA_MODEL, else the
-    /// demo's bundle, demo/bundle (in the current directory or the MODA repository).
+    /// The bundle directory (written by `exporter onnx`). Default: $MODA_MODEL, else
+    /// demo/bundle in the current directory (where `make demo` writes it).
     #[arg(long, value_name = "DIR")]
     model: Option<PathBuf>,
     /// ONNX Runtime threads inside one graph run. Default: the cores available, at most 8;
@@ -247,15 +247,21 @@ struct BenchArgs {
     #[arg(value_name = "IMAGE")]
     image: PathBuf,
     /// Tokens generated per description (exactly: </s> cannot end it early) [default: 64, or
-    /// as many as the decoder's positions hold].
-    #[arg(long, value_name = "N", value_parser = positive)]
-    tokens: Option<usize>,
+    /// as many as the decoder's positions hold after the image, as in `describe`].
+    #[arg(long, visible_alias = "tokens", value_name = "N", value_parser = positive)]
+    max_new_tokens: Option<usize>,
     /// Measured runs after one warm-up (at most 10000); each figure is the median.
     #[arg(long, value_name = "R", default_value_t = BenchOptions::default().reps, value_parser = reps)]
     reps: usize,
     /// Copies of the image described as one batch, for images/s (at most 1024).
-    #[arg(long, value_name = "B", default_value_t = BenchOptions::default().batch, value_parser = batch_size)]
-    batch: usize,
+    #[arg(
+        long,
+        visible_alias = "batch",
+        value_name = "N",
+        default_value_t = BenchOptions::default().batch_size,
+        value_parser = batch_size
+    )]
+    batch_size: usize,
     /// Print the report as one JSON object.
     #[arg(long)]
     json: bool,
@@ -263,8 +269,7 @@ struct BenchArgs {
 
 #[derive(Args)]
 struct InfoArgs {
-    /// The bundle directory. Default: $MODA_MODEL, else demo/bundle (in the current directory
-    /// or the MODA repository).
+    /// The bundle directory. Default: $MODA_MODEL, else demo/bundle in the current directory.
     #[arg(long, value_name = "DIR")]
     model: Option<PathBuf>,
     /// Print one JSON object: the manifest, with each file's size on disk and the ONNX
@@ -275,8 +280,8 @@ struct InfoArgs {
 
 fn reps(s: &str) -> Result<usize, String> {
     match positive(s)? {
-        n if n > moda_sdk::bench::MAX_REPS => {
-            Err(format!("at most {} runs", moda_sdk::bench::MAX_REPS))
+        n if n > moda_cli::bench::MAX_REPS => {
+            Err(format!("at most {} runs", moda_cli::bench::MAX_REPS))
         }
         n => Ok(n),
     }
@@ -302,6 +307,9 @@ fn positive(s: &str) -> Result<usize, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // A command-line user's Python environment is a fair place to find ONNX Runtime (the
+    // library itself does not look there unless asked).
+    moda_sdk::runtime::allow_python_search();
     let result = match cli.command {
         Command::Describe(a) => {
             let task = Task::Describe(a.gen.options());
@@ -338,7 +346,8 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
     )
 }
 
-/// The bundle to use: `--model`, `$MODA_MODEL`, or the demo's bundle.
+/// The bundle to use: `--model`, `$MODA_MODEL`, or `demo/bundle` in the current directory (where
+/// `make demo` writes it). No path of the machine this was built on is compiled in.
 fn resolve_model(arg: Option<&Path>) -> anyhow::Result<PathBuf> {
     let make = "make one with `make demo` (in the MODA repository; writes demo/bundle) or \
                 `exporter onnx --checkpoint CKPT --out DIR`";
@@ -347,27 +356,14 @@ fn resolve_model(arg: Option<&Path>) -> anyhow::Result<PathBuf> {
     } else if let Some(p) = std::env::var_os("MODA_MODEL").filter(|p| !p.is_empty()) {
         (PathBuf::from(p), "$MODA_MODEL")
     } else {
-        let mut candidates = Vec::new();
-        if let Ok(cwd) = std::env::current_dir() {
-            candidates.push(cwd.join("demo").join("bundle"));
-        }
-        // This crate's source is `<workspace>/sdk`.
-        if let Some(ws) = Path::new(env!("CARGO_MANIFEST_DIR")).parent() {
-            let c = ws.join("demo").join("bundle");
-            if !candidates.contains(&c) {
-                candidates.push(c);
-            }
-        }
-        if let Some(found) = candidates.iter().find(|c| c.join(MANIFEST_FILE).is_file()) {
-            return Ok(found.clone());
+        let demo = Path::new("demo").join("bundle");
+        if demo.join(MANIFEST_FILE).is_file() {
+            return Ok(demo);
         }
         bail!(
-            "no model bundle: pass --model DIR or set MODA_MODEL (looked for {}); {make}",
-            candidates
-                .iter()
-                .map(|c| c.display().to_string())
-                .collect::<Vec<_>>()
-                .join(" and ")
+            "no model bundle: pass --model DIR or set MODA_MODEL (there is no {} in the current \
+             directory); {make}",
+            demo.display()
         );
     };
     if !dir.is_dir() {
@@ -429,7 +425,7 @@ fn job(
             None => bail!(
                 "no images to {}: the directories given hold no files ending in .{}",
                 task.name(),
-                moda_sdk::catalog::IMAGE_EXTENSIONS.join(", .")
+                moda_cli::catalog::IMAGE_EXTENSIONS.join(", .")
             ),
         }
     }
@@ -614,9 +610,11 @@ fn run_bench(a: &BenchArgs) -> anyhow::Result<ExitCode> {
     // As many tokens as `describe` allows (see `bench`).
     let room = d.max_positions.saturating_sub(d.prefix_len).max(1);
     let opts = BenchOptions {
-        tokens: a.tokens.unwrap_or(BenchOptions::default().tokens.min(room)),
+        max_new_tokens: a
+            .max_new_tokens
+            .unwrap_or(BenchOptions::default().max_new_tokens.min(room)),
         reps: a.reps,
-        batch: a.batch,
+        batch_size: a.batch_size,
     };
     let report = bench(&moda, &ImageInput::Path(&a.image), &opts)?;
     if a.json {
@@ -737,7 +735,7 @@ fn print_info(
         one_line(&m.exporter.name),
         one_line(&m.exporter.version)
     );
-    println!("quantization  {}", one_line(&m.quantization));
+    println!("quantization  {}", m.quantization);
     println!(
         "model         image {0}x{0}x{1}, embedding {2}, decoder {3} layers x {4} heads x {5} \
          (hidden {6}, input embeddings {7}), vocabulary {8}, {9} positions, image prefix {10}",
@@ -772,7 +770,7 @@ fn print_info(
         one_line(&format!("{} {} [{}]", t.name, t.dtype, shape.join(", ")))
     };
     for (role, gi) in &m.graphs {
-        println!("  {} ({})", one_line(role), one_line(&gi.file));
+        println!("  {} ({})", role.name(), one_line(&gi.file));
         for t in &gi.inputs {
             println!("    in   {}", tensor(t));
         }

@@ -14,9 +14,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
-use crate::generate::GenerationOptions;
-use crate::model::{ImageInput, Moda, Timings};
+use moda_sdk::GenerationOptions;
+use moda_sdk::{Error, Result};
+use moda_sdk::{ImageInput, Moda, Timings};
 
 /// The most measured runs `bench` makes.
 pub const MAX_REPS: usize = 10_000;
@@ -30,19 +30,19 @@ pub const LATE_STEP: usize = 60;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BenchOptions {
     /// Tokens generated per description (forced: no early stop).
-    pub tokens: usize,
+    pub max_new_tokens: usize,
     /// Measured runs (after one warm-up); medians are reported.
     pub reps: usize,
     /// Copies of the image described as one batch for the images/s figure.
-    pub batch: usize,
+    pub batch_size: usize,
 }
 
 impl Default for BenchOptions {
     fn default() -> Self {
         Self {
-            tokens: 64,
+            max_new_tokens: 64,
             reps: 5,
-            batch: 8,
+            batch_size: 8,
         }
     }
 }
@@ -99,39 +99,39 @@ pub struct BenchReport {
 /// Measures `image` with `moda` (see the module documentation).
 pub fn bench(moda: &Moda, image: &ImageInput<'_>, opts: &BenchOptions) -> Result<BenchReport> {
     let d = moda.manifest().model;
-    if opts.tokens == 0 || opts.reps == 0 || opts.batch == 0 {
+    if opts.max_new_tokens == 0 || opts.reps == 0 || opts.batch_size == 0 {
         return Err(Error::InvalidArgument(
             "tokens, reps and batch must each be at least 1".into(),
         ));
     }
-    if opts.reps > MAX_REPS || opts.batch > crate::model::MAX_BATCH {
+    if opts.reps > MAX_REPS || opts.batch_size > moda_sdk::model::MAX_BATCH {
         return Err(Error::InvalidArgument(format!(
             "reps must be at most {MAX_REPS} and batch at most {}",
-            crate::model::MAX_BATCH
+            moda_sdk::model::MAX_BATCH
         )));
     }
     // The prefix and the BOS take a position each; the last token is never fed back, so
     // as many tokens fit as `describe` allows.
     let room = d.max_positions.saturating_sub(d.prefix_len);
-    if opts.tokens > room {
+    if opts.max_new_tokens > room {
         return Err(Error::InvalidArgument(format!(
             "{} tokens do not fit: the decoder covers {} positions, room for {room} generated \
              tokens after the image",
-            opts.tokens, d.max_positions
+            opts.max_new_tokens, d.max_positions
         )));
     }
     let gen = GenerationOptions {
-        max_new_tokens: Some(opts.tokens),
-        min_new_tokens: opts.tokens,
+        max_new_tokens: Some(opts.max_new_tokens),
+        min_new_tokens: opts.max_new_tokens,
         ..Default::default()
     };
-    let batch: Vec<ImageInput<'_>> = vec![*image; opts.batch];
+    let batch: Vec<ImageInput<'_>> = vec![*image; opts.batch_size];
     let describe = || -> Result<Timings> {
         let t = moda.describe(image, &gen)?.timings;
-        if t.tokens != opts.tokens {
-            return Err(Error::InvalidArgument(format!(
+        if t.tokens != opts.max_new_tokens {
+            return Err(Error::Internal(format!(
                 "generated {} tokens instead of {}",
-                t.tokens, opts.tokens
+                t.tokens, opts.max_new_tokens
             )));
         }
         Ok(t)
@@ -153,7 +153,7 @@ pub fn bench(moda: &Moda, image: &ImageInput<'_>, opts: &BenchOptions) -> Result
         batch_ms.push(describe_batch()?);
     }
     let med = |f: &dyn Fn(&Timings) -> f64| median(runs.iter().map(f).collect());
-    let steps = opts.tokens - 1;
+    let steps = opts.max_new_tokens - 1;
     let step_ms: Vec<f64> = (0..steps)
         .map(|i| {
             median(
@@ -183,11 +183,11 @@ pub fn bench(moda: &Moda, image: &ImageInput<'_>, opts: &BenchOptions) -> Result
     let batch_ms = median(batch_ms);
     Ok(BenchReport {
         image: image.name(),
-        quantization: moda.manifest().quantization.clone(),
+        quantization: moda.manifest().quantization.to_string(),
         threads: moda.intra_threads(),
-        tokens: opts.tokens,
+        tokens: opts.max_new_tokens,
         reps: opts.reps,
-        batch: opts.batch,
+        batch: opts.batch_size,
         preprocess_ms: med(&|t| t.preprocess_ms),
         encoder_ms: med(&|t| t.encoder_ms),
         projector_ms: med(&|t| t.projector_ms),
@@ -199,10 +199,10 @@ pub fn bench(moda: &Moda, image: &ImageInput<'_>, opts: &BenchOptions) -> Result
         token_ms_late,
         step_ms,
         describe_ms,
-        tokens_per_s: per_second(opts.tokens, describe_ms),
+        tokens_per_s: per_second(opts.max_new_tokens, describe_ms),
         decode_tokens_per_s: (steps > 0).then(|| per_second(steps, decode_ms)),
         batch_ms,
-        images_per_s: per_second(opts.batch, batch_ms),
+        images_per_s: per_second(opts.batch_size, batch_ms),
         peak_rss_mb: peak_rss_mb(),
     })
 }

@@ -32,8 +32,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde::{Deserialize, Serialize};
 
-use crate::generate::GenerationOptions;
-use crate::model::{Description, ImageInput, Moda, Timings};
+use moda_sdk::GenerationOptions;
+use moda_sdk::{Description, ImageInput, Moda, Timings};
 
 /// File extensions (compared case-insensitively) that directory listings take as images.
 pub const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"];
@@ -71,7 +71,7 @@ pub enum CatalogError {
     /// The model failed as a whole (not because of one image): ONNX Runtime refused a run,
     /// or the generation options are out of range.
     #[error(transparent)]
-    Model(#[from] crate::Error),
+    Model(#[from] moda_sdk::Error),
     /// Handing a record on failed (writing it to the output or to stdout).
     #[error("writing a record: {0}")]
     Emit(std::io::Error),
@@ -186,6 +186,12 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), CatalogError> {
 /// relative to `root` (by default the CSV's directory; absolute cells stay as they are).
 /// The record key is the cell as written. Rows with an empty cell are listed in
 /// [`Listing::skipped`].
+///
+/// A CSV of the Kaggle fashion-images layout (`moda_models::kaggle`: its header has every
+/// column of that catalog's `fashion.csv`) read by its `Image` column finds each image where
+/// that layout puts it, `<Category>/<Gender>/Images/images_with_product_ids/<Image>` below
+/// `root`, and keys the record by that relative path (image names alone repeat across
+/// folders).
 pub fn list_csv(csv: &Path, column: &str, root: Option<&Path>) -> Result<Listing, CatalogError> {
     let csv_err = |msg: String| CatalogError::Csv {
         path: csv.to_path_buf(),
@@ -224,6 +230,16 @@ pub fn list_csv(csv: &Path, column: &str, root: Option<&Path>) -> Result<Listing
         None if csv.as_os_str() == STDIN => PathBuf::new(),
         None => csv.parent().map(Path::to_path_buf).unwrap_or_default(),
     };
+    let column_of = |name: &str| headers.iter().position(|h| h.trim() == name);
+    let kaggle = match (column_of("Category"), column_of("Gender")) {
+        (Some(c), Some(g))
+            if column == moda_models::kaggle::IMAGE_COLUMN
+                && moda_models::kaggle::is_layout_header(headers.iter()) =>
+        {
+            Some((c, g))
+        }
+        _ => None,
+    };
     let mut items = Vec::new();
     let mut skipped = Vec::new();
     for record in reader.records() {
@@ -237,6 +253,15 @@ pub fn list_csv(csv: &Path, column: &str, root: Option<&Path>) -> Result<Listing
             ));
             continue;
         }
+        let kaggle_path = kaggle.map(|(c, g)| {
+            let field = |i: usize| record.get(i).map(str::trim).unwrap_or("");
+            moda_models::kaggle::image_path(Path::new(""), field(c), field(g), cell)
+        });
+        let cell = match &kaggle_path {
+            Some(rel) => rel.to_string_lossy().into_owned(),
+            None => cell.to_string(),
+        };
+        let cell = cell.as_str();
         items.push(CatalogItem {
             key: cell.to_string(),
             key_bytes: None,
@@ -412,10 +437,14 @@ impl Record {
     }
 
     /// An image's failure; the record names the image, so an image error's message goes
-    /// without the name again.
-    pub fn error(item: &CatalogItem, e: &crate::Error) -> Self {
+    /// without the name again, unless the file read was not the name itself (a CSV cell
+    /// resolved against a folder): then the message names the path tried.
+    pub fn error(item: &CatalogItem, e: &moda_sdk::Error) -> Self {
         let error = match e {
-            crate::Error::Image { msg, .. } => msg.clone(),
+            moda_sdk::Error::Image { msg, source_name } if *source_name != item.key => {
+                format!("{source_name}: {msg}")
+            }
+            moda_sdk::Error::Image { msg, .. } => msg.clone(),
             other => other.to_string(),
         };
         Record::Error {

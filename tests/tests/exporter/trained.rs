@@ -8,7 +8,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, IndexOp, Tensor};
 use exporter::verify::{f32_raw, i64_input, open, run, Out};
 use exporter::{export_onnx, ExportOptions, Quantize};
-use moda_models::preprocess::{ImageLimits, ImageProcessor, ImageProcessorConfig};
+use moda_models::preprocess::{ImageLimits, ImageProcessor};
 use moda_sdk::manifest::{Manifest, MANIFEST_FILE};
 use moda_tests::TempDir;
 use trainer::data::{CaptionTemplate, CatalogSource};
@@ -181,6 +181,7 @@ fn quantized_bundles_of_a_trained_model_describe_like_fp32() {
             quantize: q,
             force: false,
             verify: true,
+            max_new_tokens: exporter::DEFAULT_MAX_NEW_TOKENS,
         })
         .expect("export the trained checkpoint");
         if let Some(m) = report
@@ -203,8 +204,7 @@ fn quantized_bundles_of_a_trained_model_describe_like_fp32() {
         &std::fs::read_to_string(bundles[0].join(MANIFEST_FILE)).expect("manifest"),
     )
     .expect("manifest");
-    let pcfg: ImageProcessorConfig = serde_json::from_value(m.preprocessing).expect("pre");
-    let proc = ImageProcessor::new(pcfg).expect("processor");
+    let proc = ImageProcessor::new(m.preprocessing).expect("processor");
     let s = m.model.image_size;
     let mut data = Vec::new();
     for p in &paths {

@@ -32,7 +32,8 @@ fn pixel_values_match_clip_image_processor() {
         let d = max_abs_diff(&got, get(&refs, img));
         // Decoding (libjpeg-turbo via mozjpeg, as in Pillow), RGB conversion and resampling are
         // byte-exact, so only f32 rounding in rescale and normalisation is left: 1e-6 is far
-        // below one 8-bit step (1 / 255 / 0.2613 = 0.015), the bound the issue allows.
+        // below one 8-bit step (1 / 255 / 0.2613 = 0.015): one pixel value off by one in
+        // decoding or resampling fails it.
         assert!(d <= 1e-6, "{img}: max abs diff {d}");
     }
 }
