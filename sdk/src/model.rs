@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::generate::{generate, GenerationOptions, StepModel};
 use crate::manifest::{bundle_file, GraphInfo, Manifest, Role, MANIFEST_FILE};
-use crate::runtime::{session_from_file, SessionOptions};
+use crate::runtime::{session_from_bytes, session_from_file, SessionOptions};
 
 /// How [`Moda::open`] sets things up.
 #[derive(Debug, Clone)]
@@ -301,7 +301,9 @@ impl Moda {
                     ),
                 ));
             }
-            if options.verify_checksums {
+            // Graphs are checked as they are loaded, from the bytes they are loaded from (see
+            // `Moda::load_graph`); every other file here.
+            if options.verify_checksums && manifest.role_of_file(name).is_none() {
                 let got = moda_models::files::sha256_file(&p, info.bytes)
                     .map(|d| d.hex())
                     .map_err(|e| Error::bundle(&p, e.to_string()))?;
@@ -381,6 +383,48 @@ impl Moda {
         self.session_options.intra_threads.unwrap_or(1)
     }
 
+    /// A session for the graph file `file`. With `verify_checksums` the file is read once,
+    /// its SHA-256 compared with the manifest's, and ONNX Runtime given those very bytes: what
+    /// runs is what was checked (a file swapped after the check is not read again), and a
+    /// graph that keeps weights in external data files, which no checksum covers, is
+    /// refused. Otherwise ONNX Runtime reads the file itself, which needs no second copy of
+    /// it in memory while the session is built.
+    fn load_graph(&self, file: &str, options: &SessionOptions) -> Result<Session> {
+        let path = self.dir.join(file);
+        if !self.options.verify_checksums {
+            return Ok(session_from_file(&path, options)?);
+        }
+        let info = self.manifest.files.get(file).ok_or_else(|| {
+            Error::bundle(
+                &path,
+                "is not listed in the manifest's files, so it has no checksum",
+            )
+        })?;
+        let bytes = moda_models::files::read_bounded(&path, info.bytes)
+            .map_err(|e| Error::bundle(&path, e.to_string()))?;
+        let got = moda_models::files::hex(&<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+        if got != info.sha256 {
+            return Err(Error::bundle(
+                &path,
+                format!("SHA-256 {got} differs from the manifest's {}", info.sha256),
+            ));
+        }
+        session_from_bytes(&path, &bytes, options).map_err(|e| {
+            let msg = e.to_string();
+            if msg.to_lowercase().contains("external data") {
+                Error::bundle(
+                    &path,
+                    format!(
+                        "{msg} (with checksums verified a graph must hold all its weights: \
+                         external data files are not covered by the manifest's checksums)"
+                    ),
+                )
+            } else {
+                e.into()
+            }
+        })
+    }
+
     fn build_worker(&self) -> Result<Worker> {
         let open = |role: Role| -> Result<Session> {
             let g = self
@@ -392,7 +436,7 @@ impl Moda {
                 no_spinning: role != Role::Decoder,
                 ..self.session_options.clone()
             };
-            Ok(session_from_file(&self.dir.join(&g.file), &options)?)
+            self.load_graph(&g.file, &options)
         };
         // Largest first: loading a graph briefly needs more than its final size, and that
         // peak comes on top of what is already loaded.

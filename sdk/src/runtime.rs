@@ -102,10 +102,49 @@ pub struct SessionOptions {
     pub no_spinning: bool,
 }
 
+/// ONNX Runtime's session setting for the folder that a graph loaded from bytes finds its
+/// external data files in.
+const EXTERNAL_DATA_FOLDER_KEY: &str = "session.model_external_initializers_file_folder_path";
+/// A folder that cannot exist: every path below a device file fails to resolve.
+const NO_EXTERNAL_DATA_FOLDER: &str = "/dev/null/no-external-data";
+
+/// Where a session's graph comes from.
+enum GraphSource<'a> {
+    /// A file, which ONNX Runtime reads itself (and whose external data, if any, it finds
+    /// beside it).
+    File(&'a Path),
+    /// Bytes already read and checked; `name` says what they are in messages. A graph loaded
+    /// this way cannot reach external data files (ONNX Runtime has no folder to resolve them
+    /// against), so everything it runs is in the checked bytes.
+    Memory { name: &'a Path, bytes: &'a [u8] },
+}
+
 /// Builds a session for the model file `path`.
 pub fn session_from_file(path: &Path, options: &SessionOptions) -> Result<Session, RuntimeError> {
+    build_session(GraphSource::File(path), options)
+}
+
+/// Builds a session from a graph's bytes (`name` is the file they came from, for messages):
+/// what runs is exactly those bytes, which the caller may have checked.
+pub fn session_from_bytes(
+    name: &Path,
+    bytes: &[u8],
+    options: &SessionOptions,
+) -> Result<Session, RuntimeError> {
+    build_session(GraphSource::Memory { name, bytes }, options)
+}
+
+fn build_session(
+    source: GraphSource<'_>,
+    options: &SessionOptions,
+) -> Result<Session, RuntimeError> {
     let rt = runtime()?;
-    let what = format!("loading {}", path.display());
+    let what = match source {
+        GraphSource::File(path) => format!("loading {}", path.display()),
+        GraphSource::Memory { name, .. } => {
+            format!("loading {} (its checked bytes)", name.display())
+        }
+    };
     let err = |e: &dyn std::fmt::Display| RuntimeError::Session {
         what: what.clone(),
         msg: e.to_string(),
@@ -128,7 +167,19 @@ pub fn session_from_file(path: &Path, options: &SessionOptions) -> Result<Sessio
     if let Some(p) = &options.optimized_model_path {
         builder = builder.with_optimized_model_path(p).map_err(|e| err(&e))?;
     }
-    builder.commit_from_file(path).map_err(|e| err(&e))
+    match source {
+        GraphSource::File(path) => builder.commit_from_file(path),
+        GraphSource::Memory { bytes, .. } => {
+            // ONNX Runtime resolves the external data of a graph loaded from bytes against
+            // the current directory, or the folder this setting names: name one that can
+            // never exist (a path through a device file), so that no external data is read.
+            builder = builder
+                .with_config_entry(EXTERNAL_DATA_FOLDER_KEY, NO_EXTERNAL_DATA_FOLDER)
+                .map_err(|e| err(&e))?;
+            builder.commit_from_memory(bytes)
+        }
+    }
+    .map_err(|e| err(&e))
 }
 
 /// The file name of the shared library on this platform.

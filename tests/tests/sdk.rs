@@ -819,6 +819,79 @@ fn graph_data_outside_the_bundle_is_refused() {
 }
 
 #[test]
+fn verified_checksums_cover_every_byte_a_graph_runs() {
+    // A graph whose weights sit in an external data file inside the bundle, a file the
+    // manifest does not list: its sizes and checksums say nothing about that file. Opened
+    // plainly, ONNX Runtime reads it (the manifest's own checks cover listed files only);
+    // with checksums verified the graph runs from its checked bytes, which cannot reach the
+    // file, so the bundle is refused.
+    use candle_onnx::onnx::{tensor_proto::DataLocation, ModelProto, StringStringEntryProto};
+    use prost::Message;
+    let d = copy_bundle("ext-inside");
+    let p = d.path().join("projector.onnx");
+    let mut m = ModelProto::decode(std::fs::read(&p).expect("read").as_slice()).expect("onnx");
+    let t = &mut m.graph.as_mut().expect("graph").initializer[0];
+    let data: Vec<u8> = if t.raw_data.is_empty() {
+        t.float_data.iter().flat_map(|x| x.to_le_bytes()).collect()
+    } else {
+        t.raw_data.clone()
+    };
+    std::fs::write(d.path().join("weights.bin"), &data).expect("write");
+    t.raw_data.clear();
+    t.float_data.clear();
+    t.data_location = DataLocation::External as i32;
+    t.external_data = vec![
+        StringStringEntryProto {
+            key: "location".into(),
+            value: "weights.bin".into(),
+        },
+        StringStringEntryProto {
+            key: "length".into(),
+            value: data.len().to_string(),
+        },
+    ];
+    let bytes = m.encode_to_vec();
+    std::fs::write(&p, &bytes).expect("write");
+    let mpath = d.path().join("moda.json");
+    let mut man: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&mpath).expect("read")).expect("json");
+    let sha: String = {
+        use sha2::{Digest, Sha256};
+        Sha256::digest(&bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    };
+    man["files"]["projector.onnx"] = serde_json::json!({"bytes": bytes.len(), "sha256": sha});
+    std::fs::write(&mpath, man.to_string()).expect("write");
+
+    // Plainly opened, the same weights give the same embedding as the original bundle.
+    let plain = Moda::open(d.path(), &OpenOptions::default()).expect("open without checksums");
+    let photo = image("photo.jpg");
+    let img = ImageInput::Path(&photo);
+    let want = moda().embed(&img, false).expect("embed");
+    assert_eq!(plain.embed(&img, false).expect("embed"), want);
+
+    let verified = OpenOptions {
+        verify_checksums: true,
+        ..Default::default()
+    };
+    let err = Moda::open(d.path(), &verified).expect_err("external data under checksums");
+    let msg = err.to_string();
+    assert!(msg.contains("projector.onnx"), "{msg}");
+    // ONNX Runtime's words, not ours: it refused the external data (and looked for it
+    // nowhere a file could be, not in the current directory).
+    assert!(msg.contains("External data path"), "{msg}");
+    assert!(
+        !msg.contains(&*std::env::current_dir().expect("cwd").to_string_lossy()),
+        "{msg}"
+    );
+    // The untouched bundle opens with checksums verified, and runs the same.
+    let ok = Moda::open(bundle(), &verified).expect("verified open");
+    assert_eq!(ok.embed(&img, false).expect("embed"), want);
+}
+
+#[test]
 fn the_decoder_cache_is_paired_by_name_and_counted() {
     // Two layers' cache names swapped: the shapes agree, only the names tell.
     refused_manifest("c-swap", "layer 0's cache", |m| {
