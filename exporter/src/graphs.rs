@@ -19,8 +19,8 @@
 //! (`GeluFusion`), quick GELU as `x * Sigmoid(1.702 x)` (`QuickGeluFusion`). The attention
 //! scale is folded into the query projection (exact for head sizes that are powers of 4), so
 //! the decoder's `MultiHeadAttention` runs with `scale = 1`. ONNX Runtime's `AttentionFusion`
-//! does not match OPT's decoder with a dynamic KV cache, hence the contrib op written directly
-//! (the encoder, without a cache, keeps plain `MatMul`/`Softmax` attention).
+//! does not match OPT's decoder with a dynamic KV cache, hence the contrib op written directly;
+//! the encoder's attention is the same op, without cache, mask or causality.
 
 use std::collections::HashMap;
 
@@ -314,29 +314,6 @@ fn activation(g: &mut GraphBuilder, x: &str, act: Activation) -> Result<String> 
     }
 }
 
-/// `[b, s, heads * hd]` -> `[b, heads, s, hd]` (or `[b, heads, hd, s]` with `keys_t`).
-fn split_heads(g: &mut GraphBuilder, x: &str, heads: usize, hd: usize, keys_t: bool) -> String {
-    let shape = g.ints("heads_shape", &[0, 0, heads as i64, hd as i64]);
-    let r = g.op("Reshape", &[x, &shape], vec![]);
-    let perm = if keys_t { [0, 2, 3, 1] } else { [0, 2, 1, 3] };
-    g.op(
-        "Transpose",
-        &[&r],
-        vec![("perm", Attr::Ints(perm.to_vec()))],
-    )
-}
-
-/// `[b, heads, s, hd]` -> `[b, s, heads * hd]`.
-fn merge_heads(g: &mut GraphBuilder, x: &str, hidden: usize) -> String {
-    let t = g.op(
-        "Transpose",
-        &[x],
-        vec![("perm", Attr::Ints(vec![0, 2, 1, 3]))],
-    );
-    let shape = g.ints("merge_shape", &[0, 0, hidden as i64]);
-    g.op("Reshape", &[&t, &shape], vec![])
-}
-
 fn parse_act(name: &str, key: &str) -> Result<Activation> {
     Ok(Activation::parse(
         name,
@@ -445,7 +422,7 @@ fn vision_layer(
     i: usize,
     xs: &str,
 ) -> Result<String> {
-    let (h, heads, hd) = (cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim());
+    let (heads, hd) = (cfg.num_attention_heads, cfg.head_dim());
     let eps = cfg.layer_norm_eps;
     let scale = (hd as f64).powf(-0.5);
     let l = format!("vision_model.encoder.layers.{i}");
@@ -454,13 +431,19 @@ fn vision_layer(
     let q = linear_q(g, &n1, t, &format!("{attn}.q_proj"), Some(scale), quant)?;
     let k = linear_q(g, &n1, t, &format!("{attn}.k_proj"), None, quant)?;
     let v = linear_q(g, &n1, t, &format!("{attn}.v_proj"), None, quant)?;
-    let q = split_heads(g, &q, heads, hd, false);
-    let kt = split_heads(g, &k, heads, hd, true);
-    let v = split_heads(g, &v, heads, hd, false);
-    let scores = g.op("MatMul", &[&q, &kt], vec![]);
-    let probs = g.op("Softmax", &[&scores], vec![("axis", Attr::Int(-1))]);
-    let ctx = g.op("MatMul", &[&probs, &v], vec![]);
-    let ctx = merge_heads(g, &ctx, h);
+    // One fused kernel for the heads' scores, softmax and context (ONNX Runtime's
+    // `MultiHeadAttention`, as in the decoder, without a cache, mask or causality): q, k and
+    // v stay `[batch, tokens, heads * hd]`, q already scaled.
+    let ctx = g.fresh("vision_mha");
+    g.push_contrib(
+        "MultiHeadAttention",
+        &[&q, &k, &v],
+        &[&ctx],
+        vec![
+            ("num_heads", Attr::Int(heads as i64)),
+            ("scale", Attr::Float(1.0)),
+        ],
+    );
     let a = linear_q(g, &ctx, t, &format!("{attn}.out_proj"), None, quant)?;
     let xs = g.op("Add", &[xs, &a], vec![]);
     let n2 = layer_norm(g, &xs, t, &format!("{l}.layer_norm2"), eps)?;
@@ -596,7 +579,12 @@ pub fn decoder(model: &CaptionModel, quant: Option<WeightQuant>) -> Result<Graph
         model: g.finish(
             "moda_decoder",
             "OPTForCausalLM from inputs_embeds with a KV cache",
-            &[],
+            // What the graph's inputs cannot tell: how many positions its position table
+            // holds (the SDK checks the manifest's `max_positions` against it).
+            &[(
+                crate::MAX_POSITIONS_METADATA,
+                cfg.max_position_embeddings.to_string(),
+            )],
         ),
         inputs: io.inputs,
         outputs: io.outputs,

@@ -53,6 +53,7 @@ use candle_core::Device;
 use moda_models::checkpoint;
 use moda_models::hub::{resolve_model, FileReq};
 use moda_models::preprocess::ImageProcessorConfig;
+use moda_models::schema::{CaptionSchema, CaptionTemplate, DEFAULT_TEMPLATE};
 use moda_models::tokenizer::ModaTokenizer;
 use moda_models::CaptionModel;
 use moda_sdk::manifest::{
@@ -80,6 +81,9 @@ pub const DEFAULT_MAX_NEW_TOKENS: usize = 32;
 
 /// The default frozen encoder (FashionCLIP) and decoder (OPT-125m), as `trainer fit` uses them.
 pub use moda_models::hub::{DEFAULT_DECODER, DEFAULT_ENCODER};
+
+/// The decoder graph's metadata key for the positions its table holds.
+pub use moda_sdk::manifest::MAX_POSITIONS_METADATA;
 
 /// Errors of exporting.
 ///
@@ -252,6 +256,89 @@ pub struct ExportOptions {
     pub verify: bool,
     /// The manifest's default `max_new_tokens` ([`BundleOptions::max_new_tokens`]).
     pub max_new_tokens: usize,
+    /// The caption template of the bundle's schema, for a checkpoint that records none (the
+    /// recipe's `.pth`) or to override the one it records; with [`ExportOptions::catalog`]
+    /// the fields' values are counted from it, without it the fields take any text.
+    pub caption_template: Option<String>,
+    /// A catalog whose rows give the schema's values: a CSV with a column per template field,
+    /// or a Kaggle layout directory (its `fashion.csv`). Alone, it takes the recipe's template.
+    pub catalog: Option<PathBuf>,
+}
+
+/// The stop string of the recipe's `.pth`, whose captions end with the literal characters
+/// `<\s>` (a backslash, not the tokenizer's `</s>`), which such a model writes and goes on
+/// after. A bundle exported from a `.pth` stops there by default.
+pub const RECIPE_STOP_STRING: &str = "<\\s>";
+
+/// The schema `--caption-template` and `--catalog` describe, if either is given: the
+/// template (the recipe's by default) and each field's values counted over the catalog's
+/// rows whose template fields are all filled (those that make a caption).
+pub fn schema_from_flags(
+    template: Option<&str>,
+    catalog: Option<&Path>,
+) -> Result<Option<CaptionSchema>> {
+    if template.is_none() && catalog.is_none() {
+        return Ok(None);
+    }
+    let template = CaptionTemplate::parse(template.unwrap_or(DEFAULT_TEMPLATE))
+        .map_err(|e| Error::Usage(format!("--caption-template: {e}")))?;
+    let Some(catalog) = catalog else {
+        return Ok(Some(CaptionSchema::from_template(template)));
+    };
+    let csv_path = if catalog.is_dir() {
+        catalog.join(moda_models::kaggle::CSV_FILE)
+    } else {
+        catalog.to_path_buf()
+    };
+    let bad = |msg: String| Error::Usage(format!("--catalog {}: {msg}", csv_path.display()));
+    let file = moda_models::files::open_regular(&csv_path).map_err(|e| bad(e.to_string()))?;
+    let mut reader = csv::ReaderBuilder::new()
+        .trim(csv::Trim::All)
+        .from_reader(file);
+    let headers: Vec<String> = reader
+        .headers()
+        .map_err(|e| bad(e.to_string()))?
+        .iter()
+        .map(str::to_string)
+        .collect();
+    let columns: Vec<String> = template.columns().iter().map(|c| c.to_string()).collect();
+    let mut index = Vec::new();
+    for c in &columns {
+        match headers.iter().position(|h| h == c) {
+            Some(i) => index.push(i),
+            None => {
+                return Err(bad(format!(
+                    "the caption template uses column {c:?}, which the CSV does not have \
+                     (columns: {})",
+                    headers.join(", ")
+                )))
+            }
+        }
+    }
+    let mut rows = Vec::new();
+    for record in reader.records() {
+        let record = record.map_err(|e| bad(e.to_string()))?;
+        let row: Vec<String> = index
+            .iter()
+            .map(|&i| record.get(i).unwrap_or("").to_string())
+            .collect();
+        if row.iter().all(|v| !v.is_empty()) {
+            rows.push(row);
+        }
+    }
+    if rows.is_empty() {
+        return Err(bad(
+            "no row fills every field of the caption template".to_string()
+        ));
+    }
+    let schema = CaptionSchema::from_rows(template, rows, |row, field| {
+        columns
+            .iter()
+            .position(|c| c == field)
+            .map(|i| row[i].clone())
+    });
+    schema.validate().map_err(bad)?;
+    Ok(Some(schema))
 }
 
 impl ExportOptions {
@@ -276,6 +363,10 @@ pub struct BundleSources {
     pub encoder: String,
     /// Where the decoder came from.
     pub decoder: String,
+    /// The caption schema the manifest records (none: descriptions have no attributes).
+    pub schema: Option<CaptionSchema>,
+    /// The manifest's default stop strings.
+    pub stop_strings: Vec<String>,
 }
 
 impl BundleSources {
@@ -287,6 +378,8 @@ impl BundleSources {
             preprocessing: ImageProcessorConfig::from_dir_or_default(encoder_dir)?,
             encoder: encoder_dir.display().to_string(),
             decoder: decoder_dir.display().to_string(),
+            schema: None,
+            stop_strings: Vec::new(),
         })
     }
 }
@@ -317,8 +410,10 @@ pub fn export_onnx(opts: &ExportOptions) -> Result<ExportReport> {
     if !opts.force && opts.out.symlink_metadata().is_ok() {
         return Err(Error::OutExists(opts.out.clone()));
     }
+    let flagged_schema =
+        schema_from_flags(opts.caption_template.as_deref(), opts.catalog.as_deref())?;
     if opts.checkpoint.is_file() {
-        return export_recipe(opts);
+        return export_recipe(opts, flagged_schema);
     }
     let dir = checkpoint::resolve_dir(&opts.checkpoint);
     check_apart(&opts.out, &dir, "checkpoint")?;
@@ -352,13 +447,17 @@ pub fn export_onnx(opts: &ExportOptions) -> Result<ExportReport> {
             loaded.config.encoder.source.clone()
         },
         decoder: "checkpoint".to_string(),
+        // The flags override what the checkpoint recorded.
+        schema: flagged_schema.or(loaded.config.schema),
+        stop_strings: Vec::new(),
     };
     write_bundle(&loaded.model, &sources, &opts.out, &opts.bundle_options())
 }
 
 /// The original recipe's `.pth` with the encoder and the decoder's config/tokenizer from
-/// `--encoder` and `--decoder`.
-fn export_recipe(opts: &ExportOptions) -> Result<ExportReport> {
+/// `--encoder` and `--decoder`; its schema, if any, from `--caption-template` and
+/// `--catalog`; [`RECIPE_STOP_STRING`] as the default stop string.
+fn export_recipe(opts: &ExportOptions, schema: Option<CaptionSchema>) -> Result<ExportReport> {
     let mut enc_files = vec![FileReq::config(), FileReq::weights()];
     enc_files.push(FileReq::preprocessor_config());
     let encoder_dir = resolve_model(&opts.encoder, &enc_files)?;
@@ -376,6 +475,8 @@ fn export_recipe(opts: &ExportOptions) -> Result<ExportReport> {
     let mut sources = BundleSources::from_dirs(&encoder_dir, &decoder_dir)?;
     sources.encoder = opts.encoder.clone();
     sources.decoder = opts.decoder.clone();
+    sources.schema = schema;
+    sources.stop_strings = vec![RECIPE_STOP_STRING.to_string()];
     write_bundle(&model, &sources, &opts.out, &opts.bundle_options())
 }
 
@@ -659,8 +760,10 @@ fn build_manifest(
             max_new_tokens: options.max_new_tokens,
             num_beams: 1,
             do_sample: false,
+            stop_strings: sources.stop_strings.clone(),
         },
         quantization: options.quantize,
+        schema: sources.schema.clone(),
         files: written.files,
         source_configs: serde_json::json!({
             "encoder": { "source": sources.encoder, "config": ecfg },

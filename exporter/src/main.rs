@@ -70,6 +70,17 @@ enum Command {
         /// given); at most the decoder's positions minus the image prefix.
         #[arg(long, default_value_t = DEFAULT_MAX_NEW_TOKENS)]
         max_new_tokens: usize,
+        /// The caption template of the bundle's schema (with which the SDK reads descriptions
+        /// back into attributes), for a `.pth`, or to replace the one a trainer checkpoint
+        /// records. [default with --catalog: "{Colour} {Usage} {ProductType} for {Gender} -
+        /// {Category} {SubCategory}"]
+        #[arg(long, value_name = "TEMPLATE")]
+        caption_template: Option<String>,
+        /// A catalog whose rows give each schema field's known values: a CSV with a column
+        /// per template field, or a directory in the Kaggle fashion-images layout. Without
+        /// this and --caption-template, a `.pth` gives a bundle without a schema.
+        #[arg(long, value_name = "CSV|DIR")]
+        catalog: Option<PathBuf>,
     },
 }
 
@@ -98,6 +109,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             force,
             no_verify,
             max_new_tokens,
+            caption_template,
+            catalog,
         } => {
             if checkpoint.is_dir() && (encoder.is_some() || decoder.is_some()) {
                 eprintln!(
@@ -118,6 +131,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 force,
                 verify: !no_verify,
                 max_new_tokens,
+                caption_template,
+                catalog,
             };
             let report = export_onnx(&opts)?;
             println!("wrote {}", report.out.display());

@@ -24,10 +24,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let calls: usize = args.get(3).map_or(Ok(200), |s| s.parse())?;
     let moda = Moda::open(
         &args[1],
-        &OpenOptions {
-            intra_threads: Some(1),
-            ..Default::default()
-        },
+        &OpenOptions::default().with_intra_threads(Some(1)),
     )?;
     let image = ImageInput::Path(args[2].as_ref());
     let opts = GenerationOptions::default();

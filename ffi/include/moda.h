@@ -290,6 +290,19 @@ typedef struct moda_generation_params {
      * Default 1.0.
      */
     float length_penalty;
+    /**
+     * Stop strings (transformers' stop_strings): an array of stop_strings_len NUL-terminated
+     * UTF-8 strings, read during the call only. Generation of an image stops once its text
+     * holds one of them, and its description ends before the first of them. NULL: the
+     * bundle's (generation.stop_strings in moda.json, e.g. "<\\s>" for a bundle of the
+     * original recipe's checkpoint); non-NULL with stop_strings_len 0: none. At most 64, none
+     * empty. Default NULL and 0.
+     */
+    const char *const *stop_strings;
+    /**
+     * Strings in stop_strings. Default 0.
+     */
+    size_t stop_strings_len;
 } moda_generation_params;
 
 /**

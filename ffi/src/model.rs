@@ -3,7 +3,7 @@
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr, CString};
 use std::sync::OnceLock;
 
-use moda_sdk::{Description, GenerationOptions, ImageInput, ImageLimits, Moda, OpenOptions};
+use moda_sdk::{Description, GenerationOptions, ImageInput, ImageLimits, Moda, Norm, OpenOptions};
 
 use crate::description::moda_description;
 use crate::error::{
@@ -77,7 +77,20 @@ pub struct moda_generation_params {
     /// Beam search: a finished hypothesis scores sum(logprobs) / length^length_penalty.
     /// Default 1.0.
     pub length_penalty: f32,
+    /// Stop strings (transformers' stop_strings): an array of stop_strings_len NUL-terminated
+    /// UTF-8 strings, read during the call only. Generation of an image stops once its text
+    /// holds one of them, and its description ends before the first of them. NULL: the
+    /// bundle's (generation.stop_strings in moda.json, e.g. "<\\s>" for a bundle of the
+    /// original recipe's checkpoint); non-NULL with stop_strings_len 0: none. At most 64, none
+    /// empty. Default NULL and 0.
+    pub stop_strings: *const *const c_char,
+    /// Strings in stop_strings. Default 0.
+    pub stop_strings_len: usize,
 }
+
+/// The size of moda_generation_params before stop_strings was added: a program built against
+/// that header passes it, and gets the bundle's stop strings.
+const GENERATION_PARAMS_V1_SIZE: usize = std::mem::offset_of!(moda_generation_params, stop_strings);
 
 /// One generated token, as moda_token_callback sees it.
 #[repr(C)]
@@ -171,6 +184,8 @@ pub extern "C" fn moda_generation_default_params() -> moda_generation_params {
         repetition_penalty: 1.0,
         no_repeat_ngram_size: 0,
         length_penalty: 1.0,
+        stop_strings: std::ptr::null(),
+        stop_strings_len: 0,
     };
     boundary(
         fallback,
@@ -193,7 +208,48 @@ fn generation_params(g: &GenerationOptions) -> moda_generation_params {
         repetition_penalty: g.repetition_penalty,
         no_repeat_ngram_size: int(g.no_repeat_ngram_size),
         length_penalty: g.length_penalty,
+        // The strings of the defaults are the bundle's: NULL.
+        stop_strings: std::ptr::null(),
+        stop_strings_len: 0,
     }
+}
+
+/// The stop strings of `p`: `None` for NULL (the bundle's), else each string, which must be
+/// UTF-8.
+///
+/// # Safety
+/// `p.stop_strings` is NULL or points at `p.stop_strings_len` pointers, each NULL or a
+/// NUL-terminated string.
+unsafe fn stop_strings(
+    func: &str,
+    p: &moda_generation_params,
+) -> Result<Option<Vec<String>>, Failure> {
+    if p.stop_strings.is_null() {
+        return Ok(None);
+    }
+    let max = moda_sdk::generate::MAX_STOP_STRINGS;
+    if p.stop_strings_len > max {
+        return Err(Failure::invalid(format!(
+            "{func}: stop_strings_len is {}; at most {max}",
+            p.stop_strings_len
+        )));
+    }
+    let mut out = Vec::with_capacity(p.stop_strings_len);
+    for i in 0..p.stop_strings_len {
+        // SAFETY: the caller's promise: `i` is within the array.
+        let s = unsafe { *p.stop_strings.add(i) };
+        if s.is_null() {
+            return Err(Failure::invalid(format!(
+                "{func}: stop_strings[{i}] is NULL"
+            )));
+        }
+        // SAFETY: the caller's promise: a NUL-terminated string.
+        let s = unsafe { CStr::from_ptr(s) }
+            .to_str()
+            .map_err(|_| Failure::invalid(format!("{func}: stop_strings[{i}] is not UTF-8")))?;
+        out.push(s.to_string());
+    }
+    Ok(Some(out))
 }
 
 /// A non-negative count, or an error naming the field.
@@ -205,21 +261,40 @@ fn count(func: &str, field: &str, v: c_int) -> Result<usize, Failure> {
 /// The generation options of `p` (NULL: the defaults).
 ///
 /// # Safety
-/// `p` is NULL or points at a `moda_generation_params`.
+/// `p` is NULL or points at a `moda_generation_params` of this header (whose stop strings
+/// are as [`stop_strings`] needs them), or of the header before `stop_strings`.
 unsafe fn generation_options(
     func: &str,
     p: *const moda_generation_params,
 ) -> Result<GenerationOptions, Failure> {
-    // SAFETY: the caller's promise.
-    let Some(p) = (unsafe { p.as_ref() }) else {
+    if p.is_null() {
         return Ok(GenerationOptions::default());
+    }
+    // A struct of the header before stop_strings: its fields, then the defaults of the rest.
+    // SAFETY: every version of the struct starts with struct_size.
+    let size = unsafe { std::ptr::addr_of!((*p).struct_size).read_unaligned() };
+    let mut copy = generation_params(&GenerationOptions::default());
+    let p: &moda_generation_params = if size == GENERATION_PARAMS_V1_SIZE {
+        // SAFETY: the caller's struct has `size` bytes, a prefix of this one's layout.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                p.cast::<u8>(),
+                std::ptr::addr_of_mut!(copy).cast::<u8>(),
+                size,
+            );
+        }
+        &copy
+    } else {
+        // SAFETY: the caller's promise.
+        let p = unsafe { &*p };
+        struct_size::<moda_generation_params>(
+            func,
+            "moda_generation_params",
+            "moda_generation_default_params",
+            p.struct_size,
+        )?;
+        p
     };
-    struct_size::<moda_generation_params>(
-        func,
-        "moda_generation_params",
-        "moda_generation_default_params",
-        p.struct_size,
-    )?;
     let max = count(func, "max_new_tokens", p.max_new_tokens)?;
     Ok(GenerationOptions {
         max_new_tokens: (max > 0).then_some(max),
@@ -233,6 +308,8 @@ unsafe fn generation_options(
         repetition_penalty: p.repetition_penalty,
         no_repeat_ngram_size: count(func, "no_repeat_ngram_size", p.no_repeat_ngram_size)?,
         length_penalty: p.length_penalty,
+        // SAFETY: the caller's promise on the struct covers its stop strings.
+        stop_strings: unsafe { stop_strings(func, p) }?,
     })
 }
 
@@ -273,17 +350,16 @@ fn open_options(p: &moda_model_params) -> Result<OpenOptions, Failure> {
             p.max_image_width, p.max_image_height, p.max_image_alloc
         )));
     }
-    Ok(OpenOptions {
-        intra_threads: (threads > 0).then_some(threads),
-        sessions: p.n_sessions as usize,
-        verify_checksums: p.verify_checksums != 0,
-        image_limits: ImageLimits {
+    Ok(OpenOptions::default()
+        .with_intra_threads((threads > 0).then_some(threads))
+        .with_sessions(p.n_sessions as usize)
+        .with_verify_checksums(p.verify_checksums != 0)
+        .with_image_limits(ImageLimits {
             max_width: p.max_image_width,
             max_height: p.max_image_height,
             max_alloc: p.max_image_alloc as u64,
-        },
-        optimize: p.optimize != 0,
-    })
+        })
+        .with_optimize(p.optimize != 0))
 }
 
 /// `*out = NULL` when `out` is not NULL, then the pointer to write to.
@@ -705,7 +781,9 @@ pub unsafe extern "C" fn moda_model_embed(
         }
         // SAFETY: the image's pointers are valid for the call.
         let image = unsafe { Image::from_c(image, f) }?;
-        let v = m.moda.embed(&image.input(), normalize != 0)?;
+        let v = m
+            .moda
+            .embed(&image.input(), Norm::unit_if(normalize != 0))?;
         // SAFETY: out holds out_len >= dim floats (the caller's promise).
         let out = unsafe { std::slice::from_raw_parts_mut(out, dim) };
         out.copy_from_slice(&v[..dim]);
@@ -757,7 +835,7 @@ pub unsafe extern "C" fn moda_model_embed_batch(
             ));
         }
         let results = per_image(f, images, |inputs, _| {
-            Ok(m.moda.embed_batch(inputs, normalize != 0)?)
+            Ok(m.moda.embed_batch(inputs, Norm::unit_if(normalize != 0))?)
         })?;
         ran = true;
         for (i, r) in results.iter().enumerate() {

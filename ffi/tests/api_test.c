@@ -12,6 +12,7 @@
 #define _POSIX_C_SOURCE 200809L
 #include <math.h>
 #include <pthread.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -232,6 +233,7 @@ int main(int argc, char **argv)
     CHECK(gp.do_sample == 0 && gp.temperature == 1.0f && gp.top_k == 50 && gp.top_p == 1.0f);
     CHECK(gp.seed == 0 && gp.repetition_penalty == 1.0f && gp.no_repeat_ngram_size == 0);
     CHECK(gp.length_penalty == 1.0f);
+    CHECK(gp.stop_strings == NULL && gp.stop_strings_len == 0);
 
     /* Image constructors. */
     img = moda_image_from_file(photo);
@@ -464,6 +466,55 @@ int main(int argc, char **argv)
         CHECK_RC(moda_model_describe(model, &img, &gp, &a), MODA_OK);
         CHECK_RC(moda_model_describe(model, &img, &gp, &b), MODA_OK);
         CHECK(a && b && same_tokens(a, b)); /* seeded */
+        moda_description_free(a);
+        moda_description_free(b);
+    }
+    /* Stop strings: the description ends before the first one, and generation stops there. */
+    {
+        moda_description *a = NULL, *b = NULL;
+        const char *stops[2];
+        char stop[3] = {0, 0, 0};
+        gp = moda_generation_default_params();
+        CHECK_RC(moda_model_describe(model, &img, &gp, &a), MODA_OK);
+        if (a && moda_description_text_len(a) >= 4) {
+            const char *text = moda_description_text(a);
+            /* Two characters from inside the text (the fixture's text is ASCII). */
+            stop[0] = text[2];
+            stop[1] = text[3];
+            stops[0] = "never in any description \x01";
+            stops[1] = stop;
+            gp.stop_strings = stops;
+            gp.stop_strings_len = 2;
+            CHECK_RC(moda_model_describe(model, &img, &gp, &b), MODA_OK);
+            CHECK(b && moda_description_text_len(b) <= 2);
+            CHECK(b && strncmp(moda_description_text(b), text, moda_description_text_len(b)) == 0);
+            CHECK(b && moda_description_n_tokens(b) <= moda_description_n_tokens(a));
+            moda_description_free(b);
+            b = NULL;
+            /* No stop strings at all (non-NULL, 0): the whole text again. */
+            gp.stop_strings_len = 0;
+            CHECK_RC(moda_model_describe(model, &img, &gp, &b), MODA_OK);
+            CHECK(b && strcmp(moda_description_text(b), text) == 0);
+            moda_description_free(b);
+            b = NULL;
+        }
+        /* An empty or NULL string, too many: refused. */
+        stops[0] = "";
+        gp.stop_strings = stops;
+        gp.stop_strings_len = 1;
+        CHECK_RC(moda_model_describe(model, &img, &gp, &b), MODA_ERR_INVALID_ARGUMENT);
+        CHECK(contains(moda_model_errmsg(model), "stop string"));
+        stops[0] = NULL;
+        CHECK_RC(moda_model_describe(model, &img, &gp, &b), MODA_ERR_INVALID_ARGUMENT);
+        CHECK(contains(moda_model_errmsg(model), "stop_strings[0]"));
+        gp.stop_strings_len = 1000;
+        CHECK_RC(moda_model_describe(model, &img, &gp, &b), MODA_ERR_INVALID_ARGUMENT);
+        CHECK(b == NULL);
+        /* A struct of the header before stop_strings is still taken. */
+        gp = moda_generation_default_params();
+        gp.struct_size = offsetof(moda_generation_params, stop_strings);
+        CHECK_RC(moda_model_describe(model, &img, &gp, &b), MODA_OK);
+        CHECK(a && b && same_tokens(a, b));
         moda_description_free(a);
         moda_description_free(b);
     }

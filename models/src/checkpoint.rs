@@ -4,7 +4,8 @@
 //!
 //! - `config.json`: [`CheckpointConfig`]: format name and version, the encoder (its config,
 //!   where it comes from, whether it was trained), the decoder's `OptConfig`, the
-//!   `ProjectorConfig` and the image preprocessor config;
+//!   `ProjectorConfig`, the image preprocessor config and, when the trainer recorded one, the
+//!   caption schema (`moda_models::schema`: template and training values);
 //! - `model.safetensors`: the projector and OPT under the original recipe's names
 //!   (`opt.model.decoder.*`, `opt.lm_head.weight` only when untied, `projection.{0,2}.*`), so
 //!   `FashionOPT.load_state_dict(safetensors.torch.load_file(..), strict=False)` takes it
@@ -38,6 +39,7 @@ use crate::moda::CaptionModel;
 use crate::opt::{Opt, OptConfig};
 use crate::preprocess::ImageProcessorConfig;
 use crate::projector::{Projector, ProjectorConfig};
+use crate::schema::CaptionSchema;
 use crate::tokenizer::ModaTokenizer;
 use crate::weights::Weights;
 
@@ -83,6 +85,12 @@ pub struct CheckpointConfig {
     pub projector: ProjectorConfig,
     /// The image preprocessing (`preprocessor_config.json` key names).
     pub preprocessor: ImageProcessorConfig,
+    /// The caption schema of the training data: the caption template and each field's values
+    /// with their counts in the training split. Absent in checkpoints written before it was
+    /// recorded, and for catalogs of free captions (a CSV with a caption column); an optional
+    /// addition, so the format version stays 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema: Option<CaptionSchema>,
 }
 
 impl CheckpointConfig {
@@ -100,6 +108,7 @@ impl CheckpointConfig {
             decoder,
             projector,
             preprocessor,
+            schema: None,
         }
     }
 
@@ -133,6 +142,11 @@ impl CheckpointConfig {
         }
         cfg.decoder.validate(&path)?;
         cfg.encoder.config.validate(&path)?;
+        if let Some(schema) = &cfg.schema {
+            schema.validate().map_err(|msg| {
+                Error::Input(format!("{}: bad \"schema\": {msg}", path.display()))
+            })?;
+        }
         Ok(cfg)
     }
 }

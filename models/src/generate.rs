@@ -13,6 +13,13 @@
 //! reported for a token is its log-softmax under the processed logits, as `transformers`'
 //! `compute_transition_scores` reports it; under greedy search with no penalties that is the
 //! model's own log-probability.
+//!
+//! Stop strings (`transformers`' `stop_strings`): a row also stops once the text of its
+//! generated tokens contains one of [`GenerationOptions::stop_strings`]. The search sees text
+//! through a [`Detokenize`] function the runner gives it (the search itself knows no
+//! tokenizer); under beam search a beam that reaches a stop string is finished as one that
+//! generates `</s>` is. The tokens keep the one that completed the stop string; the runner cuts
+//! the description's text before it with [`cut_at_stop_string`].
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -71,6 +78,12 @@ pub struct GenerationOptions {
     pub no_repeat_ngram_size: usize,
     /// Beam search: a finished hypothesis scores `sum(logprobs) / len^length_penalty`.
     pub length_penalty: f32,
+    /// Stop a description once its text contains one of these (`transformers`'
+    /// `stop_strings`); the description's text ends before the first of them. `None` takes
+    /// the runner's default (the SDK's is the bundle's `generation.stop_strings`, the candle
+    /// model's none); `Some` of an empty list turns them off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stop_strings: Option<Vec<String>>,
 }
 
 impl Default for GenerationOptions {
@@ -87,11 +100,18 @@ impl Default for GenerationOptions {
             repetition_penalty: 1.0,
             no_repeat_ngram_size: 0,
             length_penalty: 1.0,
+            stop_strings: None,
         }
     }
 }
 
 impl GenerationOptions {
+    /// The stop strings in effect (none when `stop_strings` is `None`: a runner resolves its
+    /// default before it searches).
+    pub fn stop_strings(&self) -> &[String] {
+        self.stop_strings.as_deref().unwrap_or(&[])
+    }
+
     /// Checks the ranges; `max_new_tokens` is the resolved maximum.
     pub fn validate(&self, max_new_tokens: usize) -> Result<()> {
         let bad = |m: String| Err(GenerateError::InvalidArgument(m));
@@ -131,6 +151,16 @@ impl GenerationOptions {
         if !self.length_penalty.is_finite() {
             return bad("length_penalty must be finite".into());
         }
+        let stops = self.stop_strings();
+        if stops.iter().any(String::is_empty) {
+            return bad("a stop string must not be empty".into());
+        }
+        if stops.len() > MAX_STOP_STRINGS {
+            return bad(format!(
+                "{} stop strings; at most {MAX_STOP_STRINGS}",
+                stops.len()
+            ));
+        }
         Ok(())
     }
 }
@@ -162,9 +192,45 @@ pub struct Generated {
 /// Called with (image, token, logprob) as each token is chosen; `false` stops that image.
 pub type TokenSink<'a> = &'a mut dyn FnMut(usize, u32, f32) -> bool;
 
+/// The text of generated token ids (special tokens left out), for matching stop strings.
+pub type Detokenize<'a> = &'a dyn Fn(&[u32]) -> String;
+
+/// The most stop strings one call may give.
+pub const MAX_STOP_STRINGS: usize = 64;
+
+/// Where `text` is to be cut for its stop strings: the start of the earliest occurrence of any
+/// of them, `None` when none occurs.
+pub fn cut_at_stop_string(text: &str, stop_strings: &[String]) -> Option<usize> {
+    stop_strings
+        .iter()
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| text.find(s.as_str()))
+        .min()
+}
+
+/// `text` without its first stop string and what follows it, trailing white space removed
+/// when something was cut; `text` itself when it holds none.
+pub fn strip_stop_string(text: &str, stop_strings: &[String]) -> String {
+    match cut_at_stop_string(text, stop_strings) {
+        Some(at) => text[..at].trim_end().to_string(),
+        None => text.to_string(),
+    }
+}
+
+/// Whether the text of `tokens` holds a stop string.
+fn reaches_stop(opts: &GenerationOptions, text: Option<Detokenize<'_>>, tokens: &[u32]) -> bool {
+    match text {
+        Some(text) if !opts.stop_strings().is_empty() => {
+            cut_at_stop_string(&text(tokens), opts.stop_strings()).is_some()
+        }
+        _ => false,
+    }
+}
+
 /// Runs the search. `first` holds the logits after the prompt, `[rows * vocab]`, where rows is
 /// `images * num_beams` for beam search (each image's beams repeated) and `images` otherwise;
 /// `max_new_tokens` is the resolved limit (`opts.max_new_tokens` is the caller's to resolve).
+/// `text` decodes tokens for `opts.stop_strings` (required when there are any).
 /// Returns one result per image.
 #[allow(clippy::too_many_arguments)]
 pub fn generate<M: StepModel + ?Sized>(
@@ -175,11 +241,18 @@ pub fn generate<M: StepModel + ?Sized>(
     eos: u32,
     opts: &GenerationOptions,
     max_new_tokens: usize,
+    text: Option<Detokenize<'_>>,
     sink: Option<TokenSink<'_>>,
 ) -> Result<Vec<Generated>, M::Error> {
     opts.validate(max_new_tokens)?;
+    if !opts.stop_strings().is_empty() && text.is_none() {
+        return Err(GenerateError::InvalidArgument(
+            "stop strings need the tokenizer's text of the tokens; this runner gives none".into(),
+        )
+        .into());
+    }
     if opts.num_beams > 1 {
-        let mut out = beam_search(model, first, images, vocab, eos, opts, max_new_tokens)?;
+        let mut out = beam_search(model, first, images, vocab, eos, opts, max_new_tokens, text)?;
         if let Some(sink) = sink {
             for (i, g) in out.iter_mut().enumerate() {
                 for (&t, &l) in g.token_ids.iter().zip(&g.logprobs) {
@@ -191,7 +264,17 @@ pub fn generate<M: StepModel + ?Sized>(
         }
         return Ok(out);
     }
-    search(model, first, images, vocab, eos, opts, max_new_tokens, sink)
+    search(
+        model,
+        first,
+        images,
+        vocab,
+        eos,
+        opts,
+        max_new_tokens,
+        text,
+        sink,
+    )
 }
 
 /// Greedy search or sampling, one row per image.
@@ -204,6 +287,7 @@ fn search<M: StepModel + ?Sized>(
     eos: u32,
     opts: &GenerationOptions,
     max_new_tokens: usize,
+    text: Option<Detokenize<'_>>,
     mut sink: Option<TokenSink<'_>>,
 ) -> Result<Vec<Generated>, M::Error> {
     check_len(&logits, rows, vocab)?;
@@ -235,7 +319,7 @@ fn search<M: StepModel + ?Sized>(
                 Some(s) => s(r, token as u32, lp),
                 None => true,
             };
-            if token as u32 == eos || !go_on {
+            if token as u32 == eos || !go_on || reaches_stop(opts, text, &out[r].token_ids) {
                 done[r] = true;
             }
         }
@@ -425,7 +509,9 @@ impl Hypotheses {
 }
 
 /// Beam search as `transformers` does it (no early stopping: an image is finished when it
-/// has `num_beams` hypotheses and no running beam can beat the worst of them).
+/// has `num_beams` hypotheses and no running beam can beat the worst of them). A beam whose
+/// text reaches a stop string is a finished hypothesis, as one ending in `</s>`.
+#[allow(clippy::too_many_arguments)]
 fn beam_search<M: StepModel + ?Sized>(
     model: &mut M,
     mut logits: Vec<f32>,
@@ -434,6 +520,7 @@ fn beam_search<M: StepModel + ?Sized>(
     eos: u32,
     opts: &GenerationOptions,
     max_new_tokens: usize,
+    text: Option<Detokenize<'_>>,
 ) -> Result<Vec<Generated>, M::Error> {
     let k = opts.num_beams;
     let rows = images * k;
@@ -490,7 +577,7 @@ fn beam_search<M: StepModel + ?Sized>(
                 beam.tokens.push(t);
                 beam.logprobs.push(l);
                 beam.score = score;
-                if t == eos {
+                if t == eos || reaches_stop(opts, text, &beam.tokens) {
                     if rank < k {
                         hyps[i].add(beam, lp, k);
                     }
@@ -598,7 +685,7 @@ mod tests {
         let mut m = Bigram { table: table() };
         let first = table()[1].clone();
         let opts = GenerationOptions::default();
-        let g = generate(&mut m, first, 1, 4, 0, &opts, 6, None).expect("generate");
+        let g = generate(&mut m, first, 1, 4, 0, &opts, 6, None, None).expect("generate");
         // 1 -> 2 -> 1 -> 2 ... never eos: stops at max.
         assert_eq!(g[0].token_ids, vec![2, 1, 2, 1, 2, 1]);
         let lp = log_softmax_at(&table()[1], 2);
@@ -612,14 +699,16 @@ mod tests {
             no_repeat_ngram_size: 2,
             ..Default::default()
         };
-        let g = generate(&mut m, table()[1].clone(), 1, 4, 0, &opts, 6, None).expect("generate");
+        let g =
+            generate(&mut m, table()[1].clone(), 1, 4, 0, &opts, 6, None, None).expect("generate");
         // 2, 1, 2, then (2, 1) is banned: from 2 the next best is eos.
         assert_eq!(g[0].token_ids, vec![2, 1, 2, 0]);
         let opts = GenerationOptions {
             repetition_penalty: 10.0,
             ..Default::default()
         };
-        let g = generate(&mut m, table()[1].clone(), 1, 4, 0, &opts, 6, None).expect("generate");
+        let g =
+            generate(&mut m, table()[1].clone(), 1, 4, 0, &opts, 6, None, None).expect("generate");
         assert_eq!(g[0].token_ids, vec![2, 1, 3, 0]);
     }
 
@@ -630,7 +719,8 @@ mod tests {
             min_new_tokens: 3,
             ..Default::default()
         };
-        let g = generate(&mut m, table()[3].clone(), 1, 4, 0, &opts, 5, None).expect("generate");
+        let g =
+            generate(&mut m, table()[3].clone(), 1, 4, 0, &opts, 5, None, None).expect("generate");
         assert_ne!(g[0].token_ids[0], 0);
         assert!(g[0].token_ids[..3].iter().all(|&t| t != 0));
     }
@@ -646,7 +736,7 @@ mod tests {
                 ..Default::default()
             };
             let first = [table()[1].clone(), table()[1].clone()].concat();
-            generate(&mut m, first, 2, 4, 0, &opts, 8, None)
+            generate(&mut m, first, 2, 4, 0, &opts, 8, None, None)
                 .expect("generate")
                 .into_iter()
                 .map(|g| (g.token_ids, g.logprobs))
@@ -682,9 +772,110 @@ mod tests {
             ..Default::default()
         };
         let first: Vec<f32> = [table()[1].clone(), table()[1].clone()].concat();
-        let g = generate(&mut m, first, 1, 4, 0, &opts, 4, None).expect("generate");
+        let g = generate(&mut m, first, 1, 4, 0, &opts, 4, None, None).expect("generate");
         assert_eq!(g[0].token_ids, vec![3, 0]);
         assert_eq!(g[0].logprobs.len(), 2);
+    }
+
+    /// Token `t` reads as the letter `"_abc"[t]`, the eos (0) as nothing.
+    fn letters(tokens: &[u32]) -> String {
+        tokens
+            .iter()
+            .filter(|&&t| t != 0)
+            .map(|&t| char::from(b"_abc"[t as usize]))
+            .collect()
+    }
+
+    #[test]
+    fn stop_strings_stop_greedy_search_and_beam_search() {
+        // Greedy from 1 writes "babab..." and never eos.
+        let opts = GenerationOptions {
+            stop_strings: Some(vec!["aba".into(), "zz".into()]),
+            ..Default::default()
+        };
+        let mut m = Bigram { table: table() };
+        let g = generate(
+            &mut m,
+            table()[1].clone(),
+            1,
+            4,
+            0,
+            &opts,
+            8,
+            Some(&letters),
+            None,
+        )
+        .expect("generate");
+        // b a b a: "aba" is complete with the fourth token ("baba").
+        assert_eq!(g[0].token_ids, vec![2, 1, 2, 1]);
+        assert_eq!(letters(&g[0].token_ids), "baba");
+        assert_eq!(strip_stop_string("baba", opts.stop_strings()), "b");
+        // The sink saw exactly the tokens kept.
+        let mut seen = Vec::new();
+        let mut sink = |_: usize, t: u32, _: f32| {
+            seen.push(t);
+            true
+        };
+        let mut m = Bigram { table: table() };
+        generate(
+            &mut m,
+            table()[1].clone(),
+            1,
+            4,
+            0,
+            &opts,
+            8,
+            Some(&letters),
+            Some(&mut sink),
+        )
+        .expect("generate");
+        assert_eq!(seen, vec![2, 1, 2, 1]);
+        // Without the text function, stop strings are an error rather than ignored.
+        let mut m = Bigram { table: table() };
+        let e = generate(&mut m, table()[1].clone(), 1, 4, 0, &opts, 8, None, None)
+            .expect_err("no text");
+        assert!(e.to_string().contains("stop strings"), "{e}");
+        // Beam search from 2: "a" (token 1) is the best first token; with "a" a stop string
+        // that beam is finished at once and no longer beam beats it, while without stop
+        // strings the search goes on past it.
+        let beam = |stop_strings: Option<Vec<String>>| {
+            let opts = GenerationOptions {
+                num_beams: 2,
+                stop_strings,
+                ..Default::default()
+            };
+            let mut m = Bigram { table: table() };
+            let first: Vec<f32> = [table()[2].clone(), table()[2].clone()].concat();
+            generate(&mut m, first, 1, 4, 0, &opts, 6, Some(&letters), None)
+                .expect("generate")
+                .remove(0)
+                .token_ids
+        };
+        assert_eq!(beam(Some(vec!["a".into()])), vec![1]);
+        let free = beam(None);
+        assert_eq!(free[0], 1);
+        assert!(free.len() > 1, "{free:?}");
+        // An empty stop string is refused.
+        let bad = GenerationOptions {
+            stop_strings: Some(vec![String::new()]),
+            ..Default::default()
+        };
+        assert!(bad.validate(8).is_err());
+    }
+
+    #[test]
+    fn stop_strings_cut_at_the_earliest_one() {
+        let stops = vec!["<\\s>".to_string(), "for".to_string()];
+        assert_eq!(
+            cut_at_stop_string("Blue Jeans for Men <\\s> Red", &stops),
+            Some("Blue Jeans ".len())
+        );
+        assert_eq!(
+            strip_stop_string("Blue Jeans <\\s> Red Jeans <\\s>", &stops),
+            "Blue Jeans"
+        );
+        assert_eq!(strip_stop_string("Blue Jeans", &stops), "Blue Jeans");
+        assert_eq!(cut_at_stop_string("Blue", &[]), None);
     }
 
     #[test]

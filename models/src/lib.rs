@@ -7,7 +7,9 @@
 //! [`clip_vision`], [`projector`], [`opt`], [`moda`]. [`weights`] reads checkpoints,
 //! [`preprocess`] turns images into `pixel_values`, [`tokenizer`] is OPT's byte-level BPE and
 //! [`hub`] finds model directories locally or on the Hugging Face hub. [`checkpoint`] is MODA's
-//! own checkpoint directory, written by the trainer and read by the exporter.
+//! own checkpoint directory, written by the trainer and read by the exporter. [`schema`] is the
+//! caption template and the values each field took in training, with the one parser that reads
+//! a description back into attributes (the trainer's evaluation and the SDK use it).
 
 #[cfg(feature = "candle")]
 pub mod checkpoint;
@@ -32,6 +34,7 @@ pub mod preprocess;
 pub mod projector;
 #[cfg(feature = "candle")]
 mod pth_check;
+pub mod schema;
 pub mod tokenizer;
 #[cfg(feature = "candle")]
 pub mod weights;

@@ -19,7 +19,7 @@ use candle_core::{DType, Device, Module, Tensor, D};
 
 use crate::clip_vision::{ClipVision, ClipVisionConfig};
 use crate::error::{Error, Result};
-use crate::generate::{self, Generated, GenerationOptions, StepModel, TokenSink};
+use crate::generate::{self, Detokenize, Generated, GenerationOptions, StepModel, TokenSink};
 use crate::opt::{Cache, DecoderInput, Opt, OptConfig};
 use crate::projector::{Projector, ProjectorConfig};
 use crate::weights::Weights;
@@ -254,21 +254,24 @@ impl CaptionModel {
     /// search ([`generate::generate`], the same as the SDK's over ONNX Runtime): greedy by
     /// default, sampling or beam search as `options` say. `options.max_new_tokens` of `None`
     /// generates until `</s>` or until the decoder's positions run out. One result per image,
-    /// the final `</s>` included when one was generated.
+    /// the final `</s>` included when one was generated. Stop strings need the tokenizer: see
+    /// [`CaptionModel::generate_with`].
     pub fn generate(
         &self,
         prefix_embeds: &Tensor,
         options: &GenerationOptions,
     ) -> Result<Vec<Generated>> {
-        self.generate_with(prefix_embeds, options, None)
+        self.generate_with(prefix_embeds, options, None, None)
     }
 
-    /// [`CaptionModel::generate`] with a callback that sees each token as it is chosen
-    /// (image, token, log-probability) and stops that image by returning `false`.
+    /// [`CaptionModel::generate`] with the text of tokens for `options.stop_strings` (the
+    /// tokenizer's decode, special tokens skipped) and a callback that sees each token as it
+    /// is chosen (image, token, log-probability) and stops that image by returning `false`.
     pub fn generate_with(
         &self,
         prefix_embeds: &Tensor,
         options: &GenerationOptions,
+        text: Option<Detokenize<'_>>,
         sink: Option<TokenSink<'_>>,
     ) -> Result<Vec<Generated>> {
         let (n, prefix_len, _) = prefix_embeds.dims3()?;
@@ -292,6 +295,7 @@ impl CaptionModel {
             cfg.eos_token_id,
             options,
             max_new,
+            text,
             sink,
         )
     }

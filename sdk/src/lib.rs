@@ -11,11 +11,13 @@
 //! ```
 //!
 //! [`model`] holds [`Moda`] (threads, memory and the KV cache are described there),
-//! [`generate`] the search and its options, [`manifest`] the bundle's `moda.json` and
+//! [`generate`] the search and its options, [`attributes`] how a description is read into the
+//! fields of the bundle's caption schema, [`manifest`] the bundle's `moda.json` and
 //! [`runtime`] how ONNX Runtime is found. The `moda-sdk` command line (catalog jobs, the
 //! benchmark) is a separate crate, `moda-cli`, so that a program embedding this library (and
 //! `libmoda`, the C API over it) builds none of its dependencies.
 
+pub mod attributes;
 pub mod error;
 /// The search and its options; it lives in `moda_models::generate`, shared with the candle
 /// model, and is re-exported here.
@@ -26,7 +28,10 @@ pub mod manifest;
 pub mod model;
 pub mod runtime;
 
+pub use attributes::Attribute;
 pub use error::{Error, Result};
 pub use generate::GenerationOptions;
 pub use moda_models::preprocess::ImageLimits;
-pub use model::{read_manifest, Description, ImageInput, Moda, OpenOptions, Timings, TokenEvent};
+pub use model::{
+    read_manifest, Description, ImageInput, Moda, Norm, OpenOptions, Timings, TokenEvent,
+};

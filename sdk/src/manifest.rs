@@ -11,10 +11,18 @@
 //! names, the [`Quantization`], the typed preprocessing, and [`Manifest::validate`], the one
 //! place a manifest is checked. These types read and write the same JSON as the string-typed
 //! fields of the first exporters, so the format is still version 1.
+//!
+//! Two optional fields came later, still in version 1: `schema` (the caption template and
+//! each field's known values, [`CaptionSchema`]) and `generation.stop_strings`. Both are left
+//! out when empty, so a bundle without them is written byte for byte as before; unknown
+//! fields are ignored when a manifest is read (serde's default), so an older reader opens a
+//! bundle with them and runs it as it ran every bundle: free text, no attributes, no stop
+//! strings. That is no misreading of what it does read, hence no version change.
 
 use std::collections::BTreeMap;
 
 use moda_models::preprocess::{ImageProcessor, ImageProcessorConfig};
+pub use moda_models::schema::CaptionSchema;
 use serde::{Deserialize, Serialize};
 
 /// The manifest's file name inside a bundle.
@@ -25,6 +33,11 @@ pub const FORMAT: &str = "moda-bundle";
 pub const FORMAT_VERSION: u32 = 1;
 /// The tokenizer's file in a bundle written by `exporter onnx`.
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
+/// The decoder graph's metadata entry (ONNX `metadata_props`) giving the positions its
+/// position table holds, which its inputs and outputs cannot tell; a manifest whose
+/// `max_positions` says more is refused when the bundle opens. Bundles written before it
+/// existed lack it and are not checked.
+pub const MAX_POSITIONS_METADATA: &str = "moda.max_positions";
 
 /// The encoder's input: `pixel_values [batch, channels, image_size, image_size]` (f32).
 pub const PIXEL_VALUES: &str = "pixel_values";
@@ -215,6 +228,11 @@ pub struct Manifest {
     pub files: BTreeMap<String, FileInfo>,
     /// The source models' own configurations (`config.json` contents), for reference.
     pub source_configs: serde_json::Value,
+    /// The caption schema: the template descriptions follow and each field's values seen in
+    /// training, with which the SDK reads a description back into attributes. Absent in
+    /// bundles exported without one (their descriptions are text only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema: Option<CaptionSchema>,
 }
 
 /// Who wrote a bundle.
@@ -303,6 +321,10 @@ pub struct GenerationDefaults {
     pub num_beams: usize,
     /// Sampling off.
     pub do_sample: bool,
+    /// Stop strings used when a caller gives none (`<\s>` for the original recipe's
+    /// checkpoint, whose captions end with those characters).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stop_strings: Vec<String>,
 }
 
 /// A file's size and checksum.
@@ -341,6 +363,7 @@ impl Manifest {
         self.check_dims()?;
         self.check_special_tokens()?;
         self.check_generation()?;
+        self.check_schema()?;
         self.check_files()?;
         for role in Role::ALL {
             self.check_graph_names(role)?;
@@ -423,7 +446,26 @@ impl Manifest {
                 g.num_beams
             ));
         }
+        let stops = &g.stop_strings;
+        if stops.len() > moda_models::generate::MAX_STOP_STRINGS
+            || stops.iter().any(String::is_empty)
+        {
+            return Err(format!(
+                "\"generation\".\"stop_strings\" must be at most {} non-empty strings",
+                moda_models::generate::MAX_STOP_STRINGS
+            ));
+        }
         Ok(())
+    }
+
+    /// The schema's fields must be its template's, its values distinct and within bounds.
+    fn check_schema(&self) -> Result<(), String> {
+        match &self.schema {
+            Some(schema) => schema
+                .validate()
+                .map_err(|e| format!("bad \"schema\": {e}")),
+            None => Ok(()),
+        }
     }
 
     /// Every file name plain and relative; the tokenizer and every graph among the files
@@ -661,10 +703,12 @@ mod tests {
                 max_new_tokens: 32,
                 num_beams: 1,
                 do_sample: false,
+                stop_strings: Vec::new(),
             },
             quantization: Quantization::Int8,
             files,
             source_configs: serde_json::json!({}),
+            schema: None,
         }
     }
 
@@ -836,6 +880,44 @@ mod tests {
             v["generation"]["max_new_tokens"] = n.into();
             assert_eq!(parse_value(&v).is_ok(), ok, "{n}");
         }
+    }
+
+    #[test]
+    fn schema_and_stop_strings_are_optional_and_checked() {
+        // Without them, nothing is written for them: older bundles read and write the same.
+        let v = json(&sample());
+        assert!(v.get("schema").is_none());
+        assert!(v["generation"].get("stop_strings").is_none());
+        assert_eq!(parse_value(&v).expect("parses"), sample());
+        // With them, they read back.
+        let mut m = sample();
+        let mut schema = CaptionSchema::from_template(
+            moda_models::schema::CaptionTemplate::parse("{Colour} {Usage}").expect("template"),
+        );
+        schema.add_value("Colour", "Navy Blue");
+        schema.add_value("Usage", "Casual");
+        m.schema = Some(schema);
+        m.generation.stop_strings = vec!["<\\s>".to_string()];
+        let v = json(&m);
+        assert_eq!(v["schema"]["template"], "{Colour} {Usage}");
+        assert_eq!(v["schema"]["fields"][0]["values"][0]["value"], "Navy Blue");
+        assert_eq!(v["generation"]["stop_strings"][0], "<\\s>");
+        assert_eq!(parse_value(&v).expect("parses"), m);
+        // A schema whose fields are not its template's, or a bad template, is refused.
+        let mut bad = v.clone();
+        bad["schema"]["fields"][1]["name"] = "Gender".into();
+        let err = parse_value(&bad).expect_err("fields");
+        assert!(err.contains("schema") && err.contains("Gender"), "{err}");
+        let mut bad = v.clone();
+        bad["schema"]["template"] = "{Colour".into();
+        assert!(parse_value(&bad)
+            .expect_err("template")
+            .contains("unclosed"));
+        let mut bad = v;
+        bad["generation"]["stop_strings"] = serde_json::json!([""]);
+        assert!(parse_value(&bad)
+            .expect_err("empty stop string")
+            .contains("stop_strings"));
     }
 
     #[test]

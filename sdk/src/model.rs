@@ -21,6 +21,7 @@
 //! cache rows between steps, which copies it, as every beam search does.
 
 use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex};
 use std::time::Instant;
@@ -31,13 +32,18 @@ use ort::session::{Session, SessionInputValue};
 use ort::value::{DynValue, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::attributes::{read_attributes, Attribute};
 use crate::error::{Error, Result};
-use crate::generate::{generate, GenerationOptions, StepModel};
-use crate::manifest::{bundle_file, GraphInfo, Manifest, Role, MANIFEST_FILE};
+use crate::generate::{generate, strip_stop_string, GenerationOptions, StepModel};
+use crate::manifest::{
+    bundle_file, GraphInfo, Manifest, Role, MANIFEST_FILE, MAX_POSITIONS_METADATA,
+};
 use crate::runtime::{session_from_bytes, session_from_file, SessionOptions};
 
-/// How [`Moda::open`] sets things up.
+/// How [`Moda::open`] sets things up: start from [`OpenOptions::default`] and change what you
+/// need with the `with_*` methods (or by field); new settings may be added.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct OpenOptions {
     /// Threads ONNX Runtime uses inside one graph run. `None` picks the number of cores the
     /// process may use, at most 8 (a 125M-parameter decoder gains nothing from more threads
@@ -64,6 +70,60 @@ impl Default for OpenOptions {
             verify_checksums: false,
             image_limits: ImageLimits::default(),
             optimize: true,
+        }
+    }
+}
+
+impl OpenOptions {
+    /// [`OpenOptions::intra_threads`].
+    pub fn with_intra_threads(mut self, threads: Option<usize>) -> Self {
+        self.intra_threads = threads;
+        self
+    }
+
+    /// [`OpenOptions::sessions`].
+    pub fn with_sessions(mut self, sessions: usize) -> Self {
+        self.sessions = sessions;
+        self
+    }
+
+    /// [`OpenOptions::verify_checksums`].
+    pub fn with_verify_checksums(mut self, verify: bool) -> Self {
+        self.verify_checksums = verify;
+        self
+    }
+
+    /// [`OpenOptions::image_limits`].
+    pub fn with_image_limits(mut self, limits: ImageLimits) -> Self {
+        self.image_limits = limits;
+        self
+    }
+
+    /// [`OpenOptions::optimize`].
+    pub fn with_optimize(mut self, optimize: bool) -> Self {
+        self.optimize = optimize;
+        self
+    }
+}
+
+/// How an embedding comes back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Norm {
+    /// As the model's projection gives it.
+    #[default]
+    Raw,
+    /// Scaled to unit (L2) length, so that cosine similarity is a dot product.
+    Unit,
+}
+
+impl Norm {
+    /// [`Norm::Unit`] when `normalize` is set (a command-line flag, a C `int`).
+    pub fn unit_if(normalize: bool) -> Self {
+        if normalize {
+            Norm::Unit
+        } else {
+            Norm::Raw
         }
     }
 }
@@ -128,8 +188,14 @@ pub struct Timings {
 /// A generated description.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Description {
-    /// The text, special tokens removed.
+    /// The text, special tokens removed; cut before the first stop string (and the white space
+    /// before it) when one was generated.
     pub text: String,
+    /// The attributes read from the text with the bundle's caption schema: every field of
+    /// the template, `None` where the text yields no known value (see [`crate::attributes`]).
+    /// `None` when the bundle has no schema.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attributes: Option<BTreeMap<String, Option<Attribute>>>,
     /// The generated tokens, the final `</s>` included when one was generated.
     pub token_ids: Vec<u32>,
     /// Log-probability of each generated token (see [`crate::generate`]).
@@ -451,6 +517,7 @@ impl Moda {
             decoder,
         };
         self.check_graph_shapes(&worker)?;
+        self.check_decoder_positions(&worker)?;
         Ok(worker)
     }
 
@@ -571,6 +638,42 @@ impl Moda {
         Ok(())
     }
 
+    /// Compares the manifest's `max_positions` with the positions the decoder graph says its
+    /// table holds (its [`MAX_POSITIONS_METADATA`] entry): more would fail mid-job, in the
+    /// middle of a long description, as an out-of-range lookup inside the graph. A graph
+    /// without the entry (older bundles) is not checked.
+    fn check_decoder_positions(&self, w: &Worker) -> Result<()> {
+        let file = self
+            .manifest
+            .graph(Role::Decoder)
+            .map(|g| self.dir.join(&g.file))
+            .map_err(|e| Error::bundle(&self.dir, e))?;
+        let meta = w
+            .decoder
+            .metadata()
+            .map_err(|e| Error::bundle(&file, format!("cannot read its metadata: {e}")))?;
+        let Some(value) = meta.custom(MAX_POSITIONS_METADATA) else {
+            return Ok(());
+        };
+        let table: usize = value.trim().parse().map_err(|_| {
+            Error::bundle(
+                &file,
+                format!("its {MAX_POSITIONS_METADATA} metadata is {value:?}, not a number"),
+            )
+        })?;
+        let claimed = self.manifest.model.max_positions;
+        if claimed > table {
+            return Err(Error::bundle(
+                &file,
+                format!(
+                    "the manifest's \"model\".\"max_positions\" is {claimed}, but the decoder's \
+                     position table holds {table} positions"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     fn lock_pool(&self) -> std::sync::MutexGuard<'_, PoolState> {
         // A panic while holding the lock leaves the state consistent (a push or a pop).
         self.pool.lock().unwrap_or_else(|p| p.into_inner())
@@ -638,10 +741,10 @@ impl Moda {
         self.processor.preprocess(&img).map_err(to_err)
     }
 
-    /// The image embedding (`projection_dim` floats, 512 for FashionCLIP), L2-normalised when
-    /// `normalize` is set (then cosine similarity is a dot product).
-    pub fn embed(&self, image: &ImageInput<'_>, normalize: bool) -> Result<Vec<f32>> {
-        let mut all = self.embed_batch(std::slice::from_ref(image), normalize)?;
+    /// The image embedding (`projection_dim` floats, 512 for FashionCLIP), as the model gives
+    /// it or scaled to unit length ([`Norm`]).
+    pub fn embed(&self, image: &ImageInput<'_>, norm: Norm) -> Result<Vec<f32>> {
+        let mut all = self.embed_batch(std::slice::from_ref(image), norm)?;
         all.pop()
             .unwrap_or_else(|| Err(Error::Internal("no embedding returned".into())))
     }
@@ -651,7 +754,7 @@ impl Moda {
     pub fn embed_batch(
         &self,
         images: &[ImageInput<'_>],
-        normalize: bool,
+        norm: Norm,
     ) -> Result<Vec<Result<Vec<f32>>>> {
         check_batch(images.len())?;
         let (pixels, slots) = self.preprocess_all(images);
@@ -665,9 +768,9 @@ impl Moda {
         let p = self.manifest.model.projection_dim;
         let mut ok = (0..n).map(|i| {
             let mut v = embeds[i * p..(i + 1) * p].to_vec();
-            if normalize {
-                let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
-                v.iter_mut().for_each(|x| *x /= norm);
+            if norm == Norm::Unit {
+                let length = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+                v.iter_mut().for_each(|x| *x /= length);
             }
             v
         });
@@ -693,7 +796,8 @@ impl Moda {
 
     /// Describes one image, calling `on_token` as each token is chosen (return `false` to stop
     /// early). With beam search the tokens are only known at the end, and `on_token` sees them
-    /// then.
+    /// then. The pieces passed include a stop string's text as it is generated; the returned
+    /// description's text is cut before it.
     pub fn describe_with(
         &self,
         image: &ImageInput<'_>,
@@ -732,6 +836,19 @@ impl Moda {
             .max_new_tokens
             .unwrap_or(self.manifest.generation.max_new_tokens);
         options.validate(max_new)?;
+        // Stop strings: the caller's, else the bundle's.
+        let resolved;
+        let options = if options.stop_strings.is_none()
+            && !self.manifest.generation.stop_strings.is_empty()
+        {
+            resolved = GenerationOptions {
+                stop_strings: Some(self.manifest.generation.stop_strings.clone()),
+                ..options.clone()
+            };
+            &resolved
+        } else {
+            options
+        };
         let d = self.manifest.model;
         if max_new > d.max_positions.saturating_sub(d.prefix_len) {
             return Err(Error::InvalidArgument(format!(
@@ -801,6 +918,7 @@ impl Moda {
                 text: &piece,
             })
         };
+        let detokenize = |ids: &[u32]| decode_text(tokenizer, ids).unwrap_or_default();
         let generated = generate(
             &mut state,
             first,
@@ -809,6 +927,7 @@ impl Moda {
             eos,
             options,
             max_new,
+            Some(&detokenize),
             Some(&mut sink),
         )?;
         drop(guard);
@@ -823,9 +942,14 @@ impl Moda {
                         Error::Internal("generation returned too few rows".into())
                     })?;
                     let text = decode_text(&self.tokenizer, &g.token_ids)?;
+                    let text = strip_stop_string(&text, options.stop_strings());
+                    let attributes = self.manifest.schema.as_ref().map(|schema| {
+                        read_attributes(schema, &self.tokenizer, &text, &g.token_ids, &g.logprobs)
+                    });
                     let decode_ms = g.step_ms.iter().sum();
                     out.push(Ok(Description {
                         text,
+                        attributes,
                         timings: Timings {
                             preprocess_ms,
                             encoder_ms,

@@ -304,11 +304,20 @@ fn own_library_dir() -> Option<PathBuf> {
 }
 
 static PYTHON_SEARCH: AtomicBool = AtomicBool::new(false);
+static PYTHON_INTERPRETER: OnceLock<PathBuf> = OnceLock::new();
 
 /// Lets [`runtime`] also look for ONNX Runtime in a Python `onnxruntime` package (it runs
 /// `python3` once to find it). Off by default; call it before the first model opens.
 pub fn allow_python_search() {
     PYTHON_SEARCH.store(true, Ordering::Relaxed);
+}
+
+/// [`allow_python_search`] with the interpreter to ask, instead of the `python3` on `PATH`:
+/// a Python extension passes its own (`sys.executable`), so that the package is found in the
+/// environment the program runs in. The first interpreter given stays.
+pub fn allow_python_search_with(interpreter: &Path) {
+    let _ = PYTHON_INTERPRETER.set(interpreter.to_path_buf());
+    allow_python_search();
 }
 
 /// Whether the Python package is searched: [`allow_python_search`] or `MODA_ORT_PYTHON=1`.
@@ -319,15 +328,19 @@ fn python_search_allowed() -> bool {
 
 /// The `capi` directory of an installed Python `onnxruntime` package, if any.
 fn python_install() -> Result<PathBuf, String> {
-    let out = Command::new("python3")
+    let python = PYTHON_INTERPRETER
+        .get()
+        .cloned()
+        .unwrap_or_else(|| PathBuf::from("python3"));
+    let out = Command::new(&python)
         .args([
             "-c",
             "import os, onnxruntime; print(os.path.dirname(onnxruntime.__file__))",
         ])
         .output()
-        .map_err(|e| format!("cannot run python3: {e}"))?;
+        .map_err(|e| format!("cannot run {}: {e}", python.display()))?;
     if !out.status.success() {
-        return Err("python3 has no onnxruntime package".to_string());
+        return Err(format!("{} has no onnxruntime package", python.display()));
     }
     let dir = String::from_utf8_lossy(&out.stdout).trim().to_string();
     Ok(PathBuf::from(dir).join("capi"))

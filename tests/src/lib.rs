@@ -102,6 +102,8 @@ pub fn export_recipe_bundle(out: &Path, quantize: exporter::Quantize) -> PathBuf
         force: true,
         verify: true,
         max_new_tokens: exporter::DEFAULT_MAX_NEW_TOKENS,
+        caption_template: None,
+        catalog: None,
     };
     if let Err(e) = exporter::export_onnx(&opts) {
         panic!("export the recipe fixture to {}: {e}", out.display());

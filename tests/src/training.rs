@@ -81,7 +81,7 @@ pub fn evaluate_val(
             dir: catalog.to_path_buf(),
             template: CaptionTemplate::default(),
         },
-        template: trainer::data::DEFAULT_TEMPLATE.to_string(),
+        template: None,
         split: EvalSplit::Val,
         predictions: checkpoint.with_file_name("predictions.csv"),
         device: device.clone(),

@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use moda_models::preprocess::{ImageProcessor, ImageProcessorConfig};
-use moda_sdk::{Error, GenerationOptions, ImageInput, Moda, OpenOptions};
+use moda_sdk::{Error, GenerationOptions, ImageInput, Moda, Norm, OpenOptions};
 use moda_tests::{fixture, get, load_refs, TempDir};
 
 /// ONNX Runtime f32 against transformers f32 for the tiny models: float noise only (the
@@ -44,7 +44,7 @@ fn embeddings_match_transformers() {
     let want = get(&refs, "image_embeds");
     for (i, name) in ["photo.jpg", "wide.png"].iter().enumerate() {
         let got = moda()
-            .embed(&ImageInput::Path(&image(name)), false)
+            .embed(&ImageInput::Path(&image(name)), Norm::Raw)
             .expect("embed");
         let want: Vec<f32> = want.i(i).expect("row").to_vec1().expect("vec");
         assert_eq!(got.len(), want.len());
@@ -56,7 +56,7 @@ fn embeddings_match_transformers() {
         assert!(diff <= EMBED_TOL, "{name}: max abs diff {diff}");
         // Normalised: unit length, same direction.
         let unit = moda()
-            .embed(&ImageInput::Path(&image(name)), true)
+            .embed(&ImageInput::Path(&image(name)), Norm::Unit)
             .expect("embed");
         let norm: f32 = unit.iter().map(|x| x * x).sum::<f32>().sqrt();
         assert!((norm - 1.0).abs() < 1e-5, "norm {norm}");
@@ -280,7 +280,9 @@ fn bytes_and_rgb_inputs_equal_the_path() {
         )
         .expect("rgb");
     assert_eq!(a.token_ids, c.token_ids);
-    let ea = moda().embed(&ImageInput::Path(&path), false).expect("e");
+    let ea = moda()
+        .embed(&ImageInput::Path(&path), Norm::Raw)
+        .expect("e");
     let ec = moda()
         .embed(
             &ImageInput::Rgb8 {
@@ -288,7 +290,7 @@ fn bytes_and_rgb_inputs_equal_the_path() {
                 width: w as u32,
                 height: h as u32,
             },
-            false,
+            Norm::Raw,
         )
         .expect("e");
     assert_eq!(ea, ec, "byte-identical decode gives identical embeddings");
@@ -336,9 +338,9 @@ fn batch_equals_single_and_bad_images_get_their_own_error() {
         }
         k += 1;
     }
-    let embeds = moda().embed_batch(&inputs, false).expect("embed batch");
+    let embeds = moda().embed_batch(&inputs, Norm::Raw).expect("embed batch");
     assert!(embeds[2].is_err());
-    let one = moda().embed(&inputs[0], false).expect("one");
+    let one = moda().embed(&inputs[0], Norm::Raw).expect("one");
     let diff = embeds[0]
         .as_ref()
         .expect("e")
@@ -373,14 +375,8 @@ fn eight_threads_equal_serial() {
         .collect();
     // One handle shared by 8 threads, with a pool of 1 (callers take turns) and of 3.
     for sessions in [1, 3] {
-        let m = Moda::open(
-            bundle(),
-            &OpenOptions {
-                sessions,
-                ..Default::default()
-            },
-        )
-        .expect("open");
+        let m =
+            Moda::open(bundle(), &OpenOptions::default().with_sessions(sessions)).expect("open");
         let got: Vec<Vec<u32>> = std::thread::scope(|s| {
             let hs: Vec<_> = names
                 .iter()
@@ -580,10 +576,7 @@ fn broken_bundles_are_clear_errors() {
     std::fs::write(&p, vec![0x5Au8; n]).expect("write");
     let err = Moda::open(
         d.path(),
-        &OpenOptions {
-            verify_checksums: true,
-            ..Default::default()
-        },
+        &OpenOptions::default().with_verify_checksums(true),
     )
     .expect_err("checksum");
     assert!(err.to_string().contains("SHA-256"), "{err}");
@@ -648,6 +641,12 @@ fn manifest_numbers_that_disagree_with_the_graphs_are_refused() {
     refused_manifest("m-pos0", "max_positions", |m| {
         m["model"]["max_positions"] = 0.into()
     });
+    // More positions than the decoder's table holds (its graph metadata says how many): the
+    // inputs and outputs cannot tell, and it would fail only deep into a long description.
+    refused_manifest("m-pos-more", "position table", |m| {
+        let n = m["model"]["max_positions"].as_u64().expect("max_positions");
+        m["model"]["max_positions"] = (n + 1).into()
+    });
     refused_manifest("m-huge", "image_size", |m| {
         m["model"]["image_size"] = serde_json::json!(u64::MAX)
     });
@@ -707,10 +706,7 @@ fn manifest_paths_must_stay_inside_the_bundle() {
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
     let err = Moda::open(
         d.path(),
-        &OpenOptions {
-            verify_checksums: true,
-            ..Default::default()
-        },
+        &OpenOptions::default().with_verify_checksums(true),
     )
     .expect_err("a FIFO");
     assert!(err.to_string().contains("not a regular file"), "{err}");
@@ -735,10 +731,7 @@ fn user_numbers_never_overflow_or_oversubscribe() {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let m = Moda::open(
         bundle(),
-        &OpenOptions {
-            intra_threads: Some(100_000),
-            ..Default::default()
-        },
+        &OpenOptions::default().with_intra_threads(Some(100_000)),
     )
     .expect("open");
     assert_eq!(m.intra_threads(), cores);
@@ -763,52 +756,63 @@ fn rgb8_pixels_count_against_the_image_limit_and_are_not_copied() {
     assert!(err.to_string().contains("limit"), "{err}");
 }
 
-#[test]
-fn graph_data_outside_the_bundle_is_refused() {
-    // A graph may keep a tensor's data in another file ("external data"); one that names a
-    // file outside the bundle, directly or through a symbolic link, must not be read. ONNX
-    // Runtime (1.31 and later) refuses both; this guards that for the versions we load.
+/// Moves the first weight of the bundle's projector graph into an external data file named
+/// `location` (`length` bytes), rewriting the graph and the manifest's size and SHA-256 of it
+/// so that only the external data is out of the ordinary. Returns the weight's bytes.
+fn projector_weight_to_external_data(bundle: &Path, location: &str) -> Vec<u8> {
     use candle_onnx::onnx::{tensor_proto::DataLocation, ModelProto, StringStringEntryProto};
     use prost::Message;
     let entry = |k: &str, v: &str| StringStringEntryProto {
         key: k.to_string(),
         value: v.to_string(),
     };
+    let p = bundle.join("projector.onnx");
+    let mut m = ModelProto::decode(std::fs::read(&p).expect("read").as_slice()).expect("onnx");
+    let t = &mut m.graph.as_mut().expect("graph").initializer[0];
+    let data: Vec<u8> = if t.raw_data.is_empty() {
+        t.float_data.iter().flat_map(|x| x.to_le_bytes()).collect()
+    } else {
+        t.raw_data.clone()
+    };
+    t.raw_data.clear();
+    t.float_data.clear();
+    t.data_location = DataLocation::External as i32;
+    t.external_data = vec![
+        entry("location", location),
+        entry("length", &data.len().to_string()),
+    ];
+    let bytes = m.encode_to_vec();
+    std::fs::write(&p, &bytes).expect("write");
+    let mpath = bundle.join("moda.json");
+    let mut man: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&mpath).expect("read")).expect("json");
+    let sha: String = {
+        use sha2::{Digest, Sha256};
+        Sha256::digest(&bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    };
+    man["files"]["projector.onnx"] = serde_json::json!({"bytes": bytes.len(), "sha256": sha});
+    std::fs::write(&mpath, man.to_string()).expect("write");
+    data
+}
+
+#[test]
+fn graph_data_outside_the_bundle_is_refused() {
+    // A graph may keep a tensor's data in another file ("external data"); one that names a
+    // file outside the bundle, directly or through a symbolic link, must not be read. ONNX
+    // Runtime (1.31 and later) refuses both; this guards that for the versions we load.
     for (tag, location) in [
-        ("ext-dotdot", "../../../../etc/hostname".to_string()),
-        ("ext-link", "data.bin".to_string()),
+        ("ext-dotdot", "../../../../etc/hostname"),
+        ("ext-link", "data.bin"),
     ] {
         let d = copy_bundle(tag);
         let outside = TempDir::new("ext-outside");
         let secret = outside.path().join("secret.bin");
         std::fs::write(&secret, [7u8; 4096]).expect("write");
         std::os::unix::fs::symlink(&secret, d.path().join("data.bin")).expect("symlink");
-        let p = d.path().join("projector.onnx");
-        let mut m = ModelProto::decode(std::fs::read(&p).expect("read").as_slice()).expect("onnx");
-        let t = &mut m.graph.as_mut().expect("graph").initializer[0];
-        let n: i64 = t.dims.iter().product();
-        t.raw_data.clear();
-        t.float_data.clear();
-        t.data_location = DataLocation::External as i32;
-        t.external_data = vec![
-            entry("location", &location),
-            entry("length", &(4 * n).to_string()),
-        ];
-        let bytes = m.encode_to_vec();
-        std::fs::write(&p, &bytes).expect("write");
-        // The manifest agrees with the new file, so only the external data is wrong.
-        let mpath = d.path().join("moda.json");
-        let mut man: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&mpath).expect("read")).expect("json");
-        let sha: String = {
-            use sha2::{Digest, Sha256};
-            Sha256::digest(&bytes)
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect()
-        };
-        man["files"]["projector.onnx"] = serde_json::json!({"bytes": bytes.len(), "sha256": sha});
-        std::fs::write(&mpath, man.to_string()).expect("write");
+        projector_weight_to_external_data(d.path(), location);
         let err = Moda::open(d.path(), &OpenOptions::default()).expect_err(tag);
         let msg = err.to_string();
         assert!(
@@ -825,57 +829,18 @@ fn verified_checksums_cover_every_byte_a_graph_runs() {
     // plainly, ONNX Runtime reads it (the manifest's own checks cover listed files only);
     // with checksums verified the graph runs from its checked bytes, which cannot reach the
     // file, so the bundle is refused.
-    use candle_onnx::onnx::{tensor_proto::DataLocation, ModelProto, StringStringEntryProto};
-    use prost::Message;
     let d = copy_bundle("ext-inside");
-    let p = d.path().join("projector.onnx");
-    let mut m = ModelProto::decode(std::fs::read(&p).expect("read").as_slice()).expect("onnx");
-    let t = &mut m.graph.as_mut().expect("graph").initializer[0];
-    let data: Vec<u8> = if t.raw_data.is_empty() {
-        t.float_data.iter().flat_map(|x| x.to_le_bytes()).collect()
-    } else {
-        t.raw_data.clone()
-    };
+    let data = projector_weight_to_external_data(d.path(), "weights.bin");
     std::fs::write(d.path().join("weights.bin"), &data).expect("write");
-    t.raw_data.clear();
-    t.float_data.clear();
-    t.data_location = DataLocation::External as i32;
-    t.external_data = vec![
-        StringStringEntryProto {
-            key: "location".into(),
-            value: "weights.bin".into(),
-        },
-        StringStringEntryProto {
-            key: "length".into(),
-            value: data.len().to_string(),
-        },
-    ];
-    let bytes = m.encode_to_vec();
-    std::fs::write(&p, &bytes).expect("write");
-    let mpath = d.path().join("moda.json");
-    let mut man: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&mpath).expect("read")).expect("json");
-    let sha: String = {
-        use sha2::{Digest, Sha256};
-        Sha256::digest(&bytes)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
-    };
-    man["files"]["projector.onnx"] = serde_json::json!({"bytes": bytes.len(), "sha256": sha});
-    std::fs::write(&mpath, man.to_string()).expect("write");
 
     // Plainly opened, the same weights give the same embedding as the original bundle.
     let plain = Moda::open(d.path(), &OpenOptions::default()).expect("open without checksums");
     let photo = image("photo.jpg");
     let img = ImageInput::Path(&photo);
-    let want = moda().embed(&img, false).expect("embed");
-    assert_eq!(plain.embed(&img, false).expect("embed"), want);
+    let want = moda().embed(&img, Norm::Raw).expect("embed");
+    assert_eq!(plain.embed(&img, Norm::Raw).expect("embed"), want);
 
-    let verified = OpenOptions {
-        verify_checksums: true,
-        ..Default::default()
-    };
+    let verified = OpenOptions::default().with_verify_checksums(true);
     let err = Moda::open(d.path(), &verified).expect_err("external data under checksums");
     let msg = err.to_string();
     assert!(msg.contains("projector.onnx"), "{msg}");
@@ -888,7 +853,7 @@ fn verified_checksums_cover_every_byte_a_graph_runs() {
     );
     // The untouched bundle opens with checksums verified, and runs the same.
     let ok = Moda::open(bundle(), &verified).expect("verified open");
-    assert_eq!(ok.embed(&img, false).expect("embed"), want);
+    assert_eq!(ok.embed(&img, Norm::Raw).expect("embed"), want);
 }
 
 #[test]

@@ -40,142 +40,12 @@ pub const ATTRIBUTE_COLUMNS: [&str; 6] = [
     "SubCategory",
 ];
 
-/// The caption template of the original recipe.
-pub const DEFAULT_TEMPLATE: &str =
-    "{Colour} {Usage} {ProductType} for {Gender} - {Category} {SubCategory}";
+/// The caption template (one definition and one parser, with the schema that reads
+/// descriptions back, in `moda_models::schema`) and the original recipe's template.
+pub use moda_models::schema::{CaptionTemplate, DEFAULT_TEMPLATE};
 
 /// The folder of a Kaggle image, below the catalog directory.
 pub use moda_models::kaggle::image_path as kaggle_image_path;
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Piece {
-    Text(String),
-    Column(String),
-}
-
-/// A caption template: text with `{Column}` placeholders; `{{` and `}}` are literal braces.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CaptionTemplate {
-    source: String,
-    pieces: Vec<Piece>,
-}
-
-impl CaptionTemplate {
-    /// Parses a template. An unclosed `{`, an empty `{}` or a lone `}` is [`Error::Template`].
-    pub fn parse(template: &str) -> Result<Self> {
-        let bad = |msg: &str| Error::Template {
-            template: template.to_string(),
-            msg: msg.to_string(),
-        };
-        let mut pieces = Vec::new();
-        let mut text = String::new();
-        let mut chars = template.chars().peekable();
-        while let Some(c) = chars.next() {
-            match c {
-                '{' if chars.peek() == Some(&'{') => {
-                    chars.next();
-                    text.push('{');
-                }
-                '}' if chars.peek() == Some(&'}') => {
-                    chars.next();
-                    text.push('}');
-                }
-                '{' => {
-                    let mut name = String::new();
-                    loop {
-                        match chars.next() {
-                            Some('}') => break,
-                            Some('{') => return Err(bad("`{` inside a placeholder")),
-                            Some(c) => name.push(c),
-                            None => return Err(bad("unclosed `{`")),
-                        }
-                    }
-                    let name = name.trim().to_string();
-                    if name.is_empty() {
-                        return Err(bad("empty placeholder `{}`"));
-                    }
-                    if !text.is_empty() {
-                        pieces.push(Piece::Text(std::mem::take(&mut text)));
-                    }
-                    pieces.push(Piece::Column(name));
-                }
-                '}' => return Err(bad("`}` without `{` (write `}}` for a literal brace)")),
-                c => text.push(c),
-            }
-        }
-        if !text.is_empty() {
-            pieces.push(Piece::Text(text));
-        }
-        if !pieces.iter().any(|p| matches!(p, Piece::Column(_))) {
-            return Err(bad("no `{Column}` placeholder"));
-        }
-        Ok(Self {
-            source: template.to_string(),
-            pieces,
-        })
-    }
-
-    /// The template as written.
-    pub fn as_str(&self) -> &str {
-        &self.source
-    }
-
-    /// The columns the template uses, in order of first use.
-    pub fn columns(&self) -> Vec<&str> {
-        let mut seen = Vec::new();
-        for p in &self.pieces {
-            if let Piece::Column(c) = p {
-                if !seen.contains(&c.as_str()) {
-                    seen.push(c.as_str());
-                }
-            }
-        }
-        seen
-    }
-
-    /// Fills the template from `get(column)`; `None` (or an empty value) names the column that
-    /// has no value.
-    pub fn render<'a>(
-        &self,
-        get: impl Fn(&str) -> Option<&'a str>,
-    ) -> std::result::Result<String, String> {
-        let mut out = String::new();
-        for p in &self.pieces {
-            match p {
-                Piece::Text(t) => out.push_str(t),
-                Piece::Column(c) => match get(c).map(str::trim) {
-                    Some(v) if !v.is_empty() => out.push_str(v),
-                    _ => return Err(c.clone()),
-                },
-            }
-        }
-        Ok(out)
-    }
-}
-
-impl Default for CaptionTemplate {
-    fn default() -> Self {
-        // The default template is a valid literal; build it without a fallible path.
-        let cols = ATTRIBUTE_COLUMNS;
-        let pieces = vec![
-            Piece::Column(cols[0].into()),
-            Piece::Text(" ".into()),
-            Piece::Column(cols[1].into()),
-            Piece::Text(" ".into()),
-            Piece::Column(cols[2].into()),
-            Piece::Text(" for ".into()),
-            Piece::Column(cols[3].into()),
-            Piece::Text(" - ".into()),
-            Piece::Column(cols[4].into()),
-            Piece::Text(" ".into()),
-            Piece::Column(cols[5].into()),
-        ];
-        Self {
-            source: DEFAULT_TEMPLATE.to_string(),
-            pieces,
-        }
-    }
-}
 
 /// How thoroughly [`load_catalog`] checks each row's image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -474,9 +344,11 @@ pub struct DataArgs {
     /// folders), or, with --image-column and --caption-column, a CSV file.
     #[arg(long, value_name = "DIR|CSV")]
     pub data: PathBuf,
-    /// Caption template for the Kaggle layout; `{Column}` is replaced by the row's value.
-    #[arg(long, default_value = DEFAULT_TEMPLATE)]
-    pub caption_template: String,
+    /// Caption template for the Kaggle layout; `{Column}` is replaced by the row's value
+    /// [fit: the recipe's, "{Colour} {Usage} {ProductType} for {Gender} - {Category}
+    /// {SubCategory}"; eval: the one the checkpoint records, else the recipe's].
+    #[arg(long, value_name = "TEMPLATE")]
+    pub caption_template: Option<String>,
     /// For a CSV catalog: the column with image paths.
     #[arg(long, requires = "caption_column")]
     pub image_column: Option<String>,
@@ -500,7 +372,9 @@ impl DataArgs {
             }),
             (None, None) => Ok(CatalogSource::Kaggle {
                 dir: self.data.clone(),
-                template: CaptionTemplate::parse(&self.caption_template)?,
+                template: CaptionTemplate::parse(
+                    self.caption_template.as_deref().unwrap_or(DEFAULT_TEMPLATE),
+                )?,
             }),
             _ => Err(Error::InvalidArgument(
                 "--image-column and --caption-column go together".into(),
@@ -921,7 +795,7 @@ mod tests {
     #[test]
     fn bad_templates() {
         for bad in ["{Colour", "{} x", "x } y", "no placeholder", "{a{b}}"] {
-            let e = CaptionTemplate::parse(bad).unwrap_err();
+            let e = Error::from(CaptionTemplate::parse(bad).unwrap_err());
             assert!(matches!(e, Error::Template { .. }), "{bad}: {e}");
         }
     }

@@ -226,3 +226,12 @@ impl Error {
 }
 
 pub use moda_models::error::report;
+
+impl From<moda_models::schema::TemplateError> for Error {
+    fn from(e: moda_models::schema::TemplateError) -> Self {
+        Error::Template {
+            template: e.template,
+            msg: e.msg,
+        }
+    }
+}

@@ -2,8 +2,12 @@
 //! the whole catalog, exact-match accuracy, and per attribute (Colour, Usage, ProductType,
 //! Gender, Category, SubCategory) accuracy and macro-F1 (as scikit-learn's
 //! `f1_score(average="macro")`: over the labels seen in targets or predictions). Attributes
-//! are read back from the generated text with the caption template, using the values seen in
-//! the catalog to split multi-word values ("Navy Blue Smart Casual ...").
+//! are read back from the generated text with the workspace's one parser,
+//! `moda_models::schema::CaptionSchema::parse` (the SDK's too): the caption template is the
+//! one recorded in the checkpoint (`--caption-template` overrides it, and is what a checkpoint
+//! without a schema uses, the recipe's template by default), and the known values are those
+//! the checkpoint recorded from training together with those of the evaluated catalog, so that
+//! a correct value training never saw still counts. A value outside both reads as no value.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -15,7 +19,9 @@ use moda_models::generate::GenerationOptions;
 use moda_models::preprocess::ImageProcessor;
 use serde::Serialize;
 
-use crate::data::{load_catalog, CatalogSource, LoadOptions, ATTRIBUTE_COLUMNS};
+use moda_models::schema::{Attributes, CaptionSchema, CaptionTemplate};
+
+use crate::data::{load_catalog, CatalogSource, LoadOptions};
 use crate::embed_cache::{EmbeddingCache, EncoderFingerprint};
 use crate::error::{Error, Result};
 use crate::fit::{recorded_split, TrainState, STATE_FILE};
@@ -36,8 +42,10 @@ pub struct EvalOptions {
     pub checkpoint: PathBuf,
     /// The catalog.
     pub source: CatalogSource,
-    /// The caption template (to read attributes back).
-    pub template: String,
+    /// The caption template, overriding the checkpoint's (to build the target captions of a
+    /// Kaggle catalog and to read attributes back); `None`: the checkpoint's, or the recipe's
+    /// template for a checkpoint that records none.
+    pub template: Option<String>,
     /// Which samples.
     pub split: EvalSplit,
     /// Where to write the predictions CSV.
@@ -79,93 +87,6 @@ pub struct EvalReport {
     /// The warnings printed (repeated ids, a split rebuilt from an older checkpoint's ids).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
-}
-
-/// One piece of a caption template.
-#[derive(Debug, Clone, PartialEq)]
-enum Piece {
-    Text(String),
-    Column(String),
-}
-
-fn template_pieces(template: &str) -> Vec<Piece> {
-    let mut out = Vec::new();
-    let mut rest = template;
-    while let Some(open) = rest.find('{') {
-        if open > 0 {
-            out.push(Piece::Text(rest[..open].to_string()));
-        }
-        match rest[open..].find('}') {
-            Some(close) => {
-                out.push(Piece::Column(rest[open + 1..open + close].to_string()));
-                rest = &rest[open + close + 1..];
-            }
-            None => {
-                out.push(Piece::Text(rest[open..].to_string()));
-                rest = "";
-            }
-        }
-    }
-    if !rest.is_empty() {
-        out.push(Piece::Text(rest.to_string()));
-    }
-    out
-}
-
-/// Reads attribute values back from `text` with the template; `known` lists each column's
-/// values (longest tried first), and a column may also take any non-empty text up to the next
-/// literal. Backtracks; `None` when the text does not fit the template.
-pub fn parse_caption(
-    template: &str,
-    text: &str,
-    known: &BTreeMap<String, BTreeSet<String>>,
-) -> Option<BTreeMap<String, String>> {
-    fn go(
-        pieces: &[Piece],
-        text: &str,
-        known: &BTreeMap<String, BTreeSet<String>>,
-        out: &mut BTreeMap<String, String>,
-    ) -> bool {
-        let Some((first, rest)) = pieces.split_first() else {
-            return text.is_empty();
-        };
-        match first {
-            Piece::Text(t) => text
-                .strip_prefix(t.as_str())
-                .is_some_and(|r| go(rest, r, known, out)),
-            Piece::Column(c) => {
-                let mut candidates: Vec<usize> = Vec::new();
-                if let Some(vals) = known.get(c) {
-                    let mut v: Vec<&String> = vals
-                        .iter()
-                        .filter(|v| text.starts_with(v.as_str()))
-                        .collect();
-                    v.sort_by_key(|s| std::cmp::Reverse(s.len()));
-                    candidates.extend(v.iter().map(|s| s.len()));
-                }
-                // Any other split point, shortest first.
-                for (i, _) in text.char_indices().skip(1) {
-                    if !candidates.contains(&i) {
-                        candidates.push(i);
-                    }
-                }
-                if !text.is_empty() && !candidates.contains(&text.len()) {
-                    candidates.push(text.len());
-                }
-                for end in candidates {
-                    out.insert(c.clone(), text[..end].to_string());
-                    if go(rest, &text[end..], known, out) {
-                        return true;
-                    }
-                }
-                out.remove(c);
-                false
-            }
-        }
-    }
-    let pieces = template_pieces(template);
-    let mut out = BTreeMap::new();
-    go(&pieces, text.trim(), known, &mut out).then_some(out)
 }
 
 /// Macro-F1 over the labels seen in `truth` or `pred` (`None`: nothing parsed).
@@ -254,6 +175,16 @@ pub fn evaluate(opts: &EvalOptions) -> Result<EvalReport> {
         warnings.push(msg);
     };
     let loaded = checkpoint::load(&opts.checkpoint, device)?;
+    let recorded = loaded.config.schema.clone();
+    let template = match (&opts.template, &recorded) {
+        (Some(t), _) => CaptionTemplate::parse(t)?,
+        (None, Some(s)) => s.template.clone(),
+        (None, None) => CaptionTemplate::default(),
+    };
+    let mut source = opts.source.clone();
+    if let CatalogSource::Kaggle { template: t, .. } = &mut source {
+        *t = template.clone();
+    }
     let state = match opts.split {
         EvalSplit::All => None,
         EvalSplit::Val => {
@@ -265,7 +196,7 @@ pub fn evaluate(opts: &EvalOptions) -> Result<EvalReport> {
             Some(TrainState::from_dir(&loaded.dir)?)
         }
     };
-    let catalog = load_catalog(&opts.source, &LoadOptions::default())?;
+    let catalog = load_catalog(&source, &LoadOptions::default())?;
     if let Some(w) = catalog.duplicate_warning() {
         warn(w);
     }
@@ -335,33 +266,24 @@ pub fn evaluate(opts: &EvalOptions) -> Result<EvalReport> {
         pb.inc(n as u64);
     }
     pb.finish_and_clear();
-    // Scores.
-    let mut known: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    // Scores: the checkpoint's values (when its template is the one in use) and the
+    // catalog's.
+    let mut schema = match recorded {
+        Some(r) if r.template == template => r,
+        _ => CaptionSchema::from_template(template),
+    };
     for s in &catalog.samples {
         for (k, v) in &s.attributes {
-            known
-                .entry(k.clone())
-                .or_default()
-                .insert(v.trim().to_string());
+            schema.add_value(k, v);
         }
     }
-    let parsed: Vec<Option<BTreeMap<String, String>>> = texts
-        .iter()
-        .map(|t| parse_caption(&opts.template, t, &known))
-        .collect();
+    let parsed: Vec<Attributes> = texts.iter().map(|t| schema.parse(t)).collect();
     let exact = samples
         .iter()
         .zip(&texts)
         .filter(|(s, t)| s.caption.trim() == t.as_str())
         .count();
-    let columns: Vec<String> = template_pieces(&opts.template)
-        .into_iter()
-        .filter_map(|p| match p {
-            Piece::Column(c) => Some(c),
-            Piece::Text(_) => None,
-        })
-        .filter(|c| ATTRIBUTE_COLUMNS.contains(&c.as_str()) || !c.is_empty())
-        .collect();
+    let columns: Vec<String> = schema.fields.iter().map(|f| f.name.clone()).collect();
     let mut attributes = BTreeMap::new();
     for c in &columns {
         let truth: Vec<String> = samples
@@ -372,10 +294,8 @@ pub fn evaluate(opts: &EvalOptions) -> Result<EvalReport> {
                     .map_or(String::new(), |v| v.trim().to_string())
             })
             .collect();
-        let pred: Vec<Option<String>> = parsed
-            .iter()
-            .map(|p| p.as_ref().and_then(|m| m.get(c).cloned()))
-            .collect();
+        let pred: Vec<Option<String>> =
+            parsed.iter().map(|p| p.get(c).cloned().flatten()).collect();
         let correct = truth
             .iter()
             .zip(&pred)
@@ -403,7 +323,7 @@ fn write_predictions(
     path: &Path,
     samples: &[crate::data::Sample],
     texts: &[String],
-    parsed: &[Option<BTreeMap<String, String>>],
+    parsed: &[Attributes],
     columns: &[String],
 ) -> Result<()> {
     let csv_err = |e: csv::Error| Error::Csv {
@@ -431,11 +351,11 @@ fn write_predictions(
             t.clone(),
             (s.caption.trim() == t.as_str()).to_string(),
         ];
-        row.extend(columns.iter().map(|c| {
-            p.as_ref()
-                .and_then(|m| m.get(c).cloned())
-                .unwrap_or_default()
-        }));
+        row.extend(
+            columns
+                .iter()
+                .map(|c| p.get(c).cloned().flatten().unwrap_or_default()),
+        );
         w.write_record(&row).map_err(csv_err)?;
     }
     w.flush().map_err(|e| Error::io(path, e))
@@ -479,29 +399,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_multi_word_values() {
-        let t = crate::data::DEFAULT_TEMPLATE;
-        let mut known: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-        known
-            .entry("Colour".into())
-            .or_default()
-            .extend(["Navy Blue".to_string(), "Blue".into()]);
-        known
-            .entry("Usage".into())
-            .or_default()
-            .extend(["Smart Casual".to_string(), "Casual".into()]);
-        let p = parse_caption(
-            t,
-            "Navy Blue Smart Casual Tshirts for Women - Apparel Topwear",
-            &known,
-        )
-        .expect("parses");
-        assert_eq!(p["Colour"], "Navy Blue");
-        assert_eq!(p["Usage"], "Smart Casual");
-        assert_eq!(p["ProductType"], "Tshirts");
-        assert_eq!(p["Gender"], "Women");
-        assert_eq!(p["SubCategory"], "Topwear");
-        assert!(parse_caption(t, "garbage", &known).is_none());
+    fn macro_f1_averages_over_every_label() {
         let f1 = macro_f1(
             &["a".into(), "b".into()],
             &[Some("a".into()), Some("a".into())],

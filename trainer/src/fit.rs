@@ -44,6 +44,7 @@ use crate::error::{Error, Result};
 use crate::optim::{cosine_lr, step_lr, AdamW, AdamWParams};
 use crate::params::{NewInit, ParamStore};
 use crate::preset::{self, Preset};
+use moda_models::schema::CaptionSchema;
 
 /// The training state file of a checkpoint.
 pub const STATE_FILE: &str = "training_state.json";
@@ -1292,6 +1293,7 @@ fn fit_in(cfg: &FitConfig, opts: &FitOptions) -> Result<FitReport> {
         &opts.out,
         &opts.device,
     )?;
+    trainee.ckpt.schema = caption_schema(&opts.source, &catalog, &split);
     let data = prepare_data(&catalog, &trainee, &cfg, opts)?;
     let optimizer = new_optimizer(&trainee, &cfg, &state, resume_dir.as_deref(), &opts.device)?;
     trainee
@@ -1320,6 +1322,24 @@ fn fit_in(cfg: &FitConfig, opts: &FitOptions) -> Result<FitReport> {
         state: run.state,
         out: opts.out.clone(),
     })
+}
+
+/// The caption schema a checkpoint records: the Kaggle layout's caption template with each
+/// field's values counted over the training split (what the model was taught to write);
+/// `None` for a CSV of free captions, which has no template.
+pub fn caption_schema(
+    source: &CatalogSource,
+    catalog: &Catalog,
+    split: &Split,
+) -> Option<CaptionSchema> {
+    match source {
+        CatalogSource::Kaggle { template, .. } => Some(CaptionSchema::from_rows(
+            template.clone(),
+            split.train.iter().map(|&i| &catalog.samples[i]),
+            |s, field| s.attributes.get(field).cloned(),
+        )),
+        CatalogSource::Csv { .. } => None,
+    }
 }
 
 /// Where a run's messages go: progress lines to stderr when asked for; warnings always, and
@@ -1592,6 +1612,8 @@ struct Run<'a> {
     /// The state at the last optimizer-step boundary (what an interruption saves).
     boundary: TrainState,
     log: Log,
+    /// Where the current epoch's time goes (the epoch's metrics record).
+    profile: crate::profile::EpochProfile,
 }
 
 impl<'a> Run<'a> {
@@ -1637,17 +1659,18 @@ impl<'a> Run<'a> {
             state,
             boundary,
             log,
+            profile: crate::profile::EpochProfile::start(),
         }
     }
 
     /// Trains epoch after epoch to the last, or until `max_steps` or the stop flag.
     fn train(&mut self) -> Result<FitEnd> {
         while self.state.epoch < self.cfg.epochs {
-            let started = Instant::now();
+            self.profile = crate::profile::EpochProfile::start();
             if let Some(end) = self.train_epoch()? {
                 return Ok(end);
             }
-            self.end_epoch(started)?;
+            self.end_epoch()?;
         }
         Ok(FitEnd::Finished)
     }
@@ -1676,7 +1699,9 @@ impl<'a> Run<'a> {
             }
             let b = self.state.batch_pos;
             let idx = &order[b * bs..((b + 1) * bs).min(order.len())];
+            let t = Instant::now();
             let loss = self.micro_batch(epoch, b, idx)?;
+            self.profile.micro_batches += t.elapsed();
             if !loss.is_finite() {
                 pb.abandon_with_message("non-finite loss");
                 return Err(self.non_finite_loss(loss));
@@ -1686,7 +1711,9 @@ impl<'a> Run<'a> {
             self.state.epoch_loss_count += 1;
             window.add(idx.len(), loss);
             if window.micro_batches == self.cfg.grad_accum || self.state.batch_pos == self.batches {
+                let t = Instant::now();
                 let summary = self.optimizer_step(&window)?;
+                self.profile.optimizer += t.elapsed();
                 pb.set_message(summary);
                 window = StepWindow::new();
                 self.boundary = self.state.clone();
@@ -1809,10 +1836,11 @@ impl<'a> Run<'a> {
         }
     }
 
-    /// The end of an epoch that began at `started`: validation loss, the epoch's record (metrics file, history),
+    /// The end of an epoch: validation loss, the epoch's record (metrics file, history),
     /// checkpoints `best/` (when the validation loss improved) and `last/`, the loss plot.
-    fn end_epoch(&mut self, started: Instant) -> Result<()> {
+    fn end_epoch(&mut self) -> Result<()> {
         let epoch = self.state.epoch;
+        let validation_started = Instant::now();
         let val_loss = evaluate_loss(
             &mut self.t.model,
             &self.data,
@@ -1824,6 +1852,7 @@ impl<'a> Run<'a> {
         if !val_loss.is_finite() {
             return Err(self.non_finite_loss(val_loss as f32));
         }
+        let validation = validation_started.elapsed();
         let lr = lr_at(&self.cfg, epoch, epoch as f64 + 0.5);
         let record = EpochRecord {
             epoch: epoch + 1,
@@ -1831,14 +1860,17 @@ impl<'a> Run<'a> {
             val_loss,
             lr,
             step: self.state.step,
-            seconds: started.elapsed().as_secs_f64(),
+            seconds: self.profile.elapsed().as_secs_f64(),
         };
+        // Where the epoch's time went; the checkpoints and the plot below come after this
+        // record, so its `other_s` is the main thread's own work between the parts measured.
+        let profile = self.profile.to_json(validation, self.profile.elapsed());
         append_metric(
             &self.opts.out,
             &serde_json::json!({
                 "kind": "epoch", "epoch": record.epoch, "step": record.step,
                 "train_loss": record.train_loss, "val_loss": record.val_loss,
-                "lr": lr, "seconds": record.seconds,
+                "lr": lr, "seconds": record.seconds, "profile": profile,
             }),
         )?;
         self.log.say(format!(

@@ -20,5 +20,6 @@ pub mod optim;
 pub mod params;
 pub mod plot;
 pub mod preset;
+pub mod profile;
 
 pub use error::{Error, Result};

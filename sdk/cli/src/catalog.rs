@@ -23,7 +23,7 @@
 //! complete record before anything is appended. Each record is appended with a single
 //! `write` of the whole line, so a stopped job loses at most the line it was writing.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::io::{BufRead, Read, Write};
 use std::path::{Path, PathBuf};
@@ -33,7 +33,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use serde::{Deserialize, Serialize};
 
 use moda_sdk::GenerationOptions;
-use moda_sdk::{Description, ImageInput, Moda, Timings};
+use moda_sdk::{Attribute, Description, ImageInput, Moda, Timings};
 
 /// File extensions (compared case-insensitively) that directory listings take as images.
 pub const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"];
@@ -382,6 +382,11 @@ pub enum Record {
         image_hex: Option<String>,
         /// The text.
         description: String,
+        /// The attributes read from the text with the bundle's caption schema: every field,
+        /// `{"value", "confidence"}` or `null` where the text yields no known value (see
+        /// `moda_sdk::attributes`). Left out for a bundle without a schema.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        attributes: Option<BTreeMap<String, Option<Attribute>>>,
         /// Generated token ids (the final `</s>` included when one was generated).
         token_ids: Vec<u32>,
         /// Log-probability of each generated token (`-inf`, which JSON cannot hold, is
@@ -421,6 +426,7 @@ impl Record {
             image: item.key.clone(),
             image_hex: item_hex(item),
             description: d.text.clone(),
+            attributes: d.attributes.clone(),
             token_ids: d.token_ids.clone(),
             logprobs: d.logprobs.clone(),
             timings_ms: TimingsMs::from(&d.timings),
@@ -921,7 +927,7 @@ pub fn run_job(
                 })
                 .collect(),
             Task::Embed { normalize } => moda
-                .embed_batch(&inputs, *normalize)?
+                .embed_batch(&inputs, moda_sdk::Norm::unit_if(*normalize))?
                 .into_iter()
                 .zip(chunk)
                 .map(|(r, it)| match r {

@@ -1,6 +1,11 @@
 //! What the `moda-sdk` command line runs over the SDK library (`moda_sdk`): [`catalog`] jobs
-//! (inputs from folders and CSVs, shards, the resumable JSON Lines output) and the [`bench`]mark.
-//! A program that embeds MODA needs neither; it links `moda_sdk` alone.
+//! (inputs from folders and CSVs, shards, the resumable JSON Lines output), the [`bench`]mark,
+//! `--shard auto` from a scheduler's environment ([`shard`]), the [`merge`] of a job's shard
+//! outputs and embeddings as a NumPy array ([`npy`]). A program that embeds MODA needs none of
+//! them; it links `moda_sdk` alone.
 
 pub mod bench;
 pub mod catalog;
+pub mod merge;
+pub mod npy;
+pub mod shard;

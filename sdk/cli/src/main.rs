@@ -1,7 +1,8 @@
-//! `moda-sdk`: describes and embeds product images with an exported bundle, benchmarks a
-//! bundle and shows what it holds. Arguments in, calls into the `moda_sdk` library and this
-//! crate's `catalog` (jobs) and `bench` (measurements), errors printed with `{:#}` and an exit
-//! code out (the scheme `--help` states, shared by `trainer` and `exporter`).
+//! `moda-sdk`: describes and embeds product images with an exported bundle, merges the
+//! outputs of a sharded job, benchmarks a bundle and shows what it holds. Arguments in, calls
+//! into the `moda_sdk` library and this crate's `catalog` (jobs), `shard` (`--shard auto`),
+//! `merge`, `npy` (`.npy` output) and `bench` (measurements), errors printed with `{:#}` and
+//! an exit code out (the scheme `--help` states, shared by `trainer` and `exporter`).
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -14,8 +15,11 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use moda_cli::bench::{bench, BenchOptions, BenchReport};
 use moda_cli::catalog::{
-    list_csv, list_paths, run_job, CatalogError, JobHeader, Record, ResumableOutput, Shard, Task,
+    list_csv, list_paths, run_job, CatalogError, CatalogItem, JobHeader, JobSummary, Listing,
+    Record, ResumableOutput, Shard, Task,
 };
+use moda_cli::npy::{is_npy, NpyOutput};
+use moda_cli::shard::ShardArg;
 use moda_sdk::manifest::{Manifest, TensorInfo, MANIFEST_FILE};
 use moda_sdk::{read_manifest, GenerationOptions, ImageInput, Moda, OpenOptions};
 
@@ -35,6 +39,13 @@ Exit status:
 
 const EXIT_CODES: &str = exit_codes!();
 
+/// The job finished, but some images failed or some CSV rows named none.
+const EXIT_PARTIAL: u8 = 1;
+/// The command failed (usage, bundle, ONNX Runtime, input list or output file).
+const EXIT_FAILED: u8 = 2;
+/// Stopped by Ctrl-C.
+const EXIT_INTERRUPTED: u8 = 130;
+
 const AFTER_JOB: &str = concat!(
     "\
 Output:
@@ -52,6 +63,12 @@ Output:
                   while a job writes it; a job with another shard, options or model is
                   refused, and so is a file of records without the header. Give each
                   --shard its own FILE; `-` (standard input) cannot go with --output.
+  --output FILE.npy  embed only: the embeddings as a NumPy float32 array (n, d), and beside
+                  it FILE.images.jsonl: line i is {\"image\", \"row\": i} for row i; after
+                  the rows, one {\"image\", \"error\"} per failed image (which has no row).
+                  Written to temporary files and renamed into place when the job ends; not
+                  resumable (a stopped job writes nothing). With --shard, give each shard its
+                  own FILE.npy, or write JSON Lines and `moda-sdk merge -o FILE.npy` them.
 
 \"image\" is the path as given (or found under a directory given), or the CSV cell as written.
 A file name that is not UTF-8 shows there with U+FFFD for its bad bytes; its exact bytes are
@@ -87,6 +104,10 @@ enum Command {
     /// Show what a bundle's manifest says and which ONNX Runtime library would be loaded.
     #[command(after_help = EXIT_CODES)]
     Info(InfoArgs),
+    /// Join the --output files of the shards of one job into one, checking that they are
+    /// shards 0..N-1 of the same job and hold each image exactly once.
+    #[command(after_help = AFTER_MERGE)]
+    Merge(MergeArgs),
 }
 
 #[derive(Args)]
@@ -143,9 +164,17 @@ struct JobArgs {
     #[arg(long, value_name = "FILE")]
     output: Option<PathBuf>,
     /// Run only shard I of N (0 <= I < N): the images at positions p with p % N == I, so
-    /// that N processes given the same inputs split them.
-    #[arg(long, value_name = "I/N")]
-    shard: Option<Shard>,
+    /// that N processes given the same inputs split them. `auto` takes I and N from a job
+    /// scheduler: a Slurm job array (SLURM_ARRAY_TASK_ID minus SLURM_ARRAY_TASK_MIN, of
+    /// SLURM_ARRAY_TASK_COUNT) or a Kubernetes Indexed Job (JOB_COMPLETION_INDEX, of
+    /// --shard-count or $MODA_SHARD_COUNT); missing or inconsistent values are an error.
+    /// `moda-sdk merge` joins the shards' outputs.
+    #[arg(long, value_name = "I/N|auto")]
+    shard: Option<ShardArg>,
+    /// With --shard auto: how many shards (a Kubernetes Indexed Job's spec.completions;
+    /// default $MODA_SHARD_COUNT). Under Slurm it must equal the array's task count.
+    #[arg(long, value_name = "N", value_parser = positive)]
+    shard_count: Option<usize>,
     /// Images run through the model together (at most 1024).
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = batch_size)]
     batch_size: usize,
@@ -193,6 +222,10 @@ struct GenArgs {
     /// Beam search: hypotheses score sum(logprobs) / length^X [default: 1.0].
     #[arg(long, value_name = "X")]
     length_penalty: Option<f32>,
+    /// Stop a description once its text holds TEXT, and end it before TEXT (repeatable, as
+    /// transformers' stop_strings) [default: the bundle's generation.stop_strings].
+    #[arg(long = "stop-string", value_name = "TEXT")]
+    stop_strings: Vec<String>,
 }
 
 impl GenArgs {
@@ -210,6 +243,7 @@ impl GenArgs {
             repetition_penalty: self.repetition_penalty.unwrap_or(d.repetition_penalty),
             no_repeat_ngram_size: self.no_repeat_ngram_size.unwrap_or(d.no_repeat_ngram_size),
             length_penalty: self.length_penalty.unwrap_or(d.length_penalty),
+            stop_strings: (!self.stop_strings.is_empty()).then(|| self.stop_strings.clone()),
         }
     }
 }
@@ -325,6 +359,7 @@ fn main() -> ExitCode {
         ),
         Command::Bench(a) => run_bench(&a),
         Command::Info(a) => info(&a),
+        Command::Merge(a) => merge(&a),
     };
     match result {
         Ok(code) => code,
@@ -334,7 +369,7 @@ fn main() -> ExitCode {
                 return ExitCode::SUCCESS;
             }
             eprintln!("moda-sdk: error: {e:#}");
-            ExitCode::from(2)
+            ExitCode::from(EXIT_FAILED)
         }
     }
 }
@@ -377,11 +412,9 @@ fn resolve_model(arg: Option<&Path>) -> anyhow::Result<PathBuf> {
 
 fn open_model(args: &ModelArgs) -> anyhow::Result<Moda> {
     let dir = resolve_model(args.model.as_deref())?;
-    let opts = OpenOptions {
-        intra_threads: args.threads,
-        verify_checksums: args.verify_checksums,
-        ..Default::default()
-    };
+    let opts = OpenOptions::default()
+        .with_intra_threads(args.threads)
+        .with_verify_checksums(args.verify_checksums);
     let moda = Moda::open(&dir, &opts)?;
     if let Some(asked) = args.threads.filter(|&n| n > moda.intra_threads()) {
         eprintln!(
@@ -395,12 +428,74 @@ fn open_model(args: &ModelArgs) -> anyhow::Result<Moda> {
 }
 
 /// `describe` and `embed`.
+/// Runs a catalog job (describe or embed) and reports it: the named steps below, in order.
 fn job(
     model: &ModelArgs,
     input: &InputArgs,
     job: &JobArgs,
     task: Task,
 ) -> anyhow::Result<ExitCode> {
+    let shard = resolve_shard(job)?;
+    if job.output.as_deref().is_some_and(is_npy) && !matches!(task, Task::Embed { .. }) {
+        bail!(
+            "--output FILE.npy holds embeddings: it goes with `embed` (describe writes JSON Lines)"
+        );
+    }
+    let listing = list_inputs(input, job, &task)?;
+    let items = shard.select(listing.items.clone());
+    // The model first: a bundle that cannot be opened leaves no output file behind.
+    let moda = open_model(model)?;
+    if let Task::Describe(opts) = &task {
+        let max_new = opts
+            .max_new_tokens
+            .unwrap_or(moda.manifest().generation.max_new_tokens);
+        opts.validate(max_new)?;
+    }
+    let npy = npy_output(job, &moda, items.len())?;
+    let resume = match npy {
+        // A .npy output is written whole each time (not resumed).
+        Some(_) => Resume {
+            output: None,
+            todo: items.clone(),
+            earlier_failures: 0,
+        },
+        None => resume_output(job, &moda, &task, shard, &items)?,
+    };
+    let stop = stop_on_ctrl_c();
+    let bar = progress_bar(resume.todo.len() as u64, job.quiet, task.name());
+    let mut sink = RecordSink {
+        npy,
+        output: resume.output,
+        json: job.json,
+        quiet: job.quiet,
+        bar: &bar,
+    };
+    let summary = run_job(
+        &moda,
+        &resume.todo,
+        &task,
+        job.batch_size,
+        &stop,
+        &mut |r| sink.emit(r),
+    )?;
+    bar.finish_and_clear();
+    if let Some(npy) = sink.npy.take().filter(|_| !summary.interrupted) {
+        finish_npy(npy, job.quiet)?;
+    }
+    let report = JobReport {
+        task: &task,
+        listed: items.len(),
+        todo: resume.todo.len(),
+        earlier_failures: resume.earlier_failures,
+        skipped_rows: listing.skipped.len(),
+        resumable: job.output.as_deref().is_some_and(|p| !is_npy(p)),
+    };
+    Ok(report.finish(&summary, job.quiet))
+}
+
+/// The images of a job (a CSV column or files and folders), with the skipped rows reported;
+/// an empty list is an error that says why.
+fn list_inputs(input: &InputArgs, job: &JobArgs, task: &Task) -> anyhow::Result<Listing> {
     let listing = match (&input.csv, &input.image_column) {
         (Some(csv), Some(col)) => list_csv(csv, col, input.root.as_deref())?,
         (Some(_), None) => bail!("--csv needs --image-column"),
@@ -435,132 +530,178 @@ fn job(
              not tell one piped image from another"
         );
     }
-    let shard = job.shard.unwrap_or(Shard::ALL);
-    let items = shard.select(listing.items);
+    Ok(listing)
+}
 
-    // The model first: a bundle that cannot be opened leaves no output file behind.
-    let moda = open_model(model)?;
-    if let Task::Describe(opts) = &task {
-        let max_new = opts
-            .max_new_tokens
-            .unwrap_or(moda.manifest().generation.max_new_tokens);
-        opts.validate(max_new)?;
-    }
+/// What is left to do after what `--output` already records.
+struct Resume {
+    output: Option<ResumableOutput>,
+    todo: Vec<CatalogItem>,
+    /// Images the output records as failed (they count in the exit status).
+    earlier_failures: usize,
+}
 
-    let mut output = None;
-    let mut earlier_failures = 0;
-    let mut todo = items.clone();
-    if let Some(path) = &job.output {
-        let header = JobHeader::new(&moda, &task, shard);
-        let (out, recorded) = ResumableOutput::open(path, &header)?;
-        if recorded.truncated_bytes > 0 && !job.quiet {
-            eprintln!(
-                "moda-sdk: cut off an incomplete last line ({} bytes) of {}",
-                recorded.truncated_bytes,
-                path.display()
-            );
-        }
-        earlier_failures = items
-            .iter()
-            .filter(|it| recorded.images.get(&it.identity()) == Some(&true))
-            .count();
-        todo.retain(|it| !recorded.images.contains_key(&it.identity()));
-        if !job.quiet && todo.len() < items.len() {
-            eprintln!(
-                "moda-sdk: {} of {} images already in {}; {} to go",
-                items.len() - todo.len(),
-                items.len(),
-                path.display(),
-                todo.len()
-            );
-        }
-        output = Some(out);
-    }
-
-    let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = stop.clone();
-        // A first Ctrl-C finishes the batch in flight; a second one stops at once.
-        let installed = ctrlc::set_handler(move || {
-            if stop.swap(true, Ordering::SeqCst) {
-                std::process::exit(130);
-            }
+/// Opens `--output` (if given), skipping the images it already records.
+fn resume_output(
+    job: &JobArgs,
+    moda: &Moda,
+    task: &Task,
+    shard: Shard,
+    items: &[CatalogItem],
+) -> anyhow::Result<Resume> {
+    let Some(path) = &job.output else {
+        return Ok(Resume {
+            output: None,
+            todo: items.to_vec(),
+            earlier_failures: 0,
         });
-        if let Err(e) = installed {
-            eprintln!("moda-sdk: warning: cannot catch Ctrl-C: {e}");
-        }
+    };
+    let header = JobHeader::new(moda, task, shard);
+    let (out, recorded) = ResumableOutput::open(path, &header)?;
+    if recorded.truncated_bytes > 0 && !job.quiet {
+        eprintln!(
+            "moda-sdk: cut off an incomplete last line ({} bytes) of {}",
+            recorded.truncated_bytes,
+            path.display()
+        );
     }
+    let earlier_failures = items
+        .iter()
+        .filter(|it| recorded.images.get(&it.identity()) == Some(&true))
+        .count();
+    let todo: Vec<CatalogItem> = items
+        .iter()
+        .filter(|it| !recorded.images.contains_key(&it.identity()))
+        .cloned()
+        .collect();
+    if !job.quiet && todo.len() < items.len() {
+        eprintln!(
+            "moda-sdk: {} of {} images already in {}; {} to go",
+            items.len() - todo.len(),
+            items.len(),
+            path.display(),
+            todo.len()
+        );
+    }
+    Ok(Resume {
+        output: Some(out),
+        todo,
+        earlier_failures,
+    })
+}
 
-    let bar = progress_bar(todo.len() as u64, job.quiet, task.name());
-    let stdout = std::io::stdout();
-    let mut emit = |r: &Record| -> std::io::Result<()> {
-        let text_mode = output.is_none() && !job.json;
+/// A flag a first Ctrl-C sets (the job finishes the batch in flight, then stops); a second
+/// Ctrl-C exits at once.
+fn stop_on_ctrl_c() -> Arc<AtomicBool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let installed = ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(EXIT_INTERRUPTED.into());
+        }
+    });
+    if let Err(e) = installed {
+        eprintln!("moda-sdk: warning: cannot catch Ctrl-C: {e}");
+    }
+    stop
+}
+
+/// Where a job's records go: `--output` (JSON Lines), or stdout as JSON or text; failures
+/// also to stderr unless quiet (always in text mode, where stdout has no place for them).
+struct RecordSink<'a> {
+    /// `--output FILE.npy` (embed): rows of an array instead of records.
+    npy: Option<NpyOutput>,
+    output: Option<ResumableOutput>,
+    json: bool,
+    quiet: bool,
+    bar: &'a ProgressBar,
+}
+
+impl RecordSink<'_> {
+    fn emit(&mut self, r: &Record) -> std::io::Result<()> {
+        let text_mode = self.output.is_none() && self.npy.is_none() && !self.json;
         if let Record::Error { image, error, .. } = r {
-            if text_mode || !job.quiet {
-                bar.suspend(|| eprintln!("{}\terror: {}", one_line(image), one_line(error)));
+            if text_mode || !self.quiet {
+                self.bar
+                    .suspend(|| eprintln!("{}\terror: {}", one_line(image), one_line(error)));
             }
         }
-        match &mut output {
-            Some(out) => out.append(r)?,
-            None => {
-                let line = if job.json {
+        match (&mut self.npy, &mut self.output) {
+            (Some(npy), _) => npy.push(r)?,
+            (None, Some(out)) => out.append(r)?,
+            (None, None) => {
+                let line = if self.json {
                     Some(r.to_json())
                 } else {
                     text_line(r)
                 };
                 if let Some(line) = line {
-                    bar.suspend(|| -> std::io::Result<()> {
-                        let mut out = stdout.lock();
+                    self.bar.suspend(|| -> std::io::Result<()> {
+                        let mut out = std::io::stdout().lock();
                         writeln!(out, "{line}")?;
                         out.flush()
                     })?;
                 }
             }
         }
-        bar.inc(1);
+        self.bar.inc(1);
         Ok(())
-    };
-    let summary = run_job(&moda, &todo, &task, job.batch_size, &stop, &mut emit)?;
-    bar.finish_and_clear();
+    }
+}
 
-    let failed = summary.failed + earlier_failures;
-    if !job.quiet {
-        let mut msg = format!(
-            "moda-sdk: {} images: {} {}, {} failed",
-            summary.done,
-            summary.done - summary.failed,
-            match task {
-                Task::Describe(_) => "described",
-                Task::Embed { .. } => "embedded",
-            },
-            summary.failed
-        );
-        if items.len() > todo.len() {
-            msg += &format!(
-                "; {} recorded earlier ({earlier_failures} failed)",
-                items.len() - todo.len()
+/// What a finished (or stopped) job says on stderr, and its exit status.
+struct JobReport<'a> {
+    task: &'a Task,
+    /// Images in this shard.
+    listed: usize,
+    /// Images this run set out to do (the rest were recorded earlier).
+    todo: usize,
+    earlier_failures: usize,
+    skipped_rows: usize,
+    resumable: bool,
+}
+
+impl JobReport<'_> {
+    fn finish(&self, summary: &JobSummary, quiet: bool) -> ExitCode {
+        if !quiet {
+            let mut msg = format!(
+                "moda-sdk: {} images: {} {}, {} failed",
+                summary.done,
+                summary.done - summary.failed,
+                match self.task {
+                    Task::Describe(_) => "described",
+                    Task::Embed { .. } => "embedded",
+                },
+                summary.failed
             );
-        }
-        eprintln!("{msg}");
-    }
-    if summary.interrupted {
-        eprintln!(
-            "moda-sdk: interrupted after {} of {} images{}",
-            summary.done,
-            todo.len(),
-            if job.output.is_some() {
-                "; run the same command again to go on"
-            } else {
-                ""
+            if self.listed > self.todo {
+                msg += &format!(
+                    "; {} recorded earlier ({} failed)",
+                    self.listed - self.todo,
+                    self.earlier_failures
+                );
             }
-        );
-        return Ok(ExitCode::from(130));
+            eprintln!("{msg}");
+        }
+        if summary.interrupted {
+            eprintln!(
+                "moda-sdk: interrupted after {} of {} images{}",
+                summary.done,
+                self.todo,
+                if self.resumable {
+                    "; run the same command again to go on"
+                } else {
+                    ""
+                }
+            );
+            return ExitCode::from(EXIT_INTERRUPTED);
+        }
+        if summary.failed + self.earlier_failures > 0 || self.skipped_rows > 0 {
+            ExitCode::from(EXIT_PARTIAL)
+        } else {
+            ExitCode::SUCCESS
+        }
     }
-    Ok(if failed > 0 || !listing.skipped.is_empty() {
-        ExitCode::from(1)
-    } else {
-        ExitCode::SUCCESS
-    })
 }
 
 fn progress_bar(len: u64, quiet: bool, what: &str) -> ProgressBar {
@@ -710,7 +851,7 @@ fn info(a: &InfoArgs) -> anyhow::Result<ExitCode> {
             if !a.json {
                 eprintln!("moda-sdk: error: {e}");
             }
-            Ok(ExitCode::from(2))
+            Ok(ExitCode::from(EXIT_FAILED))
         }
     }
 }
@@ -755,6 +896,22 @@ fn print_info(
         "generation    max_new_tokens {}, num_beams {}, do_sample {}",
         g.max_new_tokens, g.num_beams, g.do_sample
     );
+    if !g.stop_strings.is_empty() {
+        let stops: Vec<String> = g.stop_strings.iter().map(|t| format!("{t:?}")).collect();
+        println!("stop strings  {}", one_line(&stops.join(", ")));
+    }
+    match &m.schema {
+        Some(schema) => {
+            println!(
+                "schema        {}",
+                one_line(&format!("{:?}", schema.template.as_str()))
+            );
+            for f in &schema.fields {
+                println!("  {:<14} {} values", one_line(&f.name), f.values.len());
+            }
+        }
+        None => println!("schema        none (descriptions are text only, without attributes)"),
+    }
     println!("tokens        bos {}, eos {}, pad {}", s.bos, s.eos, s.pad);
     println!("tokenizer     {}", one_line(&m.tokenizer));
     println!("graphs");
@@ -796,5 +953,159 @@ fn print_info(
     match runtime {
         Ok(lib) => println!("onnxruntime   {}", lib.display()),
         Err(_) => println!("onnxruntime   cannot be loaded (see below)"),
+    }
+}
+
+/// The shard of this job: `--shard i/n`, `--shard auto` from the scheduler's environment (said
+/// on stderr unless quiet), or the whole list.
+fn resolve_shard(job: &JobArgs) -> anyhow::Result<Shard> {
+    let env = |k: &str| std::env::var(k).ok();
+    let resolved =
+        moda_cli::shard::resolve(job.shard, job.shard_count, &env).map_err(anyhow::Error::msg)?;
+    Ok(match resolved {
+        Some(r) => {
+            if job.shard == Some(ShardArg::Auto) && !job.quiet {
+                eprintln!("moda-sdk: shard {} (from {})", r.shard, r.source);
+            }
+            r.shard
+        }
+        None => Shard::ALL,
+    })
+}
+
+/// `--output FILE.npy` of an embed job, for at most `rows` rows of the bundle's embedding.
+fn npy_output(job: &JobArgs, moda: &Moda, rows: usize) -> anyhow::Result<Option<NpyOutput>> {
+    match job.output.as_deref().filter(|p| is_npy(p)) {
+        Some(path) => {
+            let dim = moda.manifest().model.projection_dim;
+            Ok(Some(NpyOutput::create(path, dim, rows)?))
+        }
+        None => Ok(None),
+    }
+}
+
+/// Puts a finished `.npy` output (and its images file) in place.
+fn finish_npy(npy: NpyOutput, quiet: bool) -> anyhow::Result<()> {
+    let (rows, path, images) = (
+        npy.rows(),
+        npy.path().to_path_buf(),
+        npy.images_path().to_path_buf(),
+    );
+    npy.finish()?;
+    if !quiet {
+        eprintln!(
+            "moda-sdk: wrote {rows} embeddings to {} (their images in {})",
+            path.display(),
+            images.display()
+        );
+    }
+    Ok(())
+}
+
+const AFTER_MERGE: &str = "\
+Checks, before writing anything:
+  - every SHARD_OUTPUT starts with its job header, and the headers are those of one job
+    (task, options, model) but for the shard; the shards are 0/N .. N-1/N, each once
+  - no file ends in an incomplete line, and no job is still writing one (locked)
+  - no image is recorded twice
+  - given the job's inputs (--csv/--image-column/--root, or --image): every image listed is
+    recorded, in the shard its position puts it in, and nothing else is (missing and extra
+    images are listed)
+Any problem refuses the merge (exit status 2) and writes nothing. Otherwise OUT gets the
+records as they were, in catalog order (given the inputs; else the first record of each shard,
+then the second of each, ...), after the header {\"moda_job\": {..., \"shard\": \"0/1\",
+\"merged_shards\": N}}: the output of the whole job, which `--output OUT` without --shard
+resumes. It is written to a temporary file and renamed into place. OUT ending in .npy (embed
+shards): the embeddings as a NumPy array and OUT's .images.jsonl beside it, as `embed
+--output FILE.npy` writes them.
+
+Exit status:
+  0    merged
+  1    merged, but the records include failed images (or a CSV row named no image)
+  2    refused (see the problems listed), or a file could not be read or written
+";
+
+/// `moda-sdk merge`.
+#[derive(Args)]
+struct MergeArgs {
+    /// The --output files of a sharded job's `describe` or `embed` runs (any order).
+    #[arg(value_name = "SHARD_OUTPUT", required = true)]
+    inputs: Vec<PathBuf>,
+    /// The merged file (an option, never the first file of a glob, so that no shard output
+    /// is overwritten by mistake). Ending in .npy: the embeddings as a NumPy array.
+    #[arg(long, short, value_name = "OUT")]
+    output: PathBuf,
+    /// Check against the job's images: a file or directory, as given to the job (repeatable,
+    /// in the job's order).
+    #[arg(
+        long = "image",
+        value_name = "PATH",
+        conflicts_with = "csv",
+        help_heading = "Input"
+    )]
+    images: Vec<PathBuf>,
+    /// Check against the job's CSV catalog (as given to the job).
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "image_column",
+        help_heading = "Input"
+    )]
+    csv: Option<PathBuf>,
+    /// With --csv: the column holding the image paths.
+    #[arg(long, value_name = "COL", requires = "csv", help_heading = "Input")]
+    image_column: Option<String>,
+    /// With --csv: the directory relative image paths start from, as given to the job.
+    #[arg(long, value_name = "DIR", requires = "csv", help_heading = "Input")]
+    root: Option<PathBuf>,
+    /// No summary on stderr (problems are still listed).
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+fn merge(a: &MergeArgs) -> anyhow::Result<ExitCode> {
+    let listing = match (&a.csv, &a.image_column) {
+        (Some(csv), Some(col)) => Some(list_csv(csv, col, a.root.as_deref())?),
+        _ if !a.images.is_empty() => Some(list_paths(&a.images)?),
+        _ => None,
+    };
+    let skipped = listing.as_ref().map_or(0, |l| l.skipped.len());
+    if !a.quiet {
+        for s in listing.iter().flat_map(|l| &l.skipped) {
+            eprintln!("moda-sdk: skipped: {s}");
+        }
+    }
+    let items = listing.as_ref().map(|l| l.items.as_slice());
+    match moda_cli::merge::merge(&a.output, &a.inputs, items) {
+        Ok(r) => {
+            if !a.quiet {
+                eprintln!(
+                    "moda-sdk: merged {} shards of a `{}` job into {}: {} images, {} failed{}",
+                    r.shards,
+                    r.task,
+                    a.output.display(),
+                    r.records,
+                    r.failed,
+                    if items.is_some() {
+                        ", each listed image once"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            Ok(if r.failed > 0 || skipped > 0 {
+                ExitCode::from(EXIT_PARTIAL)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        Err(moda_cli::merge::MergeError::Refused(problems)) => {
+            eprintln!("moda-sdk: merge refused, nothing written:");
+            for p in problems {
+                eprintln!("  {p}");
+            }
+            Ok(ExitCode::from(EXIT_FAILED))
+        }
+        Err(e) => Err(e.into()),
     }
 }

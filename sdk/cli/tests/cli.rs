@@ -16,7 +16,7 @@ use std::process::{Command, Output};
 use std::sync::OnceLock;
 
 use moda_cli::catalog::Record;
-use moda_sdk::{GenerationOptions, ImageInput, Moda, OpenOptions};
+use moda_sdk::{GenerationOptions, ImageInput, Moda, Norm, OpenOptions};
 use serde_json::Value;
 
 /// A path under `tests/fixtures` (the workspace's `tests` crate).
@@ -41,6 +41,8 @@ fn bundle() -> &'static Path {
             decoder: fixture("opt_preln").display().to_string(),
             quantize: exporter::Quantize::None,
             max_new_tokens: exporter::DEFAULT_MAX_NEW_TOKENS,
+            caption_template: None,
+            catalog: None,
             force: true,
             verify: true,
         };
@@ -920,7 +922,7 @@ fn embed_json_equals_the_library() {
             assert_eq!(v["image"], s(p));
             let got = floats(v, "embedding");
             let want = moda()
-                .embed(&ImageInput::Path(p), normalize)
+                .embed(&ImageInput::Path(p), Norm::unit_if(normalize))
                 .expect("library");
             assert_eq!(got.len(), dim);
             // f32 through JSON round-trips exactly; the same graph on the same input.
@@ -940,7 +942,7 @@ fn embed_json_equals_the_library() {
     assert_eq!(
         nums,
         moda()
-            .embed(&ImageInput::Path(&photo), false)
+            .embed(&ImageInput::Path(&photo), Norm::Raw)
             .expect("library")
     );
 }
@@ -1466,4 +1468,746 @@ fn batch_and_bench_sizes_are_bounded() {
     std::os::unix::fs::symlink("/etc/hostname", &tok).expect("symlink");
     let o = run_env(&["info", "--model", &s(d.path())], &[]);
     assert!(stdout(&o).contains("REFUSED"), "{}", stdout(&o));
+}
+
+/// The recipe fixture exported with a caption schema derived from a catalog CSV
+/// (`--caption-template "{Head} {Tail}" --catalog CSV`), whose rows are the photo's own
+/// greedy description split at its first space, plus decoys: a shorter prefix of the head
+/// (an ambiguous prefix) and values the model never writes. Returns the bundle and the
+/// photo's description (the free text of the plain fixture bundle).
+fn schema_bundle() -> &'static (PathBuf, String) {
+    static B: OnceLock<(PathBuf, String)> = OnceLock::new();
+    B.get_or_init(|| {
+        let text = moda()
+            .describe(
+                &ImageInput::Path(&image("photo.jpg")),
+                &GenerationOptions::default(),
+            )
+            .expect("describe")
+            .text;
+        let (head, tail) = text.trim().split_once(' ').expect("a space in the text");
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("sdk-cli-schema");
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let q = |v: &str| format!("\"{}\"", v.replace('"', "\"\""));
+        let short: String = head.chars().take(2).collect();
+        let csv = format!(
+            "Head,Tail,Other\n{},{},a\n{},{},b\n{},zzz,c\n{},{},d\n,{},e\n",
+            q(head),
+            q(tail),
+            q(head),
+            q(tail),
+            q(&short),
+            q("Navy"),
+            q("never written"),
+            q(tail),
+        );
+        let catalog = dir.join("catalog.csv");
+        std::fs::write(&catalog, csv).expect("write catalog");
+        let out = dir.join("bundle");
+        let opts = exporter::ExportOptions {
+            checkpoint: fixture("moda/fashion_opt.pth"),
+            out: out.clone(),
+            encoder: fixture("clip_gelu").display().to_string(),
+            decoder: fixture("opt_preln").display().to_string(),
+            quantize: exporter::Quantize::None,
+            max_new_tokens: exporter::DEFAULT_MAX_NEW_TOKENS,
+            caption_template: Some("{Head} {Tail}".to_string()),
+            catalog: Some(catalog),
+            force: true,
+            verify: false,
+        };
+        if let Err(e) = exporter::export_onnx(&opts) {
+            panic!(
+                "export the recipe fixture with a schema to {}: {e}",
+                out.display()
+            );
+        }
+        (out, text)
+    })
+}
+
+#[test]
+fn info_shows_the_schema_and_the_default_stop_string() {
+    // The plain recipe bundle: no schema, `<\s>` as its default stop string.
+    let o = run("info", &["--json"]);
+    expect_code(&o, 0);
+    let v: Value = serde_json::from_str(stdout(&o).trim()).expect("one JSON object");
+    assert!(v.get("schema").is_none(), "{v}");
+    assert_eq!(
+        v["generation"]["stop_strings"],
+        serde_json::json!(["<\\s>"])
+    );
+    let out = stdout(&run("info", &[]));
+    assert!(out.contains("stop strings  \"<\\\\s>\""), "{out}");
+    assert!(out.contains("schema        none"), "{out}");
+
+    // The bundle with a schema derived from the catalog: the rows that fill every field.
+    let (bundle, text) = schema_bundle();
+    let (head, tail) = text.trim().split_once(' ').expect("space");
+    let b = s(bundle);
+    let o = run_env(&["info", "--model", &b, "--json"], &[]);
+    expect_code(&o, 0);
+    let v: Value = serde_json::from_str(stdout(&o).trim()).expect("one JSON object");
+    let schema = &v["schema"];
+    assert_eq!(schema["template"], "{Head} {Tail}");
+    let fields = schema["fields"].as_array().expect("fields");
+    assert_eq!(fields.len(), 2);
+    assert_eq!(fields[0]["name"], "Head");
+    // Most frequent first, ties by value: the head twice, then its two-character prefix
+    // (an ambiguous prefix of it) and "Navy" once each.
+    let short: String = head.chars().take(2).collect();
+    let mut once = [short.as_str(), "Navy"];
+    once.sort_unstable();
+    assert_eq!(
+        fields[0]["values"],
+        serde_json::json!([
+            {"value": head, "count": 2},
+            {"value": once[0], "count": 1},
+            {"value": once[1], "count": 1},
+        ])
+    );
+    assert_eq!(fields[1]["name"], "Tail");
+    assert_eq!(
+        fields[1]["values"][0],
+        serde_json::json!({"value": tail, "count": 2})
+    );
+    assert_eq!(fields[1]["values"].as_array().expect("values").len(), 3);
+    let o = run_env(&["info", "--model", &b], &[]);
+    expect_code(&o, 0);
+    let out = stdout(&o);
+    assert!(out.contains("schema        \"{Head} {Tail}\""), "{out}");
+    assert!(out.contains("  Head           3 values"), "{out}");
+    assert!(out.contains("  Tail           3 values"), "{out}");
+}
+
+#[test]
+fn describe_json_has_the_attributes_of_the_schema() {
+    let (bundle, text) = schema_bundle();
+    let (head, tail) = text.trim().split_once(' ').expect("space");
+    let photo = image("photo.jpg");
+    let wide = image("wide.png");
+    let b = s(bundle);
+    let o = run_env(
+        &["describe", "--model", &b, "--json", &s(&photo), &s(&wide)],
+        &[],
+    );
+    expect_code(&o, 0);
+    let lines = json_lines(&stdout(&o));
+    assert_eq!(lines[0]["description"], text.as_str());
+    let attrs = &lines[0]["attributes"];
+    assert_eq!(attrs["Head"]["value"], head);
+    assert_eq!(attrs["Tail"]["value"], tail);
+    // Confidence: the probability of the tokens whose text overlaps the value, from the
+    // record's own log-probabilities (the head is the text of the first tokens up to the
+    // space, which the next token carries).
+    let lp = floats(&lines[0], "logprobs");
+    let tokens = ids(&lines[0]);
+    let tok = moda().tokenizer();
+    let head_tokens = (1..=tokens.len())
+        .find(|&j| tok.decode(&tokens[..j], true).expect("decode").len() >= head.len())
+        .expect("the head's tokens");
+    let want: f32 = lp[..head_tokens].iter().sum::<f32>().exp();
+    let got = attrs["Head"]["confidence"].as_f64().expect("confidence") as f32;
+    assert!(
+        (got - want).abs() < 1e-5 * want.max(1e-30),
+        "{got} vs {want}"
+    );
+    let tail_conf = attrs["Tail"]["confidence"].as_f64().expect("confidence");
+    assert!(tail_conf > 0.0 && tail_conf < 1.0, "{tail_conf}");
+    // The wide image's description is not in the schema: every field null, none guessed.
+    if lines[1]["description"] != text.as_str() {
+        assert_eq!(
+            lines[1]["attributes"],
+            serde_json::json!({"Head": null, "Tail": null}),
+            "{}",
+            lines[1]
+        );
+    }
+    // A bundle without a schema writes no attributes.
+    let o = run("describe", &["--json", &s(&photo)]);
+    expect_code(&o, 0);
+    assert!(json_lines(&stdout(&o))[0].get("attributes").is_none());
+    // The library gives the same typed attributes.
+    let m = Moda::open(bundle, &OpenOptions::default()).expect("open");
+    let d = m
+        .describe(&ImageInput::Path(&photo), &GenerationOptions::default())
+        .expect("describe");
+    let a = d.attributes.expect("attributes");
+    assert_eq!(a["Head"].as_ref().map(|x| x.value.as_str()), Some(head));
+    assert_eq!(a["Tail"].as_ref().map(|x| x.value.as_str()), Some(tail));
+}
+
+#[test]
+fn stop_strings_end_the_description_before_them() {
+    let photo = image("photo.jpg");
+    let free = moda()
+        .describe(&ImageInput::Path(&photo), &GenerationOptions::default())
+        .expect("describe");
+    // Four characters from inside the text, and one that never comes.
+    let stop: String = free.text.chars().skip(3).take(4).collect();
+    let at = free.text.find(&stop).expect("inside");
+    let want = free.text[..at].trim_end();
+    let o = run(
+        "describe",
+        &[
+            "--json",
+            "--stop-string",
+            "never written",
+            "--stop-string",
+            &stop,
+            &s(&photo),
+        ],
+    );
+    expect_code(&o, 0);
+    let v = &json_lines(&stdout(&o))[0];
+    assert_eq!(v["description"], want);
+    // Generation stopped at the token that completed the stop string: a prefix of the free
+    // run's tokens, whose text holds the stop string while one token fewer does not.
+    let got = ids(v);
+    assert!(got.len() < free.token_ids.len(), "{got:?}");
+    assert_eq!(got[..], free.token_ids[..got.len()]);
+    let tok = moda().tokenizer();
+    assert!(tok.decode(&got, true).expect("decode").contains(&stop));
+    assert!(!tok
+        .decode(&got[..got.len() - 1], true)
+        .expect("decode")
+        .contains(&stop));
+    // The bundle's default `<\s>` never comes in this model's text: the free run is whole.
+    assert_eq!(free.token_ids.len(), 32);
+    // An empty stop string is a usage error.
+    let o = run("describe", &["--stop-string", "", &s(&photo)]);
+    expect_code(&o, 2);
+    assert!(stderr(&o).contains("stop string"), "{}", stderr(&o));
+}
+
+/// The scheduler variables `--shard auto` reads, all removed from a run's environment unless
+/// the test sets them (a test run inside a Slurm job must not see its own).
+const SCHEDULER_VARS: [&str; 7] = [
+    "SLURM_ARRAY_TASK_ID",
+    "SLURM_ARRAY_TASK_MIN",
+    "SLURM_ARRAY_TASK_MAX",
+    "SLURM_ARRAY_TASK_STEP",
+    "SLURM_ARRAY_TASK_COUNT",
+    "JOB_COMPLETION_INDEX",
+    "MODA_SHARD_COUNT",
+];
+
+/// Runs `moda-sdk SUBCOMMAND --model BUNDLE ARGS...` with only the scheduler variables `env`.
+fn run_scheduled(sub: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let b = s(bundle());
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_moda-sdk"));
+    cmd.args([sub, "--model", &b])
+        .args(args)
+        .env_remove("MODA_MODEL")
+        .env_remove("ORT_DYLIB_PATH");
+    for v in SCHEDULER_VARS {
+        cmd.env_remove(v);
+    }
+    cmd.envs(env.iter().copied());
+    let out = cmd.output().expect("run moda-sdk");
+    assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
+    out
+}
+
+/// The `"shard"` of an output's job header.
+fn header_shard(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).expect("read");
+    let first: Value = serde_json::from_str(text.lines().next().expect("a header")).expect("JSON");
+    first["moda_job"]["shard"]
+        .as_str()
+        .expect("shard")
+        .to_string()
+}
+
+#[test]
+fn shard_auto_comes_from_slurm_arrays_and_kubernetes_indexed_jobs() {
+    let dir = TempDir::new("cli-shard-auto");
+    let paths: Vec<String> = GOOD.iter().take(5).map(|n| s(&image(n))).collect();
+    let keys_of = |p: &Path| -> Vec<String> {
+        records(&std::fs::read_to_string(p).expect("read"))
+            .iter()
+            .map(|r| r.image().to_string())
+            .collect()
+    };
+    let every = |from: usize, n: usize| -> Vec<String> {
+        paths.iter().skip(from).step_by(n).cloned().collect()
+    };
+    // A Slurm array --array=1-3: task ids 1, 2, 3 are shards 0, 1, 2 of 3.
+    for id in 1..=3 {
+        let out = dir.path().join(format!("slurm-{id}.jsonl"));
+        let o = s(&out);
+        let mut args: Vec<&str> = paths.iter().map(String::as_str).collect();
+        args.extend(["--shard", "auto", "--output", &o]);
+        let id = id.to_string();
+        let env = [
+            ("SLURM_ARRAY_TASK_ID", id.as_str()),
+            ("SLURM_ARRAY_TASK_MIN", "1"),
+            ("SLURM_ARRAY_TASK_MAX", "3"),
+            ("SLURM_ARRAY_TASK_STEP", "1"),
+            ("SLURM_ARRAY_TASK_COUNT", "3"),
+        ];
+        let r = run_scheduled("embed", &args, &env);
+        expect_code(&r, 0);
+        let index: usize = id.parse::<usize>().expect("id") - 1;
+        assert!(
+            stderr(&r).contains(&format!("shard {index}/3 (from SLURM_ARRAY_TASK_ID={id}")),
+            "{}",
+            stderr(&r)
+        );
+        assert_eq!(header_shard(&out), format!("{index}/3"));
+        assert_eq!(keys_of(&out), every(index, 3), "Slurm task {id}");
+    }
+    // A Kubernetes Indexed Job of 2 completions: the count from --shard-count or
+    // MODA_SHARD_COUNT.
+    for (index, count_env) in [("0", true), ("1", false)] {
+        let out = dir.path().join(format!("k8s-{index}.jsonl"));
+        let o = s(&out);
+        let mut args: Vec<&str> = paths.iter().map(String::as_str).collect();
+        args.extend(["--shard", "auto", "--output", &o, "--quiet"]);
+        let mut env = vec![("JOB_COMPLETION_INDEX", index)];
+        if count_env {
+            env.push(("MODA_SHARD_COUNT", "2"));
+        } else {
+            args.extend(["--shard-count", "2"]);
+        }
+        expect_code(&run_scheduled("embed", &args, &env), 0);
+        let i: usize = index.parse().expect("index");
+        assert_eq!(header_shard(&out), format!("{i}/2"));
+        assert_eq!(keys_of(&out), every(i, 2), "completion index {index}");
+    }
+    // What cannot be resolved is an error naming the variables; nothing is written.
+    // (scheduler variables, more arguments, what the error says)
+    type Case<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str], &'a str);
+    let cases: [Case; 7] = [
+        (&[], &[], "neither SLURM_ARRAY_TASK_ID"),
+        (&[("JOB_COMPLETION_INDEX", "1")], &[], "--shard-count"),
+        (
+            &[("JOB_COMPLETION_INDEX", "2")],
+            &["--shard-count", "2"],
+            "not below",
+        ),
+        (
+            &[("JOB_COMPLETION_INDEX", "x")],
+            &["--shard-count", "2"],
+            "whole number",
+        ),
+        (
+            &[("JOB_COMPLETION_INDEX", "0"), ("MODA_SHARD_COUNT", "3")],
+            &["--shard-count", "2"],
+            "disagree",
+        ),
+        (
+            &[
+                ("SLURM_ARRAY_TASK_ID", "7"),
+                ("SLURM_ARRAY_TASK_MIN", "1"),
+                ("SLURM_ARRAY_TASK_MAX", "7"),
+                ("SLURM_ARRAY_TASK_COUNT", "3"),
+            ],
+            &[],
+            "not one regular range",
+        ),
+        (
+            &[("SLURM_ARRAY_TASK_ID", "0")],
+            &[],
+            "SLURM_ARRAY_TASK_MIN is not",
+        ),
+    ];
+    for (env, extra, needle) in cases {
+        let out = dir.path().join("refused.jsonl");
+        let o = s(&out);
+        let mut args = vec![paths[0].as_str(), "--shard", "auto", "--output", &o];
+        args.extend_from_slice(extra);
+        let r = run_scheduled("embed", &args, env);
+        expect_code(&r, 2);
+        assert!(stderr(&r).contains(needle), "{env:?}: {}", stderr(&r));
+        assert!(!out.exists(), "{env:?}: nothing written");
+    }
+    // --shard-count belongs to auto.
+    let r = run_scheduled(
+        "embed",
+        &[&paths[0], "--shard", "0/2", "--shard-count", "2"],
+        &[],
+    );
+    expect_code(&r, 2);
+    assert!(stderr(&r).contains("--shard-count goes with --shard auto"));
+}
+
+/// Runs `describe` shard `i` of `n` of `paths` into `out` (`tokens` tokens), and asserts its
+/// status.
+fn describe_shard(paths: &[String], i: usize, n: usize, out: &Path, tokens: &str, want: i32) {
+    let shard = format!("{i}/{n}");
+    let o = s(out);
+    let mut args: Vec<&str> = paths.iter().map(String::as_str).collect();
+    args.extend([
+        "--shard",
+        &shard,
+        "--output",
+        &o,
+        "--max-new-tokens",
+        tokens,
+        "--quiet",
+    ]);
+    expect_code(&run("describe", &args), want);
+}
+
+/// Runs `moda-sdk merge ARGS...`.
+fn merge(args: &[&str]) -> Output {
+    run_env(&[&["merge"], args].concat(), &[])
+}
+
+#[test]
+fn merge_joins_the_shards_of_a_job_each_image_once() {
+    let dir = TempDir::new("cli-merge");
+    let d = dir.path();
+    let paths: Vec<String> = GOOD.iter().take(7).map(|n| s(&image(n))).collect();
+    let shard = |i: usize| d.join(format!("shard{i}.jsonl"));
+    for i in 0..3 {
+        describe_shard(&paths, i, 3, &shard(i), "2", 0);
+    }
+    let sh: Vec<String> = (0..3).map(|i| s(&shard(i))).collect();
+    let merged = d.join("merged.jsonl");
+    let m = s(&merged);
+    let with_images: Vec<&str> = paths.iter().flat_map(|p| ["--image", p.as_str()]).collect();
+
+    // Any order of the shards; checked against the images the job listed.
+    let o = merge(&[&["-o", &m, &sh[2], &sh[0], &sh[1]], with_images.as_slice()].concat());
+    expect_code(&o, 0);
+    assert!(
+        stderr(&o).contains("merged 3 shards of a `describe` job")
+            && stderr(&o).contains("7 images, 0 failed"),
+        "{}",
+        stderr(&o)
+    );
+    let text = std::fs::read_to_string(&merged).expect("read");
+    let header: Value = serde_json::from_str(text.lines().next().expect("header")).expect("JSON");
+    let shard0: Value = serde_json::from_str(
+        std::fs::read_to_string(shard(0))
+            .expect("read")
+            .lines()
+            .next()
+            .expect("header"),
+    )
+    .expect("JSON");
+    assert_eq!(header["moda_job"]["shard"], "0/1");
+    assert_eq!(header["moda_job"]["merged_shards"], 3);
+    for key in ["task", "options", "model"] {
+        assert_eq!(header["moda_job"][key], shard0["moda_job"][key], "{key}");
+    }
+    // The records in catalog order, each line as its shard wrote it.
+    let keys: Vec<String> = records(&text)
+        .iter()
+        .map(|r| r.image().to_string())
+        .collect();
+    assert_eq!(keys, paths);
+    let shard_lines: BTreeSet<String> = (0..3)
+        .flat_map(|i| {
+            std::fs::read_to_string(shard(i))
+                .expect("read")
+                .lines()
+                .skip(1)
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let merged_lines: BTreeSet<String> = text.lines().skip(1).map(str::to_string).collect();
+    assert_eq!(merged_lines, shard_lines);
+    assert_eq!(text.lines().count(), 1 + paths.len());
+    // Without the inputs: the shards interleaved, which is the same order here.
+    let loose = d.join("loose.jsonl");
+    let o = merge(&["-o", &s(&loose), &sh[1], &sh[2], &sh[0]]);
+    expect_code(&o, 0);
+    assert_eq!(std::fs::read_to_string(&loose).expect("read"), text);
+    // The merge is the output of the whole job: an unsharded run of it has nothing to do.
+    let mut args: Vec<&str> = paths.iter().map(String::as_str).collect();
+    args.extend(["--output", &m, "--max-new-tokens", "2"]);
+    let again = run("describe", &args);
+    expect_code(&again, 0);
+    assert!(
+        stderr(&again).contains("7 of 7 images already"),
+        "{}",
+        stderr(&again)
+    );
+    assert_eq!(std::fs::read_to_string(&merged).expect("read"), text);
+
+    // Refusals write nothing (exit status 2) and say what is wrong.
+    let refused = |args: &[&str], needles: &[&str]| {
+        let out = d.join("refused.jsonl");
+        let o = s(&out);
+        let o = merge(&[&["-o", o.as_str()], args].concat());
+        expect_code(&o, 2);
+        for n in needles {
+            assert!(
+                stderr(&o).contains(n),
+                "{args:?}: want {n:?} in\n{}",
+                stderr(&o)
+            );
+        }
+        assert!(!out.exists(), "{args:?}: nothing written");
+        assert!(
+            std::fs::read_dir(d).expect("dir").all(|e| !e
+                .expect("entry")
+                .file_name()
+                .to_string_lossy()
+                .contains(".tmp-")),
+            "no temporary file left"
+        );
+    };
+    refused(&[&sh[0], &sh[1]], &["1 of the 3 shards are not given: 2/3"]);
+    refused(
+        &[&sh[0], &sh[1], &sh[2], &sh[2]],
+        &["shard 2/3 is given twice"],
+    );
+    // Another option: not a shard of the same job.
+    let other = d.join("other1.jsonl");
+    describe_shard(&paths, 1, 3, &other, "3", 0);
+    refused(
+        &[&sh[0], &s(&other), &sh[2]],
+        &["headers differ in options"],
+    );
+    // Shards of another split.
+    let half = d.join("half.jsonl");
+    describe_shard(&paths, 1, 2, &half, "2", 0);
+    refused(
+        &[&sh[0], &s(&half), &sh[2]],
+        &["is shard 1/2", "not one split"],
+    );
+    // An image recorded twice.
+    let shard1 = std::fs::read_to_string(shard(1)).expect("read");
+    let dup = d.join("dup1.jsonl");
+    let first_of_0 = std::fs::read_to_string(shard(0))
+        .expect("read")
+        .lines()
+        .nth(1)
+        .expect("a record")
+        .to_string();
+    std::fs::write(&dup, format!("{shard1}{first_of_0}\n")).expect("write");
+    refused(
+        &[&sh[0], &s(&dup), &sh[2]],
+        &[
+            "1 images are recorded more than once",
+            &format!("{:?}", paths[0]),
+        ],
+    );
+    // An image missing: without the inputs it cannot be seen; with them it is named.
+    let lines: Vec<&str> = shard1.lines().collect();
+    let short = d.join("short1.jsonl");
+    std::fs::write(&short, format!("{}\n{}\n", lines[0], lines[1])).expect("write");
+    let lost = &paths[4]; // shard 1's second image
+    refused(
+        &[
+            &[sh[0].as_str(), &s(&short), &sh[2]],
+            with_images.as_slice(),
+        ]
+        .concat(),
+        &[
+            "1 of the 7 images listed are in no shard's output",
+            &format!("{lost:?}"),
+        ],
+    );
+    let o = merge(&["-o", &s(&d.join("six.jsonl")), &sh[0], &s(&short), &sh[2]]);
+    expect_code(&o, 0);
+    assert!(stderr(&o).contains("6 images"), "{}", stderr(&o));
+    // An image that is not listed (the job ran on more), and one out of its shard.
+    let six: Vec<&str> = with_images[..12].to_vec();
+    refused(
+        &[&[sh[0].as_str(), &sh[1], &sh[2]], six.as_slice()].concat(),
+        &[
+            "1 images recorded are not among the images listed",
+            &format!("{:?}", paths[6]),
+        ],
+    );
+    // A crash's incomplete last line; the output as an input; not an output at all.
+    let cut = d.join("cut1.jsonl");
+    std::fs::write(&cut, &shard1.as_bytes()[..shard1.len() - 5]).expect("write");
+    refused(&[&sh[0], &s(&cut), &sh[2]], &["an incomplete last line"]);
+    let o = merge(&["-o", &sh[0], &sh[0], &sh[1], &sh[2]]);
+    expect_code(&o, 2);
+    assert!(stderr(&o).contains("is also an input"), "{}", stderr(&o));
+    let plain = d.join("plain.jsonl");
+    std::fs::write(&plain, "{\"image\": \"a.jpg\", \"error\": \"x\"}\n").expect("write");
+    refused(&[&sh[0], &s(&plain), &sh[2]], &["not a job header"]);
+    // A shard that a job is still writing (it holds the lock).
+    {
+        let held = std::fs::File::options()
+            .append(true)
+            .open(shard(2))
+            .expect("open");
+        held.try_lock().expect("lock");
+        refused(&[&sh[0], &sh[1], &sh[2]], &["a job is still writing it"]);
+    }
+    // Every shard file is as it was.
+    assert_eq!(std::fs::read_to_string(shard(1)).expect("read"), shard1);
+}
+
+#[test]
+fn merge_exits_1_when_images_failed() {
+    let dir = TempDir::new("cli-merge-failed");
+    let d = dir.path();
+    let bad = d.join("bad.jpg");
+    std::fs::write(&bad, b"not an image").expect("write");
+    let paths = vec![s(&image("photo.jpg")), s(&bad), s(&image("wide.png"))];
+    for i in 0..2 {
+        // Shard 1 holds the bad image: its job exits 1.
+        describe_shard(&paths, i, 2, &d.join(format!("s{i}.jsonl")), "2", i as i32);
+    }
+    let out = d.join("all.jsonl");
+    let (s0, s1) = (s(&d.join("s0.jsonl")), s(&d.join("s1.jsonl")));
+    let o = merge(&["-o", &s(&out), &s0, &s1]);
+    expect_code(&o, 1);
+    assert!(stderr(&o).contains("3 images, 1 failed"), "{}", stderr(&o));
+    let recs = records(&std::fs::read_to_string(&out).expect("read"));
+    assert_eq!(recs.iter().map(Record::image).collect::<Vec<_>>(), paths);
+    assert!(recs[1].is_error() && !recs[0].is_error() && !recs[2].is_error());
+}
+
+/// A `.npy` file read back: its shape and its numbers, after checking the format byte by byte.
+fn read_npy(path: &Path) -> ((usize, usize), Vec<f32>) {
+    let bytes = std::fs::read(path).expect("read .npy");
+    assert_eq!(&bytes[..6], b"\x93NUMPY", "magic");
+    assert_eq!(&bytes[6..8], &[1, 0], "format version 1.0");
+    let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+    let data = 10 + header_len;
+    assert_eq!(data % 64, 0, "the data starts at a multiple of 64 bytes");
+    let header = std::str::from_utf8(&bytes[10..data]).expect("ASCII header");
+    assert!(header.ends_with('\n'), "{header:?}");
+    let dict = header.trim_end_matches('\n').trim_end_matches(' ');
+    let shape = dict
+        .strip_prefix("{'descr': '<f4', 'fortran_order': False, 'shape': (")
+        .and_then(|r| r.strip_suffix("), }"))
+        .unwrap_or_else(|| panic!("header {dict:?}"));
+    let (n, d) = shape.split_once(", ").expect("two dimensions");
+    let (n, d): (usize, usize) = (n.parse().expect("n"), d.parse().expect("d"));
+    assert_eq!(
+        bytes.len(),
+        data + 4 * n * d,
+        "exactly n x d float32 after the header"
+    );
+    let values = bytes[data..]
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
+        .collect();
+    ((n, d), values)
+}
+
+#[test]
+fn embed_writes_a_numpy_array_with_its_images_beside() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = TempDir::new("cli-npy");
+    let d = dir.path();
+    // A folder of images (listed sorted by name): a.jpg, b.png (bad), c.png, e\xff.jpg (a
+    // name that is not UTF-8, which only a folder passes on intact).
+    let folder = d.join("images");
+    std::fs::create_dir(&folder).expect("mkdir");
+    let bad = folder.join("b.png");
+    std::fs::write(&bad, b"not an image").expect("write");
+    let odd = folder.join(std::ffi::OsStr::from_bytes(b"e\xff.jpg"));
+    let imgs = [
+        folder.join("a.jpg"),
+        bad.clone(),
+        folder.join("c.png"),
+        odd.clone(),
+    ];
+    std::fs::copy(image("photo.jpg"), &imgs[0]).expect("copy");
+    std::fs::copy(image("gray.png"), &imgs[2]).expect("copy");
+    std::fs::copy(image("wide.png"), &odd).expect("copy");
+    let args: Vec<String> = vec![s(&folder)];
+    let npy = d.join("emb.npy");
+    let mut a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let n = s(&npy);
+    a.extend(["--output", &n, "--normalize", "--batch-size", "2"]);
+    let o = run("embed", &a);
+    expect_code(&o, 1);
+    assert!(
+        stderr(&o).contains("b.png\terror"),
+        "the failure on stderr: {}",
+        stderr(&o)
+    );
+    assert!(stderr(&o).contains("wrote 3 embeddings"), "{}", stderr(&o));
+    let ((rows, dim), values) = read_npy(&npy);
+    assert_eq!((rows, dim), (3, moda().manifest().model.projection_dim));
+    let good = [&imgs[0], &imgs[2], &imgs[3]];
+    for (r, p) in good.iter().enumerate() {
+        let want = moda()
+            .embed(&ImageInput::Path(p), Norm::Unit)
+            .expect("library");
+        assert_eq!(&values[r * dim..(r + 1) * dim], want.as_slice(), "row {r}");
+    }
+    // The images file: the rows in order, then the failure.
+    let order = d.join("emb.images.jsonl");
+    let lines = json_lines(&std::fs::read_to_string(&order).expect("images file"));
+    assert_eq!(lines.len(), 4);
+    assert_eq!(
+        lines[0],
+        serde_json::json!({"image": s(&imgs[0]), "row": 0})
+    );
+    assert_eq!(
+        lines[1],
+        serde_json::json!({"image": s(&imgs[2]), "row": 1})
+    );
+    let hex: String = odd
+        .as_os_str()
+        .as_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(lines[2]["row"], 2);
+    assert_eq!(
+        lines[2]["image_hex"], hex,
+        "the exact bytes of a name that is not UTF-8"
+    );
+    assert_eq!(lines[3]["image"], s(&bad));
+    assert!(lines[3]["error"].is_string() && lines[3].get("row").is_none());
+    assert!(
+        std::fs::read_dir(d).expect("dir").all(|e| !e
+            .expect("entry")
+            .file_name()
+            .to_string_lossy()
+            .contains(".tmp-")),
+        "no temporary file left"
+    );
+
+    // Shards written as JSON Lines and merged into a .npy: the same two files.
+    let mut shards = Vec::new();
+    for i in 0..2 {
+        let out = s(&d.join(format!("e{i}.jsonl")));
+        let shard = format!("{i}/2");
+        let mut a: Vec<&str> = args.iter().map(String::as_str).collect();
+        a.extend([
+            "--output",
+            &out,
+            "--normalize",
+            "--shard",
+            &shard,
+            "--quiet",
+        ]);
+        let r = run("embed", &a);
+        assert!(code(&r) <= 1, "{}", stderr(&r));
+        shards.push(out);
+    }
+    let merged = d.join("merged.npy");
+    let with_images: Vec<&str> = args.iter().flat_map(|p| ["--image", p.as_str()]).collect();
+    let o = merge(
+        &[
+            &["-o", &s(&merged), &shards[1], &shards[0]],
+            with_images.as_slice(),
+        ]
+        .concat(),
+    );
+    expect_code(&o, 1);
+    assert_eq!(
+        std::fs::read(&merged).expect("read"),
+        std::fs::read(&npy).expect("read")
+    );
+    assert_eq!(
+        std::fs::read(d.join("merged.images.jsonl")).expect("read"),
+        std::fs::read(&order).expect("read")
+    );
+
+    // A description is not an array; nothing is written.
+    let o = run("describe", &[&args[0], "--output", &s(&d.join("x.npy"))]);
+    expect_code(&o, 2);
+    assert!(stderr(&o).contains("goes with `embed`"), "{}", stderr(&o));
+    assert!(!d.join("x.npy").exists());
+    let o = merge(&["-o", &s(&d.join("y.npy")), &s(&d.join("nothing.jsonl"))]);
+    expect_code(&o, 2);
 }

@@ -30,6 +30,8 @@ fn recipe_options(out: &Path) -> ExportOptions {
         force: false,
         verify: true,
         max_new_tokens: DEFAULT_MAX_NEW_TOKENS,
+        caption_template: None,
+        catalog: None,
     }
 }
 
@@ -624,6 +626,8 @@ fn out_overlapping_an_input_is_refused_and_nothing_is_touched() {
             force: true,
             verify: false,
             max_new_tokens: DEFAULT_MAX_NEW_TOKENS,
+            caption_template: None,
+            catalog: None,
         };
         let err = export_onnx(&opts).expect_err("must refuse");
         match &err {
@@ -648,6 +652,8 @@ fn out_overlapping_an_input_is_refused_and_nothing_is_touched() {
         force: true,
         verify: false,
         max_new_tokens: DEFAULT_MAX_NEW_TOKENS,
+        caption_template: None,
+        catalog: None,
     };
     export_onnx(&opts).expect("export apart from the inputs");
 }
@@ -1170,4 +1176,75 @@ fn error_causes_are_printed_once() {
     ));
     let printed = exporter::report(&model);
     assert_eq!(printed.matches("os error 17").count(), 1, "{printed}");
+}
+
+/// `--caption-template` and `--catalog`: a Kaggle layout folder (its `fashion.csv`) gives
+/// each template field's values counted over the rows that fill every field; a template
+/// column the CSV lacks, or a bad template, is a usage error; neither flag, no schema.
+#[test]
+fn a_schema_is_derived_from_a_catalog_for_a_recipe_checkpoint() {
+    use exporter::schema_from_flags;
+    let dir = TempDir::new("export-schema-flags");
+    let csv = "ProductId,Gender,Category,SubCategory,ProductType,Colour,Usage,ProductTitle,Image,ImageURL\n\
+               1,Men,Footwear,Shoes,Casual Shoes,Navy Blue,Casual,t,1.jpg,u\n\
+               2,Women,Apparel,Topwear,Tshirts,Blue,Smart Casual,t,2.jpg,u\n\
+               3,Men,Apparel,Topwear,Tshirts,Navy Blue,Casual,t,3.jpg,u\n\
+               4,Men,Apparel,Topwear,Tshirts,,Casual,t,4.jpg,u\n";
+    std::fs::write(dir.path().join("fashion.csv"), csv).expect("csv");
+    assert_eq!(schema_from_flags(None, None).expect("nothing"), None);
+    let s = schema_from_flags(None, Some(dir.path()))
+        .expect("derive")
+        .expect("a schema");
+    assert_eq!(s.template.as_str(), moda_models::schema::DEFAULT_TEMPLATE);
+    let counts = |f: &str| -> Vec<(String, u64)> {
+        s.field(f)
+            .expect("field")
+            .values
+            .iter()
+            .map(|v| (v.value.clone(), v.count))
+            .collect()
+    };
+    // Row 4 has no Colour: it makes no caption and is not counted.
+    assert_eq!(
+        counts("Colour"),
+        [("Navy Blue".to_string(), 2), ("Blue".to_string(), 1)]
+    );
+    assert_eq!(
+        counts("ProductType"),
+        [("Tshirts".to_string(), 2), ("Casual Shoes".to_string(), 1)]
+    );
+    let a = s.parse("Navy Blue Smart Casual Casual Shoes for Women - Footwear Topwear");
+    assert_eq!(a["Colour"].as_deref(), Some("Navy Blue"));
+    assert_eq!(a["Usage"].as_deref(), Some("Smart Casual"));
+    assert_eq!(a["ProductType"].as_deref(), Some("Casual Shoes"));
+    // A template alone: its fields, no values.
+    let s = schema_from_flags(Some("{Colour} {Pattern}"), None)
+        .expect("template")
+        .expect("a schema");
+    assert!(s.fields.iter().all(|f| f.values.is_empty()));
+    // A column the CSV lacks; a malformed template.
+    let csv_file = dir.path().join("fashion.csv");
+    let e = schema_from_flags(Some("{Colour} {Pattern}"), Some(&csv_file)).expect_err("column");
+    assert!(e.to_string().contains("\"Pattern\""), "{e}");
+    let e = schema_from_flags(Some("{Colour"), Some(&csv_file)).expect_err("template");
+    assert!(e.to_string().contains("--caption-template"), "{e}");
+}
+
+/// A recipe `.pth` exports with `<\s>`, the recipe's end of caption, as its default stop
+/// string, and without a schema unless asked for one.
+#[test]
+fn a_recipe_bundle_stops_at_the_recipe_end_marker() {
+    let dir = TempDir::new("export-recipe-stop");
+    let out = dir.path().join("bundle");
+    export_onnx(&ExportOptions {
+        verify: false,
+        ..recipe_options(&out)
+    })
+    .expect("export");
+    let m = manifest(&out);
+    assert_eq!(m.generation.stop_strings, ["<\\s>"]);
+    assert_eq!(exporter::RECIPE_STOP_STRING, "<\\s>");
+    assert!(m.schema.is_none());
+    let text = std::fs::read_to_string(out.join("moda.json")).expect("moda.json");
+    assert!(!text.contains("\"schema\""), "no schema key at all");
 }

@@ -169,6 +169,7 @@ fn quantized_bundles_of_a_trained_model_describe_like_fp32() {
         },
     )
     .expect("fit");
+    let schema = check_recorded_schema(&cat, &run_dir.join("best"));
 
     let mut bundles = Vec::new();
     for q in [Quantize::None, Quantize::Int8, Quantize::Int4] {
@@ -182,6 +183,8 @@ fn quantized_bundles_of_a_trained_model_describe_like_fp32() {
             force: false,
             verify: true,
             max_new_tokens: exporter::DEFAULT_MAX_NEW_TOKENS,
+            caption_template: None,
+            catalog: None,
         })
         .expect("export the trained checkpoint");
         if let Some(m) = report
@@ -191,8 +194,16 @@ fn quantized_bundles_of_a_trained_model_describe_like_fp32() {
         {
             eprintln!("{}: min logits cosine on the probes {m:.4}", q.name());
         }
+        // The schema travels from the checkpoint into moda.json as it is; a trainer
+        // checkpoint has no default stop strings.
+        let m = moda_sdk::read_manifest(&out).expect("manifest");
+        assert_eq!(m.schema.as_ref(), Some(&schema), "{}", q.name());
+        assert!(m.generation.stop_strings.is_empty());
         bundles.push(out);
     }
+    // The SDK reads every held-out description back with it (the trained model writes
+    // the template's words, so the fields are read, here checked on one image).
+    let moda = moda_sdk::Moda::open(&bundles[0], &moda_sdk::OpenOptions::default()).expect("open");
 
     // Held-out images: a fresh synthetic catalog the model never saw.
     let held_out = tmp.path().join("held_out");
@@ -214,6 +225,28 @@ fn quantized_bundles_of_a_trained_model_describe_like_fp32() {
         );
     }
     let pixels = Tensor::from_vec(data, (paths.len(), 3, s, s), &Device::Cpu).expect("pixels");
+    let d = moda
+        .describe(
+            &moda_sdk::ImageInput::Path(&paths[0]),
+            &moda_sdk::GenerationOptions::default(),
+        )
+        .expect("describe");
+    let attributes = d
+        .attributes
+        .expect("a bundle with a schema gives attributes");
+    let names: Vec<&str> = attributes.keys().map(String::as_str).collect();
+    let mut want = schema.template.columns();
+    want.sort_unstable();
+    assert_eq!(names, want);
+    assert_eq!(
+        attributes
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_ref().map(|a| a.value.clone())))
+            .collect::<std::collections::BTreeMap<_, _>>(),
+        schema.parse(&d.text),
+        "{}",
+        d.text
+    );
 
     let fp32 = describe(&bundles[0], &pixels, 24);
     let int8 = describe(&bundles[1], &pixels, 24);
@@ -227,4 +260,44 @@ fn quantized_bundles_of_a_trained_model_describe_like_fp32() {
     );
     assert!(a8 >= 0.9, "int8 agreement {a8}");
     assert!(a4 >= 0.6, "int4 agreement {a4}");
+}
+
+/// The checkpoint's caption schema: the recipe's template, and for every field the values of
+/// the run's training rows (its recorded split) with their counts. Returns it.
+fn check_recorded_schema(catalog: &Path, checkpoint: &Path) -> moda_models::schema::CaptionSchema {
+    let config = moda_models::checkpoint::CheckpointConfig::from_dir(checkpoint).expect("config");
+    let schema = config.schema.expect("fit records the caption schema");
+    assert_eq!(schema.template, CaptionTemplate::default());
+    let source = CatalogSource::Kaggle {
+        dir: catalog.to_path_buf(),
+        template: CaptionTemplate::default(),
+    };
+    let cat = trainer::data::load_catalog(&source, &Default::default()).expect("catalog");
+    let state = trainer::fit::TrainState::from_dir(checkpoint).expect("state");
+    let (split, _) = trainer::fit::recorded_split(&cat, &state).expect("split");
+    assert!(!split.validation.is_empty());
+    for field in &schema.fields {
+        let mut want: std::collections::BTreeMap<&str, u64> = Default::default();
+        for &i in &split.train {
+            *want
+                .entry(cat.samples[i].attributes[&field.name].as_str())
+                .or_default() += 1;
+        }
+        let got: std::collections::BTreeMap<&str, u64> = field
+            .values
+            .iter()
+            .map(|v| (v.value.as_str(), v.count))
+            .collect();
+        assert_eq!(got, want, "{}", field.name);
+        // Most frequent first.
+        assert!(field.values.windows(2).all(|w| w[0].count >= w[1].count));
+    }
+    // The schema JSON is in config.json, beside the rest.
+    let text = std::fs::read_to_string(checkpoint.join("config.json")).expect("config.json");
+    let v: serde_json::Value = serde_json::from_str(&text).expect("json");
+    assert_eq!(
+        v["schema"]["template"],
+        moda_models::schema::DEFAULT_TEMPLATE
+    );
+    schema
 }

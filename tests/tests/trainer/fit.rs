@@ -305,11 +305,32 @@ fn tiny_preset_learns_on_a_synthetic_catalog() {
     assert!(out.join("loss.png").is_file() && out.join("metrics.jsonl").is_file());
     assert!(out.join("best/config.json").is_file());
     let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).expect("metrics");
-    let epochs = metrics
+    let epochs: Vec<serde_json::Value> = metrics
         .lines()
         .filter(|l| l.contains("\"kind\":\"epoch\""))
-        .count();
-    assert_eq!(epochs, 4, "{metrics}");
+        .map(|l| serde_json::from_str(l).expect("a JSON record"))
+        .collect();
+    assert_eq!(epochs.len(), 4, "{metrics}");
+    // Each epoch says where its time went: the parts measured add up to no more than the
+    // epoch's wall time, the micro-batches take some of it, and the CPU shares (read from
+    // /proc/stat on Linux) are shares.
+    for e in &epochs {
+        let p = &e["profile"];
+        let part = |k: &str| p[k].as_f64().unwrap_or_else(|| panic!("{k} in {e}"));
+        let seconds = e["seconds"].as_f64().expect("seconds");
+        let parts = part("micro_batches_s") + part("optimizer_s") + part("validation_s");
+        assert!(
+            part("micro_batches_s") > 0.0 && part("validation_s") > 0.0,
+            "{e}"
+        );
+        assert!(parts <= seconds + 1e-6, "{e}");
+        assert!((parts + part("other_s") - seconds).abs() < 0.05, "{e}");
+        for k in ["cpu_busy", "cpu_steal"] {
+            let share = part(k);
+            assert!((0.0..=1.0).contains(&share), "{k} {share} in {e}");
+        }
+        assert!(part("cpus") >= 1.0, "{e}");
+    }
 
     // The checkpoint evaluates (greedy descriptions, scores, predictions CSV).
     let report = evaluate_val(&out.join("best"), &cat, &cache, &Device::Cpu);
@@ -401,7 +422,7 @@ fn eval_options(checkpoint: &Path, catalog: &Path, cache: &Path) -> EvalOptions 
             dir: catalog.to_path_buf(),
             template: CaptionTemplate::default(),
         },
-        template: trainer::data::DEFAULT_TEMPLATE.to_string(),
+        template: None,
         split: EvalSplit::Val,
         predictions: checkpoint.join("predictions.csv"),
         device: Device::Cpu,
@@ -546,8 +567,10 @@ fn metric_records(out: &Path) -> Vec<serde_json::Value> {
         .map(|l| {
             let mut v: serde_json::Value = serde_json::from_str(l).expect("a record per line");
             let o = v.as_object_mut().expect("object");
+            // Timings differ between any two runs.
             o.remove("seconds");
             o.remove("samples_per_s");
+            o.remove("profile");
             v
         })
         .collect()
@@ -1058,4 +1081,72 @@ fn hostile_run_files_and_overlapping_outputs_are_refused() {
             );
         }
     }
+}
+
+/// The caption template travels in the checkpoint: a run trained with its own template
+/// records it (with the training split's values), `eval` reads descriptions back with it
+/// without being told, builds its targets with it, and `--caption-template` overrides it.
+#[test]
+fn eval_takes_the_caption_template_from_the_checkpoint() {
+    let tmp = TempDir::new("schema-fit");
+    let cat = tmp.path().join("catalog");
+    synth_catalog(&cat, 40, 5);
+    let cache = tmp.path().join("cache");
+    let out = tmp.path().join("run");
+    let cfg = FitConfig {
+        epochs: 1,
+        batch_size: 16,
+        sample_budget: None,
+        ..FitConfig::tiny()
+    };
+    let template = "{Colour} {ProductType} for {Gender}";
+    let mut opts = fit_options(&cat, &out, &cache, None, &Device::Cpu);
+    opts.source = CatalogSource::Kaggle {
+        dir: cat.clone(),
+        template: CaptionTemplate::parse(template).expect("template"),
+    };
+    fit(&cfg, &opts).expect("fit");
+    let config = CheckpointConfig::from_dir(&out.join("best")).expect("config");
+    let schema = config.schema.expect("a schema");
+    assert_eq!(schema.template.as_str(), template);
+    let names: Vec<&str> = schema.fields.iter().map(|f| f.name.as_str()).collect();
+    assert_eq!(names, ["Colour", "ProductType", "Gender"]);
+    // 32 training rows (8 held out): each field's counts add up to them.
+    for f in &schema.fields {
+        assert_eq!(
+            f.values.iter().map(|v| v.count).sum::<u64>(),
+            32,
+            "{}",
+            f.name
+        );
+    }
+
+    // The eval source names the recipe's template; the checkpoint's wins unless overridden.
+    let report = evaluate(&eval_options(&out.join("best"), &cat, &cache)).expect("eval");
+    let scored: Vec<&str> = report.attributes.keys().map(String::as_str).collect();
+    assert_eq!(scored, ["Colour", "Gender", "ProductType"]);
+    let predictions = std::fs::read_to_string(&report.predictions).expect("predictions");
+    let mut rows = csv::Reader::from_reader(predictions.as_bytes());
+    let header: Vec<String> = rows
+        .headers()
+        .expect("header")
+        .iter()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(
+        &header[5..],
+        ["pred_Colour", "pred_ProductType", "pred_Gender"]
+    );
+    for row in rows.records() {
+        let target = row.expect("row")[2].to_string();
+        assert!(
+            target.contains(" for ") && !target.contains(" - "),
+            "{target}"
+        );
+    }
+    let mut over = eval_options(&out.join("best"), &cat, &cache);
+    over.template = Some(trainer::data::DEFAULT_TEMPLATE.to_string());
+    over.predictions = tmp.path().join("predictions-default.csv");
+    let report = evaluate(&over).expect("eval with the recipe's template");
+    assert_eq!(report.attributes.len(), 6);
 }
