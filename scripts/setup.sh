@@ -10,6 +10,8 @@ command -v pkg-config >/dev/null 2>&1 || need_apt+=(pkg-config)
 # The C API's tests (tests/tests/ffi.rs) build C and C++ programs and run them under valgrind.
 command -v c++ >/dev/null 2>&1 || need_apt+=(g++)
 command -v valgrind >/dev/null 2>&1 || need_apt+=(valgrind)
+# The Python package's tests (scripts/test_python.sh) run in a virtual environment.
+python3 -c "import ensurepip, venv" >/dev/null 2>&1 || need_apt+=(python3-venv)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]}"
@@ -46,5 +48,16 @@ if [ ! -f "$root/.ort/py/onnx-$ONNX_VERSION.stamp" ]; then
   python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
     --target "$root/.ort/py" "onnx==$ONNX_VERSION"
   touch "$root/.ort/py/onnx-$ONNX_VERSION.stamp"
+fi
+# The Python package (ffi/python) is built with maturin and tested with pytest, numpy, Pillow
+# and Ray Data in a virtual environment of the project (.venv-python/, git-ignored).
+PY_TEST_PACKAGES=("maturin==1.16.0" "pytest==9.2.0" "numpy==2.4.6" "pillow==13.0.0" "ray[data]==2.60.0")
+py_stamp="$root/.venv-python/moda-test-packages.txt"
+if [ "$(cat "$py_stamp" 2>/dev/null)" != "${PY_TEST_PACKAGES[*]}" ]; then
+  echo "setup: installing ${PY_TEST_PACKAGES[*]} into .venv-python"
+  [ -x "$root/.venv-python/bin/python" ] || python3 -m venv "$root/.venv-python"
+  "$root/.venv-python/bin/python" -m pip install --quiet --disable-pip-version-check \
+    "${PY_TEST_PACKAGES[@]}"
+  echo "${PY_TEST_PACKAGES[*]}" > "$py_stamp"
 fi
 echo "setup: ok"

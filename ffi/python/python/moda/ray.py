@@ -1,0 +1,137 @@
+"""Batch inference on Ray Data: :class:`Describer`, a callable class for
+``ray.data.Dataset.map_batches``.
+
+Ray creates the class once per actor, so each actor opens the bundle once and then describes
+(and optionally embeds) every batch of rows it is given::
+
+    import ray
+    from moda.ray import Describer
+
+    ds = ray.data.read_csv("catalog.csv")          # a column of image paths
+    out = ds.map_batches(
+        Describer,
+        fn_constructor_kwargs={"bundle": "demo/bundle", "image_column": "path", "threads": 2},
+        compute=ray.data.ActorPoolStrategy(size=4),  # actors
+        num_cpus=2,                                  # cores reserved per actor = threads
+        batch_size=32,
+        batch_format="numpy",
+    )
+    out.write_parquet("descriptions/")
+
+The class does not import Ray: it needs numpy, pyarrow (a dependency of Ray Data) and
+``moda``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional
+
+import numpy as np
+
+from ._native import Description, Model
+
+if TYPE_CHECKING:
+    import pyarrow
+
+__all__ = ["Describer"]
+
+
+def _image(value: Any) -> Any:
+    """One cell of the image column as something ``Model.describe_batch`` accepts: a path
+    (numpy gives ``np.str_``), encoded bytes, or decoded pixels (``uint8`` ``(H, W, 3)``)."""
+    if isinstance(value, np.ndarray):
+        return value
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, (str, os.PathLike)):
+        return os.fspath(value)
+    raise TypeError(
+        f"image column holds {type(value).__name__}: expected paths, encoded bytes or "
+        "uint8 (H, W, 3) pixel arrays"
+    )
+
+
+class Describer:
+    """Describes the images of a batch of rows (for ``Dataset.map_batches`` with
+    ``batch_format="numpy"``); opens the bundle once per actor and returns each batch as a
+    ``pyarrow.Table``, whose list columns Parquet stores as plain lists.
+
+    ``image_column`` holds image paths (``str``; relative ones start at ``root``), encoded
+    bytes (``ray.data.read_binary_files``) or pixels (``ray.data.read_images``, mode RGB).
+    Each output batch keeps the input's columns, except an image column of bytes or pixels
+    (which would only make the output large), and adds ``description`` (``str``, null for
+    an image that failed), ``token_ids`` (list of int64) and ``logprobs`` (list of float32),
+    ``error`` (null, or MODA's message for that image: one bad image does not fail the batch)
+    and, with ``embed=True``, ``embedding`` (a fixed-size list of float32, L2-normalised with
+    ``normalize=True``; NaN for an image that failed). ``threads`` and ``sessions`` are
+    :class:`moda.Model`'s: give each actor ``num_cpus`` equal to its ``threads``.
+    ``generation`` holds generation keywords (``{"num_beams": 4}``).
+    """
+
+    def __init__(
+        self,
+        bundle: str,
+        *,
+        image_column: str = "image",
+        root: Optional[str] = None,
+        embed: bool = False,
+        normalize: bool = True,
+        threads: Optional[int] = None,
+        sessions: int = 1,
+        generation: Optional[Mapping[str, Any]] = None,
+    ) -> None:
+        self.model = Model(bundle, threads=threads, sessions=sessions)
+        self.image_column = image_column
+        self.root = root
+        self.embed = embed
+        self.normalize = normalize
+        self.generation = dict(generation or {})
+
+    def _images(self, column: Any) -> List[Any]:
+        images = [_image(v) for v in column]
+        if self.root is not None:
+            images = [
+                os.path.join(self.root, im) if isinstance(im, str) else im for im in images
+            ]
+        return images
+
+    def __call__(self, batch: Dict[str, np.ndarray]) -> "pyarrow.Table":
+        import pyarrow as pa
+
+        if self.image_column not in batch:
+            raise KeyError(
+                f"no column {self.image_column!r} in the batch (columns: {sorted(batch)})"
+            )
+        images = self._images(batch[self.image_column])
+        n = len(images)
+        results = self.model.describe_batch(images, errors="return", **self.generation)
+        ok = [isinstance(r, Description) for r in results]
+        columns: Dict[str, Any] = {}
+        for name, values in batch.items():
+            if name == self.image_column and not all(isinstance(im, str) for im in images):
+                continue
+            values = np.asarray(values)
+            columns[name] = pa.array(list(values) if values.ndim > 1 else values)
+        columns["description"] = pa.array(
+            [r.text if good else None for r, good in zip(results, ok)], pa.string()
+        )
+        columns["token_ids"] = pa.array(
+            [r.token_ids if good else None for r, good in zip(results, ok)],
+            pa.list_(pa.int64()),
+        )
+        columns["logprobs"] = pa.array(
+            [r.logprobs if good else None for r, good in zip(results, ok)],
+            pa.list_(pa.float32()),
+        )
+        columns["error"] = pa.array(
+            [None if good else str(r) for r, good in zip(results, ok)], pa.string()
+        )
+        if self.embed:
+            d = self.model.embedding_dim
+            emb = np.full((n, d), np.nan, dtype=np.float32)
+            rows = [i for i in range(n) if ok[i]]
+            if rows:
+                emb[rows] = self.model.embed([images[i] for i in rows], normalize=self.normalize)
+            columns["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), d)
+        return pa.table(columns)

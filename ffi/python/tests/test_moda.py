@@ -1,0 +1,315 @@
+"""The `moda` Python package against the `moda-sdk` command line on the same bundle."""
+
+import ast
+import io
+import os
+import pathlib
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import moda
+from conftest import IMAGES, run_cli
+
+# Images whose pixels Pillow decodes exactly as the SDK does (8-bit PNGs of every colour
+# type and a baseline JPEG: both use libjpeg-turbo's default IDCT and upsampling).
+PIXEL_IMAGES = ["photo.jpg", "wide.png", "small.png", "rgba.png", "palette.png", "gray.png"]
+
+
+def to_rgb(image):
+    """`transformers`' `convert_to_rgb`: RGB, with transparency composited onto white."""
+    if image.mode == "RGB":
+        return image
+    rgba = image.convert("RGBA")
+    white = Image.new("RGBA", rgba.size, (255, 255, 255))
+    return Image.alpha_composite(white, rgba).convert("RGB")
+
+
+def strided(array):
+    """The same pixels in a view that is not C-contiguous (every other column of a wider
+    array)."""
+    h, w, c = array.shape
+    wide = np.zeros((h, 2 * w, c), dtype=array.dtype)
+    wide[:, ::2] = array
+    view = wide[:, ::2]
+    assert not view.flags.c_contiguous
+    return view
+
+
+@pytest.fixture(scope="module")
+def cli_descriptions(cli, bundle):
+    return run_cli(cli, bundle, "describe", [IMAGES / n for n in PIXEL_IMAGES])
+
+
+def cli_tokens(records, name):
+    return records[str(IMAGES / name)]["token_ids"]
+
+
+@pytest.mark.parametrize("name", PIXEL_IMAGES)
+def test_every_input_kind_gives_the_cli_tokens(model, cli_descriptions, name):
+    path = IMAGES / name
+    want = cli_tokens(cli_descriptions, name)
+    record = cli_descriptions[str(path)]
+    pil = Image.open(path)
+    inputs = {
+        "str": str(path),
+        "PathLike": pathlib.Path(path),
+        "bytes": path.read_bytes(),
+        "bytearray": bytearray(path.read_bytes()),
+        "PIL": pil,
+        "numpy": np.asarray(to_rgb(pil)),
+        # Not C-contiguous: copied before the SDK reads it.
+        "numpy view": strided(np.asarray(to_rgb(pil))),
+    }
+    for kind, image in inputs.items():
+        d = model.describe(image)
+        assert d.token_ids == want, kind
+        assert d.text == record["description"], kind
+        np.testing.assert_allclose(d.logprobs, record["logprobs"], rtol=0, atol=1e-5)
+
+
+def test_describe_result_is_typed(model):
+    d = model.describe(IMAGES / "photo.jpg")
+    assert isinstance(d, moda.Description)
+    assert isinstance(d.text, str) and str(d) == d.text
+    assert all(isinstance(t, int) for t in d.token_ids)
+    assert len(d.logprobs) == len(d.token_ids) == d.timings.tokens
+    assert isinstance(d.timings, moda.Timings)
+    assert d.timings.total_ms > 0
+    assert d.to_dict()["token_ids"] == d.token_ids
+    assert set(d.to_dict()["timings_ms"]) >= {"total_ms", "encoder_ms", "tokens"}
+
+
+def test_describe_batch_equals_the_cli(model, cli_descriptions):
+    paths = [IMAGES / n for n in PIXEL_IMAGES]
+    got = model.describe_batch([str(p) for p in paths])
+    assert [d.token_ids for d in got] == [cli_tokens(cli_descriptions, n) for n in PIXEL_IMAGES]
+    # A (N, H, W, 3) array is a batch too.
+    arrays = np.stack([np.asarray(Image.open(IMAGES / "photo.jpg").convert("RGB"))] * 3)
+    got = model.describe_batch(arrays)
+    assert [d.token_ids for d in got] == [cli_tokens(cli_descriptions, "photo.jpg")] * 3
+
+
+def test_describe_batch_errors(model):
+    images = [IMAGES / "photo.jpg", IMAGES / "not_an_image.jpg", b"not an image either"]
+    with pytest.raises(moda.ImageError, match="not_an_image.jpg"):
+        model.describe_batch(images)
+    got = model.describe_batch(images, errors="return")
+    assert isinstance(got[0], moda.Description)
+    assert isinstance(got[1], moda.ImageError) and "not_an_image.jpg" in str(got[1])
+    assert isinstance(got[2], moda.ImageError) and "image 2" in str(got[2])
+    with pytest.raises(ValueError):
+        model.describe_batch(images, errors="ignore")
+    with pytest.raises(TypeError):
+        model.describe_batch(str(IMAGES / "photo.jpg"))
+
+
+@pytest.mark.parametrize(
+    "keywords, flags",
+    [
+        ({"max_new_tokens": 5}, ["--max-new-tokens", "5"]),
+        ({"num_beams": 3, "length_penalty": 0.5}, ["--num-beams", "3", "--length-penalty", "0.5"]),
+        (
+            {"do_sample": True, "seed": 7, "temperature": 0.7, "top_k": 20, "top_p": 0.9},
+            ["--do-sample", "--seed", "7", "--temperature", "0.7", "--top-k", "20", "--top-p", "0.9"],
+        ),
+        (
+            {"repetition_penalty": 1.3, "no_repeat_ngram_size": 2, "min_new_tokens": 4},
+            ["--repetition-penalty", "1.3", "--no-repeat-ngram-size", "2", "--min-new-tokens", "4"],
+        ),
+    ],
+)
+def test_generation_keywords_match_the_cli_flags(model, cli, bundle, keywords, flags):
+    path = IMAGES / "photo.jpg"
+    want = run_cli(cli, bundle, "describe", [path], *flags)[str(path)]["token_ids"]
+    assert model.describe(path, **keywords).token_ids == want
+    assert model.describe_batch([path], **keywords)[0].token_ids == want
+
+
+def test_stop_strings_end_the_description_as_the_cli_does(model, cli, bundle):
+    path = IMAGES / "photo.jpg"
+    free = model.describe(path, max_new_tokens=16)
+    text = free.text
+    assert len(text) >= 4, text
+    # Two characters from the middle of the free description: generation stops once the text
+    # holds them, and the description ends before them.
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    got = model.describe(path, max_new_tokens=16, stop_strings=stop)
+    assert text.startswith(got.text) and stop not in got.text, (text, stop, got.text)
+    assert len(got.token_ids) <= len(free.token_ids)
+    assert got.token_ids == free.token_ids[: len(got.token_ids)]
+    want = run_cli(
+        cli, bundle, "describe", [path], "--max-new-tokens", "16", "--stop-string", stop
+    )[str(path)]
+    assert got.token_ids == want["token_ids"]
+    assert got.text == want["description"]
+    # A list works as well; an empty list turns stop strings off.
+    assert model.describe(path, max_new_tokens=16, stop_strings=[stop]).text == got.text
+    assert model.describe(path, max_new_tokens=16, stop_strings=[]).text == text
+
+
+def test_bad_generation_keywords(model):
+    path = IMAGES / "photo.jpg"
+    with pytest.raises(TypeError, match="max_length"):
+        model.describe(path, max_length=5)
+    with pytest.raises(TypeError, match="num_beams"):
+        model.describe(path, num_beams="two")
+    with pytest.raises(moda.InvalidArgumentError, match="min_new_tokens"):
+        model.describe(path, max_new_tokens=3, min_new_tokens=5)
+    assert issubclass(moda.InvalidArgumentError, moda.ModaError)
+
+
+def test_stream_yields_the_description_piece_by_piece(model):
+    path = IMAGES / "photo.jpg"
+    want = model.describe(path)
+    stream = model.stream(path)
+    assert stream.result is None
+    pieces = list(stream)
+    assert len(pieces) == len(want.token_ids)
+    assert "".join(pieces) == want.text.rstrip("\ufffd")
+    assert stream.result.token_ids == want.token_ids
+    assert list(stream) == []
+    # Every input kind works, and a stream dropped early stops its generation cleanly.
+    partial = model.stream(Image.open(path))
+    assert isinstance(next(partial), str)
+    del partial
+    with pytest.raises(moda.ImageError, match="not_an_image.jpg"):
+        list(model.stream(IMAGES / "not_an_image.jpg"))
+
+
+def test_embeddings_equal_the_cli(model, cli, bundle):
+    paths = [IMAGES / n for n in PIXEL_IMAGES]
+    for normalize, flags in [(False, []), (True, ["--normalize"])]:
+        records = run_cli(cli, bundle, "embed", paths, *flags)
+        want = np.array([records[str(p)]["embedding"] for p in paths], dtype=np.float32)
+        # One image per call, as the command line runs them: the same numbers (the JSON
+        # floats are the shortest decimal that reads back as the same float32).
+        single = np.concatenate([model.embed(p, normalize=normalize) for p in paths])
+        assert single.dtype == np.float32 and single.shape == (len(paths), model.embedding_dim)
+        np.testing.assert_array_equal(single, want)
+        # One batch through the encoder: ONNX Runtime's kernels may sum in another order
+        # for another batch size, a few float32 ulps at most.
+        batch = model.embed([str(p) for p in paths], normalize=normalize)
+        assert batch.shape == want.shape
+        np.testing.assert_allclose(batch, want, rtol=1e-5, atol=1e-6)
+    norms = np.linalg.norm(model.embed(paths, normalize=True), axis=1)
+    np.testing.assert_allclose(norms, 1.0, atol=1e-6)
+
+
+def test_embed_inputs(model):
+    path = IMAGES / "photo.jpg"
+    want = model.embed(path)
+    pil = Image.open(path)
+    for image in [str(path), path.read_bytes(), pil, np.asarray(pil.convert("RGB"))]:
+        np.testing.assert_array_equal(model.embed(image), want)
+    with pytest.raises(moda.ImageError, match="not_an_image.jpg"):
+        model.embed([path, IMAGES / "not_an_image.jpg"])
+
+
+def test_four_threads_on_one_model_equal_serial(bundle):
+    names = PIXEL_IMAGES * 2
+    for sessions in (1, 2):
+        model = moda.Model(bundle, sessions=sessions)
+        serial = [model.describe(IMAGES / n).token_ids for n in names]
+        serial_emb = model.embed([IMAGES / n for n in names])
+        results = {}
+        errors = []
+
+        def work(t):
+            try:
+                for i, n in enumerate(names):
+                    # Each thread goes through the images in its own order.
+                    j = (i + 3 * t) % len(names)
+                    results[(t, j)] = model.describe(IMAGES / names[j]).token_ids
+                    if i % 4 == t:
+                        emb = model.embed(IMAGES / names[j])
+                        np.testing.assert_allclose(emb[0], serial_emb[j], rtol=1e-5, atol=1e-6)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+                errors.append(e)
+
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        for (t, j), ids in results.items():
+            assert ids == serial[j], (sessions, t, names[j])
+        assert len(results) == 4 * len(names)
+
+
+def test_bad_images_raise_image_error_naming_them(model):
+    bad = IMAGES / "not_an_image.jpg"
+    with pytest.raises(moda.ImageError, match="not_an_image.jpg") as e:
+        model.describe(bad)
+    assert isinstance(e.value, moda.ModaError)
+    with pytest.raises(moda.ImageError, match="no_such_image.jpg"):
+        model.describe(IMAGES / "no_such_image.jpg")
+    with pytest.raises(moda.ImageError, match="image bytes"):
+        model.describe(b"\x89PNG but not really")
+    with pytest.raises(moda.ImageError, match=r"uint8 with shape \(H, W, 3\)"):
+        model.describe(np.zeros((4, 4, 4), dtype=np.uint8))
+    with pytest.raises(moda.ImageError, match="float32"):
+        model.describe(np.zeros((4, 4, 3), dtype=np.float32))
+    with pytest.raises(TypeError, match="expected an image"):
+        model.describe(42)
+
+
+def test_missing_or_broken_bundle_raises_bundle_error(tmp_path):
+    missing = tmp_path / "no_bundle"
+    with pytest.raises(moda.BundleError, match="no_bundle"):
+        moda.Model(missing)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "moda.json").write_text("{not json")
+    with pytest.raises(moda.BundleError, match="moda.json"):
+        moda.Model(tmp_path / "broken")
+    with pytest.raises(ValueError):
+        moda.Model(missing, sessions=0)
+
+
+def test_missing_runtime_raises_runtime_not_found(bundle):
+    # ONNX Runtime is loaded once per process: try a wrong one in a fresh interpreter.
+    code = (
+        "import moda, sys\n"
+        "try:\n"
+        f"    moda.Model({str(bundle)!r})\n"
+        "except moda.RuntimeNotFoundError as e:\n"
+        "    print('RuntimeNotFoundError:', e)\n"
+        "    sys.exit(0)\n"
+        "sys.exit(1)\n"
+    )
+    env = dict(os.environ, ORT_DYLIB_PATH="/nonexistent/libonnxruntime.so")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "ORT_DYLIB_PATH=/nonexistent/libonnxruntime.so" in r.stdout
+
+
+def test_model_properties(model, bundle):
+    assert model.bundle == str(bundle)
+    assert model.threads >= 1 and model.sessions == 1
+    assert model.embedding_dim > 0 and model.max_new_tokens > 0
+    assert "moda.Model(" in repr(model)
+
+
+def test_stubs_cover_the_module():
+    stub = pathlib.Path(moda.__file__).with_name("_native.pyi")
+    assert (stub.parent / "py.typed").is_file()
+    tree = ast.parse(stub.read_text())
+    stubbed = {
+        n.name if isinstance(n, ast.ClassDef) else t.id
+        for n in tree.body
+        for t in (n.targets if isinstance(n, ast.Assign) else [getattr(n, "target", None)])
+        if isinstance(n, ast.ClassDef) or isinstance(t, ast.Name)
+    }
+    public = {n for n in moda.__all__}
+    assert public <= stubbed, public - stubbed
+    for cls in (moda.Model, moda.Description, moda.Timings, moda.TokenStream):
+        stub_cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls.__name__)
+        stub_members = {n.name for n in stub_cls.body if isinstance(n, ast.FunctionDef)}
+        real = {m for m in dir(cls) if not m.startswith("_")}
+        assert real <= stub_members, (cls.__name__, real - stub_members)
+        assert cls.__doc__
