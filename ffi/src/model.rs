@@ -296,21 +296,21 @@ unsafe fn generation_options(
         p
     };
     let max = count(func, "max_new_tokens", p.max_new_tokens)?;
-    Ok(GenerationOptions {
-        max_new_tokens: (max > 0).then_some(max),
-        min_new_tokens: count(func, "min_new_tokens", p.min_new_tokens)?,
-        num_beams: count(func, "num_beams", p.num_beams)?,
-        do_sample: p.do_sample != 0,
-        temperature: p.temperature,
-        top_k: count(func, "top_k", p.top_k)?,
-        top_p: p.top_p,
-        seed: p.seed,
-        repetition_penalty: p.repetition_penalty,
-        no_repeat_ngram_size: count(func, "no_repeat_ngram_size", p.no_repeat_ngram_size)?,
-        length_penalty: p.length_penalty,
-        // SAFETY: the caller's promise on the struct covers its stop strings.
-        stop_strings: unsafe { stop_strings(func, p) }?,
-    })
+    // SAFETY: the caller's promise on the struct covers its stop strings.
+    let stop_strings = unsafe { stop_strings(func, p) }?;
+    Ok(GenerationOptions::default()
+        .with_max_new_tokens((max > 0).then_some(max))
+        .with_min_new_tokens(count(func, "min_new_tokens", p.min_new_tokens)?)
+        .with_num_beams(count(func, "num_beams", p.num_beams)?)
+        .with_do_sample(p.do_sample != 0)
+        .with_temperature(p.temperature)
+        .with_top_k(count(func, "top_k", p.top_k)?)
+        .with_top_p(p.top_p)
+        .with_seed(p.seed)
+        .with_repetition_penalty(p.repetition_penalty)
+        .with_no_repeat_ngram_size(count(func, "no_repeat_ngram_size", p.no_repeat_ngram_size)?)
+        .with_length_penalty(p.length_penalty)
+        .with_stop_strings(stop_strings))
 }
 
 /// Checks a params struct's `struct_size`: this library knows one version of each struct, so

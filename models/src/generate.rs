@@ -46,7 +46,9 @@ impl From<GenerateError> for crate::error::Error {
 type Result<T, E = GenerateError> = std::result::Result<T, E>;
 
 /// How to generate a description. [`Default`] is greedy search with the runner's default
-/// `max_new_tokens`.
+/// `max_new_tokens`; change what you need with the `with_*` methods (or by field). New
+/// options may be added, so it cannot be built field by field outside this crate.
+#[non_exhaustive]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct GenerationOptions {
@@ -106,6 +108,78 @@ impl Default for GenerationOptions {
 }
 
 impl GenerationOptions {
+    /// [`GenerationOptions::max_new_tokens`].
+    pub fn with_max_new_tokens(mut self, max_new_tokens: Option<usize>) -> Self {
+        self.max_new_tokens = max_new_tokens;
+        self
+    }
+
+    /// [`GenerationOptions::min_new_tokens`].
+    pub fn with_min_new_tokens(mut self, min_new_tokens: usize) -> Self {
+        self.min_new_tokens = min_new_tokens;
+        self
+    }
+
+    /// [`GenerationOptions::num_beams`].
+    pub fn with_num_beams(mut self, num_beams: usize) -> Self {
+        self.num_beams = num_beams;
+        self
+    }
+
+    /// [`GenerationOptions::do_sample`].
+    pub fn with_do_sample(mut self, do_sample: bool) -> Self {
+        self.do_sample = do_sample;
+        self
+    }
+
+    /// [`GenerationOptions::temperature`].
+    pub fn with_temperature(mut self, temperature: f32) -> Self {
+        self.temperature = temperature;
+        self
+    }
+
+    /// [`GenerationOptions::top_k`].
+    pub fn with_top_k(mut self, top_k: usize) -> Self {
+        self.top_k = top_k;
+        self
+    }
+
+    /// [`GenerationOptions::top_p`].
+    pub fn with_top_p(mut self, top_p: f32) -> Self {
+        self.top_p = top_p;
+        self
+    }
+
+    /// [`GenerationOptions::seed`].
+    pub fn with_seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
+
+    /// [`GenerationOptions::repetition_penalty`].
+    pub fn with_repetition_penalty(mut self, repetition_penalty: f32) -> Self {
+        self.repetition_penalty = repetition_penalty;
+        self
+    }
+
+    /// [`GenerationOptions::no_repeat_ngram_size`].
+    pub fn with_no_repeat_ngram_size(mut self, no_repeat_ngram_size: usize) -> Self {
+        self.no_repeat_ngram_size = no_repeat_ngram_size;
+        self
+    }
+
+    /// [`GenerationOptions::length_penalty`].
+    pub fn with_length_penalty(mut self, length_penalty: f32) -> Self {
+        self.length_penalty = length_penalty;
+        self
+    }
+
+    /// [`GenerationOptions::stop_strings`].
+    pub fn with_stop_strings(mut self, stop_strings: Option<Vec<String>>) -> Self {
+        self.stop_strings = stop_strings;
+        self
+    }
+
     /// The stop strings in effect (none when `stop_strings` is `None`: a runner resolves its
     /// default before it searches).
     pub fn stop_strings(&self) -> &[String] {

@@ -841,10 +841,9 @@ impl Moda {
         let options = if options.stop_strings.is_none()
             && !self.manifest.generation.stop_strings.is_empty()
         {
-            resolved = GenerationOptions {
-                stop_strings: Some(self.manifest.generation.stop_strings.clone()),
-                ..options.clone()
-            };
+            resolved = options
+                .clone()
+                .with_stop_strings(Some(self.manifest.generation.stop_strings.clone()));
             &resolved
         } else {
             options

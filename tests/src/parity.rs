@@ -102,10 +102,7 @@ pub fn greedy_decoding(dev: &Device) {
     let refs = load_refs("moda/reference.safetensors");
     let want: Vec<Vec<i64>> = get(&refs, "greedy.tokens").to_vec2().expect("tokens");
     let steps = want[0].len();
-    let opts = GenerationOptions {
-        max_new_tokens: Some(steps),
-        ..Default::default()
-    };
+    let opts = GenerationOptions::default().with_max_new_tokens(Some(steps));
     let got: Vec<Vec<u32>> = model
         .generate(&on(&refs, "prefix_embeds", dev), &opts)
         .expect("generate")
@@ -131,11 +128,9 @@ pub fn beam_search(dev: &Device) {
     let prefix = on(&refs, "prefix_embeds", dev);
     let n = prefix.dim(0).expect("rows");
     let max_new = 12;
-    let beams = GenerationOptions {
-        max_new_tokens: Some(max_new),
-        num_beams: 4,
-        ..Default::default()
-    };
+    let beams = GenerationOptions::default()
+        .with_max_new_tokens(Some(max_new))
+        .with_num_beams(4);
     let got = model.generate(&prefix, &beams).expect("beam search");
     assert_eq!(got.len(), n);
     let cfg = model.decoder().config();
@@ -180,14 +175,8 @@ pub fn beam_search(dev: &Device) {
         assert_eq!(alone[0].token_ids, g.token_ids, "row {i}: batch vs alone");
     }
     // One beam is greedy search (timings aside).
-    let one = GenerationOptions {
-        num_beams: 1,
-        ..beams.clone()
-    };
-    let greedy = GenerationOptions {
-        max_new_tokens: Some(max_new),
-        ..Default::default()
-    };
+    let one = beams.clone().with_num_beams(1);
+    let greedy = GenerationOptions::default().with_max_new_tokens(Some(max_new));
     let tokens = |o: &GenerationOptions| -> Vec<(Vec<u32>, Vec<f32>)> {
         model
             .generate(&prefix, o)

@@ -32,10 +32,7 @@ fn image(name: &str) -> PathBuf {
 }
 
 fn greedy(n: usize) -> GenerationOptions {
-    GenerationOptions {
-        max_new_tokens: Some(n),
-        ..Default::default()
-    }
+    GenerationOptions::default().with_max_new_tokens(Some(n))
 }
 
 #[test]
@@ -72,11 +69,9 @@ fn greedy_tokens_match_transformers_and_candle() {
     let refs = load_refs("moda/reference.safetensors");
     let want = get(&refs, "greedy.tokens");
     // The fixture decodes 8 tokens with no stop at </s>; min = max = 8 does the same here.
-    let opts = GenerationOptions {
-        max_new_tokens: Some(8),
-        min_new_tokens: 8,
-        ..Default::default()
-    };
+    let opts = GenerationOptions::default()
+        .with_max_new_tokens(Some(8))
+        .with_min_new_tokens(8);
     let dev = Device::Cpu;
     let candle = moda_models::CaptionModel::from_recipe_checkpoint(
         &fixture("moda/fashion_opt.pth"),
@@ -164,21 +159,14 @@ fn candle_and_the_bundle_give_the_same_tokens_through_the_one_search() {
     let max_new = moda().manifest().generation.max_new_tokens;
     let cases = [
         GenerationOptions::default(),
-        GenerationOptions {
-            num_beams: 3,
-            ..Default::default()
-        },
-        GenerationOptions {
-            num_beams: 2,
-            length_penalty: 0.5,
-            no_repeat_ngram_size: 2,
-            ..Default::default()
-        },
-        GenerationOptions {
-            repetition_penalty: 1.5,
-            min_new_tokens: 3,
-            ..Default::default()
-        },
+        GenerationOptions::default().with_num_beams(3),
+        GenerationOptions::default()
+            .with_num_beams(2)
+            .with_length_penalty(0.5)
+            .with_no_repeat_ngram_size(2),
+        GenerationOptions::default()
+            .with_repetition_penalty(1.5)
+            .with_min_new_tokens(3),
     ];
     for opts in cases {
         let bundle: Vec<_> = moda()
@@ -188,10 +176,7 @@ fn candle_and_the_bundle_give_the_same_tokens_through_the_one_search() {
             .map(|d| d.expect("an image"))
             .collect();
         // The bundle's default length, given to candle explicitly.
-        let candle_opts = GenerationOptions {
-            max_new_tokens: Some(max_new),
-            ..opts.clone()
-        };
+        let candle_opts = opts.clone().with_max_new_tokens(Some(max_new));
         let got = candle.generate(&prefix, &candle_opts).expect("candle");
         assert_eq!(got.len(), names.len());
         for ((name, c), d) in names.iter().zip(&got).zip(&bundle) {
@@ -403,24 +388,12 @@ fn generation_options_behave() {
     let g = moda().describe(&input, &greedy(10)).expect("greedy");
     // One beam is greedy search.
     let b1 = moda()
-        .describe(
-            &input,
-            &GenerationOptions {
-                num_beams: 1,
-                ..greedy(10)
-            },
-        )
+        .describe(&input, &greedy(10).with_num_beams(1))
         .expect("beam 1");
     assert_eq!(b1.token_ids, g.token_ids);
     // Beam search finds a hypothesis at least as likely (per token) as greedy's.
     let b4 = moda()
-        .describe(
-            &input,
-            &GenerationOptions {
-                num_beams: 4,
-                ..greedy(10)
-            },
-        )
+        .describe(&input, &greedy(10).with_num_beams(4))
         .expect("beam 4");
     let mean = |l: &[f32]| l.iter().sum::<f32>() / l.len() as f32;
     assert!(
@@ -434,13 +407,11 @@ fn generation_options_behave() {
         moda()
             .describe(
                 &input,
-                &GenerationOptions {
-                    do_sample: true,
-                    seed,
-                    top_k,
-                    temperature: 1.5,
-                    ..greedy(10)
-                },
+                &greedy(10)
+                    .with_do_sample(true)
+                    .with_seed(seed)
+                    .with_top_k(top_k)
+                    .with_temperature(1.5),
             )
             .expect("sample")
             .token_ids
@@ -454,13 +425,7 @@ fn generation_options_behave() {
     );
     // min/max new tokens.
     let long = moda()
-        .describe(
-            &input,
-            &GenerationOptions {
-                min_new_tokens: 20,
-                ..greedy(20)
-            },
-        )
+        .describe(&input, &greedy(20).with_min_new_tokens(20))
         .expect("min");
     assert_eq!(long.token_ids.len(), 20);
     assert!(long.token_ids.iter().all(|&t| t != 2));
@@ -468,11 +433,9 @@ fn generation_options_behave() {
     let nr = moda()
         .describe(
             &input,
-            &GenerationOptions {
-                no_repeat_ngram_size: 2,
-                min_new_tokens: 30,
-                ..greedy(30)
-            },
+            &greedy(30)
+                .with_no_repeat_ngram_size(2)
+                .with_min_new_tokens(30),
         )
         .expect("no repeat");
     let mut pairs: Vec<(u32, u32)> = nr.token_ids.windows(2).map(|w| (w[0], w[1])).collect();
@@ -484,11 +447,7 @@ fn generation_options_behave() {
     let err = moda()
         .describe(
             &input,
-            &GenerationOptions {
-                temperature: -1.0,
-                do_sample: true,
-                ..greedy(5)
-            },
+            &greedy(5).with_temperature(-1.0).with_do_sample(true),
         )
         .expect_err("bad temperature");
     assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
@@ -718,10 +677,7 @@ fn user_numbers_never_overflow_or_oversubscribe() {
     let err = moda()
         .describe(
             &ImageInput::Path(&image("photo.jpg")),
-            &GenerationOptions {
-                max_new_tokens: Some(usize::MAX),
-                ..Default::default()
-            },
+            &GenerationOptions::default().with_max_new_tokens(Some(usize::MAX)),
         )
         .expect_err("too many tokens");
     assert!(matches!(err, Error::InvalidArgument(_)), "{err}");

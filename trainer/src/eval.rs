@@ -243,11 +243,11 @@ pub fn evaluate(opts: &EvalOptions) -> Result<EvalReport> {
     } else {
         ProgressBar::hidden()
     };
-    let generation = GenerationOptions {
-        max_new_tokens: Some(opts.max_new_tokens.min(loaded.model.max_new_tokens_limit())),
-        num_beams: opts.num_beams,
-        ..GenerationOptions::default()
-    };
+    let generation = GenerationOptions::default()
+        .with_max_new_tokens(Some(
+            opts.max_new_tokens.min(loaded.model.max_new_tokens_limit()),
+        ))
+        .with_num_beams(opts.num_beams);
     let mut texts = Vec::with_capacity(samples.len());
     for start in (0..samples.len()).step_by(opts.batch_size.max(1)) {
         let n = opts.batch_size.max(1).min(samples.len() - start);

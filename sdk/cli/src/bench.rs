@@ -120,11 +120,9 @@ pub fn bench(moda: &Moda, image: &ImageInput<'_>, opts: &BenchOptions) -> Result
             opts.max_new_tokens, d.max_positions
         )));
     }
-    let gen = GenerationOptions {
-        max_new_tokens: Some(opts.max_new_tokens),
-        min_new_tokens: opts.max_new_tokens,
-        ..Default::default()
-    };
+    let gen = GenerationOptions::default()
+        .with_max_new_tokens(Some(opts.max_new_tokens))
+        .with_min_new_tokens(opts.max_new_tokens);
     let batch: Vec<ImageInput<'_>> = vec![*image; opts.batch_size];
     let describe = || -> Result<Timings> {
         let t = moda.describe(image, &gen)?.timings;

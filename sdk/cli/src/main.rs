@@ -231,20 +231,19 @@ struct GenArgs {
 impl GenArgs {
     fn options(&self) -> GenerationOptions {
         let d = GenerationOptions::default();
-        GenerationOptions {
-            max_new_tokens: self.max_new_tokens,
-            min_new_tokens: self.min_new_tokens.unwrap_or(d.min_new_tokens),
-            num_beams: self.num_beams.unwrap_or(d.num_beams),
-            do_sample: self.do_sample,
-            temperature: self.temperature.unwrap_or(d.temperature),
-            top_k: self.top_k.unwrap_or(d.top_k),
-            top_p: self.top_p.unwrap_or(d.top_p),
-            seed: self.seed.unwrap_or(d.seed),
-            repetition_penalty: self.repetition_penalty.unwrap_or(d.repetition_penalty),
-            no_repeat_ngram_size: self.no_repeat_ngram_size.unwrap_or(d.no_repeat_ngram_size),
-            length_penalty: self.length_penalty.unwrap_or(d.length_penalty),
-            stop_strings: (!self.stop_strings.is_empty()).then(|| self.stop_strings.clone()),
-        }
+        GenerationOptions::default()
+            .with_max_new_tokens(self.max_new_tokens)
+            .with_min_new_tokens(self.min_new_tokens.unwrap_or(d.min_new_tokens))
+            .with_num_beams(self.num_beams.unwrap_or(d.num_beams))
+            .with_do_sample(self.do_sample)
+            .with_temperature(self.temperature.unwrap_or(d.temperature))
+            .with_top_k(self.top_k.unwrap_or(d.top_k))
+            .with_top_p(self.top_p.unwrap_or(d.top_p))
+            .with_seed(self.seed.unwrap_or(d.seed))
+            .with_repetition_penalty(self.repetition_penalty.unwrap_or(d.repetition_penalty))
+            .with_no_repeat_ngram_size(self.no_repeat_ngram_size.unwrap_or(d.no_repeat_ngram_size))
+            .with_length_penalty(self.length_penalty.unwrap_or(d.length_penalty))
+            .with_stop_strings((!self.stop_strings.is_empty()).then(|| self.stop_strings.clone()))
     }
 }
 

@@ -196,11 +196,9 @@ fn floats(v: &Value, key: &str) -> Vec<f32> {
 }
 
 fn forced(n: usize) -> GenerationOptions {
-    GenerationOptions {
-        max_new_tokens: Some(n),
-        min_new_tokens: n,
-        ..Default::default()
-    }
+    GenerationOptions::default()
+        .with_max_new_tokens(Some(n))
+        .with_min_new_tokens(n)
 }
 
 #[test]
@@ -260,10 +258,7 @@ fn describe_text_is_one_line_per_image() {
     let out = stdout(&o);
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len(), 3, "{out}");
-    let opts = GenerationOptions {
-        max_new_tokens: Some(10),
-        ..Default::default()
-    };
+    let opts = GenerationOptions::default().with_max_new_tokens(Some(10));
     for (line, p) in lines.iter().zip(&paths) {
         let (path, text) = line.split_once('\t').expect("PATH<TAB>TEXT");
         assert_eq!(path, p);
@@ -285,11 +280,9 @@ fn generation_flags_and_batches_map_onto_the_library() {
     let cases: Vec<(Vec<&str>, GenerationOptions)> = vec![
         (
             vec!["--num-beams", "3", "--max-new-tokens", "9"],
-            GenerationOptions {
-                num_beams: 3,
-                max_new_tokens: Some(9),
-                ..Default::default()
-            },
+            GenerationOptions::default()
+                .with_num_beams(3)
+                .with_max_new_tokens(Some(9)),
         ),
         (
             vec![
@@ -305,15 +298,13 @@ fn generation_flags_and_batches_map_onto_the_library() {
                 "--max-new-tokens",
                 "12",
             ],
-            GenerationOptions {
-                do_sample: true,
-                seed: 7,
-                temperature: 1.5,
-                top_k: 40,
-                top_p: 0.9,
-                max_new_tokens: Some(12),
-                ..Default::default()
-            },
+            GenerationOptions::default()
+                .with_do_sample(true)
+                .with_seed(7)
+                .with_temperature(1.5)
+                .with_top_k(40)
+                .with_top_p(0.9)
+                .with_max_new_tokens(Some(12)),
         ),
         (
             vec![
@@ -326,11 +317,9 @@ fn generation_flags_and_batches_map_onto_the_library() {
                 "--min-new-tokens",
                 "20",
             ],
-            GenerationOptions {
-                repetition_penalty: 1.3,
-                no_repeat_ngram_size: 2,
-                ..forced(20)
-            },
+            forced(20)
+                .with_repetition_penalty(1.3)
+                .with_no_repeat_ngram_size(2),
         ),
     ];
     for (flags, opts) in cases {
@@ -480,10 +469,7 @@ fn csv_catalogs_are_read_in_row_order_relative_to_the_csv() {
     let lib = moda()
         .describe(
             &ImageInput::Path(&image("photo.jpg")),
-            &GenerationOptions {
-                max_new_tokens: Some(4),
-                ..Default::default()
-            },
+            &GenerationOptions::default().with_max_new_tokens(Some(4)),
         )
         .expect("library");
     assert_eq!(ids(&lines[1]), lib.token_ids);
@@ -605,10 +591,7 @@ fn a_kaggle_layout_catalog_finds_its_images_in_their_folders() {
     let lib = moda()
         .describe(
             &ImageInput::Path(&image("wide.png")),
-            &GenerationOptions {
-                max_new_tokens: Some(4),
-                ..Default::default()
-            },
+            &GenerationOptions::default().with_max_new_tokens(Some(4)),
         )
         .expect("library");
     assert_eq!(ids(&lines[1]), lib.token_ids);
