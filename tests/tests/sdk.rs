@@ -72,18 +72,6 @@ fn greedy_tokens_match_transformers_and_candle() {
     let opts = GenerationOptions::default()
         .with_max_new_tokens(Some(8))
         .with_min_new_tokens(8);
-    let dev = Device::Cpu;
-    let candle = moda_models::CaptionModel::from_recipe_checkpoint(
-        &fixture("moda/fashion_opt.pth"),
-        &fixture("clip_gelu"),
-        &fixture("opt_preln"),
-        &dev,
-    )
-    .expect("candle model");
-    let proc = ImageProcessor::new(
-        ImageProcessorConfig::from_dir_or_default(&fixture("clip_gelu")).expect("cfg"),
-    )
-    .expect("processor");
     for (i, name) in ["photo.jpg", "wide.png"].iter().enumerate() {
         let d = moda()
             .describe(&ImageInput::Path(&image(name)), &opts)
@@ -106,13 +94,7 @@ fn greedy_tokens_match_transformers_and_candle() {
 
         // The candle model, from the same files, through the same search with the same
         // options, gives the same tokens.
-        let px = proc
-            .preprocess_path(&image(name), &Default::default())
-            .expect("pixels");
-        let px = Tensor::from_vec(px, (1, 3, 64, 64), &dev).expect("t");
-        let prefix = candle
-            .project(&candle.encode_images(&px).expect("enc"))
-            .expect("proj");
+        let (candle, prefix) = candle_prefix(&[name]);
         let c = candle.generate(&prefix, &opts).expect("candle generate");
         assert_eq!(c[0].token_ids, d.token_ids, "{name}: vs candle");
     }
