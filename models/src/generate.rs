@@ -25,6 +25,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use crate::constrain::{Constraint, ConstraintState};
+
 /// Why a search could not run: options out of range, or a model that returned logits of the
 /// wrong size. A [`StepModel`]'s own error type converts from it, so that the search returns
 /// the model's errors and its own as one type.
@@ -86,6 +88,49 @@ pub struct GenerationOptions {
     /// model's none); `Some` of an empty list turns them off.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stop_strings: Option<Vec<String>>,
+    /// Whether the description must fit the model's caption schema (see
+    /// [`crate::constrain`]). [`Constrain::Auto`] constrains when the runner has a schema.
+    pub constrain: Constrain,
+}
+
+/// Whether decoding is constrained to the caption schema: the template's literal text and,
+/// in each field, one of the values the schema knows.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Constrain {
+    /// Constrained when the model has a schema whose every field lists values; free
+    /// otherwise.
+    #[default]
+    Auto,
+    /// Constrained; an error when the model has no schema that allows it.
+    Schema,
+    /// Free text: the decoder may write anything, e.g. a value the catalog never had.
+    None,
+}
+
+impl Constrain {
+    /// The name as the command line and the JSON write it (`auto`, `schema`, `none`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Constrain::Auto => "auto",
+            Constrain::Schema => "schema",
+            Constrain::None => "none",
+        }
+    }
+}
+
+impl std::str::FromStr for Constrain {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Constrain::Auto),
+            "schema" => Ok(Constrain::Schema),
+            "none" => Ok(Constrain::None),
+            _ => Err(format!(
+                "{s:?} is not a constraint; use auto, schema or none"
+            )),
+        }
+    }
 }
 
 impl Default for GenerationOptions {
@@ -103,6 +148,7 @@ impl Default for GenerationOptions {
             no_repeat_ngram_size: 0,
             length_penalty: 1.0,
             stop_strings: None,
+            constrain: Constrain::Auto,
         }
     }
 }
@@ -180,6 +226,12 @@ impl GenerationOptions {
         self
     }
 
+    /// [`GenerationOptions::constrain`].
+    pub fn with_constrain(mut self, constrain: Constrain) -> Self {
+        self.constrain = constrain;
+        self
+    }
+
     /// The stop strings in effect (none when `stop_strings` is `None`: a runner resolves its
     /// default before it searches).
     pub fn stop_strings(&self) -> &[String] {
@@ -247,6 +299,40 @@ pub trait StepModel {
     type Error: From<GenerateError>;
     /// Feeds one token per row and returns the next logits, `[rows * vocab]`.
     fn step(&mut self, tokens: &[u32]) -> Result<Vec<f32>, Self::Error>;
+    /// Feeds `n` tokens per row (`tokens` is `[rows * n]`, row by row) as one step and
+    /// returns the logits after each of them, `[rows * n * vocab]` (row by row, then
+    /// position). The default feeds them one [`StepModel::step`] at a time; a model that can
+    /// run several positions at once should do so (constrained decoding feeds the text it
+    /// forces this way).
+    fn step_many(&mut self, tokens: &[u32], n: usize) -> Result<Vec<f32>, Self::Error> {
+        if n == 0 || !tokens.len().is_multiple_of(n) {
+            return Err(GenerateError::InvalidArgument(format!(
+                "{} tokens are not rows of {n}",
+                tokens.len()
+            ))
+            .into());
+        }
+        let rows = tokens.len() / n;
+        if n == 1 {
+            return self.step(tokens);
+        }
+        let mut out = Vec::new();
+        let mut vocab = 0;
+        for j in 0..n {
+            let column: Vec<u32> = (0..rows).map(|r| tokens[r * n + j]).collect();
+            let logits = self.step(&column)?;
+            if j == 0 {
+                vocab = logits.len() / rows.max(1);
+                out = vec![0.0; rows * n * vocab];
+            }
+            check_len(&logits, rows, vocab)?;
+            for r in 0..rows {
+                let at = (r * n + j) * vocab;
+                out[at..at + vocab].copy_from_slice(&logits[r * vocab..(r + 1) * vocab]);
+            }
+        }
+        Ok(out)
+    }
     /// Keeps cache rows `rows`, in that order (rows may repeat): beam search's reordering.
     /// `rows` has as many entries as there are rows.
     fn reorder(&mut self, rows: &[usize]) -> Result<(), Self::Error>;
@@ -259,9 +345,21 @@ pub struct Generated {
     pub token_ids: Vec<u32>,
     /// Log-probability of each token.
     pub logprobs: Vec<f32>,
-    /// Time of each decoder step that fed this row, in ms (greedy and sampling only).
+    /// Under a constraint, for each token the search chose (not forced), the other allowed
+    /// tokens with their log-probabilities, most likely first (at most
+    /// [`MAX_TOKEN_ALTERNATIVES`]); empty for forced tokens and without a constraint.
+    pub alternatives: Vec<Vec<(u32, f32)>>,
+    /// Under a constraint, for each token whether it was forced (the schema allowed only
+    /// the text it spells, see [`Constraint::forced`]) rather than chosen; empty without a
+    /// constraint.
+    pub forced: Vec<bool>,
+    /// Time of each decoder run that fed this row, in ms (greedy and sampling only): one per
+    /// step, one for a multi-token step.
     pub step_ms: Vec<f64>,
 }
+
+/// The most alternatives recorded per token under a constraint.
+pub const MAX_TOKEN_ALTERNATIVES: usize = 4;
 
 /// Called with (image, token, logprob) as each token is chosen; `false` stops that image.
 pub type TokenSink<'a> = &'a mut dyn FnMut(usize, u32, f32) -> bool;
@@ -291,43 +389,87 @@ pub fn strip_stop_string(text: &str, stop_strings: &[String]) -> String {
     }
 }
 
-/// Whether the text of `tokens` holds a stop string.
-fn reaches_stop(opts: &GenerationOptions, text: Option<Detokenize<'_>>, tokens: &[u32]) -> bool {
-    match text {
-        Some(text) if !opts.stop_strings().is_empty() => {
-            cut_at_stop_string(&text(tokens), opts.stop_strings()).is_some()
+/// What a search needs besides its options and the model: the vocabulary and end token, the
+/// resolved token limit, and what the runner provides (text for stop strings, a token sink,
+/// a schema constraint).
+pub struct Search<'a> {
+    /// Logits per row (the model's vocabulary, possibly larger than the tokenizer's).
+    pub vocab: usize,
+    /// The end-of-sequence token.
+    pub eos: u32,
+    /// The resolved limit (`GenerationOptions::max_new_tokens` is the runner's to resolve).
+    pub max_new_tokens: usize,
+    /// Decodes tokens for the stop strings (required when there are any).
+    pub text: Option<Detokenize<'a>>,
+    /// Sees each token as it is chosen (beam search: at the end).
+    pub sink: Option<TokenSink<'a>>,
+    /// Constrains decoding to a caption schema (the runner resolves
+    /// [`GenerationOptions::constrain`] into it).
+    pub constraint: Option<&'a Constraint>,
+}
+
+impl<'a> Search<'a> {
+    /// A search over `vocab` logits per row, ending at `eos`, of at most `max_new_tokens`.
+    pub fn new(vocab: usize, eos: u32, max_new_tokens: usize) -> Self {
+        Self {
+            vocab,
+            eos,
+            max_new_tokens,
+            text: None,
+            sink: None,
+            constraint: None,
         }
-        _ => false,
+    }
+
+    /// [`Search::text`].
+    pub fn with_text(mut self, text: Detokenize<'a>) -> Self {
+        self.text = Some(text);
+        self
+    }
+
+    /// [`Search::sink`].
+    pub fn with_sink(mut self, sink: TokenSink<'a>) -> Self {
+        self.sink = Some(sink);
+        self
+    }
+
+    /// [`Search::constraint`].
+    pub fn with_constraint(mut self, constraint: Option<&'a Constraint>) -> Self {
+        self.constraint = constraint;
+        self
+    }
+
+    /// Whether the text of `tokens` holds a stop string.
+    fn reaches_stop(&self, opts: &GenerationOptions, tokens: &[u32]) -> bool {
+        match self.text {
+            Some(text) if !opts.stop_strings().is_empty() => {
+                cut_at_stop_string(&text(tokens), opts.stop_strings()).is_some()
+            }
+            _ => false,
+        }
     }
 }
 
 /// Runs the search. `first` holds the logits after the prompt, `[rows * vocab]`, where rows is
-/// `images * num_beams` for beam search (each image's beams repeated) and `images` otherwise;
-/// `max_new_tokens` is the resolved limit (`opts.max_new_tokens` is the caller's to resolve).
-/// `text` decodes tokens for `opts.stop_strings` (required when there are any).
+/// `images * num_beams` for beam search (each image's beams repeated) and `images` otherwise.
 /// Returns one result per image.
-#[allow(clippy::too_many_arguments)]
 pub fn generate<M: StepModel + ?Sized>(
     model: &mut M,
     first: Vec<f32>,
     images: usize,
-    vocab: usize,
-    eos: u32,
     opts: &GenerationOptions,
-    max_new_tokens: usize,
-    text: Option<Detokenize<'_>>,
-    sink: Option<TokenSink<'_>>,
+    mut search: Search<'_>,
 ) -> Result<Vec<Generated>, M::Error> {
-    opts.validate(max_new_tokens)?;
-    if !opts.stop_strings().is_empty() && text.is_none() {
+    opts.validate(search.max_new_tokens)?;
+    if !opts.stop_strings().is_empty() && search.text.is_none() {
         return Err(GenerateError::InvalidArgument(
             "stop strings need the tokenizer's text of the tokens; this runner gives none".into(),
         )
         .into());
     }
     if opts.num_beams > 1 {
-        let mut out = beam_search(model, first, images, vocab, eos, opts, max_new_tokens, text)?;
-        if let Some(sink) = sink {
+        let mut out = beam_search(model, first, images, opts, &search)?;
+        if let Some(sink) = search.sink.as_mut() {
             for (i, g) in out.iter_mut().enumerate() {
                 for (&t, &l) in g.token_ids.iter().zip(&g.logprobs) {
                     if !sink(i, t, l) {
@@ -338,79 +480,274 @@ pub fn generate<M: StepModel + ?Sized>(
         }
         return Ok(out);
     }
-    search(
-        model,
-        first,
-        images,
-        vocab,
-        eos,
-        opts,
-        max_new_tokens,
-        text,
-        sink,
-    )
+    greedy_or_sample(model, first, images, opts, &mut search)
 }
 
-/// Greedy search or sampling, one row per image.
-#[allow(clippy::too_many_arguments)]
-fn search<M: StepModel + ?Sized>(
+/// A row's logits under the constraint: `row` processed, then every token outside `allowed`
+/// set to minus infinity. When processing has banned every allowed token (a penalty or the
+/// minimum length against the only text the schema allows), the allowed tokens keep their
+/// unprocessed logits `raw`, so that the search can still follow the schema.
+fn mask_to(row: &mut [f32], allowed: &[u32], raw: &[(u32, f32)]) {
+    let kept: Vec<(u32, f32)> = allowed
+        .iter()
+        .filter_map(|&t| row.get(t as usize).map(|&l| (t, l)))
+        .collect();
+    row.fill(f32::NEG_INFINITY);
+    let any = kept.iter().any(|(_, l)| l.is_finite());
+    for &(t, l) in if any { &kept } else { raw } {
+        if let Some(x) = row.get_mut(t as usize) {
+            *x = l;
+        }
+    }
+}
+
+/// The unprocessed logits of the allowed tokens (for [`mask_to`]'s fallback).
+fn raw_of(row: &[f32], allowed: &[u32]) -> Vec<(u32, f32)> {
+    allowed
+        .iter()
+        .filter_map(|&t| row.get(t as usize).map(|&l| (t, l)))
+        .collect()
+}
+
+/// The best other tokens of a masked row after `chosen`, with their log-probabilities.
+fn other_choices(row: &[f32], allowed: &[u32], chosen: u32) -> Vec<(u32, f32)> {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if !max.is_finite() {
+        return Vec::new();
+    }
+    let lse = max as f64
+        + row
+            .iter()
+            .map(|&l| ((l - max) as f64).exp())
+            .sum::<f64>()
+            .ln();
+    let mut out: Vec<(u32, f32)> = allowed
+        .iter()
+        .filter(|&&t| t != chosen)
+        .filter_map(|&t| {
+            let l = *row.get(t as usize)?;
+            l.is_finite().then_some((t, (l as f64 - lse) as f32))
+        })
+        .collect();
+    out.sort_by(|a, b| b.1.total_cmp(&a.1));
+    out.truncate(MAX_TOKEN_ALTERNATIVES);
+    out
+}
+
+/// One row of greedy search or sampling.
+struct Row {
+    out: Generated,
+    done: bool,
+    state: Option<ConstraintState>,
+    /// Forced tokens not yet fed to the decoder.
+    queue: std::collections::VecDeque<u32>,
+    rng: ChaCha8Rng,
+}
+
+/// Greedy search or sampling, one row per image. Under a constraint the forced tokens after a
+/// chosen one are fed to the decoder in the same step (as many as every running row has), and
+/// their log-probabilities are read from that step's logits.
+fn greedy_or_sample<M: StepModel + ?Sized>(
     model: &mut M,
     mut logits: Vec<f32>,
     rows: usize,
-    vocab: usize,
-    eos: u32,
     opts: &GenerationOptions,
-    max_new_tokens: usize,
-    text: Option<Detokenize<'_>>,
-    mut sink: Option<TokenSink<'_>>,
+    s: &mut Search<'_>,
 ) -> Result<Vec<Generated>, M::Error> {
+    let (vocab, eos, max) = (s.vocab, s.eos, s.max_new_tokens);
     check_len(&logits, rows, vocab)?;
-    let mut out = vec![Generated::default(); rows];
-    let mut done = vec![false; rows];
-    let mut rngs: Vec<ChaCha8Rng> = (0..rows)
-        .map(|_| ChaCha8Rng::seed_from_u64(opts.seed))
+    let mut rs: Vec<Row> = (0..rows)
+        .map(|_| Row {
+            out: Generated::default(),
+            done: false,
+            state: s.constraint.map(Constraint::start),
+            queue: Default::default(),
+            rng: ChaCha8Rng::seed_from_u64(opts.seed),
+        })
         .collect();
     let mut scratch = Vec::with_capacity(vocab);
-    for step in 0..max_new_tokens {
-        let mut next = vec![eos; rows];
-        for r in 0..rows {
-            if done[r] {
+    // Positions of logits per row in `logits` (the last is each row's next-token logits).
+    let mut width = 1;
+    loop {
+        let mut runs: Vec<Vec<u32>> = vec![Vec::new(); rows];
+        for (r, row) in rs.iter_mut().enumerate() {
+            if row.done {
                 continue;
             }
-            let row = &mut logits[r * vocab..(r + 1) * vocab];
-            process(row, &out[r].token_ids, eos, opts);
-            let token = if opts.do_sample {
-                warp(row, opts, &mut scratch);
-                sample(row, &mut rngs[r])
-            } else {
-                argmax(row)
+            let at = (r * width + width - 1) * vocab;
+            let lrow = &mut logits[at..at + vocab];
+            let token = match row.queue.pop_front() {
+                Some(t) => {
+                    commit_forced(row, lrow, t, eos, opts, s, r)?;
+                    t
+                }
+                None => choose(row, lrow, eos, opts, s, r, &mut scratch)?,
             };
-            let lp = log_softmax_at(row, token);
-            out[r].token_ids.push(token as u32);
-            out[r].logprobs.push(lp);
-            next[r] = token as u32;
-            let go_on = match sink.as_mut() {
-                Some(s) => s(r, token as u32, lp),
-                None => true,
-            };
-            if token as u32 == eos || !go_on || reaches_stop(opts, text, &out[r].token_ids) {
-                done[r] = true;
+            if row.done {
+                continue;
             }
+            if row.out.token_ids.len() >= max {
+                row.done = true;
+                continue;
+            }
+            if row.queue.is_empty() {
+                if let (Some(c), Some(state)) = (s.constraint, &row.state) {
+                    let room = max - row.out.token_ids.len();
+                    row.queue.extend(c.forced(state).into_iter().take(room));
+                }
+            }
+            runs[r].push(token);
+            // Forced tokens go into this step, but never a forced `</s>` (it is taken from the
+            // logits before it, and ends the row).
+            runs[r].extend(row.queue.iter().copied().take_while(|&t| t != eos));
         }
-        if done.iter().all(|&d| d) || step + 1 == max_new_tokens {
+        let n = rs
+            .iter()
+            .zip(&runs)
+            .filter(|(row, _)| !row.done)
+            .map(|(_, run)| run.len())
+            .min();
+        let Some(n) = n.filter(|&n| n > 0) else {
             break;
+        };
+        let mut feed = Vec::with_capacity(rows * n);
+        for (row, run) in rs.iter().zip(&runs) {
+            if row.done {
+                feed.extend(std::iter::repeat_n(eos, n));
+            } else {
+                feed.extend_from_slice(&run[..n]);
+            }
         }
         let t = std::time::Instant::now();
-        logits = model.step(&next)?;
+        logits = if n == 1 {
+            model.step(&feed)?
+        } else {
+            model.step_many(&feed, n)?
+        };
         let ms = t.elapsed().as_secs_f64() * 1e3;
-        check_len(&logits, rows, vocab)?;
-        for (r, g) in out.iter_mut().enumerate() {
-            if !done[r] {
-                g.step_ms.push(ms);
+        check_len(&logits, rows * n, vocab)?;
+        width = n;
+        for (r, row) in rs.iter_mut().enumerate() {
+            if row.done {
+                continue;
+            }
+            row.out.step_ms.push(ms);
+            // The fed forced tokens: each one's log-probability is read from the logits of
+            // the position before it.
+            for j in 1..n {
+                let t = row.queue.pop_front().unwrap_or(eos);
+                let at = (r * n + j - 1) * vocab;
+                commit_forced(row, &mut logits[at..at + vocab], t, eos, opts, s, r)?;
+                if row.done {
+                    break;
+                }
+            }
+            if !row.done && row.out.token_ids.len() >= max {
+                row.done = true;
             }
         }
+        if rs.iter().all(|row| row.done) {
+            break;
+        }
     }
-    Ok(out)
+    Ok(rs.into_iter().map(|row| row.out).collect())
+}
+
+/// Chooses a row's next token from its logits (processed, constrained, then greedy or
+/// sampled) and commits it.
+#[allow(clippy::too_many_arguments)]
+fn choose<E: From<GenerateError>>(
+    row: &mut Row,
+    lrow: &mut [f32],
+    eos: u32,
+    opts: &GenerationOptions,
+    s: &mut Search<'_>,
+    r: usize,
+    scratch: &mut Vec<(f32, usize)>,
+) -> Result<u32, E> {
+    let allowed = match (s.constraint, &row.state) {
+        (Some(c), Some(state)) => Some(c.allowed(state)),
+        _ => None,
+    };
+    let raw = allowed.as_ref().map(|a| raw_of(lrow, a));
+    process(lrow, &row.out.token_ids, eos, opts);
+    if let (Some(a), Some(raw)) = (&allowed, &raw) {
+        mask_to(lrow, a, raw);
+    }
+    let token = if opts.do_sample {
+        warp(lrow, opts, scratch);
+        sample(lrow, &mut row.rng)
+    } else {
+        argmax(lrow)
+    } as u32;
+    let lp = log_softmax_at(lrow, token as usize);
+    let others = match &allowed {
+        Some(a) => other_choices(lrow, a, token),
+        None => Vec::new(),
+    };
+    commit(row, token, lp, Some(others), eos, opts, s, r)?;
+    Ok(token)
+}
+
+/// Commits a forced token: its log-probability under the processed, constrained logits.
+#[allow(clippy::too_many_arguments)]
+fn commit_forced<E: From<GenerateError>>(
+    row: &mut Row,
+    lrow: &mut [f32],
+    token: u32,
+    eos: u32,
+    opts: &GenerationOptions,
+    s: &mut Search<'_>,
+    r: usize,
+) -> Result<(), E> {
+    let allowed = match (s.constraint, &row.state) {
+        (Some(c), Some(state)) => c.allowed(state),
+        _ => vec![token],
+    };
+    let raw = raw_of(lrow, &allowed);
+    process(lrow, &row.out.token_ids, eos, opts);
+    mask_to(lrow, &allowed, &raw);
+    let lp = log_softmax_at(lrow, token as usize);
+    commit(row, token, lp, None, eos, opts, s, r)
+}
+
+/// Appends a token to a row, advances its constraint state, tells the sink, and ends the row
+/// at `</s>`, a stop string or the sink's word. `others` are a chosen token's alternatives,
+/// `None` for a forced token.
+#[allow(clippy::too_many_arguments)]
+fn commit<E: From<GenerateError>>(
+    row: &mut Row,
+    token: u32,
+    lp: f32,
+    others: Option<Vec<(u32, f32)>>,
+    eos: u32,
+    opts: &GenerationOptions,
+    s: &mut Search<'_>,
+    r: usize,
+) -> Result<(), E> {
+    if let (Some(c), Some(state)) = (s.constraint, &row.state) {
+        let next = c.advance(state, token).ok_or_else(|| {
+            GenerateError::InvalidArgument(format!(
+                "the constrained search produced token {token}, which the schema does not allow"
+            ))
+        })?;
+        row.state = Some(next);
+    }
+    row.out.token_ids.push(token);
+    row.out.logprobs.push(lp);
+    if s.constraint.is_some() {
+        row.out.forced.push(others.is_none());
+        row.out.alternatives.push(others.unwrap_or_default());
+    }
+    let go_on = match s.sink.as_mut() {
+        Some(sink) => sink(r, token, lp),
+        None => true,
+    };
+    if token == eos || !go_on || s.reaches_stop(opts, &row.out.token_ids) {
+        row.done = true;
+        row.queue.clear();
+    }
+    Ok(())
 }
 
 fn check_len(logits: &[f32], rows: usize, vocab: usize) -> Result<()> {
@@ -552,7 +889,10 @@ fn log_softmax(row: &[f32], out: &mut Vec<f32>) {
 struct Beam {
     tokens: Vec<u32>,
     logprobs: Vec<f32>,
+    alternatives: Vec<Vec<(u32, f32)>>,
+    forced: Vec<bool>,
     score: f32,
+    state: Option<ConstraintState>,
 }
 
 struct Hypotheses {
@@ -584,18 +924,16 @@ impl Hypotheses {
 
 /// Beam search as `transformers` does it (no early stopping: an image is finished when it
 /// has `num_beams` hypotheses and no running beam can beat the worst of them). A beam whose
-/// text reaches a stop string is a finished hypothesis, as one ending in `</s>`.
-#[allow(clippy::too_many_arguments)]
+/// text reaches a stop string is a finished hypothesis, as one ending in `</s>`. Under a
+/// constraint each beam expands only into the tokens its text allows (one token per step).
 fn beam_search<M: StepModel + ?Sized>(
     model: &mut M,
     mut logits: Vec<f32>,
     images: usize,
-    vocab: usize,
-    eos: u32,
     opts: &GenerationOptions,
-    max_new_tokens: usize,
-    text: Option<Detokenize<'_>>,
+    s: &Search<'_>,
 ) -> Result<Vec<Generated>, M::Error> {
+    let (vocab, eos, max_new_tokens) = (s.vocab, s.eos, s.max_new_tokens);
     let k = opts.num_beams;
     let rows = images * k;
     check_len(&logits, rows, vocab)?;
@@ -604,7 +942,10 @@ fn beam_search<M: StepModel + ?Sized>(
         .map(|r| Beam {
             tokens: Vec::new(),
             logprobs: Vec::new(),
+            alternatives: Vec::new(),
+            forced: Vec::new(),
             score: if r % k == 0 { 0.0 } else { -1e9 },
+            state: s.constraint.map(Constraint::start),
         })
         .collect();
     let mut hyps: Vec<Hypotheses> = (0..images)
@@ -628,18 +969,30 @@ fn beam_search<M: StepModel + ?Sized>(
             }
             // Candidates (score, beam, token, logprob) over all k beams.
             let mut cands: Vec<(f32, usize, u32, f32)> = Vec::with_capacity(2 * k * k);
+            let mut allowed_of: Vec<Option<Vec<u32>>> = Vec::with_capacity(k);
             for b in 0..k {
                 let r = i * k + b;
                 let row = &mut logits[r * vocab..(r + 1) * vocab];
+                let allowed = match (s.constraint, &beams[r].state) {
+                    (Some(c), Some(state)) => Some(c.allowed(state)),
+                    _ => None,
+                };
+                let raw = allowed.as_ref().map(|a| raw_of(row, a));
                 process(row, &beams[r].tokens, eos, opts);
+                if let (Some(a), Some(raw)) = (&allowed, &raw) {
+                    mask_to(row, a, raw);
+                }
                 log_softmax(row, &mut lsm);
                 // The 2k best tokens of this beam suffice for the 2k best overall.
                 let mut idx: Vec<usize> = (0..vocab).collect();
                 let take = (2 * k).min(vocab);
                 idx.select_nth_unstable_by(take - 1, |&a, &c| lsm[c].total_cmp(&lsm[a]));
                 for &t in &idx[..take] {
-                    cands.push((beams[r].score + lsm[t], r, t as u32, lsm[t]));
+                    if lsm[t].is_finite() {
+                        cands.push((beams[r].score + lsm[t], r, t as u32, lsm[t]));
+                    }
                 }
+                allowed_of.push(allowed);
             }
             cands.sort_by(|a, b| b.0.total_cmp(&a.0));
             let mut chosen = 0;
@@ -648,10 +1001,17 @@ fn beam_search<M: StepModel + ?Sized>(
                     break;
                 }
                 let mut beam = beams[r].clone();
+                if let (Some(c), Some(state)) = (s.constraint, &beam.state) {
+                    beam.state = c.advance(state, t);
+                    let row = &logits[r * vocab..(r + 1) * vocab];
+                    let allowed = allowed_of[r - i * k].as_deref().unwrap_or(&[]);
+                    beam.alternatives.push(other_choices(row, allowed, t));
+                    beam.forced.push(false);
+                }
                 beam.tokens.push(t);
                 beam.logprobs.push(l);
                 beam.score = score;
-                if t == eos || reaches_stop(opts, text, &beam.tokens) {
+                if t == eos || s.reaches_stop(opts, &beam.tokens) {
                     if rank < k {
                         hyps[i].add(beam, lp, k);
                     }
@@ -711,6 +1071,8 @@ fn beam_search<M: StepModel + ?Sized>(
             Some(b) => Generated {
                 token_ids: b.tokens,
                 logprobs: b.logprobs,
+                alternatives: b.alternatives,
+                forced: b.forced,
                 step_ms: Vec::new(),
             },
             None => Generated::default(),
@@ -759,7 +1121,7 @@ mod tests {
         let mut m = Bigram { table: table() };
         let first = table()[1].clone();
         let opts = GenerationOptions::default();
-        let g = generate(&mut m, first, 1, 4, 0, &opts, 6, None, None).expect("generate");
+        let g = generate(&mut m, first, 1, &opts, Search::new(4, 0, 6)).expect("generate");
         // 1 -> 2 -> 1 -> 2 ... never eos: stops at max.
         assert_eq!(g[0].token_ids, vec![2, 1, 2, 1, 2, 1]);
         let lp = log_softmax_at(&table()[1], 2);
@@ -774,7 +1136,7 @@ mod tests {
             ..Default::default()
         };
         let g =
-            generate(&mut m, table()[1].clone(), 1, 4, 0, &opts, 6, None, None).expect("generate");
+            generate(&mut m, table()[1].clone(), 1, &opts, Search::new(4, 0, 6)).expect("generate");
         // 2, 1, 2, then (2, 1) is banned: from 2 the next best is eos.
         assert_eq!(g[0].token_ids, vec![2, 1, 2, 0]);
         let opts = GenerationOptions {
@@ -782,7 +1144,7 @@ mod tests {
             ..Default::default()
         };
         let g =
-            generate(&mut m, table()[1].clone(), 1, 4, 0, &opts, 6, None, None).expect("generate");
+            generate(&mut m, table()[1].clone(), 1, &opts, Search::new(4, 0, 6)).expect("generate");
         assert_eq!(g[0].token_ids, vec![2, 1, 3, 0]);
     }
 
@@ -794,7 +1156,7 @@ mod tests {
             ..Default::default()
         };
         let g =
-            generate(&mut m, table()[3].clone(), 1, 4, 0, &opts, 5, None, None).expect("generate");
+            generate(&mut m, table()[3].clone(), 1, &opts, Search::new(4, 0, 5)).expect("generate");
         assert_ne!(g[0].token_ids[0], 0);
         assert!(g[0].token_ids[..3].iter().all(|&t| t != 0));
     }
@@ -810,7 +1172,7 @@ mod tests {
                 ..Default::default()
             };
             let first = [table()[1].clone(), table()[1].clone()].concat();
-            generate(&mut m, first, 2, 4, 0, &opts, 8, None, None)
+            generate(&mut m, first, 2, &opts, Search::new(4, 0, 8))
                 .expect("generate")
                 .into_iter()
                 .map(|g| (g.token_ids, g.logprobs))
@@ -846,7 +1208,7 @@ mod tests {
             ..Default::default()
         };
         let first: Vec<f32> = [table()[1].clone(), table()[1].clone()].concat();
-        let g = generate(&mut m, first, 1, 4, 0, &opts, 4, None, None).expect("generate");
+        let g = generate(&mut m, first, 1, &opts, Search::new(4, 0, 4)).expect("generate");
         assert_eq!(g[0].token_ids, vec![3, 0]);
         assert_eq!(g[0].logprobs.len(), 2);
     }
@@ -872,12 +1234,8 @@ mod tests {
             &mut m,
             table()[1].clone(),
             1,
-            4,
-            0,
             &opts,
-            8,
-            Some(&letters),
-            None,
+            Search::new(4, 0, 8).with_text(&letters),
         )
         .expect("generate");
         // b a b a: "aba" is complete with the fourth token ("baba").
@@ -895,18 +1253,16 @@ mod tests {
             &mut m,
             table()[1].clone(),
             1,
-            4,
-            0,
             &opts,
-            8,
-            Some(&letters),
-            Some(&mut sink),
+            Search::new(4, 0, 8)
+                .with_text(&letters)
+                .with_sink(&mut sink),
         )
         .expect("generate");
         assert_eq!(seen, vec![2, 1, 2, 1]);
         // Without the text function, stop strings are an error rather than ignored.
         let mut m = Bigram { table: table() };
-        let e = generate(&mut m, table()[1].clone(), 1, 4, 0, &opts, 8, None, None)
+        let e = generate(&mut m, table()[1].clone(), 1, &opts, Search::new(4, 0, 8))
             .expect_err("no text");
         assert!(e.to_string().contains("stop strings"), "{e}");
         // Beam search from 2: "a" (token 1) is the best first token; with "a" a stop string
@@ -920,10 +1276,16 @@ mod tests {
             };
             let mut m = Bigram { table: table() };
             let first: Vec<f32> = [table()[2].clone(), table()[2].clone()].concat();
-            generate(&mut m, first, 1, 4, 0, &opts, 6, Some(&letters), None)
-                .expect("generate")
-                .remove(0)
-                .token_ids
+            generate(
+                &mut m,
+                first,
+                1,
+                &opts,
+                Search::new(4, 0, 6).with_text(&letters),
+            )
+            .expect("generate")
+            .remove(0)
+            .token_ids
         };
         assert_eq!(beam(Some(vec!["a".into()])), vec![1]);
         let free = beam(None);
@@ -981,5 +1343,155 @@ mod tests {
             assert!(o.validate(8).is_err(), "{o:?}");
         }
         assert!(GenerationOptions::default().validate(0).is_err());
+    }
+
+    /// A model that wants to write `target`: at position p its logits favour `target[p]`
+    /// (5.0) over a fixed spread of the others (within 1.0), whatever it was fed. It counts
+    /// its decoder runs.
+    struct Teacher {
+        target: Vec<u32>,
+        vocab: usize,
+        fed: Vec<usize>,
+        runs: usize,
+    }
+
+    impl Teacher {
+        fn new(target: Vec<u32>, vocab: usize, rows: usize) -> Self {
+            Self {
+                target,
+                vocab,
+                fed: vec![0; rows],
+                runs: 0,
+            }
+        }
+
+        fn logits_at(&self, p: usize) -> Vec<f32> {
+            let mut row: Vec<f32> = (0..self.vocab)
+                .map(|t| ((t * 7919 + p * 104_729) % 1000) as f32 / 1000.0)
+                .collect();
+            if let Some(&t) = self.target.get(p) {
+                row[t as usize] = 5.0;
+            }
+            row
+        }
+
+        fn first(&self) -> Vec<f32> {
+            (0..self.fed.len())
+                .flat_map(|_| self.logits_at(0))
+                .collect()
+        }
+    }
+
+    impl StepModel for Teacher {
+        type Error = GenerateError;
+        fn step(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+            self.runs += 1;
+            let mut out = Vec::new();
+            for r in 0..tokens.len() {
+                self.fed[r] += 1;
+                out.extend(self.logits_at(self.fed[r]));
+            }
+            Ok(out)
+        }
+        fn step_many(&mut self, tokens: &[u32], n: usize) -> Result<Vec<f32>> {
+            self.runs += 1;
+            let mut out = Vec::new();
+            for r in 0..tokens.len() / n {
+                for _ in 0..n {
+                    self.fed[r] += 1;
+                    out.extend(self.logits_at(self.fed[r]));
+                }
+            }
+            Ok(out)
+        }
+        fn reorder(&mut self, rows: &[usize]) -> Result<()> {
+            self.fed = rows.iter().map(|&r| self.fed[r]).collect();
+            Ok(())
+        }
+    }
+
+    fn run_teacher(
+        text: &str,
+        opts: &GenerationOptions,
+        constrained: bool,
+    ) -> (Generated, usize, String) {
+        use crate::constrain::{fixtures, Constraint};
+        let tok = fixtures::tokenizer();
+        let schema = fixtures::schema();
+        let c = Constraint::new(&schema, &tok, tok.eos_id()).expect("constraint");
+        let mut target = tok.encode_no_bos(text).expect("encode");
+        target.push(tok.eos_id());
+        let vocab = tok.vocab_size() + 3; // a model's table is often larger
+        let rows = opts.num_beams;
+        let mut m = Teacher::new(target, vocab, rows);
+        let first = m.first();
+        // Room for a caption spelled over short tokens (a toy model's noise can prefer them).
+        let search =
+            Search::new(vocab, tok.eos_id(), 128).with_constraint(constrained.then_some(&c));
+        let g = generate(&mut m, first, 1, opts, search)
+            .expect("generate")
+            .remove(0);
+        let text = tok.decode(&g.token_ids, true).expect("decode");
+        (g, m.runs, text)
+    }
+
+    #[test]
+    fn constrained_greedy_equals_free_greedy_when_that_fits_and_runs_less() {
+        let caption = "Navy Blue Smart Casual Shoes for Boys - Apparel Shoes";
+        let opts = GenerationOptions::default();
+        let (free, free_runs, text) = run_teacher(caption, &opts, false);
+        assert_eq!(text, caption);
+        let (constrained, runs, text) = run_teacher(caption, &opts, true);
+        assert_eq!(text, caption);
+        assert_eq!(constrained.token_ids, free.token_ids);
+        // Forced runs: " Blue" after "Navy", " Casual" after "Smart", " for", " -" and the
+        // final </s> need no run of their own.
+        assert!(runs + 4 <= free_runs, "{runs} runs against {free_runs}");
+        assert_eq!(constrained.step_ms.len(), runs);
+        // Logprobs under the constraint are renormalised over fewer tokens: never lower.
+        for (c, f) in constrained.logprobs.iter().zip(&free.logprobs) {
+            assert!(c >= &(f - 1e-5), "{c} < {f}");
+        }
+        // Every chosen token has its alternatives recorded, forced ones none.
+        assert_eq!(constrained.alternatives.len(), constrained.token_ids.len());
+        assert!(constrained.alternatives[0].len() > 1);
+        assert!(free.alternatives.is_empty());
+    }
+
+    #[test]
+    fn the_constraint_keeps_every_search_inside_the_schema() {
+        use crate::constrain::fixtures;
+        let schema = fixtures::schema();
+        // The teacher wants a colour and a usage the schema does not know.
+        let wanted = "Purple Party Jeans for Men - Apparel Bottomwear";
+        let (_, _, free) = run_teacher(wanted, &GenerationOptions::default(), false);
+        assert_eq!(free, wanted);
+        assert!(schema.parse(&free)["Colour"].is_none());
+        for opts in [
+            GenerationOptions::default(),
+            GenerationOptions::default().with_num_beams(3),
+            GenerationOptions::default()
+                .with_do_sample(true)
+                .with_seed(3),
+            GenerationOptions::default()
+                .with_do_sample(true)
+                .with_seed(11)
+                .with_top_k(0)
+                .with_temperature(2.0),
+            GenerationOptions::default().with_repetition_penalty(3.0),
+            GenerationOptions::default().with_no_repeat_ngram_size(1),
+        ] {
+            let (g, _, text) = run_teacher(wanted, &opts, true);
+            let parsed = schema.parse(&text);
+            assert!(
+                parsed.values().all(Option::is_some),
+                "{opts:?}: {text:?} -> {parsed:?}"
+            );
+            assert_eq!(g.token_ids.last(), Some(&2), "{opts:?}: ends with </s>");
+            if opts == GenerationOptions::default() {
+                // Greedy: what the teacher could keep, it kept.
+                assert!(text.ends_with(" for Men - Apparel Bottomwear"), "{text:?}");
+            }
+        }
     }
 }

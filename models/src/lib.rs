@@ -15,6 +15,7 @@
 pub mod checkpoint;
 #[cfg(feature = "candle")]
 pub mod clip_vision;
+pub mod constrain;
 pub mod error;
 pub mod files;
 #[cfg(feature = "candle")]

@@ -18,8 +18,11 @@ use std::path::Path;
 use candle_core::{DType, Device, Module, Tensor, D};
 
 use crate::clip_vision::{ClipVision, ClipVisionConfig};
+use crate::constrain::Constraint;
 use crate::error::{Error, Result};
-use crate::generate::{self, Detokenize, Generated, GenerationOptions, StepModel, TokenSink};
+use crate::generate::{
+    self, Detokenize, Generated, GenerationOptions, Search, StepModel, TokenSink,
+};
 use crate::opt::{Cache, DecoderInput, Opt, OptConfig};
 use crate::projector::{Projector, ProjectorConfig};
 use crate::weights::Weights;
@@ -246,7 +249,7 @@ impl CaptionModel {
             dtype,
             device,
         };
-        let logits = state.run(&input)?;
+        let logits = state.run(&input, false)?;
         Ok((state, logits))
     }
 
@@ -261,18 +264,21 @@ impl CaptionModel {
         prefix_embeds: &Tensor,
         options: &GenerationOptions,
     ) -> Result<Vec<Generated>> {
-        self.generate_with(prefix_embeds, options, None, None)
+        self.generate_with(prefix_embeds, options, None, None, None)
     }
 
     /// [`CaptionModel::generate`] with the text of tokens for `options.stop_strings` (the
     /// tokenizer's decode, special tokens skipped) and a callback that sees each token as it
-    /// is chosen (image, token, log-probability) and stops that image by returning `false`.
-    pub fn generate_with(
+    /// is chosen (image, token, log-probability) and stops that image by returning `false`,
+    /// and the caption schema's constraint (resolved from `options.constrain` with
+    /// [`crate::constrain::resolve`]).
+    pub fn generate_with<'a>(
         &self,
         prefix_embeds: &Tensor,
         options: &GenerationOptions,
-        text: Option<Detokenize<'_>>,
-        sink: Option<TokenSink<'_>>,
+        text: Option<Detokenize<'a>>,
+        sink: Option<TokenSink<'a>>,
+        constraint: Option<&'a Constraint>,
     ) -> Result<Vec<Generated>> {
         let (n, prefix_len, _) = prefix_embeds.dims3()?;
         let cfg = self.decoder.config();
@@ -287,17 +293,11 @@ impl CaptionModel {
             )));
         }
         let (mut state, first) = self.prefill(prefix_embeds, options.num_beams)?;
-        generate::generate(
-            &mut state,
-            first,
-            n,
-            cfg.vocab_size,
-            cfg.eos_token_id,
-            options,
-            max_new,
-            text,
-            sink,
-        )
+        let mut search =
+            Search::new(cfg.vocab_size, cfg.eos_token_id, max_new).with_constraint(constraint);
+        search.text = text;
+        search.sink = sink;
+        generate::generate(&mut state, first, n, options, search)
     }
 }
 
@@ -324,15 +324,39 @@ impl CaptionDecoder<'_> {
     }
 
     /// Runs the decoder on `input [rows, seq, embed_dim]` with the cache and returns the last
-    /// position's logits, `[rows * vocab]` (f32).
-    fn run(&mut self, input: &Tensor) -> Result<Vec<f32>> {
+    /// position's logits, `[rows * vocab]` (f32), or every position's, `[rows * seq * vocab]`.
+    fn run(&mut self, input: &Tensor, every_position: bool) -> Result<Vec<f32>> {
         // No attention mask: every row is as long as the others (no padding).
         let logits =
             self.model
                 .decoder
                 .forward(DecoderInput::Embeds(input), None, Some(&mut self.cache))?;
-        let last = logits.narrow(1, logits.dim(1)? - 1, 1)?.squeeze(1)?;
-        Ok(last.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+        let logits = if every_position {
+            logits
+        } else {
+            logits.narrow(1, logits.dim(1)? - 1, 1)?
+        };
+        Ok(logits
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?)
+    }
+
+    /// The token embeddings of `tokens` (`[rows * seq]`, row by row) as `[rows, seq, embed]`.
+    fn embed(&self, tokens: &[u32], seq: usize) -> Result<Tensor> {
+        if seq == 0 || tokens.len() != self.rows * seq {
+            return Err(Error::Input(format!(
+                "{} tokens for {} decoder rows of {seq}",
+                tokens.len(),
+                self.rows
+            )));
+        }
+        let ids = Tensor::from_vec(tokens.to_vec(), (self.rows, seq), &self.device)?;
+        Ok(self
+            .model
+            .decoder
+            .embed_tokens(&ids)?
+            .to_dtype(self.dtype)?)
     }
 }
 
@@ -340,20 +364,13 @@ impl StepModel for CaptionDecoder<'_> {
     type Error = Error;
 
     fn step(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
-        if tokens.len() != self.rows {
-            return Err(Error::Input(format!(
-                "{} tokens for {} decoder rows",
-                tokens.len(),
-                self.rows
-            )));
-        }
-        let ids = Tensor::from_vec(tokens.to_vec(), (self.rows, 1), &self.device)?;
-        let input = self
-            .model
-            .decoder
-            .embed_tokens(&ids)?
-            .to_dtype(self.dtype)?;
-        self.run(&input)
+        let input = self.embed(tokens, 1)?;
+        self.run(&input, false)
+    }
+
+    fn step_many(&mut self, tokens: &[u32], n: usize) -> Result<Vec<f32>> {
+        let input = self.embed(tokens, n)?;
+        self.run(&input, true)
     }
 
     fn reorder(&mut self, rows: &[usize]) -> Result<()> {

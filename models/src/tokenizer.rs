@@ -611,6 +611,55 @@ impl ModaTokenizer {
         }
     }
 
+    /// The bytes each token id stands for in decoded text, by id (`None` for special tokens
+    /// and ids without a token): for a byte-level BPE (OPT's), the token's characters mapped
+    /// back through GPT-2's byte-to-character table, so that a token holding part of a UTF-8
+    /// character has its bytes; for other tokenizers, the token decoded on its own.
+    pub fn token_bytes(&self) -> Vec<Option<Vec<u8>>> {
+        let table = byte_level_table();
+        let added = self.inner.get_added_tokens_decoder();
+        let byte_level = matches!(
+            self.inner.get_decoder(),
+            Some(tokenizers::DecoderWrapper::ByteLevel(_))
+        );
+        (0..self.vocab_size() as u32)
+            .map(|id| {
+                if let Some(a) = added.get(&id) {
+                    return (!a.special).then(|| a.content.as_bytes().to_vec());
+                }
+                let token = self.inner.id_to_token(id)?;
+                if byte_level {
+                    token.chars().map(|c| table.get(&c).copied()).collect()
+                } else {
+                    self.decode(&[id], false).ok().map(String::into_bytes)
+                }
+            })
+            .collect()
+    }
+
+    /// Byte offsets in `text` where the pre-tokenizer's pieces start (the BPE merges tokens
+    /// only within a piece); `[0]` when the tokenizer has no pre-tokenizer or it fails.
+    pub fn piece_starts(&self, text: &str) -> Vec<usize> {
+        use tokenizers::{OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer};
+        let Some(pre) = self.inner.get_pre_tokenizer() else {
+            return vec![0];
+        };
+        let split = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut pts = PreTokenizedString::from(text);
+            pre.pre_tokenize(&mut pts).ok()?;
+            Some(
+                pts.get_splits(OffsetReferential::Original, OffsetType::Byte)
+                    .into_iter()
+                    .map(|(_, (start, _), _)| start)
+                    .collect::<Vec<usize>>(),
+            )
+        }));
+        match split {
+            Ok(Some(starts)) if !starts.is_empty() => starts,
+            _ => vec![0],
+        }
+    }
+
     /// The BOS id (2, `</s>`, for OPT).
     pub fn bos_id(&self) -> u32 {
         self.bos_id
@@ -708,6 +757,27 @@ fn read_merges(path: &Path) -> Result<Vec<(String, String)>> {
         }
     }
     Ok(merges)
+}
+
+/// GPT-2's byte-level table read backwards: the character a byte-level BPE writes for each
+/// byte (printable Latin-1 bytes stand for themselves, the others for U+0100 onwards, in
+/// order) mapped to that byte.
+fn byte_level_table() -> std::collections::HashMap<char, u8> {
+    let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+    let mut next = 256u32;
+    let mut map = std::collections::HashMap::with_capacity(256);
+    for b in 0..=255u8 {
+        let c = if printable(b) {
+            u32::from(b)
+        } else {
+            next += 1;
+            next - 1
+        };
+        if let Some(c) = char::from_u32(c) {
+            map.insert(c, b);
+        }
+    }
+    map
 }
 
 #[cfg(test)]

@@ -23,9 +23,10 @@
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::Instant;
 
+use moda_models::constrain::{self, Constraint, ConstraintError};
 use moda_models::preprocess::{decode_image, load_image, ImageLimits, ImageProcessor};
 use moda_models::tokenizer::ModaTokenizer;
 use ort::session::{Session, SessionInputValue};
@@ -34,7 +35,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::attributes::{read_attributes, Attribute};
 use crate::error::{Error, Result};
-use crate::generate::{generate, strip_stop_string, GenerationOptions, StepModel};
+use crate::generate::{
+    generate, strip_stop_string, Constrain, GenerationOptions, Search, StepModel,
+};
 use crate::manifest::{
     bundle_file, GraphInfo, Manifest, Role, MANIFEST_FILE, MAX_POSITIONS_METADATA,
 };
@@ -180,6 +183,11 @@ pub struct Timings {
     pub total_ms: f64,
     /// Tokens generated.
     pub tokens: usize,
+    /// Decoder runs for this description: the prefill and each step after it (a step that
+    /// feeds several forced tokens at once counts once; 0 under beam search, whose steps
+    /// are the batch's).
+    #[serde(default)]
+    pub decoder_runs: usize,
     /// Each decoder step after the prefill (greedy search and sampling), in order.
     #[serde(skip)]
     pub step_ms: Vec<f64>,
@@ -285,6 +293,9 @@ pub struct Moda {
     decoder_io: Io,
     pool: Mutex<PoolState>,
     returned: Condvar,
+    /// The caption schema compiled for constrained decoding, built on first use (`None`
+    /// without a schema).
+    constraint: OnceLock<Option<std::result::Result<Constraint, ConstraintError>>>,
 }
 
 impl std::fmt::Debug for Moda {
@@ -418,6 +429,7 @@ impl Moda {
                 live: 1,
             }),
             returned: Condvar::new(),
+            constraint: OnceLock::new(),
         };
         let first = moda.build_worker()?;
         moda.lock_pool().idle.push(first);
@@ -848,6 +860,7 @@ impl Moda {
         } else {
             options
         };
+        let constraint = self.constraint_for(options.constrain)?;
         let d = self.manifest.model;
         if max_new > d.max_positions.saturating_sub(d.prefix_len) {
             return Err(Error::InvalidArgument(format!(
@@ -918,17 +931,11 @@ impl Moda {
             })
         };
         let detokenize = |ids: &[u32]| decode_text(tokenizer, ids).unwrap_or_default();
-        let generated = generate(
-            &mut state,
-            first,
-            n,
-            vocab,
-            eos,
-            options,
-            max_new,
-            Some(&detokenize),
-            Some(&mut sink),
-        )?;
+        let search = Search::new(vocab, eos, max_new)
+            .with_text(&detokenize)
+            .with_sink(&mut sink)
+            .with_constraint(constraint);
+        let generated = generate(&mut state, first, n, options, search)?;
         drop(guard);
         let total_ms = ms_since(t0);
         let mut gen = generated.into_iter();
@@ -943,7 +950,7 @@ impl Moda {
                     let text = decode_text(&self.tokenizer, &g.token_ids)?;
                     let text = strip_stop_string(&text, options.stop_strings());
                     let attributes = self.manifest.schema.as_ref().map(|schema| {
-                        read_attributes(schema, &self.tokenizer, &text, &g.token_ids, &g.logprobs)
+                        read_attributes(schema, &self.tokenizer, &text, &g, constraint)
                     });
                     let decode_ms = g.step_ms.iter().sum();
                     out.push(Ok(Description {
@@ -957,6 +964,11 @@ impl Moda {
                             decode_ms,
                             total_ms,
                             tokens: g.token_ids.len(),
+                            decoder_runs: if g.step_ms.is_empty() && options.num_beams > 1 {
+                                0
+                            } else {
+                                1 + g.step_ms.len()
+                            },
                             step_ms: g.step_ms,
                         },
                         token_ids: g.token_ids,
@@ -966,6 +978,22 @@ impl Moda {
             }
         }
         Ok(out)
+    }
+
+    /// The constraint `mode` asks for, compiled from the bundle's schema on first use.
+    fn constraint_for(&self, mode: Constrain) -> Result<Option<&Constraint>> {
+        if mode == Constrain::None {
+            return Ok(None);
+        }
+        let available = self.constraint.get_or_init(|| {
+            let eos = self.manifest.special_tokens.eos;
+            self.manifest
+                .schema
+                .as_ref()
+                .map(|schema| Constraint::new(schema, &self.tokenizer, eos))
+        });
+        constrain::resolve(mode, available.as_ref())
+            .map_err(|e| Error::InvalidArgument(format!("constrain=schema: {e}")))
     }
 
     fn pixels_per_image(&self) -> usize {
@@ -1025,8 +1053,14 @@ impl Moda {
     /// Token ids (one per row) -> embeddings `[rows, 1, embed_dim]`, left in ONNX Runtime's
     /// memory.
     fn embed_tokens(&self, w: &mut Worker, ids: &[u32]) -> Result<DynValue> {
+        self.embed_tokens_rows(w, ids, 1)
+    }
+
+    /// The embeddings of `ids` taken as rows of `seq` tokens: `[ids.len() / seq, seq, e]`.
+    fn embed_tokens_rows(&self, w: &mut Worker, ids: &[u32], seq: usize) -> Result<DynValue> {
+        let rows = ids.len() / seq.max(1);
         let data: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
-        let input = Tensor::from_array(([ids.len(), 1], data))
+        let input = Tensor::from_array(([rows, seq], data))
             .map_err(|e| Error::run(Role::EmbedTokens.name(), e))?;
         let out = run(
             &mut w.embed,
@@ -1037,7 +1071,7 @@ impl Moda {
         check_value_shape(
             &out,
             Role::EmbedTokens,
-            &[ids.len(), 1, self.manifest.model.embed_dim],
+            &[rows, seq, self.manifest.model.embed_dim],
         )?;
         Ok(out)
     }
@@ -1210,8 +1244,13 @@ struct DecodeState<'a> {
 
 impl DecodeState<'_> {
     /// Runs the decoder on `embeds` (`[rows, seq, embed_dim]`, as a value) and returns the last
-    /// position's logits `[rows * vocab]`.
-    fn run(&mut self, embeds: SessionInputValue<'static>, seq: usize) -> Result<Vec<f32>> {
+    /// position's logits `[rows * vocab]`, or every position's `[rows * seq * vocab]`.
+    fn run(
+        &mut self,
+        embeds: SessionInputValue<'static>,
+        seq: usize,
+        every_position: bool,
+    ) -> Result<Vec<f32>> {
         let m = self.moda;
         let d = m.manifest.model;
         let io = &m.decoder_io;
@@ -1276,6 +1315,16 @@ impl DecodeState<'_> {
             ));
         }
         let s = shape[1] as usize;
+        if every_position {
+            if s != seq {
+                return Err(Error::run(
+                    Role::Decoder.name(),
+                    format!("logits have shape {shape:?}, expected {seq} positions"),
+                ));
+            }
+            check_finite(Role::Decoder, "logits", data)?;
+            return Ok(data.to_vec());
+        }
         let mut last = Vec::with_capacity(self.rows * v);
         for r in 0..self.rows {
             let start = (r * s + s - 1) * v;
@@ -1289,7 +1338,7 @@ impl DecodeState<'_> {
         let e = self.moda.manifest.model.embed_dim;
         let t = Tensor::from_array(([self.rows, 2, e], embeds))
             .map_err(|err| Error::run(Role::Decoder.name(), err))?;
-        self.run(t.into(), 2)
+        self.run(t.into(), 2, false)
     }
 }
 
@@ -1298,7 +1347,19 @@ impl StepModel for DecodeState<'_> {
 
     fn step(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
         let embeds = self.moda.embed_tokens(self.worker, tokens)?;
-        self.run(embeds.into(), 1)
+        self.run(embeds.into(), 1, false)
+    }
+
+    fn step_many(&mut self, tokens: &[u32], n: usize) -> Result<Vec<f32>> {
+        if n == 0 || tokens.len() != self.rows * n {
+            return Err(Error::Internal(format!(
+                "{} tokens for {} decoder rows of {n}",
+                tokens.len(),
+                self.rows
+            )));
+        }
+        let embeds = self.moda.embed_tokens_rows(self.worker, tokens, n)?;
+        self.run(embeds.into(), n, true)
     }
 
     fn reorder(&mut self, rows: &[usize]) -> Result<()> {

@@ -111,6 +111,30 @@ pub fn export_recipe_bundle(out: &Path, quantize: exporter::Quantize) -> PathBuf
     out.to_path_buf()
 }
 
+/// The recipe fixture exported to `out` with a caption schema: `template`'s fields, their
+/// values counted over the CSV at `catalog` (a column per field).
+pub fn export_recipe_bundle_with_schema(out: &Path, template: &str, catalog: &Path) -> PathBuf {
+    let opts = exporter::ExportOptions {
+        checkpoint: fixture("moda/fashion_opt.pth"),
+        out: out.to_path_buf(),
+        encoder: fixture("clip_gelu").display().to_string(),
+        decoder: fixture("opt_preln").display().to_string(),
+        quantize: exporter::Quantize::None,
+        force: true,
+        verify: false,
+        max_new_tokens: exporter::DEFAULT_MAX_NEW_TOKENS,
+        caption_template: Some(template.to_string()),
+        catalog: Some(catalog.to_path_buf()),
+    };
+    if let Err(e) = exporter::export_onnx(&opts) {
+        panic!(
+            "export the recipe fixture with a schema to {}: {e}",
+            out.display()
+        );
+    }
+    out.to_path_buf()
+}
+
 /// The id of a process that has exited (for tests of what is left behind by processes that
 /// are gone).
 pub fn dead_pid() -> u32 {

@@ -88,6 +88,7 @@ pub fn evaluate_val(
         cache_dir: cache.to_path_buf(),
         max_new_tokens: 32,
         num_beams: 1,
+        constrain: moda_models::generate::Constrain::Auto,
         batch_size: 16,
         progress: false,
     };

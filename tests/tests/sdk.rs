@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use moda_models::preprocess::{ImageProcessor, ImageProcessorConfig};
-use moda_sdk::{Error, GenerationOptions, ImageInput, Moda, Norm, OpenOptions};
+use moda_sdk::{Constrain, Error, GenerationOptions, ImageInput, Moda, Norm, OpenOptions};
 use moda_tests::{fixture, get, load_refs, TempDir};
 
 /// ONNX Runtime f32 against transformers f32 for the tiny models: float noise only (the
@@ -169,6 +169,188 @@ fn candle_and_the_bundle_give_the_same_tokens_through_the_one_search() {
                     (a - b).abs() < 1e-3 || (a.is_infinite() && a == b),
                     "{name} {opts:?}: logprob {a} vs {b}"
                 );
+            }
+        }
+    }
+}
+
+/// The recipe fixture with a schema of the recipe's template: values with spaces and
+/// prefixes of each other, for constrained decoding (its random weights write anything when
+/// free).
+fn schema_moda() -> &'static Moda {
+    static M: OnceLock<Moda> = OnceLock::new();
+    M.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("sdk-schema");
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let catalog = dir.join("catalog.csv");
+        let rows = [
+            "Colour,Usage,ProductType,Gender,Category,SubCategory",
+            "Blue,Casual,Jeans,Men,Apparel,Bottomwear",
+            "Navy Blue,Smart Casual,Casual Shoes,Women,Footwear,Shoes",
+            "Black,Formal,Shoes,Boys,Apparel,Topwear",
+            "Off White,Sports,Sports Shoes,Girls,Footwear,Shoes",
+            "White,Casual,Tshirts,Men,Apparel,Topwear",
+        ];
+        std::fs::write(&catalog, rows.join("\n")).expect("catalog");
+        let out = moda_tests::export_recipe_bundle_with_schema(
+            &dir.join("bundle"),
+            moda_models::schema::DEFAULT_TEMPLATE,
+            &catalog,
+        );
+        Moda::open(out, &OpenOptions::default()).expect("open the schema bundle")
+    })
+}
+
+#[test]
+fn constrained_descriptions_fit_the_schema_even_from_random_weights() {
+    let m = schema_moda();
+    let schema = m.manifest().schema.clone().expect("a schema");
+    let names = ["photo.jpg", "wide.png", "small.png", "palette.png"];
+    let paths: Vec<PathBuf> = names.iter().map(|n| image(n)).collect();
+    let inputs: Vec<ImageInput<'_>> = paths.iter().map(|p| ImageInput::Path(p)).collect();
+    let constrained = GenerationOptions::default().with_constrain(Constrain::Schema);
+    let free = GenerationOptions::default().with_constrain(Constrain::None);
+    let mut free_fits = 0;
+    for opts in [
+        constrained.clone(),
+        constrained.clone().with_num_beams(3),
+        constrained.clone().with_do_sample(true).with_seed(5),
+        constrained.clone().with_repetition_penalty(2.0),
+        // Auto is constrained when the bundle has a schema.
+        GenerationOptions::default(),
+    ] {
+        for d in m.describe_batch(&inputs, &opts).expect("describe") {
+            let d = d.expect("an image");
+            let parsed = schema.parse(&d.text);
+            assert!(
+                parsed.values().all(Option::is_some),
+                "{opts:?}: {:?}",
+                d.text
+            );
+            let attrs = d.attributes.as_ref().expect("attributes");
+            for f in &schema.fields {
+                let a = attrs[&f.name].as_ref().expect("every field has a value");
+                assert_eq!(Some(&a.value), parsed[&f.name].as_ref());
+                assert!(f.knows(&a.value));
+                let c = a.confidence.expect("a confidence");
+                assert!(c > 0.0 && c <= 1.0 + 1e-6, "{c}");
+                for (alt, p) in &a.alternatives {
+                    assert!(f.knows(alt) && alt != &a.value, "{alt}");
+                    assert!(*p > 0.0 && *p <= 1.0 + 1e-6, "{p}");
+                }
+            }
+            assert_eq!(d.token_ids.last(), Some(&m.manifest().special_tokens.eos));
+        }
+    }
+    // Free text from random weights does not fit the schema, and then no value is guessed;
+    // the constrained greedy text, where free greedy already fits, is the same.
+    let free_out = m.describe_batch(&inputs, &free).expect("free");
+    let con_out = m
+        .describe_batch(&inputs, &constrained)
+        .expect("constrained");
+    for (f, c) in free_out.into_iter().zip(con_out) {
+        let (f, c) = (f.expect("free"), c.expect("constrained"));
+        let parsed = schema.parse(&f.text);
+        if parsed.values().all(Option::is_some) {
+            free_fits += 1;
+            assert_eq!(f.token_ids, c.token_ids);
+        }
+        let attrs = f.attributes.expect("attributes");
+        for (name, a) in attrs {
+            assert_eq!(a.map(|a| a.value), parsed[&name].clone());
+        }
+    }
+    // Forced runs (literal text, a value's rest, the final </s>) go in with the chosen token
+    // before them: fewer decoder runs than tokens, the prefill included. (In a batch, a step
+    // feeds as many forced tokens as every running image has.)
+    for input in &inputs {
+        let c = m.describe(input, &constrained).expect("constrained");
+        let f = m.describe(input, &free).expect("free");
+        assert!(
+            c.timings.decoder_runs < c.token_ids.len(),
+            "{} runs for {} tokens",
+            c.timings.decoder_runs,
+            c.token_ids.len()
+        );
+        assert_eq!(f.timings.decoder_runs, f.token_ids.len());
+    }
+    assert!(free_fits < names.len(), "random weights wrote captions");
+    // A bundle without a schema: auto is free, schema an error naming the reason.
+    let e = moda()
+        .describe(&ImageInput::Path(&paths[0]), &constrained)
+        .expect_err("no schema");
+    assert!(e.to_string().contains("no caption schema"), "{e}");
+}
+
+/// The candle decoder behind a `StepModel` that feeds one token per step (the default
+/// `step_many`), to compare multi-token steps against.
+struct OneByOne<'a>(moda_models::CaptionDecoder<'a>);
+
+impl moda_models::generate::StepModel for OneByOne<'_> {
+    type Error = moda_models::Error;
+    fn step(&mut self, tokens: &[u32]) -> Result<Vec<f32>, Self::Error> {
+        self.0.step(tokens)
+    }
+    fn reorder(&mut self, rows: &[usize]) -> Result<(), Self::Error> {
+        self.0.reorder(rows)
+    }
+}
+
+#[test]
+fn forced_multi_token_steps_equal_single_steps_and_candle_equals_the_bundle() {
+    use moda_models::constrain::Constraint;
+    use moda_models::generate::{generate, Search, StepModel};
+    let m = schema_moda();
+    let schema = m.manifest().schema.clone().expect("schema");
+    let eos = m.manifest().special_tokens.eos;
+    let constraint = Constraint::new(&schema, m.tokenizer(), eos).expect("constraint");
+    let names = ["photo.jpg", "wide.png"];
+    let (candle, prefix) = candle_prefix(&names);
+    let vocab = m.manifest().model.vocab_size;
+    let max_new = m.manifest().generation.max_new_tokens;
+    // candle's multi-token step against its single steps: the same logits (float noise of
+    // matmuls of another shape only).
+    let (mut a, _) = candle.prefill(&prefix, 1).expect("prefill");
+    let (mut b, _) = candle.prefill(&prefix, 1).expect("prefill");
+    let tokens = [5u32, 9, 13, 7, 11, 3];
+    let many = a.step_many(&tokens, 3).expect("many");
+    let mut single = vec![Vec::new(); 2];
+    for j in 0..3 {
+        let l = b.step(&[tokens[j], tokens[3 + j]]).expect("step");
+        for r in 0..2 {
+            single[r].extend_from_slice(&l[r * vocab..(r + 1) * vocab]);
+        }
+    }
+    let single: Vec<f32> = single.concat();
+    let diff = many
+        .iter()
+        .zip(&single)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max);
+    assert!(diff < 1e-4, "multi-token step vs single steps: {diff}");
+    // The bundle (ONNX Runtime, forced runs as multi-token steps) against candle fed one
+    // token per step, through the one constrained search: the same tokens, log-probabilities
+    // within float noise.
+    let paths: Vec<PathBuf> = names.iter().map(|n| image(n)).collect();
+    let inputs: Vec<ImageInput<'_>> = paths.iter().map(|p| ImageInput::Path(p)).collect();
+    for opts in [
+        GenerationOptions::default().with_constrain(Constrain::Schema),
+        GenerationOptions::default()
+            .with_constrain(Constrain::Schema)
+            .with_num_beams(2),
+    ] {
+        let bundle = m.describe_batch(&inputs, &opts).expect("describe");
+        let (state, first) = candle.prefill(&prefix, opts.num_beams).expect("prefill");
+        let mut one = OneByOne(state);
+        let search = Search::new(vocab, eos, max_new).with_constraint(Some(&constraint));
+        let got = generate(&mut one, first, names.len(), &opts, search).expect("candle");
+        for ((name, c), d) in names.iter().zip(&got).zip(bundle) {
+            let d = d.expect("an image");
+            assert_eq!(c.token_ids, d.token_ids, "{name} {opts:?}");
+            for (x, y) in c.logprobs.iter().zip(&d.logprobs) {
+                // candle vs ONNX Runtime f32 logits differ by ~1e-5; the log-softmax over the
+                // allowed tokens keeps that scale.
+                assert!((x - y).abs() < 1e-3, "{name} {opts:?}: {x} vs {y}");
             }
         }
     }

@@ -15,7 +15,8 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 use indicatif::ProgressBar;
 use moda_models::checkpoint;
-use moda_models::generate::GenerationOptions;
+use moda_models::constrain::{self, Constraint};
+use moda_models::generate::{Constrain, GenerationOptions};
 use moda_models::preprocess::ImageProcessor;
 use serde::Serialize;
 
@@ -58,6 +59,10 @@ pub struct EvalOptions {
     pub max_new_tokens: usize,
     /// Beams for beam search; 1 is greedy search.
     pub num_beams: usize,
+    /// Whether decoding is constrained to the checkpoint's caption schema (its template and
+    /// the values recorded in training); [`Constrain::Auto`] does when the checkpoint
+    /// records one for the template in use.
+    pub constrain: Constrain,
     /// Batch size for generation.
     pub batch_size: usize,
     /// Progress bars.
@@ -80,6 +85,8 @@ pub struct EvalReport {
     pub samples: usize,
     /// Fraction of descriptions equal to the target.
     pub exact_match: f64,
+    /// Whether decoding was constrained to the checkpoint's caption schema.
+    pub constrained: bool,
     /// Per attribute.
     pub attributes: BTreeMap<String, AttributeScore>,
     /// The predictions CSV.
@@ -247,13 +254,23 @@ pub fn evaluate(opts: &EvalOptions) -> Result<EvalReport> {
         .with_max_new_tokens(Some(
             opts.max_new_tokens.min(loaded.model.max_new_tokens_limit()),
         ))
-        .with_num_beams(opts.num_beams);
+        .with_num_beams(opts.num_beams)
+        .with_constrain(opts.constrain);
+    // The constraint: the recorded schema, when its template is the one in use.
+    let available = recorded
+        .as_ref()
+        .filter(|r| r.template == template)
+        .map(|r| Constraint::new(r, &loaded.tokenizer, loaded.tokenizer.eos_id()));
+    let constraint = constrain::resolve(opts.constrain, available.as_ref())
+        .map_err(|e| Error::InvalidArgument(format!("--constrain schema: {e}")))?;
     let mut texts = Vec::with_capacity(samples.len());
     for start in (0..samples.len()).step_by(opts.batch_size.max(1)) {
         let n = opts.batch_size.max(1).min(samples.len() - start);
         let e = embeds.narrow(0, start, n)?;
         let prefix = loaded.model.project(&e)?;
-        let out = loaded.model.generate(&prefix, &generation)?;
+        let out = loaded
+            .model
+            .generate_with(&prefix, &generation, None, None, constraint)?;
         for g in out {
             texts.push(
                 loaded
@@ -268,6 +285,7 @@ pub fn evaluate(opts: &EvalOptions) -> Result<EvalReport> {
     pb.finish_and_clear();
     // Scores: the checkpoint's values (when its template is the one in use) and the
     // catalog's.
+    let constrained = constraint.is_some();
     let mut schema = match recorded {
         Some(r) if r.template == template => r,
         _ => CaptionSchema::from_template(template),
@@ -313,6 +331,7 @@ pub fn evaluate(opts: &EvalOptions) -> Result<EvalReport> {
     Ok(EvalReport {
         samples: samples.len(),
         exact_match: exact as f64 / samples.len() as f64,
+        constrained,
         attributes,
         predictions: opts.predictions.clone(),
         warnings,
@@ -364,9 +383,14 @@ fn write_predictions(
 /// The report as a table.
 pub fn format_table(r: &EvalReport) -> String {
     let mut s = format!(
-        "{} samples, exact match {:.2}%\n\n{:<14} {:>9} {:>9}\n",
+        "{} samples, exact match {:.2}% ({})\n\n{:<14} {:>9} {:>9}\n",
         r.samples,
         100.0 * r.exact_match,
+        if r.constrained {
+            "decoding constrained to the caption schema"
+        } else {
+            "free decoding"
+        },
         "attribute",
         "accuracy",
         "macro-F1"
@@ -388,6 +412,7 @@ pub fn format_table(r: &EvalReport) -> String {
 pub fn to_json(r: &EvalReport) -> serde_json::Value {
     serde_json::json!({
         "exact_match": r.exact_match,
+        "constrained": r.constrained,
         "samples": r.samples,
         "attributes": r.attributes,
         "predictions": r.predictions,

@@ -181,6 +181,11 @@ struct EvalArgs {
     /// Beams for beam search (1 to 64); 1 is greedy search.
     #[arg(long, default_value_t = 1)]
     num_beams: usize,
+    /// auto: constrain decoding to the checkpoint's caption schema (its template, and in
+    /// each field only values seen in training) when it records one; schema: require it;
+    /// none: free text.
+    #[arg(long, default_value = "auto", value_name = "auto|schema|none")]
+    constrain: moda_models::generate::Constrain,
     /// Images per generation batch.
     #[arg(long, default_value_t = 64)]
     batch_size: usize,
@@ -327,6 +332,7 @@ fn eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
         cache_dir: a.cache_dir.unwrap_or_else(default_cache_dir),
         max_new_tokens: a.max_new_tokens,
         num_beams: a.num_beams,
+        constrain: a.constrain,
         batch_size: a.batch_size,
         progress: !a.quiet && !a.json,
     };

@@ -429,6 +429,7 @@ fn eval_options(checkpoint: &Path, catalog: &Path, cache: &Path) -> EvalOptions 
         cache_dir: cache.to_path_buf(),
         max_new_tokens: 8,
         num_beams: 1,
+        constrain: moda_models::generate::Constrain::Auto,
         batch_size: 16,
         progress: false,
     }
