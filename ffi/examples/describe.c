@@ -1,7 +1,9 @@
 /*
  * describe: prints a description of each image as `moda-sdk describe` does in text mode: one
  * line per image, "PATH<TAB>DESCRIPTION", control characters in the description printed as
- * spaces so that each stays on its line.
+ * spaces so that each stays on its line. When the bundle has a caption schema, a line per
+ * attribute follows: "  Colour: Blue (0.97)" (its confidence), then "or VALUE (CONFIDENCE)"
+ * for each alternative the model weighed, or "  Colour: -" when the text yields no value.
  *
  *     cc describe.c $(pkg-config --cflags --libs moda) -o describe
  *     ./describe BUNDLE_DIR IMAGE...
@@ -29,6 +31,36 @@ static void print_one_line(const char *text, size_t len)
         } else {
             putchar(s[i]);
         }
+    }
+}
+
+/* " (0.97)", or nothing when the confidence is unknown (NaN, the one value not equal to
+ * itself). */
+static void print_confidence(float confidence)
+{
+    if (confidence == confidence) printf(" (%.2f)", confidence);
+}
+
+/* One line per attribute of d (none when the bundle has no caption schema). */
+static void print_attributes(const moda_description *d)
+{
+    size_t i, j;
+    for (i = 0; i < moda_description_attribute_count(d); i++) {
+        const char *value = moda_description_attribute_value(d, i);
+        printf("  %s: ", moda_description_attribute_name(d, i));
+        if (value == NULL) {
+            puts("-");
+            continue;
+        }
+        print_one_line(value, strlen(value));
+        print_confidence(moda_description_attribute_confidence(d, i));
+        for (j = 0; j < moda_description_attribute_alternative_count(d, i); j++) {
+            const char *alt = moda_description_attribute_alternative_value(d, i, j);
+            fputs(" or ", stdout);
+            print_one_line(alt, strlen(alt));
+            print_confidence(moda_description_attribute_alternative_confidence(d, i, j));
+        }
+        putchar('\n');
     }
 }
 
@@ -65,6 +97,7 @@ int main(int argc, char **argv)
         printf("%s\t", argv[i]);
         print_one_line(moda_description_text(d), moda_description_text_len(d));
         putchar('\n');
+        print_attributes(d);
         moda_description_free(d);
     }
     moda_model_free(model);

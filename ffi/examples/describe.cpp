@@ -1,6 +1,7 @@
 // describe (C++): the C example's output ("PATH<TAB>DESCRIPTION" per image, as
-// `moda-sdk describe` prints it), through a small RAII wrapper over moda.h, describing all the
-// images as one batch.
+// `moda-sdk describe` prints it, then "  Colour: Blue (0.97)" per attribute when the bundle has
+// a caption schema), through a small RAII wrapper over moda.h, describing all the images as one
+// batch.
 //
 //     c++ -std=c++11 describe.cpp $(pkg-config --cflags --libs moda) -o describe_cpp
 //     ./describe_cpp BUNDLE_DIR IMAGE...
@@ -9,15 +10,26 @@
 // so nothing leaks when an exception is thrown.
 #include <moda.h>
 
+#include <cmath>
 #include <cstdio>
 #include <exception>
 #include <functional>
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace moda {
+
+// A field of the bundle's caption schema and its value in a description.
+struct Attribute {
+    std::string name;
+    bool has_value;     // false: the text yields no value for the field
+    std::string value;  // e.g. "Blue"
+    float confidence;   // in [0, 1]; NaN when unknown
+    std::vector<std::pair<std::string, float> > alternatives;  // most likely first
+};
 
 // A failed call: the status code and libmoda's message.
 class Error : public std::runtime_error {
@@ -50,6 +62,27 @@ public:
     {
         const float* lp = moda_description_logprobs(d_.get());
         return std::vector<float>(lp, lp + moda_description_n_tokens(d_.get()));
+    }
+    // Every field of the schema, in the template's order (none without a schema).
+    std::vector<Attribute> attributes() const
+    {
+        const moda_description* d = d_.get();
+        std::vector<Attribute> out;
+        for (size_t i = 0; i < moda_description_attribute_count(d); i++) {
+            const char* value = moda_description_attribute_value(d, i);
+            Attribute a;
+            a.name = moda_description_attribute_name(d, i);
+            a.has_value = value != nullptr;
+            a.value = value ? value : "";
+            a.confidence = moda_description_attribute_confidence(d, i);
+            for (size_t j = 0; j < moda_description_attribute_alternative_count(d, i); j++) {
+                const char* v = moda_description_attribute_alternative_value(d, i, j);
+                float c = moda_description_attribute_alternative_confidence(d, i, j);
+                a.alternatives.emplace_back(v, c);
+            }
+            out.push_back(a);
+        }
+        return out;
     }
 
 private:
@@ -147,6 +180,15 @@ static std::string one_line(const std::string& text)
     return out;
 }
 
+// "Blue (0.97)", or "Blue" when the confidence is unknown (NaN).
+static std::string with_confidence(const std::string& value, float confidence)
+{
+    if (std::isnan(confidence)) return one_line(value);
+    char c[32];
+    std::snprintf(c, sizeof c, " (%.2f)", confidence);
+    return one_line(value) + c;
+}
+
 int main(int argc, char** argv)
 {
     if (argc < 3) {
@@ -161,6 +203,12 @@ int main(int argc, char** argv)
         for (size_t i = 0; i < ds.size(); i++) {
             if (ds[i].ok()) {
                 std::printf("%s\t%s\n", paths[i].c_str(), one_line(ds[i].text()).c_str());
+                for (const moda::Attribute& a : ds[i].attributes()) {
+                    std::string line = a.has_value ? with_confidence(a.value, a.confidence) : "-";
+                    for (const std::pair<std::string, float>& alt : a.alternatives)
+                        line += " or " + with_confidence(alt.first, alt.second);
+                    std::printf("  %s: %s\n", a.name.c_str(), line.c_str());
+                }
             } else {
                 std::string msg = ds[i].error();
                 if (msg.compare(0, paths[i].size() + 2, paths[i] + ": ") == 0)

@@ -124,8 +124,28 @@ extern "C" {
 #define MODA_IMAGE_RGB8 3
 
 /**
- * A generated description (opaque): its text, tokens, log-probabilities and timings, or, for
- * an image of a batch that failed, its status and message.
+ * moda_generation_params.constrain: constrain decoding when the bundle has a caption schema
+ * whose every field lists its values, generate free text otherwise.
+ */
+#define MODA_CONSTRAIN_AUTO 0
+
+/**
+ * moda_generation_params.constrain: the description must fit the bundle's caption schema (the
+ * template's text and, in each field, one of the values it lists); an error when the bundle
+ * has no such schema.
+ */
+#define MODA_CONSTRAIN_SCHEMA 1
+
+/**
+ * moda_generation_params.constrain: free text; the decoder may write anything, e.g. a value
+ * the catalog never had (which then reads as a NULL attribute).
+ */
+#define MODA_CONSTRAIN_NONE 2
+
+/**
+ * A generated description (opaque): its text, tokens, log-probabilities, timings and the
+ * attributes read from its text, or, for an image of a batch that failed, its status and
+ * message.
  *
  * Made by moda_model_describe(), moda_model_describe_stream() and
  * moda_model_describe_batch(); freed by moda_description_free().
@@ -303,6 +323,12 @@ typedef struct moda_generation_params {
      * Strings in stop_strings. Default 0.
      */
     size_t stop_strings_len;
+    /**
+     * Whether the description must fit the bundle's caption schema: MODA_CONSTRAIN_AUTO,
+     * MODA_CONSTRAIN_SCHEMA or MODA_CONSTRAIN_NONE (any other value is
+     * MODA_ERR_INVALID_ARGUMENT). Default MODA_CONSTRAIN_AUTO.
+     */
+    int constrain;
 } moda_generation_params;
 
 /**
@@ -692,6 +718,80 @@ const float *moda_description_logprobs(const struct moda_description *d);
  * Threads: any thread, concurrently.
  */
 int moda_description_timings(const struct moda_description *d, struct moda_timings *out);
+
+/**
+ * How many attributes d has: the number of fields of the bundle's caption schema (moda.json's
+ * "schema"; e.g. 6 for "{Colour} {Usage} {ProductType} for {Gender} - {Category}
+ * {SubCategory}"), whether or not the text yields a value for each. 0 when the bundle has no
+ * schema, for an image of a batch that failed, and for NULL.
+ *
+ * Attribute i (0 <= i < count) is the i-th field in the template's order; read it with
+ * moda_description_attribute_name(), _value(), _confidence() and _alternative_*().
+ * Threads: any thread, concurrently.
+ */
+size_t moda_description_attribute_count(const struct moda_description *d);
+
+/**
+ * The name of attribute i, the schema's field (e.g. "Colour"), UTF-8 and NUL-terminated.
+ * NULL when d is NULL or i is not less than moda_description_attribute_count(d).
+ *
+ * Ownership: owned by d; valid until moda_description_free(d).
+ * Threads: any thread, concurrently.
+ */
+const char *moda_description_attribute_name(const struct moda_description *d, size_t i);
+
+/**
+ * The value of attribute i read from the text (e.g. "Blue"), UTF-8 and NUL-terminated: one of
+ * the values the schema lists for the field (any text for a field that lists none). NULL when
+ * the text yields no value for the field (it is never a guess), when d is NULL or i is out of
+ * range. A value holding a NUL byte (only a model that generates one could give it) is cut
+ * at that byte.
+ *
+ * Ownership: owned by d; valid until moda_description_free(d).
+ * Threads: any thread, concurrently.
+ */
+const char *moda_description_attribute_value(const struct moda_description *d, size_t i);
+
+/**
+ * The confidence of attribute i's value, in [0, 1]: the probability of the tokens that spell
+ * it given the image and the tokens before them (exp of the sum of their
+ * moda_description_logprobs(); not normalised over the field's other values). NaN (test it
+ * with isnan()) when the value is NULL or its tokens cannot be told apart, when d is NULL or
+ * i is out of range.
+ *
+ * Threads: any thread, concurrently.
+ */
+float moda_description_attribute_confidence(const struct moda_description *d, size_t i);
+
+/**
+ * How many alternatives attribute i has: the field's next most likely values, most likely
+ * first, when the search could tell (0 when it could not, when the value is NULL, when d is
+ * NULL or i is out of range).
+ *
+ * Threads: any thread, concurrently.
+ */
+size_t moda_description_attribute_alternative_count(const struct moda_description *d, size_t i);
+
+/**
+ * The value of alternative j of attribute i, UTF-8 and NUL-terminated (cut at a NUL byte as
+ * moda_description_attribute_value() is). NULL when d is NULL or i or j is out of range.
+ *
+ * Ownership: owned by d; valid until moda_description_free(d).
+ * Threads: any thread, concurrently.
+ */
+const char *moda_description_attribute_alternative_value(const struct moda_description *d,
+                                                         size_t i,
+                                                         size_t j);
+
+/**
+ * The probability of alternative j of attribute i, in [0, 1]. NaN when d is NULL or i or j
+ * is out of range.
+ *
+ * Threads: any thread, concurrently.
+ */
+float moda_description_attribute_alternative_confidence(const struct moda_description *d,
+                                                        size_t i,
+                                                        size_t j);
 
 /**
  * Frees a description. NULL is allowed and does nothing.

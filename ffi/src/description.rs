@@ -1,5 +1,6 @@
 //! `moda_description`: a generated description and its accessors.
 
+use std::collections::BTreeMap;
 use std::ffi::{c_char, c_int, c_uint, CString};
 
 use moda_sdk::Description;
@@ -27,8 +28,9 @@ pub struct moda_timings {
     pub n_tokens: usize,
 }
 
-/// A generated description (opaque): its text, tokens, log-probabilities and timings, or, for
-/// an image of a batch that failed, its status and message.
+/// A generated description (opaque): its text, tokens, log-probabilities, timings and the
+/// attributes read from its text, or, for an image of a batch that failed, its status and
+/// message.
 ///
 /// Made by moda_model_describe(), moda_model_describe_stream() and
 /// moda_model_describe_batch(); freed by moda_description_free().
@@ -42,10 +44,64 @@ pub struct moda_description {
     token_ids: Vec<c_uint>,
     logprobs: Vec<f32>,
     timings: moda_timings,
+    /// One per field of the bundle's caption schema, in the template's order; none when the
+    /// bundle has no schema or the image failed.
+    attributes: Vec<Field>,
+}
+
+/// A field of the caption schema and its value in a description, as C strings.
+#[derive(Debug)]
+struct Field {
+    name: CString,
+    /// `None` when the text yields no value.
+    value: Option<CString>,
+    /// NaN when there is no value or it has no confidence.
+    confidence: f32,
+    alternatives: Vec<(CString, f32)>,
+}
+
+/// `s` up to its first NUL byte, as a C string (a text holds one only if the model generated it).
+fn cut_at_nul(s: &str) -> CString {
+    let bytes = s.as_bytes();
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    CString::new(&bytes[..end]).unwrap_or_default()
+}
+
+/// The attributes of `attributes` (none: the bundle has no schema) in the order of `fields`,
+/// the names of the schema's fields in the template's order. A key that `fields` lacks (which
+/// the SDK never gives) comes after them, in the map's order.
+fn fields_in_order(
+    attributes: Option<BTreeMap<String, Option<moda_sdk::Attribute>>>,
+    fields: &[&str],
+) -> Vec<Field> {
+    let Some(mut map) = attributes else {
+        return Vec::new();
+    };
+    let mut ordered: Vec<(String, Option<moda_sdk::Attribute>)> = fields
+        .iter()
+        .map(|&name| (name.to_string(), map.remove(name).flatten()))
+        .collect();
+    ordered.extend(map);
+    ordered
+        .into_iter()
+        .map(|(name, a)| Field {
+            name: cut_at_nul(&name),
+            confidence: a.as_ref().and_then(|a| a.confidence).unwrap_or(f32::NAN),
+            alternatives: a.as_ref().map_or_else(Vec::new, |a| {
+                a.alternatives
+                    .iter()
+                    .map(|(v, c)| (cut_at_nul(v), *c))
+                    .collect()
+            }),
+            value: a.map(|a| cut_at_nul(&a.value)),
+        })
+        .collect()
 }
 
 impl moda_description {
-    pub(crate) fn ok(d: Description) -> Self {
+    /// A description of `d`; `fields` are the names of the fields of the bundle's caption
+    /// schema in the template's order (empty when it has none).
+    pub(crate) fn ok(d: Description, fields: &[&str]) -> Self {
         let mut text = d.text.into_bytes();
         text.push(0);
         let t = d.timings;
@@ -55,6 +111,7 @@ impl moda_description {
             text,
             token_ids: d.token_ids,
             logprobs: d.logprobs,
+            attributes: fields_in_order(d.attributes, fields),
             timings: moda_timings {
                 preprocess_ms: t.preprocess_ms,
                 encoder_ms: t.encoder_ms,
@@ -75,11 +132,17 @@ impl moda_description {
             token_ids: Vec::new(),
             logprobs: Vec::new(),
             timings: moda_timings::default(),
+            attributes: Vec::new(),
         }
     }
 
     pub(crate) fn into_raw(self) -> *mut moda_description {
         Box::into_raw(Box::new(self))
+    }
+
+    /// Field `i`, if there is one.
+    fn attribute(&self, i: usize) -> Option<&Field> {
+        self.attributes.get(i)
     }
 }
 
@@ -201,6 +264,138 @@ pub unsafe extern "C" fn moda_description_timings(
     })
 }
 
+/// How many attributes d has: the number of fields of the bundle's caption schema (moda.json's
+/// "schema"; e.g. 6 for "{Colour} {Usage} {ProductType} for {Gender} - {Category}
+/// {SubCategory}"), whether or not the text yields a value for each. 0 when the bundle has no
+/// schema, for an image of a batch that failed, and for NULL.
+///
+/// Attribute i (0 <= i < count) is the i-th field in the template's order; read it with
+/// moda_description_attribute_name(), _value(), _confidence() and _alternative_*().
+/// Threads: any thread, concurrently.
+#[no_mangle]
+pub unsafe extern "C" fn moda_description_attribute_count(d: *const moda_description) -> usize {
+    // SAFETY: NULL or a live description.
+    let d = unsafe { d.as_ref() };
+    boundary(0, || d.map_or(0, |d| d.attributes.len()))
+}
+
+/// The name of attribute i, the schema's field (e.g. "Colour"), UTF-8 and NUL-terminated.
+/// NULL when d is NULL or i is not less than moda_description_attribute_count(d).
+///
+/// Ownership: owned by d; valid until moda_description_free(d).
+/// Threads: any thread, concurrently.
+#[no_mangle]
+pub unsafe extern "C" fn moda_description_attribute_name(
+    d: *const moda_description,
+    i: usize,
+) -> *const c_char {
+    // SAFETY: NULL or a live description.
+    let d = unsafe { d.as_ref() };
+    boundary(std::ptr::null(), || {
+        d.and_then(|d| d.attribute(i))
+            .map_or(std::ptr::null(), |f| f.name.as_ptr())
+    })
+}
+
+/// The value of attribute i read from the text (e.g. "Blue"), UTF-8 and NUL-terminated: one of
+/// the values the schema lists for the field (any text for a field that lists none). NULL when
+/// the text yields no value for the field (it is never a guess), when d is NULL or i is out of
+/// range. A value holding a NUL byte (only a model that generates one could give it) is cut
+/// at that byte.
+///
+/// Ownership: owned by d; valid until moda_description_free(d).
+/// Threads: any thread, concurrently.
+#[no_mangle]
+pub unsafe extern "C" fn moda_description_attribute_value(
+    d: *const moda_description,
+    i: usize,
+) -> *const c_char {
+    // SAFETY: NULL or a live description.
+    let d = unsafe { d.as_ref() };
+    boundary(std::ptr::null(), || {
+        d.and_then(|d| d.attribute(i))
+            .and_then(|f| f.value.as_ref())
+            .map_or(std::ptr::null(), |v| v.as_ptr())
+    })
+}
+
+/// The confidence of attribute i's value, in [0, 1]: the probability of the tokens that spell
+/// it given the image and the tokens before them (exp of the sum of their
+/// moda_description_logprobs(); not normalised over the field's other values). NaN (test it
+/// with isnan()) when the value is NULL or its tokens cannot be told apart, when d is NULL or
+/// i is out of range.
+///
+/// Threads: any thread, concurrently.
+#[no_mangle]
+pub unsafe extern "C" fn moda_description_attribute_confidence(
+    d: *const moda_description,
+    i: usize,
+) -> f32 {
+    // SAFETY: NULL or a live description.
+    let d = unsafe { d.as_ref() };
+    boundary(f32::NAN, || {
+        d.and_then(|d| d.attribute(i))
+            .map_or(f32::NAN, |f| f.confidence)
+    })
+}
+
+/// How many alternatives attribute i has: the field's next most likely values, most likely
+/// first, when the search could tell (0 when it could not, when the value is NULL, when d is
+/// NULL or i is out of range).
+///
+/// Threads: any thread, concurrently.
+#[no_mangle]
+pub unsafe extern "C" fn moda_description_attribute_alternative_count(
+    d: *const moda_description,
+    i: usize,
+) -> usize {
+    // SAFETY: NULL or a live description.
+    let d = unsafe { d.as_ref() };
+    boundary(0, || {
+        d.and_then(|d| d.attribute(i))
+            .map_or(0, |f| f.alternatives.len())
+    })
+}
+
+/// The value of alternative j of attribute i, UTF-8 and NUL-terminated (cut at a NUL byte as
+/// moda_description_attribute_value() is). NULL when d is NULL or i or j is out of range.
+///
+/// Ownership: owned by d; valid until moda_description_free(d).
+/// Threads: any thread, concurrently.
+#[no_mangle]
+pub unsafe extern "C" fn moda_description_attribute_alternative_value(
+    d: *const moda_description,
+    i: usize,
+    j: usize,
+) -> *const c_char {
+    // SAFETY: NULL or a live description.
+    let d = unsafe { d.as_ref() };
+    boundary(std::ptr::null(), || {
+        d.and_then(|d| d.attribute(i))
+            .and_then(|f| f.alternatives.get(j))
+            .map_or(std::ptr::null(), |(v, _)| v.as_ptr())
+    })
+}
+
+/// The probability of alternative j of attribute i, in [0, 1]. NaN when d is NULL or i or j
+/// is out of range.
+///
+/// Threads: any thread, concurrently.
+#[no_mangle]
+pub unsafe extern "C" fn moda_description_attribute_alternative_confidence(
+    d: *const moda_description,
+    i: usize,
+    j: usize,
+) -> f32 {
+    // SAFETY: NULL or a live description.
+    let d = unsafe { d.as_ref() };
+    boundary(f32::NAN, || {
+        d.and_then(|d| d.attribute(i))
+            .and_then(|f| f.alternatives.get(j))
+            .map_or(f32::NAN, |&(_, c)| c)
+    })
+}
+
 /// Frees a description. NULL is allowed and does nothing.
 ///
 /// Ownership: d must come from libmoda and not have been freed already; it (and every
@@ -215,4 +410,60 @@ pub unsafe extern "C" fn moda_description_free(d: *mut moda_description) {
             drop(unsafe { Box::from_raw(d) });
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::CStr;
+
+    fn attribute(value: &str, confidence: Option<f32>) -> Option<moda_sdk::Attribute> {
+        Some(moda_sdk::Attribute {
+            value: value.to_string(),
+            confidence,
+            alternatives: vec![("Navy\0Blue".to_string(), 0.25)],
+        })
+    }
+
+    #[test]
+    fn attributes_follow_the_template_and_nul_bytes_cut_values() {
+        let map: BTreeMap<String, Option<moda_sdk::Attribute>> = [
+            ("Colour".to_string(), attribute("Blue", Some(0.5))),
+            ("Usage".to_string(), None),
+            ("Article".to_string(), attribute("Je\0ans", None)),
+        ]
+        .into_iter()
+        .collect();
+        let fields = fields_in_order(Some(map), &["Usage", "Colour", "Article", "Gender"]);
+        let names: Vec<&CStr> = fields.iter().map(|f| f.name.as_c_str()).collect();
+        assert_eq!(names, [c"Usage", c"Colour", c"Article", c"Gender"]);
+        assert!(fields[0].value.is_none() && fields[0].confidence.is_nan());
+        assert!(fields[0].alternatives.is_empty());
+        assert_eq!(fields[1].value.as_deref(), Some(c"Blue"));
+        assert_eq!(fields[1].confidence, 0.5);
+        assert_eq!(fields[1].alternatives[0].0.as_c_str(), c"Navy");
+        assert_eq!(fields[2].value.as_deref(), Some(c"Je"));
+        assert!(fields[2].confidence.is_nan());
+        // A field the SDK left out reads as no value.
+        assert!(fields[3].value.is_none());
+        assert!(fields_in_order(None, &["Colour"]).is_empty());
+    }
+
+    #[test]
+    fn accessors_are_null_safe_and_range_checked() {
+        let d = moda_description::failed(&Failure::invalid("x"));
+        let p: *const moda_description = &d;
+        // SAFETY: NULL or a live description.
+        unsafe {
+            for d in [p, std::ptr::null()] {
+                assert_eq!(moda_description_attribute_count(d), 0);
+                assert!(moda_description_attribute_name(d, 0).is_null());
+                assert!(moda_description_attribute_value(d, usize::MAX).is_null());
+                assert!(moda_description_attribute_confidence(d, 0).is_nan());
+                assert_eq!(moda_description_attribute_alternative_count(d, 0), 0);
+                assert!(moda_description_attribute_alternative_value(d, 0, 0).is_null());
+                assert!(moda_description_attribute_alternative_confidence(d, 0, 0).is_nan());
+            }
+        }
+    }
 }

@@ -3,7 +3,9 @@
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr, CString};
 use std::sync::OnceLock;
 
-use moda_sdk::{Description, GenerationOptions, ImageInput, ImageLimits, Moda, Norm, OpenOptions};
+use moda_sdk::{
+    Constrain, Description, GenerationOptions, ImageInput, ImageLimits, Moda, Norm, OpenOptions,
+};
 
 use crate::description::moda_description;
 use crate::error::{
@@ -40,6 +42,17 @@ pub struct moda_model_params {
     /// Largest allocation an image decoder may make, in bytes. Default 512 MiB.
     pub max_image_alloc: usize,
 }
+
+/// moda_generation_params.constrain: constrain decoding when the bundle has a caption schema
+/// whose every field lists its values, generate free text otherwise.
+pub const MODA_CONSTRAIN_AUTO: c_int = 0;
+/// moda_generation_params.constrain: the description must fit the bundle's caption schema (the
+/// template's text and, in each field, one of the values it lists); an error when the bundle
+/// has no such schema.
+pub const MODA_CONSTRAIN_SCHEMA: c_int = 1;
+/// moda_generation_params.constrain: free text; the decoder may write anything, e.g. a value
+/// the catalog never had (which then reads as a NULL attribute).
+pub const MODA_CONSTRAIN_NONE: c_int = 2;
 
 /// How moda_model_describe() and its siblings generate. Start from
 /// moda_generation_default_params() (greedy search with the bundle's length limit) and change
@@ -86,11 +99,19 @@ pub struct moda_generation_params {
     pub stop_strings: *const *const c_char,
     /// Strings in stop_strings. Default 0.
     pub stop_strings_len: usize,
+    /// Whether the description must fit the bundle's caption schema: MODA_CONSTRAIN_AUTO,
+    /// MODA_CONSTRAIN_SCHEMA or MODA_CONSTRAIN_NONE (any other value is
+    /// MODA_ERR_INVALID_ARGUMENT). Default MODA_CONSTRAIN_AUTO.
+    pub constrain: c_int,
 }
 
 /// The size of moda_generation_params before stop_strings was added: a program built against
-/// that header passes it, and gets the bundle's stop strings.
+/// that header passes it, and gets the bundle's stop strings and MODA_CONSTRAIN_AUTO.
 const GENERATION_PARAMS_V1_SIZE: usize = std::mem::offset_of!(moda_generation_params, stop_strings);
+
+/// The size of moda_generation_params before constrain was added: a program built against
+/// that header passes it, and gets MODA_CONSTRAIN_AUTO.
+const GENERATION_PARAMS_V2_SIZE: usize = std::mem::offset_of!(moda_generation_params, constrain);
 
 /// One generated token, as moda_token_callback sees it.
 #[repr(C)]
@@ -132,6 +153,20 @@ pub type moda_token_callback =
 pub struct moda_model {
     moda: Moda,
     errors: HandleErrors,
+}
+
+impl moda_model {
+    /// The names of the fields of the bundle's caption schema, in the template's order (none
+    /// without a schema).
+    fn fields(&self) -> Vec<&str> {
+        self.moda
+            .manifest()
+            .schema
+            .as_ref()
+            .map_or_else(Vec::new, |s| {
+                s.fields.iter().map(|f| f.name.as_str()).collect()
+            })
+    }
 }
 
 /// The default model parameters (see moda_model_params).
@@ -186,6 +221,7 @@ pub extern "C" fn moda_generation_default_params() -> moda_generation_params {
         length_penalty: 1.0,
         stop_strings: std::ptr::null(),
         stop_strings_len: 0,
+        constrain: MODA_CONSTRAIN_AUTO,
     };
     boundary(
         fallback,
@@ -211,6 +247,25 @@ fn generation_params(g: &GenerationOptions) -> moda_generation_params {
         // The strings of the defaults are the bundle's: NULL.
         stop_strings: std::ptr::null(),
         stop_strings_len: 0,
+        constrain: match g.constrain {
+            Constrain::Auto => MODA_CONSTRAIN_AUTO,
+            Constrain::Schema => MODA_CONSTRAIN_SCHEMA,
+            Constrain::None => MODA_CONSTRAIN_NONE,
+        },
+    }
+}
+
+/// The SDK's [`Constrain`] of moda_generation_params.constrain, or an error naming the field.
+fn constrain(func: &str, v: c_int) -> Result<Constrain, Failure> {
+    match v {
+        MODA_CONSTRAIN_AUTO => Ok(Constrain::Auto),
+        MODA_CONSTRAIN_SCHEMA => Ok(Constrain::Schema),
+        MODA_CONSTRAIN_NONE => Ok(Constrain::None),
+        _ => Err(Failure::invalid(format!(
+            "{func}: constrain is {v}; use MODA_CONSTRAIN_AUTO ({MODA_CONSTRAIN_AUTO}), \
+             MODA_CONSTRAIN_SCHEMA ({MODA_CONSTRAIN_SCHEMA}) or MODA_CONSTRAIN_NONE \
+             ({MODA_CONSTRAIN_NONE})"
+        ))),
     }
 }
 
@@ -262,7 +317,7 @@ fn count(func: &str, field: &str, v: c_int) -> Result<usize, Failure> {
 ///
 /// # Safety
 /// `p` is NULL or points at a `moda_generation_params` of this header (whose stop strings
-/// are as [`stop_strings`] needs them), or of the header before `stop_strings`.
+/// are as [`stop_strings`] needs them), or of a header before `stop_strings` or `constrain`.
 unsafe fn generation_options(
     func: &str,
     p: *const moda_generation_params,
@@ -270,31 +325,33 @@ unsafe fn generation_options(
     if p.is_null() {
         return Ok(GenerationOptions::default());
     }
-    // A struct of the header before stop_strings: its fields, then the defaults of the rest.
+    // A struct of a header before stop_strings or constrain: its fields, then the defaults of
+    // the rest.
     // SAFETY: every version of the struct starts with struct_size.
     let size = unsafe { std::ptr::addr_of!((*p).struct_size).read_unaligned() };
     let mut copy = generation_params(&GenerationOptions::default());
-    let p: &moda_generation_params = if size == GENERATION_PARAMS_V1_SIZE {
-        // SAFETY: the caller's struct has `size` bytes, a prefix of this one's layout.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                p.cast::<u8>(),
-                std::ptr::addr_of_mut!(copy).cast::<u8>(),
-                size,
-            );
-        }
-        &copy
-    } else {
-        // SAFETY: the caller's promise.
-        let p = unsafe { &*p };
-        struct_size::<moda_generation_params>(
-            func,
-            "moda_generation_params",
-            "moda_generation_default_params",
-            p.struct_size,
-        )?;
-        p
-    };
+    let p: &moda_generation_params =
+        if size == GENERATION_PARAMS_V1_SIZE || size == GENERATION_PARAMS_V2_SIZE {
+            // SAFETY: the caller's struct has `size` bytes, a prefix of this one's layout.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    p.cast::<u8>(),
+                    std::ptr::addr_of_mut!(copy).cast::<u8>(),
+                    size,
+                );
+            }
+            &copy
+        } else {
+            // SAFETY: the caller's promise.
+            let p = unsafe { &*p };
+            struct_size::<moda_generation_params>(
+                func,
+                "moda_generation_params",
+                "moda_generation_default_params",
+                p.struct_size,
+            )?;
+            p
+        };
     let max = count(func, "max_new_tokens", p.max_new_tokens)?;
     // SAFETY: the caller's promise on the struct covers its stop strings.
     let stop_strings = unsafe { stop_strings(func, p) }?;
@@ -310,7 +367,8 @@ unsafe fn generation_options(
         .with_repetition_penalty(p.repetition_penalty)
         .with_no_repeat_ngram_size(count(func, "no_repeat_ngram_size", p.no_repeat_ngram_size)?)
         .with_length_penalty(p.length_penalty)
-        .with_stop_strings(stop_strings))
+        .with_stop_strings(stop_strings)
+        .with_constrain(constrain(func, p.constrain)?))
 }
 
 /// Checks a params struct's `struct_size`: this library knows one version of each struct, so
@@ -616,7 +674,7 @@ unsafe fn describe_one(
         let d = m
             .moda
             .describe_with(&image.input(), &options, &mut |e| sink.send(0, e))?;
-        *out = moda_description::ok(d).into_raw();
+        *out = moda_description::ok(d, &m.fields()).into_raw();
         Ok(())
     })
 }
@@ -729,9 +787,10 @@ pub unsafe extern "C" fn moda_model_describe_batch(
                 .describe_batch_with(inputs, &options, &mut |e| sink.send(index[e.image], e))?)
         })?;
         let failure = batch_failure(f, &results);
+        let fields = m.fields();
         for (i, r) in results.into_iter().enumerate() {
             let d = match r {
-                Ok(d) => moda_description::ok(d),
+                Ok(d) => moda_description::ok(d, &fields),
                 Err(e) => moda_description::failed(&e),
             };
             // SAFETY: in bounds.

@@ -3,7 +3,17 @@
  * pointer, a missing bundle, files that are not images, bad parameters and too-small buffers.
  * Run by tests/tests/ffi.rs under AddressSanitizer + UBSan and under valgrind.
  *
- *     api_test BUNDLE_DIR FIXTURE_IMAGES_DIR
+ *     api_test BUNDLE_DIR FIXTURE_IMAGES_DIR SCHEMA_BUNDLE_DIR
+ *
+ * SCHEMA_BUNDLE_DIR is a bundle with a caption schema: the attributes of photo.jpg's
+ * descriptions are printed, one line each, for the caller to compare with the Rust SDK's:
+ *
+ *     attribute<TAB>MODE<TAB>I<TAB>NAME<TAB>VALUE<TAB>CONFIDENCE<TAB>N_ALTERNATIVES
+ *     alternative<TAB>MODE<TAB>I<TAB>J<TAB>VALUE<TAB>CONFIDENCE
+ *
+ * MODE is "auto" or "none" (moda_generation_params.constrain), VALUE "-" for NULL or "="
+ * followed by the value, names and values escaped (a backslash as \\, bytes below 0x20 and
+ * 0x7F as \xHH), CONFIDENCE "NaN" or "%.9g".
  *
  * Prints "api_test: all N checks passed" and exits 0, or lists the failed checks and exits 1.
  * Double free and use after free are not tested: the API does not promise to survive them.
@@ -78,6 +88,126 @@ static unsigned char *read_file(const char *path, size_t *size)
 static int contains(const char *haystack, const char *needle)
 {
     return haystack && strstr(haystack, needle) != NULL;
+}
+
+/* Prints s escaped (see the top of the file). */
+static void print_escaped(const char *s)
+{
+    const unsigned char *p = (const unsigned char *)s;
+    for (; *p; p++) {
+        if (*p == '\\') {
+            fputs("\\\\", stdout);
+        } else if (*p < 0x20 || *p == 0x7F) {
+            printf("\\x%02X", *p);
+        } else {
+            putchar(*p);
+        }
+    }
+}
+
+static void print_confidence(float c)
+{
+    if (isnan(c)) {
+        fputs("NaN", stdout);
+    } else {
+        printf("%.9g", (double)c);
+    }
+}
+
+static int is_confidence(float c)
+{
+    return c >= 0.0f && c <= 1.0f;
+}
+
+/* Whether a and b have the same attributes (names, values, confidences, alternatives). */
+static int same_attributes(const moda_description *a, const moda_description *b)
+{
+    size_t i, j, n = moda_description_attribute_count(a);
+    if (n != moda_description_attribute_count(b)) return 0;
+    for (i = 0; i < n; i++) {
+        const char *va = moda_description_attribute_value(a, i);
+        const char *vb = moda_description_attribute_value(b, i);
+        float ca = moda_description_attribute_confidence(a, i);
+        float cb = moda_description_attribute_confidence(b, i);
+        size_t m = moda_description_attribute_alternative_count(a, i);
+        if (strcmp(moda_description_attribute_name(a, i), moda_description_attribute_name(b, i)))
+            return 0;
+        if ((va == NULL) != (vb == NULL) || (va && strcmp(va, vb) != 0)) return 0;
+        if (isnan(ca) != isnan(cb) || (!isnan(ca) && ca != cb)) return 0;
+        if (m != moda_description_attribute_alternative_count(b, i)) return 0;
+        for (j = 0; j < m; j++) {
+            if (strcmp(moda_description_attribute_alternative_value(a, i, j),
+                       moda_description_attribute_alternative_value(b, i, j)) != 0 ||
+                moda_description_attribute_alternative_confidence(a, i, j) !=
+                    moda_description_attribute_alternative_confidence(b, i, j))
+                return 0;
+        }
+    }
+    return 1;
+}
+
+/* Checks every attribute accessor of d (a description from a bundle with a schema) and
+ * prints the attributes (see the top of the file). */
+static void check_and_print_attributes(const moda_description *d, const char *mode)
+{
+    size_t i, j, n = moda_description_attribute_count(d);
+    CHECK(n > 0);
+    for (i = 0; i < n; i++) {
+        const char *name = moda_description_attribute_name(d, i);
+        const char *value = moda_description_attribute_value(d, i);
+        float c = moda_description_attribute_confidence(d, i);
+        size_t m = moda_description_attribute_alternative_count(d, i);
+        CHECK(name != NULL && name[0] != '\0');
+        /* A value has a confidence in [0, 1]; a missing value has NaN. (A value whose tokens
+         * cannot be told apart would have NaN too, but generated text always has tokens.) */
+        CHECK(value == NULL ? isnan(c) : is_confidence(c));
+        CHECK(value != NULL || m == 0);
+        printf("attribute\t%s\t%lu\t", mode, (unsigned long)i);
+        print_escaped(name ? name : "");
+        fputs(value ? "\t=" : "\t-", stdout);
+        if (value) print_escaped(value);
+        putchar('\t');
+        print_confidence(c);
+        printf("\t%lu\n", (unsigned long)m);
+        for (j = 0; j < m; j++) {
+            const char *alt = moda_description_attribute_alternative_value(d, i, j);
+            float ac = moda_description_attribute_alternative_confidence(d, i, j);
+            CHECK(alt != NULL);
+            CHECK(is_confidence(ac));
+            printf("alternative\t%s\t%lu\t%lu\t=", mode, (unsigned long)i, (unsigned long)j);
+            print_escaped(alt ? alt : "");
+            putchar('\t');
+            print_confidence(ac);
+            putchar('\n');
+        }
+        /* Alternatives out of range. */
+        CHECK(moda_description_attribute_alternative_value(d, i, m) == NULL);
+        CHECK(isnan(moda_description_attribute_alternative_confidence(d, i, m)));
+        CHECK(moda_description_attribute_alternative_value(d, i, (size_t)-1) == NULL);
+    }
+    /* Attributes out of range. */
+    for (i = n; i <= n + 1; i++) {
+        CHECK(moda_description_attribute_name(d, i) == NULL);
+        CHECK(moda_description_attribute_value(d, i) == NULL);
+        CHECK(isnan(moda_description_attribute_confidence(d, i)));
+        CHECK(moda_description_attribute_alternative_count(d, i) == 0);
+        CHECK(moda_description_attribute_alternative_value(d, i, 0) == NULL);
+        CHECK(isnan(moda_description_attribute_alternative_confidence(d, i, 0)));
+    }
+    CHECK(moda_description_attribute_name(d, (size_t)-1) == NULL);
+    CHECK(isnan(moda_description_attribute_confidence(d, (size_t)-1)));
+}
+
+/* Checks that d has no attributes (a bundle without a schema, a failed image, NULL). */
+static void check_no_attributes(const moda_description *d)
+{
+    CHECK(moda_description_attribute_count(d) == 0);
+    CHECK(moda_description_attribute_name(d, 0) == NULL);
+    CHECK(moda_description_attribute_value(d, 0) == NULL);
+    CHECK(isnan(moda_description_attribute_confidence(d, 0)));
+    CHECK(moda_description_attribute_alternative_count(d, 0) == 0);
+    CHECK(moda_description_attribute_alternative_value(d, 0, 0) == NULL);
+    CHECK(isnan(moda_description_attribute_alternative_confidence(d, 0, 0)));
 }
 
 static int same_tokens(const moda_description *a, const moda_description *b)
@@ -186,6 +316,7 @@ int main(int argc, char **argv)
 {
     const char *bundle;
     const char *images;
+    const char *schema_bundle;
     char *photo, *wide, *not_image, *missing, *missing_bundle;
     moda_model *model = NULL;
     moda_model_params mp;
@@ -196,12 +327,13 @@ int main(int argc, char **argv)
     size_t dim, i, size = 0;
     unsigned char *photo_bytes;
 
-    if (argc != 3) {
-        fprintf(stderr, "usage: %s BUNDLE_DIR FIXTURE_IMAGES_DIR\n", argv[0]);
+    if (argc != 4) {
+        fprintf(stderr, "usage: %s BUNDLE_DIR FIXTURE_IMAGES_DIR SCHEMA_BUNDLE_DIR\n", argv[0]);
         return 2;
     }
     bundle = argv[1];
     images = argv[2];
+    schema_bundle = argv[3];
     photo = join(images, "photo.jpg");
     wide = join(images, "wide.png");
     not_image = join(images, "not_an_image.jpg");
@@ -234,6 +366,8 @@ int main(int argc, char **argv)
     CHECK(gp.seed == 0 && gp.repetition_penalty == 1.0f && gp.no_repeat_ngram_size == 0);
     CHECK(gp.length_penalty == 1.0f);
     CHECK(gp.stop_strings == NULL && gp.stop_strings_len == 0);
+    CHECK(gp.constrain == MODA_CONSTRAIN_AUTO);
+    CHECK(MODA_CONSTRAIN_AUTO == 0 && MODA_CONSTRAIN_SCHEMA == 1 && MODA_CONSTRAIN_NONE == 2);
 
     /* Image constructors. */
     img = moda_image_from_file(photo);
@@ -387,6 +521,15 @@ int main(int argc, char **argv)
     gp.max_new_tokens = 2;
     CHECK_RC(moda_model_describe(model, &img, &gp, &d), MODA_ERR_INVALID_ARGUMENT);
     CHECK(d == NULL);
+    gp = moda_generation_default_params();
+    gp.constrain = 3;
+    CHECK_RC(moda_model_describe(model, &img, &gp, &d), MODA_ERR_INVALID_ARGUMENT);
+    CHECK(contains(moda_model_errmsg(model), "constrain is 3"));
+    CHECK(contains(moda_model_errmsg(model), "MODA_CONSTRAIN_NONE"));
+    gp.constrain = -1;
+    CHECK_RC(moda_model_describe(model, &img, &gp, &d), MODA_ERR_INVALID_ARGUMENT);
+    CHECK(contains(moda_model_errmsg(model), "constrain is -1"));
+    CHECK(d == NULL);
     memset(&gp, 0, sizeof gp);
     CHECK_RC(moda_model_describe(model, &img, &gp, &d), MODA_ERR_INVALID_ARGUMENT);
     CHECK(contains(moda_model_errmsg(model), "moda_generation_default_params"));
@@ -413,7 +556,10 @@ int main(int argc, char **argv)
         CHECK_RC(moda_description_timings(d, NULL), MODA_ERR_INVALID_ARGUMENT);
         CHECK_RC(moda_description_timings(NULL, &t), MODA_ERR_INVALID_ARGUMENT);
     }
+    /* The fixture bundle has no caption schema: no attributes. */
+    check_no_attributes(d);
     /* Accessors on NULL. */
+    check_no_attributes(NULL);
     CHECK(moda_description_status(NULL) == MODA_ERR_INVALID_ARGUMENT);
     CHECK(strcmp(moda_description_errmsg(NULL), "") == 0);
     CHECK(moda_description_text(NULL) == NULL);
@@ -515,6 +661,29 @@ int main(int argc, char **argv)
         gp.struct_size = offsetof(moda_generation_params, stop_strings);
         CHECK_RC(moda_model_describe(model, &img, &gp, &b), MODA_OK);
         CHECK(a && b && same_tokens(a, b));
+        moda_description_free(b);
+        b = NULL;
+        /* And one of the header before constrain (in a buffer of exactly its size, so that
+         * AddressSanitizer sees a read past it): MODA_CONSTRAIN_AUTO. */
+        {
+            size_t old_size = offsetof(moda_generation_params, constrain);
+            unsigned char *old = malloc(old_size);
+            gp = moda_generation_default_params();
+            gp.struct_size = old_size;
+            memcpy(old, &gp, old_size);
+            CHECK_RC(moda_model_describe(model, &img, (const moda_generation_params *)(void *)old,
+                                         &b),
+                     MODA_OK);
+            CHECK(a && b && same_tokens(a, b));
+            moda_description_free(b);
+            b = NULL;
+            free(old);
+        }
+        /* Without a schema, free text is what MODA_CONSTRAIN_AUTO gives. */
+        gp = moda_generation_default_params();
+        gp.constrain = MODA_CONSTRAIN_NONE;
+        CHECK_RC(moda_model_describe(model, &img, &gp, &b), MODA_OK);
+        CHECK(a && b && same_tokens(a, b));
         moda_description_free(a);
         moda_description_free(b);
     }
@@ -591,6 +760,7 @@ int main(int argc, char **argv)
         CHECK(strcmp(moda_description_text(out[1]), "") == 0);
         CHECK(moda_description_n_tokens(out[1]) == 0);
         CHECK(moda_description_token_ids(out[1]) == NULL);
+        check_no_attributes(out[1]);
         CHECK(moda_description_status(out[2]) == MODA_OK);
         CHECK(moda_description_status(out[3]) == MODA_ERR_INVALID_ARGUMENT);
         CHECK(s.order_ok);
@@ -696,6 +866,41 @@ int main(int argc, char **argv)
         CHECK(o.rc == MODA_ERR_IMAGE && o.saw_message);
         CHECK(strcmp(moda_model_errmsg(model), "") == 0);
         CHECK(strcmp(moda_last_error(), "") == 0);
+    }
+
+    /* Attributes, from a bundle with a caption schema: the accessors' ranges, the single and
+     * batch calls agree, the strings outlive the model; the values go to stdout. */
+    {
+        moda_model *sm = NULL;
+        moda_description *auto_d = NULL, *none_d = NULL, *out[2] = {NULL, NULL};
+        moda_image batch[2];
+        img = moda_image_from_file(photo);
+        CHECK_RC(moda_model_open(schema_bundle, NULL, &sm), MODA_OK);
+        if (sm) {
+            gp = moda_generation_default_params();
+            CHECK_RC(moda_model_describe(sm, &img, &gp, &auto_d), MODA_OK);
+            gp.constrain = MODA_CONSTRAIN_NONE;
+            CHECK_RC(moda_model_describe(sm, &img, &gp, &none_d), MODA_OK);
+            gp.constrain = 42;
+            CHECK_RC(moda_model_describe_batch(sm, &img, 1, &gp, NULL, NULL, out),
+                     MODA_ERR_INVALID_ARGUMENT);
+            CHECK(contains(moda_model_errmsg(sm), "constrain is 42"));
+            batch[0] = moda_image_from_file(not_image);
+            batch[1] = moda_image_from_file(photo);
+            CHECK_RC(moda_model_describe_batch(sm, batch, 2, NULL, NULL, NULL, out),
+                     MODA_ERR_IMAGE);
+            check_no_attributes(out[0]);
+            CHECK(auto_d && out[1] && same_tokens(auto_d, out[1]));
+            CHECK(auto_d && out[1] && same_attributes(auto_d, out[1]));
+            moda_description_free(out[0]);
+            moda_description_free(out[1]);
+        }
+        moda_model_free(sm);
+        if (auto_d) check_and_print_attributes(auto_d, "auto");
+        if (none_d) check_and_print_attributes(none_d, "none");
+        CHECK(auto_d && none_d);
+        moda_description_free(auto_d);
+        moda_description_free(none_d);
     }
 
     /* Destructors accept NULL; a description outlives its model. */

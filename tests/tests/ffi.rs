@@ -12,7 +12,8 @@
 //!
 //! libmoda.so and libmoda.a come from this package's dependency on `moda-ffi`: cargo builds
 //! them, with this test's profile and target directory, next to this test's executable (in
-//! `target/<profile>/deps`). The fixture bundle is the recipe fixture exported once.
+//! `target/<profile>/deps`). The fixture bundle is the recipe fixture exported once; a second
+//! export of it carries a caption schema, for the attributes.
 
 use std::collections::BTreeSet;
 use std::ffi::OsString;
@@ -20,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
-use moda_sdk::{GenerationOptions, ImageInput, Moda, OpenOptions};
+use moda_sdk::{Constrain, Description, GenerationOptions, ImageInput, Moda, OpenOptions};
 use moda_tests::{fixture, TempDir};
 
 fn repo() -> &'static Path {
@@ -73,6 +74,59 @@ fn moda() -> &'static Moda {
     M.get_or_init(|| Moda::open(bundle(), &OpenOptions::default()).expect("open the bundle"))
 }
 
+/// The caption template of [`schema_bundle`]: its fields' order is not their alphabetical one.
+const SCHEMA_TEMPLATE: &str = "{Style} {Article}";
+
+/// The recipe fixture exported with a caption schema (`--caption-template "{Style} {Article}"
+/// --catalog CSV`) whose catalog gives Style the first word of photo.jpg's description (the
+/// free text of the plain fixture bundle) and Article values the model never writes: free
+/// text then reads as Style = that word, Article = none.
+fn schema_bundle() -> &'static Path {
+    static B: OnceLock<PathBuf> = OnceLock::new();
+    B.get_or_init(|| {
+        let text = moda()
+            .describe(
+                &ImageInput::Path(&fixture("images/photo.jpg")),
+                &GenerationOptions::default(),
+            )
+            .expect("describe")
+            .text;
+        let (head, _) = text.trim().split_once(' ').expect("a space in the text");
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("ffi-schema");
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let q = |v: &str| format!("\"{}\"", v.replace('"', "\"\""));
+        let catalog = dir.join("catalog.csv");
+        std::fs::write(
+            &catalog,
+            format!(
+                "Style,Article\n{},zzz\n{},\"never written\"\n",
+                q(head),
+                q(head)
+            ),
+        )
+        .expect("write the catalog");
+        moda_tests::export_recipe_bundle_with_schema(&dir.join("bundle"), SCHEMA_TEMPLATE, &catalog)
+    })
+}
+
+fn schema_moda() -> &'static Moda {
+    static M: OnceLock<Moda> = OnceLock::new();
+    M.get_or_init(|| {
+        Moda::open(schema_bundle(), &OpenOptions::default()).expect("open the schema bundle")
+    })
+}
+
+/// The names of the fields of `moda`'s caption schema, in the template's order.
+fn schema_fields(moda: &Moda) -> Vec<String> {
+    let schema = moda.manifest().schema.as_ref().expect("a caption schema");
+    schema.fields.iter().map(|f| f.name.clone()).collect()
+}
+
+/// `s` up to its first NUL, as libmoda passes strings to C.
+fn cut_at_nul(s: &str) -> &str {
+    s.split('\0').next().unwrap_or("")
+}
+
 /// The fixture images that are images.
 fn images() -> Vec<PathBuf> {
     [
@@ -95,20 +149,51 @@ fn images() -> Vec<PathBuf> {
 /// sdk/src/main.rs); here from the Rust SDK. (The recipe fixture's random weights make
 /// descriptions full of odd tokens, control characters among them.)
 fn expected_text_output(paths: &[PathBuf]) -> String {
-    paths
-        .iter()
-        .map(|p| {
-            let d = moda()
-                .describe(&ImageInput::Path(p), &GenerationOptions::default())
-                .expect("describe");
-            let line: String = d
-                .text
-                .chars()
-                .map(|c| if c.is_control() { ' ' } else { c })
-                .collect();
-            format!("{}\t{line}\n", p.display())
-        })
+    expected_output(moda(), paths)
+}
+
+/// The text on one line: control characters as spaces.
+fn one_line(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
         .collect()
+}
+
+/// What the C and C++ examples print with `moda`'s bundle, from the Rust SDK: each image's
+/// `PATH<TAB>DESCRIPTION` line, then, when the bundle has a schema, `  NAME: VALUE (0.97)` per
+/// field in the template's order, with ` or VALUE (0.02)` per alternative, or `  NAME: -`.
+fn expected_output(moda: &Moda, paths: &[PathBuf]) -> String {
+    let fields = moda
+        .manifest()
+        .schema
+        .as_ref()
+        .map_or_else(Vec::new, |_| schema_fields(moda));
+    let with_confidence = |value: &str, c: Option<f32>| match c {
+        Some(c) => format!("{} ({c:.2})", one_line(cut_at_nul(value))),
+        None => one_line(cut_at_nul(value)),
+    };
+    let mut out = String::new();
+    for p in paths {
+        let d = moda
+            .describe(&ImageInput::Path(p), &GenerationOptions::default())
+            .expect("describe");
+        out += &format!("{}\t{}\n", p.display(), one_line(&d.text));
+        for name in &fields {
+            let a = d.attributes.as_ref().and_then(|a| a.get(name)?.as_ref());
+            let line = match a {
+                None => "-".to_string(),
+                Some(a) => {
+                    let mut line = with_confidence(&a.value, a.confidence);
+                    for (v, c) in &a.alternatives {
+                        line += &format!(" or {}", with_confidence(v, Some(*c)));
+                    }
+                    line
+                }
+            };
+            out += &format!("  {name}: {line}\n");
+        }
+    }
+    out
 }
 
 /// Runs `cmd`; panics with its output unless it exits with 0.
@@ -511,6 +596,41 @@ fn cxx_example_from_the_install_prints_what_the_sdk_says() {
     );
 }
 
+/// The C and C++ examples with a bundle that has a caption schema: after each description, a
+/// line per field of the schema in the template's order, as the Rust SDK reads them.
+#[test]
+fn c_and_cxx_examples_print_the_attributes_the_sdk_reads() {
+    let dir = TempDir::new("ffi-attributes-example");
+    let paths = images();
+    let want = expected_output(schema_moda(), &paths);
+    assert!(
+        want.contains("\n  Style: ") && want.contains("\n  Article: "),
+        "{want}"
+    );
+    let c = dir.path().join("describe");
+    let mut args = vec![OsString::from("-std=c89"), OsString::from("-pedantic")];
+    args.extend(pkg_config(&["--cflags", "--libs"]));
+    compile("cc", &[ffi_dir().join("examples/describe.c")], &args, &c);
+    let cxx = dir.path().join("describe_cpp");
+    let mut args = vec![OsString::from("-std=c++11"), OsString::from("-pedantic")];
+    args.extend(pkg_config(&["--cflags", "--libs"]));
+    compile(
+        "c++",
+        &[ffi_dir().join("examples/describe.cpp")],
+        &args,
+        &cxx,
+    );
+    for exe in [c, cxx] {
+        let out = run_ok(command(&exe).arg(schema_bundle()).args(&paths));
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            want,
+            "{}",
+            exe.display()
+        );
+    }
+}
+
 /// The C example linked statically against the installed libmoda.a.
 #[test]
 fn c_example_links_statically() {
@@ -552,7 +672,130 @@ fn api_test_calls_every_function_of_the_header() {
 }
 
 fn api_test_args() -> Vec<OsString> {
-    vec![bundle().into(), fixture("images").into()]
+    vec![
+        bundle().into(),
+        fixture("images").into(),
+        schema_bundle().into(),
+    ]
+}
+
+/// `s` as api_test prints names and values: a backslash as `\\`, bytes below 0x20 and 0x7F
+/// as `\xHH`.
+fn escaped(s: &str) -> String {
+    let mut out = String::new();
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 || c == '\x7f' => out += &format!("\\x{:02X}", c as u32),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// An attribute or alternative line of api_test with its confidence (the sixth field of both
+/// kinds) taken out: the line with `*` in its place, and the confidence (`None` for NaN).
+type AttributeLine = (String, Option<f32>);
+
+/// The attribute lines api_test prints for a description (see ffi/tests/api_test.c), from the
+/// Rust SDK.
+fn attribute_lines(mode: &str, fields: &[String], d: &Description) -> Vec<AttributeLine> {
+    let attributes = d
+        .attributes
+        .as_ref()
+        .expect("a bundle with a schema has attributes");
+    assert_eq!(attributes.len(), fields.len(), "{attributes:?}");
+    let mut out = Vec::new();
+    for (i, name) in fields.iter().enumerate() {
+        let a = attributes
+            .get(name)
+            .unwrap_or_else(|| panic!("no attribute {name}"))
+            .as_ref();
+        let value = a.map_or("-".to_string(), |a| {
+            format!("={}", escaped(cut_at_nul(&a.value)))
+        });
+        let alternatives = a.map_or(&[][..], |a| &a.alternatives[..]);
+        out.push((
+            format!(
+                "attribute\t{mode}\t{i}\t{}\t{value}\t*\t{}",
+                escaped(cut_at_nul(name)),
+                alternatives.len()
+            ),
+            a.and_then(|a| a.confidence),
+        ));
+        for (j, (v, c)) in alternatives.iter().enumerate() {
+            out.push((
+                format!(
+                    "alternative\t{mode}\t{i}\t{j}\t={}\t*",
+                    escaped(cut_at_nul(v))
+                ),
+                Some(*c),
+            ));
+        }
+    }
+    out
+}
+
+/// api_test's attribute lines.
+fn printed_attribute_lines(stdout: &str) -> Vec<AttributeLine> {
+    let mut out = Vec::new();
+    for line in stdout.lines() {
+        let mut f: Vec<&str> = line.split('\t').collect();
+        if !matches!(f[0], "attribute" | "alternative") {
+            continue;
+        }
+        assert!(f.len() > 5, "{line:?}");
+        let c = match f[5] {
+            "NaN" => None,
+            c => Some(
+                c.parse::<f32>()
+                    .unwrap_or_else(|e| panic!("confidence in {line:?}: {e}")),
+            ),
+        };
+        f[5] = "*";
+        out.push((f.join("\t"), c));
+    }
+    out
+}
+
+/// The attributes api_test printed for photo.jpg with the schema bundle are the Rust SDK's, in
+/// the template's order, for MODA_CONSTRAIN_AUTO and MODA_CONSTRAIN_NONE.
+fn check_api_test_attributes(stdout: &str) {
+    let m = schema_moda();
+    let fields = schema_fields(m);
+    let photo = fixture("images/photo.jpg");
+    let describe =
+        |o: GenerationOptions| m.describe(&ImageInput::Path(&photo), &o).expect("describe");
+    let auto = describe(GenerationOptions::default());
+    let free = describe(GenerationOptions::default().with_constrain(Constrain::None));
+    // The fixture covers what the C test checks: template order that is not alphabetical, and
+    // free text with a field that has a value and one that has none.
+    let mut sorted = fields.clone();
+    sorted.sort();
+    assert_ne!(fields, sorted, "the template order is the alphabetical one");
+    let values: Vec<bool> = fields
+        .iter()
+        .map(|f| {
+            free.attributes
+                .as_ref()
+                .and_then(|a| a.get(f)?.as_ref())
+                .is_some()
+        })
+        .collect();
+    assert_eq!(values, [true, false], "{:?}", free.attributes);
+    let mut want = attribute_lines("auto", &fields, &auto);
+    want.extend(attribute_lines("none", &fields, &free));
+    let got = printed_attribute_lines(stdout);
+    let lines = |v: &[AttributeLine]| v.iter().map(|l| l.0.clone()).collect::<Vec<_>>();
+    assert_eq!(lines(&got), lines(&want));
+    // The confidences to float precision: under valgrind ONNX Runtime takes other kernels.
+    for ((line, got), (_, want)) in got.iter().zip(&want) {
+        let close = match (got, want) {
+            (Some(g), Some(w)) => (g - w).abs() <= 1e-5,
+            (g, w) => g.is_none() && w.is_none(),
+        };
+        assert!(close, "{line}: confidence {got:?}, the SDK's {want:?}");
+    }
 }
 
 #[test]
@@ -581,6 +824,7 @@ fn api_test_passes_under_address_and_undefined_behaviour_sanitizers() {
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("api_test: all"), "{stdout}");
+    check_api_test_attributes(&stdout);
 }
 
 #[test]
@@ -614,6 +858,7 @@ fn api_test_passes_under_valgrind() {
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("api_test: all"), "{stdout}");
+    check_api_test_attributes(&stdout);
 }
 
 #[test]
