@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use moda_sdk::model::MAX_BATCH;
 use moda_sdk::runtime::RuntimeError;
-use moda_sdk::{Error, GenerationOptions, ImageInput, Moda, Norm, OpenOptions};
+use moda_sdk::{Constrain, Error, GenerationOptions, ImageInput, Moda, Norm, OpenOptions};
 use numpy::ndarray::Array2;
 use numpy::PyUntypedArrayMethods;
 use numpy::{IntoPyArray, PyArray2, PyArrayMethods, PyReadonlyArray3, PyUntypedArray};
@@ -301,8 +301,8 @@ fn batch_srcs<'py>(images: &Bound<'py, PyAny>) -> PyResult<Vec<Src<'py>>> {
         .collect()
 }
 
-/// The generation keywords, named as in `transformers`' `generate`.
-const GENERATION_KEYWORDS: [&str; 12] = [
+/// The generation keywords, named as in `transformers`' `generate`, and MODA's `constrain`.
+const GENERATION_KEYWORDS: [&str; 13] = [
     "max_new_tokens",
     "min_new_tokens",
     "num_beams",
@@ -315,7 +315,20 @@ const GENERATION_KEYWORDS: [&str; 12] = [
     "no_repeat_ngram_size",
     "length_penalty",
     "stop_strings",
+    "constrain",
 ];
+
+/// The `constrain` keyword: `"auto"`, `"schema"` or `"none"`; anything else (`None`
+/// included, which could be taken for `"none"`) is a `ValueError`.
+fn constrain_arg(v: &Bound<'_, PyAny>) -> PyResult<Constrain> {
+    match v.extract::<String>().ok().map(|s| s.parse::<Constrain>()) {
+        Some(Ok(c)) => Ok(c),
+        _ => Err(PyValueError::new_err(format!(
+            "constrain must be \"auto\", \"schema\" or \"none\", not {}",
+            v.repr()?
+        ))),
+    }
+}
 
 /// Generation options from keyword arguments; unset keywords keep the SDK's defaults
 /// (greedy search, the bundle's `max_new_tokens`). An unknown keyword is a `TypeError`, as a
@@ -353,6 +366,7 @@ fn generation_options(kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<Generation
                     Some(v.extract().map_err(bad)?)
                 }
             }
+            "constrain" => o.constrain = constrain_arg(&v)?,
             _ => {
                 return Err(PyTypeError::new_err(format!(
                     "unexpected generation keyword {key:?}; MODA takes {}",
@@ -416,22 +430,120 @@ impl Timings {
     }
 }
 
-/// A generated description: the text, the generated token ids (the final `</s>` included
-/// when one was generated), each token's log-probability and where the time went.
+/// One field of a description read with the bundle's caption schema: its value, the
+/// probability of the tokens that spell it, and the field's next most likely values.
 #[pyclass(frozen, get_all, module = "moda")]
+struct Attribute {
+    /// The value, as the description writes it.
+    value: String,
+    /// The probability of the value's tokens given everything before them (`None` when they
+    /// could not be told apart).
+    confidence: Option<f32>,
+    /// The field's next most likely values with their probabilities, most likely first, as
+    /// `(value, confidence)` tuples; empty when none are known.
+    alternatives: Vec<(String, f32)>,
+}
+
+#[pymethods]
+impl Attribute {
+    fn __repr__(&self) -> String {
+        let confidence = self
+            .confidence
+            .map_or("None".to_string(), |c| c.to_string());
+        let alternatives: Vec<String> = self
+            .alternatives
+            .iter()
+            .map(|(v, c)| format!("({v:?}, {c})"))
+            .collect();
+        format!(
+            "Attribute(value={:?}, confidence={confidence}, alternatives=[{}])",
+            self.value,
+            alternatives.join(", ")
+        )
+    }
+
+    fn __str__(&self) -> String {
+        self.value.clone()
+    }
+
+    /// The attribute as a plain dict: `value`, `confidence`, `alternatives` (as in
+    /// `moda-sdk describe --json`'s `attributes`).
+    fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        d.set_item("value", &self.value)?;
+        d.set_item("confidence", self.confidence)?;
+        d.set_item("alternatives", self.alternatives.clone())?;
+        Ok(d)
+    }
+}
+
+/// A generated description: the text, the attributes read from it with the bundle's caption
+/// schema, the generated token ids (the final `</s>` included when one was generated), each
+/// token's log-probability and where the time went.
+#[pyclass(frozen, module = "moda")]
 struct Description {
     /// The text, special tokens removed.
+    #[pyo3(get)]
     text: String,
     /// The generated tokens, the final `</s>` included when one was generated.
+    #[pyo3(get)]
     token_ids: Vec<u32>,
     /// The log-probability of each generated token.
+    #[pyo3(get)]
     logprobs: Vec<f32>,
     /// Where the time went.
+    #[pyo3(get)]
     timings: Py<Timings>,
+    /// Each field of the schema (in template order) and its attribute; `None` without a
+    /// schema.
+    attributes: Option<Vec<(String, Option<Py<Attribute>>)>>,
+}
+
+/// The names of the fields of `moda`'s caption schema, in template order (none without one).
+fn schema_fields(moda: &Moda) -> Vec<String> {
+    moda.manifest()
+        .schema
+        .as_ref()
+        .map(|s| s.fields.iter().map(|f| f.name.clone()).collect())
+        .unwrap_or_default()
 }
 
 impl Description {
-    fn from_sdk(py: Python<'_>, d: moda_sdk::Description) -> PyResult<Py<Self>> {
+    /// `d` as a Python object; `fields` (the schema's, in template order) orders its
+    /// attributes.
+    fn from_sdk(py: Python<'_>, d: moda_sdk::Description, fields: &[String]) -> PyResult<Py<Self>> {
+        let attributes = match d.attributes {
+            None => None,
+            Some(mut map) => {
+                let mut out = Vec::with_capacity(map.len());
+                let names: Vec<String> = fields
+                    .iter()
+                    .filter(|f| map.contains_key(*f))
+                    .cloned()
+                    .collect();
+                // The template's order, then any field the schema does not list (none).
+                let rest: Vec<String> = map
+                    .keys()
+                    .filter(|k| !fields.contains(k))
+                    .cloned()
+                    .collect();
+                for name in names.into_iter().chain(rest) {
+                    let a = match map.remove(&name).flatten() {
+                        Some(a) => Some(Py::new(
+                            py,
+                            Attribute {
+                                value: a.value,
+                                confidence: a.confidence,
+                                alternatives: a.alternatives,
+                            },
+                        )?),
+                        None => None,
+                    };
+                    out.push((name, a));
+                }
+                Some(out)
+            }
+        };
         let t = d.timings;
         let timings = Py::new(
             py,
@@ -453,8 +565,28 @@ impl Description {
                 token_ids: d.token_ids,
                 logprobs: d.logprobs,
                 timings,
+                attributes,
             },
         )
+    }
+
+    fn attributes_dict<'py>(
+        &self,
+        py: Python<'py>,
+        as_dicts: bool,
+    ) -> PyResult<Option<Bound<'py, PyDict>>> {
+        let Some(attributes) = &self.attributes else {
+            return Ok(None);
+        };
+        let d = PyDict::new(py);
+        for (name, a) in attributes {
+            match a {
+                Some(a) if as_dicts => d.set_item(name, a.get().to_dict(py)?)?,
+                Some(a) => d.set_item(name, a.clone_ref(py))?,
+                None => d.set_item(name, py.None())?,
+            }
+        }
+        Ok(Some(d))
     }
 }
 
@@ -472,11 +604,24 @@ impl Description {
         self.text.clone()
     }
 
-    /// The description as a plain dict: `text`, `token_ids`, `logprobs`, `timings_ms` (the
-    /// keys of `moda-sdk describe --json`, without `image`).
+    /// The attributes read from the text with the bundle's caption schema: a dict (a new one
+    /// each time) from every field of the schema, in template order, to its `Attribute`, or
+    /// to `None` where the text yields no value the schema knows; `None` for a bundle without
+    /// a schema.
+    #[getter]
+    fn attributes<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
+        self.attributes_dict(py, false)
+    }
+
+    /// The description as a plain dict: `text`, `attributes` (each a dict, or `None`; the key
+    /// only with a schema), `token_ids`, `logprobs`, `timings_ms` (the keys of `moda-sdk
+    /// describe --json`, without `image`).
     fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
         d.set_item("text", &self.text)?;
+        if let Some(a) = self.attributes_dict(py, true)? {
+            d.set_item("attributes", a)?;
+        }
         d.set_item("token_ids", self.token_ids.clone())?;
         d.set_item("logprobs", self.logprobs.clone())?;
         d.set_item("timings_ms", self.timings.get().to_dict(py)?)?;
@@ -497,6 +642,8 @@ enum Piece {
 struct TokenStream {
     rx: Mutex<Receiver<Piece>>,
     result: Mutex<Option<Py<Description>>>,
+    /// The schema's fields, in template order (for the description's attributes).
+    fields: Vec<String>,
 }
 
 #[pymethods]
@@ -514,7 +661,7 @@ impl TokenStream {
         match msg {
             Some(Piece::Text(t)) => Ok(Some(t)),
             Some(Piece::Done(Ok(d))) => {
-                let d = Description::from_sdk(py, d)?;
+                let d = Description::from_sdk(py, d, &self.fields)?;
                 *self.result.lock().unwrap_or_else(|p| p.into_inner()) = Some(d);
                 Ok(None)
             }
@@ -563,6 +710,8 @@ impl TokenStream {
 struct Model {
     moda: Arc<Moda>,
     sessions: usize,
+    /// The caption schema's fields, in template order (none without a schema).
+    fields: Vec<String>,
 }
 
 impl Model {
@@ -610,13 +759,18 @@ impl Model {
             .with_verify_checksums(verify_checksums);
         let moda = py.detach(|| Moda::open(&dir, &options)).map_err(to_py)?;
         Ok(Model {
+            fields: schema_fields(&moda),
             moda: Arc::new(moda),
             sessions,
         })
     }
 
     /// Describes one image; returns a `Description`. Generation keywords as in
-    /// `transformers`' `generate` (greedy search by default).
+    /// `transformers`' `generate` (greedy search by default), and `constrain`: `"auto"` (the
+    /// default) constrains the description to the bundle's caption schema when it has one (it
+    /// then always fits the template, with values the catalog knows), `"schema"` requires
+    /// that, `"none"` lets the model write free text (the only way to get a value the catalog
+    /// never had); anything else is a `ValueError`.
     #[pyo3(signature = (image, **generation))]
     fn describe(
         &self,
@@ -630,13 +784,14 @@ impl Model {
         let d = py
             .detach(|| self.moda.describe(&input, &options))
             .map_err(to_py)?;
-        Description::from_sdk(py, d)
+        Description::from_sdk(py, d, &self.fields)
     }
 
     /// Describes many images in batches through the encoder and the decoder; returns one
     /// `Description` per image, in order. With `errors="raise"` (the default) the first
     /// image that fails raises its error; with `errors="return"` its place in the list holds
-    /// the exception instead and the other images go on.
+    /// the exception instead and the other images go on. Generation keywords and `constrain`
+    /// as in `describe`.
     #[pyo3(signature = (images, *, errors="raise", **generation))]
     fn describe_batch<'py>(
         &self,
@@ -660,7 +815,7 @@ impl Model {
         let list = PyList::empty(py);
         for r in results {
             match r {
-                Ok(d) => list.append(Description::from_sdk(py, d)?)?,
+                Ok(d) => list.append(Description::from_sdk(py, d, &self.fields)?)?,
                 Err(e) if keep_errors => list.append(to_py(e).into_value(py))?,
                 Err(e) => return Err(to_py(e)),
             }
@@ -672,7 +827,7 @@ impl Model {
     /// generated token, produced while the model generates (the generation runs on its own
     /// thread; with beam search the tokens are known only at the end). The iterator's
     /// `result` is the whole `Description` once it is exhausted. Dropping the iterator early
-    /// stops the generation.
+    /// stops the generation. Generation keywords and `constrain` as in `describe`.
     #[pyo3(signature = (image, **generation))]
     fn stream(
         &self,
@@ -697,6 +852,7 @@ impl Model {
         Ok(TokenStream {
             rx: Mutex::new(rx),
             result: Mutex::new(None),
+            fields: self.fields.clone(),
         })
     }
 
@@ -760,6 +916,17 @@ impl Model {
         self.moda.manifest().model.projection_dim
     }
 
+    /// The fields of the bundle's caption schema in template order (the keys of every
+    /// description's `attributes`), `None` for a bundle without a schema.
+    #[getter]
+    fn attribute_names(&self) -> Option<Vec<String>> {
+        self.moda
+            .manifest()
+            .schema
+            .as_ref()
+            .map(|s| s.fields.iter().map(|f| f.name.clone()).collect())
+    }
+
     /// The bundle's default `max_new_tokens`.
     #[getter]
     fn max_new_tokens(&self) -> usize {
@@ -795,6 +962,7 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("MAX_BATCH", MAX_BATCH)?;
     m.add_class::<Model>()?;
+    m.add_class::<Attribute>()?;
     m.add_class::<Description>()?;
     m.add_class::<Timings>()?;
     m.add_class::<TokenStream>()?;

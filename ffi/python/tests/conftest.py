@@ -7,6 +7,7 @@ binaries come from the repository's cargo build (`scripts/test_python.sh` builds
 environment variables MODA_EXPORTER and MODA_CLI name other ones.
 """
 
+import csv
 import json
 import os
 import subprocess
@@ -59,6 +60,50 @@ def bundle(tmp_path_factory) -> Path:
         capture_output=True,
     )
     return out
+
+
+@pytest.fixture(scope="session")
+def schema_bundle(cli, bundle, tmp_path_factory) -> Path:
+    """The same fixture exported with a caption schema (``--caption-template "{Head} {Tail}"
+    --catalog CSV``) as the Rust tests of the command line make it: the catalog's rows are the
+    photo's own free description split at its first space, plus decoys (a prefix of the head,
+    values the model never writes), so that descriptions have attributes."""
+    exporter = _binary("MODA_EXPORTER", "exporter")
+    photo = IMAGES / "photo.jpg"
+    text = run_cli(cli, bundle, "describe", [photo], "--constrain", "none")[str(photo)][
+        "description"
+    ]
+    head, tail = text.strip().split(" ", 1)
+    out = tmp_path_factory.mktemp("schema")
+    catalog = out / "catalog.csv"
+    with open(catalog, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["Head", "Tail", "Other"])
+        w.writerows(
+            [[head, tail, "a"], [head, tail, "b"], [head[:2], "zzz", "c"], ["Navy", "never written", "d"]]
+        )
+    subprocess.run(
+        [
+            str(exporter),
+            "onnx",
+            "--checkpoint",
+            str(FIXTURES / "moda" / "fashion_opt.pth"),
+            "--encoder",
+            str(FIXTURES / "clip_gelu"),
+            "--decoder",
+            str(FIXTURES / "opt_preln"),
+            "--caption-template",
+            "{Head} {Tail}",
+            "--catalog",
+            str(catalog),
+            "--no-verify",
+            "--out",
+            str(out / "bundle"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return out / "bundle"
 
 
 @pytest.fixture(scope="session")

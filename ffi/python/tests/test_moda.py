@@ -292,6 +292,7 @@ def test_model_properties(model, bundle):
     assert model.bundle == str(bundle)
     assert model.threads >= 1 and model.sessions == 1
     assert model.embedding_dim > 0 and model.max_new_tokens > 0
+    assert model.attribute_names is None  # a bundle without a caption schema
     assert "moda.Model(" in repr(model)
 
 
@@ -307,9 +308,96 @@ def test_stubs_cover_the_module():
     }
     public = {n for n in moda.__all__}
     assert public <= stubbed, public - stubbed
-    for cls in (moda.Model, moda.Description, moda.Timings, moda.TokenStream):
+    for cls in (moda.Model, moda.Description, moda.Attribute, moda.Timings, moda.TokenStream):
         stub_cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls.__name__)
         stub_members = {n.name for n in stub_cls.body if isinstance(n, ast.FunctionDef)}
         real = {m for m in dir(cls) if not m.startswith("_")}
         assert real <= stub_members, (cls.__name__, real - stub_members)
         assert cls.__doc__
+
+
+@pytest.fixture(scope="module")
+def schema_model(schema_bundle):
+    return moda.Model(schema_bundle)
+
+
+@pytest.mark.parametrize("constrain", ["auto", "schema", "none"])
+def test_constrain_keyword_matches_the_cli_flag(schema_model, cli, schema_bundle, constrain):
+    path = IMAGES / "photo.jpg"
+    want = run_cli(cli, schema_bundle, "describe", [path], "--constrain", constrain)[str(path)]
+    d = schema_model.describe(path, constrain=constrain)
+    assert d.token_ids == want["token_ids"]
+    assert d.text == want["description"]
+    assert schema_model.describe_batch([path], constrain=constrain)[0].token_ids == want["token_ids"]
+    stream = schema_model.stream(path, constrain=constrain)
+    pieces = list(stream)
+    assert stream.result.token_ids == want["token_ids"]
+    assert len(pieces) == len(want["token_ids"])
+    if constrain == "auto":
+        # The default.
+        assert schema_model.describe(path).token_ids == want["token_ids"]
+
+
+def test_constrain_takes_auto_schema_or_none(model):
+    path = IMAGES / "photo.jpg"
+    for bad in ["free", "AUTO", "", None, 1, True]:
+        with pytest.raises(ValueError, match="constrain"):
+            model.describe(path, constrain=bad)
+        with pytest.raises(ValueError, match="constrain"):
+            model.describe_batch([path], constrain=bad)
+        with pytest.raises(ValueError, match="constrain"):
+            model.stream(path, constrain=bad)
+    # On a bundle without a schema, "auto" and "none" both write free text.
+    assert model.describe(path, constrain="none").token_ids == model.describe(path).token_ids
+
+
+def test_attributes_and_their_alternatives_equal_the_cli(schema_model, model, cli, schema_bundle):
+    paths = [IMAGES / "photo.jpg", IMAGES / "wide.png"]
+    alternatives = 0
+    for constrain in ["auto", "none"]:
+        records = run_cli(cli, schema_bundle, "describe", paths, "--constrain", constrain)
+        for path, d in zip(paths, schema_model.describe_batch(paths, constrain=constrain)):
+            want = records[str(path)]["attributes"]
+            attrs = d.attributes
+            # Every field of the schema, in template order.
+            assert list(attrs) == ["Head", "Tail"]
+            if path.name == "photo.jpg":
+                # The photo's free description is the catalog's first row.
+                assert attrs["Head"] is not None, (constrain, d.text)
+            for field, a in attrs.items():
+                w = want[field]
+                if w is None:
+                    assert a is None, (field, a)
+                    continue
+                assert isinstance(a, moda.Attribute)
+                assert a.value == w["value"] and str(a) == a.value
+                assert a.confidence == pytest.approx(w["confidence"], rel=1e-6)
+                assert isinstance(a.alternatives, list)
+                for alt in a.alternatives:
+                    assert isinstance(alt, tuple) and len(alt) == 2
+                    assert isinstance(alt[0], str) and isinstance(alt[1], float)
+                assert [v for v, _ in a.alternatives] == [v for v, _ in w["alternatives"]]
+                np.testing.assert_allclose(
+                    [c for _, c in a.alternatives], [c for _, c in w["alternatives"]], rtol=1e-6
+                )
+                alternatives += len(a.alternatives)
+                assert repr(a).startswith("Attribute(value=")
+                assert a.to_dict() == {
+                    "value": a.value,
+                    "confidence": a.confidence,
+                    "alternatives": a.alternatives,
+                }
+            as_dict = d.to_dict()["attributes"]
+            assert list(as_dict) == ["Head", "Tail"]
+            assert as_dict == {k: (a.to_dict() if a else None) for k, a in attrs.items()}
+    # The schema's Head field has other values ("Navy", a prefix of the head): the SDK
+    # reports them as alternatives.
+    assert alternatives > 0
+    # A new dict on each access: the description itself does not change.
+    d = schema_model.describe(paths[0])
+    d.attributes.clear()
+    assert list(d.attributes) == ["Head", "Tail"]
+    # Without a schema: no attributes.
+    d = model.describe(paths[0])
+    assert d.attributes is None
+    assert "attributes" not in d.to_dict()

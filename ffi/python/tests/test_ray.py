@@ -141,6 +141,27 @@ def example_args(catalog):
     return a
 
 
+def test_describer_writes_the_attributes_of_a_schema_bundle(schema_bundle):
+    import moda
+    from moda.ray import Describer
+
+    good = str(REPO / "tests" / "fixtures" / "images" / "photo.jpg")
+    bad = str(REPO / "tests" / "fixtures" / "images" / "not_an_image.jpg")
+    out = Describer(str(schema_bundle), image_column="path")(
+        {"path": np.array([good, bad])}).to_pydict()
+    want = moda.Model(str(schema_bundle)).describe(good)
+    names = list(want.attributes)
+    assert names and moda.Model(str(schema_bundle)).attribute_names == names
+    for field, attr in want.attributes.items():
+        assert out[field][0] == (attr.value if attr else None)
+        if attr is None or attr.confidence is None:
+            assert out[f"{field}_confidence"][0] is None
+        else:
+            assert abs(out[f"{field}_confidence"][0] - attr.confidence) < 1e-6
+        # A failed image has nulls, and the columns are there all the same.
+        assert out[field][1] is None and out[f"{field}_confidence"][1] is None
+
+
 def test_describer_keeps_going_past_a_bad_image(bundle):
     from PIL import Image
 

@@ -77,7 +77,7 @@ pub enum CatalogError {
     Emit(std::io::Error),
 }
 
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CatalogError + '_ {
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CatalogError + '_ {
     move |error| CatalogError::Io {
         path: path.to_path_buf(),
         error,
@@ -352,6 +352,10 @@ pub struct TimingsMs {
     pub total: f64,
     /// Tokens generated for this image.
     pub tokens: usize,
+    /// Decoder runs for this image: the prefill and each step (one step may feed several
+    /// tokens the caption schema forces); 0 under beam search.
+    #[serde(default)]
+    pub decoder_runs: usize,
 }
 
 impl From<&Timings> for TimingsMs {
@@ -364,6 +368,7 @@ impl From<&Timings> for TimingsMs {
             decode: t.decode_ms,
             total: t.total_ms,
             tokens: t.tokens,
+            decoder_runs: t.decoder_runs,
         }
     }
 }
@@ -641,6 +646,21 @@ impl JobHeader {
     }
 }
 
+/// The options of a job header written by an earlier `moda-sdk`, with the options added since
+/// then at the value that version used: `constrain` (added with constrained decoding) is
+/// `"auto"`, the default, so that the same command that wrote an output resumes it, and the
+/// shards of one job written before and after the upgrade merge. Options of a newer version
+/// (keys this one does not know) are left as they are, and so are headers of other tasks.
+pub fn upgrade_options(task: &str, options: &mut serde_json::Value) {
+    if task != "describe" {
+        return;
+    }
+    if let Some(o) = options.as_object_mut() {
+        o.entry("constrain")
+            .or_insert_with(|| serde_json::json!(moda_sdk::Constrain::Auto.name()));
+    }
+}
+
 fn show(v: Option<&serde_json::Value>) -> String {
     v.map_or("unset".to_string(), |v| v.to_string())
 }
@@ -673,24 +693,7 @@ impl ResumableOutput {
             path: path.to_path_buf(),
             msg,
         };
-        let mut options = File::options();
-        options.read(true).append(true).create(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            // A FIFO would block the open until a reader came; refuse it instead (below).
-            options.custom_flags(libc::O_NONBLOCK);
-        }
-        let file = options.open(path).map_err(io_err(path))?;
-        let meta = file.metadata().map_err(io_err(path))?;
-        if !meta.is_file() {
-            return Err(out_err(
-                "not a regular file; --output takes a file that records are appended to (leave \
-                 it out to write the records to standard output)"
-                    .to_string(),
-            ));
-        }
-        lock_exclusive(&file, path)?;
+        let file = open_output(path)?;
 
         let bad = |line: usize, msg: String| {
             out_err(format!(
@@ -743,9 +746,14 @@ impl ResumableOutput {
                         "a job header that is not the first line".to_string(),
                     ));
                 }
-                let old: JobHeader = serde_json::from_value(h.clone())
+                let mut old: JobHeader = serde_json::from_value(h.clone())
                     .map_err(|e| bad(number, format!("a malformed job header ({e})")))?;
-                let diff = header.differences(&old);
+                upgrade_options(&old.task, &mut old.options);
+                // Both sides as this version reads them (a caller's header may predate an
+                // option too).
+                let mut want = header.clone();
+                upgrade_options(&want.task, &mut want.options);
+                let diff = want.differences(&old);
                 if !diff.is_empty() {
                     return Err(out_err(format!(
                         "was written by another job: {}. Resume it with the same options, \
@@ -804,6 +812,32 @@ impl ResumableOutput {
         self.file.write_all(line)?;
         self.file.flush()
     }
+}
+
+/// Opens (or creates) an `--output` file to read and append to: a regular file only (a FIFO
+/// is refused without blocking), locked exclusively for as long as it is open (see
+/// [`ResumableOutput::open`]).
+pub(crate) fn open_output(path: &Path) -> Result<File, CatalogError> {
+    let mut options = File::options();
+    options.read(true).append(true).create(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        // A FIFO would block the open until a reader came; refuse it instead (below).
+        options.custom_flags(libc::O_NONBLOCK);
+    }
+    let file = options.open(path).map_err(io_err(path))?;
+    let meta = file.metadata().map_err(io_err(path))?;
+    if !meta.is_file() {
+        return Err(CatalogError::Output {
+            path: path.to_path_buf(),
+            msg: "not a regular file; --output takes a file that records are appended to (leave \
+                  it out to write the records to standard output)"
+                .to_string(),
+        });
+    }
+    lock_exclusive(&file, path)?;
+    Ok(file)
 }
 
 /// Takes an exclusive lock on the whole of `file` for as long as it is open, or says which

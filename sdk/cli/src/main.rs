@@ -11,17 +11,19 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use clap::{Args, Parser, Subcommand};
+use clap::builder::{PossibleValuesParser, TypedValueParser};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use moda_cli::bench::{bench, BenchOptions, BenchReport};
 use moda_cli::catalog::{
     list_csv, list_paths, run_job, CatalogError, CatalogItem, JobHeader, JobSummary, Listing,
     Record, ResumableOutput, Shard, Task,
 };
+use moda_cli::csv_out::{self, CsvOutput};
 use moda_cli::npy::{is_npy, NpyOutput};
 use moda_cli::shard::ShardArg;
 use moda_sdk::manifest::{Manifest, TensorInfo, MANIFEST_FILE};
-use moda_sdk::{read_manifest, GenerationOptions, ImageInput, Moda, OpenOptions};
+use moda_sdk::{read_manifest, Constrain, GenerationOptions, ImageInput, Moda, OpenOptions};
 
 /// The exit status, as `--help` states it.
 macro_rules! exit_codes {
@@ -52,7 +54,8 @@ Output:
   text (default)  one line per image on stdout, IMAGE<TAB>RESULT; a failed image is written
                   to stderr instead, as IMAGE<TAB>error: MESSAGE
   --json          one JSON object per image on stdout, failures included:
-                    describe: {\"image\", \"description\", \"token_ids\", \"logprobs\", \"timings_ms\"}
+                    describe: {\"image\", \"description\", \"attributes\" (with the bundle's
+                              caption schema), \"token_ids\", \"logprobs\", \"timings_ms\"}
                     embed:    {\"image\", \"embedding\"}
                     failure:  {\"image\", \"error\"}
   --output FILE   the same JSON records, appended to FILE (a regular file) and flushed one
@@ -69,6 +72,16 @@ Output:
                   Written to temporary files and renamed into place when the job ends; not
                   resumable (a stopped job writes nothing). With --shard, give each shard its
                   own FILE.npy, or write JSON Lines and `moda-sdk merge -o FILE.npy` them.
+  --format csv    describe only: one CSV row per image instead of a JSON record, after a
+                  header row: image, description, then <Field> and <Field>_confidence for
+                  each field of the bundle's caption schema, in template order (empty where
+                  the text yields no value; no such columns for a bundle without a schema),
+                  then error (empty for an image described). To stdout, or to --output FILE
+                  (chosen by a FILE ending in .csv): rows appended whole and flushed one by
+                  one; run again, it skips the images FILE's image column names. A CSV has no
+                  job header: only its columns are checked (another bundle's are refused),
+                  not the shard or the options, so give each job and each --shard its own
+                  FILE; `moda-sdk merge` takes JSON Lines only.
 
 \"image\" is the path as given (or found under a directory given), or the CSV cell as written.
 A file name that is not UTF-8 shows there with U+FFFD for its bad bytes; its exact bytes are
@@ -159,8 +172,9 @@ struct JobArgs {
     /// Write one JSON object per image to stdout instead of text.
     #[arg(long)]
     json: bool,
-    /// Append JSON records to FILE instead of writing to stdout, skipping the images it
-    /// already records (a job can be stopped and run again).
+    /// Append the records to FILE instead of writing to stdout (JSON Lines; CSV rows for
+    /// describe --format csv or a FILE ending in .csv), skipping the images it already records
+    /// (a job can be stopped and run again).
     #[arg(long, value_name = "FILE")]
     output: Option<PathBuf>,
     /// Run only shard I of N (0 <= I < N): the images at positions p with p % N == I, so
@@ -226,6 +240,19 @@ struct GenArgs {
     /// transformers' stop_strings) [default: the bundle's generation.stop_strings].
     #[arg(long = "stop-string", value_name = "TEXT")]
     stop_strings: Vec<String>,
+    /// Whether the description must fit the bundle's caption schema. auto: constrained to the
+    /// schema when the bundle has one (the description then always fits its template, with
+    /// values the catalog knows), free text otherwise; schema: constrained, and an error for
+    /// a bundle without a schema; none: free text, the only way to get a value the catalog
+    /// never had.
+    #[arg(
+        long,
+        value_name = "MODE",
+        default_value = "auto",
+        value_parser = PossibleValuesParser::new(["auto", "schema", "none"])
+            .try_map(|s| s.parse::<Constrain>())
+    )]
+    constrain: Constrain,
 }
 
 impl GenArgs {
@@ -244,6 +271,7 @@ impl GenArgs {
             .with_no_repeat_ngram_size(self.no_repeat_ngram_size.unwrap_or(d.no_repeat_ngram_size))
             .with_length_penalty(self.length_penalty.unwrap_or(d.length_penalty))
             .with_stop_strings((!self.stop_strings.is_empty()).then(|| self.stop_strings.clone()))
+            .with_constrain(self.constrain)
     }
 }
 
@@ -255,8 +283,32 @@ struct DescribeArgs {
     input: InputArgs,
     #[command(flatten)]
     job: JobArgs,
+    /// The records' format: jsonl (JSON Lines, as --json) or csv (one row per image: image,
+    /// description, each field of the bundle's caption schema and its confidence, error; see
+    /// below). Default: csv for an --output ending in .csv, else JSON Lines (text on stdout
+    /// without --json); a --format that the --output's extension contradicts is an error.
+    #[arg(long, value_enum, value_name = "FORMAT", help_heading = "Job")]
+    format: Option<Format>,
     #[command(flatten)]
     gen: GenArgs,
+}
+
+/// `describe --format`.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Format {
+    /// JSON Lines: one JSON record per image.
+    Jsonl,
+    /// CSV: a header row, then one row per image.
+    Csv,
+}
+
+impl Format {
+    fn name(self) -> &'static str {
+        match self {
+            Format::Jsonl => "jsonl",
+            Format::Csv => "csv",
+        }
+    }
 }
 
 #[derive(Args)]
@@ -346,7 +398,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Describe(a) => {
             let task = Task::Describe(a.gen.options());
-            job(&a.model, &a.input, &a.job, task)
+            job(&a.model, &a.input, &a.job, task, a.format)
         }
         Command::Embed(a) => job(
             &a.model,
@@ -355,6 +407,7 @@ fn main() -> ExitCode {
             Task::Embed {
                 normalize: a.normalize,
             },
+            None,
         ),
         Command::Bench(a) => run_bench(&a),
         Command::Info(a) => info(&a),
@@ -433,13 +486,16 @@ fn job(
     input: &InputArgs,
     job: &JobArgs,
     task: Task,
+    format: Option<Format>,
 ) -> anyhow::Result<ExitCode> {
     let shard = resolve_shard(job)?;
     if job.output.as_deref().is_some_and(is_npy) && !matches!(task, Task::Embed { .. }) {
         bail!(
-            "--output FILE.npy holds embeddings: it goes with `embed` (describe writes JSON Lines)"
+            "--output FILE.npy holds embeddings: it goes with `embed` (describe writes JSON Lines \
+             or CSV)"
         );
     }
+    let format = resolve_format(job, format, &task)?;
     let listing = list_inputs(input, job, &task)?;
     let items = shard.select(listing.items.clone());
     // The model first: a bundle that cannot be opened leaves no output file behind.
@@ -449,7 +505,10 @@ fn job(
             .max_new_tokens
             .unwrap_or(moda.manifest().generation.max_new_tokens);
         opts.validate(max_new)?;
+        check_constrain(opts, &moda)?;
     }
+    // `--format csv`: the columns of the bundle's schema fields, in template order.
+    let csv_fields = (format == Some(Format::Csv)).then(|| schema_fields(&moda));
     let npy = npy_output(job, &moda, items.len())?;
     let resume = match npy {
         // A .npy output is written whole each time (not resumed).
@@ -458,14 +517,24 @@ fn job(
             todo: items.clone(),
             earlier_failures: 0,
         },
-        None => resume_output(job, &moda, &task, shard, &items)?,
+        None => resume_output(job, &moda, &task, shard, &items, csv_fields.as_deref())?,
     };
+    let stdout_format = match (&csv_fields, format) {
+        (Some(fields), _) => Stdout::Csv(fields.clone()),
+        (None, Some(Format::Jsonl)) => Stdout::Json,
+        _ if job.json => Stdout::Json,
+        _ => Stdout::Text,
+    };
+    if let (None, None, Stdout::Csv(fields)) = (&npy, &resume.output, &stdout_format) {
+        write_stdout(&csv_out::encode(&csv_out::columns(fields)).map_err(CatalogError::Emit)?)
+            .map_err(CatalogError::Emit)?;
+    }
     let stop = stop_on_ctrl_c();
     let bar = progress_bar(resume.todo.len() as u64, job.quiet, task.name());
     let mut sink = RecordSink {
         npy,
         output: resume.output,
-        json: job.json,
+        stdout: stdout_format,
         quiet: job.quiet,
         bar: &bar,
     };
@@ -490,6 +559,90 @@ fn job(
         resumable: job.output.as_deref().is_some_and(|p| !is_npy(p)),
     };
     Ok(report.finish(&summary, job.quiet))
+}
+
+/// The format a job's records are written in: `--format`, else `--json` (JSON Lines), else
+/// what the `--output` file's name says (`.csv`: CSV); `None` when nothing says (text on
+/// stdout, JSON Lines in an --output file). An explicit format that contradicts the --output
+/// file's extension is an error, and so is CSV for `embed`.
+fn resolve_format(
+    job: &JobArgs,
+    asked: Option<Format>,
+    task: &Task,
+) -> anyhow::Result<Option<Format>> {
+    if job.json && asked == Some(Format::Csv) {
+        bail!("--json writes JSON Lines: it cannot go with --format csv");
+    }
+    let (asked, by) = match asked {
+        Some(f) => (Some(f), "--format"),
+        None => (job.json.then_some(Format::Jsonl), "--json"),
+    };
+    let output = job.output.as_deref();
+    let named = output.and_then(|p| {
+        if csv_out::is_csv(p) {
+            Some(Format::Csv)
+        } else if csv_out::is_json(p) {
+            Some(Format::Jsonl)
+        } else {
+            None
+        }
+    });
+    if let (Some(a), Some(n), Some(path)) = (asked, named, output) {
+        if a != n {
+            bail!(
+                "{by} asks for {}, but --output {} is named as {}: leave out {by}, or name the \
+                 output for what it holds",
+                a.name(),
+                path.display(),
+                n.name()
+            );
+        }
+    }
+    let format = asked.or(named);
+    if format == Some(Format::Csv) && !matches!(task, Task::Describe(_)) {
+        bail!(
+            "`{}` writes JSON Lines (or a NumPy array with --output FILE.npy), not CSV: CSV is \
+             for `describe`",
+            task.name()
+        );
+    }
+    Ok(format)
+}
+
+/// The names of the fields of the bundle's caption schema, in template order (none without a
+/// schema).
+fn schema_fields(moda: &Moda) -> Vec<String> {
+    moda.manifest()
+        .schema
+        .as_ref()
+        .map(|s| s.fields.iter().map(|f| f.name.clone()).collect())
+        .unwrap_or_default()
+}
+
+/// `--constrain schema` needs a bundle whose caption schema lists values for every field:
+/// refused before any output is written, rather than at the first image.
+fn check_constrain(opts: &GenerationOptions, moda: &Moda) -> anyhow::Result<()> {
+    if opts.constrain != Constrain::Schema {
+        return Ok(());
+    }
+    match &moda.manifest().schema {
+        None => bail!(
+            "--constrain schema: the bundle {} has no caption schema to constrain the \
+             description to (export it with --caption-template and --catalog); use \
+             --constrain auto or none",
+            moda.dir().display()
+        ),
+        Some(schema) => {
+            if let Some(f) = schema.fields.iter().find(|f| f.values.is_empty()) {
+                bail!(
+                    "--constrain schema: the field {:?} of the bundle's caption schema lists no \
+                     values to constrain it to; use --constrain auto or none",
+                    f.name
+                );
+            }
+            Ok(())
+        }
+    }
 }
 
 /// The images of a job (a CSV column or files and folders), with the skipped rows reported;
@@ -534,19 +687,36 @@ fn list_inputs(input: &InputArgs, job: &JobArgs, task: &Task) -> anyhow::Result<
 
 /// What is left to do after what `--output` already records.
 struct Resume {
-    output: Option<ResumableOutput>,
+    output: Option<OutputFile>,
     todo: Vec<CatalogItem>,
     /// Images the output records as failed (they count in the exit status).
     earlier_failures: usize,
 }
 
-/// Opens `--output` (if given), skipping the images it already records.
+/// An `--output` file: JSON Lines after a job header, or CSV rows after a header row.
+enum OutputFile {
+    Jsonl(ResumableOutput),
+    Csv(CsvOutput),
+}
+
+impl OutputFile {
+    fn append(&mut self, r: &Record) -> std::io::Result<()> {
+        match self {
+            OutputFile::Jsonl(out) => out.append(r),
+            OutputFile::Csv(out) => out.append(r),
+        }
+    }
+}
+
+/// Opens `--output` (if given), skipping the images it already records; `csv_fields` (the
+/// schema's fields) for a CSV output.
 fn resume_output(
     job: &JobArgs,
     moda: &Moda,
     task: &Task,
     shard: Shard,
     items: &[CatalogItem],
+    csv_fields: Option<&[String]>,
 ) -> anyhow::Result<Resume> {
     let Some(path) = &job.output else {
         return Ok(Resume {
@@ -555,22 +725,38 @@ fn resume_output(
             earlier_failures: 0,
         });
     };
-    let header = JobHeader::new(moda, task, shard);
-    let (out, recorded) = ResumableOutput::open(path, &header)?;
+    let (out, recorded) = match csv_fields {
+        Some(fields) => {
+            let (out, recorded) = CsvOutput::open(path, fields)?;
+            (OutputFile::Csv(out), recorded)
+        }
+        None => {
+            let header = JobHeader::new(moda, task, shard);
+            let (out, recorded) = ResumableOutput::open(path, &header)?;
+            (OutputFile::Jsonl(out), recorded)
+        }
+    };
     if recorded.truncated_bytes > 0 && !job.quiet {
         eprintln!(
-            "moda-sdk: cut off an incomplete last line ({} bytes) of {}",
+            "moda-sdk: cut off an incomplete last {} ({} bytes) of {}",
+            if csv_fields.is_some() { "row" } else { "line" },
             recorded.truncated_bytes,
             path.display()
         );
     }
+    // A CSV's image cell is the record's "image" (a name that is not UTF-8 with U+FFFD in
+    // place of its bad bytes: CSV has no "image_hex").
+    let id = |it: &CatalogItem| match csv_fields {
+        Some(_) => it.key.as_bytes().to_vec(),
+        None => it.identity(),
+    };
     let earlier_failures = items
         .iter()
-        .filter(|it| recorded.images.get(&it.identity()) == Some(&true))
+        .filter(|it| recorded.images.get(&id(it)) == Some(&true))
         .count();
     let todo: Vec<CatalogItem> = items
         .iter()
-        .filter(|it| !recorded.images.contains_key(&it.identity()))
+        .filter(|it| !recorded.images.contains_key(&id(it)))
         .cloned()
         .collect();
     if !job.quiet && todo.len() < items.len() {
@@ -605,20 +791,39 @@ fn stop_on_ctrl_c() -> Arc<AtomicBool> {
     stop
 }
 
-/// Where a job's records go: `--output` (JSON Lines), or stdout as JSON or text; failures
-/// also to stderr unless quiet (always in text mode, where stdout has no place for them).
+/// What a job without `--output` writes on stdout.
+enum Stdout {
+    /// `IMAGE<TAB>RESULT` lines (failures on stderr).
+    Text,
+    /// JSON Lines records.
+    Json,
+    /// CSV rows with these schema fields (the header row written before the first).
+    Csv(Vec<String>),
+}
+
+/// Writes `bytes` to stdout and flushes it.
+fn write_stdout(bytes: &[u8]) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(bytes)?;
+    out.flush()
+}
+
+/// Where a job's records go: `--output` (JSON Lines or CSV), or stdout as text, JSON or CSV;
+/// failures also to stderr unless quiet (always in text mode, where stdout has no place for
+/// them).
 struct RecordSink<'a> {
     /// `--output FILE.npy` (embed): rows of an array instead of records.
     npy: Option<NpyOutput>,
-    output: Option<ResumableOutput>,
-    json: bool,
+    output: Option<OutputFile>,
+    stdout: Stdout,
     quiet: bool,
     bar: &'a ProgressBar,
 }
 
 impl RecordSink<'_> {
     fn emit(&mut self, r: &Record) -> std::io::Result<()> {
-        let text_mode = self.output.is_none() && self.npy.is_none() && !self.json;
+        let text_mode =
+            self.output.is_none() && self.npy.is_none() && matches!(self.stdout, Stdout::Text);
         if let Record::Error { image, error, .. } = r {
             if text_mode || !self.quiet {
                 self.bar
@@ -629,17 +834,13 @@ impl RecordSink<'_> {
             (Some(npy), _) => npy.push(r)?,
             (None, Some(out)) => out.append(r)?,
             (None, None) => {
-                let line = if self.json {
-                    Some(r.to_json())
-                } else {
-                    text_line(r)
+                let bytes = match &self.stdout {
+                    Stdout::Json => Some(format!("{}\n", r.to_json()).into_bytes()),
+                    Stdout::Text => text_line(r).map(|l| format!("{l}\n").into_bytes()),
+                    Stdout::Csv(fields) => Some(csv_out::encode(&csv_out::row(fields, r))?),
                 };
-                if let Some(line) = line {
-                    self.bar.suspend(|| -> std::io::Result<()> {
-                        let mut out = std::io::stdout().lock();
-                        writeln!(out, "{line}")?;
-                        out.flush()
-                    })?;
+                if let Some(bytes) = bytes {
+                    self.bar.suspend(|| write_stdout(&bytes))?;
                 }
             }
         }
@@ -1003,8 +1204,9 @@ fn finish_npy(npy: NpyOutput, quiet: bool) -> anyhow::Result<()> {
 
 const AFTER_MERGE: &str = "\
 Checks, before writing anything:
-  - every SHARD_OUTPUT starts with its job header, and the headers are those of one job
-    (task, options, model) but for the shard; the shards are 0/N .. N-1/N, each once
+  - every SHARD_OUTPUT starts with its job header (a CSV output has none: CSV is refused), and
+    the headers are those of one job (task, options, model) but for the shard; the shards
+    are 0/N .. N-1/N, each once
   - no file ends in an incomplete line, and no job is still writing one (locked)
   - no image is recorded twice
   - given the job's inputs (--csv/--image-column/--root, or --image): every image listed is
@@ -1063,6 +1265,12 @@ struct MergeArgs {
 }
 
 fn merge(a: &MergeArgs) -> anyhow::Result<ExitCode> {
+    if csv_out::is_csv(&a.output) {
+        bail!(
+            "merge writes JSON Lines (or a NumPy array for OUT.npy), not CSV: {}",
+            moda_cli::merge::CSV_REFUSED
+        );
+    }
     let listing = match (&a.csv, &a.image_column) {
         (Some(csv), Some(col)) => Some(list_csv(csv, col, a.root.as_deref())?),
         _ if !a.images.is_empty() => Some(list_paths(&a.images)?),

@@ -8,7 +8,8 @@
 //! newline (a job that crashed, or is still writing) and an input locked by a running job are
 //! refused. No image may be recorded twice (in one shard or across shards). Given the job's
 //! inputs (the same CSV column or images), each listed image must be recorded, in the shard
-//! its position puts it in (`p % n`), and no other image may be.
+//! its position puts it in (`p % n`), and no other image may be. A CSV output (`describe
+//! --format csv`) has no job header and is refused, saying so.
 //!
 //! Any of those problems refuses the merge and writes nothing. Otherwise the records are
 //! written as they were (the lines' bytes, unchanged) after a merged header, the shards'
@@ -25,11 +26,20 @@ use std::fs::File;
 use std::io::{BufRead, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use crate::catalog::{CatalogItem, Record, Shard, HEADER_KEY};
+use crate::catalog::{upgrade_options, CatalogItem, Record, Shard, HEADER_KEY};
 use crate::npy::{is_npy, sync_dir, temp_beside, NpyOutput};
 
 /// The longest record line read (as for a job's output).
 const MAX_LINE_BYTES: u64 = 64 << 20;
+
+/// How a `describe --format csv` output begins (its header row).
+const CSV_HEADER_START: &[u8] = b"image,description,";
+
+/// Why a CSV output is not merged.
+pub const CSV_REFUSED: &str = "a CSV output (`describe --format csv`): merge takes the JSON \
+    Lines --output files of a sharded job, whose job headers show that they are the shards of \
+    one job (a CSV records no shard, options or model). Join CSV shards yourself, keeping one \
+    header row: (head -n 1 A.csv; tail -q -n +2 A.csv B.csv ...) > ALL.csv";
 
 /// Problems listed of each kind before "... and N more".
 const SHOWN: usize = 10;
@@ -489,6 +499,9 @@ fn read_input(path: &Path) -> Result<Result<Input, String>, MergeError> {
         }
         let v: serde_json::Value = match serde_json::from_slice(&line) {
             Ok(v) => v,
+            Err(_) if header.is_none() && line.starts_with(CSV_HEADER_START) => {
+                return Ok(Err(format!("{}: {CSV_REFUSED}", path.display())))
+            }
             Err(e) => return bad(number, format!("not JSON ({e})")),
         };
         let Some((_, _, field)) = &header else {
@@ -511,7 +524,11 @@ fn read_input(path: &Path) -> Result<Result<Input, String>, MergeError> {
             let Some(shard) = shard.and_then(|s| s.parse::<Shard>().ok()) else {
                 return bad(number, format!("a job header without a valid shard: {v}"));
             };
-            header = Some((h.clone(), shard, field));
+            let mut h = h.clone();
+            if let (Some(task), Some(options)) = (task, h.get_mut("options")) {
+                upgrade_options(task, options);
+            }
+            header = Some((h, shard, field));
             continue;
         };
         if v.get(HEADER_KEY).is_some() {

@@ -1570,8 +1570,18 @@ fn describe_json_has_the_attributes_of_the_schema() {
     let photo = image("photo.jpg");
     let wide = image("wide.png");
     let b = s(bundle);
+    // Free text (as the plain bundle writes it), read back into the schema's fields.
     let o = run_env(
-        &["describe", "--model", &b, "--json", &s(&photo), &s(&wide)],
+        &[
+            "describe",
+            "--model",
+            &b,
+            "--json",
+            "--constrain",
+            "none",
+            &s(&photo),
+            &s(&wide),
+        ],
         &[],
     );
     expect_code(&o, 0);
@@ -1612,8 +1622,9 @@ fn describe_json_has_the_attributes_of_the_schema() {
     assert!(json_lines(&stdout(&o))[0].get("attributes").is_none());
     // The library gives the same typed attributes.
     let m = Moda::open(bundle, &OpenOptions::default()).expect("open");
+    let free = GenerationOptions::default().with_constrain(moda_sdk::Constrain::None);
     let d = m
-        .describe(&ImageInput::Path(&photo), &GenerationOptions::default())
+        .describe(&ImageInput::Path(&photo), &free)
         .expect("describe");
     let a = d.attributes.expect("attributes");
     assert_eq!(a["Head"].as_ref().map(|x| x.value.as_str()), Some(head));
@@ -2193,4 +2204,415 @@ fn embed_writes_a_numpy_array_with_its_images_beside() {
     assert!(!d.join("x.npy").exists());
     let o = merge(&["-o", &s(&d.join("y.npy")), &s(&d.join("nothing.jsonl"))]);
     expect_code(&o, 2);
+}
+
+/// `moda-sdk describe --model BUNDLE ARGS...` for another bundle than the plain fixture's.
+fn describe_with(bundle: &Path, args: &[&str]) -> Output {
+    let b = s(bundle);
+    run_env(&[&["describe", "--model", &b], args].concat(), &[])
+}
+
+/// The output file `path` with its job header's `constrain` option taken out: a header as a
+/// `moda-sdk` from before `--constrain` wrote it.
+fn strip_constrain(path: &Path) {
+    let text = std::fs::read_to_string(path).expect("read");
+    let (first, rest) = text.split_once('\n').expect("a header line");
+    let mut header: Value = serde_json::from_str(first).expect("JSON header");
+    let options = header["moda_job"]["options"]
+        .as_object_mut()
+        .expect("options");
+    assert!(options.remove("constrain").is_some(), "{first}");
+    std::fs::write(path, format!("{header}\n{rest}")).expect("write");
+}
+
+#[test]
+fn constrain_is_passed_on_and_recorded_in_the_job_header() {
+    use moda_sdk::Constrain;
+    let (schema, _) = schema_bundle();
+    let photo = image("photo.jpg");
+    let p = s(&photo);
+    let with_schema = Moda::open(schema, &OpenOptions::default()).expect("open");
+    // Each value reaches the library (the default is auto), on a bundle with a schema and on
+    // one without.
+    for (bundle, lib) in [(schema.as_path(), &with_schema), (bundle(), moda())] {
+        for (flag, c) in [
+            ("", Constrain::Auto),
+            ("auto", Constrain::Auto),
+            ("schema", Constrain::Schema),
+            ("none", Constrain::None),
+        ] {
+            if c == Constrain::Schema && bundle == self::bundle() {
+                continue;
+            }
+            let mut args = vec![p.as_str(), "--json", "--max-new-tokens", "12"];
+            if !flag.is_empty() {
+                args.extend(["--constrain", flag]);
+            }
+            let o = describe_with(bundle, &args);
+            expect_code(&o, 0);
+            let v = &json_lines(&stdout(&o))[0];
+            let opts = GenerationOptions::default()
+                .with_max_new_tokens(Some(12))
+                .with_constrain(c);
+            let want = lib
+                .describe(&ImageInput::Path(&photo), &opts)
+                .expect("library");
+            assert_eq!(ids(v), want.token_ids, "{flag:?} on {}", bundle.display());
+            assert_eq!(v["description"], want.text.as_str(), "{flag:?}");
+        }
+    }
+    let o = run("describe", &[&p, "--constrain", "free"]);
+    expect_code(&o, 2);
+    assert!(
+        stderr(&o).contains("[possible values: auto, schema, none]"),
+        "{}",
+        stderr(&o)
+    );
+    // `schema` with a bundle that has none: refused before any output is written.
+    let dir = TempDir::new("cli-constrain");
+    let out = dir.path().join("out.jsonl");
+    let o = run(
+        "describe",
+        &[&p, "--constrain", "schema", "--output", &s(&out)],
+    );
+    expect_code(&o, 2);
+    assert!(stderr(&o).contains("no caption schema"), "{}", stderr(&o));
+    assert!(!out.exists());
+
+    // The job header records it; another value is refused rather than mixed in.
+    let wide = s(&image("wide.png"));
+    let o = s(&out);
+    let job = |extra: &[&str]| {
+        let mut args = vec![p.as_str(), wide.as_str(), "--output", &o, "--quiet"];
+        args.extend(["--max-new-tokens", "4"]);
+        args.extend(extra);
+        describe_with(schema, &args)
+    };
+    expect_code(&job(&["--constrain", "none"]), 0);
+    let text = std::fs::read_to_string(&out).expect("read");
+    let header: Value = serde_json::from_str(text.lines().next().expect("line")).expect("json");
+    assert_eq!(header["moda_job"]["options"]["constrain"], "none");
+    let r = job(&[]);
+    expect_code(&r, 2);
+    assert!(
+        stderr(&r).contains("constrain \"auto\" here, \"none\" there"),
+        "{}",
+        stderr(&r)
+    );
+    assert_eq!(std::fs::read_to_string(&out).expect("read"), text);
+    expect_code(&job(&["--constrain", "none"]), 0);
+    assert_eq!(std::fs::read_to_string(&out).expect("read"), text);
+
+    // An output from before --constrain (no "constrain" in its header) was written with the
+    // default: the same command resumes it; another value is refused.
+    std::fs::remove_file(&out).expect("rm");
+    expect_code(&job(&[]), 0);
+    let text = std::fs::read_to_string(&out).expect("read");
+    let header: Value = serde_json::from_str(text.lines().next().expect("line")).expect("json");
+    assert_eq!(header["moda_job"]["options"]["constrain"], "auto");
+    let first_two: String = text.lines().take(2).map(|l| format!("{l}\n")).collect();
+    std::fs::write(&out, &first_two).expect("write");
+    strip_constrain(&out);
+    let old = std::fs::read_to_string(&out).expect("read");
+    let r = job(&["--constrain", "none"]);
+    expect_code(&r, 2);
+    assert!(stderr(&r).contains("constrain"), "{}", stderr(&r));
+    assert_eq!(std::fs::read_to_string(&out).expect("read"), old);
+    expect_code(&job(&[]), 0);
+    let resumed = std::fs::read_to_string(&out).expect("read");
+    assert!(resumed.starts_with(&old), "appended to:\n{resumed}");
+    assert_eq!(records(&resumed).len(), 2);
+
+    // Shards written before and after --constrain merge: the old header reads as auto.
+    let paths = vec![p.clone(), wide.clone(), s(&image("small.png"))];
+    let shard = |i: usize| dir.path().join(format!("shard{i}.jsonl"));
+    for i in 0..2 {
+        describe_shard(&paths, i, 2, &shard(i), "2", 0);
+    }
+    strip_constrain(&shard(0));
+    let merged = dir.path().join("merged.jsonl");
+    let o = merge(&["-o", &s(&merged), &s(&shard(0)), &s(&shard(1))]);
+    expect_code(&o, 0);
+    let text = std::fs::read_to_string(&merged).expect("read");
+    let header: Value = serde_json::from_str(text.lines().next().expect("line")).expect("json");
+    assert_eq!(header["moda_job"]["options"]["constrain"], "auto");
+    assert_eq!(records(&text).len(), 3);
+    // A shard with another value is not of the same job.
+    describe_shard(&paths, 1, 2, &shard(1), "2", 0);
+    let other = dir.path().join("other1.jsonl");
+    let o = s(&other);
+    let mut args: Vec<&str> = paths.iter().map(String::as_str).collect();
+    args.extend(["--shard", "1/2", "--output", &o, "--max-new-tokens", "2"]);
+    args.extend(["--constrain", "none", "--quiet"]);
+    expect_code(&run("describe", &args), 0);
+    let o = merge(&["-o", &s(&merged), &s(&shard(0)), &s(&other)]);
+    expect_code(&o, 2);
+    assert!(stderr(&o).contains("differ in options"), "{}", stderr(&o));
+}
+
+/// A CSV read whole: its header row and its rows.
+fn csv_rows(bytes: &[u8]) -> (Vec<String>, Vec<Vec<String>>) {
+    let mut r = csv::ReaderBuilder::new().from_reader(bytes);
+    let header = r
+        .headers()
+        .expect("a header row")
+        .iter()
+        .map(str::to_string)
+        .collect();
+    let rows = r
+        .records()
+        .map(|row| row.expect("a CSV row").iter().map(str::to_string).collect())
+        .collect();
+    (header, rows)
+}
+
+/// Where each row of a CSV ends (its header row's first).
+fn csv_row_ends(bytes: &[u8]) -> Vec<usize> {
+    let mut r = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .from_reader(bytes);
+    let mut rec = csv::ByteRecord::new();
+    let mut ends = Vec::new();
+    while r.read_byte_record(&mut rec).expect("CSV") {
+        ends.push(r.position().byte() as usize);
+    }
+    ends
+}
+
+#[test]
+fn describe_csv_has_one_row_per_image_with_the_json_records_values() {
+    let (schema, _) = schema_bundle();
+    let dir = TempDir::new("cli-csv");
+    let d = dir.path();
+    // Names that CSV must quote: a comma, quotes and a line break.
+    let bad = d.join("bad, \"quoted\"\nname.jpg");
+    std::fs::write(&bad, b"not an image").expect("write");
+    let odd = d.join("a,\"b\".png");
+    std::fs::copy(image("wide.png"), &odd).expect("copy");
+    let images = [
+        s(&image("photo.jpg")),
+        s(&odd),
+        s(&bad),
+        s(&image("small.png")),
+    ];
+    let mut args: Vec<&str> = images.iter().map(String::as_str).collect();
+    args.extend(["--max-new-tokens", "12", "--quiet"]);
+    let json = describe_with(schema, &[args.as_slice(), &["--json"]].concat());
+    expect_code(&json, 1);
+    let json = json_lines(&stdout(&json));
+    let csv = describe_with(schema, &[args.as_slice(), &["--format", "csv"]].concat());
+    expect_code(&csv, 1);
+    let (header, rows) = csv_rows(&csv.stdout);
+    assert_eq!(
+        header,
+        [
+            "image",
+            "description",
+            "Head",
+            "Head_confidence",
+            "Tail",
+            "Tail_confidence",
+            "error"
+        ]
+    );
+    assert_eq!(rows.len(), images.len());
+    assert_eq!(json.len(), images.len());
+    let mut values = 0;
+    for (row, rec) in rows.iter().zip(&json) {
+        assert_eq!(row.len(), header.len(), "{row:?}");
+        assert_eq!(rec["image"], row[0].as_str());
+        if let Some(error) = rec.get("error") {
+            assert_eq!(error, row[6].as_str());
+            assert!(row[1..6].iter().all(String::is_empty), "{row:?}");
+            continue;
+        }
+        assert_eq!(rec["description"], row[1].as_str(), "{row:?}");
+        assert_eq!(row[6], "", "{row:?}");
+        for (k, field) in ["Head", "Tail"].iter().enumerate() {
+            let (value, confidence) = (&row[2 + 2 * k], &row[3 + 2 * k]);
+            let a = &rec["attributes"][field];
+            if a.is_null() {
+                assert!(value.is_empty() && confidence.is_empty(), "{row:?}");
+                continue;
+            }
+            values += 1;
+            assert_eq!(a["value"], value.as_str(), "{field}");
+            match a["confidence"].as_f64() {
+                Some(c) => assert_eq!(confidence.parse::<f32>().expect("a number"), c as f32),
+                None => assert!(confidence.is_empty(), "{row:?}"),
+            }
+        }
+    }
+    assert!(values > 0, "no attribute values in {rows:?}");
+    // The failed image is the only one with an error.
+    assert_eq!(rows.iter().filter(|r| !r[6].is_empty()).count(), 1);
+    assert_eq!(rows[2][0], s(&bad));
+
+    // The same rows in an --output named .csv (CSV without --format); a crash's half row is
+    // cut off and the job goes on, each image once.
+    let out = d.join("out.csv");
+    let o = s(&out);
+    let job = |extra: &[&str]| {
+        let mut a = args.clone();
+        a.extend(["--output", o.as_str()]);
+        a.extend(extra);
+        describe_with(schema, &a)
+    };
+    expect_code(&job(&[]), 1);
+    let full = std::fs::read(&out).expect("read");
+    assert_eq!(full, csv.stdout, "the --output rows are those of stdout");
+    let ends = csv_row_ends(&full);
+    assert_eq!(ends.len(), 1 + images.len());
+    let cut = ends[1] + (ends[2] - ends[1]) / 2;
+    std::fs::write(&out, &full[..cut]).expect("truncate");
+    expect_code(&job(&[]), 1);
+    assert_eq!(std::fs::read(&out).expect("read"), full);
+    // Nothing left to do: unchanged, and the earlier failure still counts.
+    let again = job(&["--format", "csv"]);
+    expect_code(&again, 1);
+    assert_eq!(std::fs::read(&out).expect("read"), full);
+    // A bundle with other fields (here none) is refused, the file untouched.
+    let r = run("describe", &[&images[0], "--output", &o]);
+    expect_code(&r, 2);
+    assert!(stderr(&r).contains("header row"), "{}", stderr(&r));
+    assert!(stderr(&r).contains("Head_confidence"), "{}", stderr(&r));
+    assert_eq!(std::fs::read(&out).expect("read"), full);
+
+    // Without a schema: no attribute columns.
+    let o = run(
+        "describe",
+        &[&images[0], "--format", "csv", "--max-new-tokens", "3"],
+    );
+    expect_code(&o, 0);
+    let (header, rows) = csv_rows(&o.stdout);
+    assert_eq!(header, ["image", "description", "error"]);
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0][0], images[0]);
+}
+
+#[test]
+fn csv_format_choice_shards_and_merge() {
+    let (schema, _) = schema_bundle();
+    let dir = TempDir::new("cli-csv-format");
+    let d = dir.path();
+    let photo = s(&image("photo.jpg"));
+    let paths: Vec<String> = GOOD.iter().take(5).map(|n| s(&image(n))).collect();
+    let path_args: Vec<&str> = paths.iter().map(String::as_str).collect();
+    // A --format (or --json) that the output's name contradicts, CSV for embed: usage errors,
+    // no file written.
+    for (args, needle) in [
+        (
+            vec!["--format", "jsonl", "--output", "x.csv"],
+            "--format asks for jsonl",
+        ),
+        (
+            vec!["--format", "csv", "--output", "x.jsonl"],
+            "--format asks for csv",
+        ),
+        (
+            vec!["--format", "csv", "--output", "x.JSON"],
+            "--format asks for csv",
+        ),
+        (vec!["--json", "--output", "x.csv"], "--json asks for jsonl"),
+        (
+            vec!["--json", "--format", "csv"],
+            "cannot go with --format csv",
+        ),
+    ] {
+        let mut all = vec![photo.as_str()];
+        let named: Vec<String> = args
+            .iter()
+            .map(|a| {
+                if a.starts_with("x.") {
+                    s(&d.join(a))
+                } else {
+                    a.to_string()
+                }
+            })
+            .collect();
+        all.extend(named.iter().map(String::as_str));
+        let o = describe_with(schema, &all);
+        expect_code(&o, 2);
+        assert!(stderr(&o).contains(needle), "{args:?}: {}", stderr(&o));
+    }
+    assert_eq!(
+        std::fs::read_dir(d).expect("ls").count(),
+        0,
+        "no file written"
+    );
+    let o = run("embed", &[&photo, "--output", &s(&d.join("emb.csv"))]);
+    expect_code(&o, 2);
+    assert!(
+        stderr(&o).contains("CSV is for `describe`"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!d.join("emb.csv").exists());
+
+    // --format jsonl on stdout is --json; --format csv takes any other output name.
+    let o = describe_with(
+        schema,
+        &[&photo, "--format", "jsonl", "--max-new-tokens", "3"],
+    );
+    expect_code(&o, 0);
+    let j = describe_with(schema, &[&photo, "--json", "--max-new-tokens", "3"]);
+    assert_eq!(
+        ids(&json_lines(&stdout(&o))[0]),
+        ids(&json_lines(&stdout(&j))[0])
+    );
+    let txt = d.join("rows.txt");
+    let o = describe_with(
+        schema,
+        &[
+            &photo,
+            "--format",
+            "csv",
+            "--output",
+            &s(&txt),
+            "--max-new-tokens",
+            "3",
+        ],
+    );
+    expect_code(&o, 0);
+    let (header, rows) = csv_rows(&std::fs::read(&txt).expect("read"));
+    assert_eq!(header.len(), 7);
+    assert_eq!(rows.len(), 1);
+
+    // Shards: each a plain CSV; together the unsharded job's rows.
+    let mut whole_args = path_args.clone();
+    whole_args.extend(["--format", "csv", "--max-new-tokens", "3", "--quiet"]);
+    let whole = describe_with(schema, &whole_args);
+    expect_code(&whole, 0);
+    let (want_header, want_rows) = csv_rows(&whole.stdout);
+    let mut got = Vec::new();
+    let shard = |i: usize| d.join(format!("shard{i}.csv"));
+    for i in 0..2 {
+        let spec = format!("{i}/2");
+        let out = s(&shard(i));
+        let mut a = path_args.clone();
+        a.extend(["--shard", &spec, "--output", &out, "--max-new-tokens", "3"]);
+        expect_code(&describe_with(schema, &a), 0);
+        let (header, rows) = csv_rows(&std::fs::read(shard(i)).expect("read"));
+        assert_eq!(header, want_header);
+        let keys: Vec<&str> = rows.iter().map(|r| r[0].as_str()).collect();
+        let want: Vec<&str> = path_args.iter().skip(i).step_by(2).copied().collect();
+        assert_eq!(keys, want, "shard {i}");
+        got.extend(rows);
+    }
+    got.sort();
+    let mut want_rows = want_rows;
+    want_rows.sort();
+    assert_eq!(got, want_rows);
+    // merge takes JSON Lines only: CSV inputs and a CSV output are refused, saying why.
+    let (s0, s1) = (s(&shard(0)), s(&shard(1)));
+    let o = merge(&["-o", &s(&d.join("all.jsonl")), &s0, &s1]);
+    expect_code(&o, 2);
+    assert!(stderr(&o).contains("a CSV output"), "{}", stderr(&o));
+    assert!(!d.join("all.jsonl").exists());
+    let js = d.join("s0.jsonl");
+    describe_shard(&paths, 0, 1, &js, "2", 0);
+    let o = merge(&["-o", &s(&d.join("all.csv")), &s(&js)]);
+    expect_code(&o, 2);
+    assert!(stderr(&o).contains("not CSV"), "{}", stderr(&o));
+    assert!(!d.join("all.csv").exists());
 }

@@ -1,7 +1,7 @@
 """Type stubs of the ``moda._native`` extension module (re-exported by ``moda``)."""
 
 import os
-from typing import Iterator, List, Literal, Optional, Sequence, Union, overload
+from typing import Dict, Iterator, List, Literal, Optional, Sequence, Tuple, Union, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -70,12 +70,42 @@ class Timings:
     def to_dict(self) -> dict:
         """The timings as a plain dict (without ``step_ms``)."""
 
+Constrain = Literal["auto", "schema", "none"]
+"""Whether a description must fit the bundle's caption schema: ``"auto"`` (the default)
+constrains it to the schema when the bundle has one (it then always fits the template, with
+values the catalog knows), ``"schema"`` requires that (an error for a bundle without a
+schema), ``"none"`` lets the model write free text (the only way to get a value the catalog
+never had). Any other value is a ``ValueError``."""
+
+class Attribute:
+    """One field of a description read with the bundle's caption schema."""
+
+    @property
+    def value(self) -> str:
+        """The value, as the description writes it."""
+    @property
+    def confidence(self) -> Optional[float]:
+        """The probability of the value's tokens given everything before them (``None`` when
+        they could not be told apart); not normalised over the field's other values."""
+    @property
+    def alternatives(self) -> List[Tuple[str, float]]:
+        """The field's next most likely values with their probabilities, most likely first,
+        as ``(value, confidence)`` tuples; empty when none are known."""
+    def to_dict(self) -> dict:
+        """``value``, ``confidence``, ``alternatives`` (as in ``moda-sdk describe --json``'s
+        ``attributes``)."""
+
 class Description:
     """A generated description."""
 
     @property
     def text(self) -> str:
         """The text, special tokens removed."""
+    @property
+    def attributes(self) -> Optional[Dict[str, Optional[Attribute]]]:
+        """Every field of the bundle's caption schema, in template order, with its
+        :class:`Attribute`, or ``None`` where the text yields no value the schema knows;
+        ``None`` for a bundle without a schema. A new dict on each access."""
     @property
     def token_ids(self) -> List[int]:
         """The generated tokens, the final ``</s>`` included when one was generated."""
@@ -86,8 +116,9 @@ class Description:
     def timings(self) -> Timings:
         """Where the time went."""
     def to_dict(self) -> dict:
-        """``text``, ``token_ids``, ``logprobs``, ``timings_ms`` (the keys of
-        ``moda-sdk describe --json``, without ``image``)."""
+        """``text``, ``attributes`` (with a schema only: each a dict, or ``None``),
+        ``token_ids``, ``logprobs``, ``timings_ms`` (the keys of ``moda-sdk describe
+        --json``, without ``image``)."""
 
 class TokenStream(Iterator[str]):
     """The text pieces of a description as they are generated, one ``str`` per generated
@@ -135,9 +166,11 @@ class Model:
         no_repeat_ngram_size: int = 0,
         length_penalty: float = 1.0,
         stop_strings: Union[str, Sequence[str], None] = None,
+        constrain: Constrain = "auto",
     ) -> Description:
         """Describes one image (greedy search unless the keywords say otherwise;
-        ``max_new_tokens`` defaults to the bundle's)."""
+        ``max_new_tokens`` defaults to the bundle's). ``constrain``: see :data:`Constrain`
+        (a ``ValueError`` unless ``"auto"``, ``"schema"`` or ``"none"``)."""
     @overload
     def describe_batch(
         self,
@@ -156,6 +189,7 @@ class Model:
         no_repeat_ngram_size: int = 0,
         length_penalty: float = 1.0,
         stop_strings: Union[str, Sequence[str], None] = None,
+        constrain: Constrain = "auto",
     ) -> List[Description]: ...
     @overload
     def describe_batch(
@@ -175,11 +209,12 @@ class Model:
         no_repeat_ngram_size: int = 0,
         length_penalty: float = 1.0,
         stop_strings: Union[str, Sequence[str], None] = None,
+        constrain: Constrain = "auto",
     ) -> List[Union[Description, ModaError]]:
         """Describes a list or tuple of images (or a uint8 array of shape ``(N, H, W, 3)``)
         in batches of at most ``MAX_BATCH``; one ``Description`` per image, in order. With
         ``errors="raise"`` the first image that fails raises; with ``errors="return"`` its
-        place holds the exception and the others go on."""
+        place holds the exception and the others go on. Keywords as in :meth:`describe`."""
     def stream(
         self,
         image: ImageLike,
@@ -196,10 +231,11 @@ class Model:
         no_repeat_ngram_size: int = 0,
         length_penalty: float = 1.0,
         stop_strings: Union[str, Sequence[str], None] = None,
+        constrain: Constrain = "auto",
     ) -> TokenStream:
         """Streams one image's description: an iterator over text pieces, produced as the
         model generates them on a background thread (with beam search they come at the end).
-        Dropping the iterator early stops the generation."""
+        Dropping the iterator early stops the generation. Keywords as in :meth:`describe`."""
     def embed(
         self,
         images: Union[ImageLike, Sequence[ImageLike]],
@@ -217,6 +253,10 @@ class Model:
     @property
     def sessions(self) -> int:
         """Most ONNX Runtime session sets used at once."""
+    @property
+    def attribute_names(self) -> Optional[List[str]]:
+        """The fields of the bundle's caption schema in template order (the keys of every
+        description's ``attributes``); ``None`` for a bundle without a schema."""
     @property
     def embedding_dim(self) -> int:
         """Length of an image embedding."""

@@ -62,8 +62,10 @@ class Describer:
     Each output batch keeps the input's columns, except an image column of bytes or pixels
     (which would only make the output large), and adds ``description`` (``str``, null for
     an image that failed), ``token_ids`` (list of int64) and ``logprobs`` (list of float32),
-    ``error`` (null, or MODA's message for that image: one bad image does not fail the batch)
-    and, with ``embed=True``, ``embedding`` (a fixed-size list of float32, L2-normalised with
+    ``error`` (null, or MODA's message for that image: one bad image does not fail the batch),
+    for a bundle with a caption schema a ``<Field>`` column (``str``, null where the text
+    yields no known value) and a ``<Field>_confidence`` column (``float32``) per field in
+    template order (as ``moda-sdk describe --format csv`` writes them), and, with ``embed=True``, ``embedding`` (a fixed-size list of float32, L2-normalised with
     ``normalize=True``; NaN for an image that failed). ``threads`` and ``sessions`` are
     :class:`moda.Model`'s: give each actor ``num_cpus`` equal to its ``threads``.
     ``generation`` holds generation keywords (``{"num_beams": 4}``).
@@ -127,6 +129,14 @@ class Describer:
         columns["error"] = pa.array(
             [None if good else str(r) for r, good in zip(results, ok)], pa.string()
         )
+        for field in self.model.attribute_names or []:
+            attrs = [
+                (r.attributes or {}).get(field) if good else None for r, good in zip(results, ok)
+            ]
+            columns[field] = pa.array([a.value if a else None for a in attrs], pa.string())
+            columns[f"{field}_confidence"] = pa.array(
+                [a.confidence if a else None for a in attrs], pa.float32()
+            )
         if self.embed:
             d = self.model.embedding_dim
             emb = np.full((n, d), np.nan, dtype=np.float32)
