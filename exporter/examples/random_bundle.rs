@@ -5,9 +5,11 @@
 //! CLIP's preprocessing. The descriptions are noise; the shapes, and so the times, are those of
 //! the real model.
 //!
-//! `cargo run --release -p exporter --example random_bundle -- OUT [none|int8|int4] [--verify]`
+//! `cargo run --release -p exporter --example random_bundle -- OUT [none|int8|int4] [--verify]
+//! [--catalog CSV]`
 //!
-//! then `moda-sdk bench --model OUT IMAGE`.
+//! then `moda-sdk bench --model OUT IMAGE`. `--catalog` gives the bundle the caption schema of
+//! the recipe's template with that catalog's values (for constrained decoding).
 
 use std::path::{Path, PathBuf};
 
@@ -23,16 +25,18 @@ use moda_models::{
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
-    let usage = "usage: random_bundle OUT [none|int8|int4] [--verify]";
+    let usage = "usage: random_bundle OUT [none|int8|int4] [--verify] [--catalog CSV]";
     let out = PathBuf::from(args.next().context(usage)?);
     let mut quantize = Quantize::None;
     let mut verify = false;
-    for a in args {
+    let mut catalog = None;
+    while let Some(a) = args.next() {
         match a.as_str() {
             "none" => quantize = Quantize::None,
             "int8" => quantize = Quantize::Int8,
             "int4" => quantize = Quantize::Int4,
             "--verify" => verify = true,
+            "--catalog" => catalog = Some(PathBuf::from(args.next().context(usage)?)),
             other => anyhow::bail!("unknown argument {other:?}; {usage}"),
         }
     }
@@ -59,7 +63,7 @@ fn main() -> anyhow::Result<()> {
         preprocessing: ImageProcessorConfig::default(),
         encoder: "random CLIP ViT-B/32 (exporter example random_bundle)".into(),
         decoder: "random OPT-125m (exporter example random_bundle)".into(),
-        schema: None,
+        schema: exporter::schema_from_flags(None, catalog.as_deref())?,
         stop_strings: Vec::new(),
     };
     let options = BundleOptions {
