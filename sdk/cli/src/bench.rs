@@ -122,7 +122,9 @@ pub fn bench(moda: &Moda, image: &ImageInput<'_>, opts: &BenchOptions) -> Result
     }
     let gen = GenerationOptions::default()
         .with_max_new_tokens(Some(opts.max_new_tokens))
-        .with_min_new_tokens(opts.max_new_tokens);
+        .with_min_new_tokens(opts.max_new_tokens)
+        // Free text: a caption the schema completes would end before the token count.
+        .with_constrain(moda_sdk::Constrain::None);
     let batch: Vec<ImageInput<'_>> = vec![*image; opts.batch_size];
     let describe = || -> Result<Timings> {
         let t = moda.describe(image, &gen)?.timings;

@@ -1017,6 +1017,23 @@ fn bench_reports_each_stage() {
     );
     expect_code(&o, 2);
     assert!(stderr(&o).contains("positions"), "{}", stderr(&o));
+    // A bundle with a caption schema: bench times free text of exactly the asked length
+    // (a constrained caption would end sooner).
+    let (schema, _) = schema_bundle();
+    let o = run_env(
+        &[
+            "bench",
+            "--model",
+            &s(schema),
+            &photo,
+            "--max-new-tokens",
+            "12",
+            "--reps",
+            "1",
+        ],
+        &[],
+    );
+    expect_code(&o, 0);
 }
 
 /// Runs `moda-sdk SUBCOMMAND --model BUNDLE ARGS...` with `input` on its standard input,
