@@ -52,6 +52,8 @@ pub enum Elem {
     I64,
     /// u8 (packed quantized weights).
     U8,
+    /// i8 (int8 weights of `DynamicQuantizeMatMul`).
+    I8,
 }
 
 impl Elem {
@@ -60,6 +62,7 @@ impl Elem {
             Elem::F32 => DataType::Float as i32,
             Elem::I64 => DataType::Int64 as i32,
             Elem::U8 => DataType::Uint8 as i32,
+            Elem::I8 => DataType::Int8 as i32,
         }
     }
 
@@ -69,6 +72,7 @@ impl Elem {
             Elem::F32 => "float32",
             Elem::I64 => "int64",
             Elem::U8 => "uint8",
+            Elem::I8 => "int8",
         }
     }
 }
@@ -248,6 +252,12 @@ impl GraphBuilder {
     /// A uint8 initializer with the given shape.
     pub fn const_u8(&mut self, name: &str, dims: &[i64], data: Vec<u8>) -> String {
         self.initializer(name.to_string(), dims.to_vec(), Elem::U8, data)
+    }
+
+    /// An int8 initializer with the given shape.
+    pub fn const_i8(&mut self, name: &str, dims: &[i64], data: &[i8]) -> String {
+        let raw = data.iter().map(|&v| v as u8).collect();
+        self.initializer(name.to_string(), dims.to_vec(), Elem::I8, raw)
     }
 
     /// A 1-d int64 constant.

@@ -187,19 +187,65 @@ fn linear(
     linear_q(g, x, t, prefix, scale, None)
 }
 
-/// [`linear`], with the weight quantized to `MatMulNBits` when `quant` is given.
+/// How a linear layer's weight is stored when quantized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quant {
+    /// `MatMulNBits`: block-wise int8 or int4 weights (the decoder: its steps read every
+    /// weight once per token, so fewer weight bytes make them faster).
+    Blocks(WeightQuant),
+    /// ONNX Runtime's `com.microsoft.DynamicQuantizeMatMul`: int8 weights with one scale per
+    /// output column, and the activations quantized to 8 bits on each run, so that the
+    /// product runs as int8 dot products (VNNI, AVX-512 where the CPU has them). For the
+    /// encoder, whose products are compute-bound (197 positions per image): `MatMulNBits`
+    /// leaves it as slow as fp32.
+    DynamicInt8,
+}
+
+impl Quant {
+    /// Layers narrower than this keep fp32 weights.
+    fn min_k(self) -> usize {
+        match self {
+            Quant::Blocks(q) => q.block_size,
+            Quant::DynamicInt8 => 32,
+        }
+    }
+}
+
+/// Symmetric int8 codes of `w` (row-major `[n, k]`) with one scale per row, transposed to
+/// `DynamicQuantizeMatMul`'s `[k, n]`: codes in -127..=127, scale `absmax / 127` (1 for a row
+/// of zeros).
+pub fn quantize_int8_columns(w: &[f32], n: usize, k: usize) -> (Vec<i8>, Vec<f32>) {
+    let mut scales = vec![1f32; n];
+    for (r, s) in scales.iter_mut().enumerate() {
+        let absmax = w[r * k..(r + 1) * k]
+            .iter()
+            .fold(0f32, |m, v| m.max(v.abs()));
+        if absmax > 0.0 {
+            *s = absmax / 127.0;
+        }
+    }
+    let mut codes = vec![0i8; n * k];
+    for r in 0..n {
+        for c in 0..k {
+            codes[c * n + r] = (w[r * k + c] / scales[r]).round().clamp(-127.0, 127.0) as i8;
+        }
+    }
+    (codes, scales)
+}
+
+/// [`linear`], with the weight quantized when `quant` is given.
 fn linear_q(
     g: &mut GraphBuilder,
     x: &str,
     t: &Named,
     prefix: &str,
     scale: Option<f64>,
-    quant: Option<WeightQuant>,
+    quant: Option<Quant>,
 ) -> Result<String> {
     // A layer narrower than one block gains nothing from quantization (and loses the most).
     let k_in = t.get(&format!("{prefix}.weight"))?.dim(1)?;
-    let quant = quant.filter(|q| k_in >= q.block_size);
-    let mut y = match quant {
+    let quant = quant.filter(|q| k_in >= q.min_k());
+    let y = match quant {
         None => {
             let mut w = t.get(&format!("{prefix}.weight"))?.t()?.contiguous()?;
             if let Some(s) = scale {
@@ -208,7 +254,7 @@ fn linear_q(
             let w = g.tensor(&format!("{prefix}.weight.T"), &w)?;
             g.op("MatMul", &[x, &w], vec![])
         }
-        Some(q) => {
+        Some(quant) => {
             let mut w = t.get(&format!("{prefix}.weight"))?.clone();
             if let Some(s) = scale {
                 w = (w * s)?;
@@ -220,6 +266,21 @@ fn linear_q(
                 .to_vec1::<f32>()?;
             // Its values are not written as they are: check them before they are quantized.
             crate::graph::check_finite(&format!("{prefix}.weight"), &[n as i64, k as i64], &data)?;
+            let q = match quant {
+                Quant::Blocks(q) => q,
+                Quant::DynamicInt8 => {
+                    let (codes, scales) = quantize_int8_columns(&data, n, k);
+                    let b = g.const_i8(
+                        &format!("{prefix}.weight.T.i8"),
+                        &[k as i64, n as i64],
+                        &codes,
+                    );
+                    let sc = g.const_f32(&format!("{prefix}.scales"), &[n as i64], &scales)?;
+                    let zp = g.const_i8(&format!("{prefix}.zero_points"), &[n as i64], &vec![0; n]);
+                    let y = g.contrib_op("DynamicQuantizeMatMul", &[x, &b, &sc, &zp], vec![]);
+                    return finish_linear(g, y, t, prefix, scale);
+                }
+            };
             let (packed, scales) = q.quantize(&data, n, k);
             let kb = k.div_ceil(q.block_size);
             let blob = q.block_size * q.bits as usize / 8;
@@ -242,6 +303,17 @@ fn linear_q(
             )
         }
     };
+    finish_linear(g, y, t, prefix, scale)
+}
+
+/// Adds a linear layer's bias (scaled as its weight) to its product `y`.
+fn finish_linear(
+    g: &mut GraphBuilder,
+    mut y: String,
+    t: &Named,
+    prefix: &str,
+    scale: Option<f64>,
+) -> Result<String> {
     if let Some(b) = t.opt(&format!("{prefix}.bias")) {
         let b = match scale {
             Some(s) => (b * s)?,
@@ -325,7 +397,7 @@ fn parse_act(name: &str, key: &str) -> Result<Activation> {
 /// The image encoder: `pixel_values [batch, C, S, S]` -> `image_embeds [batch, projection_dim]`;
 /// `quant` quantizes the transformer's linear layers (not the patch convolution, not the
 /// projection).
-pub fn encoder(model: &CaptionModel, quant: Option<WeightQuant>) -> Result<Graph> {
+pub fn encoder(model: &CaptionModel, quant: Option<Quant>) -> Result<Graph> {
     let cfg: &ClipVisionConfig = model.encoder_config();
     let t = Named::new(model.encoder().named_tensors());
     let act = parse_act(&cfg.hidden_act, "hidden_act")?;
@@ -418,7 +490,7 @@ fn vision_layer(
     t: &Named,
     cfg: &ClipVisionConfig,
     act: Activation,
-    quant: Option<WeightQuant>,
+    quant: Option<Quant>,
     i: usize,
     xs: &str,
 ) -> Result<String> {
@@ -601,7 +673,7 @@ impl DecoderParts<'_> {
         scale: Option<f64>,
     ) -> Result<String> {
         let prefix = format!("{OPT_DECODER}.{name}");
-        linear_q(g, x, &self.t, &prefix, scale, self.quant)
+        linear_q(g, x, &self.t, &prefix, scale, self.quant.map(Quant::Blocks))
     }
 
     /// [`layer_norm`] of the decoder's `name` (under `model.decoder`).
@@ -774,12 +846,19 @@ fn decoder_head(g: &mut GraphBuilder, parts: &DecoderParts, mut xs: String) -> R
     {
         xs = parts.linear(g, &xs, "project_out", None)?;
     }
-    linear_q(g, &xs, &parts.t, "lm_head", None, parts.quant)
+    linear_q(
+        g,
+        &xs,
+        &parts.t,
+        "lm_head",
+        None,
+        parts.quant.map(Quant::Blocks),
+    )
 }
 
 #[cfg(test)]
 mod tests {
-    use super::WeightQuant;
+    use super::{quantize_int8_columns, WeightQuant};
 
     /// Dequantizes as `MatMulNBits` does: `(code - 2^(bits-1)) * scale`, low nibble first.
     fn dequantize(q: &WeightQuant, packed: &[u8], scales: &[f32], n: usize, k: usize) -> Vec<f32> {
@@ -802,6 +881,31 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn int8_columns_round_trip_within_half_a_step_and_are_transposed() {
+        let (n, k) = (5, 40);
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013 * (1 + i / k) as f32)
+            .collect();
+        let (codes, scales) = quantize_int8_columns(&w, n, k);
+        assert_eq!((codes.len(), scales.len()), (n * k, n));
+        for r in 0..n {
+            let absmax = w[r * k..(r + 1) * k]
+                .iter()
+                .fold(0f32, |m, v| m.max(v.abs()));
+            assert!((scales[r] - absmax / 127.0).abs() <= 1e-7);
+            for c in 0..k {
+                // Codes are [k, n]: column r of row c.
+                let back = codes[c * n + r] as f32 * scales[r];
+                assert!((back - w[r * k + c]).abs() <= scales[r] / 2.0 + 1e-6);
+            }
+        }
+        // A row of zeros keeps a scale of 1 and codes of 0.
+        let (codes, scales) = quantize_int8_columns(&[0.0; 8], 1, 8);
+        assert_eq!(scales, vec![1.0]);
+        assert!(codes.iter().all(|&c| c == 0));
     }
 
     #[test]

@@ -167,10 +167,11 @@ impl std::fmt::Display for Role {
     }
 }
 
-/// Weight quantization of a bundle's linear layers: those of the encoder's transformer and of
-/// the decoder (with its LM head), as ONNX Runtime's `com.microsoft.MatMulNBits` (blocks of
-/// 32); the patch convolution, the projector and the embeddings stay fp32. Written as `none`,
-/// `int8` or `int4`.
+/// Weight quantization of a bundle's linear layers: those of the decoder (with its LM head) as
+/// ONNX Runtime's `com.microsoft.MatMulNBits` (int8 or int4, blocks of 32), and in both kinds
+/// those of the encoder's transformer as `com.microsoft.DynamicQuantizeMatMul` (int8); the
+/// patch convolution, the projector and the embeddings stay fp32. Written as `none`, `int8` or
+/// `int4`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Quantization {

@@ -925,7 +925,8 @@ fn batch_decodes_like_each_alone() {
     }
 }
 
-/// int8 and int4 (`MatMulNBits`) bundles: smaller decoders, verified against fp32 (cosine of
+/// int8 and int4 bundles (`MatMulNBits` decoders, `DynamicQuantizeMatMul` encoders): smaller
+/// decoders, verified against fp32 (cosine of
 /// embeddings and logits; argmax agreement measured) (the tiny random model is a hard case for int4: width 32, weights of std 0.3).
 #[test]
 fn quantized_bundles_agree_with_fp32() {
@@ -951,6 +952,18 @@ fn quantized_bundles_agree_with_fp32() {
         assert_eq!(manifest(&out).quantization, q);
         let size = std::fs::metadata(out.join(DECODER_FILE)).expect("q").len();
         assert!(size < fp32_size, "{}: {size} >= {fp32_size}", q.name());
+        // The encoder's products are int8 dynamic ones in both kinds (the decoder's blocks).
+        let encoder = std::fs::read(out.join("encoder.onnx")).expect("encoder");
+        let has = |op: &[u8]| encoder.windows(op.len()).any(|w| w == op);
+        assert!(
+            has(b"DynamicQuantizeMatMul") && !has(b"MatMulNBits"),
+            "{}",
+            q.name()
+        );
+        // Embeddings of int8 weights with a scale per column: within 1% of fp32's direction
+        // (the exporter's own bound is `min_embeds_cosine`).
+        let ecos = m.min_embeds_cosine.expect("embeddings cosine measured");
+        assert!(ecos >= 0.99, "{}: {ecos}", q.name());
         // The quantized graph runs where the runtime drives it: full-sequence logits.
         let refs = load_refs("opt_preln/reference.safetensors");
         let ids = get(&refs, "ids.input_ids");
