@@ -72,14 +72,14 @@ fn cut_at_nul(s: &str) -> CString {
 /// the SDK never gives) comes after them, in the map's order.
 fn fields_in_order(
     attributes: Option<BTreeMap<String, Option<moda_sdk::Attribute>>>,
-    fields: &[&str],
+    fields: &[String],
 ) -> Vec<Field> {
     let Some(mut map) = attributes else {
         return Vec::new();
     };
     let mut ordered: Vec<(String, Option<moda_sdk::Attribute>)> = fields
         .iter()
-        .map(|&name| (name.to_string(), map.remove(name).flatten()))
+        .map(|name| (name.clone(), map.remove(name).flatten()))
         .collect();
     ordered.extend(map);
     ordered
@@ -101,7 +101,7 @@ fn fields_in_order(
 impl moda_description {
     /// A description of `d`; `fields` are the names of the fields of the bundle's caption
     /// schema in the template's order (empty when it has none).
-    pub(crate) fn ok(d: Description, fields: &[&str]) -> Self {
+    pub(crate) fn ok(d: Description, fields: &[String]) -> Self {
         let mut text = d.text.into_bytes();
         text.push(0);
         let t = d.timings;
@@ -434,7 +434,8 @@ mod tests {
         ]
         .into_iter()
         .collect();
-        let fields = fields_in_order(Some(map), &["Usage", "Colour", "Article", "Gender"]);
+        let order = ["Usage", "Colour", "Article", "Gender"].map(String::from);
+        let fields = fields_in_order(Some(map), &order);
         let names: Vec<&CStr> = fields.iter().map(|f| f.name.as_c_str()).collect();
         assert_eq!(names, [c"Usage", c"Colour", c"Article", c"Gender"]);
         assert!(fields[0].value.is_none() && fields[0].confidence.is_nan());
@@ -446,7 +447,7 @@ mod tests {
         assert!(fields[2].confidence.is_nan());
         // A field the SDK left out reads as no value.
         assert!(fields[3].value.is_none());
-        assert!(fields_in_order(None, &["Colour"]).is_empty());
+        assert!(fields_in_order(None, &["Colour".to_string()]).is_empty());
     }
 
     #[test]

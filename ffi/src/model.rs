@@ -155,20 +155,6 @@ pub struct moda_model {
     errors: HandleErrors,
 }
 
-impl moda_model {
-    /// The names of the fields of the bundle's caption schema, in the template's order (none
-    /// without a schema).
-    fn fields(&self) -> Vec<&str> {
-        self.moda
-            .manifest()
-            .schema
-            .as_ref()
-            .map_or_else(Vec::new, |s| {
-                s.fields.iter().map(|f| f.name.as_str()).collect()
-            })
-    }
-}
-
 /// The default model parameters (see moda_model_params).
 ///
 /// Threads: any thread.
@@ -674,7 +660,7 @@ unsafe fn describe_one(
         let d = m
             .moda
             .describe_with(&image.input(), &options, &mut |e| sink.send(0, e))?;
-        *out = moda_description::ok(d, &m.fields()).into_raw();
+        *out = moda_description::ok(d, &m.moda.attribute_names()).into_raw();
         Ok(())
     })
 }
@@ -787,7 +773,7 @@ pub unsafe extern "C" fn moda_model_describe_batch(
                 .describe_batch_with(inputs, &options, &mut |e| sink.send(index[e.image], e))?)
         })?;
         let failure = batch_failure(f, &results);
-        let fields = m.fields();
+        let fields = m.moda.attribute_names();
         for (i, r) in results.into_iter().enumerate() {
             let d = match r {
                 Ok(d) => moda_description::ok(d, &fields),

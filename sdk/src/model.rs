@@ -980,6 +980,23 @@ impl Moda {
         Ok(out)
     }
 
+    /// The fields of the bundle's caption schema in template order: the keys of every
+    /// description's `attributes` (empty without a schema).
+    pub fn attribute_names(&self) -> Vec<String> {
+        self.manifest
+            .schema
+            .as_ref()
+            .map(|s| s.fields.iter().map(|f| f.name.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Checks that generation under `mode` can run on this bundle (`Constrain::Schema` needs
+    /// a schema whose every field lists values), as a description would find out; a job can
+    /// call it before it writes anything.
+    pub fn check_constrain(&self, mode: Constrain) -> Result<()> {
+        self.constraint_for(mode).map(|_| ())
+    }
+
     /// The constraint `mode` asks for, compiled from the bundle's schema on first use.
     fn constraint_for(&self, mode: Constrain) -> Result<Option<&Constraint>> {
         if mode == Constrain::None {

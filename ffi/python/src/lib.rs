@@ -499,15 +499,6 @@ struct Description {
     attributes: Option<Vec<(String, Option<Py<Attribute>>)>>,
 }
 
-/// The names of the fields of `moda`'s caption schema, in template order (none without one).
-fn schema_fields(moda: &Moda) -> Vec<String> {
-    moda.manifest()
-        .schema
-        .as_ref()
-        .map(|s| s.fields.iter().map(|f| f.name.clone()).collect())
-        .unwrap_or_default()
-}
-
 impl Description {
     /// `d` as a Python object; `fields` (the schema's, in template order) orders its
     /// attributes.
@@ -759,7 +750,7 @@ impl Model {
             .with_verify_checksums(verify_checksums);
         let moda = py.detach(|| Moda::open(&dir, &options)).map_err(to_py)?;
         Ok(Model {
-            fields: schema_fields(&moda),
+            fields: moda.attribute_names(),
             moda: Arc::new(moda),
             sessions,
         })
@@ -923,8 +914,8 @@ impl Model {
         self.moda
             .manifest()
             .schema
-            .as_ref()
-            .map(|s| s.fields.iter().map(|f| f.name.clone()).collect())
+            .is_some()
+            .then(|| self.moda.attribute_names())
     }
 
     /// The bundle's default `max_new_tokens`.

@@ -508,7 +508,7 @@ fn job(
         check_constrain(opts, &moda)?;
     }
     // `--format csv`: the columns of the bundle's schema fields, in template order.
-    let csv_fields = (format == Some(Format::Csv)).then(|| schema_fields(&moda));
+    let csv_fields = (format == Some(Format::Csv)).then(|| moda.attribute_names());
     let npy = npy_output(job, &moda, items.len())?;
     let resume = match npy {
         // A .npy output is written whole each time (not resumed).
@@ -609,40 +609,16 @@ fn resolve_format(
     Ok(format)
 }
 
-/// The names of the fields of the bundle's caption schema, in template order (none without a
-/// schema).
-fn schema_fields(moda: &Moda) -> Vec<String> {
-    moda.manifest()
-        .schema
-        .as_ref()
-        .map(|s| s.fields.iter().map(|f| f.name.clone()).collect())
-        .unwrap_or_default()
-}
-
 /// `--constrain schema` needs a bundle whose caption schema lists values for every field:
 /// refused before any output is written, rather than at the first image.
 fn check_constrain(opts: &GenerationOptions, moda: &Moda) -> anyhow::Result<()> {
-    if opts.constrain != Constrain::Schema {
-        return Ok(());
-    }
-    match &moda.manifest().schema {
-        None => bail!(
-            "--constrain schema: the bundle {} has no caption schema to constrain the \
-             description to (export it with --caption-template and --catalog); use \
-             --constrain auto or none",
+    moda.check_constrain(opts.constrain).map_err(|e| {
+        anyhow::anyhow!(
+            "--constrain {}: {e} (bundle {}); use --constrain auto or none",
+            opts.constrain.name(),
             moda.dir().display()
-        ),
-        Some(schema) => {
-            if let Some(f) = schema.fields.iter().find(|f| f.values.is_empty()) {
-                bail!(
-                    "--constrain schema: the field {:?} of the bundle's caption schema lists no \
-                     values to constrain it to; use --constrain auto or none",
-                    f.name
-                );
-            }
-            Ok(())
-        }
-    }
+        )
+    })
 }
 
 /// The images of a job (a CSV column or files and folders), with the skipped rows reported;
