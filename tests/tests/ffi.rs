@@ -481,16 +481,39 @@ fn make_install_lays_out_the_library_the_header_and_pkg_config() {
     );
 }
 
+/// The examples of ffi/examples.
+enum Example {
+    /// describe.c, as C89.
+    C,
+    /// describe.cpp, as C++11.
+    Cxx,
+}
+
+/// Builds an example into `dir` against the installed library, found with pkg-config.
+fn build_example(dir: &Path, example: Example) -> PathBuf {
+    let (compiler, source, std, exe) = match example {
+        Example::C => ("cc", "describe.c", "-std=c89", "describe"),
+        Example::Cxx => ("c++", "describe.cpp", "-std=c++11", "describe_cpp"),
+    };
+    let exe = dir.join(exe);
+    let mut args = vec![OsString::from(std), OsString::from("-pedantic")];
+    args.extend(pkg_config(&["--cflags", "--libs"]));
+    compile(
+        compiler,
+        &[ffi_dir().join("examples").join(source)],
+        &args,
+        &exe,
+    );
+    exe
+}
+
 /// The C example (ffi/examples/describe.c), built against the installed library with
 /// pkg-config, prints what the Rust SDK says for every fixture image, ONNX Runtime coming from
 /// next to the installed libmoda.
 #[test]
 fn c_example_from_the_install_prints_what_the_sdk_says() {
     let dir = TempDir::new("ffi-c-example");
-    let exe = dir.path().join("describe");
-    let mut args = vec![OsString::from("-std=c89"), OsString::from("-pedantic")];
-    args.extend(pkg_config(&["--cflags", "--libs"]));
-    compile("cc", &[ffi_dir().join("examples/describe.c")], &args, &exe);
+    let exe = build_example(dir.path(), Example::C);
     let paths = images();
     let out = run_ok(command(&exe).arg(bundle()).args(&paths));
     assert_eq!(
@@ -560,15 +583,7 @@ fn installed_libmoda_loads_the_onnx_runtime_beside_it() {
 #[test]
 fn cxx_example_from_the_install_prints_what_the_sdk_says() {
     let dir = TempDir::new("ffi-cxx-example");
-    let exe = dir.path().join("describe_cpp");
-    let mut args = vec![OsString::from("-std=c++11"), OsString::from("-pedantic")];
-    args.extend(pkg_config(&["--cflags", "--libs"]));
-    compile(
-        "c++",
-        &[ffi_dir().join("examples/describe.cpp")],
-        &args,
-        &exe,
-    );
+    let exe = build_example(dir.path(), Example::Cxx);
     let paths = images();
     let out = run_ok(command(&exe).arg(bundle()).args(&paths));
     assert_eq!(
@@ -607,19 +622,8 @@ fn c_and_cxx_examples_print_the_attributes_the_sdk_reads() {
         want.contains("\n  Style: ") && want.contains("\n  Article: "),
         "{want}"
     );
-    let c = dir.path().join("describe");
-    let mut args = vec![OsString::from("-std=c89"), OsString::from("-pedantic")];
-    args.extend(pkg_config(&["--cflags", "--libs"]));
-    compile("cc", &[ffi_dir().join("examples/describe.c")], &args, &c);
-    let cxx = dir.path().join("describe_cpp");
-    let mut args = vec![OsString::from("-std=c++11"), OsString::from("-pedantic")];
-    args.extend(pkg_config(&["--cflags", "--libs"]));
-    compile(
-        "c++",
-        &[ffi_dir().join("examples/describe.cpp")],
-        &args,
-        &cxx,
-    );
+    let c = build_example(dir.path(), Example::C);
+    let cxx = build_example(dir.path(), Example::Cxx);
     for exe in [c, cxx] {
         let out = run_ok(command(&exe).arg(schema_bundle()).args(&paths));
         assert_eq!(

@@ -36,25 +36,19 @@ def cli() -> Path:
     return _binary("MODA_CLI", "moda-sdk")
 
 
-@pytest.fixture(scope="session")
-def bundle(tmp_path_factory) -> Path:
-    """The recipe fixture (tests/fixtures/moda/fashion_opt.pth with the clip_gelu encoder
-    and the opt_preln decoder) exported to ONNX once per test session, as the Rust tests of
-    the SDK's command line do."""
+def _export(out: Path, *extra: str) -> Path:
+    """The recipe fixture (tests/fixtures/moda/fashion_opt.pth with the clip_gelu encoder and
+    the opt_preln decoder) exported to ``out`` by the ``exporter`` binary, with ``extra``
+    options."""
     exporter = _binary("MODA_EXPORTER", "exporter")
-    out = tmp_path_factory.mktemp("bundle") / "bundle"
     subprocess.run(
         [
-            str(exporter),
-            "onnx",
-            "--checkpoint",
-            str(FIXTURES / "moda" / "fashion_opt.pth"),
-            "--encoder",
-            str(FIXTURES / "clip_gelu"),
-            "--decoder",
-            str(FIXTURES / "opt_preln"),
-            "--out",
-            str(out),
+            str(exporter), "onnx",
+            "--checkpoint", str(FIXTURES / "moda" / "fashion_opt.pth"),
+            "--encoder", str(FIXTURES / "clip_gelu"),
+            "--decoder", str(FIXTURES / "opt_preln"),
+            *extra,
+            "--out", str(out),
         ],
         check=True,
         capture_output=True,
@@ -63,12 +57,19 @@ def bundle(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def bundle(tmp_path_factory) -> Path:
+    """The recipe fixture (tests/fixtures/moda/fashion_opt.pth with the clip_gelu encoder
+    and the opt_preln decoder) exported to ONNX once per test session, as the Rust tests of
+    the SDK's command line do."""
+    return _export(tmp_path_factory.mktemp("bundle") / "bundle")
+
+
+@pytest.fixture(scope="session")
 def schema_bundle(cli, bundle, tmp_path_factory) -> Path:
     """The same fixture exported with a caption schema (``--caption-template "{Head} {Tail}"
     --catalog CSV``) as the Rust tests of the command line make it: the catalog's rows are the
     photo's own free description split at its first space, plus decoys (a prefix of the head,
     values the model never writes), so that descriptions have attributes."""
-    exporter = _binary("MODA_EXPORTER", "exporter")
     photo = IMAGES / "photo.jpg"
     text = run_cli(cli, bundle, "describe", [photo], "--constrain", "none")[str(photo)][
         "description"
@@ -82,28 +83,10 @@ def schema_bundle(cli, bundle, tmp_path_factory) -> Path:
         w.writerows(
             [[head, tail, "a"], [head, tail, "b"], [head[:2], "zzz", "c"], ["Navy", "never written", "d"]]
         )
-    subprocess.run(
-        [
-            str(exporter),
-            "onnx",
-            "--checkpoint",
-            str(FIXTURES / "moda" / "fashion_opt.pth"),
-            "--encoder",
-            str(FIXTURES / "clip_gelu"),
-            "--decoder",
-            str(FIXTURES / "opt_preln"),
-            "--caption-template",
-            "{Head} {Tail}",
-            "--catalog",
-            str(catalog),
-            "--no-verify",
-            "--out",
-            str(out / "bundle"),
-        ],
-        check=True,
-        capture_output=True,
+    return _export(
+        out / "bundle", "--caption-template", "{Head} {Tail}", "--catalog", str(catalog),
+        "--no-verify",
     )
-    return out / "bundle"
 
 
 @pytest.fixture(scope="session")
