@@ -10,7 +10,17 @@
 //! `scripts/bench_sdk.py` counts PyTorch's steps.
 //!
 //! Peak memory is the process's high-water resident set (`VmHWM` in `/proc/self/status`,
-//! Linux only).
+//! Linux only), read before the bandwidth measurement below allocates its buffer.
+//!
+//! **The memory floor of a decode step.** A step of one image reads every weight of the
+//! decoder graph once (its linear layers and LM head; of the position table only a row, so
+//! that table is left out) and the KV cache of the positions before it; it cannot take less
+//! than those bytes divided by the machine's read bandwidth. `bench` measures that bandwidth
+//! in the same run ([`read_bandwidth_gb_s`]: a sum over a 256 MiB buffer, larger than the
+//! caches, on as many threads as ONNX Runtime uses, best of 3) and reports, beside the early
+//! and late steps, the bytes they read and their floor. The weight bytes are the decoder
+//! file's size less the position table's: the file's few other bytes (graph, names) count
+//! too, a fraction of a percent.
 
 use serde::{Deserialize, Serialize};
 
@@ -94,6 +104,16 @@ pub struct BenchReport {
     pub images_per_s: f64,
     /// The process's peak resident memory in MiB (`None` where it cannot be read).
     pub peak_rss_mb: Option<f64>,
+    /// The machine's read bandwidth measured in this run, GB/s (see the module documentation).
+    pub read_gb_per_s: f64,
+    /// Bytes the early step reads (decoder weights and KV cache).
+    pub step_bytes_early: Option<u64>,
+    /// The early step's floor: its bytes at the measured bandwidth.
+    pub floor_ms_early: Option<f64>,
+    /// Bytes the late step reads.
+    pub step_bytes_late: Option<u64>,
+    /// The late step's floor.
+    pub floor_ms_late: Option<f64>,
 }
 
 /// Measures `image` with `moda` (see the module documentation).
@@ -181,6 +201,12 @@ pub fn bench(moda: &Moda, image: &ImageInput<'_>, opts: &BenchOptions) -> Result
     let decode_ms = med(&|t| t.decode_ms);
     let describe_ms = med(&|t| t.total_ms);
     let batch_ms = median(batch_ms);
+    let peak_rss_mb = peak_rss_mb();
+    let read_gb_per_s = read_bandwidth_gb_s(moda.intra_threads());
+    let weights = decoder_weight_bytes(moda);
+    let bytes = |step: Option<usize>| step.map(|s| weights + kv_bytes(moda, s));
+    let floor = |bytes: Option<u64>| bytes.map(|b| b as f64 / (read_gb_per_s * 1e9) * 1e3);
+    let (step_bytes_early, step_bytes_late) = (bytes(early_step), bytes(late_step));
     Ok(BenchReport {
         image: image.name(),
         quantization: moda.manifest().quantization.to_string(),
@@ -203,8 +229,74 @@ pub fn bench(moda: &Moda, image: &ImageInput<'_>, opts: &BenchOptions) -> Result
         decode_tokens_per_s: (steps > 0).then(|| per_second(steps, decode_ms)),
         batch_ms,
         images_per_s: per_second(opts.batch_size, batch_ms),
-        peak_rss_mb: peak_rss_mb(),
+        peak_rss_mb,
+        read_gb_per_s,
+        step_bytes_early,
+        floor_ms_early: floor(step_bytes_early),
+        step_bytes_late,
+        floor_ms_late: floor(step_bytes_late),
     })
+}
+
+/// The weight bytes a decode step reads: the decoder file's size, less its position table
+/// (`[max_positions + 2, hidden]` f32, of which a step reads one row).
+pub fn decoder_weight_bytes(moda: &Moda) -> u64 {
+    let m = moda.manifest();
+    let d = m.model;
+    let file = m
+        .graph(moda_sdk::manifest::Role::Decoder)
+        .ok()
+        .and_then(|g| m.files.get(&g.file))
+        .map_or(0, |f| f.bytes);
+    let positions = ((d.max_positions + 2) * d.hidden_size * 4) as u64;
+    file.saturating_sub(positions)
+}
+
+/// The KV cache bytes decode step `step` (1-based, see the module documentation) reads for one
+/// image: keys and values of every layer for the prefix, the BOS and the tokens before it.
+pub fn kv_bytes(moda: &Moda, step: usize) -> u64 {
+    let d = moda.manifest().model;
+    let past = d.prefix_len + 1 + step;
+    (2 * d.num_layers * d.num_heads * d.head_dim * past * 4) as u64
+}
+
+/// The machine's read bandwidth in GB/s: the best of 3 passes of `threads` threads summing a
+/// 256 MiB buffer, each its own part (see the module documentation).
+pub fn read_bandwidth_gb_s(threads: usize) -> f64 {
+    const BYTES: usize = 256 << 20;
+    // Filled, so that every page is mapped before the timed passes.
+    let buf: Vec<u64> = (0..(BYTES / 8) as u64).collect();
+    let part = buf.len().div_ceil(threads.max(1));
+    let mut best = 0.0f64;
+    for _ in 0..3 {
+        let t = std::time::Instant::now();
+        let total = std::thread::scope(|s| {
+            let handles: Vec<_> = buf.chunks(part).map(|c| s.spawn(move || sum(c))).collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or(0))
+                .fold(0u64, u64::wrapping_add)
+        });
+        std::hint::black_box(total);
+        best = best.max(BYTES as f64 / t.elapsed().as_secs_f64() / 1e9);
+    }
+    best
+}
+
+/// A wrapping sum with 8 independent accumulators (so that the loads, not the adds, limit it).
+fn sum(words: &[u64]) -> u64 {
+    let mut acc = [0u64; 8];
+    let mut chunks = words.chunks_exact(8);
+    for c in &mut chunks {
+        for (a, &w) in acc.iter_mut().zip(c) {
+            *a = a.wrapping_add(w);
+        }
+    }
+    let rest = chunks
+        .remainder()
+        .iter()
+        .fold(0u64, |a, &w| a.wrapping_add(w));
+    acc.iter().fold(rest, |a, &w| a.wrapping_add(w))
 }
 
 fn per_second(n: usize, ms: f64) -> f64 {

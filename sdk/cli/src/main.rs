@@ -957,18 +957,30 @@ fn print_bench(r: &BenchReport, dir: &Path) {
     println!("  {:<22}{:10.2} ms", "encoder", r.encoder_ms);
     println!("  {:<22}{:10.2} ms", "projector", r.projector_ms);
     println!("  {:<22}{:10.2} ms", "prefill", r.prefill_ms);
+    // A step beside its memory floor: the bytes it reads at the bandwidth measured here.
+    let floor = |ms: Option<f64>, bytes: Option<u64>, floor: Option<f64>| match (ms, bytes, floor) {
+        (Some(ms), Some(b), Some(f)) if f > 0.0 => format!(
+            "  (floor {f:.2} ms: {:.0} MB at {:.1} GB/s; {:.2}x)",
+            b as f64 / 1e6,
+            r.read_gb_per_s,
+            ms / f
+        ),
+        _ => String::new(),
+    };
     if let Some(s) = r.early_step {
         println!(
-            "  {:<22}{}",
+            "  {:<22}{}{}",
             format!("decode step {s}"),
-            opt(r.token_ms_early)
+            opt(r.token_ms_early),
+            floor(r.token_ms_early, r.step_bytes_early, r.floor_ms_early)
         );
     }
     if let Some(s) = r.late_step.filter(|&s| Some(s) != r.early_step) {
         println!(
-            "  {:<22}{}",
+            "  {:<22}{}{}",
             format!("decode step {s}"),
-            opt(r.token_ms_late)
+            opt(r.token_ms_late),
+            floor(r.token_ms_late, r.step_bytes_late, r.floor_ms_late)
         );
     }
     let steps = r

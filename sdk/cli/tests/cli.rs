@@ -1004,6 +1004,30 @@ fn bench_reports_each_stage() {
     }
     assert_eq!(v["early_step"], 5);
     assert_eq!(v["late_step"], 5);
+    // The memory floor: the decoder file's bytes less its position table, plus the KV cache
+    // of the positions before the step, at the bandwidth measured in the run.
+    let m: Value = serde_json::from_str(
+        &std::fs::read_to_string(bundle().join("moda.json")).expect("manifest"),
+    )
+    .expect("manifest JSON");
+    let dims = &m["model"];
+    let n = |k: &str| dims[k].as_u64().unwrap_or_else(|| panic!("{k}"));
+    let decoder_file = m["graphs"]["decoder"]["file"]
+        .as_str()
+        .expect("decoder file");
+    let file_bytes = m["files"][decoder_file]["bytes"].as_u64().expect("bytes");
+    let weights = file_bytes - (n("max_positions") + 2) * n("hidden_size") * 4;
+    let past = n("prefix_len") + 1 + 5;
+    let kv = 2 * n("num_layers") * n("num_heads") * n("head_dim") * past * 4;
+    assert_eq!(v["step_bytes_early"].as_u64(), Some(weights + kv));
+    let bw = v["read_gb_per_s"].as_f64().expect("bandwidth");
+    assert!(bw > 0.1 && bw < 10_000.0, "{bw} GB/s");
+    let floor = v["floor_ms_early"].as_f64().expect("floor");
+    let want = (weights + kv) as f64 / (bw * 1e9) * 1e3;
+    assert!(
+        (floor - want).abs() <= 1e-9 * want.max(1.0),
+        "{floor} vs {want}"
+    );
     if cfg!(target_os = "linux") {
         assert!(v["peak_rss_mb"].as_f64().expect("peak RSS") > 1.0);
     }
