@@ -277,8 +277,18 @@ fn linear_q(
                     );
                     let sc = g.const_f32(&format!("{prefix}.scales"), &[n as i64], &scales)?;
                     let zp = g.const_i8(&format!("{prefix}.zero_points"), &[n as i64], &vec![0; n]);
-                    let y = g.contrib_op("DynamicQuantizeMatMul", &[x, &b, &sc, &zp], vec![]);
-                    return finish_linear(g, y, t, prefix, scale);
+                    // The bias goes in as the op's own input: ONNX Runtime does not fuse a
+                    // following Add into this op (it does into `MatMulNBits`).
+                    let mut inputs = vec![x.to_string(), b, sc, zp];
+                    if let Some(bias) = t.opt(&format!("{prefix}.bias")) {
+                        let bias = match scale {
+                            Some(s) => (bias * s)?,
+                            None => bias.clone(),
+                        };
+                        inputs.push(g.tensor(&format!("{prefix}.bias"), &bias)?);
+                    }
+                    let inputs: Vec<&str> = inputs.iter().map(String::as_str).collect();
+                    return Ok(g.contrib_op("DynamicQuantizeMatMul", &inputs, vec![]));
                 }
             };
             let (packed, scales) = q.quantize(&data, n, k);
