@@ -189,8 +189,11 @@ struct JobArgs {
     /// default $MODA_SHARD_COUNT). Under Slurm it must equal the array's task count.
     #[arg(long, value_name = "N", value_parser = positive)]
     shard_count: Option<usize>,
-    /// Images run through the model together (at most 1024).
-    #[arg(long, value_name = "N", default_value_t = 1, value_parser = batch_size)]
+    /// Images run through the model together (at most 1024). A batch of 8 describes 1.5 to
+    /// 2.3 times as many images per second as one at a time (2 cores, fp32 to int4); 1 gives
+    /// each image its own decoder runs (the fewest with a caption schema) and the lowest
+    /// latency.
+    #[arg(long, value_name = "N", default_value_t = 8, value_parser = batch_size)]
     batch_size: usize,
     /// No progress bar, no summary, no failure messages on stderr (text mode still writes
     /// failures there).
