@@ -333,6 +333,30 @@ pub trait StepModel {
         }
         Ok(out)
     }
+    /// Whether [`StepModel::step_ragged`] can feed rows of different lengths.
+    fn ragged(&self) -> bool {
+        false
+    }
+    /// Feeds row `r` the first `lens[r]` of its `n` tokens as one step (`tokens` is
+    /// `[rows * n]`, each row padded at its end) and returns the logits after each position,
+    /// `[rows * n * vocab]` (those after a row's padding mean nothing). The padding takes
+    /// cache positions but is masked from then on: no position id, and no later token attends
+    /// to it. Only for a model whose [`StepModel::ragged`] is true; the default feeds rows of
+    /// equal lengths with [`StepModel::step_many`] and refuses others.
+    fn step_ragged(
+        &mut self,
+        tokens: &[u32],
+        n: usize,
+        lens: &[usize],
+    ) -> Result<Vec<f32>, Self::Error> {
+        if lens.iter().all(|&l| l == n) {
+            return self.step_many(tokens, n);
+        }
+        Err(GenerateError::InvalidArgument(
+            "this decoder cannot feed rows of different lengths in one step".into(),
+        )
+        .into())
+    }
     /// Keeps cache rows `rows`, in that order (rows may repeat): beam search's reordering.
     /// `rows` has as many entries as there are rows.
     fn reorder(&mut self, rows: &[usize]) -> Result<(), Self::Error>;
@@ -545,8 +569,9 @@ struct Row {
 }
 
 /// Greedy search or sampling, one row per image. Under a constraint the forced tokens after a
-/// chosen one are fed to the decoder in the same step (as many as every running row has), and
-/// their log-probabilities are read from that step's logits.
+/// chosen one are fed to the decoder in the same step, and their log-probabilities are read
+/// from that step's logits: every row's whole run when the model takes ragged steps
+/// ([`StepModel::ragged`]), else as many tokens as every running row has.
 fn greedy_or_sample<M: StepModel + ?Sized>(
     model: &mut M,
     mut logits: Vec<f32>,
@@ -566,15 +591,17 @@ fn greedy_or_sample<M: StepModel + ?Sized>(
         })
         .collect();
     let mut scratch = Vec::with_capacity(vocab);
-    // Positions of logits per row in `logits` (the last is each row's next-token logits).
+    let ragged = model.ragged();
+    // Positions of logits per row in `logits`, and where each row's next-token logits are.
     let mut width = 1;
+    let mut last = vec![0usize; rows];
     loop {
         let mut runs: Vec<Vec<u32>> = vec![Vec::new(); rows];
         for (r, row) in rs.iter_mut().enumerate() {
             if row.done {
                 continue;
             }
-            let at = (r * width + width - 1) * vocab;
+            let at = (r * width + last[r]) * vocab;
             let lrow = &mut logits[at..at + vocab];
             let token = match row.queue.pop_front() {
                 Some(t) => {
@@ -601,40 +628,50 @@ fn greedy_or_sample<M: StepModel + ?Sized>(
             // logits before it, and ends the row).
             runs[r].extend(row.queue.iter().copied().take_while(|&t| t != eos));
         }
-        let n = rs
-            .iter()
-            .zip(&runs)
-            .filter(|(row, _)| !row.done)
-            .map(|(_, run)| run.len())
-            .min();
+        // A model that can feed rows of different lengths takes every row's whole run (the
+        // shorter ones padded); otherwise a step feeds as many tokens as every row has.
+        let active = rs.iter().zip(&runs).filter(|(row, _)| !row.done);
+        let n = if ragged {
+            active.map(|(_, run)| run.len()).max()
+        } else {
+            active.map(|(_, run)| run.len()).min()
+        };
         let Some(n) = n.filter(|&n| n > 0) else {
             break;
         };
+        let lens: Vec<usize> = rs
+            .iter()
+            .zip(&runs)
+            .map(|(row, run)| if row.done { n } else { run.len().min(n) })
+            .collect();
         let mut feed = Vec::with_capacity(rows * n);
-        for (row, run) in rs.iter().zip(&runs) {
-            if row.done {
-                feed.extend(std::iter::repeat_n(eos, n));
-            } else {
-                feed.extend_from_slice(&run[..n]);
+        for ((row, run), &len) in rs.iter().zip(&runs).zip(&lens) {
+            if !row.done {
+                feed.extend_from_slice(&run[..len]);
             }
+            let fed = if row.done { 0 } else { len };
+            feed.extend(std::iter::repeat_n(eos, n - fed));
         }
         let t = std::time::Instant::now();
         logits = if n == 1 {
             model.step(&feed)?
-        } else {
+        } else if lens.iter().all(|&l| l == n) {
             model.step_many(&feed, n)?
+        } else {
+            model.step_ragged(&feed, n, &lens)?
         };
         let ms = t.elapsed().as_secs_f64() * 1e3;
         check_len(&logits, rows * n, vocab)?;
         width = n;
         for (r, row) in rs.iter_mut().enumerate() {
+            last[r] = lens[r] - 1;
             if row.done {
                 continue;
             }
             row.out.step_ms.push(ms);
             // The fed forced tokens: each one's log-probability is read from the logits of
             // the position before it.
-            for j in 1..n {
+            for j in 1..lens[r] {
                 let t = row.queue.pop_front().unwrap_or(eos);
                 let at = (r * n + j - 1) * vocab;
                 commit_forced(row, &mut logits[at..at + vocab], t, eos, opts, s, r)?;
@@ -1349,27 +1386,36 @@ mod tests {
     /// (5.0) over a fixed spread of the others (within 1.0), whatever it was fed. It counts
     /// its decoder runs.
     struct Teacher {
-        target: Vec<u32>,
+        /// What each row wants to write.
+        targets: Vec<Vec<u32>>,
         vocab: usize,
         fed: Vec<usize>,
         runs: usize,
+        /// Feeds rows of different lengths in one step.
+        ragged: bool,
     }
 
     impl Teacher {
         fn new(target: Vec<u32>, vocab: usize, rows: usize) -> Self {
+            Self::rows(vec![target; rows], vocab)
+        }
+
+        fn rows(targets: Vec<Vec<u32>>, vocab: usize) -> Self {
+            let rows = targets.len();
             Self {
-                target,
+                targets,
                 vocab,
                 fed: vec![0; rows],
                 runs: 0,
+                ragged: false,
             }
         }
 
-        fn logits_at(&self, p: usize) -> Vec<f32> {
+        fn logits_at(&self, r: usize, p: usize) -> Vec<f32> {
             let mut row: Vec<f32> = (0..self.vocab)
                 .map(|t| ((t * 7919 + p * 104_729) % 1000) as f32 / 1000.0)
                 .collect();
-            if let Some(&t) = self.target.get(p) {
+            if let Some(&t) = self.targets[r].get(p) {
                 row[t as usize] = 5.0;
             }
             row
@@ -1377,7 +1423,7 @@ mod tests {
 
         fn first(&self) -> Vec<f32> {
             (0..self.fed.len())
-                .flat_map(|_| self.logits_at(0))
+                .flat_map(|r| self.logits_at(r, 0))
                 .collect()
         }
     }
@@ -1385,28 +1431,43 @@ mod tests {
     impl StepModel for Teacher {
         type Error = GenerateError;
         fn step(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
-            self.runs += 1;
-            let mut out = Vec::new();
-            for r in 0..tokens.len() {
-                self.fed[r] += 1;
-                out.extend(self.logits_at(self.fed[r]));
-            }
-            Ok(out)
+            self.step_many(tokens, 1)
         }
         fn step_many(&mut self, tokens: &[u32], n: usize) -> Result<Vec<f32>> {
+            let lens = vec![n; tokens.len() / n];
             self.runs += 1;
-            let mut out = Vec::new();
-            for r in 0..tokens.len() / n {
-                for _ in 0..n {
-                    self.fed[r] += 1;
-                    out.extend(self.logits_at(self.fed[r]));
-                }
-            }
-            Ok(out)
+            self.feed(n, &lens)
+        }
+        fn ragged(&self) -> bool {
+            self.ragged
+        }
+        fn step_ragged(&mut self, _tokens: &[u32], n: usize, lens: &[usize]) -> Result<Vec<f32>> {
+            assert!(self.ragged, "a ragged step to a model that cannot take one");
+            self.runs += 1;
+            self.feed(n, lens)
         }
         fn reorder(&mut self, rows: &[usize]) -> Result<()> {
             self.fed = rows.iter().map(|&r| self.fed[r]).collect();
+            self.targets = rows.iter().map(|&r| self.targets[r].clone()).collect();
             Ok(())
+        }
+    }
+
+    impl Teacher {
+        /// Row `r` takes `lens[r]` tokens of `n`; the padding after them gives junk logits.
+        fn feed(&mut self, n: usize, lens: &[usize]) -> Result<Vec<f32>> {
+            let mut out = Vec::new();
+            for (r, &len) in lens.iter().enumerate() {
+                for j in 0..n {
+                    if j < len {
+                        self.fed[r] += 1;
+                        out.extend(self.logits_at(r, self.fed[r]));
+                    } else {
+                        out.extend(std::iter::repeat_n(f32::NAN, self.vocab));
+                    }
+                }
+            }
+            Ok(out)
         }
     }
 
@@ -1456,6 +1517,52 @@ mod tests {
         assert_eq!(constrained.alternatives.len(), constrained.token_ids.len());
         assert!(constrained.alternatives[0].len() > 1);
         assert!(free.alternatives.is_empty());
+    }
+
+    #[test]
+    fn a_batch_feeds_each_row_its_own_forced_run() {
+        use crate::constrain::{fixtures, Constraint};
+        let tok = fixtures::tokenizer();
+        let c = Constraint::new(&fixtures::schema(), &tok, tok.eos_id()).expect("constraint");
+        let texts = [
+            "Navy Blue Smart Casual Shoes for Boys - Apparel Shoes",
+            "Black Formal Jeans for Men - Footwear Topwear",
+            "Off White Sports Sports Shoes for Girls - Apparel Bottomwear",
+        ];
+        let targets: Vec<Vec<u32>> = texts
+            .iter()
+            .map(|t| {
+                let mut ids = tok.encode_no_bos(t).expect("encode");
+                ids.push(tok.eos_id());
+                ids
+            })
+            .collect();
+        let vocab = tok.vocab_size();
+        let opts = GenerationOptions::default();
+        let run = |ragged: bool| {
+            let mut m = Teacher::rows(targets.clone(), vocab);
+            m.ragged = ragged;
+            let first = m.first();
+            let search = Search::new(vocab, tok.eos_id(), 32).with_constraint(Some(&c));
+            let g = generate(&mut m, first, texts.len(), &opts, search).expect("generate");
+            (g, m.runs)
+        };
+        let (even, even_runs) = run(false);
+        let (ragged, ragged_runs) = run(true);
+        for ((a, b), want) in even.iter().zip(&ragged).zip(&targets) {
+            // Each row writes its caption either way, with the same log-probabilities.
+            assert_eq!(&a.token_ids, want);
+            assert_eq!(a.token_ids, b.token_ids);
+            assert_eq!(a.logprobs, b.logprobs);
+        }
+        // Every row's forced text goes in with the token before it: fewer runs than a batch
+        // that waits for every row to be in forced text at once, and fewer than tokens.
+        assert!(ragged_runs < even_runs, "{ragged_runs} vs {even_runs}");
+        let longest = targets.iter().map(Vec::len).max().unwrap_or(0);
+        assert!(
+            ragged_runs + 3 <= longest,
+            "{ragged_runs} runs, {longest} tokens"
+        );
     }
 
     #[test]

@@ -911,6 +911,7 @@ impl Moda {
             past: Vec::new(),
             total: 0,
             rows,
+            mask: Vec::new(),
         };
         let first = state.prefill(embeds)?;
         let prefill_ms = ms_since(t);
@@ -1254,25 +1255,36 @@ struct DecodeState<'a> {
     worker: &'a mut Worker,
     /// `present.*` of the last run, in the decoder's input order.
     past: Vec<DynValue>,
-    /// Positions so far (image prefix, BOS and generated tokens).
+    /// Positions so far (image prefix, BOS, generated tokens and the padding of ragged
+    /// steps).
     total: usize,
     rows: usize,
+    /// The attention mask of those positions, `[rows, total]`: 0 for padding.
+    mask: Vec<i64>,
 }
 
 impl DecodeState<'_> {
     /// Runs the decoder on `embeds` (`[rows, seq, embed_dim]`, as a value) and returns the last
-    /// position's logits `[rows * vocab]`, or every position's `[rows * seq * vocab]`.
+    /// position's logits `[rows * vocab]`, or every position's `[rows * seq * vocab]`. With
+    /// `lens`, row `r`'s positions from `lens[r]` on are padding (masked from then on).
     fn run(
         &mut self,
         embeds: SessionInputValue<'static>,
         seq: usize,
         every_position: bool,
+        lens: Option<&[usize]>,
     ) -> Result<Vec<f32>> {
         let m = self.moda;
         let d = m.manifest.model;
         let io = &m.decoder_io;
         let total = self.total + seq;
-        let mask = Tensor::from_array(([self.rows, total], vec![1i64; self.rows * total]))
+        let mut mask_data = Vec::with_capacity(self.rows * total);
+        for r in 0..self.rows {
+            mask_data.extend_from_slice(&self.mask[r * self.total..(r + 1) * self.total]);
+            let len = lens.and_then(|l| l.get(r).copied()).unwrap_or(seq);
+            mask_data.extend((0..seq).map(|j| i64::from(j < len)));
+        }
+        let mask = Tensor::from_array(([self.rows, total], mask_data.clone()))
             .map_err(|e| Error::run(Role::Decoder.name(), e))?;
         let mut inputs: Vec<(Cow<'static, str>, SessionInputValue<'static>)> =
             Vec::with_capacity(io.inputs.len());
@@ -1312,6 +1324,7 @@ impl DecodeState<'_> {
         drop(outputs);
         self.past = past;
         self.total = total;
+        self.mask = mask_data;
         let (shape, data) = logits
             .try_extract_tensor::<f32>()
             .map_err(|e| Error::run(Role::Decoder.name(), e))?;
@@ -1355,7 +1368,7 @@ impl DecodeState<'_> {
         let e = self.moda.manifest.model.embed_dim;
         let t = Tensor::from_array(([self.rows, 2, e], embeds))
             .map_err(|err| Error::run(Role::Decoder.name(), err))?;
-        self.run(t.into(), 2, false)
+        self.run(t.into(), 2, false, None)
     }
 }
 
@@ -1364,7 +1377,7 @@ impl StepModel for DecodeState<'_> {
 
     fn step(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
         let embeds = self.moda.embed_tokens(self.worker, tokens)?;
-        self.run(embeds.into(), 1, false)
+        self.run(embeds.into(), 1, false, None)
     }
 
     fn step_many(&mut self, tokens: &[u32], n: usize) -> Result<Vec<f32>> {
@@ -1376,7 +1389,27 @@ impl StepModel for DecodeState<'_> {
             )));
         }
         let embeds = self.moda.embed_tokens_rows(self.worker, tokens, n)?;
-        self.run(embeds.into(), n, true)
+        self.run(embeds.into(), n, true, None)
+    }
+
+    fn ragged(&self) -> bool {
+        true
+    }
+
+    fn step_ragged(&mut self, tokens: &[u32], n: usize, lens: &[usize]) -> Result<Vec<f32>> {
+        if n == 0
+            || tokens.len() != self.rows * n
+            || lens.len() != self.rows
+            || lens.iter().any(|&l| l == 0 || l > n)
+        {
+            return Err(Error::Internal(format!(
+                "{} tokens for {} decoder rows of {n} (lengths {lens:?})",
+                tokens.len(),
+                self.rows
+            )));
+        }
+        let embeds = self.moda.embed_tokens_rows(self.worker, tokens, n)?;
+        self.run(embeds.into(), n, true, Some(lens))
     }
 
     fn reorder(&mut self, rows: &[usize]) -> Result<()> {
@@ -1401,6 +1434,11 @@ impl StepModel for DecodeState<'_> {
             out.push(t.into_dyn());
         }
         self.past = out;
+        let total = self.total;
+        self.mask = rows
+            .iter()
+            .flat_map(|&r| self.mask[r * total..(r + 1) * total].iter().copied())
+            .collect();
         Ok(())
     }
 }

@@ -261,11 +261,25 @@ fn constrained_descriptions_fit_the_schema_even_from_random_weights() {
         }
     }
     // Forced runs (literal text, a value's rest, the final </s>) go in with the chosen token
-    // before them: fewer decoder runs than tokens, the prefill included. (In a batch, a step
-    // feeds as many forced tokens as every running image has.)
-    for input in &inputs {
+    // before them: fewer decoder runs than tokens, the prefill included, alone and in a batch.
+    let batch = m.describe_batch(&inputs, &constrained).expect("batch");
+    for (input, b) in inputs.iter().zip(batch) {
+        let b = b.expect("an image");
         let c = m.describe(input, &constrained).expect("constrained");
         let f = m.describe(input, &free).expect("free");
+        // In a batch each image's forced text goes in with its own chosen token (the rows
+        // padded to the longest run, the padding masked): the same description as alone.
+        assert_eq!(b.token_ids, c.token_ids);
+        for (x, y) in b.logprobs.iter().zip(&c.logprobs) {
+            // ONNX Runtime's kernels differ between batch sizes by float noise.
+            assert!((x - y).abs() < 1e-4, "{x} vs {y}");
+        }
+        assert!(
+            b.timings.decoder_runs < b.token_ids.len(),
+            "batch: {} runs for {} tokens",
+            b.timings.decoder_runs,
+            b.token_ids.len()
+        );
         assert!(
             c.timings.decoder_runs < c.token_ids.len(),
             "{} runs for {} tokens",
