@@ -95,6 +95,12 @@ impl NpyOutput {
             }
         }
         let order_path = order_path(path);
+        // What an earlier job killed while writing (a second Ctrl-C, a crash) left here.
+        for p in [path, order_path.as_path()] {
+            for stale in remove_stale_temps(p) {
+                eprintln!("moda-sdk: {stale}");
+            }
+        }
         let tmp = temp_beside(path);
         let order_tmp = temp_beside(&order_path);
         let data = File::create(&tmp).map_err(err(&tmp))?;
@@ -222,6 +228,19 @@ impl Drop for NpyOutput {
     }
 }
 
+/// Removes the temporaries of `path` ([`temp_beside`]) that processes no longer running left
+/// behind, and says which.
+pub fn remove_stale_temps(path: &Path) -> Vec<moda_models::files::StaleTemporary> {
+    let parent = path.parent().unwrap_or(Path::new(""));
+    let mut prefix = std::ffi::OsString::from(".");
+    prefix.push(path.file_name().unwrap_or_default());
+    prefix.push(".tmp-");
+    match prefix.to_str() {
+        Some(prefix) => moda_models::files::remove_stale(parent, prefix),
+        None => Vec::new(),
+    }
+}
+
 /// A temporary name beside `path`, unique to this process: `.NAME.tmp-PID`.
 pub fn temp_beside(path: &Path) -> PathBuf {
     let mut name = std::ffi::OsString::from(".");
@@ -245,6 +264,38 @@ pub fn sync_dir(path: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn temporaries_of_a_killed_job_are_removed_and_a_running_ones_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let npy = dir.path().join("emb.npy");
+        let mut dead = std::process::Command::new("true").spawn().expect("spawn");
+        let dead_pid = dead.id();
+        dead.wait().expect("wait");
+        let mut live = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .expect("spawn");
+        let name = |p: &Path, pid: u32| {
+            let t = temp_beside(p);
+            let own = format!("{}", std::process::id());
+            let n = t.file_name().and_then(|n| n.to_str()).expect("name");
+            t.with_file_name(n.replace(&own, &pid.to_string()))
+        };
+        let stale = [name(&npy, dead_pid), name(&order_path(&npy), dead_pid)];
+        let running = name(&npy, live.id());
+        for p in stale.iter().chain([&running]) {
+            std::fs::write(p, b"partial").expect("write");
+        }
+        let out = NpyOutput::create(&npy, 4, 2).expect("create");
+        drop(out);
+        for p in &stale {
+            assert!(!p.exists(), "{} left", p.display());
+        }
+        assert!(running.exists(), "a running job's temporary was removed");
+        let _ = live.kill();
+        let _ = live.wait();
+    }
 
     #[test]
     fn headers_are_numpy_1_0_and_aligned() {
