@@ -186,6 +186,21 @@ pub struct LoadReport {
 }
 
 impl LoadReport {
+    /// Counts the skipped rows by reason and keeps the first [`LoadReport::EXAMPLES`] of them,
+    /// in CSV order, as examples.
+    fn count_skipped(&mut self, mut skipped: Vec<Skipped>) {
+        skipped.sort_by_key(|s| s.line);
+        for s in &skipped {
+            match s.reason {
+                SkipReason::Missing => self.missing += 1,
+                SkipReason::Unreadable => self.unreadable += 1,
+                SkipReason::Incomplete => self.incomplete += 1,
+            }
+        }
+        skipped.truncate(LoadReport::EXAMPLES);
+        self.examples = skipped;
+    }
+
     /// How many skipped rows [`LoadReport::examples`] keeps.
     pub const EXAMPLES: usize = 5;
 
@@ -400,44 +415,11 @@ struct Candidate {
     sample: Sample,
 }
 
-/// Loads a catalog; see the module documentation.
+/// Loads a catalog; see the module documentation. In steps: find the CSV
+/// ([`catalog_paths`]), check its columns ([`required_columns`]), build each row's sample
+/// ([`build_row`]), check the images on all cores ([`check_images`]), count what was skipped.
 pub fn load_catalog(source: &CatalogSource, opts: &LoadOptions) -> Result<Catalog> {
-    let (csv_path, base) = match source {
-        CatalogSource::Kaggle { dir, .. } => {
-            let csv = if dir.is_file() {
-                dir.clone()
-            } else {
-                dir.join(KAGGLE_CSV)
-            };
-            let base = csv
-                .parent()
-                .map(Path::to_path_buf)
-                .unwrap_or_else(|| PathBuf::from("."));
-            (csv, base)
-        }
-        CatalogSource::Csv { csv, root, .. } => {
-            let base = match root {
-                Some(r) => r.clone(),
-                None => csv
-                    .parent()
-                    .map(Path::to_path_buf)
-                    .unwrap_or_else(|| PathBuf::from(".")),
-            };
-            (csv.clone(), base)
-        }
-    };
-    if !csv_path.exists() {
-        let what = match source {
-            CatalogSource::Kaggle { .. } => {
-                format!("{KAGGLE_CSV} (a catalog in the Kaggle fashion-images layout)")
-            }
-            CatalogSource::Csv { .. } => "catalog CSV".to_string(),
-        };
-        return Err(Error::io(
-            &csv_path,
-            std::io::Error::new(std::io::ErrorKind::NotFound, format!("missing {what}")),
-        ));
-    }
+    let (csv_path, base) = catalog_paths(source)?;
     let file = moda_models::files::open_regular(&csv_path).map_err(|e| Error::io(&csv_path, e))?;
     let mut reader = csv::ReaderBuilder::new()
         .trim(csv::Trim::Headers)
@@ -448,50 +430,10 @@ pub fn load_catalog(source: &CatalogSource, opts: &LoadOptions) -> Result<Catalo
         .iter()
         .map(str::to_string)
         .collect();
-    let index_of = |name: &str| headers.iter().position(|h| h == name);
-
-    // Required columns, and the template check.
-    let required: Vec<String> = match source {
-        CatalogSource::Kaggle { template, .. } => {
-            let mut req: Vec<String> = ["ProductId", "Gender", "Category", "Image"]
-                .iter()
-                .map(|s| s.to_string())
-                .collect();
-            for c in template.columns() {
-                if !req.iter().any(|r| r == c) {
-                    req.push(c.to_string());
-                }
-            }
-            // A template column that is not a Kaggle column and not in the file is a template
-            // error (a typo), not a malformed file.
-            for c in template.columns() {
-                if index_of(c).is_none() && !KAGGLE_COLUMNS.contains(&c) {
-                    return Err(Error::TemplateColumn {
-                        template: template.as_str().to_string(),
-                        column: c.to_string(),
-                        path: csv_path.clone(),
-                        available: headers.clone(),
-                    });
-                }
-            }
-            // Report in the file's canonical column order.
-            req.sort_by_key(|c| {
-                KAGGLE_COLUMNS
-                    .iter()
-                    .position(|k| k == c)
-                    .unwrap_or(KAGGLE_COLUMNS.len())
-            });
-            req
-        }
-        CatalogSource::Csv {
-            image_column,
-            caption_column,
-            ..
-        } => vec![image_column.clone(), caption_column.clone()],
-    };
+    let required = required_columns(source, &headers, &csv_path)?;
     let missing: Vec<String> = required
         .iter()
-        .filter(|c| index_of(c).is_none())
+        .filter(|c| !headers.contains(c))
         .cloned()
         .collect();
     if !missing.is_empty() {
@@ -511,46 +453,7 @@ pub fn load_catalog(source: &CatalogSource, opts: &LoadOptions) -> Result<Catalo
         let row = report.rows;
         report.rows += 1;
         let line = record.position().map(|p| p.line()).unwrap_or(0);
-        let get = |c: &str| index_of(c).and_then(|i| record.get(i));
-        let attributes: BTreeMap<String, String> = headers
-            .iter()
-            .zip(record.iter())
-            .map(|(h, v)| (h.clone(), v.trim().to_string()))
-            .collect();
-        let built = match source {
-            CatalogSource::Kaggle { template, .. } => {
-                let field = |c: &str| get(c).map(str::trim).unwrap_or("");
-                let image = field("Image");
-                let path = kaggle_image_path(&base, field("Category"), field("Gender"), image);
-                let empty = ["ProductId", "Category", "Gender", "Image"]
-                    .into_iter()
-                    .find(|c| field(c).is_empty());
-                match empty {
-                    Some(c) => Err((path, c.to_string())),
-                    None => template
-                        .render(get)
-                        .map(|caption| (path.clone(), field("ProductId").to_string(), caption))
-                        .map_err(|c| (path, c)),
-                }
-            }
-            CatalogSource::Csv {
-                image_column,
-                caption_column,
-                ..
-            } => {
-                let image = get(image_column).map(str::trim).unwrap_or("");
-                let caption = get(caption_column).map(str::trim).unwrap_or("");
-                let path = base.join(image);
-                if image.is_empty() {
-                    Err((path, image_column.clone()))
-                } else if caption.is_empty() {
-                    Err((path, caption_column.clone()))
-                } else {
-                    Ok((path, image.to_string(), caption.to_string()))
-                }
-            }
-        };
-        match built {
+        match build_row(source, &base, &headers, &record) {
             Ok((image, id, caption)) => candidates.push(Candidate {
                 line,
                 sample: Sample {
@@ -558,7 +461,11 @@ pub fn load_catalog(source: &CatalogSource, opts: &LoadOptions) -> Result<Catalo
                     id,
                     image,
                     caption,
-                    attributes,
+                    attributes: headers
+                        .iter()
+                        .zip(record.iter())
+                        .map(|(h, v)| (h.clone(), v.trim().to_string()))
+                        .collect(),
                 },
             }),
             Err((image, column)) => skipped.push(Skipped {
@@ -584,16 +491,7 @@ pub fn load_catalog(source: &CatalogSource, opts: &LoadOptions) -> Result<Catalo
             }),
         }
     }
-    skipped.sort_by_key(|s| s.line);
-    for s in &skipped {
-        match s.reason {
-            SkipReason::Missing => report.missing += 1,
-            SkipReason::Unreadable => report.unreadable += 1,
-            SkipReason::Incomplete => report.incomplete += 1,
-        }
-    }
-    skipped.truncate(LoadReport::EXAMPLES);
-    report.examples = skipped;
+    report.count_skipped(skipped);
     report.loaded = samples.len();
     if samples.is_empty() {
         return Err(Error::EmptyCatalog {
@@ -610,6 +508,133 @@ pub fn load_catalog(source: &CatalogSource, opts: &LoadOptions) -> Result<Catalo
         samples,
         report,
     })
+}
+
+/// The catalog's CSV and the directory its image paths start from; an error when the CSV
+/// does not exist.
+fn catalog_paths(source: &CatalogSource) -> Result<(PathBuf, PathBuf)> {
+    let parent_of = |p: &Path| {
+        p.parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."))
+    };
+    let (csv_path, base, what) = match source {
+        CatalogSource::Kaggle { dir, .. } => {
+            let csv = if dir.is_file() {
+                dir.clone()
+            } else {
+                dir.join(KAGGLE_CSV)
+            };
+            let base = parent_of(&csv);
+            let what = format!("{KAGGLE_CSV} (a catalog in the Kaggle fashion-images layout)");
+            (csv, base, what)
+        }
+        CatalogSource::Csv { csv, root, .. } => {
+            let base = root.clone().unwrap_or_else(|| parent_of(csv));
+            (csv.clone(), base, "catalog CSV".to_string())
+        }
+    };
+    if !csv_path.exists() {
+        return Err(Error::io(
+            &csv_path,
+            std::io::Error::new(std::io::ErrorKind::NotFound, format!("missing {what}")),
+        ));
+    }
+    Ok((csv_path, base))
+}
+
+/// The columns `source` needs, in the order an error lists them. For the Kaggle layout, a
+/// template column that is neither a Kaggle column nor in the file is a template error (a
+/// typo), not a malformed file.
+fn required_columns(
+    source: &CatalogSource,
+    headers: &[String],
+    csv_path: &Path,
+) -> Result<Vec<String>> {
+    match source {
+        CatalogSource::Kaggle { template, .. } => {
+            let mut req: Vec<String> = ["ProductId", "Gender", "Category", "Image"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+            for c in template.columns() {
+                if !req.iter().any(|r| r == c) {
+                    req.push(c.to_string());
+                }
+            }
+            for c in template.columns() {
+                if !headers.iter().any(|h| h == c) && !KAGGLE_COLUMNS.contains(&c) {
+                    return Err(Error::TemplateColumn {
+                        template: template.as_str().to_string(),
+                        column: c.to_string(),
+                        path: csv_path.to_path_buf(),
+                        available: headers.to_vec(),
+                    });
+                }
+            }
+            // Report in the file's canonical column order.
+            req.sort_by_key(|c| {
+                KAGGLE_COLUMNS
+                    .iter()
+                    .position(|k| k == c)
+                    .unwrap_or(KAGGLE_COLUMNS.len())
+            });
+            Ok(req)
+        }
+        CatalogSource::Csv {
+            image_column,
+            caption_column,
+            ..
+        } => Ok(vec![image_column.clone(), caption_column.clone()]),
+    }
+}
+
+/// A row's image path, id and caption; or its image path and the first column it lacks.
+fn build_row(
+    source: &CatalogSource,
+    base: &Path,
+    headers: &[String],
+    record: &csv::StringRecord,
+) -> std::result::Result<(PathBuf, String, String), (PathBuf, String)> {
+    let get = |c: &str| {
+        headers
+            .iter()
+            .position(|h| h == c)
+            .and_then(|i| record.get(i))
+    };
+    match source {
+        CatalogSource::Kaggle { template, .. } => {
+            let field = |c: &str| get(c).map(str::trim).unwrap_or("");
+            let image = field("Image");
+            let path = kaggle_image_path(base, field("Category"), field("Gender"), image);
+            let empty = ["ProductId", "Category", "Gender", "Image"]
+                .into_iter()
+                .find(|c| field(c).is_empty());
+            match empty {
+                Some(c) => Err((path, c.to_string())),
+                None => template
+                    .render(get)
+                    .map(|caption| (path.clone(), field("ProductId").to_string(), caption))
+                    .map_err(|c| (path, c)),
+            }
+        }
+        CatalogSource::Csv {
+            image_column,
+            caption_column,
+            ..
+        } => {
+            let image = get(image_column).map(str::trim).unwrap_or("");
+            let caption = get(caption_column).map(str::trim).unwrap_or("");
+            let path = base.join(image);
+            if image.is_empty() {
+                Err((path, image_column.clone()))
+            } else if caption.is_empty() {
+                Err((path, caption_column.clone()))
+            } else {
+                Ok((path, image.to_string(), caption.to_string()))
+            }
+        }
+    }
 }
 
 /// `None` when the image is fine, else why not; one entry per candidate, in order.
