@@ -17,11 +17,18 @@ done
   exit 1
 }
 # The exporter writes the test bundle, moda-sdk gives the results to compare with, trainer
-# writes the synthetic catalog of the Ray Data tests.
-cargo build -p exporter -p moda-cli -p trainer
+# writes the synthetic catalog of the Ray Data tests. Built with the test profile and the same
+# package and target selection as scripts/test.sh's `cargo test`, so that after it this finds
+# everything built (a `cargo build -p ...` would resolve other features and compile the
+# workspace and a third of its dependencies again).
+cargo build --profile test --workspace --exclude moda-python --all-targets
 wheels="$(mktemp -d)"
 trap 'rm -rf "$wheels"' EXIT
-"$venv/bin/maturin" build --quiet -i "$py" -m ffi/python/Cargo.toml -o "$wheels"
+# The wheel with the dev profile: it reuses the dependencies compiled above (same settings; a
+# release build compiles them all again at another optimisation level, about 2 more minutes
+# cold). maturin cannot take the test profile (cargo would build the library as a test
+# harness). ONNX Runtime does the heavy work in these tests, so they run about as fast.
+"$venv/bin/maturin" build --quiet --profile dev -i "$py" -m ffi/python/Cargo.toml -o "$wheels"
 wheel=("$wheels"/moda-*.whl)
 [ -f "${wheel[0]}" ] || { echo "test_python: maturin built no wheel" >&2; exit 1; }
 # --no-deps: the tests use the project's ONNX Runtime (.ort/, from scripts/setup.sh), and a

@@ -444,7 +444,9 @@ impl ModaTokenizer {
                 .map(SpecialToken::to_added)
                 .collect();
             if !extra.is_empty() {
-                inner.add_special_tokens(&extra);
+                inner
+                    .add_special_tokens(extra)
+                    .map_err(|e| bad(path, format!("cannot add its special tokens: {e}")))?;
             }
         }
         Self::finish(inner, path, &bos, &eos, &pad, add_bos)
@@ -463,11 +465,15 @@ impl ModaTokenizer {
         inner.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
         inner.with_decoder(Some(ByteLevelDecoder::default()));
         let added: Vec<AddedToken> = special.tokens.iter().map(SpecialToken::to_added).collect();
-        inner.add_special_tokens(&added);
+        inner
+            .add_special_tokens(added)
+            .map_err(|e| bad(vocab, format!("cannot add the special tokens: {e}")))?;
         // BOS / EOS / PAD must be known tokens; register them if `tokens` forgot them.
         for name in [&special.bos, &special.eos] {
             if inner.token_to_id(name).is_none() {
-                inner.add_special_tokens(&[SpecialToken::new(name.clone()).to_added()]);
+                inner
+                    .add_special_tokens([SpecialToken::new(name.clone()).to_added()])
+                    .map_err(|e| bad(vocab, format!("cannot add {name}: {e}")))?;
             }
         }
         let mut tok = Self::finish(

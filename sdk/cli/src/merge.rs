@@ -219,6 +219,27 @@ pub fn merge(
                 format!("{} of the {count} shards are not given", missing.len()),
                 &missing,
             ));
+            // With the job's images, name those the missing shards hold (a shard takes every
+            // count-th image of the list from its index on), so that the user knows what is
+            // left to run.
+            if let Some(items) = catalog {
+                let held: Vec<String> = items
+                    .iter()
+                    .enumerate()
+                    .filter(|(p, _)| by_index[p % count].is_empty())
+                    .map(|(_, item)| show(&item.identity()))
+                    .collect();
+                if !held.is_empty() {
+                    problems.push(listed(
+                        format!(
+                            "the missing shards hold {} of the {} images listed",
+                            held.len(),
+                            items.len()
+                        ),
+                        &held,
+                    ));
+                }
+            }
         }
         for (i, paths) in by_index.iter().enumerate().filter(|(_, p)| p.len() > 1) {
             let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();

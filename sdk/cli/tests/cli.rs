@@ -1988,6 +1988,15 @@ fn merge_joins_the_shards_of_a_job_each_image_once() {
         );
     };
     refused(&[&sh[0], &sh[1]], &["1 of the 3 shards are not given: 2/3"]);
+    // With the job's images: which of them the missing shard holds (positions 2 and 5 of 7).
+    let held = format!(
+        "the missing shards hold 2 of the 7 images listed: {:?}, {:?}",
+        paths[2], paths[5]
+    );
+    refused(
+        &[&[sh[0].as_str(), sh[1].as_str()], with_images.as_slice()].concat(),
+        &["1 of the 3 shards are not given: 2/3", &held],
+    );
     refused(
         &[&sh[0], &sh[1], &sh[2], &sh[2]],
         &["shard 2/3 is given twice"],
