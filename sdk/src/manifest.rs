@@ -18,6 +18,14 @@
 //! fields are ignored when a manifest is read (serde's default), so an older reader opens a
 //! bundle with them and runs it as it ran every bundle: free text, no attributes, no stop
 //! strings. That is no misreading of what it does read, hence no version change.
+//!
+//! A third came with graphs whose large weights sit in an external data file beside them
+//! (`graphs.<role>.data`, listed in `files` like every file): ONNX Runtime maps such a file
+//! into memory instead of copying the weights out of the graph, which roughly halves the peak
+//! memory and the time to open a bundle. A reader that does not know the field still runs these
+//! graphs (ONNX Runtime finds the data file from the graph itself) and, with checksums
+//! verified, refuses them with ONNX Runtime's message about external data; bundles without it
+//! open as before. Again no version change.
 
 use std::collections::BTreeMap;
 
@@ -285,10 +293,21 @@ impl ModelDims {
 pub struct GraphInfo {
     /// File name inside the bundle.
     pub file: String,
+    /// The graph's external data file (ONNX's `external_data`, named by the graph's large
+    /// initializers), when it has one: a file of the bundle that `files` lists. `exporter
+    /// onnx` names it after the graph ([`external_data_file`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<String>,
     /// Inputs in order.
     pub inputs: Vec<TensorInfo>,
     /// Outputs in order.
     pub outputs: Vec<TensorInfo>,
+}
+
+/// The external data file `exporter onnx` writes beside the graph file `graph`
+/// (`decoder.onnx` -> `decoder.onnx.data`).
+pub fn external_data_file(graph: &str) -> String {
+    format!("{graph}.data")
 }
 
 /// A graph input or output.
@@ -379,11 +398,12 @@ impl Manifest {
             .ok_or_else(|| format!("the manifest lists no \"{role}\" graph"))
     }
 
-    /// The role of the graph stored in the bundle file `file`, if one is.
+    /// The role of the graph stored in the bundle file `file` (the graph itself or its
+    /// external data), if one is.
     pub fn role_of_file(&self, file: &str) -> Option<Role> {
         self.graphs
             .iter()
-            .find(|(_, g)| g.file == file)
+            .find(|(_, g)| g.file == file || g.data.as_deref() == Some(file))
             .map(|(role, _)| *role)
     }
 
@@ -487,6 +507,25 @@ impl Manifest {
                     "\"files\" does not list the {role} graph {:?} (its size and checksum)",
                     graph.file
                 ));
+            }
+            if let Some(data) = &graph.data {
+                check_file_name(data)
+                    .map_err(|e| format!("\"graphs\".\"{role}\".\"data\": {e}"))?;
+                if !self.files.contains_key(data) {
+                    return Err(format!(
+                        "\"files\" does not list the {role} graph's external data {data:?} \
+                         (its size and checksum)"
+                    ));
+                }
+                if *data == graph.file
+                    || self.graphs.iter().any(|(r, g)| {
+                        r != role && (g.file == *data || g.data.as_ref() == Some(data))
+                    })
+                {
+                    return Err(format!(
+                        "the {role} graph's external data {data:?} is another graph's file"
+                    ));
+                }
             }
         }
         for name in self.files.keys() {
@@ -663,6 +702,7 @@ mod tests {
             files.insert(role.default_file().to_string(), file(100));
             let info = GraphInfo {
                 file: role.default_file().to_string(),
+                data: None,
                 inputs: role.input_names(layers).into_iter().map(tensor).collect(),
                 outputs: role.output_names(layers).into_iter().map(tensor).collect(),
             };
@@ -787,6 +827,42 @@ mod tests {
         let keys: Vec<&String> = v["graphs"].as_object().expect("graphs").keys().collect();
         assert_eq!(keys, ["decoder", "embed_tokens", "encoder", "projector"]);
         assert_eq!(parse_value(&v).expect("parses"), m);
+    }
+
+    #[test]
+    fn a_graph_external_data_file_must_be_its_own_and_listed() {
+        // Left out when absent (a bundle without it reads and writes as before) and kept when
+        // present.
+        let m = sample();
+        assert!(json(&m)["graphs"]["decoder"].get("data").is_none());
+        let mut v = json(&m);
+        v["graphs"]["decoder"]["data"] = "decoder.onnx.data".into();
+        v["files"]["decoder.onnx.data"] = serde_json::json!({"bytes": 5, "sha256": "0".repeat(64)});
+        let with = parse_value(&v).expect("parses");
+        assert_eq!(with.role_of_file("decoder.onnx.data"), Some(Role::Decoder));
+        assert_eq!(
+            json(&with)["graphs"]["decoder"]["data"],
+            "decoder.onnx.data"
+        );
+        // Not listed, not a plain name, or another graph's file: refused, saying which.
+        let refused = |edit: &dyn Fn(&mut serde_json::Value), want: &str| {
+            let mut v = json(&m);
+            edit(&mut v);
+            let err = parse_value(&v).expect_err(want);
+            assert!(err.contains(want), "{err}");
+        };
+        refused(
+            &|v| v["graphs"]["decoder"]["data"] = "decoder.onnx.data".into(),
+            "does not list the decoder graph's external data",
+        );
+        refused(
+            &|v| v["graphs"]["decoder"]["data"] = "../w.data".into(),
+            "\"graphs\".\"decoder\".\"data\"",
+        );
+        refused(
+            &|v| v["graphs"]["decoder"]["data"] = "encoder.onnx".into(),
+            "is another graph's file",
+        );
     }
 
     #[test]

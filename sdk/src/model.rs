@@ -23,7 +23,7 @@
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Instant;
 
 use moda_models::constrain::{self, Constraint, ConstraintError};
@@ -461,17 +461,43 @@ impl Moda {
         self.session_options.intra_threads.unwrap_or(1)
     }
 
-    /// A session for the graph file `file`. With `verify_checksums` the file is read once,
-    /// its SHA-256 compared with the manifest's, and ONNX Runtime given those very bytes: what
-    /// runs is what was checked (a file swapped after the check is not read again), and a
-    /// graph that keeps weights in external data files, which no checksum covers, is
-    /// refused. Otherwise ONNX Runtime reads the file itself, which needs no second copy of
-    /// it in memory while the session is built.
-    fn load_graph(&self, file: &str, options: &SessionOptions) -> Result<Session> {
-        let path = self.dir.join(file);
+    /// A session for the graph `graph`. With `verify_checksums` the graph's file and its
+    /// external data file (if it has one) are read once, their SHA-256 compared with the
+    /// manifest's, and ONNX Runtime given those very bytes: what runs is what was checked (a
+    /// file swapped after the check is not read again), and a graph that names external data
+    /// other than its own listed file, which no checksum covers, is refused. Otherwise ONNX
+    /// Runtime reads the files itself: it maps the external data into memory instead of
+    /// copying the weights, and needs no second copy of the graph while the session is built.
+    fn load_graph(&self, graph: &GraphInfo, options: &SessionOptions) -> Result<Session> {
+        let path = self.dir.join(&graph.file);
         if !self.options.verify_checksums {
             return Ok(session_from_file(&path, options)?);
         }
+        let bytes = self.read_checked(&graph.file)?;
+        let data = match &graph.data {
+            Some(name) => Some((name.as_str(), Arc::<[u8]>::from(self.read_checked(name)?))),
+            None => None,
+        };
+        session_from_bytes(&path, &bytes, data, options).map_err(|e| {
+            let msg = e.to_string();
+            if msg.to_lowercase().contains("external data") {
+                Error::bundle(
+                    &path,
+                    format!(
+                        "{msg} (with checksums verified a graph's weights must be in the graph \
+                         or in the external data file the manifest lists for it, which its \
+                         checksum covers)"
+                    ),
+                )
+            } else {
+                e.into()
+            }
+        })
+    }
+
+    /// The bundle file `file`, read whole and checked against the manifest's SHA-256.
+    fn read_checked(&self, file: &str) -> Result<Vec<u8>> {
+        let path = self.dir.join(file);
         let info = self.manifest.files.get(file).ok_or_else(|| {
             Error::bundle(
                 &path,
@@ -487,20 +513,7 @@ impl Moda {
                 format!("SHA-256 {got} differs from the manifest's {}", info.sha256),
             ));
         }
-        session_from_bytes(&path, &bytes, options).map_err(|e| {
-            let msg = e.to_string();
-            if msg.to_lowercase().contains("external data") {
-                Error::bundle(
-                    &path,
-                    format!(
-                        "{msg} (with checksums verified a graph must hold all its weights: \
-                         external data files are not covered by the manifest's checksums)"
-                    ),
-                )
-            } else {
-                e.into()
-            }
-        })
+        Ok(bytes)
     }
 
     fn build_worker(&self) -> Result<Worker> {
@@ -514,14 +527,29 @@ impl Moda {
                 no_spinning: role != Role::Decoder,
                 ..self.session_options.clone()
             };
-            self.load_graph(&g.file, &options)
+            self.load_graph(g, &options)
         };
-        // Largest first: loading a graph briefly needs more than its final size, and that
-        // peak comes on top of what is already loaded.
-        let decoder = open(Role::Decoder)?;
-        let encoder = open(Role::Encoder)?;
-        let embed = open(Role::EmbedTokens)?;
-        let projector = open(Role::Projector)?;
+        // The decoder on a second thread while this one builds the other three: building a
+        // session (ONNX Runtime's optimizer, packing the weights) runs mostly on one core.
+        let (decoder, others) = std::thread::scope(|scope| {
+            let decoder = scope.spawn(|| open(Role::Decoder));
+            let others = || -> Result<(Session, Session, Session)> {
+                Ok((
+                    open(Role::Encoder)?,
+                    open(Role::EmbedTokens)?,
+                    open(Role::Projector)?,
+                ))
+            };
+            let others = others();
+            let decoder = decoder.join().unwrap_or_else(|_| {
+                Err(Error::Internal(
+                    "building the decoder session panicked".into(),
+                ))
+            });
+            (decoder, others)
+        });
+        let decoder = decoder?;
+        let (encoder, embed, projector) = others?;
         let worker = Worker {
             encoder,
             projector,

@@ -23,7 +23,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use ort::session::builder::GraphOptimizationLevel;
 use ort::session::Session;
@@ -115,8 +115,14 @@ enum GraphSource<'a> {
     File(&'a Path),
     /// Bytes already read and checked; `name` says what they are in messages. A graph loaded
     /// this way cannot reach external data files (ONNX Runtime has no folder to resolve them
-    /// against), so everything it runs is in the checked bytes.
-    Memory { name: &'a Path, bytes: &'a [u8] },
+    /// against) other than `data`, the one external data file given (its name as the graph's
+    /// tensors name it, and its bytes, also checked), so everything it runs is in checked
+    /// bytes.
+    Memory {
+        name: &'a Path,
+        bytes: &'a [u8],
+        data: Option<(&'a str, Arc<[u8]>)>,
+    },
 }
 
 /// Builds a session for the model file `path`.
@@ -124,14 +130,16 @@ pub fn session_from_file(path: &Path, options: &SessionOptions) -> Result<Sessio
     build_session(GraphSource::File(path), options)
 }
 
-/// Builds a session from a graph's bytes (`name` is the file they came from, for messages):
-/// what runs is exactly those bytes, which the caller may have checked.
+/// Builds a session from a graph's bytes (`name` is the file they came from, for messages) and
+/// those of its external data file, if it has one (`data`: the file name its tensors give,
+/// and the file's bytes): what runs is exactly those bytes, which the caller may have checked.
 pub fn session_from_bytes(
     name: &Path,
     bytes: &[u8],
+    data: Option<(&str, Arc<[u8]>)>,
     options: &SessionOptions,
 ) -> Result<Session, RuntimeError> {
-    build_session(GraphSource::Memory { name, bytes }, options)
+    build_session(GraphSource::Memory { name, bytes, data }, options)
 }
 
 fn build_session(
@@ -169,13 +177,19 @@ fn build_session(
     }
     match source {
         GraphSource::File(path) => builder.commit_from_file(path),
-        GraphSource::Memory { bytes, .. } => {
+        GraphSource::Memory { bytes, data, .. } => {
             // ONNX Runtime resolves the external data of a graph loaded from bytes against
             // the current directory, or the folder this setting names: name one that can
-            // never exist (a path through a device file), so that no external data is read.
+            // never exist (a path through a device file), so that no file is read. The one
+            // data file given is found in memory by its name.
             builder = builder
                 .with_config_entry(EXTERNAL_DATA_FOLDER_KEY, NO_EXTERNAL_DATA_FOLDER)
                 .map_err(|e| err(&e))?;
+            if let Some((file, buffer)) = data {
+                builder = builder
+                    .with_external_initializer_file_in_memory(file, buffer)
+                    .map_err(|e| err(&e))?;
+            }
             builder.commit_from_memory(bytes)
         }
     }

@@ -18,9 +18,10 @@
 //! than those bytes divided by the machine's read bandwidth. `bench` measures that bandwidth
 //! in the same run ([`read_bandwidth_gb_s`]: a sum over a 256 MiB buffer, larger than the
 //! caches, on as many threads as ONNX Runtime uses, best of 3) and reports, beside the early
-//! and late steps, the bytes they read and their floor. The weight bytes are the decoder
-//! file's size less the position table's: the file's few other bytes (graph, names) count
-//! too, a fraction of a percent.
+//! and late steps, the bytes they read and their floor. The weight bytes are the sizes of the
+//! decoder's files (the graph and its external data) less the position table's: their few
+//! other bytes (graph, names, the padding that aligns each tensor to a page) count too, a
+//! fraction of a percent.
 
 use serde::{Deserialize, Serialize};
 
@@ -238,16 +239,16 @@ pub fn bench(moda: &Moda, image: &ImageInput<'_>, opts: &BenchOptions) -> Result
     })
 }
 
-/// The weight bytes a decode step reads: the decoder file's size, less its position table
-/// (`[max_positions + 2, hidden]` f32, of which a step reads one row).
+/// The weight bytes a decode step reads: the decoder's files' sizes (the graph and its
+/// external data), less its position table (`[max_positions + 2, hidden]` f32, of which a
+/// step reads one row).
 pub fn decoder_weight_bytes(moda: &Moda) -> u64 {
     let m = moda.manifest();
     let d = m.model;
+    let size = |name: &str| m.files.get(name).map_or(0, |f| f.bytes);
     let file = m
         .graph(moda_sdk::manifest::Role::Decoder)
-        .ok()
-        .and_then(|g| m.files.get(&g.file))
-        .map_or(0, |f| f.bytes);
+        .map_or(0, |g| size(&g.file) + g.data.as_deref().map_or(0, size));
     let positions = ((d.max_positions + 2) * d.hidden_size * 4) as u64;
     file.saturating_sub(positions)
 }

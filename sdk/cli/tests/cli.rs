@@ -1004,8 +1004,9 @@ fn bench_reports_each_stage() {
     }
     assert_eq!(v["early_step"], 5);
     assert_eq!(v["late_step"], 5);
-    // The memory floor: the decoder file's bytes less its position table, plus the KV cache
-    // of the positions before the step, at the bandwidth measured in the run.
+    // The memory floor: the decoder's files' bytes (the graph and its external data) less its
+    // position table, plus the KV cache of the positions before the step, at the bandwidth
+    // measured in the run.
     let m: Value = serde_json::from_str(
         &std::fs::read_to_string(bundle().join("moda.json")).expect("manifest"),
     )
@@ -1015,7 +1016,11 @@ fn bench_reports_each_stage() {
     let decoder_file = m["graphs"]["decoder"]["file"]
         .as_str()
         .expect("decoder file");
-    let file_bytes = m["files"][decoder_file]["bytes"].as_u64().expect("bytes");
+    let decoder_data = m["graphs"]["decoder"]["data"]
+        .as_str()
+        .expect("decoder data");
+    let file_bytes = m["files"][decoder_file]["bytes"].as_u64().expect("bytes")
+        + m["files"][decoder_data]["bytes"].as_u64().expect("bytes");
     let weights = file_bytes - (n("max_positions") + 2) * n("hidden_size") * 4;
     let past = n("prefix_len") + 1 + 5;
     let kv = 2 * n("num_layers") * n("num_heads") * n("head_dim") * past * 4;
