@@ -791,6 +791,21 @@ fn shard_seed(state: u64, k: usize) -> u64 {
 /// One shard's summed loss, predicted tokens and gradients of the summed loss.
 type ShardResult = Result<(f64, usize, candle_core::backprop::GradStore)>;
 
+/// The thread pool the shards of a micro-batch run on ([`sharded_step`]): one thread per
+/// shard, made on first use (a process trains with one shard count).
+fn shard_pool(shards: usize) -> Result<&'static rayon::ThreadPool> {
+    static POOL: std::sync::OnceLock<rayon::ThreadPool> = std::sync::OnceLock::new();
+    if let Some(pool) = POOL.get() {
+        return Ok(pool);
+    }
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(shards.max(1))
+        .thread_name(|i| format!("shard-{i}"))
+        .build()
+        .map_err(|e| Error::InvalidArgument(format!("cannot start the training threads: {e}")))?;
+    Ok(POOL.get_or_init(|| pool))
+}
+
 /// Forward and backward of one micro-batch split into `shards` on as many threads (CPU), each
 /// on a clone of the model (shared weights) with a dropout generator of its own; the model's
 /// generator then moves on by one draw. Returns the micro-batch's mean loss; the gradients of
@@ -809,34 +824,46 @@ fn sharded_step(
     optimizer: &mut AdamW,
 ) -> Result<f32> {
     let base = model.decoder().dropout_state();
-    let results: Vec<ShardResult> = std::thread::scope(|sc| {
-        let handles: Vec<_> = shards
-            .iter()
-            .enumerate()
-            .map(|(k, range)| {
-                let fork = model.clone();
-                if let Some(b) = base {
-                    fork.decoder().set_dropout_state(shard_seed(b, k));
-                }
-                let range = range.clone();
-                sc.spawn(move || -> ShardResult {
+    // The shards run as tasks of a rayon pool of one thread per shard. An op of a shard that
+    // splits its rows on rayon (our kernels, some of candle's) then splits them on that pool,
+    // from inside it: the shard's thread runs them itself, and a thread done with its shard
+    // steals some. On plain threads of their own, the shards' splits all went to rayon's
+    // global pool (one thread: the cores are divided between the shards) and each shard slept
+    // while they queued there.
+    let mut slots: Vec<Option<ShardResult>> = shards.iter().map(|_| None).collect();
+    shard_pool(shards.len())?.scope(|sc| {
+        for (k, (range, slot)) in shards.iter().zip(slots.iter_mut()).enumerate() {
+            let fork = model.clone();
+            if let Some(b) = base {
+                fork.decoder().set_dropout_state(shard_seed(b, k));
+            }
+            let range = range.clone();
+            sc.spawn(move |_| {
+                let run = || -> ShardResult {
                     let imgs = images.narrow(0, range.start, range.len())?;
                     let (sum, count) = loss_sum(&fork, data, &imgs, &idx[range], pad, device)?;
                     let value = sum.to_scalar::<f32>()? as f64;
                     let grads = sum.backward()?;
                     Ok((value, count, grads))
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join().unwrap_or_else(|_| {
-                    Err(Error::InvalidArgument("a training thread panicked".into()))
-                })
-            })
-            .collect()
+                };
+                *slot = Some(
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)).unwrap_or_else(
+                        |_| Err(Error::InvalidArgument("a training shard panicked".into())),
+                    ),
+                );
+            });
+        }
     });
+    let results: Vec<ShardResult> = slots
+        .into_iter()
+        .map(|r| {
+            r.unwrap_or_else(|| {
+                Err(Error::InvalidArgument(
+                    "a training shard did not run".into(),
+                ))
+            })
+        })
+        .collect();
     if let Some(b) = base {
         model
             .decoder()
