@@ -794,8 +794,7 @@ type ShardResult = Result<(f64, usize, candle_core::backprop::GradStore)>;
 /// The thread pool the shards of a micro-batch run on ([`sharded_step`]): one thread per
 /// shard, made on first use (a process trains with one shard count).
 fn shard_pool(shards: usize) -> Result<&'static rayon::ThreadPool> {
-    static POOL: std::sync::OnceLock<rayon::ThreadPool> = std::sync::OnceLock::new();
-    if let Some(pool) = POOL.get() {
+    if let Some(pool) = SHARD_POOL.get() {
         return Ok(pool);
     }
     let pool = rayon::ThreadPoolBuilder::new()
@@ -803,8 +802,11 @@ fn shard_pool(shards: usize) -> Result<&'static rayon::ThreadPool> {
         .thread_name(|i| format!("shard-{i}"))
         .build()
         .map_err(|e| Error::InvalidArgument(format!("cannot start the training threads: {e}")))?;
-    Ok(POOL.get_or_init(|| pool))
+    Ok(SHARD_POOL.get_or_init(|| pool))
 }
+
+/// [`shard_pool`]'s pool, once made.
+static SHARD_POOL: std::sync::OnceLock<rayon::ThreadPool> = std::sync::OnceLock::new();
 
 /// Forward and backward of one micro-batch split into `shards` on as many threads (CPU), each
 /// on a clone of the model (shared weights) with a dropout generator of its own; the model's
@@ -894,12 +896,49 @@ fn evaluate_loss(
     model.decoder_mut().eval();
     let mut sum = 0f64;
     let mut n = 0usize;
+    let chunks: Vec<&[usize]> = idx.chunks(bs.max(1)).collect();
+    let one = |model: &CaptionModel, chunk: &[usize]| -> Result<f64> {
+        Ok(batch_loss(model, data, chunk, pad, device, None)?
+            .detach()
+            .to_scalar::<f32>()? as f64)
+    };
+    // With sharded training the batches go to the shards' pool, as many at once as it has
+    // threads; the losses are added in batch order all the same.
+    let losses: Vec<Result<f64>> = match SHARD_POOL.get() {
+        Some(pool) => {
+            let mut slots: Vec<Option<Result<f64>>> = chunks.iter().map(|_| None).collect();
+            let shared: &CaptionModel = model;
+            pool.scope(|sc| {
+                for (chunk, slot) in chunks.iter().zip(slots.iter_mut()) {
+                    let fork = shared.clone();
+                    sc.spawn(move |_| {
+                        *slot = Some(
+                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                one(&fork, chunk)
+                            }))
+                            .unwrap_or_else(|_| {
+                                Err(Error::InvalidArgument("a validation batch panicked".into()))
+                            }),
+                        );
+                    });
+                }
+            });
+            slots
+                .into_iter()
+                .map(|r| {
+                    r.unwrap_or_else(|| {
+                        Err(Error::InvalidArgument(
+                            "a validation batch did not run".into(),
+                        ))
+                    })
+                })
+                .collect()
+        }
+        None => chunks.iter().map(|chunk| one(model, chunk)).collect(),
+    };
     let result = (|| -> Result<()> {
-        for chunk in idx.chunks(bs.max(1)) {
-            let l = batch_loss(model, data, chunk, pad, device, None)?
-                .detach()
-                .to_scalar::<f32>()? as f64;
-            sum += l * chunk.len() as f64;
+        for (chunk, l) in chunks.iter().zip(losses) {
+            sum += l? * chunk.len() as f64;
             n += chunk.len();
         }
         Ok(())
