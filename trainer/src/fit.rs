@@ -805,6 +805,31 @@ fn shard_pool(shards: usize) -> Result<&'static rayon::ThreadPool> {
     Ok(SHARD_POOL.get_or_init(|| pool))
 }
 
+/// Runs `tasks` as tasks of `pool` (as many at once as it has threads) and returns their
+/// results in order; a task that panics gives an error naming `what`.
+fn on_pool<T, F>(pool: &rayon::ThreadPool, tasks: Vec<F>, what: &str) -> Vec<Result<T>>
+where
+    T: Send,
+    F: FnOnce() -> Result<T> + Send,
+{
+    let mut slots: Vec<Option<Result<T>>> = tasks.iter().map(|_| None).collect();
+    pool.scope(|sc| {
+        for (task, slot) in tasks.into_iter().zip(slots.iter_mut()) {
+            sc.spawn(move |_| {
+                *slot = Some(
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(task)).unwrap_or_else(
+                        |_| Err(Error::InvalidArgument(format!("{what} panicked"))),
+                    ),
+                );
+            });
+        }
+    });
+    slots
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(Error::InvalidArgument(format!("{what} did not run")))))
+        .collect()
+}
+
 /// [`shard_pool`]'s pool, once made.
 static SHARD_POOL: std::sync::OnceLock<rayon::ThreadPool> = std::sync::OnceLock::new();
 
@@ -832,40 +857,25 @@ fn sharded_step(
     // steals some. On plain threads of their own, the shards' splits all went to rayon's
     // global pool (one thread: the cores are divided between the shards) and each shard slept
     // while they queued there.
-    let mut slots: Vec<Option<ShardResult>> = shards.iter().map(|_| None).collect();
-    shard_pool(shards.len())?.scope(|sc| {
-        for (k, (range, slot)) in shards.iter().zip(slots.iter_mut()).enumerate() {
+    let tasks: Vec<_> = shards
+        .iter()
+        .enumerate()
+        .map(|(k, range)| {
             let fork = model.clone();
             if let Some(b) = base {
                 fork.decoder().set_dropout_state(shard_seed(b, k));
             }
             let range = range.clone();
-            sc.spawn(move |_| {
-                let run = || -> ShardResult {
-                    let imgs = images.narrow(0, range.start, range.len())?;
-                    let (sum, count) = loss_sum(&fork, data, &imgs, &idx[range], pad, device)?;
-                    let value = sum.to_scalar::<f32>()? as f64;
-                    let grads = sum.backward()?;
-                    Ok((value, count, grads))
-                };
-                *slot = Some(
-                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)).unwrap_or_else(
-                        |_| Err(Error::InvalidArgument("a training shard panicked".into())),
-                    ),
-                );
-            });
-        }
-    });
-    let results: Vec<ShardResult> = slots
-        .into_iter()
-        .map(|r| {
-            r.unwrap_or_else(|| {
-                Err(Error::InvalidArgument(
-                    "a training shard did not run".into(),
-                ))
-            })
+            move || -> ShardResult {
+                let imgs = images.narrow(0, range.start, range.len())?;
+                let (sum, count) = loss_sum(&fork, data, &imgs, &idx[range], pad, device)?;
+                let value = sum.to_scalar::<f32>()? as f64;
+                let grads = sum.backward()?;
+                Ok((value, count, grads))
+            }
         })
         .collect();
+    let results = on_pool(shard_pool(shards.len())?, tasks, "a training shard");
     if let Some(b) = base {
         model
             .decoder()
@@ -906,33 +916,14 @@ fn evaluate_loss(
     // threads; the losses are added in batch order all the same.
     let losses: Vec<Result<f64>> = match SHARD_POOL.get() {
         Some(pool) => {
-            let mut slots: Vec<Option<Result<f64>>> = chunks.iter().map(|_| None).collect();
-            let shared: &CaptionModel = model;
-            pool.scope(|sc| {
-                for (chunk, slot) in chunks.iter().zip(slots.iter_mut()) {
-                    let fork = shared.clone();
-                    sc.spawn(move |_| {
-                        *slot = Some(
-                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                                one(&fork, chunk)
-                            }))
-                            .unwrap_or_else(|_| {
-                                Err(Error::InvalidArgument("a validation batch panicked".into()))
-                            }),
-                        );
-                    });
-                }
-            });
-            slots
-                .into_iter()
-                .map(|r| {
-                    r.unwrap_or_else(|| {
-                        Err(Error::InvalidArgument(
-                            "a validation batch did not run".into(),
-                        ))
-                    })
+            let tasks: Vec<_> = chunks
+                .iter()
+                .map(|chunk| {
+                    let fork = model.clone();
+                    move || one(&fork, chunk)
                 })
-                .collect()
+                .collect();
+            on_pool(pool, tasks, "a validation batch")
         }
         None => chunks.iter().map(|chunk| one(model, chunk)).collect(),
     };
