@@ -63,6 +63,10 @@ pub struct OpenOptions {
     pub image_limits: ImageLimits,
     /// Run ONNX Runtime's graph optimisations (on by default).
     pub optimize: bool,
+    /// Record ONNX Runtime's per-operator profile of every graph run into JSON files in this
+    /// directory (which must exist), one per session, named after the graph's role; they are
+    /// written by [`Moda::end_profiling`]. Off by default: profiling slows every run.
+    pub profile_dir: Option<PathBuf>,
 }
 
 impl Default for OpenOptions {
@@ -73,6 +77,7 @@ impl Default for OpenOptions {
             verify_checksums: false,
             image_limits: ImageLimits::default(),
             optimize: true,
+            profile_dir: None,
         }
     }
 }
@@ -105,6 +110,12 @@ impl OpenOptions {
     /// [`OpenOptions::optimize`].
     pub fn with_optimize(mut self, optimize: bool) -> Self {
         self.optimize = optimize;
+        self
+    }
+
+    /// [`OpenOptions::profile_dir`].
+    pub fn with_profile_dir(mut self, dir: Option<PathBuf>) -> Self {
+        self.profile_dir = dir;
         self
     }
 }
@@ -296,6 +307,8 @@ pub struct Moda {
     /// The caption schema compiled for constrained decoding, built on first use (`None`
     /// without a schema).
     constraint: OnceLock<Option<std::result::Result<Constraint, ConstraintError>>>,
+    /// Session sets built so far (names each set's profile files apart).
+    built: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for Moda {
@@ -409,6 +422,7 @@ impl Moda {
             disable_optimizations: !options.optimize,
             optimized_model_path: None,
             no_spinning: false,
+            profile_prefix: None,
         };
         let moda = Self {
             dir,
@@ -430,6 +444,7 @@ impl Moda {
             }),
             returned: Condvar::new(),
             constraint: OnceLock::new(),
+            built: std::sync::atomic::AtomicUsize::new(0),
         };
         let first = moda.build_worker()?;
         moda.lock_pool().idle.push(first);
@@ -516,7 +531,35 @@ impl Moda {
         Ok(bytes)
     }
 
+    /// Ends the profiles that [`OpenOptions::profile_dir`] started, in every idle session set,
+    /// and returns each graph's role and the file ONNX Runtime wrote. Empty without
+    /// `profile_dir`; a set in use by another thread is left recording.
+    pub fn end_profiling(&self) -> Result<Vec<(Role, PathBuf)>> {
+        if self.options.profile_dir.is_none() {
+            return Ok(Vec::new());
+        }
+        let mut files = Vec::new();
+        let mut st = self.lock_pool();
+        for w in st.idle.iter_mut() {
+            for (role, session) in [
+                (Role::Encoder, &mut w.encoder),
+                (Role::Projector, &mut w.projector),
+                (Role::EmbedTokens, &mut w.embed),
+                (Role::Decoder, &mut w.decoder),
+            ] {
+                let file = session.end_profiling().map_err(|e| {
+                    Error::Internal(format!("ending the {role} graph's profile: {e}"))
+                })?;
+                files.push((role, PathBuf::from(file)));
+            }
+        }
+        Ok(files)
+    }
+
     fn build_worker(&self) -> Result<Worker> {
+        let set = self
+            .built
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let open = |role: Role| -> Result<Session> {
             let g = self
                 .manifest
@@ -525,6 +568,11 @@ impl Moda {
             // Only the decoder, run once per token, keeps its threads spinning between runs.
             let options = SessionOptions {
                 no_spinning: role != Role::Decoder,
+                profile_prefix: self
+                    .options
+                    .profile_dir
+                    .as_ref()
+                    .map(|d| d.join(format!("{}-{set}", role.name()))),
                 ..self.session_options.clone()
             };
             self.load_graph(g, &options)

@@ -100,6 +100,9 @@ pub struct SessionOptions {
     /// after its run takes cores from the next session's run (the encoder before the
     /// decoder's prefill measured 2.5x slower prefills on 2 cores).
     pub no_spinning: bool,
+    /// Record ONNX Runtime's per-operator profile of every run, written to a JSON file whose
+    /// name starts with this prefix when the profile is ended (see `Moda::end_profiling`).
+    pub profile_prefix: Option<PathBuf>,
 }
 
 /// ONNX Runtime's session setting for the folder that a graph loaded from bytes finds its
@@ -174,6 +177,9 @@ fn build_session(
     }
     if let Some(p) = &options.optimized_model_path {
         builder = builder.with_optimized_model_path(p).map_err(|e| err(&e))?;
+    }
+    if let Some(p) = &options.profile_prefix {
+        builder = builder.with_profiling(p).map_err(|e| err(&e))?;
     }
     match source {
         GraphSource::File(path) => builder.commit_from_file(path),

@@ -330,3 +330,120 @@ pub fn peak_rss_mb() -> Option<f64> {
         .ok()?;
     Some(kb / 1024.0)
 }
+
+/// One graph's ONNX Runtime profile, summed: what each operator type costs per run of the
+/// graph, and how much of a run no operator accounts for (ONNX Runtime's own work between
+/// kernels: scheduling, allocating outputs, waking threads).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProfileSummary {
+    /// The profile file.
+    pub file: String,
+    /// Runs recorded (the warm-up included).
+    pub runs: usize,
+    /// Mean wall time of a run, in ms.
+    pub run_ms: f64,
+    /// Mean time of all kernels of a run, in ms.
+    pub kernels_ms: f64,
+    /// Operator types by their mean time per run, largest first: (type, nodes run per run,
+    /// ms per run).
+    pub ops: Vec<(String, f64, f64)>,
+}
+
+/// Sums a profile that ONNX Runtime wrote (a JSON array of trace events: one `model_run`
+/// event per run and one `*_kernel_time` event per node run, durations in microseconds).
+pub fn summarize_profile(path: &std::path::Path) -> std::result::Result<ProfileSummary, String> {
+    #[derive(Deserialize)]
+    struct Event {
+        #[serde(default)]
+        cat: String,
+        #[serde(default)]
+        name: String,
+        #[serde(default)]
+        dur: f64,
+        #[serde(default)]
+        args: serde_json::Map<String, serde_json::Value>,
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let events: Vec<Event> =
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut runs = 0usize;
+    let mut run_us = 0.0;
+    let mut kernels_us = 0.0;
+    let mut ops: std::collections::BTreeMap<String, (usize, f64)> = Default::default();
+    for e in &events {
+        match e.cat.as_str() {
+            "Session" if e.name == "model_run" => {
+                runs += 1;
+                run_us += e.dur;
+            }
+            "Node" if e.name.ends_with("_kernel_time") => {
+                let op = e
+                    .args
+                    .get("op_name")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("?")
+                    .to_string();
+                let entry = ops.entry(op).or_default();
+                entry.0 += 1;
+                entry.1 += e.dur;
+                kernels_us += e.dur;
+            }
+            _ => {}
+        }
+    }
+    let per_run = |us: f64| {
+        if runs > 0 {
+            us / runs as f64 / 1e3
+        } else {
+            0.0
+        }
+    };
+    let mut ops: Vec<(String, f64, f64)> = ops
+        .into_iter()
+        .map(|(op, (n, us))| (op, n as f64 / runs.max(1) as f64, per_run(us)))
+        .collect();
+    ops.sort_by(|a, b| b.2.total_cmp(&a.2));
+    Ok(ProfileSummary {
+        file: path.display().to_string(),
+        runs,
+        run_ms: per_run(run_us),
+        kernels_ms: per_run(kernels_us),
+        ops,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::summarize_profile;
+
+    /// Sums against a profile written by hand: two runs (1 and 3 ms), three kernels.
+    #[test]
+    fn profile_sums_per_run() {
+        let dir = std::env::temp_dir().join(format!("moda-profile-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("p.json");
+        let events = r#"[
+            {"cat": "Session", "name": "session_initialization", "dur": 50000},
+            {"cat": "Session", "name": "model_run", "dur": 1000},
+            {"cat": "Node", "name": "mm_1_kernel_time", "dur": 500, "args": {"op_name": "MatMul"}},
+            {"cat": "Node", "name": "mm_1_fence_before", "dur": 9, "args": {"op_name": "MatMul"}},
+            {"cat": "Node", "name": "add_2_kernel_time", "dur": 100, "args": {"op_name": "Add"}},
+            {"cat": "Session", "name": "model_run", "dur": 3000},
+            {"cat": "Node", "name": "mm_1_kernel_time", "dur": 700, "args": {"op_name": "MatMul"}}
+        ]"#;
+        std::fs::write(&file, events).expect("write");
+        let p = summarize_profile(&file).expect("summary");
+        std::fs::remove_dir_all(&dir).ok();
+        assert_eq!(p.runs, 2);
+        assert!((p.run_ms - 2.0).abs() < 1e-12, "{p:?}");
+        assert!((p.kernels_ms - 0.65).abs() < 1e-12, "{p:?}");
+        assert_eq!(p.ops.len(), 2);
+        assert_eq!((p.ops[0].0.as_str(), p.ops[0].1), ("MatMul", 1.0));
+        assert!((p.ops[0].2 - 0.6).abs() < 1e-12);
+        assert_eq!((p.ops[1].0.as_str(), p.ops[1].1), ("Add", 0.5));
+        assert!((p.ops[1].2 - 0.05).abs() < 1e-12);
+        assert!(summarize_profile(&dir.join("missing.json"))
+            .expect_err("missing")
+            .contains("missing.json"));
+    }
+}

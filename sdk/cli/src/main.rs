@@ -350,6 +350,12 @@ struct BenchArgs {
         value_parser = batch_size
     )]
     batch_size: usize,
+    /// Also record ONNX Runtime's per-operator profile of every graph run (which slows each
+    /// run a little) into JSON files in DIR (created if missing; open them in a trace viewer
+    /// such as chrome://tracing or Perfetto), and report what each operator type of the
+    /// decoder costs per run and how much of a run no operator accounts for.
+    #[arg(long, value_name = "DIR")]
+    profile: Option<PathBuf>,
     /// Print the report as one JSON object.
     #[arg(long)]
     json: bool,
@@ -466,10 +472,20 @@ fn resolve_model(arg: Option<&Path>) -> anyhow::Result<PathBuf> {
 }
 
 fn open_model(args: &ModelArgs) -> anyhow::Result<Moda> {
+    open_model_with(args, |o| o)
+}
+
+/// [`open_model`] with further options.
+fn open_model_with(
+    args: &ModelArgs,
+    more: impl FnOnce(OpenOptions) -> OpenOptions,
+) -> anyhow::Result<Moda> {
     let dir = resolve_model(args.model.as_deref())?;
-    let opts = OpenOptions::default()
-        .with_intra_threads(args.threads)
-        .with_verify_checksums(args.verify_checksums);
+    let opts = more(
+        OpenOptions::default()
+            .with_intra_threads(args.threads)
+            .with_verify_checksums(args.verify_checksums),
+    );
     let moda = Moda::open(&dir, &opts)?;
     if let Some(asked) = args.threads.filter(|&n| n > moda.intra_threads()) {
         eprintln!(
@@ -925,7 +941,11 @@ fn text_line(r: &Record) -> Option<String> {
 }
 
 fn run_bench(a: &BenchArgs) -> anyhow::Result<ExitCode> {
-    let moda = open_model(&a.model)?;
+    if let Some(dir) = &a.profile {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating the profile directory {}", dir.display()))?;
+    }
+    let moda = open_model_with(&a.model, |o| o.with_profile_dir(a.profile.clone()))?;
     let d = moda.manifest().model;
     // As many tokens as `describe` allows (see `bench`).
     let room = d.max_positions.saturating_sub(d.prefix_len).max(1);
@@ -937,12 +957,48 @@ fn run_bench(a: &BenchArgs) -> anyhow::Result<ExitCode> {
         batch_size: a.batch_size,
     };
     let report = bench(&moda, &ImageInput::Path(&a.image), &opts)?;
+    let mut profiles = Vec::new();
+    for (role, file) in moda.end_profiling()? {
+        let summary = moda_cli::bench::summarize_profile(&file)
+            .map_err(|e| anyhow::anyhow!("reading ONNX Runtime's profile: {e}"))?;
+        profiles.push((role, summary));
+    }
     if a.json {
-        println!("{}", serde_json::to_string(&report)?);
+        let mut v = serde_json::to_value(&report)?;
+        if a.profile.is_some() {
+            v["profiles"] = serde_json::to_value(
+                profiles
+                    .iter()
+                    .map(|(role, s)| (role.name(), s))
+                    .collect::<std::collections::BTreeMap<_, _>>(),
+            )?;
+        }
+        println!("{v}");
     } else {
         print_bench(&report, moda.dir());
+        for (role, p) in &profiles {
+            print_profile(*role, p);
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A graph's profile: every graph's file and per-run totals; the decoder's operator types.
+fn print_profile(role: moda_sdk::manifest::Role, p: &moda_cli::bench::ProfileSummary) {
+    println!(
+        "profile of the {role} graph ({}): {} runs, {:.3} ms per run, of which kernels {:.3} ms \
+         and ONNX Runtime between them {:.3} ms",
+        p.file,
+        p.runs,
+        p.run_ms,
+        p.kernels_ms,
+        (p.run_ms - p.kernels_ms).max(0.0)
+    );
+    if role == moda_sdk::manifest::Role::Decoder {
+        for (op, n, ms) in &p.ops {
+            println!("  {op:<28}{n:8.1} nodes {ms:10.3} ms per run");
+        }
+    }
 }
 
 fn print_bench(r: &BenchReport, dir: &Path) {
