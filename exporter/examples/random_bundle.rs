@@ -6,7 +6,7 @@
 //! the real model.
 //!
 //! `cargo run --release -p exporter --example random_bundle -- OUT [none|int8|int4] [--verify]
-//! [--catalog CSV]`
+//! [--catalog CSV] [--block-size N]`
 //!
 //! then `moda-sdk bench --model OUT IMAGE`. `--catalog` gives the bundle the caption schema of
 //! the recipe's template with that catalog's values (for constrained decoding).
@@ -25,11 +25,13 @@ use moda_models::{
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
-    let usage = "usage: random_bundle OUT [none|int8|int4] [--verify] [--catalog CSV]";
+    let usage =
+        "usage: random_bundle OUT [none|int8|int4] [--verify] [--catalog CSV] [--block-size N]";
     let out = PathBuf::from(args.next().context(usage)?);
     let mut quantize = Quantize::None;
     let mut verify = false;
     let mut catalog = None;
+    let mut block_size = None;
     while let Some(a) = args.next() {
         match a.as_str() {
             "none" => quantize = Quantize::None,
@@ -37,6 +39,7 @@ fn main() -> anyhow::Result<()> {
             "int4" => quantize = Quantize::Int4,
             "--verify" => verify = true,
             "--catalog" => catalog = Some(PathBuf::from(args.next().context(usage)?)),
+            "--block-size" => block_size = Some(args.next().context(usage)?.parse()?),
             other => anyhow::bail!("unknown argument {other:?}; {usage}"),
         }
     }
@@ -70,6 +73,7 @@ fn main() -> anyhow::Result<()> {
         force: true,
         verify,
         quantize,
+        block_size,
         max_new_tokens: DEFAULT_MAX_NEW_TOKENS,
     };
     let report = write_bundle(&model, &sources, &out, &options)?;

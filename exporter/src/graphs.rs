@@ -90,22 +90,36 @@ pub struct WeightQuant {
 }
 
 impl WeightQuant {
-    /// The `MatMulNBits` parameters of a bundle's quantization, if any.
-    pub fn of(quantization: Quantization) -> Option<Self> {
-        match quantization {
-            Quantization::None => None,
-            Quantization::Int8 => Some(Self::INT8),
-            Quantization::Int4 => Some(Self::INT4),
-        }
+    /// The `MatMulNBits` parameters of a bundle's quantization, if any, with blocks of
+    /// `block_size` weights instead of the kind's default.
+    pub fn of(quantization: Quantization, block_size: Option<usize>) -> Option<Self> {
+        let q = match quantization {
+            Quantization::None => return None,
+            Quantization::Int8 => Self::INT8,
+            Quantization::Int4 => Self::INT4,
+        };
+        Some(Self {
+            block_size: block_size.unwrap_or(q.block_size),
+            ..q
+        })
     }
 
-    /// int8, blocks of 32.
+    /// Whether `block_size` is one `MatMulNBits` takes: a power of two from 16 to 256.
+    pub fn valid_block_size(block_size: usize) -> bool {
+        block_size.is_power_of_two() && (16..=256).contains(&block_size)
+    }
+
+    /// int8, blocks of 128: as close to fp32 as blocks of 32 (the demo's descriptions and
+    /// the verification's logits are the same), 10% fewer bytes per decode step (a scale
+    /// per 128 weights instead of per 32) and about 20% faster steps.
     pub const INT8: Self = Self {
         bits: 8,
-        block_size: 32,
+        block_size: 128,
         accuracy_level: 4,
     };
-    /// int4, blocks of 32.
+    /// int4, blocks of 32: a scale per 32 weights, the finer blocks that round-to-nearest
+    /// int4 needs to stay close to the fp32 model (blocks of 128 read 14% fewer bytes and
+    /// step about 20% faster, for a coarser approximation).
     pub const INT4: Self = Self {
         bits: 4,
         block_size: 32,
@@ -202,12 +216,27 @@ pub enum Quant {
 }
 
 impl Quant {
-    /// Layers narrower than this keep fp32 weights.
-    fn min_k(self) -> usize {
-        match self {
-            Quant::Blocks(q) => q.block_size,
-            Quant::DynamicInt8 => 32,
+    /// Layers narrower than this keep fp32 weights: they are a small part of any model, and
+    /// quantizing them gains nothing and loses the most.
+    const MIN_K: usize = 32;
+
+    /// This quantization for a layer of `k` inputs: `None` below [`Quant::MIN_K`]; blocks no
+    /// wider than the layer (the largest power of two within `k`), so that the layers of a
+    /// model narrower than the kind's block are still quantized.
+    fn for_width(self, k: usize) -> Option<Self> {
+        if k < Self::MIN_K {
+            return None;
         }
+        Some(match self {
+            Quant::Blocks(q) => {
+                let fit = 1usize << (usize::BITS - 1 - k.leading_zeros());
+                Quant::Blocks(WeightQuant {
+                    block_size: q.block_size.min(fit),
+                    ..q
+                })
+            }
+            Quant::DynamicInt8 => Quant::DynamicInt8,
+        })
     }
 }
 
@@ -242,9 +271,8 @@ fn linear_q(
     scale: Option<f64>,
     quant: Option<Quant>,
 ) -> Result<String> {
-    // A layer narrower than one block gains nothing from quantization (and loses the most).
     let k_in = t.get(&format!("{prefix}.weight"))?.dim(1)?;
-    let quant = quant.filter(|q| k_in >= q.min_k());
+    let quant = quant.and_then(|q| q.for_width(k_in));
     let y = match quant {
         None => {
             let mut w = t.get(&format!("{prefix}.weight"))?.t()?.contiguous()?;
@@ -868,7 +896,7 @@ fn decoder_head(g: &mut GraphBuilder, parts: &DecoderParts, mut xs: String) -> R
 
 #[cfg(test)]
 mod tests {
-    use super::{quantize_int8_columns, WeightQuant};
+    use super::{quantize_int8_columns, Quant, Quantization, WeightQuant};
 
     /// Dequantizes as `MatMulNBits` does: `(code - 2^(bits-1)) * scale`, low nibble first.
     fn dequantize(q: &WeightQuant, packed: &[u8], scales: &[f32], n: usize, k: usize) -> Vec<f32> {
@@ -919,17 +947,58 @@ mod tests {
     }
 
     #[test]
+    fn blocks_fit_the_layer() {
+        let block = |q: Quant| match q {
+            Quant::Blocks(w) => w.block_size,
+            Quant::DynamicInt8 => 0,
+        };
+        let int8 = Quant::Blocks(WeightQuant::INT8);
+        assert_eq!(WeightQuant::INT8.block_size, 128);
+        assert_eq!(WeightQuant::INT4.block_size, 32);
+        // Narrower than 32 inputs: fp32, in every kind.
+        assert_eq!(int8.for_width(16), None);
+        assert_eq!(Quant::DynamicInt8.for_width(31), None);
+        assert_eq!(Quant::DynamicInt8.for_width(32), Some(Quant::DynamicInt8));
+        // Blocks no wider than the layer: the largest power of two within it.
+        for (k, want) in [(32, 32), (100, 64), (128, 128), (768, 128), (3072, 128)] {
+            assert_eq!(int8.for_width(k).map(block), Some(want), "k = {k}");
+        }
+        let int4 = Quant::Blocks(WeightQuant::INT4);
+        assert_eq!(int4.for_width(768).map(block), Some(32));
+        // A block size asked for replaces the kind's, and only in a quantized bundle.
+        let of = WeightQuant::of;
+        assert_eq!(
+            of(Quantization::Int4, Some(128)).map(|q| q.block_size),
+            Some(128)
+        );
+        assert_eq!(of(Quantization::Int8, None).map(|q| q.bits), Some(8));
+        assert_eq!(of(Quantization::None, Some(64)), None);
+        for bs in [16, 32, 64, 128, 256] {
+            assert!(WeightQuant::valid_block_size(bs), "{bs}");
+        }
+        for bs in [0, 8, 48, 100, 512] {
+            assert!(!WeightQuant::valid_block_size(bs), "{bs}");
+        }
+    }
+
+    #[test]
     fn quantization_round_trips_within_half_a_step() {
         let (n, k) = (3, 70); // K not a multiple of the block size
         let w: Vec<f32> = (0..n * k)
             .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
             .collect();
-        for q in [WeightQuant::INT8, WeightQuant::INT4] {
+        let int8_32 = WeightQuant {
+            block_size: 32,
+            ..WeightQuant::INT8
+        };
+        for q in [WeightQuant::INT8, int8_32, WeightQuant::INT4] {
             let (packed, scales) = q.quantize(&w, n, k);
-            assert_eq!(packed.len(), n * 3 * q.block_size * q.bits as usize / 8);
+            let kb = k.div_ceil(q.block_size);
+            assert_eq!(packed.len(), n * kb * q.block_size * q.bits as usize / 8);
+            assert_eq!(scales.len(), n * kb);
             let back = dequantize(&q, &packed, &scales, n, k);
             for (i, (a, b)) in w.iter().zip(&back).enumerate() {
-                let step = scales[(i / k) * 3 + (i % k) / q.block_size];
+                let step = scales[(i / k) * kb + (i % k) / q.block_size];
                 assert!(
                     (a - b).abs() <= 0.5 * step + 1e-6,
                     "bits {}: {a} vs {b}",

@@ -39,8 +39,8 @@
 //! [`graphs`].
 //!
 //! `--quantize int8|int4` writes the linear layers of the decoder (with its LM head) as ONNX
-//! Runtime's `com.microsoft.MatMulNBits` (symmetric, blocks of 32, `accuracy_level` 4: int8 dot
-//! products on CPU), and those of the encoder's transformer, in both kinds, as
+//! Runtime's `com.microsoft.MatMulNBits` (symmetric; blocks of 128 weights for int8 and 32 for
+//! int4 unless `--block-size` says otherwise; `accuracy_level` 4: int8 dot products on CPU), and those of the encoder's transformer, in both kinds, as
 //! `com.microsoft.DynamicQuantizeMatMul` (int8 weights with a scale per output column,
 //! activations quantized on each run: int8 dot products for the encoder's compute-bound
 //! products, where `MatMulNBits` was no faster than fp32); the patch convolution, the layer
@@ -227,6 +227,9 @@ pub struct BundleOptions {
     pub verify: bool,
     /// Weight quantization of the encoder and the decoder.
     pub quantize: Quantize,
+    /// Weights per `MatMulNBits` block of the quantized decoder (a power of two from 16 to
+    /// 256); `None` takes the kind's default ([`graphs::WeightQuant`]).
+    pub block_size: Option<usize>,
     /// The manifest's default `max_new_tokens`: at least 1, at most what the decoder's
     /// positions allow ([`ModelDims::max_new_tokens_allowed`]).
     pub max_new_tokens: usize,
@@ -238,6 +241,7 @@ impl Default for BundleOptions {
             force: false,
             verify: false,
             quantize: Quantize::None,
+            block_size: None,
             max_new_tokens: DEFAULT_MAX_NEW_TOKENS,
         }
     }
@@ -257,6 +261,8 @@ pub struct ExportOptions {
     pub decoder: String,
     /// Weight quantization.
     pub quantize: Quantize,
+    /// [`BundleOptions::block_size`].
+    pub block_size: Option<usize>,
     /// Replace an existing `out`.
     pub force: bool,
     /// Run the verification (on by default).
@@ -354,6 +360,7 @@ impl ExportOptions {
             force: self.force,
             verify: self.verify,
             quantize: self.quantize,
+            block_size: self.block_size,
             max_new_tokens: self.max_new_tokens,
         }
     }
@@ -662,8 +669,11 @@ impl WrittenFiles {
 }
 
 /// Builds the graph of `role` from `model`.
-fn build_graph(model: &CaptionModel, role: Role, quantize: Quantize) -> Result<graphs::Graph> {
-    let quant = graphs::WeightQuant::of(quantize);
+fn build_graph(
+    model: &CaptionModel,
+    role: Role,
+    quant: Option<graphs::WeightQuant>,
+) -> Result<graphs::Graph> {
     match role {
         // Every quantized bundle's encoder takes int8 dynamic products (see `graphs::Quant`).
         Role::Encoder => graphs::encoder(model, quant.map(|_| graphs::Quant::DynamicInt8)),
@@ -675,10 +685,14 @@ fn build_graph(model: &CaptionModel, role: Role, quantize: Quantize) -> Result<g
 
 /// Writes every role's graph to its default file in `dir`, one at a time (each graph holds a
 /// copy of its weights until written).
-fn write_graphs(model: &CaptionModel, quantize: Quantize, dir: &Path) -> Result<WrittenFiles> {
+fn write_graphs(
+    model: &CaptionModel,
+    quant: Option<graphs::WeightQuant>,
+    dir: &Path,
+) -> Result<WrittenFiles> {
     let mut written = WrittenFiles::default();
     for role in Role::ALL {
-        let mut g = build_graph(model, role, quantize)?;
+        let mut g = build_graph(model, role, quant)?;
         let file = role.default_file();
         // The large weights go to an external data file beside the graph, which ONNX Runtime
         // maps into memory instead of copying (see `graph::move_to_external_data`).
@@ -750,6 +764,25 @@ fn check_max_new_tokens(dims: &ModelDims, max_new_tokens: usize) -> Result<()> {
     Ok(())
 }
 
+/// Refuses a `--block-size` that `MatMulNBits` does not take, or one given without
+/// `--quantize`.
+fn check_block_size(options: &BundleOptions) -> Result<()> {
+    let Some(bs) = options.block_size else {
+        return Ok(());
+    };
+    if options.quantize == Quantize::None {
+        return Err(Error::Usage(format!(
+            "--block-size {bs}: blocks are of quantized weights; give --quantize int8 or int4"
+        )));
+    }
+    if !graphs::WeightQuant::valid_block_size(bs) {
+        return Err(Error::Usage(format!(
+            "--block-size {bs}: must be a power of two from 16 to 256"
+        )));
+    }
+    Ok(())
+}
+
 /// The manifest of the bundle whose files are `written`, checked as the SDK checks it (a
 /// manifest the SDK would refuse is a bug here, not a bundle).
 fn build_manifest(
@@ -804,7 +837,8 @@ fn write_contents(
     options: &BundleOptions,
     dir: &Path,
 ) -> Result<Manifest> {
-    let mut written = write_graphs(model, options.quantize, dir)?;
+    let quant = graphs::WeightQuant::of(options.quantize, options.block_size);
+    let mut written = write_graphs(model, quant, dir)?;
     write_tokenizer(&sources.tokenizer, dir, &mut written)?;
     let manifest = build_manifest(model, sources, options, written)?;
     let path = dir.join(MANIFEST_FILE);
@@ -836,6 +870,7 @@ pub fn write_bundle(
 ) -> Result<ExportReport> {
     check_out(out, options.force)?;
     check_max_new_tokens(&model_dims(model), options.max_new_tokens)?;
+    check_block_size(options)?;
     let staging = Staging::create(out)?;
 
     let start = Instant::now();

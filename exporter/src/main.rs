@@ -56,10 +56,16 @@ enum Command {
         /// [default: facebook/opt-125m]
         #[arg(long)]
         decoder: Option<String>,
-        /// Weight quantization of the encoder's and decoder's linear layers and the LM head
-        /// (MatMulNBits, blocks of 32).
+        /// Weight quantization of the encoder's and decoder's linear layers and the LM head:
+        /// the decoder's as ONNX Runtime's MatMulNBits (int8 or int4 codes, one scale per
+        /// block of weights), the encoder's as int8 dynamic products.
         #[arg(long, value_enum, default_value = "none")]
         quantize: QuantizeArg,
+        /// Weights per quantization block of the decoder (a power of two from 16 to 256):
+        /// larger blocks store fewer scales, so decode steps read fewer bytes and run faster,
+        /// and approximate the weights more coarsely. [default: 128 for int8, 32 for int4]
+        #[arg(long, value_name = "N")]
+        block_size: Option<usize>,
         /// Replace an existing --out, if it is a bundle (a directory with moda.json).
         #[arg(long)]
         force: bool,
@@ -106,6 +112,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             encoder,
             decoder,
             quantize,
+            block_size,
             force,
             no_verify,
             max_new_tokens,
@@ -128,6 +135,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     QuantizeArg::Int8 => Quantize::Int8,
                     QuantizeArg::Int4 => Quantize::Int4,
                 },
+                block_size,
                 force,
                 verify: !no_verify,
                 max_new_tokens,

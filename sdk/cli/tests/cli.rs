@@ -40,6 +40,7 @@ fn bundle() -> &'static Path {
             encoder: fixture("clip_gelu").display().to_string(),
             decoder: fixture("opt_preln").display().to_string(),
             quantize: exporter::Quantize::None,
+            block_size: None,
             max_new_tokens: exporter::DEFAULT_MAX_NEW_TOKENS,
             caption_template: None,
             catalog: None,
@@ -1065,6 +1066,66 @@ fn bench_reports_each_stage() {
     expect_code(&o, 0);
 }
 
+/// `bench --profile`: ONNX Runtime's profile of each graph written into the directory, and
+/// its sums: the decoder's operator types per run (as many attention nodes as the decoder
+/// has layers), kernel time within run time, as many projector runs as encoder runs.
+#[test]
+fn bench_profile_sums_onnx_runtime_profiles() {
+    let photo = s(&image("photo.jpg"));
+    let dir = TempDir::new("cli-profile");
+    let prof = dir.path().join("profiles");
+    let o = run(
+        "bench",
+        &[
+            &photo,
+            "--max-new-tokens",
+            "4",
+            "--reps",
+            "1",
+            "--batch-size",
+            "1",
+            "--profile",
+            &s(&prof),
+            "--json",
+        ],
+    );
+    expect_code(&o, 0);
+    let v: Value = serde_json::from_str(stdout(&o).trim()).expect("one JSON object");
+    let p = &v["profiles"];
+    let layers = {
+        let m: Value = serde_json::from_str(
+            &std::fs::read_to_string(bundle().join("moda.json")).expect("manifest"),
+        )
+        .expect("manifest JSON");
+        m["model"]["num_layers"].as_f64().expect("layers")
+    };
+    for role in ["encoder", "projector", "embed_tokens", "decoder"] {
+        let r = &p[role];
+        let file = PathBuf::from(r["file"].as_str().unwrap_or_else(|| panic!("{role}: {p}")));
+        assert_eq!(file.parent(), Some(prof.as_path()), "{role}");
+        assert!(file.is_file(), "{}", file.display());
+        let runs = r["runs"].as_u64().expect("runs");
+        let (run_ms, kernels_ms) = (
+            r["run_ms"].as_f64().expect("run_ms"),
+            r["kernels_ms"].as_f64().expect("kernels_ms"),
+        );
+        assert!(runs >= 2, "{role}: {runs} runs");
+        assert!(kernels_ms > 0.0 && kernels_ms <= run_ms, "{role}: {r}");
+    }
+    assert_eq!(p["encoder"]["runs"], p["projector"]["runs"]);
+    // Warm-up and one measured description of 4 tokens: a prefill and 3 steps each, at least.
+    assert!(p["decoder"]["runs"].as_u64() >= Some(8), "{p}");
+    let ops = p["decoder"]["ops"].as_array().expect("ops");
+    let mha = ops
+        .iter()
+        .find(|o| o[0] == "MultiHeadAttention")
+        .unwrap_or_else(|| panic!("{ops:?}"));
+    assert_eq!(mha[1].as_f64(), Some(layers), "{mha}");
+    // Largest first.
+    let ms: Vec<f64> = ops.iter().map(|o| o[2].as_f64().expect("ms")).collect();
+    assert!(ms.windows(2).all(|w| w[0] >= w[1]), "{ms:?}");
+}
+
 /// Runs `moda-sdk SUBCOMMAND --model BUNDLE ARGS...` with `input` on its standard input,
 /// failing the test (instead of hanging it) if it runs longer than a minute.
 fn run_stdin(sub: &str, args: &[&str], input: &[u8]) -> Output {
@@ -1539,6 +1600,7 @@ fn schema_bundle() -> &'static (PathBuf, String) {
             encoder: fixture("clip_gelu").display().to_string(),
             decoder: fixture("opt_preln").display().to_string(),
             quantize: exporter::Quantize::None,
+            block_size: None,
             max_new_tokens: exporter::DEFAULT_MAX_NEW_TOKENS,
             caption_template: Some("{Head} {Tail}".to_string()),
             catalog: Some(catalog),

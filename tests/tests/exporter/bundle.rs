@@ -27,6 +27,7 @@ fn recipe_options(out: &Path) -> ExportOptions {
         encoder: fixture("clip_gelu").display().to_string(),
         decoder: fixture("opt_preln").display().to_string(),
         quantize: Quantize::None,
+        block_size: None,
         force: false,
         verify: true,
         max_new_tokens: DEFAULT_MAX_NEW_TOKENS,
@@ -623,6 +624,7 @@ fn out_overlapping_an_input_is_refused_and_nothing_is_touched() {
             encoder: encoder.display().to_string(),
             decoder: decoder.display().to_string(),
             quantize: Quantize::None,
+            block_size: None,
             force: true,
             verify: false,
             max_new_tokens: DEFAULT_MAX_NEW_TOKENS,
@@ -649,6 +651,7 @@ fn out_overlapping_an_input_is_refused_and_nothing_is_touched() {
         encoder: encoder.display().to_string(),
         decoder: decoder.display().to_string(),
         quantize: Quantize::None,
+        block_size: None,
         force: true,
         verify: false,
         max_new_tokens: DEFAULT_MAX_NEW_TOKENS,
@@ -976,6 +979,79 @@ fn quantized_bundles_agree_with_fp32() {
         let d = TempDir::new("export-quant-postln");
         let out = export_postln_with(&d, q);
         assert_eq!(manifest(&out).quantization, q);
+    }
+}
+
+/// The decoder's `MatMulNBits` blocks: the kind's default (int8's 128, int4's 32) or
+/// `--block-size`, narrowed to the largest power of two within a layer's inputs (the
+/// fixture's layers take 32 or 64), on every node; a block size that
+/// the op does not take, or one without quantization, is refused before anything is written.
+#[test]
+fn block_size_reaches_every_quantized_layer() {
+    use candle_onnx::onnx::ModelProto;
+    use prost::Message;
+    // (K, block_size) of each node.
+    let blocks = |bundle: &Path| -> Vec<(i64, i64)> {
+        let bytes = std::fs::read(bundle.join(DECODER_FILE)).expect("decoder");
+        let m = ModelProto::decode(bytes.as_slice()).expect("onnx");
+        let graph = m.graph.expect("graph");
+        graph
+            .node
+            .iter()
+            .filter(|n| n.op_type == "MatMulNBits")
+            .map(|n| {
+                let attr = |name: &str| {
+                    n.attribute
+                        .iter()
+                        .find(|a| a.name == name)
+                        .unwrap_or_else(|| panic!("{name}"))
+                        .i
+                };
+                (attr("K"), attr("block_size"))
+            })
+            .collect()
+    };
+    let dir = TempDir::new("export-blocks");
+    for (q, block_size, asked) in [
+        (Quantize::Int8, None, 128),
+        (Quantize::Int4, None, 32),
+        (Quantize::Int4, Some(16), 16),
+        (Quantize::Int8, Some(64), 64),
+    ] {
+        let out = dir.path().join(format!("{}-{block_size:?}", q.name()));
+        let mut opts = recipe_options(&out);
+        opts.quantize = q;
+        opts.block_size = block_size;
+        export_onnx(&opts).expect("quantized export");
+        let got = blocks(&out);
+        // The fixture decoder: 2 layers of q, k, v, out, fc1, fc2, and the LM head.
+        assert_eq!(got.len(), 13, "{} {block_size:?}", q.name());
+        for &(k, b) in &got {
+            let widest = 1i64 << (63 - k.leading_zeros());
+            assert_eq!(b, asked.min(widest), "{} K = {k}: {got:?}", q.name());
+        }
+        assert!(
+            got.iter().any(|&(k, _)| k == 64),
+            "a 64-wide layer: {got:?}"
+        );
+    }
+    for (q, block_size) in [
+        (Quantize::Int4, 48),
+        (Quantize::Int4, 512),
+        (Quantize::None, 32),
+    ] {
+        let out = dir
+            .path()
+            .join(format!("refused-{}-{block_size}", q.name()));
+        let mut opts = recipe_options(&out);
+        opts.quantize = q;
+        opts.block_size = Some(block_size);
+        let err = export_onnx(&opts).expect_err("refused");
+        assert!(
+            matches!(&err, Error::Usage(m) if m.contains(&format!("--block-size {block_size}"))),
+            "{err}"
+        );
+        assert!(!out.exists());
     }
 }
 

@@ -180,6 +180,7 @@ fn quantized_bundles_of_a_trained_model_describe_like_fp32() {
             encoder: String::new(),
             decoder: String::new(),
             quantize: q,
+            block_size: None,
             force: false,
             verify: true,
             max_new_tokens: exporter::DEFAULT_MAX_NEW_TOKENS,
