@@ -16,6 +16,12 @@ then PyTorch in a fresh process: CLIPImageProcessor (Pillow) + CLIPVisionModelWi
 projector + OPTForCausalLM with a DynamicCache, greedy, the same N tokens, timing each decode
 step; peak RSS of each process. Prints a table and writes W/bench.json.
 
+`--cold R` adds R alternated rounds of cold processes: `moda-sdk describe` of the image with N
+tokens for each bundle, and a fresh Python process that imports torch and transformers, loads
+the same weights and describes the image the same way; the wall time from process start to the
+description's exit and the process's peak RSS (GNU time). Page cache warm (one untimed run of
+each first), as for a user's second command.
+
 Machine threads: both sides use every core the process may use (torch's default; the SDK's
 default intra-op threads).
 """
@@ -136,6 +142,59 @@ print(json.dumps(res))
 """
 
 
+# A cold PyTorch process: imports, loading and one description of `tokens` greedy tokens, as
+# `moda-sdk describe IMAGE --max-new-tokens N` does (min = max, so the length is the same).
+PYTORCH_COLD = r"""
+import sys
+import torch, torch.nn as nn
+from PIL import Image
+from transformers import CLIPImageProcessorPil, CLIPVisionModelWithProjection, OPTForCausalLM
+full, pth, image, tokens = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+proc = CLIPImageProcessorPil.from_pretrained(full + "/clip-vit-b32")
+clip = CLIPVisionModelWithProjection.from_pretrained(full + "/clip-vit-b32", dtype=torch.float32).eval()
+opt = OPTForCausalLM.from_pretrained(full + "/opt-125m", dtype=torch.float32).eval()
+sd = torch.load(pth, weights_only=True)
+h = opt.config.word_embed_proj_dim
+projection = nn.Sequential(nn.Linear(clip.config.projection_dim, 4 * h), nn.GELU(), nn.Linear(4 * h, h))
+projection.load_state_dict({k[len("projection."):]: v for k, v in sd.items() if k.startswith("projection.")})
+opt.load_state_dict({k[len("opt."):]: v for k, v in sd.items() if k.startswith("opt.")}, strict=False)
+with torch.inference_mode():
+    px = proc(images=Image.open(image), return_tensors="pt")["pixel_values"]
+    prefix = projection(clip(pixel_values=px).image_embeds).unsqueeze(1)
+    x = torch.cat([prefix, opt.get_input_embeddings()(torch.tensor([[2]]))], 1)
+    out = opt.generate(inputs_embeds=x, attention_mask=torch.ones(1, 2, dtype=torch.long),
+                       max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, num_beams=1)
+print(out.shape[-1])
+"""
+
+
+def timed(cmd):
+    """Wall seconds and peak RSS (MB) of one process running `cmd`, by GNU time (`/usr/bin/time`;
+    Debian's `time` package): the rusage that Python's own `wait4` gets would also count the
+    forked interpreter's pages before the child's exec."""
+    p = subprocess.run(["/usr/bin/time", "-f", "%e %M"] + cmd, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE, text=True)
+    if p.returncode != 0:
+        raise SystemExit(f"{cmd[0]} failed ({p.returncode}): {p.stderr}")
+    wall, kb = p.stderr.strip().splitlines()[-1].split()
+    return float(wall), float(kb) / 1024
+
+
+def cold(args, sdk, rounds):
+    """Cold processes, alternated over the bundles and PyTorch; lists of (s, MB) per name."""
+    cmds = {name: [sdk, "describe", "--model", str(args.work / f"bundle-{name}"), str(args.image),
+                   "--max-new-tokens", str(args.tokens)] for name in ("fp32", "int8", "int4")}
+    cmds["pytorch"] = [sys.executable, "-c", PYTORCH_COLD, str(args.full_size),
+                       str(args.work / "fashion_opt.pth"), str(args.image), str(args.tokens)]
+    for cmd in cmds.values():
+        timed(cmd)  # page cache
+    res = {name: [] for name in cmds}
+    for _ in range(rounds):
+        for name, cmd in cmds.items():
+            res[name].append(timed(cmd))
+    return res
+
+
 def per_token(steps, pos):
     """Median-ish time of the decode steps around generated position `pos` (1-based)."""
     i = max(0, min(len(steps) - 1, pos - 1))
@@ -152,6 +211,8 @@ def main():
     ap.add_argument("--long-tokens", type=int, default=64, help="for the per-token time at position 60")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--bin", default=str(ROOT / "target/release"), help="where exporter and moda-sdk are")
+    ap.add_argument("--cold", type=int, default=0, metavar="R",
+                    help="also R alternated rounds of cold processes (see above)")
     args = ap.parse_args()
     exporter = str(Path(args.bin) / "exporter")
     sdk = str(Path(args.bin) / "moda-sdk")
@@ -176,6 +237,9 @@ def main():
     pt = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
     result = {"sdk": rows, "pytorch": {"short": pt, "long": pt_long},
               "machine": os.uname().machine, "cpus": os.cpu_count()}
+    if args.cold:
+        print("+ cold processes", flush=True)
+        result["cold"] = cold(args, sdk, args.cold)
     (args.work / "bench.json").write_text(json.dumps(result, indent=1))
 
     print(f"\none image, {args.tokens} generated tokens, greedy; per-token at positions 5 and 60 "
@@ -191,6 +255,12 @@ def main():
               f"{s['encoder_ms']:8.1f} {s['prefill_ms']:8.1f} {l['token_ms_early']:7.1f} "
               f"{l['token_ms_late']:7.1f} {l['token_ms_late'] / l['token_ms_early']:5.2f} "
               f"{(s.get('peak_rss_mb') or 0):12.0f}")
+    if args.cold:
+        print(f"\ncold process, one image, {args.tokens} tokens ({args.cold} alternated rounds):")
+        for name, runs in result["cold"].items():
+            walls = ", ".join(f"{w:.2f}" for w, _ in runs)
+            rss = ", ".join(f"{m:.0f}" for _, m in runs)
+            print(f"{name:>22}: {walls} s; peak RSS {rss} MB")
 
 
 if __name__ == "__main__":
