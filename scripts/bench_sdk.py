@@ -75,12 +75,14 @@ def prepare(full: Path, work: Path, exporter: str):
         subprocess.run(cmd, check=True)
 
 
-PYTORCH_CHILD = r"""
+# The original model in PyTorch, loaded from FULL and the recipe's state_dict: the start of both
+# child programs below (arguments: FULL, the .pth, the image, the token count, then their own).
+PYTORCH_LOAD = r"""
 import json, resource, sys, time
 import torch, torch.nn as nn
 from PIL import Image
 from transformers import CLIPImageProcessorPil, CLIPVisionModelWithProjection, OPTForCausalLM, DynamicCache
-full, pth, image, tokens, reps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+full, pth, image, tokens = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 torch.manual_seed(0)
 proc = CLIPImageProcessorPil.from_pretrained(full + "/clip-vit-b32")
 clip = CLIPVisionModelWithProjection.from_pretrained(full + "/clip-vit-b32", dtype=torch.float32).eval()
@@ -91,6 +93,11 @@ projection = nn.Sequential(nn.Linear(clip.config.projection_dim, 4 * h), nn.GELU
 projection.load_state_dict({k[len("projection."):]: v for k, v in sd.items() if k.startswith("projection.")})
 opt.load_state_dict({k[len("opt."):]: v for k, v in sd.items() if k.startswith("opt.")}, strict=False)
 emb = opt.get_input_embeddings()
+"""
+
+# Warm timings: one warm-up description, then `reps` timed ones (each stage and decode step).
+PYTORCH_CHILD = PYTORCH_LOAD + r"""
+reps = int(sys.argv[5])
 
 def describe():
     t = {}
@@ -144,24 +151,11 @@ print(json.dumps(res))
 
 # A cold PyTorch process: imports, loading and one description of `tokens` greedy tokens, as
 # `moda-sdk describe IMAGE --max-new-tokens N` does (min = max, so the length is the same).
-PYTORCH_COLD = r"""
-import sys
-import torch, torch.nn as nn
-from PIL import Image
-from transformers import CLIPImageProcessorPil, CLIPVisionModelWithProjection, OPTForCausalLM
-full, pth, image, tokens = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-proc = CLIPImageProcessorPil.from_pretrained(full + "/clip-vit-b32")
-clip = CLIPVisionModelWithProjection.from_pretrained(full + "/clip-vit-b32", dtype=torch.float32).eval()
-opt = OPTForCausalLM.from_pretrained(full + "/opt-125m", dtype=torch.float32).eval()
-sd = torch.load(pth, weights_only=True)
-h = opt.config.word_embed_proj_dim
-projection = nn.Sequential(nn.Linear(clip.config.projection_dim, 4 * h), nn.GELU(), nn.Linear(4 * h, h))
-projection.load_state_dict({k[len("projection."):]: v for k, v in sd.items() if k.startswith("projection.")})
-opt.load_state_dict({k[len("opt."):]: v for k, v in sd.items() if k.startswith("opt.")}, strict=False)
+PYTORCH_COLD = PYTORCH_LOAD + r"""
 with torch.inference_mode():
     px = proc(images=Image.open(image), return_tensors="pt")["pixel_values"]
     prefix = projection(clip(pixel_values=px).image_embeds).unsqueeze(1)
-    x = torch.cat([prefix, opt.get_input_embeddings()(torch.tensor([[2]]))], 1)
+    x = torch.cat([prefix, emb(torch.tensor([[2]]))], 1)
     out = opt.generate(inputs_embeds=x, attention_mask=torch.ones(1, 2, dtype=torch.long),
                        max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, num_beams=1)
 print(out.shape[-1])

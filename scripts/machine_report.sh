@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# The speed figures a new kind of machine needs, in one run (developer-only; not in CI): the
+# CPU (`lscpu`), then
+#   1. describe against PyTorch: scripts/bench_sdk.py --cold 3 (real-size random weights; fp32,
+#      int8 and int4 bundles; warm figures, decode steps against their memory floor, cold
+#      processes);
+#   2. the real-size training step: trainer's bench_step example against scripts/bench_step.py,
+#      alternated, two rounds;
+#   3. the tiny preset's epochs on the demo catalog (`trainer fit --preset tiny --epochs 4`):
+#      seconds per epoch and the share of the cores busy, from metrics.jsonl.
+# Each part's full output goes to OUT/; the summary to stdout. Needs a Python with torch,
+# transformers, pillow, numpy and safetensors (PYTHON, default /work/pyenv/bin/python) and
+# the demo catalog (`make demo` writes demo/catalog). About 6 minutes on 2 cores, 4 GB of disk.
+#
+#   scripts/machine_report.sh OUT
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+out="${1:?usage: scripts/machine_report.sh OUT}"
+py="${PYTHON:-/work/pyenv/bin/python}"
+cd "$root"
+mkdir -p "$out"
+"$py" -c "import torch, transformers, PIL, numpy, safetensors" || {
+  echo "machine_report.sh: $py lacks torch, transformers, pillow, numpy or safetensors" >&2
+  exit 2
+}
+[ -f demo/catalog/fashion.csv ] || {
+  echo "machine_report.sh: no demo/catalog/fashion.csv (run make demo first)" >&2
+  exit 2
+}
+cargo build --release -p exporter -p moda-cli -p trainer >&2
+cargo build --release -p trainer --example bench_step >&2
+bin="${CARGO_TARGET_DIR:-$root/target}/release"
+
+lscpu | tee "$out/lscpu.txt" | grep -E "^(Model name|CPU\(s\)|Flags)" | cut -c1-200
+echo
+
+echo "== 1. describe against PyTorch (scripts/bench_sdk.py --cold 3)"
+[ -d "$out/full" ] || "$py" scripts/make_fixtures.py --full-size "$out/full" > "$out/fixtures.log" 2>&1
+"$py" scripts/bench_sdk.py --full-size "$out/full" --work "$out/sdk" --cold 3 > "$out/bench_sdk.log"
+sed -n '/^one image/,$p' "$out/bench_sdk.log"
+"$py" - "$out/sdk/bench.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+for name, runs in r["sdk"].items():
+    l = runs[max(runs, key=int)]
+    print(f"{name:>6} decode step {l['early_step']}: {l['token_ms_early']:.2f} ms, floor "
+          f"{l['floor_ms_early']:.2f} ms ({l['read_gb_per_s']:.1f} GB/s): "
+          f"{l['token_ms_early'] / l['floor_ms_early']:.2f}x")
+PY
+echo
+
+echo "== 2. real-size training step (bench_step 5 against scripts/bench_step.py 5, alternated)"
+for round in 1 2; do
+  "$bin/examples/bench_step" 5 > "$out/bench_step_candle_$round.log" 2>&1
+  "$py" scripts/bench_step.py 5 > "$out/bench_step_torch_$round.log" 2>&1
+  echo "round $round: $(tail -1 "$out/bench_step_candle_$round.log"); $(tail -1 "$out/bench_step_torch_$round.log")"
+done
+echo
+
+echo "== 3. tiny preset on the demo catalog (trainer fit --preset tiny --epochs 4)"
+rm -rf "$out/fit"
+"$bin/trainer" fit --data demo/catalog --preset tiny --epochs 4 --out "$out/fit" --quiet > "$out/fit.log" 2>&1
+"$py" - "$out/fit/metrics.jsonl" <<'PY'
+import json, sys
+for line in open(sys.argv[1]):
+    e = json.loads(line)
+    if e.get("kind") == "epoch":
+        p = e["profile"]
+        print(f"epoch {e['epoch']}: {e['seconds']:.2f} s (micro-batches {p['micro_batches_s']:.2f} s, "
+              f"optimizer {p['optimizer_s']:.2f} s, validation {p['validation_s']:.2f} s), "
+              f"cores busy {p['cpu_busy']:.2f}, steal {p['cpu_steal']:.2f}")
+PY
