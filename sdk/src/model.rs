@@ -577,27 +577,32 @@ impl Moda {
             };
             self.load_graph(g, &options)
         };
-        // The decoder on a second thread while this one builds the other three: building a
-        // session (ONNX Runtime's optimizer, packing the weights) runs mostly on one core.
-        let (decoder, others) = std::thread::scope(|scope| {
+        // Building a session (ONNX Runtime's optimizer, packing the weights) runs mostly on one
+        // core: the decoder and the projector each on a thread of their own while this one
+        // builds the encoder and the token embedding. The two large graphs start at once, and
+        // the small projector goes to whichever core is free first instead of waiting behind
+        // the encoder (in int4 bundles the encoder and the decoder take about as long).
+        let joined = |r: std::thread::Result<Result<Session>>, role: Role| {
+            r.unwrap_or_else(|_| {
+                Err(Error::Internal(format!(
+                    "building the {role} session panicked"
+                )))
+            })
+        };
+        let (decoder, projector, others) = std::thread::scope(|scope| {
             let decoder = scope.spawn(|| open(Role::Decoder));
-            let others = || -> Result<(Session, Session, Session)> {
-                Ok((
-                    open(Role::Encoder)?,
-                    open(Role::EmbedTokens)?,
-                    open(Role::Projector)?,
-                ))
-            };
-            let others = others();
-            let decoder = decoder.join().unwrap_or_else(|_| {
-                Err(Error::Internal(
-                    "building the decoder session panicked".into(),
-                ))
-            });
-            (decoder, others)
+            let projector = scope.spawn(|| open(Role::Projector));
+            let others = open(Role::Encoder).and_then(|e| Ok((e, open(Role::EmbedTokens)?)));
+            (
+                joined(decoder.join(), Role::Decoder),
+                joined(projector.join(), Role::Projector),
+                others,
+            )
         });
+        // Errors in the order the graphs were built before: the decoder's first.
         let decoder = decoder?;
-        let (encoder, embed, projector) = others?;
+        let (encoder, embed) = others?;
+        let projector = projector?;
         let worker = Worker {
             encoder,
             projector,
