@@ -40,7 +40,8 @@
 //!
 //! `--quantize int8|int4` writes the linear layers of the decoder (with its LM head) as ONNX
 //! Runtime's `com.microsoft.MatMulNBits` (symmetric; blocks of 128 weights for int8 and 32 for
-//! int4 unless `--block-size` says otherwise; `accuracy_level` 4: int8 dot products on CPU), and those of the encoder's transformer, in both kinds, as
+//! int4 unless `--block-size` says otherwise; `accuracy_level` 4: int8 dot products on CPU),
+//! and those of the encoder's transformer, in both kinds, as
 //! `com.microsoft.DynamicQuantizeMatMul` (int8 weights with a scale per output column,
 //! activations quantized on each run: int8 dot products for the encoder's compute-bound
 //! products, where `MatMulNBits` was no faster than fp32); the patch convolution, the layer
