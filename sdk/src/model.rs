@@ -599,7 +599,8 @@ impl Moda {
                 others,
             )
         });
-        // Errors in the order the graphs were built before: the decoder's first.
+        // One graph's error is reported when several fail: the decoder's first, then the
+        // encoder's, the token embedding's and the projector's.
         let decoder = decoder?;
         let (encoder, embed) = others?;
         let projector = projector?;
