@@ -82,6 +82,33 @@ pub(crate) fn linear(
     }
 }
 
+/// The row-major `[cols, rows]` transpose of the row-major `[rows, cols]` matrix `src`, in
+/// tiles (a tile's source rows stay in cache while its output rows are written), blocks of
+/// output rows in parallel.
+fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    const TILE: usize = 32;
+    let mut dst = vec![0f32; rows * cols];
+    if rows == 0 || cols == 0 {
+        return dst;
+    }
+    dst.par_chunks_mut(TILE * rows)
+        .enumerate()
+        .for_each(|(bi, block)| {
+            let c0 = bi * TILE;
+            let cn = block.len() / rows;
+            for r0 in (0..rows).step_by(TILE) {
+                let rn = TILE.min(rows - r0);
+                for c in 0..cn {
+                    let out = &mut block[c * rows + r0..c * rows + r0 + rn];
+                    for (i, o) in out.iter_mut().enumerate() {
+                        *o = src[(r0 + i) * cols + c0 + c];
+                    }
+                }
+            }
+        });
+    dst
+}
+
 /// `y = x w^T (+ b)`, with the backward of PyTorch's `linear`.
 struct Linear;
 
@@ -120,10 +147,21 @@ impl Linear {
             } else {
                 gemm::Parallelism::None
             };
+            // The right-hand side is `weight^T` (`k x n`). Read from the row-major weight its
+            // columns are strided, and gemm runs such a product well below its usual speed
+            // when `k` is the longer side (OPT's fc2, 3072 -> 768; figures in
+            // `docs/PERFORMANCE.md`). There a row-major copy is made first, which costs a
+            // fraction of what it saves; where `k <= n` the copy costs about what it saves.
+            let copy = (k > n).then(|| transpose(wv, n, k));
+            let (rhs, rhs_rs, rhs_cs) = match &copy {
+                Some(wt) => (wt.as_slice(), n as isize, 1),
+                None => (wv, 1, k as isize),
+            };
             // SAFETY: `out` is `m x n` row-major (column stride 1, row stride n); `xv` is
-            // `m x k` row-major; the right-hand side is `weight^T`, `k x n`, read from the
-            // row-major `n x k` weight (element (r, c) at c * k + r). All three slices hold
-            // exactly those elements (checked above: `xv` has m * k by the layout, `wv` n * k).
+            // `m x k` row-major; the right-hand side is `weight^T`, `k x n`: either the
+            // row-major copy (element (r, c) at r * n + c) or read from the row-major `n x k`
+            // weight (element (r, c) at c * k + r). All of them hold exactly those elements
+            // (checked above: `xv` has m * k by the layout, `wv` n * k, the copy as many).
             // With a bias, `out` starts as the bias rows and gets `1 * out + 1 * x w^T`;
             // without, it is written, not read.
             unsafe {
@@ -138,9 +176,9 @@ impl Linear {
                     xv.as_ptr(),
                     1,
                     k as isize,
-                    wv.as_ptr(),
-                    k as isize,
-                    1,
+                    rhs.as_ptr(),
+                    rhs_cs,
+                    rhs_rs,
                     1f32,
                     1f32,
                     false,
@@ -825,10 +863,12 @@ mod tests {
 
     #[test]
     fn linear_matches_autograd() -> candle_core::Result<()> {
-        // 300 outputs: more than one block of the bias gradient's column sums.
-        for (bias, n) in [(true, 10), (false, 10), (true, 300)] {
-            let x = var(&[3, 5, 24], 1)?;
-            let w = var(&[n, 24], 2)?;
+        // 300 outputs: more than one block of the bias gradient's column sums. More inputs
+        // than outputs: the weight is transposed first (70 x 40: across tiles, with partial
+        // ones at both edges).
+        for (bias, n, k) in [(true, 10, 24), (false, 10, 24), (true, 300, 24), (true, 40, 70)] {
+            let x = var(&[3, 5, k], 1)?;
+            let w = var(&[n, k], 2)?;
             let b = var(&[n], 3)?;
             let y = linear(x.as_tensor(), w.as_tensor(), bias.then_some(b.as_tensor()))?;
             let r = x.as_tensor().broadcast_matmul(&w.as_tensor().t()?)?;
@@ -856,6 +896,20 @@ mod tests {
             assert!(!gy.get(&x).expect("dx").track_op());
         }
         Ok(())
+    }
+
+    #[test]
+    fn transpose_moves_every_element() {
+        for (rows, cols) in [(1, 1), (3, 70), (70, 3), (33, 65), (64, 32)] {
+            let src: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+            let t = transpose(&src, rows, cols);
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(t[c * rows + r], src[r * cols + c], "{rows}x{cols} at {r},{c}");
+                }
+            }
+        }
+        assert!(transpose(&[], 0, 5).is_empty());
     }
 
     #[test]

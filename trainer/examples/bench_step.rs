@@ -23,6 +23,9 @@ fn main() -> anyhow::Result<()> {
     if std::env::var_os("BENCH_GLIBC_DEFAULTS").is_none() {
         trainer::alloc::keep_freed_memory();
     }
+    // As the trainer binary does (CANDLE_BARRIER_POOL_SPIN_LIMIT=25000, candle's default, to
+    // see the difference).
+    trainer::threads::park_idle_elementwise_workers();
     let dev = Device::Cpu;
     let (b, t) = (32usize, 20usize);
     // OPT-125m geometry; BENCH_LAYERS=n changes the depth (to see where the time goes).

@@ -21,5 +21,6 @@ pub mod params;
 pub mod plot;
 pub mod preset;
 pub mod profile;
+pub mod threads;
 
 pub use error::{Error, Result};

@@ -359,6 +359,7 @@ fn run() -> anyhow::Result<ExitCode> {
 
 fn main() -> ExitCode {
     trainer::alloc::keep_freed_memory();
+    trainer::threads::park_idle_elementwise_workers();
     match run() {
         Ok(code) => code,
         Err(e) => {
