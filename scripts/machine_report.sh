@@ -5,7 +5,7 @@
 #      int8 and int4 bundles; warm figures, decode steps against their memory floor, cold
 #      processes);
 #   2. the real-size training step: trainer's bench_step example against scripts/bench_step.py,
-#      alternated, two rounds;
+#      three alternated rounds of five steps, medians (scripts/alternate_steps.py);
 #   3. the tiny preset's epochs on the demo catalog (`trainer fit --preset tiny --epochs 4`):
 #      seconds per epoch and the share of the cores busy, from metrics.jsonl.
 # Each part's full output goes to OUT/; the summary to stdout. Needs a Python with torch,
@@ -49,12 +49,9 @@ for name, runs in r["sdk"].items():
 PY
 echo
 
-echo "== 2. real-size training step (bench_step 5 against scripts/bench_step.py 5, alternated)"
-for round in 1 2; do
-  "$bin/examples/bench_step" 5 > "$out/bench_step_candle_$round.log" 2>&1
-  "$py" scripts/bench_step.py 5 > "$out/bench_step_torch_$round.log" 2>&1
-  echo "round $round: $(tail -1 "$out/bench_step_candle_$round.log"); $(tail -1 "$out/bench_step_torch_$round.log")"
-done
+echo "== 2. real-size training step (bench_step against scripts/bench_step.py, 3 alternated rounds of 5 steps)"
+"$py" scripts/alternate_steps.py 3 5 candle="$bin/examples/bench_step" \
+  torch="$py scripts/bench_step.py" | tee "$out/bench_step.txt"
 echo
 
 echo "== 3. tiny preset on the demo catalog (trainer fit --preset tiny --epochs 4)"

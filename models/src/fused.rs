@@ -866,7 +866,12 @@ mod tests {
         // 300 outputs: more than one block of the bias gradient's column sums. More inputs
         // than outputs: the weight is transposed first (70 x 40: across tiles, with partial
         // ones at both edges).
-        for (bias, n, k) in [(true, 10, 24), (false, 10, 24), (true, 300, 24), (true, 40, 70)] {
+        for (bias, n, k) in [
+            (true, 10, 24),
+            (false, 10, 24),
+            (true, 300, 24),
+            (true, 40, 70),
+        ] {
             let x = var(&[3, 5, k], 1)?;
             let w = var(&[n, k], 2)?;
             let b = var(&[n], 3)?;
@@ -905,7 +910,11 @@ mod tests {
             let t = transpose(&src, rows, cols);
             for r in 0..rows {
                 for c in 0..cols {
-                    assert_eq!(t[c * rows + r], src[r * cols + c], "{rows}x{cols} at {r},{c}");
+                    assert_eq!(
+                        t[c * rows + r],
+                        src[r * cols + c],
+                        "{rows}x{cols} at {r},{c}"
+                    );
                 }
             }
         }
