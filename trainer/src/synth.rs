@@ -50,7 +50,8 @@ of the caption has a visual cue by construction:
                Green, Grey, Pink, Yellow, Brown, Purple, Orange, Beige, Maroon, Olive).
   ProductType  the silhouette: Tshirts, Shirts, Tops, Dresses, Skirts, Jeans, Trousers, Shorts
                (front view); Casual Shoes, Sports Shoes, Formal Shoes, Heels, Flats, Sandals
-               (side view); Flip Flops (top view).
+               (side view); Flip Flops (top view). A fill about as light as the backdrop
+               (White) gets a bolder outline, so that the silhouette shows at 64 px.
   SubCategory  follows from ProductType (Topwear, Bottomwear, Dress; Shoes, Sandal, Flip Flops).
   Category     follows from ProductType (Apparel, Footwear).
   Gender       the backdrop: a cool, pale blue backdrop with a blue band along the bottom for
@@ -1232,9 +1233,18 @@ fn render_jpeg(p: &Product, seed: u64, index: u64, path: &Path) -> Result<Vec<u8
     for (path, width) in &sil.details {
         pm.stroke_path(path, &solid(detail, 220), &stroke(*width), ts, None);
     }
-    let outline = solid(mix(fill, [40, 40, 40], 0.7), 200);
+    // The outline: a hairline, except on a fill about as light as the backdrop (White): its
+    // silhouette, the ProductType cue, would otherwise be a few grey levels off the backdrop
+    // and vanish at the tiny preset's 64 px; 2.4 units is about one pixel there, as the edge
+    // a white product shows in a catalog photo.
+    let faint = fill
+        .iter()
+        .zip(backdrop)
+        .all(|(&f, b)| (i16::from(f) - i16::from(b)).abs() < 48);
+    let (outline_width, outline_alpha) = if faint { (2.4, 230) } else { (0.7, 200) };
+    let outline = solid(mix(fill, [40, 40, 40], 0.7), outline_alpha);
     for part in &sil.parts {
-        pm.stroke_path(&part.path, &outline, &stroke(0.7), ts, None);
+        pm.stroke_path(&part.path, &outline, &stroke(outline_width), ts, None);
     }
 
     // Pixel noise, then JPEG at a random quality. The canvas is opaque, so its premultiplied
