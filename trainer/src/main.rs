@@ -85,7 +85,7 @@ struct FitArgs {
     /// AdamW learning rate [recipe: 1e-3].
     #[arg(long)]
     lr: Option<f64>,
-    /// AdamW weight decay [0.01].
+    /// AdamW weight decay [0.01; tiny preset: 0.1].
     #[arg(long)]
     weight_decay: Option<f64>,
     /// Learning-rate schedule: `step` (StepLR per epoch) [recipe] or `cosine` (linear warm-up,
@@ -131,6 +131,14 @@ struct FitArgs {
     /// No image augmentation, also with `--preset tiny`.
     #[arg(long)]
     no_augment: bool,
+    /// With augmentation: also rotate half the images by up to DEG degrees either way
+    /// (resampled bilinearly) [0].
+    #[arg(long, value_name = "DEG")]
+    augment_rotate: Option<f64>,
+    /// With augmentation: also scale half the images by a factor within 1 +- F (the same half
+    /// as `--augment-rotate`) [0].
+    #[arg(long, value_name = "F")]
+    augment_scale: Option<f64>,
     /// Split each micro-batch into N shards trained on N threads (CPU; the result depends on N,
     /// not on the cores) [1; tiny preset: 2].
     #[arg(long, value_name = "N")]
@@ -225,6 +233,7 @@ fn fit(a: FitArgs) -> anyhow::Result<ExitCode> {
         warmup_epochs,
         data_parallel
     );
+    set!(augment_rotate, augment_scale);
     if a.epochs.is_some() {
         // Exactly the epochs asked for, not a preset's budget.
         cfg.sample_budget = None;
