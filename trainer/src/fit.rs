@@ -269,6 +269,13 @@ impl FitConfig {
             (0.0..0.5).contains(&self.augment_scale),
             "a number in [0, 0.5)",
         )?;
+        if !self.augment && (self.augment_rotate > 0.0 || self.augment_scale > 0.0) {
+            return bad(
+                "--augment-rotate and --augment-scale act on augmented images: add --augment \
+                 (on with --preset tiny unless --no-augment)"
+                    .to_string(),
+            );
+        }
         if let Some(p) = self.dropout {
             check(
                 "--dropout",
@@ -2090,6 +2097,14 @@ mod tests {
             let err = cfg.check().unwrap_err().to_string();
             assert!(err.contains(flag), "{rotate} {scale}: {err}");
         }
+        // Without augmentation they would do nothing: refused, not ignored.
+        let off = FitConfig {
+            augment: false,
+            augment_rotate: 10.0,
+            ..FitConfig::tiny()
+        };
+        let err = off.check().unwrap_err().to_string();
+        assert!(err.contains("--augment"), "{err}");
         // A run recorded before these settings existed resumes without them.
         let mut old = serde_json::to_value(FitConfig::tiny()).unwrap();
         let map = old.as_object_mut().unwrap();
