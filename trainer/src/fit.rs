@@ -17,7 +17,7 @@
 //! the epoch and the position in its (seeded) data order, the AdamW moments and the dropout
 //! generator's state.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -133,6 +133,14 @@ pub struct FitConfig {
     /// (0: none).
     #[serde(default)]
     pub augment_scale: f64,
+    /// Repeat factor sampling: catalog columns whose combination of values groups the
+    /// training samples (see [`repeat_weights`]); empty: every sample once per epoch.
+    #[serde(default)]
+    pub repeat_columns: Vec<String>,
+    /// Repeat factor sampling's threshold `t`: a group that makes up a fraction `f < t` of
+    /// the training samples is drawn `sqrt(t / f)` times as often as one at `t` or above.
+    #[serde(default)]
+    pub repeat_threshold: f64,
 }
 
 impl Default for FitConfig {
@@ -160,6 +168,8 @@ impl Default for FitConfig {
             augment: false,
             augment_rotate: 0.0,
             augment_scale: 0.0,
+            repeat_columns: Vec::new(),
+            repeat_threshold: 0.0,
             data_parallel: 1,
             sample_budget: None,
         }
@@ -273,6 +283,19 @@ impl FitConfig {
             return bad(
                 "--augment-rotate and --augment-scale act on augmented images: add --augment \
                  (on with --preset tiny unless --no-augment)"
+                    .to_string(),
+            );
+        }
+        check(
+            "--repeat-threshold",
+            self.repeat_threshold,
+            (0.0..=1.0).contains(&self.repeat_threshold),
+            "a fraction in [0, 1]",
+        )?;
+        if self.repeat_columns.is_empty() != (self.repeat_threshold == 0.0) {
+            return bad(
+                "--repeat-rare and --repeat-threshold go together: the columns that group the \
+                 samples and the fraction below which a group is drawn more often"
                     .to_string(),
             );
         }
@@ -984,6 +1007,82 @@ fn epoch_order(train: &[usize], seed: u64, epoch: usize) -> Vec<usize> {
     order
 }
 
+/// Repeat factor sampling (Gupta, Dollar and Girshick, "LVIS", 2019) over catalog columns:
+/// the training samples are grouped by their values in `columns`, and a sample of a group
+/// that makes up a fraction `f` of them gets the repeat factor `r = max(1, sqrt(threshold /
+/// f))`. Returns each sample's factor as an integer weight (`r` in units of 2^-20), in the
+/// order of `samples`, or an error naming a column that a sample lacks.
+pub fn repeat_weights(
+    samples: &[&BTreeMap<String, String>],
+    columns: &[String],
+    threshold: f64,
+) -> std::result::Result<Vec<u64>, String> {
+    let mut keys = Vec::with_capacity(samples.len());
+    for attributes in samples {
+        let mut key = Vec::with_capacity(columns.len());
+        for c in columns {
+            match attributes.get(c) {
+                Some(v) => key.push(v.as_str()),
+                None => {
+                    let mut have: Vec<&str> = attributes.keys().map(String::as_str).collect();
+                    have.sort_unstable();
+                    return Err(format!(
+                        "--repeat-rare: no column {c:?} in the catalog (its columns: {})",
+                        have.join(", ")
+                    ));
+                }
+            }
+        }
+        keys.push(key);
+    }
+    let mut counts: HashMap<&[&str], usize> = HashMap::new();
+    for k in &keys {
+        *counts.entry(k.as_slice()).or_default() += 1;
+    }
+    let n = samples.len().max(1) as f64;
+    Ok(keys
+        .iter()
+        .map(|k| {
+            let f = counts[k.as_slice()] as f64 / n;
+            let r = (threshold / f).sqrt().max(1.0);
+            (r * f64::from(1u32 << 20)).round() as u64
+        })
+        .collect())
+}
+
+/// The samples of an epoch under repeat factor sampling: as many as `train` holds, sample
+/// `train[i]` drawn about `weights[i] / mean(weights)` times (systematic sampling over a
+/// shuffled order, so that each count is the floor or the ceiling of its expectation), then
+/// shuffled; seeded like [`epoch_order`], so that a resumed run draws the same.
+fn weighted_epoch_order(train: &[usize], weights: &[u64], seed: u64, epoch: usize) -> Vec<usize> {
+    let mut rng = ChaCha8Rng::seed_from_u64(
+        seed.wrapping_mul(0x9E37_79B9)
+            .wrapping_add(epoch as u64 + 1),
+    );
+    let mut pos: Vec<usize> = (0..train.len().min(weights.len())).collect();
+    pos.shuffle(&mut rng);
+    let total: u128 = pos.iter().map(|&p| u128::from(weights[p])).sum();
+    let n = pos.len() as u128;
+    if total == 0 {
+        return epoch_order(train, seed, epoch);
+    }
+    // Sample j's count: the multiples of `total` that its share of [0, n * total) crosses,
+    // offset by `u`; the counts add up to exactly n.
+    let u = rand::Rng::random_range(&mut rng, 0..total);
+    let mut order = Vec::with_capacity(train.len());
+    let mut cum: u128 = 0;
+    for &p in &pos {
+        let before = (cum * n + u) / total;
+        cum += u128::from(weights[p]);
+        let after = (cum * n + u) / total;
+        for _ in before..after {
+            order.push(train[p]);
+        }
+    }
+    order.shuffle(&mut rng);
+    order
+}
+
 /// Refuses an output directory that is, contains or lies inside what the run reads (the
 /// catalog, a local encoder or decoder, the checkpoint it resumes, unless that is the run's
 /// own `best/` or `last/`), and an existing one that holds anything but a run's files: the run
@@ -1369,6 +1468,7 @@ fn fit_in(cfg: &FitConfig, opts: &FitOptions) -> Result<FitReport> {
     check_run(&cfg, &state, opts, resume_dir.as_deref())?;
     let (catalog, split) =
         load_and_split(&mut cfg, &mut state, opts, resume_dir.is_some(), &mut log)?;
+    let repeat = sampling_weights(&cfg, &catalog, &split, &mut log)?;
     let train_captions: Vec<String> = split
         .train
         .iter()
@@ -1403,6 +1503,7 @@ fn fit_in(cfg: &FitConfig, opts: &FitOptions) -> Result<FitReport> {
 
     let mut run = Run::new(cfg, opts, trainee, data, split, optimizer, state, log);
     run.last_good = resume_dir;
+    run.repeat = repeat;
     let end = run.train()?;
     Ok(FitReport {
         end,
@@ -1410,6 +1511,40 @@ fn fit_in(cfg: &FitConfig, opts: &FitOptions) -> Result<FitReport> {
         state: run.state,
         out: opts.out.clone(),
     })
+}
+
+/// Repeat factor sampling's weights over the training split (see [`repeat_weights`]), when
+/// configured, with a line in the log on what they do.
+fn sampling_weights(
+    cfg: &FitConfig,
+    catalog: &Catalog,
+    split: &Split,
+    log: &mut Log,
+) -> Result<Option<Vec<u64>>> {
+    if cfg.repeat_columns.is_empty() {
+        return Ok(None);
+    }
+    let attributes: Vec<&BTreeMap<String, String>> = split
+        .train
+        .iter()
+        .map(|&i| &catalog.samples[i].attributes)
+        .collect();
+    let weights = repeat_weights(&attributes, &cfg.repeat_columns, cfg.repeat_threshold)
+        .map_err(|m| Error::InvalidArgument(format!("{}: {m}", catalog.csv.display())))?;
+    let unit = f64::from(1u32 << 20);
+    let mean = weights.iter().sum::<u64>() as f64 / weights.len().max(1) as f64;
+    let max = weights.iter().copied().max().unwrap_or(0) as f64;
+    let repeated = weights.iter().filter(|&&w| w as f64 > unit).count();
+    log.say(format!(
+        "repeat factor sampling over {}: {repeated} of {} training samples are in groups under \
+         {} of them; per epoch the rarest are drawn {:.2} times on average, the commonest {:.2}",
+        cfg.repeat_columns.join(", "),
+        weights.len(),
+        cfg.repeat_threshold,
+        max / mean.max(1.0),
+        unit / mean.max(1.0)
+    ));
+    Ok(Some(weights))
 }
 
 /// The caption schema a checkpoint records: the Kaggle layout's caption template with each
@@ -1702,6 +1837,8 @@ struct Run<'a> {
     log: Log,
     /// Where the current epoch's time goes (the epoch's metrics record).
     profile: crate::profile::EpochProfile,
+    /// Repeat factor sampling's weights, one per training sample (`None`: each once).
+    repeat: Option<Vec<u64>>,
 }
 
 impl<'a> Run<'a> {
@@ -1751,6 +1888,7 @@ impl<'a> Run<'a> {
             boundary,
             log,
             profile: crate::profile::EpochProfile::start(),
+            repeat: None,
         }
     }
 
@@ -1773,7 +1911,10 @@ impl<'a> Run<'a> {
         let epoch = self.state.epoch;
         // The epoch's rate as recorded (the cosine schedule's at the middle of the epoch).
         self.optimizer.params.lr = lr_at(&self.cfg, epoch, epoch as f64 + 0.5);
-        let order = epoch_order(&self.split.train, self.cfg.seed, epoch);
+        let order = match &self.repeat {
+            Some(w) => weighted_epoch_order(&self.split.train, w, self.cfg.seed, epoch),
+            None => epoch_order(&self.split.train, self.cfg.seed, epoch),
+        };
         let pb = self.epoch_bar();
         let bs = self.cfg.batch_size;
         let mut window = StepWindow::new();
@@ -2112,6 +2253,102 @@ mod tests {
         map.remove("augment_scale");
         let back: FitConfig = serde_json::from_value(old).unwrap();
         assert_eq!((back.augment_rotate, back.augment_scale), (0.0, 0.0));
+    }
+
+    fn rows(values: &[(&str, &str)]) -> Vec<BTreeMap<String, String>> {
+        values
+            .iter()
+            .map(|(t, u)| {
+                BTreeMap::from([
+                    ("ProductType".to_string(), t.to_string()),
+                    ("Usage".to_string(), u.to_string()),
+                ])
+            })
+            .collect()
+    }
+
+    #[test]
+    fn repeat_factors_follow_the_rarity_of_each_group() {
+        // 100 samples: 80 in one group, 16 in a second, 4 in a third. With t = 0.16 the
+        // factors are 1 (f = 0.8 >= t), 1 (f = t) and sqrt(0.16 / 0.04) = 2.
+        let mut v = vec![("Jeans", "Casual"); 80];
+        v.extend(vec![("Heels", "Ethnic"); 16]);
+        v.extend(vec![("Heels", "Formal"); 4]);
+        let rows = rows(&v);
+        let refs: Vec<&BTreeMap<String, String>> = rows.iter().collect();
+        let cols = ["ProductType".to_string(), "Usage".to_string()];
+        let w = repeat_weights(&refs, &cols, 0.16).unwrap();
+        let unit = 1u64 << 20;
+        assert_eq!(&w[..80], &vec![unit; 80][..]);
+        assert_eq!(&w[80..96], &vec![unit; 16][..]);
+        assert_eq!(&w[96..], &vec![2 * unit; 4][..]);
+        // One column alone: the two Heels groups are one (f = 0.2 >= t).
+        let w = repeat_weights(&refs, &cols[..1], 0.16).unwrap();
+        assert!(w.iter().all(|&x| x == unit));
+        // A column the catalog lacks is named.
+        let err = repeat_weights(&refs, &["Season".to_string()], 0.16).unwrap_err();
+        assert!(
+            err.contains("\"Season\"") && err.contains("ProductType, Usage"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_weighted_epoch_draws_each_sample_by_its_weight() {
+        // Samples 10..20 (ids), the last two weighted 3x: per epoch 12 draws are spread as
+        // 8 x (10/14) + 2 x (30/14); each count is the floor or ceiling of its expectation,
+        // the epoch holds exactly as many samples as the split, and the same epoch and seed
+        // draw the same order.
+        let train: Vec<usize> = (10..20).collect();
+        let mut w = vec![1u64 << 20; 10];
+        w[8] = 3 << 20;
+        w[9] = 3 << 20;
+        let mut seen_rare = 0usize;
+        for epoch in 0..50 {
+            let order = weighted_epoch_order(&train, &w, 7, epoch);
+            assert_eq!(order.len(), train.len());
+            assert_eq!(order, weighted_epoch_order(&train, &w, 7, epoch));
+            let count = |id: usize| order.iter().filter(|&&x| x == id).count();
+            for id in 10..18 {
+                assert!(count(id) <= 1, "epoch {epoch}: {order:?}");
+            }
+            for id in 18..20 {
+                assert!((2..=3).contains(&count(id)), "epoch {epoch}: {order:?}");
+            }
+            seen_rare += count(18) + count(19);
+        }
+        // 50 epochs x 2 x 30/14 = 214.3 expected draws of the two heavy samples.
+        assert!((210..=219).contains(&seen_rare), "{seen_rare}");
+        // Equal weights: every sample exactly once.
+        let mut order = weighted_epoch_order(&train, &[5; 10], 3, 1);
+        order.sort_unstable();
+        assert_eq!(order, train);
+    }
+
+    #[test]
+    fn repeat_settings_go_together() {
+        let with = |columns: &[&str], t: f64| FitConfig {
+            repeat_columns: columns.iter().map(|c| c.to_string()).collect(),
+            repeat_threshold: t,
+            ..FitConfig::tiny()
+        };
+        assert!(with(&["ProductType"], 0.05).check().is_ok());
+        for (cfg, flag) in [
+            (with(&["ProductType"], 0.0), "--repeat-rare"),
+            (with(&[], 0.05), "--repeat-rare"),
+            (with(&["ProductType"], 1.5), "--repeat-threshold"),
+            (with(&["ProductType"], f64::NAN), "--repeat-threshold"),
+        ] {
+            let err = cfg.check().unwrap_err().to_string();
+            assert!(err.contains(flag), "{err}");
+        }
+        // A training state written before these settings reads back without them.
+        let mut map = serde_json::to_value(FitConfig::tiny()).unwrap();
+        let obj = map.as_object_mut().unwrap();
+        obj.remove("repeat_columns");
+        obj.remove("repeat_threshold");
+        let back: FitConfig = serde_json::from_value(map).unwrap();
+        assert_eq!(back, FitConfig::tiny());
     }
 
     #[test]

@@ -139,6 +139,16 @@ struct FitArgs {
     /// as `--augment-rotate`) [0].
     #[arg(long, value_name = "F")]
     augment_scale: Option<f64>,
+    /// Repeat factor sampling: group the training samples by their values in these catalog
+    /// columns (comma-separated, e.g. ProductType,Usage) and draw the rare groups more often
+    /// and the common ones less, as many samples per epoch as without it. Needs
+    /// --repeat-threshold.
+    #[arg(long, value_name = "COLUMNS", value_delimiter = ',')]
+    repeat_rare: Option<Vec<String>>,
+    /// With --repeat-rare: a group that makes up a fraction f below T of the training samples
+    /// is drawn sqrt(T / f) times as often as a group at T or above.
+    #[arg(long, value_name = "T")]
+    repeat_threshold: Option<f64>,
     /// Split each micro-batch into N shards trained on N threads (CPU; the result depends on N,
     /// not on the cores) [1; tiny preset: 2].
     #[arg(long, value_name = "N")]
@@ -233,7 +243,10 @@ fn fit(a: FitArgs) -> anyhow::Result<ExitCode> {
         warmup_epochs,
         data_parallel
     );
-    set!(augment_rotate, augment_scale);
+    set!(augment_rotate, augment_scale, repeat_threshold);
+    if let Some(columns) = a.repeat_rare {
+        cfg.repeat_columns = columns;
+    }
     if a.epochs.is_some() {
         // Exactly the epochs asked for, not a preset's budget.
         cfg.sample_budget = None;
