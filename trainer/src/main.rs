@@ -71,7 +71,7 @@ struct FitArgs {
     /// Settings for a purpose; every other flag overrides them.
     #[arg(long, value_enum, value_name = "NAME")]
     preset: Option<Preset>,
-    /// Epochs [recipe: 20; tiny preset: 180 for 1,200 training samples, fewer for larger
+    /// Epochs [recipe: 20; tiny preset: 270 for 1,200 training samples, fewer for larger
     /// catalogs, the same number of samples in all]. With --resume: a new length for the run
     /// (without it, the run ends where it was set to end).
     #[arg(long)]

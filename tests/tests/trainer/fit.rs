@@ -266,7 +266,7 @@ fn data_parallel_shards_equal_one_batch() {
 }
 
 /// The preset's sample budget sets the epochs from the catalog's size: 40 products, 32 of
-/// them for training, and a budget of 70 samples give ceil(70 / 32) = 3 epochs, not 180.
+/// them for training, and a budget of 70 samples give ceil(70 / 32) = 3 epochs, not 270.
 #[test]
 fn sample_budget_sets_the_epochs() {
     let tmp = TempDir::new("budget");
@@ -278,7 +278,7 @@ fn sample_budget_sets_the_epochs() {
         batch_size: 16,
         ..FitConfig::tiny()
     };
-    assert_eq!(cfg.epochs, 180);
+    assert_eq!(cfg.epochs, 270);
     let cache = tmp.path().join("cache");
     run_fit(&cat, &out, &cache, &cfg, None, &Device::Cpu);
     let state = trainer::fit::read_state(&out.join("last")).expect("state");
