@@ -999,12 +999,16 @@ fn evaluate_loss(
 /// and the epoch, so that a resumed run sees the same order.
 fn epoch_order(train: &[usize], seed: u64, epoch: usize) -> Vec<usize> {
     let mut order = train.to_vec();
-    let mut rng = ChaCha8Rng::seed_from_u64(
+    order.shuffle(&mut epoch_rng(seed, epoch));
+    order
+}
+
+/// The generator of an epoch's data order, from the run's seed and the epoch.
+fn epoch_rng(seed: u64, epoch: usize) -> ChaCha8Rng {
+    ChaCha8Rng::seed_from_u64(
         seed.wrapping_mul(0x9E37_79B9)
             .wrapping_add(epoch as u64 + 1),
-    );
-    order.shuffle(&mut rng);
-    order
+    )
 }
 
 /// Repeat factor sampling (Gupta, Dollar and Girshick, "LVIS", 2019) over catalog columns:
@@ -1055,10 +1059,7 @@ pub fn repeat_weights(
 /// shuffled order, so that each count is the floor or the ceiling of its expectation), then
 /// shuffled; seeded like [`epoch_order`], so that a resumed run draws the same.
 fn weighted_epoch_order(train: &[usize], weights: &[u64], seed: u64, epoch: usize) -> Vec<usize> {
-    let mut rng = ChaCha8Rng::seed_from_u64(
-        seed.wrapping_mul(0x9E37_79B9)
-            .wrapping_add(epoch as u64 + 1),
-    );
+    let mut rng = epoch_rng(seed, epoch);
     let mut pos: Vec<usize> = (0..train.len().min(weights.len())).collect();
     pos.shuffle(&mut rng);
     let total: u128 = pos.iter().map(|&p| u128::from(weights[p])).sum();
