@@ -684,6 +684,18 @@ const char *moda_description_text(const struct moda_description *d);
 size_t moda_description_text_len(const struct moda_description *d);
 
 /**
+ * Why generation ended: "end_of_text" (the model wrote </s>: the description is complete),
+ * "stop_string" (the text reached a stop string and was cut before it), "length" (the token
+ * limit, max_new_tokens, came first: the text may be cut short, and the caption schema's later
+ * fields missing) or "stopped" (the token callback returned false). "" for an image that
+ * failed, and for NULL.
+ *
+ * Ownership: static; never NULL and never to be freed.
+ * Threads: any thread, concurrently.
+ */
+const char *moda_description_finish(const struct moda_description *d);
+
+/**
  * How many tokens were generated, the final end-of-sequence token (</s>) included when one
  * was generated. NULL gives 0.
  *

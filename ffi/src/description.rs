@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::ffi::{c_char, c_int, c_uint, CString};
 
-use moda_sdk::Description;
+use moda_sdk::{Description, Finish};
 
 use crate::error::{boundary, c_string, status, Failure, MODA_OK};
 
@@ -44,6 +44,8 @@ pub struct moda_description {
     token_ids: Vec<c_uint>,
     logprobs: Vec<f32>,
     timings: moda_timings,
+    /// Why generation ended; `None` for an image that failed.
+    finish: Option<Finish>,
     /// One per field of the bundle's caption schema, in the template's order; none when the
     /// bundle has no schema or the image failed.
     attributes: Vec<Field>,
@@ -112,6 +114,7 @@ impl moda_description {
             token_ids: d.token_ids,
             logprobs: d.logprobs,
             attributes: fields_in_order(d.attributes, fields),
+            finish: Some(d.finish),
             timings: moda_timings {
                 preprocess_ms: t.preprocess_ms,
                 encoder_ms: t.encoder_ms,
@@ -132,6 +135,7 @@ impl moda_description {
             token_ids: Vec::new(),
             logprobs: Vec::new(),
             timings: moda_timings::default(),
+            finish: None,
             attributes: Vec::new(),
         }
     }
@@ -198,6 +202,30 @@ pub unsafe extern "C" fn moda_description_text_len(d: *const moda_description) -
     // SAFETY: NULL or a live description.
     let d = unsafe { d.as_ref() };
     boundary(0, || d.map_or(0, |d| d.text.len() - 1))
+}
+
+/// Why generation ended: "end_of_text" (the model wrote </s>: the description is complete),
+/// "stop_string" (the text reached a stop string and was cut before it), "length" (the token
+/// limit, max_new_tokens, came first: the text may be cut short, and the caption schema's later
+/// fields missing) or "stopped" (the token callback returned false). "" for an image that
+/// failed, and for NULL.
+///
+/// Ownership: static; never NULL and never to be freed.
+/// Threads: any thread, concurrently.
+#[no_mangle]
+pub unsafe extern "C" fn moda_description_finish(d: *const moda_description) -> *const c_char {
+    // SAFETY: NULL or a live description.
+    let d = unsafe { d.as_ref() };
+    boundary(c"".as_ptr(), || {
+        let name = match d.and_then(|d| d.finish) {
+            None => c"",
+            Some(Finish::EndOfText) => c"end_of_text",
+            Some(Finish::StopString) => c"stop_string",
+            Some(Finish::Length) => c"length",
+            Some(Finish::Stopped) => c"stopped",
+        };
+        name.as_ptr()
+    })
 }
 
 /// How many tokens were generated, the final end-of-sequence token (</s>) included when one
@@ -464,6 +492,7 @@ mod tests {
                 assert_eq!(moda_description_attribute_alternative_count(d, 0), 0);
                 assert!(moda_description_attribute_alternative_value(d, 0, 0).is_null());
                 assert!(moda_description_attribute_alternative_confidence(d, 0, 0).is_nan());
+                assert_eq!(CStr::from_ptr(moda_description_finish(d)), c"");
             }
         }
     }

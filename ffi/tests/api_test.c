@@ -567,6 +567,7 @@ int main(int argc, char **argv)
     CHECK(moda_description_n_tokens(NULL) == 0);
     CHECK(moda_description_token_ids(NULL) == NULL);
     CHECK(moda_description_logprobs(NULL) == NULL);
+    CHECK(strcmp(moda_description_finish(NULL), "") == 0);
 
     /* The same image as bytes; a BMP and its RGB pixels. */
     photo_bytes = read_file(photo, &size);
@@ -599,6 +600,8 @@ int main(int argc, char **argv)
     gp.max_new_tokens = 5;
     CHECK_RC(moda_model_describe(model, &img, &gp, &d2), MODA_OK);
     CHECK(moda_description_n_tokens(d2) == 5);
+    /* min = max masks </s>: the token limit ended it. */
+    CHECK(strcmp(moda_description_finish(d2), "length") == 0);
     moda_description_free(d2);
     gp = moda_generation_default_params();
     gp.do_sample = 1;
@@ -635,6 +638,7 @@ int main(int argc, char **argv)
             CHECK(b && moda_description_text_len(b) <= 2);
             CHECK(b && strncmp(moda_description_text(b), text, moda_description_text_len(b)) == 0);
             CHECK(b && moda_description_n_tokens(b) <= moda_description_n_tokens(a));
+            CHECK(b && strcmp(moda_description_finish(b), "stop_string") == 0);
             moda_description_free(b);
             b = NULL;
             /* No stop strings at all (non-NULL, 0): the whole text again. */
@@ -722,6 +726,7 @@ int main(int argc, char **argv)
         s.stop_after = 2;
         CHECK_RC(moda_model_describe_stream(model, &img, NULL, on_token, &s, &sd), MODA_OK);
         CHECK(s.calls == 2 && moda_description_n_tokens(sd) == 2);
+        CHECK(sd && strcmp(moda_description_finish(sd), "stopped") == 0);
         moda_description_free(sd);
         sd = NULL;
         /* No callback is allowed; NULL model, image or out are not. */
@@ -760,6 +765,7 @@ int main(int argc, char **argv)
         CHECK(strcmp(moda_description_text(out[1]), "") == 0);
         CHECK(moda_description_n_tokens(out[1]) == 0);
         CHECK(moda_description_token_ids(out[1]) == NULL);
+        CHECK(strcmp(moda_description_finish(out[1]), "") == 0);
         check_no_attributes(out[1]);
         CHECK(moda_description_status(out[2]) == MODA_OK);
         CHECK(moda_description_status(out[3]) == MODA_ERR_INVALID_ARGUMENT);
@@ -879,6 +885,8 @@ int main(int argc, char **argv)
         if (sm) {
             gp = moda_generation_default_params();
             CHECK_RC(moda_model_describe(sm, &img, &gp, &auto_d), MODA_OK);
+            /* Constrained to the schema, whose last field is followed by </s>: complete. */
+            CHECK(auto_d && strcmp(moda_description_finish(auto_d), "end_of_text") == 0);
             gp.constrain = MODA_CONSTRAIN_NONE;
             CHECK_RC(moda_model_describe(sm, &img, &gp, &none_d), MODA_OK);
             gp.constrain = 42;

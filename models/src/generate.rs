@@ -413,6 +413,62 @@ pub fn strip_stop_string(text: &str, stop_strings: &[String]) -> String {
     }
 }
 
+/// Why a description ended: a pipeline reads `Length` as "this text may be cut short" (its
+/// caption schema's fields are then often missing) rather than as a complete description.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Finish {
+    /// The model wrote `</s>`: the description is complete.
+    EndOfText,
+    /// The text reached one of the stop strings (and was cut before it).
+    StopString,
+    /// The token limit (`max_new_tokens`) was reached first: the text may be cut short.
+    Length,
+    /// The caller's token callback asked to stop.
+    Stopped,
+}
+
+impl Finish {
+    /// Why a row that generated `token_ids`, whose text is `text`, ended, under `stop_strings`
+    /// and a limit of `max_new_tokens`. `</s>` is the search's only way to finish before the
+    /// limit besides a stop string and the callback, so what is neither is `Stopped`. A text
+    /// that reaches a stop string with its last allowed token finished on the stop string.
+    pub fn of(
+        token_ids: &[u32],
+        eos: u32,
+        text: &str,
+        stop_strings: &[String],
+        max_new_tokens: usize,
+    ) -> Self {
+        if token_ids.last() == Some(&eos) {
+            Finish::EndOfText
+        } else if cut_at_stop_string(text, stop_strings).is_some() {
+            Finish::StopString
+        } else if token_ids.len() >= max_new_tokens {
+            Finish::Length
+        } else {
+            Finish::Stopped
+        }
+    }
+
+    /// The name used in JSON, the CSV column and the C and Python APIs: `end_of_text`,
+    /// `stop_string`, `length` or `stopped`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Finish::EndOfText => "end_of_text",
+            Finish::StopString => "stop_string",
+            Finish::Length => "length",
+            Finish::Stopped => "stopped",
+        }
+    }
+}
+
+impl std::fmt::Display for Finish {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// What a search needs besides its options and the model: the vocabulary and end token, the
 /// resolved token limit, and what the runner provides (text for stop strings, a token sink,
 /// a schema constraint).
@@ -1349,6 +1405,39 @@ mod tests {
         );
         assert_eq!(strip_stop_string("Blue Jeans", &stops), "Blue Jeans");
         assert_eq!(cut_at_stop_string("Blue", &[]), None);
+    }
+
+    #[test]
+    fn finish_tells_end_of_text_stop_string_length_and_stopped_apart() {
+        let eos = 2;
+        let stops = vec!["<\\s>".to_string()];
+        // `</s>` wins even at the limit: the description is complete.
+        assert_eq!(
+            Finish::of(&[5, 6, eos], eos, "Blue", &stops, 3),
+            Finish::EndOfText
+        );
+        // A stop string reached with the last allowed token is not a cut text.
+        assert_eq!(
+            Finish::of(&[5, 6, 7], eos, "Blue <\\s>", &stops, 3),
+            Finish::StopString
+        );
+        assert_eq!(
+            Finish::of(&[5, 6, 7], eos, "Blue Jeans", &stops, 3),
+            Finish::Length
+        );
+        assert_eq!(Finish::of(&[5], eos, "Blue", &stops, 3), Finish::Stopped);
+        // The JSON names are the documented ones.
+        for f in [
+            Finish::EndOfText,
+            Finish::StopString,
+            Finish::Length,
+            Finish::Stopped,
+        ] {
+            assert_eq!(
+                serde_json::to_string(&f).ok(),
+                Some(format!("\"{}\"", f.as_str()))
+            );
+        }
     }
 
     #[test]

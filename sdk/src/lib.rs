@@ -30,7 +30,7 @@ pub mod runtime;
 
 pub use attributes::Attribute;
 pub use error::{Error, Result};
-pub use generate::{Constrain, GenerationOptions};
+pub use generate::{Constrain, Finish, GenerationOptions};
 pub use moda_models::preprocess::ImageLimits;
 pub use model::{
     read_manifest, Description, ImageInput, Moda, Norm, OpenOptions, Timings, TokenEvent,

@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 use crate::attributes::{read_attributes, Attribute};
 use crate::error::{Error, Result};
 use crate::generate::{
-    generate, strip_stop_string, Constrain, GenerationOptions, Search, StepModel,
+    generate, strip_stop_string, Constrain, Finish, GenerationOptions, Search, StepModel,
 };
 use crate::manifest::{
     bundle_file, GraphInfo, Manifest, Role, MANIFEST_FILE, MAX_POSITIONS_METADATA,
@@ -215,6 +215,9 @@ pub struct Description {
     /// `None` when the bundle has no schema.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attributes: Option<BTreeMap<String, Option<Attribute>>>,
+    /// Why generation ended: [`Finish::Length`] says the token limit cut the text, which then
+    /// often lacks the schema's later fields.
+    pub finish: Finish,
     /// The generated tokens, the final `</s>` included when one was generated.
     pub token_ids: Vec<u32>,
     /// Log-probability of each generated token (see [`crate::generate`]).
@@ -1030,8 +1033,10 @@ impl Moda {
                     let g = gen.next().ok_or_else(|| {
                         Error::Internal("generation returned too few rows".into())
                     })?;
-                    let text = decode_text(&self.tokenizer, &g.token_ids)?;
-                    let text = strip_stop_string(&text, options.stop_strings());
+                    let raw = decode_text(&self.tokenizer, &g.token_ids)?;
+                    let finish =
+                        Finish::of(&g.token_ids, eos, &raw, options.stop_strings(), max_new);
+                    let text = strip_stop_string(&raw, options.stop_strings());
                     let attributes = self.manifest.schema.as_ref().map(|schema| {
                         read_attributes(schema, &self.tokenizer, &text, &g, constraint)
                     });
@@ -1039,6 +1044,7 @@ impl Moda {
                     out.push(Ok(Description {
                         text,
                         attributes,
+                        finish,
                         timings: Timings {
                             preprocess_ms,
                             encoder_ms,

@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use moda_models::preprocess::{ImageProcessor, ImageProcessorConfig};
-use moda_sdk::{Constrain, Error, GenerationOptions, ImageInput, Moda, Norm, OpenOptions};
+use moda_sdk::{Constrain, Error, Finish, GenerationOptions, ImageInput, Moda, Norm, OpenOptions};
 use moda_tests::{fixture, get, load_refs, TempDir};
 
 /// ONNX Runtime f32 against transformers f32 for the tiny models: float noise only (the
@@ -240,6 +240,8 @@ fn constrained_descriptions_fit_the_schema_even_from_random_weights() {
                 }
             }
             assert_eq!(d.token_ids.last(), Some(&m.manifest().special_tokens.eos));
+            // The schema's last field forces `</s>`: a complete description.
+            assert_eq!(d.finish, Finish::EndOfText, "{opts:?}: {:?}", d.text);
         }
     }
     // Free text from random weights does not fit the schema, and then no value is guessed;
@@ -655,6 +657,7 @@ fn streaming_pieces_add_up_and_can_stop() {
         })
         .expect("stop");
     assert_eq!(d.token_ids.len(), 3, "stopped after the third token");
+    assert_eq!(d.finish, Finish::Stopped);
 }
 
 #[test]

@@ -485,6 +485,10 @@ struct Description {
     /// The text, special tokens removed.
     #[pyo3(get)]
     text: String,
+    /// Why generation ended: "end_of_text", "stop_string", "length" (the token limit cut the
+    /// text) or "stopped".
+    #[pyo3(get)]
+    finish: &'static str,
     /// The generated tokens, the final `</s>` included when one was generated.
     #[pyo3(get)]
     token_ids: Vec<u32>,
@@ -553,6 +557,7 @@ impl Description {
             py,
             Description {
                 text: d.text,
+                finish: d.finish.as_str(),
                 token_ids: d.token_ids,
                 logprobs: d.logprobs,
                 timings,
@@ -605,14 +610,15 @@ impl Description {
     }
 
     /// The description as a plain dict: `text`, `attributes` (each a dict, or `None`; the key
-    /// only with a schema), `token_ids`, `logprobs`, `timings_ms` (the keys of `moda-sdk
-    /// describe --json`, without `image`).
+    /// only with a schema), `finish`, `token_ids`, `logprobs`, `timings_ms` (the keys of
+    /// `moda-sdk describe --json`, without `image`).
     fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
         d.set_item("text", &self.text)?;
         if let Some(a) = self.attributes_dict(py, true)? {
             d.set_item("attributes", a)?;
         }
+        d.set_item("finish", self.finish)?;
         d.set_item("token_ids", self.token_ids.clone())?;
         d.set_item("logprobs", self.logprobs.clone())?;
         d.set_item("timings_ms", self.timings.get().to_dict(py)?)?;

@@ -81,6 +81,11 @@ def test_describe_result_is_typed(model):
     assert isinstance(d.timings, moda.Timings)
     assert d.timings.total_ms > 0
     assert d.to_dict()["token_ids"] == d.token_ids
+    assert d.finish in {"end_of_text", "stop_string", "length", "stopped"}
+    assert d.to_dict()["finish"] == d.finish
+    # min = max masks </s>: the token limit ends the description.
+    cut = model.describe(IMAGES / "photo.jpg", max_new_tokens=4, min_new_tokens=4)
+    assert cut.finish == "length"
     assert set(d.to_dict()["timings_ms"]) >= {"total_ms", "encoder_ms", "tokens"}
 
 
@@ -147,6 +152,7 @@ def test_stop_strings_end_the_description_as_the_cli_does(model, cli, bundle):
     )[str(path)]
     assert got.token_ids == want["token_ids"]
     assert got.text == want["description"]
+    assert got.finish == want["finish"] == "stop_string"
     # A list works as well; an empty list turns stop strings off.
     assert model.describe(path, max_new_tokens=16, stop_strings=[stop]).text == got.text
     assert model.describe(path, max_new_tokens=16, stop_strings=[]).text == text

@@ -83,6 +83,7 @@ def check_exactly_once(rows, cli_records):
         assert row["error"] is None, row["error"]
         assert row["token_ids"] == want["token_ids"], row["image_id"]
         assert row["description"] == want["description"], row["image_id"]
+        assert row["finish"] == want["finish"], row["image_id"]
         np.testing.assert_allclose(row["logprobs"], want["logprobs"], rtol=0, atol=1e-5)
 
 
@@ -174,6 +175,7 @@ def test_describer_keeps_going_past_a_bad_image(bundle):
     assert out["id"] == [1, 2, 3] and out["path"] == [good, bad, good]
     assert out["error"][0] is None and "not_an_image.jpg" in out["error"][1]
     assert out["description"][1] is None and out["description"][0] == out["description"][2]
+    assert out["finish"][1] is None and out["finish"][0] == out["finish"][2] is not None
     assert out["token_ids"][1] is None and len(out["token_ids"][0]) == len(out["logprobs"][0])
     assert np.isnan(out["embedding"][1]).all() and not np.isnan(out["embedding"][0]).any()
     # Pixels (ray.data.read_images gives (N, H, W, 3) arrays) and encoded bytes work as well,

@@ -4,7 +4,7 @@
 //!
 //! ## Records
 //! A job writes one JSON object per image, one per line ([`Record`]): `{"image",
-//! "description", "token_ids", "logprobs", "timings_ms"}` for `describe`, `{"image",
+//! "description", "finish", "token_ids", "logprobs", "timings_ms"}` for `describe`, `{"image",
 //! "embedding"}` for `embed`, `{"image", "error"}` for an image that failed. `"image"` is the
 //! image as the job named it: the path given (or found under a directory given), or a CSV
 //! cell as written (trimmed); it is the key by which a job that is run again skips the images
@@ -33,7 +33,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use serde::{Deserialize, Serialize};
 
 use moda_sdk::GenerationOptions;
-use moda_sdk::{Attribute, Description, ImageInput, Moda, Timings};
+use moda_sdk::{Attribute, Description, Finish, ImageInput, Moda, Timings};
 
 /// File extensions (compared case-insensitively) that directory listings take as images.
 pub const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"];
@@ -392,6 +392,11 @@ pub enum Record {
         /// `moda_sdk::attributes`). Left out for a bundle without a schema.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         attributes: Option<BTreeMap<String, Option<Attribute>>>,
+        /// Why generation ended: `end_of_text`, `stop_string`, `length` (the token limit cut
+        /// the text) or `stopped` (see `moda_sdk::Finish`). Absent from records written
+        /// before it was recorded.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        finish: Option<Finish>,
         /// Generated token ids (the final `</s>` included when one was generated).
         token_ids: Vec<u32>,
         /// Log-probability of each generated token (`-inf`, which JSON cannot hold, is
@@ -432,6 +437,7 @@ impl Record {
             image_hex: item_hex(item),
             description: d.text.clone(),
             attributes: d.attributes.clone(),
+            finish: Some(d.finish),
             token_ids: d.token_ids.clone(),
             logprobs: d.logprobs.clone(),
             timings_ms: TimingsMs::from(&d.timings),
@@ -488,6 +494,17 @@ impl Record {
     /// Whether this records a failure.
     pub fn is_error(&self) -> bool {
         matches!(self, Record::Error { .. })
+    }
+
+    /// Whether this records a description that the token limit cut short.
+    pub fn is_cut(&self) -> bool {
+        matches!(
+            self,
+            Record::Description {
+                finish: Some(Finish::Length),
+                ..
+            }
+        )
     }
 
     /// The record as one line of JSON (no newline).
@@ -904,6 +921,8 @@ pub struct JobSummary {
     pub done: usize,
     /// Of those, the failures.
     pub failed: usize,
+    /// Of those, the descriptions the token limit cut short (`"finish": "length"`).
+    pub cut: usize,
     /// The job stopped early because `stop` was set.
     pub interrupted: bool,
 }
@@ -974,6 +993,7 @@ pub fn run_job(
             emit(r).map_err(CatalogError::Emit)?;
             summary.done += 1;
             summary.failed += usize::from(r.is_error());
+            summary.cut += usize::from(r.is_cut());
         }
     }
     Ok(summary)

@@ -1,10 +1,12 @@
 //! `describe --format csv`: one row per image, for spreadsheets and catalog tools.
 //!
-//! The columns are `image`, `description`, then for each field of the bundle's caption schema,
-//! in template order, `<Field>` (its value) and `<Field>_confidence`, then `error`. A cell is
-//! empty where there is nothing to put: the attribute cells of a text that yields no value for
-//! that field (and of a failed image), `<Field>_confidence` when the value's tokens could not be
-//! told apart, `description` of a failed image, `error` of a described one. A bundle without a
+//! The columns are `image`, `description`, `finish` (why generation ended: `end_of_text`,
+//! `stop_string`, `length` when the token limit cut the text, `stopped`), then for each field
+//! of the bundle's caption schema, in template order, `<Field>` (its value) and
+//! `<Field>_confidence`, then `error`. A cell is empty where there is nothing to put: the
+//! attribute cells of a text that yields no value for that field (and of a failed image),
+//! `<Field>_confidence` when the value's tokens could not be told apart, `description` and
+//! `finish` of a failed image, `error` of a described one. A bundle without a
 //! schema has no attribute columns. Cells are quoted as CSV needs (commas, quotes, line breaks
 //! in a description or an error message stay in their cell); rows end in `\n`.
 //!
@@ -48,7 +50,11 @@ fn has_extension(path: &Path, exts: &[&str]) -> bool {
 
 /// The header row for a schema with these fields (in template order).
 pub fn columns(fields: &[String]) -> Vec<String> {
-    let mut c = vec!["image".to_string(), "description".to_string()];
+    let mut c = vec![
+        "image".to_string(),
+        "description".to_string(),
+        "finish".to_string(),
+    ];
     for f in fields {
         c.push(f.clone());
         c.push(format!("{f}_confidence"));
@@ -59,15 +65,17 @@ pub fn columns(fields: &[String]) -> Vec<String> {
 
 /// The cells of `record`'s row under the header of [`columns`]`(fields)`.
 pub fn row(fields: &[String], record: &Record) -> Vec<String> {
-    let mut c = Vec::with_capacity(3 + 2 * fields.len());
+    let mut c = Vec::with_capacity(4 + 2 * fields.len());
     c.push(record.image().to_string());
     match record {
         Record::Description {
             description,
             attributes,
+            finish,
             ..
         } => {
             c.push(description.clone());
+            c.push(finish.map(|f| f.as_str().to_string()).unwrap_or_default());
             for f in fields {
                 let a = attributes
                     .as_ref()
@@ -84,12 +92,12 @@ pub fn row(fields: &[String], record: &Record) -> Vec<String> {
             c.push(String::new());
         }
         Record::Error { error, .. } => {
-            c.extend(std::iter::repeat_n(String::new(), 1 + 2 * fields.len()));
+            c.extend(std::iter::repeat_n(String::new(), 2 + 2 * fields.len()));
             c.push(error.clone());
         }
         // Embeddings have no CSV form (the command line does not ask for one).
         Record::Embedding { .. } => {
-            c.extend(std::iter::repeat_n(String::new(), 1 + 2 * fields.len()));
+            c.extend(std::iter::repeat_n(String::new(), 2 + 2 * fields.len()));
             c.push("an embedding has no CSV row".to_string());
         }
     }
@@ -247,8 +255,8 @@ impl Rows {
             if cells != self.want {
                 return Err(format!(
                     "its header row is {:?}, but this bundle's descriptions have the columns \
-                     {:?}: it was written with another bundle (another caption schema), or \
-                     {not_ours}",
+                     {:?}: it was written with another bundle (another caption schema), by an \
+                     older moda-sdk (before the finish column), or {not_ours}",
                     cells.join(","),
                     self.want.join(",")
                 ));
@@ -345,6 +353,7 @@ mod tests {
             [
                 "image",
                 "description",
+                "finish",
                 "Colour",
                 "Colour_confidence",
                 "Usage",
@@ -352,7 +361,7 @@ mod tests {
                 "error"
             ]
         );
-        assert_eq!(columns(&[]), ["image", "description", "error"]);
+        assert_eq!(columns(&[]), ["image", "description", "finish", "error"]);
     }
 
     fn temp(tag: &str) -> PathBuf {
@@ -426,8 +435,8 @@ mod tests {
         let p = temp("other");
         for (text, needle) in [
             ("hello\nworld\n", "header row"),
-            ("image,description,error\nx.jpg,,,\n", "cells"),
-            ("image,description,error\n,,\n", "without an image"),
+            ("image,description,finish,error\nx.jpg,,,,\n", "cells"),
+            ("image,description,finish,error\n,,,\n", "without an image"),
         ] {
             std::fs::write(&p, text).expect("write");
             let e = CsvOutput::open(&p, &[]).expect_err(text).to_string();
@@ -438,16 +447,16 @@ mod tests {
         CsvOutput::open(&p, &[]).expect("blank");
         assert_eq!(
             std::fs::read_to_string(&p).expect("read"),
-            "image,description,error\n"
+            "image,description,finish,error\n"
         );
         // A header without its newline gets one before the first row.
-        std::fs::write(&p, "image,description,error").expect("write");
+        std::fs::write(&p, "image,description,finish,error").expect("write");
         let (mut out, _) = CsvOutput::open(&p, &[]).expect("header only");
         out.append(&error("a.jpg", "e")).expect("append");
         drop(out);
         assert_eq!(
             std::fs::read_to_string(&p).expect("read"),
-            "image,description,error\na.jpg,,e\n"
+            "image,description,finish,error\na.jpg,,,e\n"
         );
         let _ = std::fs::remove_file(&p);
     }

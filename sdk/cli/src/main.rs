@@ -55,7 +55,8 @@ Output:
                   to stderr instead, as IMAGE<TAB>error: MESSAGE
   --json          one JSON object per image on stdout, failures included:
                     describe: {\"image\", \"description\", \"attributes\" (with the bundle's
-                              caption schema), \"token_ids\", \"logprobs\", \"timings_ms\"}
+                              caption schema), \"finish\", \"token_ids\", \"logprobs\",
+                              \"timings_ms\"}
                     embed:    {\"image\", \"embedding\"}
                     failure:  {\"image\", \"error\"}
   --output FILE   the same JSON records, appended to FILE (a regular file) and flushed one
@@ -73,15 +74,19 @@ Output:
                   resumable (a stopped job writes nothing). With --shard, give each shard its
                   own FILE.npy, or write JSON Lines and `moda-sdk merge -o FILE.npy` them.
   --format csv    describe only: one CSV row per image instead of a JSON record, after a
-                  header row: image, description, then <Field> and <Field>_confidence for
-                  each field of the bundle's caption schema, in template order (empty where
-                  the text yields no value; no such columns for a bundle without a schema),
-                  then error (empty for an image described). To stdout, or to --output FILE
+                  header row: image, description, finish, then <Field> and
+                  <Field>_confidence for each field of the bundle's caption schema, in
+                  template order (empty where the text yields no value; no such columns for
+                  a bundle without a schema), then error (empty for an image described). To stdout, or to --output FILE
                   (chosen by a FILE ending in .csv): rows appended whole and flushed one by
                   one; run again, it skips the images FILE's image column names. A CSV has no
                   job header: only its columns are checked (another bundle's are refused),
                   not the shard or the options, so give each job and each --shard its own
                   FILE; `moda-sdk merge` takes JSON Lines only.
+
+\"finish\" says why a description ended: end_of_text (the model finished it), stop_string,
+length (--max-new-tokens cut it: the text may stop mid-caption and its later fields be null),
+or stopped. A job counts the descriptions cut at the limit in its summary on stderr.
 
 \"image\" is the path as given (or found under a directory given), or the CSV cell as written.
 A file name that is not UTF-8 shows there with U+FFFD for its bad bytes; its exact bytes are
@@ -869,6 +874,13 @@ impl JobReport<'_> {
                 },
                 summary.failed
             );
+            if summary.cut > 0 {
+                msg += &format!(
+                    "; {} of the descriptions reached the token limit and may be cut short \
+                     (\"finish\": \"length\"; raise --max-new-tokens)",
+                    summary.cut
+                );
+            }
             if self.listed > self.todo {
                 msg += &format!(
                     "; {} recorded earlier ({} failed)",

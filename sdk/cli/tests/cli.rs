@@ -231,6 +231,9 @@ fn describe_json_matches_transformers_and_the_library() {
         assert_eq!(ids(v), lib.token_ids);
         assert_eq!(v["description"], lib.text.as_str());
         assert_eq!(floats(v, "logprobs"), lib.logprobs);
+        // min = max masks `</s>`: the limit ends every description.
+        assert_eq!(v["finish"], "length");
+        assert_eq!(lib.finish, moda_sdk::Finish::Length);
         let t = &v["timings_ms"];
         assert_eq!(t["tokens"], 8);
         for k in [
@@ -1763,6 +1766,7 @@ fn stop_strings_end_the_description_before_them() {
     expect_code(&o, 0);
     let v = &json_lines(&stdout(&o))[0];
     assert_eq!(v["description"], want);
+    assert_eq!(v["finish"], "stop_string");
     // Generation stopped at the token that completed the stop string: a prefix of the free
     // run's tokens, whose text holds the stop string while one token fewer does not.
     let got = ids(v);
@@ -1776,6 +1780,7 @@ fn stop_strings_end_the_description_before_them() {
         .contains(&stop));
     // The bundle's default `<\s>` never comes in this model's text: the free run is whole.
     assert_eq!(free.token_ids.len(), 32);
+    assert_eq!(free.finish, moda_sdk::Finish::Length);
     // An empty stop string is a usage error.
     let o = run("describe", &["--stop-string", "", &s(&photo)]);
     expect_code(&o, 2);
@@ -2525,6 +2530,7 @@ fn describe_csv_has_one_row_per_image_with_the_json_records_values() {
         [
             "image",
             "description",
+            "finish",
             "Head",
             "Head_confidence",
             "Tail",
@@ -2539,14 +2545,15 @@ fn describe_csv_has_one_row_per_image_with_the_json_records_values() {
         assert_eq!(row.len(), header.len(), "{row:?}");
         assert_eq!(rec["image"], row[0].as_str());
         if let Some(error) = rec.get("error") {
-            assert_eq!(error, row[6].as_str());
-            assert!(row[1..6].iter().all(String::is_empty), "{row:?}");
+            assert_eq!(error, row[7].as_str());
+            assert!(row[1..7].iter().all(String::is_empty), "{row:?}");
             continue;
         }
         assert_eq!(rec["description"], row[1].as_str(), "{row:?}");
-        assert_eq!(row[6], "", "{row:?}");
+        assert_eq!(rec["finish"], row[2].as_str(), "{row:?}");
+        assert_eq!(row[7], "", "{row:?}");
         for (k, field) in ["Head", "Tail"].iter().enumerate() {
-            let (value, confidence) = (&row[2 + 2 * k], &row[3 + 2 * k]);
+            let (value, confidence) = (&row[3 + 2 * k], &row[4 + 2 * k]);
             let a = &rec["attributes"][field];
             if a.is_null() {
                 assert!(value.is_empty() && confidence.is_empty(), "{row:?}");
@@ -2562,7 +2569,7 @@ fn describe_csv_has_one_row_per_image_with_the_json_records_values() {
     }
     assert!(values > 0, "no attribute values in {rows:?}");
     // The failed image is the only one with an error.
-    assert_eq!(rows.iter().filter(|r| !r[6].is_empty()).count(), 1);
+    assert_eq!(rows.iter().filter(|r| !r[7].is_empty()).count(), 1);
     assert_eq!(rows[2][0], s(&bad));
 
     // The same rows in an --output named .csv (CSV without --format); a crash's half row is
@@ -2602,9 +2609,11 @@ fn describe_csv_has_one_row_per_image_with_the_json_records_values() {
     );
     expect_code(&o, 0);
     let (header, rows) = csv_rows(&o.stdout);
-    assert_eq!(header, ["image", "description", "error"]);
+    assert_eq!(header, ["image", "description", "finish", "error"]);
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0][0], images[0]);
+    // Three tokens of this model's text, none of them `</s>` (its free run is 32 tokens).
+    assert_eq!(rows[0][2], "length");
 }
 
 #[test]
@@ -2692,8 +2701,16 @@ fn csv_format_choice_shards_and_merge() {
     );
     expect_code(&o, 0);
     let (header, rows) = csv_rows(&std::fs::read(&txt).expect("read"));
-    assert_eq!(header.len(), 7);
+    assert_eq!(header.len(), 8);
     assert_eq!(rows.len(), 1);
+    // Three tokens cannot spell the schema's caption: cut at the limit, said in the row and
+    // in the job's summary.
+    assert_eq!(rows[0][2], "length", "{rows:?}");
+    assert!(
+        stderr(&o).contains("1 of the descriptions reached the token limit"),
+        "{}",
+        stderr(&o)
+    );
 
     // Shards: each a plain CSV; together the unsharded job's rows.
     let mut whole_args = path_args.clone();

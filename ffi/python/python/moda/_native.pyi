@@ -107,6 +107,11 @@ class Description:
         :class:`Attribute`, or ``None`` where the text yields no value the schema knows;
         ``None`` for a bundle without a schema. A new dict on each access."""
     @property
+    def finish(self) -> str:
+        """Why generation ended: ``"end_of_text"`` (complete), ``"stop_string"``,
+        ``"length"`` (``max_new_tokens`` cut the text: it may stop mid-caption, with the
+        schema's later fields ``None``) or ``"stopped"``."""
+    @property
     def token_ids(self) -> List[int]:
         """The generated tokens, the final ``</s>`` included when one was generated."""
     @property
@@ -117,8 +122,8 @@ class Description:
         """Where the time went."""
     def to_dict(self) -> dict:
         """``text``, ``attributes`` (with a schema only: each a dict, or ``None``),
-        ``token_ids``, ``logprobs``, ``timings_ms`` (the keys of ``moda-sdk describe
-        --json``, without ``image``)."""
+        ``finish``, ``token_ids``, ``logprobs``, ``timings_ms`` (the keys of ``moda-sdk
+        describe --json``, without ``image``)."""
 
 class TokenStream(Iterator[str]):
     """The text pieces of a description as they are generated, one ``str`` per generated

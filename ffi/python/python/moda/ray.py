@@ -61,7 +61,9 @@ class Describer:
     bytes (``ray.data.read_binary_files``) or pixels (``ray.data.read_images``, mode RGB).
     Each output batch keeps the input's columns, except an image column of bytes or pixels
     (which would only make the output large), and adds ``description`` (``str``, null for
-    an image that failed), ``token_ids`` (list of int64) and ``logprobs`` (list of float32),
+    an image that failed), ``finish`` (``str``: why generation ended, ``"length"`` where the
+    token limit cut the text; null for an image that failed), ``token_ids`` (list of int64)
+    and ``logprobs`` (list of float32),
     ``error`` (null, or MODA's message for that image: one bad image does not fail the batch),
     for a bundle with a caption schema a ``<Field>`` column (``str``, null where the text
     yields no known value) and a ``<Field>_confidence`` column (``float32``) per field in
@@ -117,6 +119,9 @@ class Describer:
             columns[name] = pa.array(list(values) if values.ndim > 1 else values)
         columns["description"] = pa.array(
             [r.text if good else None for r, good in zip(results, ok)], pa.string()
+        )
+        columns["finish"] = pa.array(
+            [r.finish if good else None for r, good in zip(results, ok)], pa.string()
         )
         columns["token_ids"] = pa.array(
             [r.token_ids if good else None for r, good in zip(results, ok)],
