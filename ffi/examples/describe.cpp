@@ -53,6 +53,9 @@ public:
     {
         return std::string(moda_description_text(d_.get()), moda_description_text_len(d_.get()));
     }
+    // Why generation ended: "end_of_text", "stop_string", "length" (cut at the token limit)
+    // or "stopped"; "" for an image that failed.
+    std::string finish() const { return moda_description_finish(d_.get()); }
     std::vector<unsigned> token_ids() const
     {
         const unsigned* ids = moda_description_token_ids(d_.get());
