@@ -3,7 +3,8 @@
 # (COUNT products), `trainer fit --preset tiny` (timed), `trainer eval` of the held-out split
 # (free decoding, as the preset was tuned, and constrained to the checkpoint's schema), then a
 # table of exact match and per-attribute accuracy per seed, with the mean and the worst, and
-# the CPU it ran on. Tune on some seeds, judge on others.
+# the CPU it ran on, and the commonest errors over all the seeds. Tune on some seeds, judge on
+# others.
 #
 #   scripts/preset_sweep.sh [--count N] [--out DIR] [--] SEED [SEED ...]
 #
@@ -73,4 +74,26 @@ for mode in ["none", "schema"]:
     worst = [min(r[2][i] for r in rows) for i in range(len(attrs))]
     print(f"{'mean':>6} {sum(r[0] for r in rows) / n:>7.0f} {sum(r[1] for r in rows) / n:>6.1f}% " + " ".join(f"{x:>10.1f}%" for x in mean))
     print(f"{'worst':>6} {max(r[0] for r in rows):>7.0f} {min(r[1] for r in rows):>6.1f}% " + " ".join(f"{x:>10.1f}%" for x in worst))
+
+# Where the free-decoding errors were, over all the seeds: the commonest confusions of Usage
+# (with the product type) and of ProductType, and the product types whose Usage is wrong most
+# often (wrong / held out).
+import collections, csv
+usage, ptype = collections.Counter(), collections.Counter()
+held, usage_wrong = collections.Counter(), collections.Counter()
+for s in seeds:
+    truth = {r["ProductId"]: r for r in csv.DictReader(open(f"{out}/seed-{s}/catalog/fashion.csv"))}
+    for p in csv.DictReader(open(f"{out}/seed-{s}/predictions-none.csv")):
+        t = truth[p["id"]]
+        held[t["ProductType"]] += 1
+        if p["pred_Usage"] != t["Usage"]:
+            usage[f"{t['ProductType']}: {t['Usage']} -> {p['pred_Usage']}"] += 1
+            usage_wrong[t["ProductType"]] += 1
+        if p["pred_ProductType"] != t["ProductType"]:
+            ptype[f"{t['ProductType']} -> {p['pred_ProductType']}"] += 1
+print(f"\nerrors over {sum(held.values())} held-out products (free decoding)")
+print("  Usage:       " + "; ".join(f"{k} {v}" for k, v in usage.most_common(6)))
+print("  ProductType: " + "; ".join(f"{k} {v}" for k, v in ptype.most_common(6)))
+rate = sorted(usage_wrong, key=lambda k: -usage_wrong[k] / held[k])[:4]
+print("  Usage wrong by type: " + "; ".join(f"{k} {usage_wrong[k]}/{held[k]}" for k in rate))
 PY
