@@ -77,9 +77,10 @@ Output:
                   header row: image, description, finish, then <Field> and
                   <Field>_confidence for each field of the bundle's caption schema, in
                   template order (empty where the text yields no value; no such columns for
-                  a bundle without a schema), then error (empty for an image described). To stdout, or to --output FILE
-                  (chosen by a FILE ending in .csv): rows appended whole and flushed one by
-                  one; run again, it skips the images FILE's image column names. A CSV has no
+                  a bundle without a schema), then error (empty for an image described).
+                  To stdout, or to --output FILE (chosen by a FILE ending in .csv): rows
+                  appended whole and flushed one by one; run again, it skips the images
+                  FILE's image column names. A CSV has no
                   job header: only its columns are checked (another bundle's are refused),
                   not the shard or the options, so give each job and each --shard its own
                   FILE; `moda-sdk merge` takes JSON Lines only.
