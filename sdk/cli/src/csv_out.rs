@@ -364,6 +364,28 @@ mod tests {
         assert_eq!(columns(&[]), ["image", "description", "finish", "error"]);
     }
 
+    #[test]
+    fn a_record_from_before_finish_reads_back_with_an_empty_finish_cell() {
+        let old = r#"{"image":"a.jpg","description":"Blue Jeans","attributes":{"Colour":
+            {"value":"Blue","confidence":0.5},"Usage":null},"token_ids":[5,2],
+            "logprobs":[-0.1,-0.2],"timings_ms":{"preprocess":1.0,"encoder":1.0,
+            "projector":1.0,"prefill":1.0,"decode":1.0,"total":5.0,"tokens":2}}"#;
+        let r: Record = serde_json::from_str(old).expect("an old record");
+        assert!(!r.is_cut());
+        assert_eq!(
+            row(&fields(), &r),
+            ["a.jpg", "Blue Jeans", "", "Blue", "0.5", "", "", ""]
+        );
+        // The same record written now says why it ended, and reads back the same.
+        let mut v: serde_json::Value = serde_json::from_str(old).expect("json");
+        v["finish"] = "length".into();
+        let r: Record = serde_json::from_value(v).expect("a new record");
+        assert!(r.is_cut());
+        assert_eq!(row(&fields(), &r)[2], "length");
+        let back: Record = serde_json::from_str(&r.to_json()).expect("round trip");
+        assert_eq!(back, r);
+    }
+
     fn temp(tag: &str) -> PathBuf {
         let p = std::env::temp_dir().join(format!("moda-csv-out-{tag}-{}.csv", std::process::id()));
         let _ = std::fs::remove_file(&p);
