@@ -496,4 +496,20 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn finish_names_are_the_sdk_ones() {
+        for f in [
+            Finish::EndOfText,
+            Finish::StopString,
+            Finish::Length,
+            Finish::Stopped,
+        ] {
+            let mut d = moda_description::failed(&Failure::invalid("x"));
+            d.finish = Some(f);
+            // SAFETY: a live description; the name is static.
+            let name = unsafe { CStr::from_ptr(moda_description_finish(&d)) };
+            assert_eq!(name.to_str(), Ok(f.as_str()));
+        }
+    }
 }
