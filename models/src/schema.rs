@@ -20,8 +20,16 @@
 //! non-empty text (known values first, then the shortest text that lets the rest fit), and a
 //! field whose text is then not one of its known values is `None`: a description never yields
 //! a value outside the schema. A field for which the schema has no values (a catalog column
-//! with none recorded) takes its text as it is. Text that does not fit the template's literal
-//! parts yields `None` for every field.
+//! with none recorded) takes its text as it is.
+//!
+//! A text that fits neither way may stop partway through the template (the token limit or a
+//! stop string cut it, or the model ended it early): it is then read as the start of a
+//! caption, first with known values only, then with any text as before, and a field is read
+//! only where the template's literal text after it follows it in full (`Blue Casual Sho` gives
+//! `Colour` and `Usage`; `Blue Casual Shoes` gives them too, since `Shoes` may be the start
+//! of a longer value, and `Blue Casual Shoes for` adds `ProductType`). A field with no literal
+//! text after it is never read from such a text, and a text whose beginning does not fit the
+//! template's literal parts yields `None` for every field.
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -356,8 +364,8 @@ impl CaptionSchema {
     }
 
     /// Reads a description back into its fields: every field of the template, each with its
-    /// value or `None` (see the module documentation for the rule). Surrounding white space of
-    /// `text` is ignored.
+    /// value or `None` (see the module documentation for the rule, and for a text that stops
+    /// partway through the template). Surrounding white space of `text` is ignored.
     pub fn parse(&self, text: &str) -> Attributes {
         self.parse_spans(text)
             .into_iter()
@@ -373,16 +381,26 @@ impl CaptionSchema {
         let trimmed = text.trim();
         let mut out: BTreeMap<String, Option<std::ops::Range<usize>>> =
             self.fields.iter().map(|f| (f.name.clone(), None)).collect();
-        let found = Matcher::new(self, true)
+        let whole = Matcher::new(self, true, false)
             .run(trimmed)
-            .or_else(|| Matcher::new(self, false).run(trimmed));
+            .or_else(|| Matcher::new(self, false, false).run(trimmed));
+        let (found, prefix) = match whole {
+            Some(found) => (Some(found), false),
+            None => (
+                Matcher::new(self, true, true)
+                    .run(trimmed)
+                    .or_else(|| Matcher::new(self, false, true).run(trimmed)),
+                true,
+            ),
+        };
         if let Some(found) = found {
             for (name, (a, b)) in found {
                 let value = &trimmed[a..b];
-                let keep = match self.field(&name) {
+                let known = match self.field(&name) {
                     Some(f) => f.values.is_empty() || f.knows(value),
                     None => false,
                 };
+                let keep = known && (!prefix || self.closed(&name, &trimmed[b..]));
                 if keep {
                     out.insert(name, Some(start + a..start + b));
                 }
@@ -392,12 +410,37 @@ impl CaptionSchema {
     }
 }
 
+impl CaptionSchema {
+    /// Whether field `name`, its value read from the start of a text that stops partway
+    /// through the template, is followed in `after` (the text after the value) by the whole
+    /// literal text that follows the field's first place in the template (its trailing white
+    /// space aside where the text ends with it; a literal of white space only must be there).
+    fn closed(&self, name: &str, after: &str) -> bool {
+        let pieces = self.template.pieces();
+        let Some(at) = pieces
+            .iter()
+            .position(|p| matches!(p, Piece::Field(f) if f == name))
+        else {
+            return false;
+        };
+        let Some(Piece::Text(t)) = pieces.get(at + 1) else {
+            return false;
+        };
+        // The text was trimmed: a literal it ends with may have lost its trailing white space.
+        let lead = t.trim_end();
+        after.starts_with(t.as_str()) || (!lead.is_empty() && after == lead)
+    }
+}
+
 /// One backtracking match of a text against a schema's template; `strict` allows only known
-/// values in the fields that have some. Failed (piece, offset) pairs are remembered, so that
-/// the work is bounded by pieces x offsets x candidates.
+/// values in the fields that have some; `prefix` lets the text end anywhere in the template
+/// (at a piece, inside a literal, or inside a field's value: a field the text ends in is not
+/// read). Failed (piece, offset) pairs are remembered, so that the work is bounded by pieces x
+/// offsets x candidates.
 struct Matcher<'a> {
     schema: &'a CaptionSchema,
     strict: bool,
+    prefix: bool,
     failed: HashSet<(usize, usize)>,
     /// Whether failures may be remembered: not when a field appears twice, as whether the
     /// rest fits then depends on the value read the first time.
@@ -411,7 +454,7 @@ struct Matcher<'a> {
 const MATCH_BUDGET: usize = 1 << 21;
 
 impl<'a> Matcher<'a> {
-    fn new(schema: &'a CaptionSchema, strict: bool) -> Self {
+    fn new(schema: &'a CaptionSchema, strict: bool, prefix: bool) -> Self {
         let fields = schema
             .template
             .pieces()
@@ -421,6 +464,7 @@ impl<'a> Matcher<'a> {
         Self {
             schema,
             strict,
+            prefix,
             failed: HashSet::new(),
             memo: fields == schema.template.columns().len(),
             budget: MATCH_BUDGET,
@@ -459,6 +503,16 @@ impl<'a> Matcher<'a> {
         ends
     }
 
+    /// Whether `rest`, the end of a text, may be the start of a value of `field`: of a known
+    /// value, or of any text where the field takes any.
+    fn ends_inside(&self, field: &str, rest: &str) -> bool {
+        let known = self.schema.field(field).map_or(&[][..], |f| &f.values[..]);
+        if !self.strict || known.is_empty() {
+            return true;
+        }
+        known.iter().any(|v| v.value.starts_with(rest))
+    }
+
     fn go(
         &mut self,
         piece: usize,
@@ -474,17 +528,24 @@ impl<'a> Matcher<'a> {
         let Some(p) = self.schema.template.pieces().get(piece) else {
             return rest.is_empty();
         };
+        if self.prefix && rest.is_empty() {
+            // The text ends where this piece would start.
+            return true;
+        }
         if self.failed.contains(&(piece, offset)) {
             return false;
         }
         let ok = match p {
             Piece::Text(t) => {
-                rest.starts_with(t.as_str()) && self.go(piece + 1, text, offset + t.len(), out)
+                (rest.starts_with(t.as_str()) && self.go(piece + 1, text, offset + t.len(), out))
+                    || (self.prefix && t.starts_with(rest))
             }
             Piece::Field(name) => {
                 // A field used twice must read the same value both times.
                 if let Some(&(a, b)) = out.get(name) {
-                    rest.starts_with(&text[a..b]) && self.go(piece + 1, text, offset + b - a, out)
+                    let value = &text[a..b];
+                    (rest.starts_with(value) && self.go(piece + 1, text, offset + b - a, out))
+                        || (self.prefix && value.starts_with(rest))
                 } else {
                     let name = name.clone();
                     let mut ok = false;
@@ -497,6 +558,8 @@ impl<'a> Matcher<'a> {
                     }
                     if !ok {
                         out.remove(&name);
+                        // The text may end inside this field's value (which is then not read).
+                        ok = self.prefix && self.ends_inside(&name, rest);
                     }
                     ok
                 }
@@ -633,6 +696,58 @@ mod tests {
         assert_eq!(a.len(), 6);
         assert!(a.values().all(Option::is_none));
         assert!(demo().parse("").values().all(Option::is_none));
+    }
+
+    #[test]
+    fn a_text_cut_short_gives_the_fields_closed_before_the_cut() {
+        let read = |t: &str| {
+            let a = demo().parse(t);
+            assert_eq!(a.len(), 6, "{t:?}: every field listed");
+            a.into_iter()
+                .filter_map(|(k, v)| v.map(|v| format!("{k}={v}")))
+                .collect::<Vec<_>>()
+        };
+        // Cut inside a value, at its end, inside the literal after it, after that literal.
+        assert_eq!(read("Blue Casual Sho"), ["Colour=Blue", "Usage=Casual"]);
+        assert_eq!(read("Blue Casual Shoes"), ["Colour=Blue", "Usage=Casual"]);
+        assert_eq!(
+            read("Blue Casual Shoes fo"),
+            ["Colour=Blue", "Usage=Casual"]
+        );
+        assert_eq!(
+            read("Blue Casual Shoes for"),
+            ["Colour=Blue", "ProductType=Shoes", "Usage=Casual"]
+        );
+        assert_eq!(
+            read("Navy Blue Smart Casual Casual Shoes for Women - Footwear"),
+            [
+                "Colour=Navy Blue",
+                "Gender=Women",
+                "ProductType=Casual Shoes",
+                "Usage=Smart Casual"
+            ]
+        );
+        // A value cut inside a word is not read, even where the cut text is a known value
+        // ("Navy" of "Navy Blue" is one; the space after it is missing).
+        assert_eq!(read("Navy"), Vec::<String>::new());
+        assert_eq!(read("Navy Blue Casual"), ["Colour=Navy Blue"]);
+        // Unknown values stay None, and what follows them is still read when closed.
+        assert_eq!(
+            read("Teal Casual Tshirts for"),
+            ["ProductType=Tshirts", "Usage=Casual"]
+        );
+        assert_eq!(
+            read("Blue, Casual Shoes for"),
+            ["ProductType=Shoes", "Usage=Casual"]
+        );
+        // No literal part of the template in it: nothing is closed, nothing read.
+        assert_eq!(read("BlueCasualShoesfor"), Vec::<String>::new());
+        // The spans of a cut text are byte ranges of the text as given.
+        let text = " Blue Casual Sh";
+        let spans = demo().parse_spans(text);
+        assert_eq!(spans["Colour"], Some(1..5));
+        assert_eq!(spans["Usage"], Some(6..12));
+        assert_eq!(spans["ProductType"], None);
     }
 
     #[test]

@@ -298,6 +298,60 @@ fn constrained_descriptions_fit_the_schema_even_from_random_weights() {
     assert!(e.to_string().contains("no caption schema"), "{e}");
 }
 
+#[test]
+fn a_description_cut_at_the_token_limit_keeps_the_fields_written_before_the_cut() {
+    use moda_models::schema::Piece;
+    let m = schema_moda();
+    let schema = m.manifest().schema.clone().expect("a schema");
+    let pieces = schema.template.pieces().to_vec();
+    let constrained = GenerationOptions::default().with_constrain(Constrain::Schema);
+    let mut partial = 0;
+    for name in ["photo.jpg", "wide.png"] {
+        let path = image(name);
+        let input = ImageInput::Path(&path);
+        let full = m.describe(&input, &constrained).expect("full");
+        assert_eq!(full.finish, Finish::EndOfText);
+        let spans = schema.parse_spans(&full.text);
+        let full_attrs = full.attributes.clone().expect("attributes");
+        for n in 1..full.token_ids.len() {
+            let cut = m
+                .describe(&input, &constrained.clone().with_max_new_tokens(Some(n)))
+                .expect("cut");
+            assert_eq!(cut.finish, Finish::Length, "{n} tokens");
+            assert_eq!(cut.token_ids[..], full.token_ids[..n]);
+            assert!(full.text.starts_with(&cut.text), "{:?}", cut.text);
+            let kept = cut.text.trim_end().len();
+            let attrs = cut.attributes.expect("attributes");
+            for (i, piece) in pieces.iter().enumerate() {
+                let Piece::Field(f) = piece else { continue };
+                let end = spans[f].clone().expect("the full text fits").end;
+                // Expected from the full description: the field's value and the literal text
+                // after it are in the cut text (a literal of spaces only counts once the next
+                // value has begun, since the text's trailing spaces are not kept); the whole
+                // caption (all but the final </s>) reads as complete.
+                let expect = cut.text == full.text
+                    || match pieces.get(i + 1) {
+                        Some(Piece::Text(t)) if !t.trim_end().is_empty() => {
+                            kept >= end + t.trim_end().len()
+                        }
+                        Some(Piece::Text(t)) => kept > end + t.len(),
+                        _ => false,
+                    };
+                let got = attrs[f].as_ref();
+                assert_eq!(got.is_some(), expect, "{n} tokens, {:?}: {f}", cut.text);
+                if let (Some(got), Some(want)) = (got, full_attrs[f].as_ref()) {
+                    partial += usize::from(cut.text != full.text);
+                    // The same tokens and log-probabilities as the full description's.
+                    assert_eq!(got.value, want.value);
+                    let (c, w) = (got.confidence.expect("c"), want.confidence.expect("w"));
+                    assert!((c - w).abs() <= 1e-6 * w.max(1.0), "{f}: {c} vs {w}");
+                }
+            }
+        }
+    }
+    assert!(partial > 0, "no cut text kept a field");
+}
+
 /// The candle decoder behind a `StepModel` that feeds one token per step (the default
 /// `step_many`), to compare multi-token steps against.
 struct OneByOne<'a>(moda_models::CaptionDecoder<'a>);
