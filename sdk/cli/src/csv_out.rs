@@ -10,6 +10,16 @@
 //! schema has no attribute columns. Cells are quoted as CSV needs (commas, quotes, line breaks
 //! in a description or an error message stay in their cell); rows end in `\n`.
 //!
+//! ## Formulas
+//! A spreadsheet reads a cell that begins with `=`, `+`, `-` or `@` (or a tab or carriage
+//! return before one) as a formula, and runs it: an image named `=HYPERLINK(...).jpg`, or a
+//! description or error message quoting one, would become a live formula in whoever opens the
+//! output. So a text cell (`image`, `description`, the attribute values, `error`) that begins
+//! with one of those characters, or with `'`, is written with a `'` before it: spreadsheets
+//! show such a cell as the text after the `'`. A program reading the CSV drops one leading `'`
+//! from those cells to have the text as it was (resuming does so for `image`); JSON Lines
+//! output is written as it is.
+//!
 //! ## Resuming
 //! [`CsvOutput::open`] works as [`crate::catalog::ResumableOutput::open`] does for JSON Lines:
 //! it locks the file, reads the rows already there and appends whole rows, each in a single
@@ -63,10 +73,33 @@ pub fn columns(fields: &[String]) -> Vec<String> {
     c
 }
 
-/// The cells of `record`'s row under the header of [`columns`]`(fields)`.
+/// The first characters of a cell that a spreadsheet reads as the start of a formula, and the
+/// `'` that [`guard`] puts before them (so that a text beginning with `'` reads back as it was).
+const GUARDED_STARTS: [char; 7] = ['=', '+', '-', '@', '\t', '\r', '\''];
+
+/// A text cell as written: `'` before a text that begins with one of [`GUARDED_STARTS`] (see
+/// the module documentation), every other text as it is.
+pub fn guard(text: &str) -> String {
+    if text.starts_with(GUARDED_STARTS) {
+        format!("'{text}")
+    } else {
+        text.to_string()
+    }
+}
+
+/// The text [`guard`] was given, from the cell it wrote.
+pub fn unguard(cell: &[u8]) -> &[u8] {
+    match cell {
+        [b'\'', rest @ ..] => rest,
+        _ => cell,
+    }
+}
+
+/// The cells of `record`'s row under the header of [`columns`]`(fields)`, text cells guarded
+/// against formulas.
 pub fn row(fields: &[String], record: &Record) -> Vec<String> {
     let mut c = Vec::with_capacity(4 + 2 * fields.len());
-    c.push(record.image().to_string());
+    c.push(guard(record.image()));
     match record {
         Record::Description {
             description,
@@ -74,14 +107,14 @@ pub fn row(fields: &[String], record: &Record) -> Vec<String> {
             finish,
             ..
         } => {
-            c.push(description.clone());
+            c.push(guard(description));
             c.push(finish.map(|f| f.as_str().to_string()).unwrap_or_default());
             for f in fields {
                 let a = attributes
                     .as_ref()
                     .and_then(|a| a.get(f))
                     .and_then(Option::as_ref);
-                c.push(a.map(|a| a.value.clone()).unwrap_or_default());
+                c.push(a.map(|a| guard(&a.value)).unwrap_or_default());
                 c.push(
                     a.and_then(|a| a.confidence)
                         .filter(|x| x.is_finite())
@@ -93,7 +126,7 @@ pub fn row(fields: &[String], record: &Record) -> Vec<String> {
         }
         Record::Error { error, .. } => {
             c.extend(std::iter::repeat_n(String::new(), 2 + 2 * fields.len()));
-            c.push(error.clone());
+            c.push(guard(error));
         }
         // Embeddings have no CSV form (the command line does not ask for one).
         Record::Embedding { .. } => {
@@ -124,7 +157,7 @@ pub struct CsvOutput {
 impl CsvOutput {
     /// Opens (or creates) `path` for the rows of a bundle whose schema has `fields` (none
     /// without a schema): locks it, reads the images its rows record (by the exact text of
-    /// their `image` cell), cuts off a last row cut short and appends from then on. A file that
+    /// their `image` cell, less the `'` of a guarded one), cuts off a last row cut short and appends from then on. A file that
     /// does not start with this header row, or has a row of another length before its last,
     /// is an error and is left as it is.
     pub fn open(path: &Path, fields: &[String]) -> Result<(Self, Recorded), CatalogError> {
@@ -271,7 +304,7 @@ impl Rows {
                 self.want.len()
             ));
         }
-        let image = &rec[0];
+        let image = unguard(&rec[0]);
         if image.is_empty() {
             return Err(format!("line {line}: a row without an image; {not_ours}"));
         }
@@ -384,6 +417,56 @@ mod tests {
         assert_eq!(row(&fields(), &r)[2], "length");
         let back: Record = serde_json::from_str(&r.to_json()).expect("round trip");
         assert_eq!(back, r);
+    }
+
+    #[test]
+    fn text_cells_that_a_spreadsheet_would_run_are_guarded_and_read_back() {
+        for (text, cell) in [
+            (
+                "=HYPERLINK(\"http://x\",\"y\").jpg",
+                "'=HYPERLINK(\"http://x\",\"y\").jpg",
+            ),
+            ("+1.jpg", "'+1.jpg"),
+            ("-2.jpg", "'-2.jpg"),
+            ("@SUM(A1).jpg", "'@SUM(A1).jpg"),
+            ("\t=1.jpg", "'\t=1.jpg"),
+            ("\r=1.jpg", "'\r=1.jpg"),
+            ("'quoted.jpg", "''quoted.jpg"),
+            ("photos/=1.jpg", "photos/=1.jpg"),
+            ("a-b.jpg", "a-b.jpg"),
+            ("", ""),
+        ] {
+            assert_eq!(guard(text), cell, "{text:?}");
+            assert_eq!(unguard(cell.as_bytes()), text.as_bytes(), "{cell:?}");
+        }
+        // Every text cell of a row; the confidences and finish are the writer's own.
+        let r: Record = serde_json::from_str(
+            r#"{"image":"=cmd.jpg","description":"-Blue","finish":"length",
+            "attributes":{"Colour":{"value":"@Blue","confidence":0.5},"Usage":null},
+            "token_ids":[5],"logprobs":[-0.1],"timings_ms":{"preprocess":1.0,"encoder":1.0,
+            "projector":1.0,"prefill":1.0,"decode":1.0,"total":5.0,"tokens":1}}"#,
+        )
+        .expect("record");
+        assert_eq!(
+            row(&fields(), &r),
+            ["'=cmd.jpg", "'-Blue", "length", "'@Blue", "0.5", "", "", ""]
+        );
+        assert_eq!(
+            row(&fields(), &error("+x.jpg", "=bad")),
+            ["'+x.jpg", "", "", "", "", "", "", "'=bad"]
+        );
+        // Resuming matches the image's own name.
+        let p = temp("guard");
+        {
+            let (mut out, _) = CsvOutput::open(&p, &fields()).expect("open");
+            out.append(&r).expect("append");
+            out.append(&error("'q.jpg", "=bad")).expect("append");
+        }
+        let (_, rec) = CsvOutput::open(&p, &fields()).expect("open again");
+        assert_eq!(rec.images.get(b"=cmd.jpg".as_slice()), Some(&false));
+        assert_eq!(rec.images.get(b"'q.jpg".as_slice()), Some(&true));
+        assert_eq!(rec.images.len(), 2);
+        let _ = std::fs::remove_file(&p);
     }
 
     fn temp(tag: &str) -> PathBuf {

@@ -78,6 +78,9 @@ Output:
                   <Field>_confidence for each field of the bundle's caption schema, in
                   template order (empty where the text yields no value; no such columns for
                   a bundle without a schema), then error (empty for an image described).
+                  A text cell that begins with =, +, -, @, a tab, a carriage return or '
+                  gets a ' before it, so that a spreadsheet shows it instead of running it
+                  as a formula (drop one leading ' from such cells to read them back).
                   To stdout, or to --output FILE (chosen by a FILE ending in .csv): rows
                   appended whole and flushed one by one; run again, it skips the images
                   FILE's image column names. A CSV has no

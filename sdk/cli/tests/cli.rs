@@ -2617,6 +2617,50 @@ fn describe_csv_has_one_row_per_image_with_the_json_records_values() {
 }
 
 #[test]
+fn csv_output_guards_cells_a_spreadsheet_would_run_and_resumes_past_them() {
+    let dir = TempDir::new("cli-csv-formula");
+    let d = dir.path();
+    std::fs::copy(image("photo.jpg"), d.join("=1+1.jpg")).expect("copy");
+    std::fs::copy(image("wide.png"), d.join("@x.png")).expect("copy");
+    std::fs::write(d.join("-bad.jpg"), b"not an image").expect("write");
+    let catalog = d.join("catalog.csv");
+    std::fs::write(&catalog, "image\n=1+1.jpg\n@x.png\n-bad.jpg\n").expect("csv");
+    let out = d.join("out.csv");
+    let job = || {
+        run(
+            "describe",
+            &[
+                "--csv",
+                &s(&catalog),
+                "--image-column",
+                "image",
+                "--max-new-tokens",
+                "4",
+                "--output",
+                &s(&out),
+                "--quiet",
+            ],
+        )
+    };
+    expect_code(&job(), 1);
+    let first = std::fs::read(&out).expect("read");
+    let (_, rows) = csv_rows(&first);
+    let images: Vec<&str> = rows.iter().map(|r| r[0].as_str()).collect();
+    // The catalog's cells, each behind a `'`, so that a spreadsheet shows it as text.
+    assert_eq!(images, ["'=1+1.jpg", "'@x.png", "'-bad.jpg"]);
+    // The error names the file by its path, which begins with the folder: not guarded.
+    assert!(rows[2][3].starts_with(&s(d)), "{:?}", rows[2]);
+    assert!(
+        rows[2][3].contains("-bad.jpg: not an image"),
+        "{:?}",
+        rows[2]
+    );
+    // Run again: every image is recorded under its own name, nothing is described twice.
+    expect_code(&job(), 1);
+    assert_eq!(std::fs::read(&out).expect("read"), first);
+}
+
+#[test]
 fn csv_format_choice_shards_and_merge() {
     let (schema, _) = schema_bundle();
     let dir = TempDir::new("cli-csv-format");
