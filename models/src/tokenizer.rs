@@ -305,7 +305,7 @@ impl DirConfig {
 /// The BOS a `tokenizer.json`'s post-processor adds: `Some(Some(token))` for a
 /// `TemplateProcessing` whose single template starts with a special token, `Some(None)` for
 /// one that does not, `None` when there is no `TemplateProcessing`.
-fn template_bos(json: &Value) -> Option<Option<String>> {
+fn template_bos(post_processor: &Value) -> Option<Option<String>> {
     fn find(pp: &Value) -> Option<Option<String>> {
         match pp.get("type").and_then(Value::as_str) {
             Some("TemplateProcessing") => {
@@ -322,7 +322,7 @@ fn template_bos(json: &Value) -> Option<Option<String>> {
             _ => None,
         }
     }
-    find(json.get("post_processor")?)
+    find(post_processor)
 }
 
 /// OPT's tokenizer (GPT-2 byte-level BPE, BOS = `</s>`), wrapping a `tokenizers::Tokenizer`.
@@ -403,7 +403,14 @@ impl ModaTokenizer {
     }
 
     fn parse_tokenizer_json(bytes: &[u8], path: &Path, cfg: Option<&DirConfig>) -> Result<Self> {
-        let json: Value = serde_json::from_slice(bytes).map_err(|source| Error::Json {
+        // Only the post-processor is read here (the rest is skipped without being built:
+        // OPT's file is 2 MB of vocabulary and merges, which the tokenizers crate reads next).
+        #[derive(serde::Deserialize)]
+        struct PostProcessor {
+            #[serde(default)]
+            post_processor: Option<Value>,
+        }
+        let json: PostProcessor = serde_json::from_slice(bytes).map_err(|source| Error::Json {
             path: path.to_path_buf(),
             source,
         })?;
@@ -415,7 +422,7 @@ impl ModaTokenizer {
         inner.with_padding(None);
 
         let defaults = SpecialTokens::opt();
-        let template = template_bos(&json);
+        let template = json.post_processor.as_ref().and_then(template_bos);
         let found = cfg.filter(|c| c.found);
         let add_bos = found
             .and_then(|c| c.add_bos)

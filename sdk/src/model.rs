@@ -449,7 +449,23 @@ impl Moda {
             constraint: OnceLock::new(),
             built: std::sync::atomic::AtomicUsize::new(0),
         };
-        let first = moda.build_worker()?;
+        // A bundle with a schema decodes under its constraint by default: compile it (a walk
+        // over the tokenizer's whole vocabulary) while the sessions are built, not on the
+        // first description.
+        let first = std::thread::scope(|scope| {
+            let compile = moda
+                .manifest
+                .schema
+                .is_some()
+                .then(|| scope.spawn(|| moda.constraint_for(Constrain::Schema).is_ok()));
+            let first = moda.build_worker();
+            // Its outcome is kept in `moda.constraint` (a failure is reported when a
+            // description asks for the constraint); a panic leaves it to be compiled then.
+            if let Some(h) = compile {
+                let _ = h.join();
+            }
+            first
+        })?;
         moda.lock_pool().idle.push(first);
         Ok(moda)
     }
