@@ -9,15 +9,17 @@ on the same real-size random weights, side by side in one run (developer-only; n
 original recipe's `.pth`: `opt.*`, `embed_tokens.weight`, `projection.*`) from FULL/opt-125m with
 a seeded projector (nn.Linear's default init), then `exporter onnx` writes W/bundle-fp32,
 W/bundle-int8 and W/bundle-int4 from it with FULL/clip-vit-b32 as the encoder. The tokenizer is
-the fixture one (tests/fixtures/tokenizer): only the ids matter for timing.
+the fixture one (tests/fixtures/tokenizer, 597 tokens), or `--tokenizer FILE` (a tokenizer.json,
+e.g. one of OPT's 50,265 tokens from scripts/train_bpe.py): the steps' times depend only on the
+ids, but a cold process loads the tokenizer, and its load grows with the vocabulary.
 
 `measure`: for each bundle, `moda-sdk bench --json` (one image, N tokens, greedy, forced length);
 then PyTorch in a fresh process: CLIPImageProcessor (Pillow) + CLIPVisionModelWithProjection +
 projector + OPTForCausalLM with a DynamicCache, greedy, the same N tokens, timing each decode
 step; peak RSS of each process. Prints a table and writes W/bench.json.
 
-`--cold R` adds R alternated rounds of cold processes: `moda-sdk describe` of the image with N
-tokens for each bundle, and a fresh Python process that imports torch and transformers, loads
+`--cold R` adds R alternated rounds of cold processes: `moda-sdk describe` of the image with
+exactly N tokens (`--min-new-tokens N`: random weights may write `</s>` at once) for each bundle, and a fresh Python process that imports torch and transformers, loads
 the same weights and describes the image the same way; the wall time from process start to the
 description's exit and the process's peak RSS (GNU time). Page cache warm (one untimed run of
 each first), as for a user's second command.
@@ -38,7 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def prepare(full: Path, work: Path, exporter: str):
+def prepare(full: Path, work: Path, exporter: str, tokenizer=None):
     import torch
     import torch.nn as nn
     from transformers import OPTForCausalLM
@@ -50,9 +52,16 @@ def prepare(full: Path, work: Path, exporter: str):
         t = dec / f.name
         if not t.exists():
             os.symlink(f.resolve(), t)
-    for f in (ROOT / "tests/fixtures/tokenizer").iterdir():
-        if f.suffix in (".json", ".txt") and f.name != "tokenizer_cases.json":
-            shutil.copy(f, dec / f.name)
+    if tokenizer is None:
+        for f in (ROOT / "tests/fixtures/tokenizer").iterdir():
+            if f.suffix in (".json", ".txt") and f.name != "tokenizer_cases.json":
+                shutil.copy(f, dec / f.name)
+    else:
+        for name in ("tokenizer.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                     "tokenizer_config.json"):
+            if (dec / name).is_symlink() or (dec / name).exists():
+                (dec / name).unlink()
+        shutil.copy(tokenizer, dec / "tokenizer.json")
     pth = work / "fashion_opt.pth"
     if not pth.exists():
         torch.manual_seed(0)
@@ -177,7 +186,9 @@ def timed(cmd):
 def cold(args, sdk, rounds):
     """Cold processes, alternated over the bundles and PyTorch; lists of (s, MB) per name."""
     cmds = {name: [sdk, "describe", "--model", str(args.work / f"bundle-{name}"), str(args.image),
-                   "--max-new-tokens", str(args.tokens)] for name in ("fp32", "int8", "int4")}
+                   "--max-new-tokens", str(args.tokens), "--min-new-tokens", str(args.tokens),
+                   "--constrain", "none"]
+            for name in ("fp32", "int8", "int4")}
     cmds["pytorch"] = [sys.executable, "-c", PYTORCH_COLD, str(args.full_size),
                        str(args.work / "fashion_opt.pth"), str(args.image), str(args.tokens)]
     for cmd in cmds.values():
@@ -202,6 +213,7 @@ def main():
     ap.add_argument("--work", required=True, type=Path)
     ap.add_argument("--image", type=Path, default=ROOT / "tests/fixtures/images/photo.jpg")
     ap.add_argument("--tokens", type=int, default=24)
+    ap.add_argument("--tokenizer", type=Path, help="a tokenizer.json for the bundles (see above)")
     ap.add_argument("--long-tokens", type=int, default=64, help="for the per-token time at position 60")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--bin", default=str(ROOT / "target/release"), help="where exporter and moda-sdk are")
@@ -210,7 +222,7 @@ def main():
     args = ap.parse_args()
     exporter = str(Path(args.bin) / "exporter")
     sdk = str(Path(args.bin) / "moda-sdk")
-    prepare(args.full_size, args.work, exporter)
+    prepare(args.full_size, args.work, exporter, args.tokenizer)
 
     rows = {}
     for name in ("fp32", "int8", "int4"):

@@ -6,10 +6,14 @@
 //! the real model.
 //!
 //! `cargo run --release -p exporter --example random_bundle -- OUT [none|int8|int4] [--verify]
-//! [--catalog CSV] [--block-size N]`
+//! [--catalog CSV] [--block-size N] [--tokenizer FILE]`
 //!
 //! then `moda-sdk bench --model OUT IMAGE`. `--catalog` gives the bundle the caption schema of
-//! the recipe's template with that catalog's values (for constrained decoding).
+//! the recipe's template with that catalog's values (for constrained decoding). `--tokenizer`
+//! takes another `tokenizer.json` (at most OPT's 50,272 ids): the fixture's has 597 tokens, and
+//! loading a tokenizer and compiling a schema for it cost in proportion to its vocabulary
+//! (`scripts/train_bpe.py` trains one of OPT-125m's 50,265 tokens where the hub is out of
+//! reach).
 
 use std::path::{Path, PathBuf};
 
@@ -26,12 +30,14 @@ use moda_models::{
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let usage =
-        "usage: random_bundle OUT [none|int8|int4] [--verify] [--catalog CSV] [--block-size N]";
+        "usage: random_bundle OUT [none|int8|int4] [--verify] [--catalog CSV] [--block-size N] \
+         [--tokenizer FILE]";
     let out = PathBuf::from(args.next().context(usage)?);
     let mut quantize = Quantize::None;
     let mut verify = false;
     let mut catalog = None;
     let mut block_size = None;
+    let mut tokenizer_json = None;
     while let Some(a) = args.next() {
         match a.as_str() {
             "none" => quantize = Quantize::None,
@@ -40,6 +46,7 @@ fn main() -> anyhow::Result<()> {
             "--verify" => verify = true,
             "--catalog" => catalog = Some(PathBuf::from(args.next().context(usage)?)),
             "--block-size" => block_size = Some(args.next().context(usage)?.parse()?),
+            "--tokenizer" => tokenizer_json = Some(PathBuf::from(args.next().context(usage)?)),
             other => anyhow::bail!("unknown argument {other:?}; {usage}"),
         }
     }
@@ -62,7 +69,10 @@ fn main() -> anyhow::Result<()> {
     let model = CaptionModel::new(encoder, projector, decoder)?;
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
     let sources = BundleSources {
-        tokenizer: ModaTokenizer::from_dir(&fixtures.join("tokenizer"))?,
+        tokenizer: match &tokenizer_json {
+            Some(file) => ModaTokenizer::from_tokenizer_json(file)?,
+            None => ModaTokenizer::from_dir(&fixtures.join("tokenizer"))?,
+        },
         preprocessing: ImageProcessorConfig::default(),
         encoder: "random CLIP ViT-B/32 (exporter example random_bundle)".into(),
         decoder: "random OPT-125m (exporter example random_bundle)".into(),
