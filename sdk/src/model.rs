@@ -23,7 +23,7 @@
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
 use moda_models::constrain::{self, Constraint, ConstraintError};
@@ -307,9 +307,10 @@ pub struct Moda {
     decoder_io: Io,
     pool: Mutex<PoolState>,
     returned: Condvar,
-    /// The caption schema compiled for constrained decoding, built on first use (`None`
-    /// without a schema).
-    constraint: OnceLock<Option<std::result::Result<Constraint, ConstraintError>>>,
+    /// The caption schema compiled for constrained decoding when the bundle was opened
+    /// (`None` without a schema); a schema that cannot be compiled is reported when a
+    /// description asks for the constraint.
+    constraint: Option<std::result::Result<Constraint, ConstraintError>>,
     /// Session sets built so far (names each set's profile files apart).
     built: std::sync::atomic::AtomicUsize,
 }
@@ -323,178 +324,23 @@ impl std::fmt::Debug for Moda {
     }
 }
 
-/// Reads and checks `moda.json` in `dir`.
-pub fn read_manifest(dir: &Path) -> Result<Manifest> {
-    if !dir.is_dir() {
-        return Err(Error::bundle(
-            dir,
-            "no such directory (make one with `exporter onnx --checkpoint CKPT --out DIR`)",
-        ));
-    }
-    let path = dir.join(MANIFEST_FILE);
-    let text = moda_models::files::read_text_bounded(&path, MANIFEST_MAX_BYTES).map_err(|e| {
-        Error::bundle(
-            &path,
-            format!("cannot read the manifest ({e}); is this a bundle written by `exporter onnx`?"),
-        )
-    })?;
-    crate::manifest::parse(text.as_bytes()).map_err(|e| Error::bundle(&path, e))
+/// What building a session set reads of an opened bundle, borrowed: [`Moda::open`] builds
+/// the first set from it before the `Moda` exists (while the tokenizer loads beside it), and
+/// later sets come from the `Moda`'s own fields ([`Moda::graph_set`]).
+struct GraphSet<'a> {
+    dir: &'a Path,
+    manifest: &'a Manifest,
+    options: &'a OpenOptions,
+    session_options: &'a SessionOptions,
+    encoder_io: &'a Io,
+    projector_io: &'a Io,
+    embed_io: &'a Io,
+    decoder_io: &'a Io,
+    /// Session sets built so far (names each set's profile files apart).
+    built: &'a std::sync::atomic::AtomicUsize,
 }
 
-/// The names of `role`'s inputs and outputs; [`Manifest::validate`] has checked that they
-/// are the ones [`Role::input_names`] and [`Role::output_names`] give.
-fn graph_io(path: &Path, m: &Manifest, role: Role) -> Result<Io> {
-    let g = m.graph(role).map_err(|e| Error::bundle(path, e))?;
-    Ok(Io::of(g))
-}
-
-/// The largest `moda.json` read (a real one is a few kB).
-const MANIFEST_MAX_BYTES: u64 = 16 << 20;
-
-/// The cores this process may use (its CPU affinity and cgroup quota included).
-pub fn available_cores() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
-}
-
-/// The default intra-op thread count: the cores this process may use, at most 8, shared by
-/// `sessions` session sets.
-fn default_threads(sessions: usize) -> usize {
-    (available_cores().min(8) / sessions.max(1)).max(1)
-}
-
-impl Moda {
-    /// Opens the bundle in `dir`: reads and checks the manifest and the files, loads ONNX
-    /// Runtime (see [`crate::runtime`]), the tokenizer and the preprocessing, and builds the
-    /// first session set.
-    pub fn open(dir: impl AsRef<Path>, options: &OpenOptions) -> Result<Self> {
-        let dir = dir.as_ref().to_path_buf();
-        let manifest = read_manifest(&dir)?;
-        let mpath = dir.join(MANIFEST_FILE);
-        let encoder_io = graph_io(&mpath, &manifest, Role::Encoder)?;
-        let projector_io = graph_io(&mpath, &manifest, Role::Projector)?;
-        let embed_io = graph_io(&mpath, &manifest, Role::EmbedTokens)?;
-        let decoder_io = graph_io(&mpath, &manifest, Role::Decoder)?;
-        // Every file the manifest lists: inside the bundle, a regular file of its size (and
-        // checksum, when asked). The graphs and the tokenizer are among them.
-        for (name, info) in &manifest.files {
-            let p = bundle_file(&dir, name).map_err(|e| Error::bundle(&dir, e))?;
-            let role = manifest
-                .role_of_file(name)
-                .map(|role| format!("the {role} graph"))
-                .unwrap_or_else(|| "a file the manifest lists".to_string());
-            let meta =
-                std::fs::metadata(&p).map_err(|e| Error::bundle(&p, format!("{role}: {e}")))?;
-            if meta.len() != info.bytes {
-                return Err(Error::bundle(
-                    &p,
-                    format!(
-                        "is {} bytes, the manifest says {} (truncated or replaced?)",
-                        meta.len(),
-                        info.bytes
-                    ),
-                ));
-            }
-            // Graphs are checked as they are loaded, from the bytes they are loaded from (see
-            // `Moda::load_graph`); every other file here.
-            if options.verify_checksums && manifest.role_of_file(name).is_none() {
-                let got = moda_models::files::sha256_file(&p, info.bytes)
-                    .map(|d| d.hex())
-                    .map_err(|e| Error::bundle(&p, e.to_string()))?;
-                if got != info.sha256 {
-                    return Err(Error::bundle(
-                        &p,
-                        format!("SHA-256 {got} differs from the manifest's {}", info.sha256),
-                    ));
-                }
-            }
-        }
-        let tok_path = dir.join(&manifest.tokenizer);
-        let tokenizer = ModaTokenizer::from_tokenizer_json(&tok_path)
-            .map_err(|e| Error::bundle(&tok_path, e.to_string()))?;
-        // Checked by `Manifest::validate` (its size included), so this does not fail.
-        let processor = ImageProcessor::new(manifest.preprocessing.clone())
-            .map_err(|e| Error::bundle(&mpath, e.to_string()))?;
-        let sessions = options.sessions.max(1);
-        let session_options = SessionOptions {
-            intra_threads: Some(
-                options
-                    .intra_threads
-                    .unwrap_or_else(|| default_threads(sessions))
-                    .clamp(1, available_cores()),
-            ),
-            disable_optimizations: !options.optimize,
-            optimized_model_path: None,
-            no_spinning: false,
-            profile_prefix: None,
-        };
-        let moda = Self {
-            dir,
-            manifest,
-            tokenizer,
-            processor,
-            options: OpenOptions {
-                sessions,
-                ..options.clone()
-            },
-            session_options,
-            encoder_io,
-            projector_io,
-            embed_io,
-            decoder_io,
-            pool: Mutex::new(PoolState {
-                idle: Vec::new(),
-                live: 1,
-            }),
-            returned: Condvar::new(),
-            constraint: OnceLock::new(),
-            built: std::sync::atomic::AtomicUsize::new(0),
-        };
-        // A bundle with a schema decodes under its constraint by default: compile it (a walk
-        // over the tokenizer's whole vocabulary) while the sessions are built, not on the
-        // first description.
-        let first = std::thread::scope(|scope| {
-            let compile = moda
-                .manifest
-                .schema
-                .is_some()
-                .then(|| scope.spawn(|| moda.constraint_for(Constrain::Schema).is_ok()));
-            let first = moda.build_worker();
-            // Its outcome is kept in `moda.constraint` (a failure is reported when a
-            // description asks for the constraint); a panic leaves it to be compiled then.
-            if let Some(h) = compile {
-                let _ = h.join();
-            }
-            first
-        })?;
-        moda.lock_pool().idle.push(first);
-        Ok(moda)
-    }
-
-    /// The bundle's directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
-    /// The bundle's manifest.
-    pub fn manifest(&self) -> &Manifest {
-        &self.manifest
-    }
-
-    /// The tokenizer.
-    pub fn tokenizer(&self) -> &ModaTokenizer {
-        &self.tokenizer
-    }
-
-    /// The limits decoded images are held to.
-    pub fn image_limits(&self) -> &ImageLimits {
-        &self.options.image_limits
-    }
-
-    /// The intra-op thread count each session uses.
-    pub fn intra_threads(&self) -> usize {
-        self.session_options.intra_threads.unwrap_or(1)
-    }
-
+impl GraphSet<'_> {
     /// A session for the graph `graph`. With `verify_checksums` the graph's file and its
     /// external data file (if it has one) are read once, their SHA-256 compared with the
     /// manifest's, and ONNX Runtime given those very bytes: what runs is what was checked (a
@@ -548,31 +394,6 @@ impl Moda {
             ));
         }
         Ok(bytes)
-    }
-
-    /// Ends the profiles that [`OpenOptions::profile_dir`] started, in every idle session set,
-    /// and returns each graph's role and the file ONNX Runtime wrote. Empty without
-    /// `profile_dir`; a set in use by another thread is left recording.
-    pub fn end_profiling(&self) -> Result<Vec<(Role, PathBuf)>> {
-        if self.options.profile_dir.is_none() {
-            return Ok(Vec::new());
-        }
-        let mut files = Vec::new();
-        let mut st = self.lock_pool();
-        for w in st.idle.iter_mut() {
-            for (role, session) in [
-                (Role::Encoder, &mut w.encoder),
-                (Role::Projector, &mut w.projector),
-                (Role::EmbedTokens, &mut w.embed),
-                (Role::Decoder, &mut w.decoder),
-            ] {
-                let file = session.end_profiling().map_err(|e| {
-                    Error::Internal(format!("ending the {role} graph's profile: {e}"))
-                })?;
-                files.push((role, PathBuf::from(file)));
-            }
-        }
-        Ok(files)
     }
 
     fn build_worker(&self) -> Result<Worker> {
@@ -785,6 +606,244 @@ impl Moda {
             ));
         }
         Ok(())
+    }
+}
+
+/// Reads and checks `moda.json` in `dir`.
+pub fn read_manifest(dir: &Path) -> Result<Manifest> {
+    if !dir.is_dir() {
+        return Err(Error::bundle(
+            dir,
+            "no such directory (make one with `exporter onnx --checkpoint CKPT --out DIR`)",
+        ));
+    }
+    let path = dir.join(MANIFEST_FILE);
+    let text = moda_models::files::read_text_bounded(&path, MANIFEST_MAX_BYTES).map_err(|e| {
+        Error::bundle(
+            &path,
+            format!("cannot read the manifest ({e}); is this a bundle written by `exporter onnx`?"),
+        )
+    })?;
+    crate::manifest::parse(text.as_bytes()).map_err(|e| Error::bundle(&path, e))
+}
+
+/// The names of `role`'s inputs and outputs; [`Manifest::validate`] has checked that they
+/// are the ones [`Role::input_names`] and [`Role::output_names`] give.
+fn graph_io(path: &Path, m: &Manifest, role: Role) -> Result<Io> {
+    let g = m.graph(role).map_err(|e| Error::bundle(path, e))?;
+    Ok(Io::of(g))
+}
+
+/// The largest `moda.json` read (a real one is a few kB).
+const MANIFEST_MAX_BYTES: u64 = 16 << 20;
+
+/// The cores this process may use (its CPU affinity and cgroup quota included).
+pub fn available_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// The default intra-op thread count: the cores this process may use, at most 8, shared by
+/// `sessions` session sets.
+fn default_threads(sessions: usize) -> usize {
+    (available_cores().min(8) / sessions.max(1)).max(1)
+}
+
+impl Moda {
+    /// Opens the bundle in `dir`: reads and checks the manifest and the files, loads ONNX
+    /// Runtime (see [`crate::runtime`]), the tokenizer and the preprocessing, and builds the
+    /// first session set.
+    pub fn open(dir: impl AsRef<Path>, options: &OpenOptions) -> Result<Self> {
+        let dir = dir.as_ref().to_path_buf();
+        let manifest = read_manifest(&dir)?;
+        let mpath = dir.join(MANIFEST_FILE);
+        let encoder_io = graph_io(&mpath, &manifest, Role::Encoder)?;
+        let projector_io = graph_io(&mpath, &manifest, Role::Projector)?;
+        let embed_io = graph_io(&mpath, &manifest, Role::EmbedTokens)?;
+        let decoder_io = graph_io(&mpath, &manifest, Role::Decoder)?;
+        // Every file the manifest lists: inside the bundle, a regular file of its size (and
+        // checksum, when asked). The graphs and the tokenizer are among them.
+        for (name, info) in &manifest.files {
+            let p = bundle_file(&dir, name).map_err(|e| Error::bundle(&dir, e))?;
+            let role = manifest
+                .role_of_file(name)
+                .map(|role| format!("the {role} graph"))
+                .unwrap_or_else(|| "a file the manifest lists".to_string());
+            let meta =
+                std::fs::metadata(&p).map_err(|e| Error::bundle(&p, format!("{role}: {e}")))?;
+            if meta.len() != info.bytes {
+                return Err(Error::bundle(
+                    &p,
+                    format!(
+                        "is {} bytes, the manifest says {} (truncated or replaced?)",
+                        meta.len(),
+                        info.bytes
+                    ),
+                ));
+            }
+            // Graphs are checked as they are loaded, from the bytes they are loaded from (see
+            // `Moda::load_graph`); every other file here.
+            if options.verify_checksums && manifest.role_of_file(name).is_none() {
+                let got = moda_models::files::sha256_file(&p, info.bytes)
+                    .map(|d| d.hex())
+                    .map_err(|e| Error::bundle(&p, e.to_string()))?;
+                if got != info.sha256 {
+                    return Err(Error::bundle(
+                        &p,
+                        format!("SHA-256 {got} differs from the manifest's {}", info.sha256),
+                    ));
+                }
+            }
+        }
+        let tok_path = dir.join(&manifest.tokenizer);
+        // Checked by `Manifest::validate` (its size included), so this does not fail.
+        let processor = ImageProcessor::new(manifest.preprocessing.clone())
+            .map_err(|e| Error::bundle(&mpath, e.to_string()))?;
+        let sessions = options.sessions.max(1);
+        let session_options = SessionOptions {
+            intra_threads: Some(
+                options
+                    .intra_threads
+                    .unwrap_or_else(|| default_threads(sessions))
+                    .clamp(1, available_cores()),
+            ),
+            disable_optimizations: !options.optimize,
+            optimized_model_path: None,
+            no_spinning: false,
+            profile_prefix: None,
+        };
+        let options = OpenOptions {
+            sessions,
+            ..options.clone()
+        };
+        let built = std::sync::atomic::AtomicUsize::new(0);
+        // The first session set is built while the tokenizer loads and, for a bundle with a
+        // caption schema (decoded under its constraint by default), the constraint compiles:
+        // both read the tokenizer's whole vocabulary (OPT's has 50k tokens), which would
+        // otherwise come before the sessions or with the first description.
+        let (first, loaded) = std::thread::scope(|scope| {
+            let loading = scope.spawn(|| {
+                let tokenizer = ModaTokenizer::from_tokenizer_json(&tok_path)
+                    .map_err(|e| Error::bundle(&tok_path, e.to_string()))?;
+                let eos = manifest.special_tokens.eos;
+                let constraint = manifest
+                    .schema
+                    .as_ref()
+                    .map(|schema| Constraint::new(schema, &tokenizer, eos));
+                Ok::<_, Error>((tokenizer, constraint))
+            });
+            let first = GraphSet {
+                dir: &dir,
+                manifest: &manifest,
+                options: &options,
+                session_options: &session_options,
+                encoder_io: &encoder_io,
+                projector_io: &projector_io,
+                embed_io: &embed_io,
+                decoder_io: &decoder_io,
+                built: &built,
+            }
+            .build_worker();
+            let loaded = loading.join().unwrap_or_else(|_| {
+                Err(Error::Internal(
+                    "loading the tokenizer panicked".to_string(),
+                ))
+            });
+            (first, loaded)
+        });
+        // A tokenizer that cannot be loaded is reported first, as when it was loaded first.
+        let (tokenizer, constraint) = loaded?;
+        let first = first?;
+        let moda = Self {
+            dir,
+            manifest,
+            tokenizer,
+            processor,
+            options,
+            session_options,
+            encoder_io,
+            projector_io,
+            embed_io,
+            decoder_io,
+            pool: Mutex::new(PoolState {
+                idle: Vec::new(),
+                live: 1,
+            }),
+            returned: Condvar::new(),
+            constraint,
+            built,
+        };
+        moda.lock_pool().idle.push(first);
+        Ok(moda)
+    }
+
+    /// The bundle's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The bundle's manifest.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &ModaTokenizer {
+        &self.tokenizer
+    }
+
+    /// The limits decoded images are held to.
+    pub fn image_limits(&self) -> &ImageLimits {
+        &self.options.image_limits
+    }
+
+    /// The intra-op thread count each session uses.
+    pub fn intra_threads(&self) -> usize {
+        self.session_options.intra_threads.unwrap_or(1)
+    }
+
+    /// Ends the profiles that [`OpenOptions::profile_dir`] started, in every idle session set,
+    /// and returns each graph's role and the file ONNX Runtime wrote. Empty without
+    /// `profile_dir`; a set in use by another thread is left recording.
+    pub fn end_profiling(&self) -> Result<Vec<(Role, PathBuf)>> {
+        if self.options.profile_dir.is_none() {
+            return Ok(Vec::new());
+        }
+        let mut files = Vec::new();
+        let mut st = self.lock_pool();
+        for w in st.idle.iter_mut() {
+            for (role, session) in [
+                (Role::Encoder, &mut w.encoder),
+                (Role::Projector, &mut w.projector),
+                (Role::EmbedTokens, &mut w.embed),
+                (Role::Decoder, &mut w.decoder),
+            ] {
+                let file = session.end_profiling().map_err(|e| {
+                    Error::Internal(format!("ending the {role} graph's profile: {e}"))
+                })?;
+                files.push((role, PathBuf::from(file)));
+            }
+        }
+        Ok(files)
+    }
+
+    /// Builds a session set (see [`GraphSet::build_worker`]).
+    fn build_worker(&self) -> Result<Worker> {
+        self.graph_set().build_worker()
+    }
+
+    /// The parts of this bundle that building a session set reads.
+    fn graph_set(&self) -> GraphSet<'_> {
+        GraphSet {
+            dir: &self.dir,
+            manifest: &self.manifest,
+            options: &self.options,
+            session_options: &self.session_options,
+            encoder_io: &self.encoder_io,
+            projector_io: &self.projector_io,
+            embed_io: &self.embed_io,
+            decoder_io: &self.decoder_io,
+            built: &self.built,
+        }
     }
 
     fn lock_pool(&self) -> std::sync::MutexGuard<'_, PoolState> {
@@ -1102,19 +1161,12 @@ impl Moda {
         self.constraint_for(mode).map(|_| ())
     }
 
-    /// The constraint `mode` asks for, compiled from the bundle's schema on first use.
+    /// The constraint `mode` asks for (the bundle's schema, compiled when it was opened).
     fn constraint_for(&self, mode: Constrain) -> Result<Option<&Constraint>> {
         if mode == Constrain::None {
             return Ok(None);
         }
-        let available = self.constraint.get_or_init(|| {
-            let eos = self.manifest.special_tokens.eos;
-            self.manifest
-                .schema
-                .as_ref()
-                .map(|schema| Constraint::new(schema, &self.tokenizer, eos))
-        });
-        constrain::resolve(mode, available.as_ref())
+        constrain::resolve(mode, self.constraint.as_ref())
             .map_err(|e| Error::InvalidArgument(format!("constrain=schema: {e}")))
     }
 

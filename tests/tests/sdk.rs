@@ -784,6 +784,20 @@ fn broken_bundles_are_clear_errors() {
     std::fs::write(&p, &bytes[..bytes.len() / 2]).expect("write");
     let err = Moda::open(d.path(), &OpenOptions::default()).expect_err("truncated");
     assert!(err.to_string().contains("bytes"), "{err}");
+
+    // A tokenizer.json of the right size that is not a tokenizer (it loads while the sessions
+    // are built): refused, named, whether or not it is JSON.
+    let d = copy_bundle("sdk-bad-tokenizer");
+    let p = d.path().join("tokenizer.json");
+    let n = std::fs::metadata(&p).expect("meta").len() as usize;
+    let array = format!("[{}]", " ".repeat(n - 2));
+    let object = format!("{{\"model\":1{}}}", " ".repeat(n - 11));
+    for bytes in [vec![b'x'; n], array.into_bytes(), object.into_bytes()] {
+        assert_eq!(bytes.len(), n);
+        std::fs::write(&p, &bytes).expect("write");
+        let err = Moda::open(d.path(), &OpenOptions::default()).expect_err("bad tokenizer");
+        assert!(err.to_string().contains("tokenizer.json"), "{err}");
+    }
 }
 
 /// Opens a copy of the bundle whose `moda.json` `edit` changed; it must be refused with a
