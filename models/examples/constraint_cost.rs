@@ -71,9 +71,7 @@ fn main() -> Result<()> {
             if !allowed.contains(&id) {
                 return Err(format!("token {id} not allowed in {caption:?}").into());
             }
-            state = c
-                .advance(&state, id)
-                .ok_or("cannot advance")?;
+            state = c.advance(&state, id).ok_or("cannot advance")?;
         }
         walk.push(ms(t));
         steps = ids.len() + 1;

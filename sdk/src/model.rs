@@ -404,7 +404,7 @@ impl GraphSet<'_> {
             let g = self
                 .manifest
                 .graph(role)
-                .map_err(|e| Error::bundle(&self.dir, e))?;
+                .map_err(|e| Error::bundle(self.dir, e))?;
             // Only the decoder, run once per token, keeps its threads spinning between runs.
             let options = SessionOptions {
                 no_spinning: role != Role::Decoder,
@@ -478,28 +478,28 @@ impl GraphSet<'_> {
             (
                 Role::Encoder,
                 &w.encoder,
-                &self.encoder_io,
+                self.encoder_io,
                 vec![vec![None, c, s, s]],
                 vec![vec![None, p]],
             ),
             (
                 Role::Projector,
                 &w.projector,
-                &self.projector_io,
+                self.projector_io,
                 vec![vec![None, p]],
                 vec![vec![None, Some(d.prefix_len), e]],
             ),
             (
                 Role::EmbedTokens,
                 &w.embed,
-                &self.embed_io,
+                self.embed_io,
                 vec![vec![None, None]],
                 vec![vec![None, None, e]],
             ),
             (
                 Role::Decoder,
                 &w.decoder,
-                &self.decoder_io,
+                self.decoder_io,
                 decoder_in,
                 decoder_out,
             ),
@@ -508,7 +508,7 @@ impl GraphSet<'_> {
             let graph = self
                 .manifest
                 .graph(role)
-                .map_err(|e| Error::bundle(&self.dir, e))?;
+                .map_err(|e| Error::bundle(self.dir, e))?;
             let file = self.dir.join(&graph.file);
             let sides = [
                 ("input", session.inputs(), &io.inputs, ins),
@@ -581,7 +581,7 @@ impl GraphSet<'_> {
             .manifest
             .graph(Role::Decoder)
             .map(|g| self.dir.join(&g.file))
-            .map_err(|e| Error::bundle(&self.dir, e))?;
+            .map_err(|e| Error::bundle(self.dir, e))?;
         let meta = w
             .decoder
             .metadata()
