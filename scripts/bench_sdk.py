@@ -12,6 +12,8 @@ W/bundle-int8 and W/bundle-int4 from it with FULL/clip-vit-b32 as the encoder. T
 the fixture one (tests/fixtures/tokenizer, 597 tokens), or `--tokenizer FILE` (a tokenizer.json,
 e.g. one of OPT's 50,265 tokens from scripts/train_bpe.py): the steps' times depend only on the
 ids, but a cold process loads the tokenizer, and its load grows with the vocabulary.
+`--catalog CSV` gives the bundles the caption schema of that catalog (`exporter onnx --catalog`),
+as a trained bundle has: opening one also compiles the schema for the tokenizer.
 
 `measure`: for each bundle, `moda-sdk bench --json` (one image, N tokens, greedy, forced length);
 then PyTorch in a fresh process: CLIPImageProcessor (Pillow) + CLIPVisionModelWithProjection +
@@ -40,7 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def prepare(full: Path, work: Path, exporter: str, tokenizer=None):
+def prepare(full: Path, work: Path, exporter: str, tokenizer=None, catalog=None):
     import torch
     import torch.nn as nn
     from transformers import OPTForCausalLM
@@ -80,6 +82,8 @@ def prepare(full: Path, work: Path, exporter: str, tokenizer=None):
             continue
         cmd = [exporter, "onnx", "--checkpoint", str(pth), "--encoder", str(full / "clip-vit-b32"),
                "--decoder", str(dec), "--out", str(out), "--quantize", q, "--force"]
+        if catalog is not None:
+            cmd += ["--catalog", str(catalog)]
         print("+", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
 
@@ -214,6 +218,8 @@ def main():
     ap.add_argument("--image", type=Path, default=ROOT / "tests/fixtures/images/photo.jpg")
     ap.add_argument("--tokens", type=int, default=24)
     ap.add_argument("--tokenizer", type=Path, help="a tokenizer.json for the bundles (see above)")
+    ap.add_argument("--catalog", type=Path,
+                    help="a catalog CSV that gives the bundles a caption schema (see above)")
     ap.add_argument("--long-tokens", type=int, default=64, help="for the per-token time at position 60")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--bin", default=str(ROOT / "target/release"), help="where exporter and moda-sdk are")
@@ -222,7 +228,7 @@ def main():
     args = ap.parse_args()
     exporter = str(Path(args.bin) / "exporter")
     sdk = str(Path(args.bin) / "moda-sdk")
-    prepare(args.full_size, args.work, exporter, args.tokenizer)
+    prepare(args.full_size, args.work, exporter, args.tokenizer, args.catalog)
 
     rows = {}
     for name in ("fp32", "int8", "int4"):

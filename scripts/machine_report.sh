@@ -2,7 +2,8 @@
 # The speed figures a new kind of machine needs, in one run (developer-only; not in CI): the
 # CPU (`lscpu`), then
 #   1. describe against PyTorch: scripts/bench_sdk.py --cold 3 (real-size random weights; fp32,
-#      int8 and int4 bundles; warm figures, decode steps against their memory floor, cold
+#      int8 and int4 bundles with a tokenizer of OPT's size (scripts/train_bpe.py) and the demo
+#      catalog's caption schema; warm figures, decode steps against their memory floor, cold
 #      processes);
 #   2. the real-size training step: trainer's bench_step example against scripts/bench_step.py,
 #      three alternated rounds of five steps, medians (scripts/alternate_steps.py);
@@ -10,7 +11,7 @@
 #      seconds per epoch and the share of the cores busy, from metrics.jsonl.
 # Each part's full output goes to OUT/; the summary to stdout. Needs a Python with torch,
 # transformers, pillow, numpy and safetensors (PYTHON, default /work/pyenv/bin/python) and
-# the demo catalog (`make demo` writes demo/catalog). About 6 minutes on 2 cores, 4 GB of disk.
+# the demo catalog (`make demo` writes demo/catalog). About 8 minutes on 2 cores, 4 GB of disk.
 #
 #   scripts/machine_report.sh OUT
 set -euo pipefail
@@ -36,7 +37,9 @@ echo
 
 echo "== 1. describe against PyTorch (scripts/bench_sdk.py --cold 3)"
 [ -d "$out/full" ] || "$py" scripts/make_fixtures.py --full-size "$out/full" > "$out/fixtures.log" 2>&1
-"$py" scripts/bench_sdk.py --full-size "$out/full" --work "$out/sdk" --cold 3 > "$out/bench_sdk.log"
+[ -f "$out/bpe50k.json" ] || "$py" scripts/train_bpe.py "$out/bpe50k.json" > "$out/bpe.log"
+"$py" scripts/bench_sdk.py --full-size "$out/full" --work "$out/sdk" --cold 3 \
+  --tokenizer "$out/bpe50k.json" --catalog demo/catalog/fashion.csv > "$out/bench_sdk.log"
 sed -n '/^one image/,$p' "$out/bench_sdk.log"
 "$py" - "$out/sdk/bench.json" <<'PY'
 import json, sys
