@@ -408,9 +408,7 @@ impl CaptionSchema {
         }
         out
     }
-}
 
-impl CaptionSchema {
     /// Whether field `name`, its value read from the start of a text that stops partway
     /// through the template, is followed in `after` (the text after the value) by the whole
     /// literal text that follows the field's first place in the template (its trailing white

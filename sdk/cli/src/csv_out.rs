@@ -157,9 +157,9 @@ pub struct CsvOutput {
 impl CsvOutput {
     /// Opens (or creates) `path` for the rows of a bundle whose schema has `fields` (none
     /// without a schema): locks it, reads the images its rows record (by the exact text of
-    /// their `image` cell, less the `'` of a guarded one), cuts off a last row cut short and appends from then on. A file that
-    /// does not start with this header row, or has a row of another length before its last,
-    /// is an error and is left as it is.
+    /// their `image` cell, less the `'` of a guarded one), cuts off a last row cut short and
+    /// appends from then on. A file that does not start with this header row, or has a row of
+    /// another length before its last, is an error and is left as it is.
     pub fn open(path: &Path, fields: &[String]) -> Result<(Self, Recorded), CatalogError> {
         let file = open_output(path)?;
         let out_err = |msg: String| CatalogError::Output {
