@@ -60,9 +60,12 @@ if [ "$DEVICE" != cpu ]; then
     trap 'kill $SMI 2>/dev/null || true' EXIT
 fi
 
+# A failing test does not stop the run (the fit's figures still come back); the script's
+# status says it failed.
+tests_rc=0
 if [ "$TESTS" = 1 ]; then
     log "CUDA parity tests"
-    MODA_TEST_FIXTURES=$PWD/tests/fixtures "$BIN/cuda-tests" --test-threads 1
+    MODA_TEST_FIXTURES=$PWD/tests/fixtures "$BIN/cuda-tests" --test-threads 1 || tests_rc=$?
 fi
 
 log "synthetic catalog of $COUNT products"
@@ -108,4 +111,8 @@ ev = json.load(open(f"{out}/eval.json"))
 acc = " ".join(f"{k} {v['accuracy']:.3f}" for k, v in ev["attributes"].items())
 print(f"eval: {ev.get('samples', '?')} samples, exact match {ev['exact_match']:.3f}; {acc}")
 EOF
+if [ "$tests_rc" != 0 ]; then
+    log "the CUDA tests failed (status $tests_rc): see above"
+    exit 1
+fi
 log done
