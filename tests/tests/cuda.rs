@@ -36,6 +36,13 @@ fn beam_search_runs_on_cuda() {
     parity::beam_search(&cuda());
 }
 
+/// Every parameter's gradient of a tiny-preset training step (its encoder trained) against the
+/// same step on the CPU.
+#[test]
+fn tiny_step_gradients_match_the_cpu_on_cuda() {
+    parity::tiny_step_gradients_match_the_cpu(&cuda());
+}
+
 #[test]
 fn two_adamw_steps_match_pytorch_on_cuda() {
     parity::two_adamw_steps(&cuda());
@@ -44,10 +51,19 @@ fn two_adamw_steps_match_pytorch_on_cuda() {
 /// `fit` with the tiny preset (encoder trained, images augmented, dropout 0.1) on CUDA and on
 /// the CPU: the data order, augmentation and dropout masks come from the same seeded
 /// generators on the host, so only the arithmetic differs (cuBLAS and candle's CUDA kernels
-/// against the CPU's fused kernels). Step 1 runs on the same weights: f32 sums in another order
-/// differ by about 1e-6 relative, bounded by 1e-4. Later steps run on weights after AdamW
-/// updates, where sign-like updates of near-zero gradients may differ: 1e-3 (as the
-/// data-parallel test in `tests/trainer_fit.rs`). Then the CUDA checkpoint evaluates on CUDA.
+/// against the CPU's fused kernels). Then the CUDA checkpoint evaluates on CUDA.
+///
+/// The bounds are those the CPU shows against itself when its initial weights are moved by
+/// 1e-7 to 1e-5 relative (rounding-level, as another device's arithmetic). Each step's loss
+/// moved by at most 1.5e-5 relative: bounded by 1e-4. The gradient norm moves more, because
+/// the decoder's ReLU has a kink: a pre-activation within rounding of 0 takes the other
+/// branch, that unit's gradient changes by its own size (4.4e-5 of step 1's norm), and AdamW's
+/// first, sign-like updates carry the change into later steps (0.18% of step 3's norm, 0.67% of
+/// step 4's). The step-1 norm is bounded by 1e-3 and later ones by 2e-2. On an H200 the CUDA
+/// run's step 4 (loss 5.5863094, norm 12.260944) was, to every printed digit, the CPU's with
+/// its weights moved by 1e-7 (against 5.5863492 and 12.179451 unmoved): CUDA follows a path the
+/// CPU itself takes. Gradients on the same weights are compared element by element, at 1e-4,
+/// by `tiny_step_gradients_match_the_cpu_on_cuda`.
 #[test]
 fn fit_on_cuda_follows_fit_on_the_cpu() {
     let tmp = TempDir::new("cuda-fit");
@@ -69,15 +85,16 @@ fn fit_on_cuda_follows_fit_on_the_cpu() {
         records.push(step_records(&out));
     }
     let (cpu, gpu) = (&records[0], &records[1]);
+    eprintln!("(loss, grad norm) per step: cpu {cpu:?}\ncuda {gpu:?}");
     assert_eq!((cpu.len(), gpu.len()), (4, 4), "{cpu:?} {gpu:?}");
     let rel = |a: f64, b: f64| (a - b).abs() / a.abs().max(1e-12);
     for (k, (c, g)) in cpu.iter().zip(gpu).enumerate() {
-        let tol = if k == 0 { 1e-4 } else { 1e-3 };
         assert!(
-            rel(c.0, g.0) <= tol,
+            rel(c.0, g.0) <= 1e-4,
             "step {} loss: cpu {c:?} cuda {g:?}",
             k + 1
         );
+        let tol = if k == 0 { 1e-3 } else { 2e-2 };
         assert!(
             rel(c.1, g.1) <= tol,
             "step {} norm: cpu {c:?} cuda {g:?}",
