@@ -1,12 +1,14 @@
 //! Where an epoch's time goes, for the metrics file: the wall time of each part of the epoch
-//! and how busy the machine's CPUs were meanwhile (from `/proc/stat`, so hypervisor steal and
-//! idle cores show), so that a slow epoch can be told apart from a starved one.
+//! and how busy the CPUs this process may run on were meanwhile (from `/proc/stat`, so
+//! hypervisor steal and idle cores show), so that a slow epoch can be told apart from a starved
+//! one. A process confined to some of the machine's CPUs (`taskset`, a container's or a batch
+//! job's cpuset) is measured on those alone, not diluted by the machine's others.
 
 use std::time::{Duration, Instant};
 
-/// The machine's CPU time counters at one moment (`/proc/stat`'s first line, in clock
-/// ticks): all CPUs together.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// CPU time counters at one moment (`/proc/stat`, in clock ticks): the CPUs this process may
+/// run on together.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CpuTimes {
     /// Ticks spent running anything (user, nice, system, irq, softirq).
     pub busy: u64,
@@ -17,17 +19,55 @@ pub struct CpuTimes {
 }
 
 impl CpuTimes {
-    /// The counters now, or `None` where `/proc/stat` cannot be read (not Linux).
+    /// The counters now, of the CPUs this process may run on, or `None` where `/proc/stat`
+    /// cannot be read (not Linux).
     pub fn now() -> Option<Self> {
         let text = std::fs::read_to_string("/proc/stat").ok()?;
-        Self::parse(text.lines().next()?)
+        Self::of_cpus(&text, allowed_cpus().as_deref())
+    }
+
+    /// The counters of `/proc/stat`'s text `text`: the sum of the lines `cpuN` for the CPUs in
+    /// `cpus`, or the aggregate line `cpu` (all CPUs) when `cpus` is `None`, names none of the
+    /// lines, or is not a strict subset of them.
+    pub fn of_cpus(text: &str, cpus: Option<&[usize]>) -> Option<Self> {
+        let aggregate = text.lines().find_map(Self::parse);
+        let Some(cpus) = cpus else {
+            return aggregate;
+        };
+        let lines: Vec<(usize, Self)> = text.lines().filter_map(Self::parse_one).collect();
+        let mine: Vec<&Self> = lines
+            .iter()
+            .filter(|(n, _)| cpus.contains(n))
+            .map(|(_, t)| t)
+            .collect();
+        if mine.is_empty() || mine.len() == lines.len() {
+            return aggregate;
+        }
+        Some(mine.iter().fold(Self::default(), |acc, t| Self {
+            busy: acc.busy + t.busy,
+            idle: acc.idle + t.idle,
+            steal: acc.steal + t.steal,
+        }))
     }
 
     /// Parses `/proc/stat`'s aggregate line: `cpu user nice system idle iowait irq softirq
     /// steal ...` (guest time is already counted in user and nice).
     pub fn parse(line: &str) -> Option<Self> {
+        let (name, times) = Self::fields(line)?;
+        (name == "cpu").then_some(times)
+    }
+
+    /// Parses one CPU's line, `cpuN user nice ...`: (N, its counters).
+    fn parse_one(line: &str) -> Option<(usize, Self)> {
+        let (name, times) = Self::fields(line)?;
+        Some((name.strip_prefix("cpu")?.parse().ok()?, times))
+    }
+
+    /// A CPU line's name and counters.
+    fn fields(line: &str) -> Option<(&str, Self)> {
         let mut fields = line.split_whitespace();
-        if fields.next()? != "cpu" {
+        let name = fields.next()?;
+        if !name.starts_with("cpu") {
             return None;
         }
         let v: Vec<u64> = fields.map_while(|f| f.parse().ok()).collect();
@@ -35,11 +75,14 @@ impl CpuTimes {
         if v.len() < 4 {
             return None;
         }
-        Some(Self {
-            busy: at(0) + at(1) + at(2) + at(5) + at(6),
-            idle: at(3) + at(4),
-            steal: at(7),
-        })
+        Some((
+            name,
+            Self {
+                busy: at(0) + at(1) + at(2) + at(5) + at(6),
+                idle: at(3) + at(4),
+                steal: at(7),
+            },
+        ))
     }
 
     /// Shares of the ticks since `earlier`: (busy, steal), each in [0, 1]; `None` when no
@@ -51,6 +94,29 @@ impl CpuTimes {
         let total = busy + idle + steal;
         (total > 0).then(|| (busy as f64 / total as f64, steal as f64 / total as f64))
     }
+}
+
+/// The CPUs this process may run on (its affinity mask), or `None` where it cannot be read.
+#[cfg(target_os = "linux")]
+fn allowed_cpus() -> Option<Vec<usize>> {
+    // SAFETY: `set` is a plain bit set that sched_getaffinity fills in for this process (pid 0);
+    // CPU_ISSET reads it within its size.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return None;
+        }
+        Some(
+            (0..libc::CPU_SETSIZE as usize)
+                .filter(|&c| libc::CPU_ISSET(c, &set))
+                .collect(),
+        )
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn allowed_cpus() -> Option<Vec<usize>> {
+    None
 }
 
 /// One epoch's profile, filled in as the epoch runs.
@@ -124,6 +190,33 @@ mod tests {
         assert_eq!(a.since(&a), None);
         assert_eq!(CpuTimes::parse("cpu0 1 2 3 4"), None);
         assert_eq!(CpuTimes::parse("intr 1 2"), None);
+    }
+
+    #[test]
+    fn a_confined_process_counts_its_own_cpus() {
+        let text = "cpu  60 0 0 340 0 0 0 0 0 0\n\
+                    cpu0 40 0 0 60 0 0 0 0 0 0\n\
+                    cpu1 10 0 0 90 0 0 0 0 0 0\n\
+                    cpu2 10 0 0 90 0 0 0 0 0 0\n\
+                    cpu3 0 0 0 100 0 0 0 0 0 0\n\
+                    intr 1 2 3\n";
+        let all = CpuTimes {
+            busy: 60,
+            idle: 340,
+            steal: 0,
+        };
+        assert_eq!(CpuTimes::of_cpus(text, None), Some(all));
+        assert_eq!(
+            CpuTimes::of_cpus(text, Some(&[0, 2])),
+            Some(CpuTimes {
+                busy: 50,
+                idle: 150,
+                steal: 0
+            })
+        );
+        // Every CPU, or none of those listed: the aggregate line.
+        assert_eq!(CpuTimes::of_cpus(text, Some(&[0, 1, 2, 3])), Some(all));
+        assert_eq!(CpuTimes::of_cpus(text, Some(&[7])), Some(all));
     }
 
     #[test]
