@@ -7,6 +7,8 @@
 #      processes);
 #   2. the real-size training step: trainer's bench_step example against scripts/bench_step.py,
 #      three alternated rounds of five steps, medians (scripts/alternate_steps.py);
+#      then its matrix products alone: the gemm_layouts example against scripts/bench_matmul.py
+#      (gemm, candle's CPU matmul, against PyTorch's, per shape);
 #   3. the tiny preset's epochs on the demo catalog (`trainer fit --preset tiny --epochs 4`):
 #      seconds per epoch and the share of the cores busy, from metrics.jsonl.
 # Each part's full output goes to OUT/; the summary to stdout. Needs a Python with torch,
@@ -30,6 +32,7 @@ mkdir -p "$out"
 }
 cargo build --release -p exporter -p moda-cli -p trainer >&2
 cargo build --release -p trainer --example bench_step >&2
+cargo build --release -p moda-models --example gemm_layouts >&2
 bin="${CARGO_TARGET_DIR:-$root/target}/release"
 
 lscpu | tee "$out/lscpu.txt" | grep -E "^(Model name|CPU\(s\)|Flags)" | cut -c1-200
@@ -55,6 +58,10 @@ echo
 echo "== 2. real-size training step (bench_step against scripts/bench_step.py, 3 alternated rounds of 5 steps)"
 "$py" scripts/alternate_steps.py 3 5 candle="$bin/examples/bench_step" \
   torch="$py scripts/bench_step.py" | tee "$out/bench_step.txt"
+for round in 1 2; do
+  "$bin/examples/gemm_layouts" 5
+  "$py" scripts/bench_matmul.py 5
+done | tee "$out/matmul.txt"
 echo
 
 echo "== 3. tiny preset on the demo catalog (trainer fit --preset tiny --epochs 4)"

@@ -7,7 +7,8 @@
 //! cost (making the copy) shows in the whole step (`trainer/examples/bench_step.rs`). The
 //! backward's products (`g w` and `g^T x`) read their right-hand side row-major already.
 //!
-//! `cargo run --release -p moda-models --example gemm_layouts -- [reps]`
+//! `cargo run --release -p moda-models --example gemm_layouts -- [reps]`; `scripts/bench_matmul.py`
+//! times the same products in PyTorch.
 
 use std::time::Instant;
 
@@ -79,8 +80,8 @@ fn main() {
         rayon::current_num_threads()
     );
     println!(
-        "{:>24} {:>14} {:>14}",
-        "y = x w^T, w [n, k]", "strided ms", "row-major ms"
+        "{:>24} {:>14} {:>14} {:>10}",
+        "y = x w^T, w [n, k]", "strided ms", "row-major ms", "GFLOP/s"
     );
     // q/k/v/out, fc1, fc2, the LM head.
     for (n, k) in [(768usize, 768usize), (3072, 768), (768, 3072), (50272, 768)] {
@@ -96,8 +97,10 @@ fn main() {
             }
         }
         let row_major = best_ms(reps, || product(&mut y, &x, &wt, shape, n as isize, 1));
+        // The faster layout's rate: 2 flops per multiply-add.
+        let gflops = 2.0 * (ROWS * n * k) as f64 / strided.min(row_major) / 1e6;
         println!(
-            "{:>24} {strided:>14.2} {row_major:>14.2}",
+            "{:>24} {strided:>14.2} {row_major:>14.2} {gflops:>10.0}",
             format!("n {n}, k {k}")
         );
     }
