@@ -4,6 +4,10 @@
 #
 #   bash scripts/build_cuda.sh      # -> .cuda-build/trainer.xz, .cuda-build/cuda-tests.xz
 #
+# It also packs CPU builds of the trainer and the bench_step and gemm_layouts examples into
+# .cuda-build/cpu/, for scripts/cpu_anchors.sh on the GPU machine's host CPU (built first, in
+# the workspace's usual target directory, before the CUDA environment is set).
+#
 # What it needs and why:
 # - nvcc, the CUDA headers and the libraries candle links (cuBLAS, cuBLASLt, cuRAND, NVRTC,
 #   cudart): NVIDIA's PyPI wheels, pinned to CUDA 13.0 (the device image's nvcc and driver
@@ -22,6 +26,11 @@ VENV=${CUDA_VENV:-$HOME/.cache/moda/cuda-venv}
 TARGET=${CUDA_TARGET:-$ROOT/target-cuda}
 OUTDIR=$ROOT/.cuda-build
 export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
+
+cargo build --release -p trainer --bin trainer --example bench_step
+cargo build --release -p moda-models --example gemm_layouts
+CPU_BIN=$(cargo metadata --format-version 1 --no-deps -q |
+    python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')/release
 
 if [ ! -x "$VENV/bin/pip" ]; then
     python3 -m venv "$VENV"
@@ -66,4 +75,9 @@ mkdir -p "$OUTDIR"
 strip -o "$OUTDIR/trainer" "$TARGET/release/trainer"
 strip -o "$OUTDIR/cuda-tests" "$tests"
 xz -T0 "$OUTDIR/trainer" "$OUTDIR/cuda-tests"
-ls -la "$OUTDIR"
+mkdir -p "$OUTDIR/cpu"
+strip -o "$OUTDIR/cpu/trainer" "$CPU_BIN/trainer"
+strip -o "$OUTDIR/cpu/bench_step" "$CPU_BIN/examples/bench_step"
+strip -o "$OUTDIR/cpu/gemm_layouts" "$CPU_BIN/examples/gemm_layouts"
+xz -T0 "$OUTDIR"/cpu/*
+ls -la "$OUTDIR" "$OUTDIR/cpu"

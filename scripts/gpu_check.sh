@@ -6,7 +6,7 @@
 #
 #   bash scripts/gpu_check.sh
 #
-# 1. the CUDA parity tests (tests/tests/cuda.rs) against the transformers fixtures;
+# 1. the CUDA tests (tests/tests/cuda.rs; their printed figures shown, passing or not);
 # 2. `trainer synth --count 2906`, the catalog size of the original report;
 # 3. random backbones of the real architecture (CLIP ViT-B/32 with a 512-wide projection,
 #    OPT-125m), written by transformers (scripts/random_backbones.py), with a byte-level BPE
@@ -65,7 +65,7 @@ fi
 tests_rc=0
 if [ "$TESTS" = 1 ]; then
     log "CUDA parity tests"
-    MODA_TEST_FIXTURES=$PWD/tests/fixtures "$BIN/cuda-tests" --test-threads 1 || tests_rc=$?
+    MODA_TEST_FIXTURES=$PWD/tests/fixtures "$BIN/cuda-tests" --test-threads 1 --nocapture || tests_rc=$?
 fi
 
 log "synthetic catalog of $COUNT products"
