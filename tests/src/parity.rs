@@ -1,7 +1,8 @@
 //! Parity checks against the `transformers` fixtures, written once for any candle device: the
-//! CPU tests (`tests/moda.rs`, `tests/trainer_fit.rs`) and the CUDA ones (`tests/cuda.rs`, built
-//! with the `cuda` feature) call the same functions. Inputs come from the fixture files on the
-//! CPU and are moved to the device; results are compared on the host.
+//! CPU tests (`tests/tests/models/moda.rs`, `tests/tests/trainer/fit.rs`) and the CUDA ones
+//! (`tests/tests/cuda.rs`, built with the `cuda` feature) call the same functions. Inputs come
+//! from the fixture files on the CPU and are moved to the device; results are compared on the
+//! host.
 
 use std::collections::BTreeMap;
 

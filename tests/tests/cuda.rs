@@ -1,6 +1,7 @@
 //! The CUDA backend (`--features cuda`, on a machine with an NVIDIA GPU): the parity checks of
-//! `tests/moda.rs` and `tests/trainer_fit.rs` against the `transformers` fixtures, on
-//! `cuda:0`, and a short `fit` on CUDA that follows the same run on the CPU step by step.
+//! `tests/tests/models/moda.rs` and `tests/tests/trainer/fit.rs` against the `transformers`
+//! fixtures, on `cuda:0`; every gradient of a tiny-preset step against the CPU's; and a short
+//! `fit` on CUDA that follows the same run on the CPU step by step.
 //!
 //! Built only with the feature (`cargo test -p moda-tests --features cuda --test cuda`);
 //! default builds and CI have no GPU and no CUDA toolkit. `scripts/gpu_check.sh` runs it on
