@@ -210,14 +210,34 @@ impl Embeddings {
     }
 }
 
+impl Embeddings {
+    /// The patch embedding `[b, patches, hidden]`: CLIP's convolution, whose stride is its
+    /// kernel's size, so that each output is one whole patch (channels x p x p, the kernel's
+    /// own order) times the kernel, taken as that matrix product: the pixels cut into rows of
+    /// patches against the kernel as a `[hidden, channels * p * p]` matrix (rows and columns
+    /// past the last whole patch dropped, as the convolution does). While training, its
+    /// backward is then two matrix products (the trainer's fused linear layer on the CPU),
+    /// where candle's convolution backward is a dilated convolution for the kernel and a
+    /// transposed convolution, run element by element, for the pixels.
+    fn patches(&self, pixel_values: &Tensor) -> candle_core::Result<Tensor> {
+        let kernel = self.patch.weight();
+        let (hidden, c, p, _) = kernel.dims4()?;
+        let (b, _, h, w) = pixel_values.dims4()?;
+        let (gh, gw) = (h / p, w / p);
+        let rows = pixel_values
+            .narrow(2, 0, gh * p)?
+            .narrow(3, 0, gw * p)?
+            .reshape((b, c, gh, p, gw, p))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .reshape((b, gh * gw, c * p * p))?;
+        crate::nn::Linear::new(kernel.reshape((hidden, c * p * p))?, None).forward(&rows)
+    }
+}
+
 impl Module for Embeddings {
     fn forward(&self, pixel_values: &Tensor) -> candle_core::Result<Tensor> {
         let b = pixel_values.dim(0)?;
-        let patches = self
-            .patch
-            .forward(pixel_values)?
-            .flatten_from(2)?
-            .transpose(1, 2)?;
+        let patches = self.patches(pixel_values)?;
         let hidden = self.class.dim(0)?;
         let class = self.class.reshape((1, 1, hidden))?.repeat((b, 1, 1))?;
         Tensor::cat(&[&class, &patches], 1)?.broadcast_add(&self.positions)

@@ -286,7 +286,7 @@ pub fn two_adamw_steps(dev: &Device) {
 /// prefixes). The weights are drawn on the host from fixed seeds, so every device starts from
 /// the same ones; `pixels [b, 3, 64, 64]`, `ids [b, t]` (u32) and `mask [b, t]` are host
 /// tensors, moved to `dev`. This is the path `trainer fit --preset tiny` takes: the patch
-/// convolution, the ViT, the projector and OPT, the trainer's loss, candle's backward; except
+/// embedding, the ViT, the projector and OPT, the trainer's loss, candle's backward; except
 /// that the decoder's activation is GELU, not ReLU. At ReLU's kink a pre-activation within
 /// rounding of 0 takes the other branch on another device, and that unit's gradient changes
 /// by its own size: seen on the CPU against itself with the weights moved by 1e-7 relative,
