@@ -208,9 +208,7 @@ impl Embeddings {
             positions,
         })
     }
-}
 
-impl Embeddings {
     /// The patch embedding `[b, patches, hidden]`: CLIP's convolution, whose stride is its
     /// kernel's size, so that each output is one whole patch (channels x p x p, the kernel's
     /// own order) times the kernel, taken as that matrix product: the pixels cut into rows of
