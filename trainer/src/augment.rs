@@ -40,7 +40,7 @@ pub fn batch_rng(seed: u64, epoch: usize, micro_batch: usize) -> ChaCha8Rng {
 }
 
 /// Augments `pixels`, `n` images of `channels x h x w` values each (NCHW, row-major), in
-/// place; one flip and one shift drawn per image from `rng`.
+/// place; one flip and one shift drawn per image from `rng` ([`draw`], then [`apply`]).
 pub fn augment_batch(
     pixels: &mut [f32],
     n: usize,
@@ -50,32 +50,68 @@ pub fn augment_batch(
     aug: Augment,
     rng: &mut ChaCha8Rng,
 ) {
+    apply(pixels, channels, h, w, &draw(n, aug, rng));
+}
+
+/// One image's draws: its flip, shift and, for a share of the images, rotation and scale.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Draw {
+    flip: bool,
+    dy: i64,
+    dx: i64,
+    /// The rotation in degrees and the scale, when this image is resampled.
+    affine: Option<(f32, f32)>,
+}
+
+/// The draws of `n` images, in order, from `rng`: a micro-batch's draws are made in one
+/// sequence, so that the images can then be transformed anywhere (on the threads of the
+/// micro-batch's shards) with the same result.
+pub fn draw(n: usize, aug: Augment, rng: &mut ChaCha8Rng) -> Vec<Draw> {
+    let m = aug.max_shift as i64;
+    (0..n)
+        .map(|_| {
+            let flip = aug.flip && rng.random_bool(0.5);
+            let (dy, dx) = if m > 0 {
+                (rng.random_range(-m..=m), rng.random_range(-m..=m))
+            } else {
+                (0, 0)
+            };
+            let affine = (aug.max_rotate_deg > 0.0 || aug.max_scale > 0.0)
+                && aug.affine_p > 0.0
+                && rng.random_bool(f64::from(aug.affine_p.min(1.0)));
+            let affine = affine.then(|| {
+                let deg = if aug.max_rotate_deg > 0.0 {
+                    rng.random_range(-aug.max_rotate_deg..=aug.max_rotate_deg)
+                } else {
+                    0.0
+                };
+                let scale = if aug.max_scale > 0.0 {
+                    rng.random_range(1.0 - aug.max_scale..=1.0 + aug.max_scale)
+                } else {
+                    1.0
+                };
+                (deg, scale)
+            });
+            Draw {
+                flip,
+                dy,
+                dx,
+                affine,
+            }
+        })
+        .collect()
+}
+
+/// Transforms `pixels`, `draws.len()` images of `channels x h x w` values each (NCHW,
+/// row-major), in place, image `i` by `draws[i]`.
+pub fn apply(pixels: &mut [f32], channels: usize, h: usize, w: usize, draws: &[Draw]) {
     let plane = h * w;
     let image = channels * plane;
-    debug_assert_eq!(pixels.len(), n * image);
+    debug_assert_eq!(pixels.len(), draws.len() * image);
     let mut scratch = vec![0f32; plane];
-    let m = aug.max_shift as i64;
-    for img in pixels.chunks_exact_mut(image).take(n) {
-        let flip = aug.flip && rng.random_bool(0.5);
-        let (dy, dx) = if m > 0 {
-            (rng.random_range(-m..=m), rng.random_range(-m..=m))
-        } else {
-            (0, 0)
-        };
-        let affine = (aug.max_rotate_deg > 0.0 || aug.max_scale > 0.0)
-            && aug.affine_p > 0.0
-            && rng.random_bool(f64::from(aug.affine_p.min(1.0)));
-        if affine {
-            let deg = if aug.max_rotate_deg > 0.0 {
-                rng.random_range(-aug.max_rotate_deg..=aug.max_rotate_deg)
-            } else {
-                0.0
-            };
-            let scale = if aug.max_scale > 0.0 {
-                rng.random_range(1.0 - aug.max_scale..=1.0 + aug.max_scale)
-            } else {
-                1.0
-            };
+    for (img, d) in pixels.chunks_exact_mut(image).zip(draws) {
+        let (flip, dy, dx) = (d.flip, d.dy, d.dx);
+        if let Some((deg, scale)) = d.affine {
             let map = Affine::new(h, w, flip, dx as f32, dy as f32, deg.to_radians(), scale);
             for ch in img.chunks_exact_mut(plane) {
                 scratch.copy_from_slice(ch);
@@ -351,5 +387,34 @@ mod tests {
         };
         augment_batch(&mut kept, n, c, h, w, none, &mut batch_rng(11, 0, 0));
         assert_eq!(kept, before);
+    }
+
+    #[test]
+    fn draws_applied_in_parts_equal_the_whole_batch() {
+        // A micro-batch's shards transform their own images with their slices of the draws:
+        // the same pixels as the whole batch transformed at once, for every mix of flips,
+        // shifts and resampled images.
+        let (n, c, h, w) = (9, 3, 8, 8);
+        let aug = Augment {
+            flip: true,
+            max_shift: 3,
+            max_rotate_deg: 15.0,
+            max_scale: 0.1,
+            affine_p: 0.5,
+        };
+        let mut whole = ramp(n, c, h, w);
+        augment_batch(&mut whole, n, c, h, w, aug, &mut batch_rng(4, 1, 2));
+        let draws = draw(n, aug, &mut batch_rng(4, 1, 2));
+        assert!(
+            draws.iter().any(|d| d.affine.is_some()) && draws.iter().any(|d| d.affine.is_none())
+        );
+        let image = c * h * w;
+        for split in [1, 4, 5, 8] {
+            let mut parts = ramp(n, c, h, w);
+            let (a, b) = parts.split_at_mut(split * image);
+            apply(a, c, h, w, &draws[..split]);
+            apply(b, c, h, w, &draws[split..]);
+            assert_eq!(parts, whole, "split after image {split}");
+        }
     }
 }

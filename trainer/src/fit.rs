@@ -770,18 +770,30 @@ fn batch_images(
     device: &Device,
     augment: Option<(Augment, &mut ChaCha8Rng)>,
 ) -> Result<Tensor> {
+    let draws = augment.map(|(aug, rng)| crate::augment::draw(idx.len(), aug, rng));
+    select_images(data, idx, device, draws.as_deref())
+}
+
+/// The image inputs of samples `idx`, as [`batch_images`], image `i` transformed by
+/// `draws[i]` when given (pixels only: cached embeddings are not augmented).
+fn select_images(
+    data: &Prepared,
+    idx: &[usize],
+    device: &Device,
+    draws: Option<&[crate::augment::Draw]>,
+) -> Result<Tensor> {
     let rows: Vec<u32> = idx.iter().map(|&i| i as u32).collect();
     let rows = Tensor::new(rows.as_slice(), device)?;
     match (&data.embeds, &data.pixels) {
         (Some(e), _) => Ok(e.index_select(&rows, 0)?),
         (None, Some(px)) => {
             let px = px.index_select(&rows, 0)?;
-            let Some((aug, rng)) = augment else {
+            let Some(draws) = draws else {
                 return Ok(px);
             };
             let (n, c, h, w) = px.dims4()?;
             let mut values: Vec<f32> = px.flatten_all()?.to_vec1()?;
-            crate::augment::augment_batch(&mut values, n, c, h, w, aug, rng);
+            crate::augment::apply(&mut values, c, h, w, draws);
             Ok(Tensor::from_vec(values, (n, c, h, w), device)?)
         }
         (None, None) => Err(Error::InvalidArgument("no image inputs prepared".into())),
@@ -884,6 +896,16 @@ where
         .collect()
 }
 
+/// Runs `f` in [`shard_pool`]'s pool when there is one, so that the parallel iterators in it
+/// (the optimizer's) use every core: rayon's global pool then has one thread, the cores being
+/// divided between the shards for candle's products.
+fn on_all_cores<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    match SHARD_POOL.get() {
+        Some(pool) => pool.install(f),
+        None => f(),
+    }
+}
+
 /// [`shard_pool`]'s pool, once made.
 static SHARD_POOL: std::sync::OnceLock<rayon::ThreadPool> = std::sync::OnceLock::new();
 
@@ -896,7 +918,7 @@ static SHARD_POOL: std::sync::OnceLock<rayon::ThreadPool> = std::sync::OnceLock:
 fn sharded_step(
     model: &CaptionModel,
     data: &Prepared,
-    images: &Tensor,
+    draws: Option<&[crate::augment::Draw]>,
     idx: &[usize],
     shards: &[std::ops::Range<usize>],
     pad: u32,
@@ -921,7 +943,8 @@ fn sharded_step(
             }
             let range = range.clone();
             move || -> ShardResult {
-                let imgs = images.narrow(0, range.start, range.len())?;
+                let draws = draws.map(|d| &d[range.clone()]);
+                let imgs = select_images(data, &idx[range.clone()], device, draws)?;
                 let (sum, count) = loss_sum(&fork, data, &imgs, &idx[range], pad, device)?;
                 let value = sum.to_scalar::<f32>()? as f64;
                 let grads = sum.backward()?;
@@ -929,7 +952,8 @@ fn sharded_step(
             }
         })
         .collect();
-    let results = on_pool(shard_pool(shards.len())?, tasks, "a training shard");
+    let pool = shard_pool(shards.len())?;
+    let results = on_pool(pool, tasks, "a training shard");
     if let Some(b) = base {
         model
             .decoder()
@@ -940,9 +964,8 @@ fn sharded_step(
     let mean = parts.iter().map(|p| p.0).sum::<f64>() / count as f64;
     if mean.is_finite() {
         let scale = 1.0 / (count as f64 * grad_accum as f64);
-        for (_, _, grads) in &parts {
-            optimizer.accumulate_scaled(grads, scale)?;
-        }
+        let stores: Vec<_> = parts.iter().map(|p| &p.2).collect();
+        pool.install(|| optimizer.accumulate_scaled(&stores, scale))?;
     }
     Ok(mean as f32)
 }
@@ -1994,11 +2017,13 @@ impl<'a> Run<'a> {
         let augment = self.augment.map(|a| (a, &mut aug_rng));
         let shards = shard_ranges(idx.len(), self.shards);
         if shards.len() > 1 {
-            let images = batch_images(&self.data, idx, device, augment)?;
+            // The draws are made here, in one sequence; each shard selects and transforms
+            // its own images on its thread.
+            let draws = augment.map(|(aug, rng)| crate::augment::draw(idx.len(), aug, rng));
             return sharded_step(
                 &self.t.model,
                 &self.data,
-                &images,
+                draws.as_deref(),
                 idx,
                 &shards,
                 self.pad,
@@ -2011,7 +2036,8 @@ impl<'a> Run<'a> {
         let value = loss.to_scalar::<f32>()?;
         if value.is_finite() {
             let grads = (loss / self.cfg.grad_accum as f64)?.backward()?;
-            self.optimizer.accumulate(&grads)?;
+            let optimizer = &mut self.optimizer;
+            on_all_cores(|| optimizer.accumulate(&grads))?;
         }
         Ok(value)
     }
@@ -2022,8 +2048,9 @@ impl<'a> Run<'a> {
     fn optimizer_step(&mut self, window: &StepWindow) -> Result<String> {
         let cfg = &self.cfg;
         let epoch = self.state.epoch;
+        let optimizer = &mut self.optimizer;
         let grad_norm = if cfg.max_grad_norm > 0.0 {
-            self.optimizer.clip_grad_norm(cfg.max_grad_norm)?
+            on_all_cores(|| optimizer.clip_grad_norm(cfg.max_grad_norm))?
         } else {
             f64::NAN
         };
@@ -2032,8 +2059,8 @@ impl<'a> Run<'a> {
             + (self.state.batch_pos as f64 - window.micro_batches as f64 / 2.0)
                 / self.batches as f64;
         let lr = lr_at(cfg, epoch, progress);
-        self.optimizer.params.lr = lr;
-        self.optimizer.step()?;
+        optimizer.params.lr = lr;
+        on_all_cores(|| optimizer.step())?;
         self.state.step += 1;
         let secs = window.since.elapsed().as_secs_f64().max(1e-9);
         let loss = window.loss_sum / window.micro_batches as f64;

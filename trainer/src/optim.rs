@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
+use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 
@@ -103,29 +104,37 @@ impl AdamW {
     /// Adds this backward pass's gradients to the accumulated ones (`loss.backward()`
     /// without `zero_grad()`).
     pub fn accumulate(&mut self, store: &GradStore) -> Result<()> {
-        self.add_grads(store, None)
+        self.add_grads(&[store], None)
     }
 
-    /// Adds `scale` times the gradients of `store` (a shard of a micro-batch whose loss was a
-    /// sum: `scale` turns it into its part of the mean).
-    pub fn accumulate_scaled(&mut self, store: &GradStore, scale: f64) -> Result<()> {
-        self.add_grads(store, Some(scale))
+    /// Adds `scale` times the gradients of each of `stores`, in order (the shards of a
+    /// micro-batch whose loss was a sum: `scale` turns each into its part of the mean).
+    pub fn accumulate_scaled(&mut self, stores: &[&GradStore], scale: f64) -> Result<()> {
+        self.add_grads(stores, Some(scale))
     }
 
-    fn add_grads(&mut self, store: &GradStore, scale: Option<f64>) -> Result<()> {
-        for (i, (_, var)) in self.vars.iter().enumerate() {
-            if let Some(g) = store.get(var.as_tensor()) {
-                let g = match scale {
-                    Some(s) => (g * s)?,
-                    None => g.clone(),
-                };
-                self.grads[i] = Some(match self.grads[i].take() {
-                    Some(acc) => (acc + g)?,
-                    None => g,
-                });
-            }
-        }
-        Ok(())
+    // Here and in `clip_grad_norm` and `step`, the parameters are shared out over the threads
+    // of the current rayon pool; each parameter's arithmetic is the same as on one thread, in
+    // the same order, so the result does not depend on the number of threads.
+    fn add_grads(&mut self, stores: &[&GradStore], scale: Option<f64>) -> Result<()> {
+        let vars = &self.vars;
+        self.grads.par_iter_mut().zip(vars.par_iter()).try_for_each(
+            |(acc, (_, var))| -> Result<()> {
+                for store in stores {
+                    if let Some(g) = store.get(var.as_tensor()) {
+                        let g = match scale {
+                            Some(s) => (g * s)?,
+                            None => g.clone(),
+                        };
+                        *acc = Some(match acc.take() {
+                            Some(acc) => (acc + g)?,
+                            None => g,
+                        });
+                    }
+                }
+                Ok(())
+            },
+        )
     }
 
     /// Whether gradients are waiting for a step.
@@ -141,21 +150,34 @@ impl AdamW {
     /// `clip_grad_norm_(params, max_norm)`: scales the accumulated gradients so that their
     /// global L2 norm is at most `max_norm`; returns the norm before clipping.
     pub fn clip_grad_norm(&mut self, max_norm: f64) -> Result<f64> {
+        // Each parameter's sum of squares on some thread, then added in parameter order.
+        let sums = self
+            .grads
+            .par_iter()
+            .map(|g| -> Result<Option<f64>> {
+                let Some(g) = g else { return Ok(None) };
+                Ok(Some(
+                    g.sqr()?
+                        .sum_all()?
+                        .to_dtype(candle_core::DType::F64)?
+                        .to_scalar::<f64>()?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
         let mut total = 0f64;
-        for g in self.grads.iter().flatten() {
-            total += g
-                .sqr()?
-                .sum_all()?
-                .to_dtype(candle_core::DType::F64)?
-                .to_scalar::<f64>()?;
+        for s in sums.into_iter().flatten() {
+            total += s;
         }
         let norm = total.sqrt();
         // PyTorch: clip_coef = max_norm / (norm + 1e-6), clamped to 1.
         let coef = (max_norm / (norm + 1e-6)).min(1.0);
         if coef < 1.0 {
-            for g in self.grads.iter_mut().flatten() {
-                *g = (&*g * coef)?;
-            }
+            self.grads.par_iter_mut().try_for_each(|g| -> Result<()> {
+                if let Some(t) = g {
+                    *t = (&*t * coef)?;
+                }
+                Ok(())
+            })?;
         }
         Ok(norm)
     }
@@ -170,32 +192,41 @@ impl AdamW {
         let bias_correction2 = 1.0 - p.beta2.powi(t);
         let step_size = p.lr / bias_correction1;
         let bc2_sqrt = bias_correction2.sqrt();
-        for i in 0..self.vars.len() {
-            let Some(grad) = self.grads[i].take() else {
-                continue;
-            };
-            let var = &self.vars[i].1;
-            let theta = var.as_tensor();
-            let fused = theta.device().is_cpu()
-                && [theta, &grad, &self.exp_avg[i], &self.exp_avg_sq[i]]
+        let update = fused::Update {
+            decay: 1.0 - p.lr * p.weight_decay,
+            step_size,
+            bc2_sqrt,
+            eps: p.eps,
+        };
+        let grads: Vec<(usize, Tensor)> = self
+            .grads
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(i, g)| g.take().map(|g| (i, g)))
+            .collect();
+        // On the CPU, every parameter's update in place, the parameters shared out over the
+        // pool's threads; elsewhere (or for a layout the fused update does not take), the
+        // update composed of tensor ops, one parameter after another.
+        let (fused, composed): (Vec<_>, Vec<_>) = grads.into_iter().partition(|(i, grad)| {
+            let theta = self.vars[*i].1.as_tensor();
+            theta.device().is_cpu()
+                && [theta, grad, &self.exp_avg[*i], &self.exp_avg_sq[*i]]
                     .iter()
-                    .all(|t| t.dtype() == DType::F32 && t.is_contiguous());
-            if fused {
-                // The same update, in place, in three passes without temporaries.
-                self.exp_avg[i].inplace_op2(&grad, &fused::Lerp(1.0 - p.beta1))?;
-                self.exp_avg_sq[i].inplace_op2(&grad, &fused::SqAvg(p.beta2))?;
-                theta.inplace_op3(
-                    &self.exp_avg[i],
-                    &self.exp_avg_sq[i],
-                    &fused::Update {
-                        decay: 1.0 - p.lr * p.weight_decay,
-                        step_size,
-                        bc2_sqrt,
-                        eps: p.eps,
-                    },
-                )?;
-                continue;
-            }
+                    .all(|t| t.dtype() == DType::F32 && t.is_contiguous())
+        });
+        let (vars, exp_avg, exp_avg_sq) = (&self.vars, &self.exp_avg, &self.exp_avg_sq);
+        fused.par_iter().try_for_each(|(i, grad)| -> Result<()> {
+            // The same update, in place, in three passes without temporaries.
+            exp_avg[*i].inplace_op2(grad, &fused::Lerp(1.0 - p.beta1))?;
+            exp_avg_sq[*i].inplace_op2(grad, &fused::SqAvg(p.beta2))?;
+            vars[*i]
+                .1
+                .as_tensor()
+                .inplace_op3(&exp_avg[*i], &exp_avg_sq[*i], &update)?;
+            Ok(())
+        })?;
+        for (i, grad) in composed {
+            let var = &self.vars[i].1;
             // param.mul_(1 - lr * weight_decay)
             let theta = (var.as_tensor() * (1.0 - p.lr * p.weight_decay))?;
             // exp_avg.lerp_(grad, 1 - beta1); exp_avg_sq.mul_(beta2).addcmul_(grad, grad, 1 - beta2)
@@ -364,5 +395,102 @@ mod schedule_tests {
         }
         // No warm-up: the base rate at 0.
         assert!((cosine_lr(base, 0.0, 0.0, n) - base).abs() < 1e-12);
+    }
+}
+
+#[cfg(test)]
+mod adamw_tests {
+    use super::{AdamW, AdamWParams};
+    use candle_core::{DType, Device, Tensor, Var};
+    use rand::{Rng, SeedableRng};
+    use std::collections::BTreeMap;
+
+    /// `n` values drawn uniformly from [-1, 1) by a generator seeded with `seed`.
+    fn values(n: usize, seed: u64) -> Tensor {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+        Tensor::from_vec(v, n, &Device::Cpu).expect("tensor")
+    }
+
+    /// Sizes around and above the point where candle splits element-wise ops; the last
+    /// parameter gets no gradient.
+    const SIZES: [usize; 6] = [3, 1000, 70_000, 65_536, 17, 200_000];
+
+    /// The parameters before any step, then the gradient norms of three AdamW steps, each
+    /// over the gradients of two shards and clipped, in a rayon pool of `threads`, and the
+    /// parameters and moments after them.
+    fn three_steps(threads: usize) -> (Vec<f64>, BTreeMap<String, Vec<f32>>) {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .expect("pool");
+        let vars: Vec<(String, Var)> = SIZES
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                (
+                    format!("p{i}"),
+                    Var::from_tensor(&values(n, i as u64)).expect("var"),
+                )
+            })
+            .collect();
+        let mut adam = AdamW::new(vars.clone(), AdamWParams::default()).expect("adamw");
+        let mut norms = Vec::new();
+        for step in 0..3u64 {
+            let stores: Vec<_> = (0..2u64)
+                .map(|shard| {
+                    let mut loss = Tensor::zeros((), DType::F32, &Device::Cpu).expect("zero");
+                    for (i, (_, v)) in vars.iter().enumerate().take(SIZES.len() - 1) {
+                        let c = values(SIZES[i], 100 + 10 * step + shard + 1000 * i as u64);
+                        let term = (v.as_tensor().sqr().expect("sqr") * c)
+                            .expect("mul")
+                            .sum_all()
+                            .expect("sum");
+                        loss = (loss + term).expect("add");
+                    }
+                    loss.backward().expect("backward")
+                })
+                .collect();
+            let refs: Vec<_> = stores.iter().collect();
+            pool.install(|| {
+                adam.accumulate_scaled(&refs, 0.5).expect("accumulate");
+                norms.push(adam.clip_grad_norm(1.0).expect("clip"));
+                adam.step().expect("step");
+            });
+        }
+        let mut state: BTreeMap<String, Vec<f32>> = adam
+            .state_tensors()
+            .into_iter()
+            .map(|(k, t)| (k, t.to_vec1().expect("vec")))
+            .collect();
+        for (name, v) in &vars {
+            state.insert(name.clone(), v.as_tensor().to_vec1().expect("vec"));
+        }
+        (norms, state)
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    #[test]
+    fn steps_do_not_depend_on_the_thread_count() {
+        let (norms, state) = three_steps(1);
+        // Clipping took part (every norm above the limit of 1).
+        assert!(norms.iter().all(|&n| n > 1.0), "norms {norms:?}");
+        for threads in [2, 3] {
+            let (n, s) = three_steps(threads);
+            assert_eq!(norms, n, "gradient norms with {threads} threads");
+            for (name, v) in &state {
+                assert_eq!(bits(v), bits(&s[name]), "{name} with {threads} threads");
+            }
+        }
+        // The parameter without a gradient kept its values; the others moved.
+        let last = SIZES.len() - 1;
+        for (i, &n) in SIZES.iter().enumerate() {
+            let before: Vec<f32> = values(n, i as u64).to_vec1().expect("vec");
+            let after = &state[&format!("p{i}")];
+            assert_eq!(bits(&before) == bits(after), i == last, "p{i}");
+        }
     }
 }
