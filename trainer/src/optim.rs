@@ -113,28 +113,39 @@ impl AdamW {
         self.add_grads(stores, Some(scale))
     }
 
-    // Here and in `clip_grad_norm` and `step`, the parameters are shared out over the threads
-    // of the current rayon pool; each parameter's arithmetic is the same as on one thread, in
-    // the same order, so the result does not depend on the number of threads.
+    // Here and in `clip_grad_norm` and `step`, the CPU's parameters are shared out over the
+    // threads of the current rayon pool; each parameter's arithmetic is the same as on one
+    // thread, in the same order, so the result does not depend on the number of threads. On
+    // a GPU the ops stay on the calling thread, one parameter after another, as they are
+    // queued on the device's stream in that order.
     fn add_grads(&mut self, stores: &[&GradStore], scale: Option<f64>) -> Result<()> {
-        let vars = &self.vars;
-        self.grads.par_iter_mut().zip(vars.par_iter()).try_for_each(
-            |(acc, (_, var))| -> Result<()> {
-                for store in stores {
-                    if let Some(g) = store.get(var.as_tensor()) {
-                        let g = match scale {
-                            Some(s) => (g * s)?,
-                            None => g.clone(),
-                        };
-                        *acc = Some(match acc.take() {
-                            Some(acc) => (acc + g)?,
-                            None => g,
-                        });
-                    }
+        let add = |(acc, (_, var)): (&mut Option<Tensor>, &(String, Var))| -> Result<()> {
+            for store in stores {
+                if let Some(g) = store.get(var.as_tensor()) {
+                    let g = match scale {
+                        Some(s) => (g * s)?,
+                        None => g.clone(),
+                    };
+                    *acc = Some(match acc.take() {
+                        Some(acc) => (acc + g)?,
+                        None => g,
+                    });
                 }
-                Ok(())
-            },
-        )
+            }
+            Ok(())
+        };
+        if self.on_cpu() {
+            (self.grads.par_iter_mut().zip(self.vars.par_iter())).try_for_each(add)
+        } else {
+            (self.grads.iter_mut().zip(self.vars.iter())).try_for_each(add)
+        }
+    }
+
+    /// Whether every parameter is in the CPU's memory (see `add_grads`).
+    fn on_cpu(&self) -> bool {
+        self.vars
+            .iter()
+            .all(|(_, v)| v.as_tensor().device().is_cpu())
     }
 
     /// Whether gradients are waiting for a step.
@@ -150,20 +161,28 @@ impl AdamW {
     /// `clip_grad_norm_(params, max_norm)`: scales the accumulated gradients so that their
     /// global L2 norm is at most `max_norm`; returns the norm before clipping.
     pub fn clip_grad_norm(&mut self, max_norm: f64) -> Result<f64> {
-        // Each parameter's sum of squares on some thread, then added in parameter order.
-        let sums = self
-            .grads
-            .par_iter()
-            .map(|g| -> Result<Option<f64>> {
-                let Some(g) = g else { return Ok(None) };
-                Ok(Some(
-                    g.sqr()?
-                        .sum_all()?
-                        .to_dtype(candle_core::DType::F64)?
-                        .to_scalar::<f64>()?,
-                ))
-            })
-            .collect::<Result<Vec<_>>>()?;
+        // Each parameter's sum of squares (on some thread, on the CPU), then added in
+        // parameter order.
+        let square_sum = |g: &Option<Tensor>| -> Result<Option<f64>> {
+            let Some(g) = g else { return Ok(None) };
+            Ok(Some(
+                g.sqr()?
+                    .sum_all()?
+                    .to_dtype(candle_core::DType::F64)?
+                    .to_scalar::<f64>()?,
+            ))
+        };
+        let sums = if self.on_cpu() {
+            self.grads
+                .par_iter()
+                .map(square_sum)
+                .collect::<Result<Vec<_>>>()?
+        } else {
+            self.grads
+                .iter()
+                .map(square_sum)
+                .collect::<Result<Vec<_>>>()?
+        };
         let mut total = 0f64;
         for s in sums.into_iter().flatten() {
             total += s;
@@ -172,12 +191,17 @@ impl AdamW {
         // PyTorch: clip_coef = max_norm / (norm + 1e-6), clamped to 1.
         let coef = (max_norm / (norm + 1e-6)).min(1.0);
         if coef < 1.0 {
-            self.grads.par_iter_mut().try_for_each(|g| -> Result<()> {
+            let scale = |g: &mut Option<Tensor>| -> Result<()> {
                 if let Some(t) = g {
                     *t = (&*t * coef)?;
                 }
                 Ok(())
-            })?;
+            };
+            if self.on_cpu() {
+                self.grads.par_iter_mut().try_for_each(scale)?;
+            } else {
+                self.grads.iter_mut().try_for_each(scale)?;
+            }
         }
         Ok(norm)
     }
