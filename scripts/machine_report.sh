@@ -4,7 +4,8 @@
 #   1. describe against PyTorch: scripts/bench_sdk.py --cold 3 (real-size random weights; fp32,
 #      int8 and int4 bundles with a tokenizer of OPT's size (scripts/train_bpe.py) and the demo
 #      catalog's caption schema; warm figures, decode steps against their memory floor, cold
-#      processes);
+#      processes), then batch throughput at batch 1, 4, 8 and 16 and a catalog job's time per
+#      image beside bench's describe;
 #   2. the real-size training step: trainer's bench_step example against scripts/bench_step.py,
 #      three alternated rounds of five steps, medians (scripts/alternate_steps.py);
 #      then its matrix products alone: the gemm_layouts example against scripts/bench_matmul.py
@@ -13,7 +14,7 @@
 #      seconds per epoch and the share of the cores busy, from metrics.jsonl.
 # Each part's full output goes to OUT/; the summary to stdout. Needs a Python with torch,
 # transformers, pillow, numpy and safetensors (PYTHON, default /work/pyenv/bin/python) and
-# the demo catalog (`make demo` writes demo/catalog). About 8 minutes on 2 cores, 4 GB of disk.
+# the demo catalog (`make demo` writes demo/catalog). About 10 minutes on 2 cores, 4 GB of disk.
 #
 #   scripts/machine_report.sh OUT
 set -euo pipefail
@@ -53,6 +54,33 @@ for name, runs in r["sdk"].items():
           f"{l['floor_ms_early']:.2f} ms ({l['read_gb_per_s']:.1f} GB/s): "
           f"{l['token_ms_early'] / l['floor_ms_early']:.2f}x")
 PY
+echo
+echo "-- batch throughput (moda-sdk bench --max-new-tokens 10 --reps 3 --batch-size N), images/s"
+for kind in fp32 int8 int4; do
+  line="$kind:"
+  for n in 1 4 8 16; do
+    ips=$("$bin/moda-sdk" bench --model "$out/sdk/bundle-$kind" tests/fixtures/images/photo.jpg \
+      --max-new-tokens 10 --reps 3 --batch-size "$n" 2>&1 | sed -n 's/.*batch of.*(\([0-9.]*\) images\/s).*/\1/p')
+    line="$line batch $n ${ips:-?}"
+  done
+  echo "$line"
+done | tee "$out/batches.txt"
+echo "-- a catalog job's time per image against bench's describe (24 tokens, batch 1, free decoding;"
+echo "   median of the records' timings_ms.total over images 2-9 of 9 copies; 2 alternated rounds)"
+mkdir -p "$out/job"
+for i in 1 2 3 4 5 6 7 8 9; do cp tests/fixtures/images/photo.jpg "$out/job/p$i.jpg"; done
+for round in 1 2; do
+  for kind in fp32 int4; do
+    job=$("$bin/moda-sdk" describe --model "$out/sdk/bundle-$kind" --json --constrain none \
+      --min-new-tokens 24 --max-new-tokens 24 --batch-size 1 "$out"/job/p*.jpg 2>/dev/null | "$py" -c '
+import json, statistics, sys
+t = [json.loads(l)["timings_ms"]["total"] for l in sys.stdin]
+print(f"{statistics.median(t[1:]):.1f} ms")')
+    bench=$("$bin/moda-sdk" bench --model "$out/sdk/bundle-$kind" tests/fixtures/images/photo.jpg \
+      --max-new-tokens 24 --reps 5 --batch-size 1 2>&1 | sed -n 's/^ *describe *\([0-9.]* ms\).*/\1/p')
+    echo "round $round $kind: job $job per image, bench describe $bench"
+  done
+done | tee "$out/job.txt"
 echo
 
 echo "== 2. real-size training step (bench_step against scripts/bench_step.py, 3 alternated rounds of 5 steps)"
