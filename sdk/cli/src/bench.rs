@@ -19,10 +19,10 @@
 //! in the same run ([`read_bandwidth_gb_s`]: a sum over a 256 MiB buffer, larger than the
 //! caches, on as many threads as ONNX Runtime uses, best of 12 passes: on a virtual machine
 //! the first few passes over fresh memory can run at half the speed of the later ones) and
-//! reports, beside the early and late steps, the bytes they read and their floor. The weight bytes are the sizes of the
-//! decoder's files (the graph and its external data) less the position table's: their few
-//! other bytes (graph, names, the padding that aligns each tensor to a page) count too, a
-//! fraction of a percent.
+//! reports, beside the early and late steps, the bytes they read and their floor. The weight
+//! bytes are the sizes of the decoder's files (the graph and its external data) less the
+//! position table's: their few other bytes (graph, names, the padding that aligns each tensor
+//! to a page) count too, a fraction of a percent.
 
 use serde::{Deserialize, Serialize};
 
