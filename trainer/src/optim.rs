@@ -113,11 +113,13 @@ impl AdamW {
         self.add_grads(stores, Some(scale))
     }
 
-    // Here and in `clip_grad_norm` and `step`, the CPU's parameters are shared out over the
-    // threads of the current rayon pool; each parameter's arithmetic is the same as on one
-    // thread, in the same order, so the result does not depend on the number of threads. On
-    // a GPU the ops stay on the calling thread, one parameter after another, as they are
-    // queued on the device's stream in that order.
+    // Here and in `clip_grad_norm` and `step`, the CPU's small parameters are shared out over
+    // the threads of the current rayon pool; each parameter's arithmetic is the same as on one
+    // thread, in the same order, so the result does not depend on the number of threads. The
+    // large ones stay on the calling thread, one after another: candle splits their
+    // element-wise ops over its own pool, and running two at once only made the threads
+    // contend (a real-size step's clipping and AdamW took longer and varied more). On a GPU
+    // every op stays on the calling thread, queued on the device's stream in parameter order.
     fn add_grads(&mut self, stores: &[&GradStore], scale: Option<f64>) -> Result<()> {
         let add = |(acc, (_, var)): (&mut Option<Tensor>, &(String, Var))| -> Result<()> {
             for store in stores {
@@ -134,18 +136,12 @@ impl AdamW {
             }
             Ok(())
         };
-        if self.on_cpu() {
-            (self.grads.par_iter_mut().zip(self.vars.par_iter())).try_for_each(add)
-        } else {
-            (self.grads.iter_mut().zip(self.vars.iter())).try_for_each(add)
-        }
-    }
-
-    /// Whether every parameter is in the CPU's memory (see `add_grads`).
-    fn on_cpu(&self) -> bool {
-        self.vars
-            .iter()
-            .all(|(_, v)| v.as_tensor().device().is_cpu())
+        (self.grads.par_iter_mut().zip(self.vars.par_iter()))
+            .filter(|(_, (_, v))| shared_out(v))
+            .try_for_each(add)?;
+        (self.grads.iter_mut().zip(self.vars.iter()))
+            .filter(|(_, (_, v))| !shared_out(v))
+            .try_for_each(add)
     }
 
     /// Whether gradients are waiting for a step.
@@ -172,17 +168,20 @@ impl AdamW {
                     .to_scalar::<f64>()?,
             ))
         };
-        let sums = if self.on_cpu() {
-            self.grads
-                .par_iter()
-                .map(square_sum)
-                .collect::<Result<Vec<_>>>()?
-        } else {
-            self.grads
-                .iter()
-                .map(square_sum)
-                .collect::<Result<Vec<_>>>()?
-        };
+        let mut sums = (self.grads.par_iter().zip(self.vars.par_iter()))
+            .map(|(g, (_, v))| {
+                if shared_out(v) {
+                    square_sum(g)
+                } else {
+                    Ok(None)
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        for ((sum, g), (_, v)) in sums.iter_mut().zip(&self.grads).zip(&self.vars) {
+            if !shared_out(v) {
+                *sum = square_sum(g)?;
+            }
+        }
         let mut total = 0f64;
         for s in sums.into_iter().flatten() {
             total += s;
@@ -197,11 +196,12 @@ impl AdamW {
                 }
                 Ok(())
             };
-            if self.on_cpu() {
-                self.grads.par_iter_mut().try_for_each(scale)?;
-            } else {
-                self.grads.iter_mut().try_for_each(scale)?;
-            }
+            (self.grads.par_iter_mut().zip(self.vars.par_iter()))
+                .filter(|(_, (_, v))| shared_out(v))
+                .try_for_each(|(g, _)| scale(g))?;
+            (self.grads.iter_mut().zip(self.vars.iter()))
+                .filter(|(_, (_, v))| !shared_out(v))
+                .try_for_each(|(g, _)| scale(g))?;
         }
         Ok(norm)
     }
@@ -239,8 +239,8 @@ impl AdamW {
                     .all(|t| t.dtype() == DType::F32 && t.is_contiguous())
         });
         let (vars, exp_avg, exp_avg_sq) = (&self.vars, &self.exp_avg, &self.exp_avg_sq);
-        fused.par_iter().try_for_each(|(i, grad)| -> Result<()> {
-            // The same update, in place, in three passes without temporaries.
+        // The same update, in place, in three passes without temporaries.
+        let update_in_place = |(i, grad): &(usize, Tensor)| -> Result<()> {
             exp_avg[*i].inplace_op2(grad, &fused::Lerp(1.0 - p.beta1))?;
             exp_avg_sq[*i].inplace_op2(grad, &fused::SqAvg(p.beta2))?;
             vars[*i]
@@ -248,7 +248,12 @@ impl AdamW {
                 .as_tensor()
                 .inplace_op3(&exp_avg[*i], &exp_avg_sq[*i], &update)?;
             Ok(())
-        })?;
+        };
+        let (small, large): (Vec<_>, Vec<_>) = fused
+            .into_iter()
+            .partition(|(i, _)| shared_out(&vars[*i].1));
+        small.par_iter().try_for_each(update_in_place)?;
+        large.iter().try_for_each(update_in_place)?;
         for (i, grad) in composed {
             let var = &self.vars[i].1;
             // param.mul_(1 - lr * weight_decay)
@@ -307,6 +312,17 @@ impl AdamW {
 /// AdamW's three element-wise passes as in-place CPU ops (f32, contiguous), with PyTorch's
 /// order of operations; the tensor path in [`AdamW::step`] is the reference and the fallback
 /// for other devices.
+/// Parameters of fewer elements than this are shared out over the rayon pool's threads by
+/// the optimizer (see `AdamW::add_grads`): candle splits element-wise ops of 64k values or more
+/// over its own pool.
+const SHARED_OUT_BELOW: usize = 1 << 16;
+
+/// Whether the optimizer's work on `var` goes to the rayon pool: a small parameter on the CPU.
+fn shared_out(var: &Var) -> bool {
+    let t = var.as_tensor();
+    t.device().is_cpu() && t.elem_count() < SHARED_OUT_BELOW
+}
+
 mod fused {
     use candle_core::{CpuStorage, Layout, Result};
     use moda_models::fused::{cpu_slice, cpu_slice_mut};
