@@ -313,9 +313,9 @@ impl AdamW {
 /// order of operations; the tensor path in [`AdamW::step`] is the reference and the fallback
 /// for other devices.
 /// Parameters of fewer elements than this are shared out over the rayon pool's threads by
-/// the optimizer (see `AdamW::add_grads`): candle splits element-wise ops of 64k values or more
-/// over its own pool.
-const SHARED_OUT_BELOW: usize = 1 << 16;
+/// the optimizer (see `AdamW::add_grads`): every parameter of the tiny preset (at most 74k
+/// elements) and a real-size model's vectors, not its matrices (589k elements and more).
+const SHARED_OUT_BELOW: usize = 1 << 18;
 
 /// Whether the optimizer's work on `var` goes to the rayon pool: a small parameter on the CPU.
 fn shared_out(var: &Var) -> bool {
@@ -452,9 +452,9 @@ mod adamw_tests {
         Tensor::from_vec(v, n, &Device::Cpu).expect("tensor")
     }
 
-    /// Sizes around and above the point where candle splits element-wise ops; the last
-    /// parameter gets no gradient.
-    const SIZES: [usize; 6] = [3, 1000, 70_000, 65_536, 17, 200_000];
+    /// Sizes below and above the one from which the optimizer keeps a parameter on the calling
+    /// thread, and where candle splits element-wise ops; the last parameter gets no gradient.
+    const SIZES: [usize; 6] = [3, 1000, 70_000, 300_000, 17, 600_000];
 
     /// The parameters before any step, then the gradient norms of three AdamW steps, each
     /// over the gradients of two shards and clipped, in a rayon pool of `threads`, and the
