@@ -39,20 +39,6 @@ pub fn batch_rng(seed: u64, epoch: usize, micro_batch: usize) -> ChaCha8Rng {
     rng
 }
 
-/// Augments `pixels`, `n` images of `channels x h x w` values each (NCHW, row-major), in
-/// place; one flip and one shift drawn per image from `rng` ([`draw`], then [`apply`]).
-pub fn augment_batch(
-    pixels: &mut [f32],
-    n: usize,
-    channels: usize,
-    h: usize,
-    w: usize,
-    aug: Augment,
-    rng: &mut ChaCha8Rng,
-) {
-    apply(pixels, channels, h, w, &draw(n, aug, rng));
-}
-
 /// One image's draws: its flip, shift and, for a share of the images, rotation and scale.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Draw {
@@ -195,6 +181,20 @@ impl Affine {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Augments `pixels`, `n` images of `channels x h x w` values each, in place, with draws
+    /// from `rng`: [`draw`], then [`apply`], as training does.
+    fn augment_batch(
+        pixels: &mut [f32],
+        n: usize,
+        channels: usize,
+        h: usize,
+        w: usize,
+        aug: Augment,
+        rng: &mut ChaCha8Rng,
+    ) {
+        apply(pixels, channels, h, w, &draw(n, aug, rng));
+    }
 
     fn ramp(n: usize, c: usize, h: usize, w: usize) -> Vec<f32> {
         (0..n * c * h * w).map(|i| i as f32).collect()
