@@ -763,19 +763,8 @@ pub(crate) struct Prepared {
 }
 
 /// The image inputs of samples `idx`, in order: rows of the cached embeddings, or their pixel
-/// values (augmented when `augment` is given) for the trained encoder.
-fn batch_images(
-    data: &Prepared,
-    idx: &[usize],
-    device: &Device,
-    augment: Option<(Augment, &mut ChaCha8Rng)>,
-) -> Result<Tensor> {
-    let draws = augment.map(|(aug, rng)| crate::augment::draw(idx.len(), aug, rng));
-    select_images(data, idx, device, draws.as_deref())
-}
-
-/// The image inputs of samples `idx`, as [`batch_images`], image `i` transformed by
-/// `draws[i]` when given (pixels only: cached embeddings are not augmented).
+/// values for the trained encoder, image `i` transformed by `draws[i]` when given (pixels
+/// only: cached embeddings are not augmented).
 fn select_images(
     data: &Prepared,
     idx: &[usize],
@@ -800,7 +789,7 @@ fn select_images(
     }
 }
 
-/// The summed loss of samples `idx` whose image inputs are `images` (see [`batch_images`]),
+/// The summed loss of samples `idx` whose image inputs are `images` (see [`select_images`]),
 /// and the number of predicted tokens.
 fn loss_sum(
     model: &CaptionModel,
@@ -822,16 +811,17 @@ fn loss_sum(
     crate::loss::causal_lm_loss_sum(&model.logits(&batch)?, &batch.labels)
 }
 
-/// The mean loss of one micro-batch of sample indices.
+/// The mean loss of one micro-batch of sample indices, image `i` transformed by `draws[i]`
+/// when given.
 fn batch_loss(
     model: &CaptionModel,
     data: &Prepared,
     idx: &[usize],
     pad: u32,
     device: &Device,
-    augment: Option<(Augment, &mut ChaCha8Rng)>,
+    draws: Option<&[crate::augment::Draw]>,
 ) -> Result<Tensor> {
-    let images = batch_images(data, idx, device, augment)?;
+    let images = select_images(data, idx, device, draws)?;
     let (sum, count) = loss_sum(model, data, &images, idx, pad, device)?;
     Ok((sum / count.max(1) as f64)?)
 }
@@ -965,7 +955,7 @@ fn sharded_step(
     if mean.is_finite() {
         let scale = 1.0 / (count as f64 * grad_accum as f64);
         let stores: Vec<_> = parts.iter().map(|p| &p.2).collect();
-        pool.install(|| optimizer.accumulate_scaled(&stores, scale))?;
+        on_all_cores(|| optimizer.accumulate_scaled(&stores, scale))?;
     }
     Ok(mean as f32)
 }
@@ -2013,13 +2003,14 @@ impl<'a> Run<'a> {
     /// gradients are added when it is not finite).
     fn micro_batch(&mut self, epoch: usize, b: usize, idx: &[usize]) -> Result<f32> {
         let device = &self.opts.device;
-        let mut aug_rng = crate::augment::batch_rng(self.cfg.seed, epoch, b);
-        let augment = self.augment.map(|a| (a, &mut aug_rng));
+        // The micro-batch's augmentation, drawn here in one sequence whatever the shards: each
+        // shard then selects and transforms its own images on its thread.
+        let draws = self.augment.map(|aug| {
+            let mut rng = crate::augment::batch_rng(self.cfg.seed, epoch, b);
+            crate::augment::draw(idx.len(), aug, &mut rng)
+        });
         let shards = shard_ranges(idx.len(), self.shards);
         if shards.len() > 1 {
-            // The draws are made here, in one sequence; each shard selects and transforms
-            // its own images on its thread.
-            let draws = augment.map(|(aug, rng)| crate::augment::draw(idx.len(), aug, rng));
             return sharded_step(
                 &self.t.model,
                 &self.data,
@@ -2032,7 +2023,14 @@ impl<'a> Run<'a> {
                 &mut self.optimizer,
             );
         }
-        let loss = batch_loss(&self.t.model, &self.data, idx, self.pad, device, augment)?;
+        let loss = batch_loss(
+            &self.t.model,
+            &self.data,
+            idx,
+            self.pad,
+            device,
+            draws.as_deref(),
+        )?;
         let value = loss.to_scalar::<f32>()?;
         if value.is_finite() {
             let grads = (loss / self.cfg.grad_accum as f64)?.backward()?;
