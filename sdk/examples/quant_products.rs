@@ -1,32 +1,36 @@
-//! How fast one decode step's int4 products can run on this CPU outside ONNX Runtime: OPT-125m's
-//! 73 weight products at one row (q, k, v, out, fc1 and fc2 of 12 layers, then a 50,272-row LM
-//! head), in `MatMulNBits`' layout (codes packed two to a byte, low nibble first, zero point 8,
-//! one f32 scale per block of 32 along K), with a plain AVX-512 VNNI loop on 2 threads: the
-//! activations quantized to int8 per block (as `accuracy_level` 4 does), 64 weights per
-//! `vpdpbusd`, the two blocks' scales applied per lane. The weights are random and 77 MB in all,
-//! so every step reads them from memory; the read bandwidth is measured in the same run as
-//! `moda-sdk bench` does (2 threads summing 256 MiB, best of 12 passes), and the step is printed
-//! against the floor it gives, with the time per product shape.
+//! How fast one decode step's int4 or int8 products can run on this CPU outside ONNX Runtime:
+//! OPT-125m's 73 weight products at one row (q, k, v, out, fc1 and fc2 of 12 layers, then a
+//! 50,272-row LM head), in `MatMulNBits`' layout as the exporter writes it (int4: codes packed
+//! two to a byte, low nibble first, zero point 8, one f32 scale per block of 32 along K; int8:
+//! a code per byte, zero point 128, blocks of 128), with a plain AVX-512 VNNI loop on 2
+//! threads: the activations quantized to int8 per block (as `accuracy_level` 4 does), 64
+//! weights per `vpdpbusd`, the blocks' scales applied per lane. The weights are random (77 MB
+//! in int4, 140 MB in int8), so every step reads them from memory; the read bandwidth is
+//! measured in the same run as `moda-sdk bench` does (2 threads summing 256 MiB, best of 12
+//! passes), and the step is printed against the floor it gives, with the time per product
+//! shape.
 //!
-//!   cargo run --release -p moda-sdk --example int4_gemv [STEPS] [--cached]
+//!   cargo run --release -p moda-sdk --example quant_products [STEPS] [--int8] [--cached]
 //!
-//! `--cached`: 73 products of one 768 x 768 weight instead (368 kB, which stays in the caches),
-//! to tell the kernel's own speed from the memory's.
+//! `--cached`: 73 products of one 768 x 768 weight instead (which stays in the caches), to tell
+//! the kernel's own speed from the memory's.
 //!
 //! Needs an x86-64 CPU with AVX-512 F, BW, VNNI and VBMI (AMD Zen 4 and later, Intel Ice Lake
-//! and later); elsewhere it says so and exits with status 1. A scratch measurement for the
-//! question whether a kernel of our own would bring the int4 decoder's step nearer its floor
+//! and later); elsewhere it says so and exits with status 1. A measurement for the question
+//! whether a kernel of our own would bring the quantized decoders' steps nearer their floor
 //! than ONNX Runtime's `MatMulNBits`; no part of the SDK uses it.
 
 fn main() {
     let mut steps = 200;
     let mut cached = false;
+    let mut bits = 4;
     for arg in std::env::args().skip(1) {
         match (arg.as_str(), arg.parse::<usize>()) {
             ("--cached", _) => cached = true,
+            ("--int8", _) => bits = 8,
             (_, Ok(n)) if n > 0 => steps = n,
             _ => {
-                eprintln!("int4_gemv: expected [STEPS] [--cached], got {arg:?}");
+                eprintln!("quant_products: expected [STEPS] [--int8] [--cached], got {arg:?}");
                 std::process::exit(2);
             }
         }
@@ -42,13 +46,13 @@ fn main() {
         ];
         if have.iter().all(|&h| h) {
             // SAFETY: the CPU has every feature the kernels are compiled for.
-            unsafe { x86::run(steps, cached) };
+            unsafe { x86::run(steps, cached, bits) };
             return;
         }
-        eprintln!("int4_gemv: this CPU lacks one of {ok:?}");
+        eprintln!("quant_products: this CPU lacks one of {ok:?}");
     }
     #[cfg(not(target_arch = "x86_64"))]
-    eprintln!("int4_gemv: needs an x86-64 CPU with AVX-512 VNNI and VBMI");
+    eprintln!("quant_products: needs an x86-64 CPU with AVX-512 VNNI and VBMI");
     std::process::exit(1);
 }
 
@@ -58,9 +62,7 @@ mod x86 {
     use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
     use std::time::Instant;
 
-    /// Weights per block (one scale each).
-    const BLOCK: usize = 32;
-    /// Weights per `vpdpbusd`: two blocks.
+    /// Weights per `vpdpbusd`.
     const CHUNK: usize = 64;
     const THREADS: usize = 2;
 
@@ -68,13 +70,24 @@ mod x86 {
     struct Weight {
         n: usize,
         k: usize,
+        /// 4 or 8.
+        bits: u32,
         packed: Vec<u8>,
-        /// `n * k / BLOCK` scales, row after row.
+        /// `n * k / block` scales, row after row.
         scales: Vec<f32>,
     }
 
+    /// Weights per block (one scale each): the exporter's, 32 for int4 and 128 for int8.
+    fn block(bits: u32) -> usize {
+        if bits == 4 {
+            32
+        } else {
+            128
+        }
+    }
+
     impl Weight {
-        fn random(n: usize, k: usize, seed: u64) -> Self {
+        fn random(n: usize, k: usize, bits: u32, seed: u64) -> Self {
             let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
             let mut next = move || {
                 s ^= s << 13;
@@ -82,48 +95,57 @@ mod x86 {
                 s ^= s << 17;
                 s
             };
-            let packed = (0..n * k / 2).map(|_| next() as u8).collect();
-            let scales = (0..n * k / BLOCK)
+            let packed = (0..n * k * bits as usize / 8)
+                .map(|_| next() as u8)
+                .collect();
+            let scales = (0..n * k / block(bits))
                 .map(|_| (next() % 1000) as f32 * 1e-5 + 1e-3)
                 .collect();
             Weight {
                 n,
                 k,
+                bits,
                 packed,
                 scales,
             }
         }
 
         fn bytes(&self) -> usize {
-            self.packed.len() + self.n * self.k / BLOCK * 4
+            self.packed.len() + self.scales.len() * 4
         }
 
         /// Row `r` of the product with `a`, in f32 from the unpacked weights.
         fn reference_row(&self, a: &[f32], r: usize) -> f32 {
             let mut y = 0f32;
+            let b = block(self.bits);
             for (kk, &x) in a.iter().enumerate().take(self.k) {
-                let byte = self.packed[r * self.k / 2 + kk / 2];
-                let code = if kk % 2 == 0 { byte & 15 } else { byte >> 4 };
-                let scale = self.scales[r * self.k / BLOCK + kk / BLOCK];
-                y += (code as i32 - 8) as f32 * scale * x;
+                let code = if self.bits == 8 {
+                    self.packed[r * self.k + kk] as i32 - 128
+                } else {
+                    let byte = self.packed[r * self.k / 2 + kk / 2];
+                    (if kk % 2 == 0 { byte & 15 } else { byte >> 4 }) as i32 - 8
+                };
+                y += code as f32 * self.scales[r * self.k / b + kk / b] * x;
             }
             y
         }
     }
 
     /// The activations quantized per block and laid out per chunk as the kernel reads the
-    /// weights: int32 lane `l` covers four codes of block `(l / 4) % 2`, the low nibbles of the
-    /// chunk's 32 bytes (even positions) in lanes 0-7, the high ones (odd positions) in 8-15.
+    /// weights. int4: int32 lane `l` covers four codes of block `(l / 4) % 2`, the low nibbles
+    /// of the chunk's 32 bytes (even positions) in lanes 0-7, the high ones (odd positions) in
+    /// 8-15; int8: the chunk's 64 codes in order.
     struct Activations {
         codes: Vec<__m512i>,
-        /// `-8 *` the sum of each lane's four codes: the zero point, folded into the sum's start.
+        /// Minus the weights' zero point times the sum of each lane's four codes, folded into
+        /// the sum's start.
         zero: Vec<__m512i>,
         /// Each lane's activation scale.
         scales: Vec<__m512>,
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi")]
-    unsafe fn quantize(a: &[f32]) -> Activations {
+    unsafe fn quantize4(a: &[f32]) -> Activations {
         // SAFETY: the caller checked that the CPU has the features this is compiled for;
         // every pointer read or written stays within its vector.
         unsafe {
@@ -131,7 +153,7 @@ mod x86 {
             let mut order = [0u8; CHUNK];
             for (j, o) in order.iter_mut().enumerate() {
                 let (half, pos) = (j / 32, j % 32);
-                *o = ((pos / 16) * BLOCK + 2 * (pos % 16) + half) as u8;
+                *o = ((pos / 16) * 32 + 2 * (pos % 16) + half) as u8;
             }
             let order = _mm512_loadu_si512(order.as_ptr().cast());
             let mut out = Activations {
@@ -177,14 +199,128 @@ mod x86 {
         }
     }
 
-    /// Rows `rows` of `w · a`, four at a time, into `y`.
+    /// The activations for int8 weights in blocks of 128: codes in order, one scale per block.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi")]
-    unsafe fn product_rows(w: &Weight, a: &Activations, rows: std::ops::Range<usize>, y: *mut f32) {
+    unsafe fn quantize8(a: &[f32]) -> Activations {
+        // SAFETY: the caller checked that the CPU has the features this is compiled for;
+        // every pointer read stays within `a`.
+        unsafe {
+            let mut out = Activations {
+                codes: Vec::with_capacity(a.len() / CHUNK),
+                zero: Vec::with_capacity(a.len() / CHUNK),
+                scales: Vec::with_capacity(a.len() / CHUNK),
+            };
+            for blk in a.chunks_exact(128) {
+                let p = blk.as_ptr();
+                let x: [__m512; 8] = std::array::from_fn(|i| _mm512_loadu_ps(p.add(16 * i)));
+                let m = x.iter().fold(_mm512_setzero_ps(), |m, v| {
+                    _mm512_max_ps(m, _mm512_abs_ps(*v))
+                });
+                let m = _mm512_reduce_max_ps(m);
+                let s = if m > 0.0 { m / 127.0 } else { 1.0 };
+                let inv = _mm512_set1_ps(1.0 / s);
+                let code =
+                    |i: usize| _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(x[i], inv)));
+                for half in 0..2 {
+                    let mut q = _mm512_castsi128_si512(code(4 * half));
+                    q = _mm512_inserti32x4::<1>(q, code(4 * half + 1));
+                    q = _mm512_inserti32x4::<2>(q, code(4 * half + 2));
+                    q = _mm512_inserti32x4::<3>(q, code(4 * half + 3));
+                    let sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(1), q);
+                    out.codes.push(q);
+                    out.zero.push(_mm512_sub_epi32(
+                        _mm512_setzero_si512(),
+                        _mm512_slli_epi32::<7>(sums),
+                    ));
+                    out.scales.push(_mm512_set1_ps(s));
+                }
+            }
+            out
+        }
+    }
+
+    /// Rows `rows` of `w · a` for int8 `w`, four at a time, into `y`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi")]
+    unsafe fn product_rows8(
+        w: &Weight,
+        a: &Activations,
+        rows: std::ops::Range<usize>,
+        y: *mut f32,
+    ) {
+        // SAFETY: the caller checked that the CPU has the features this is compiled for;
+        // every pointer read or written stays within its vector.
+        unsafe {
+            let blocks = w.k / 128;
+            let mut r = rows.start;
+            while r + 4 <= rows.end {
+                let mut acc = [_mm512_setzero_ps(); 4];
+                for (c, ((codes, zero), ascale)) in
+                    a.codes.iter().zip(&a.zero).zip(&a.scales).enumerate()
+                {
+                    for (i, acc) in acc.iter_mut().enumerate() {
+                        let row = r + i;
+                        let codes_w =
+                            _mm512_loadu_si512(w.packed.as_ptr().add(row * w.k + CHUNK * c).cast());
+                        let dot = _mm512_dpbusd_epi32(*zero, codes_w, *codes);
+                        let s = _mm512_set1_ps(*w.scales.as_ptr().add(row * blocks + c / 2));
+                        *acc = _mm512_fmadd_ps(
+                            _mm512_cvtepi32_ps(dot),
+                            _mm512_mul_ps(s, *ascale),
+                            *acc,
+                        );
+                    }
+                }
+                for (i, acc) in acc.iter().enumerate() {
+                    *y.add(r + i) = _mm512_reduce_add_ps(*acc);
+                }
+                r += 4;
+            }
+        }
+    }
+
+    /// The activations as `w`'s kernel reads them.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F, BW, VNNI and VBMI.
+    unsafe fn quantize(w: &Weight, a: &[f32]) -> Activations {
+        // SAFETY: as the caller promised.
+        unsafe {
+            if w.bits == 8 {
+                quantize8(a)
+            } else {
+                quantize4(a)
+            }
+        }
+    }
+
+    /// Rows `rows` of `w · a` into `y`.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F, BW, VNNI and VBMI; `y` must hold `rows.end` values.
+    unsafe fn product(w: &Weight, a: &Activations, rows: std::ops::Range<usize>, y: *mut f32) {
+        // SAFETY: as the caller promised.
+        unsafe {
+            if w.bits == 8 {
+                product_rows8(w, a, rows, y)
+            } else {
+                product_rows4(w, a, rows, y)
+            }
+        }
+    }
+
+    /// Rows `rows` of `w · a` for int4 `w`, four at a time, into `y`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi")]
+    unsafe fn product_rows4(
+        w: &Weight,
+        a: &Activations,
+        rows: std::ops::Range<usize>,
+        y: *mut f32,
+    ) {
         // SAFETY: the caller checked that the CPU has the features this is compiled for;
         // every pointer read or written stays within its vector.
         unsafe {
             let half = w.k / 2;
-            let blocks = w.k / BLOCK;
+            let blocks = w.k / 32;
             let low = _mm256_set1_epi8(0x0F);
             let pair = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1);
             let mut r = rows.start;
@@ -279,16 +415,16 @@ mod x86 {
     }
 
     /// The benchmark. Safety: the CPU must have AVX-512 F, BW, VNNI and VBMI.
-    pub unsafe fn run(steps: usize, cached: bool) {
+    pub unsafe fn run(steps: usize, cached: bool, bits: u32) {
         let mut weights = Vec::new();
         for layer in 0..12u64 {
             for j in 0..4 {
-                weights.push(Weight::random(768, 768, 10 * layer + j));
+                weights.push(Weight::random(768, 768, bits, 10 * layer + j));
             }
-            weights.push(Weight::random(3072, 768, 10 * layer + 5));
-            weights.push(Weight::random(768, 3072, 10 * layer + 6));
+            weights.push(Weight::random(3072, 768, bits, 10 * layer + 5));
+            weights.push(Weight::random(768, 3072, bits, 10 * layer + 6));
         }
-        weights.push(Weight::random(50272, 768, 999));
+        weights.push(Weight::random(50272, 768, bits, 999));
         // The products of a step, as indices into `weights`.
         let order: Vec<usize> = if cached {
             weights.truncate(1);
@@ -307,8 +443,8 @@ mod x86 {
             let mut y = vec![0f32; w.n];
             // SAFETY: the caller checked the CPU's features; `y` holds all `w.n` rows.
             unsafe {
-                let qa = quantize(&a[..w.k]);
-                product_rows(w, &qa, 0..w.n, y.as_mut_ptr());
+                let qa = quantize(w, &a[..w.k]);
+                product(w, &qa, 0..w.n, y.as_mut_ptr());
             }
             let reference: Vec<f32> = (0..w.n).map(|r| w.reference_row(&a, r)).collect();
             let largest = reference.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -321,7 +457,7 @@ mod x86 {
                 w.n, w.k
             );
             if err > 0.01 * largest {
-                eprintln!("int4_gemv: the kernel disagrees with the reference");
+                eprintln!("quant_products: the kernel disagrees with the reference");
                 std::process::exit(1);
             }
         }
@@ -345,8 +481,8 @@ mod x86 {
                     let one = Instant::now();
                     // SAFETY: `run` checked the CPU's features; the threads write disjoint rows.
                     unsafe {
-                        let qa = quantize(&a[..w.k]);
-                        product_rows(w, &qa, share(w.n, t), y_addr as *mut f32);
+                        let qa = quantize(w, &a[..w.k]);
+                        product(w, &qa, share(w.n, t), y_addr as *mut f32);
                     }
                     barrier.wait();
                     if t == 0 {
