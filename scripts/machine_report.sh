@@ -4,8 +4,9 @@
 #   1. describe against PyTorch: scripts/bench_sdk.py --cold 3 (real-size random weights; fp32,
 #      int8 and int4 bundles with a tokenizer of OPT's size (scripts/train_bpe.py) and the demo
 #      catalog's caption schema; warm figures, decode steps against their memory floor, cold
-#      processes), then batch throughput at batch 1, 4, 8 and 16 and a catalog job's time per
-#      image beside bench's describe;
+#      processes), then batch throughput at batch 1, 4, 8 and 16, a catalog job's time per
+#      image beside bench's describe, and the int8 and int4 decode steps beside a hand-written
+#      kernel's time for their products alone (the quant_products example);
 #   2. the real-size training step: trainer's bench_step example against scripts/bench_step.py,
 #      three alternated rounds of five steps, medians (scripts/alternate_steps.py);
 #      then its matrix products alone: the gemm_layouts example against scripts/bench_matmul.py
@@ -14,7 +15,7 @@
 #      seconds per epoch and the share of the cores busy, from metrics.jsonl.
 # Each part's full output goes to OUT/; the summary to stdout. Needs a Python with torch,
 # transformers, pillow, numpy and safetensors (PYTHON, default /work/pyenv/bin/python) and
-# the demo catalog (`make demo` writes demo/catalog). About 10 minutes on 2 cores, 4 GB of disk.
+# the demo catalog (`make demo` writes demo/catalog). About 11 minutes on 2 cores, 4 GB of disk.
 #
 #   scripts/machine_report.sh OUT
 set -euo pipefail
@@ -34,6 +35,7 @@ mkdir -p "$out"
 cargo build --release -p exporter -p moda-cli -p trainer >&2
 cargo build --release -p trainer --example bench_step >&2
 cargo build --release -p moda-models --example gemm_layouts >&2
+cargo build --release -p moda-sdk --example quant_products >&2
 bin="${CARGO_TARGET_DIR:-$root/target}/release"
 
 lscpu | tee "$out/lscpu.txt" | grep -E "^(Model name|CPU\(s\)|Flags)" | cut -c1-200
@@ -81,6 +83,18 @@ print(f"{statistics.median(t[1:]):.1f} ms")')
     echo "round $round $kind: job $job per image, bench describe $bench"
   done
 done | tee "$out/job.txt"
+echo "-- the quantized decode steps against a hand-written kernel for their products alone"
+echo "   (the quant_products example; 2 alternated rounds with bench's step 5)"
+for round in 1 2; do
+  for kind in int8 int4; do
+    step=$("$bin/moda-sdk" bench --model "$out/sdk/bundle-$kind" tests/fixtures/images/photo.jpg \
+      --max-new-tokens 64 --reps 5 --batch-size 1 2>&1 | sed -n 's/^ *decode step 5 *//p')
+    flag=""; [ "$kind" = int8 ] && flag="--int8"
+    own=$("$bin/examples/quant_products" ${flag:+"$flag"} 2>&1 | tee -a "$out/quant_products.log" | sed -n "s/^73 products, //p")
+    echo "round $round $kind: ONNX Runtime's step $step"
+    echo "round $round $kind: hand kernel's products ${own:-not run, see $out/quant_products.log}"
+  done
+done | tee "$out/products.txt"
 echo
 
 echo "== 2. real-size training step (bench_step against scripts/bench_step.py, 3 alternated rounds of 5 steps)"
