@@ -90,7 +90,10 @@ mod x86 {
         /// Random codes and scales. The kernels take whole groups of 4 rows per thread and
         /// whole blocks of 128 along K: OPT-125m's shapes are such.
         fn random(n: usize, k: usize, bits: u32, seed: u64) -> Self {
-            assert!(n % (4 * THREADS) == 0 && k % 128 == 0, "shape {n} x {k}");
+            assert!(
+                n.is_multiple_of(4 * THREADS) && k.is_multiple_of(128),
+                "shape {n} x {k}"
+            );
             let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
             let mut next = move || {
                 s ^= s << 13;
