@@ -245,45 +245,6 @@ mod x86 {
         }
     }
 
-    /// Rows `rows` of `w · a` for int8 `w`, four at a time, into `y`.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi")]
-    unsafe fn product_rows8(
-        w: &Weight,
-        a: &Activations,
-        rows: std::ops::Range<usize>,
-        y: *mut f32,
-    ) {
-        // SAFETY: the caller checked that the CPU has the features this is compiled for;
-        // every pointer read or written stays within its vector.
-        unsafe {
-            let blocks = w.k / 128;
-            let mut r = rows.start;
-            while r + 4 <= rows.end {
-                let mut acc = [_mm512_setzero_ps(); 4];
-                for (c, ((codes, zero), ascale)) in
-                    a.codes.iter().zip(&a.zero).zip(&a.scales).enumerate()
-                {
-                    for (i, acc) in acc.iter_mut().enumerate() {
-                        let row = r + i;
-                        let codes_w =
-                            _mm512_loadu_si512(w.packed.as_ptr().add(row * w.k + CHUNK * c).cast());
-                        let dot = _mm512_dpbusd_epi32(*zero, codes_w, *codes);
-                        let s = _mm512_set1_ps(*w.scales.as_ptr().add(row * blocks + c / 2));
-                        *acc = _mm512_fmadd_ps(
-                            _mm512_cvtepi32_ps(dot),
-                            _mm512_mul_ps(s, *ascale),
-                            *acc,
-                        );
-                    }
-                }
-                for (i, acc) in acc.iter().enumerate() {
-                    *y.add(r + i) = _mm512_reduce_add_ps(*acc);
-                }
-                r += 4;
-            }
-        }
-    }
-
     /// The activations as `w`'s kernel reads them.
     ///
     /// # Safety
@@ -299,34 +260,19 @@ mod x86 {
         }
     }
 
-    /// Rows `rows` of `w · a` into `y`.
+    /// Rows `rows` of `w · a` into `y`, four at a time: int8 codes are read as they are, int4
+    /// codes unpacked low nibbles then high (the order `quantize4` lays the activations in).
     ///
     /// # Safety
     /// The CPU must have AVX-512 F, BW, VNNI and VBMI; `y` must hold `rows.end` values.
-    unsafe fn product(w: &Weight, a: &Activations, rows: std::ops::Range<usize>, y: *mut f32) {
-        // SAFETY: as the caller promised.
-        unsafe {
-            if w.bits == 8 {
-                product_rows8(w, a, rows, y)
-            } else {
-                product_rows4(w, a, rows, y)
-            }
-        }
-    }
-
-    /// Rows `rows` of `w · a` for int4 `w`, four at a time, into `y`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi")]
-    unsafe fn product_rows4(
-        w: &Weight,
-        a: &Activations,
-        rows: std::ops::Range<usize>,
-        y: *mut f32,
-    ) {
-        // SAFETY: the caller checked that the CPU has the features this is compiled for;
-        // every pointer read or written stays within its vector.
+    unsafe fn product(w: &Weight, a: &Activations, rows: std::ops::Range<usize>, y: *mut f32) {
+        // SAFETY: as the caller promised; every pointer read or written stays within its
+        // vector.
         unsafe {
-            let half = w.k / 2;
-            let blocks = w.k / 32;
+            let int8 = w.bits == 8;
+            let row_bytes = w.k * w.bits as usize / 8;
+            let blocks = w.k / block(w.bits);
             let low = _mm256_set1_epi8(0x0F);
             let pair = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1);
             let mut r = rows.start;
@@ -337,19 +283,24 @@ mod x86 {
                 {
                     for (i, acc) in acc.iter_mut().enumerate() {
                         let row = r + i;
-                        let p =
-                            _mm256_loadu_si256(w.packed.as_ptr().add(row * half + 32 * c).cast());
-                        let lo = _mm256_and_si256(p, low);
-                        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(p), low);
-                        let codes_w = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
+                        let at = w.packed.as_ptr().add(row * row_bytes);
+                        let scales = w.scales.as_ptr().add(row * blocks);
+                        let (codes_w, s) = if int8 {
+                            let codes_w = _mm512_loadu_si512(at.add(CHUNK * c).cast());
+                            // One block of 128 spans two chunks.
+                            (codes_w, _mm512_set1_ps(*scales.add(c / 2)))
+                        } else {
+                            let p = _mm256_loadu_si256(at.add(32 * c).cast());
+                            let lo = _mm256_and_si256(p, low);
+                            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(p), low);
+                            let codes_w = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
+                            // The chunk's two blocks of 32, to the lanes that hold them.
+                            let two = scales.add(2 * c).cast::<f64>().read_unaligned();
+                            let s =
+                                _mm512_permutexvar_ps(pair, _mm512_castpd_ps(_mm512_set1_pd(two)));
+                            (codes_w, s)
+                        };
                         let dot = _mm512_dpbusd_epi32(*zero, codes_w, *codes);
-                        let two = w
-                            .scales
-                            .as_ptr()
-                            .add(row * blocks + 2 * c)
-                            .cast::<f64>()
-                            .read_unaligned();
-                        let s = _mm512_permutexvar_ps(pair, _mm512_castpd_ps(_mm512_set1_pd(two)));
                         *acc = _mm512_fmadd_ps(
                             _mm512_cvtepi32_ps(dot),
                             _mm512_mul_ps(s, *ascale),
