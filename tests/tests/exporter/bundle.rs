@@ -1024,8 +1024,8 @@ fn block_size_reaches_every_quantized_layer() {
         opts.block_size = block_size;
         export_onnx(&opts).expect("quantized export");
         let got = blocks(&out);
-        // The fixture decoder: 2 layers of q, k, v, out, fc1, fc2, and the LM head.
-        assert_eq!(got.len(), 13, "{} {block_size:?}", q.name());
+        // The fixture decoder: 2 layers of qkv (one product), out, fc1, fc2, and the LM head.
+        assert_eq!(got.len(), 9, "{} {block_size:?}", q.name());
         for &(k, b) in &got {
             let widest = 1i64 << (63 - k.leading_zeros());
             assert_eq!(b, asked.min(widest), "{} K = {k}: {got:?}", q.name());
