@@ -15,12 +15,14 @@
 //! - `embed_tokens`: a `Gather` over the token embedding table.
 //!
 //! Shapes are written for ONNX Runtime's CPU fusions: `LayerNormalization` (opset 17),
-//! `MatMul` + `Add` with pre-transposed `[in, out]` weights, GELU as transformers' erf formula
-//! (`GeluFusion`), quick GELU as `x * Sigmoid(1.702 x)` (`QuickGeluFusion`). The attention
-//! scale is folded into the query projection (exact for head sizes that are powers of 4), so
-//! the decoder's `MultiHeadAttention` runs with `scale = 1`. ONNX Runtime's `AttentionFusion`
-//! does not match OPT's decoder with a dynamic KV cache, hence the contrib op written directly;
-//! the encoder's attention is the same op, without cache, mask or causality.
+//! an attention layer's query, key and value projections as one product (their weights
+//! stacked) split in three, `MatMul` + `Add` with pre-transposed `[in, out]` weights, GELU
+//! as transformers' erf formula (`GeluFusion`), quick GELU as `x * Sigmoid(1.702 x)`
+//! (`QuickGeluFusion`). The attention scale is folded into the query projection (exact for
+//! head sizes that are powers of 4), so the decoder's `MultiHeadAttention` runs with
+//! `scale = 1`. ONNX Runtime's `AttentionFusion` does not match OPT's decoder with a dynamic
+//! KV cache, hence the contrib op written directly; the encoder's attention is the same op,
+//! without cache, mask or causality.
 
 use std::collections::HashMap;
 
