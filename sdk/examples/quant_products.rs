@@ -1,6 +1,7 @@
 //! How fast one decode step's int4 or int8 products can run on this CPU outside ONNX Runtime:
-//! OPT-125m's 73 weight products at one row (q, k, v, out, fc1 and fc2 of 12 layers, then a
-//! 50,272-row LM head), in `MatMulNBits`' layout as the exporter writes it (int4: codes packed
+//! OPT-125m's 49 weight products at one row (q, k and v as one product of their stacked
+//! weights, out, fc1 and fc2 of 12 layers, then a 50,272-row LM head), as the exporter writes
+//! them, in `MatMulNBits`' layout (int4: codes packed
 //! two to a byte, low nibble first, zero point 8, one f32 scale per block of 32 along K; int8:
 //! a code per byte, zero point 128, blocks of 128), with a plain AVX-512 VNNI loop on 2
 //! threads: the activations quantized to int8 per block (as `accuracy_level` 4 does), 64
@@ -12,7 +13,7 @@
 //!
 //!   cargo run --release -p moda-sdk --example quant_products [STEPS] [--int8] [--cached]
 //!
-//! `--cached`: 73 products of one 768 x 768 weight instead (which stays in the caches), to tell
+//! `--cached`: as many products of one 768 x 768 weight instead (which stays in the caches), to tell
 //! the kernel's own speed from the memory's.
 //!
 //! Needs an x86-64 CPU with AVX-512 F, BW, VNNI and VBMI (AMD Zen 4 and later, Intel Ice Lake
@@ -375,17 +376,18 @@ mod x86 {
     pub unsafe fn run(steps: usize, cached: bool, bits: u32) {
         let mut weights = Vec::new();
         for layer in 0..12u64 {
-            for j in 0..4 {
-                weights.push(Weight::random(768, 768, bits, 10 * layer + j));
-            }
+            weights.push(Weight::random(3 * 768, 768, bits, 10 * layer));
+            weights.push(Weight::random(768, 768, bits, 10 * layer + 4));
             weights.push(Weight::random(3072, 768, bits, 10 * layer + 5));
             weights.push(Weight::random(768, 3072, bits, 10 * layer + 6));
         }
         weights.push(Weight::random(50272, 768, bits, 999));
         // The products of a step, as indices into `weights`.
         let order: Vec<usize> = if cached {
+            let n = weights.len();
             weights.truncate(1);
-            vec![0; 73]
+            weights[0] = Weight::random(768, 768, bits, 4);
+            vec![0; n]
         } else {
             (0..weights.len()).collect()
         };
@@ -396,7 +398,7 @@ mod x86 {
         // The kernel against the unpacked weights. The activations' int8 rounding (half a step
         // of max|a| / 127 per element) bounds the difference: about 0.4% of a row's largest
         // term sum, so 1% of the largest |y| is the bound.
-        for w in [&weights[0], &weights[weights.len().min(6) - 1]] {
+        for w in [&weights[0], &weights[weights.len().min(4) - 1]] {
             let mut y = vec![0f32; w.n];
             // SAFETY: the caller checked the CPU's features; `y` holds all `w.n` rows.
             unsafe {
