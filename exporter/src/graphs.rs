@@ -1064,4 +1064,101 @@ mod tests {
             }
         }
     }
+
+    /// The joined q, k, v product against the three products computed here, in ONNX Runtime:
+    /// fp32 (float rounding only) and int8 blocks (bounded by both quantizations), with the
+    /// query scaled and a missing key bias taken as zeros, as the model does.
+    #[test]
+    fn qkv_projection_matches_three_products() {
+        use super::{qkv_projection, Named};
+        use crate::graph::{Dim, Elem, GraphBuilder};
+        use candle_core::{Device, Tensor};
+        use prost::Message;
+
+        let (d, rows, scale) = (64usize, 3usize, 0.125f64);
+        // Deterministic values in [-1, 1): weights, biases and the input.
+        let vals = |n: usize, seed: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| ((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.5 - 1.0)
+                .collect()
+        };
+        let w: Vec<Vec<f32>> = (0..3).map(|j| vals(d * d, j + 1)).collect();
+        let b = [Some(vals(d, 7)), None, Some(vals(d, 9))];
+        let x = vals(rows * d, 11);
+        let mut list = Vec::new();
+        for (j, p) in ["q_proj", "k_proj", "v_proj"].iter().enumerate() {
+            let t = Tensor::from_vec(w[j].clone(), (d, d), &Device::Cpu).expect("weight");
+            list.push((format!("attn.{p}.weight"), t));
+            if let Some(bias) = &b[j] {
+                let t = Tensor::from_vec(bias.clone(), d, &Device::Cpu).expect("bias");
+                list.push((format!("attn.{p}.bias"), t));
+            }
+        }
+        let t = Named::new(list);
+        // The reference: y_j = (x W_j^T + b_j), times the scale for the query.
+        let reference = |j: usize| -> Vec<f64> {
+            let mut y = vec![0f64; rows * d];
+            for r in 0..rows {
+                for o in 0..d {
+                    let mut acc = b[j].as_ref().map_or(0.0, |b| f64::from(b[o]));
+                    for i in 0..d {
+                        acc += f64::from(x[r * d + i]) * f64::from(w[j][o * d + i]);
+                    }
+                    y[r * d + o] = if j == 0 { acc * scale } else { acc };
+                }
+            }
+            y
+        };
+        for quant in [None, Some(Quant::Blocks(WeightQuant::INT8))] {
+            let mut g = GraphBuilder::new();
+            let dims = [Dim::Fixed(1), Dim::Fixed(rows as i64), Dim::Fixed(d as i64)];
+            let xin = g.input("x", Elem::F32, &dims);
+            let outs = qkv_projection(&mut g, &xin, &t, "attn", scale, quant).expect("graph");
+            let names = ["q", "k", "v"].map(String::from);
+            for (o, n) in outs.iter().zip(&names) {
+                g.output(o, n, Elem::F32, &dims);
+            }
+            let bytes = g.finish("qkv", "test", &[]).encode_to_vec();
+            let options = moda_sdk::runtime::SessionOptions {
+                intra_threads: Some(1),
+                ..Default::default()
+            };
+            let path = std::path::Path::new("qkv.onnx");
+            let mut session = moda_sdk::runtime::session_from_bytes(path, &bytes, None, &options)
+                .expect("session");
+            let input = crate::verify::f32_raw("qkv", vec![1, rows as i64, d as i64], x.clone())
+                .expect("input");
+            let got = crate::verify::run(&mut session, "qkv", vec![("x".into(), input)], &names)
+                .expect("run");
+            let x_max = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+            for (j, out) in got.iter().enumerate() {
+                assert_eq!(out.shape, vec![1, rows, d], "{}", names[j]);
+                let want = reference(j);
+                let s = if j == 0 { scale } else { 1.0 };
+                let w_max = w[j].iter().fold(0f32, |m, v| m.max(v.abs()));
+                for r in 0..rows {
+                    let x_l1: f32 = x[r * d..(r + 1) * d].iter().map(|v| v.abs()).sum();
+                    for o in 0..d {
+                        let w_l1: f32 = w[j][o * d..(o + 1) * d].iter().map(|v| v.abs()).sum();
+                        // fp32: rounding of d products and sums, far under 1e-4 of the terms'
+                        // size. int8 (one block of 64 here): each weight within half a step
+                        // (w_max / 254) and, with accuracy level 4, each input too (x_max /
+                        // 254), so the product moves by at most the sum of both bounds.
+                        let bound = match quant {
+                            None => 1e-4 * f64::from(x_l1 * w_max),
+                            Some(_) => {
+                                f64::from(x_l1 * w_max / 254.0 + w_l1 * x_max / 254.0) * 1.01
+                            }
+                        } * s;
+                        let (a, e) = (f64::from(out.data[r * d + o]), want[r * d + o]);
+                        assert!(
+                            (a - e).abs() <= bound,
+                            "{} {quant:?} row {r} column {o}: {a} against {e} (bound {bound})",
+                            names[j]
+                        );
+                    }
+                }
+            }
+        }
+    }
 }
