@@ -1,9 +1,9 @@
 //! How fast one decode step's int4 or int8 products can run on this CPU outside ONNX Runtime:
 //! OPT-125m's 49 weight products at one row (q, k and v as one product of their stacked
 //! weights, out, fc1 and fc2 of 12 layers, then a 50,272-row LM head), as the exporter writes
-//! them, in `MatMulNBits`' layout (int4: codes packed
-//! two to a byte, low nibble first, zero point 8, one f32 scale per block of 32 along K; int8:
-//! a code per byte, zero point 128, blocks of 128), with a plain AVX-512 VNNI loop on 2
+//! them, in `MatMulNBits`' layout (int4: codes packed two to a byte, low nibble first, zero
+//! point 8, one f32 scale per block of 32 along K; int8: a code per byte, zero point 128,
+//! blocks of 128), with a plain AVX-512 VNNI loop on 2
 //! threads: the activations quantized to int8 per block (as `accuracy_level` 4 does), 64
 //! weights per `vpdpbusd`, the blocks' scales applied per lane. The weights are random (77 MB
 //! in int4, 140 MB in int8), so every step reads them from memory; the read bandwidth is
@@ -13,8 +13,8 @@
 //!
 //!   cargo run --release -p moda-sdk --example quant_products [STEPS] [--int8] [--cached]
 //!
-//! `--cached`: as many products of one 768 x 768 weight instead (which stays in the caches), to tell
-//! the kernel's own speed from the memory's.
+//! `--cached`: as many products of one 768 x 768 weight instead (which stays in the caches),
+//! to tell the kernel's own speed from the memory's.
 //!
 //! Needs an x86-64 CPU with AVX-512 F, BW, VNNI and VBMI (AMD Zen 4 and later, Intel Ice Lake
 //! and later); elsewhere it says so and exits with status 1. A measurement for the question
@@ -374,22 +374,27 @@ mod x86 {
 
     /// The benchmark. Safety: the CPU must have AVX-512 F, BW, VNNI and VBMI.
     pub unsafe fn run(steps: usize, cached: bool, bits: u32) {
-        let mut weights = Vec::new();
+        // A step's products (rows, inputs, seed), as the exporter writes the decoder: per
+        // layer q, k and v joined, out, fc1 and fc2; then the LM head.
+        let mut shapes = Vec::new();
         for layer in 0..12u64 {
-            weights.push(Weight::random(3 * 768, 768, bits, 10 * layer));
-            weights.push(Weight::random(768, 768, bits, 10 * layer + 4));
-            weights.push(Weight::random(3072, 768, bits, 10 * layer + 5));
-            weights.push(Weight::random(768, 3072, bits, 10 * layer + 6));
+            shapes.push((3 * 768, 768, 10 * layer));
+            shapes.push((768, 768, 10 * layer + 4));
+            shapes.push((3072, 768, 10 * layer + 5));
+            shapes.push((768, 3072, 10 * layer + 6));
         }
-        weights.push(Weight::random(50272, 768, bits, 999));
-        // The products of a step, as indices into `weights`.
-        let order: Vec<usize> = if cached {
-            let n = weights.len();
-            weights.truncate(1);
-            weights[0] = Weight::random(768, 768, bits, 4);
-            vec![0; n]
+        shapes.push((50272, 768, 999));
+        // The weights, and the step's products as indices into them.
+        let (weights, order): (Vec<Weight>, Vec<usize>) = if cached {
+            (
+                vec![Weight::random(768, 768, bits, 4)],
+                vec![0; shapes.len()],
+            )
         } else {
-            (0..weights.len()).collect()
+            let w = shapes
+                .iter()
+                .map(|&(n, k, seed)| Weight::random(n, k, bits, seed));
+            (w.collect(), (0..shapes.len()).collect())
         };
         let a: Vec<f32> = (0..3072)
             .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
