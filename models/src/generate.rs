@@ -357,6 +357,16 @@ pub trait StepModel {
         )
         .into())
     }
+    /// Whether the model can return some tokens' logits only ([`StepModel::only_logits_of`]):
+    /// then a constrained greedy or sampling search tells it, before each step, which tokens
+    /// it will read.
+    fn selects_logits(&self) -> bool {
+        false
+    }
+    /// The next step's logits are read at these token ids only (sorted, without repeats):
+    /// the model may return minus infinity for every other token. Called before a step when
+    /// [`StepModel::selects_logits`] is true.
+    fn only_logits_of(&mut self, _ids: Vec<u32>) {}
     /// Keeps cache rows `rows`, in that order (rows may repeat): beam search's reordering.
     /// `rows` has as many entries as there are rows.
     fn reorder(&mut self, rows: &[usize]) -> Result<(), Self::Error>;
@@ -708,6 +718,11 @@ fn greedy_or_sample<M: StepModel + ?Sized>(
             let fed = if row.done { 0 } else { len };
             feed.extend(std::iter::repeat_n(eos, n - fed));
         }
+        if let (Some(c), true) = (s.constraint, model.selects_logits()) {
+            if let Some(ids) = tokens_read(c, &rs, &runs, &lens) {
+                model.only_logits_of(ids);
+            }
+        }
         let t = std::time::Instant::now();
         logits = if n == 1 {
             model.step(&feed)?
@@ -744,6 +759,32 @@ fn greedy_or_sample<M: StepModel + ?Sized>(
         }
     }
     Ok(rs.into_iter().map(|row| row.out).collect())
+}
+
+/// The tokens whose logits the constrained search reads after a step that feeds `runs[r][..
+/// lens[r]]` to each running row: at each position fed, the tokens the schema allows after it
+/// (a forced token's log-probability is read there, and the next choice at the last one).
+/// Every other logit is masked before it is read. Sorted, without repeats; `None` when a
+/// row's state cannot follow its run (never, for runs the search made).
+fn tokens_read(c: &Constraint, rs: &[Row], runs: &[Vec<u32>], lens: &[usize]) -> Option<Vec<u32>> {
+    let mut ids = Vec::new();
+    for ((row, run), &len) in rs.iter().zip(runs).zip(lens) {
+        if row.done {
+            continue;
+        }
+        // The row's state already follows the run's first token (it was committed when
+        // chosen); the forced tokens after it are committed after the step.
+        let mut state = row.state.clone()?;
+        for (j, &t) in run.iter().take(len).enumerate() {
+            if j > 0 {
+                state = c.advance(&state, t)?;
+            }
+            ids.extend(c.allowed(&state));
+        }
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    Some(ids)
 }
 
 /// Chooses a row's next token from its logits (processed, constrained, then greedy or
@@ -1482,6 +1523,13 @@ mod tests {
         runs: usize,
         /// Feeds rows of different lengths in one step.
         ragged: bool,
+        /// Takes the list of tokens the search reads ([`StepModel::only_logits_of`]) and
+        /// returns minus infinity for every other token.
+        selects: bool,
+        /// The list for the next step.
+        listed: Option<Vec<u32>>,
+        /// Each listed step's list length.
+        list_lens: Vec<usize>,
     }
 
     impl Teacher {
@@ -1497,6 +1545,9 @@ mod tests {
                 fed: vec![0; rows],
                 runs: 0,
                 ragged: false,
+                selects: false,
+                listed: None,
+                list_lens: Vec::new(),
             }
         }
 
@@ -1535,6 +1586,13 @@ mod tests {
             self.runs += 1;
             self.feed(n, lens)
         }
+        fn selects_logits(&self) -> bool {
+            self.selects
+        }
+        fn only_logits_of(&mut self, ids: Vec<u32>) {
+            assert!(ids.windows(2).all(|w| w[0] < w[1]), "sorted, no repeats");
+            self.listed = Some(ids);
+        }
         fn reorder(&mut self, rows: &[usize]) -> Result<()> {
             self.fed = rows.iter().map(|&r| self.fed[r]).collect();
             self.targets = rows.iter().map(|&r| self.targets[r].clone()).collect();
@@ -1545,12 +1603,24 @@ mod tests {
     impl Teacher {
         /// Row `r` takes `lens[r]` tokens of `n`; the padding after them gives junk logits.
         fn feed(&mut self, n: usize, lens: &[usize]) -> Result<Vec<f32>> {
+            let listed = self.listed.take();
+            if let Some(ids) = &listed {
+                self.list_lens.push(ids.len());
+            }
             let mut out = Vec::new();
             for (r, &len) in lens.iter().enumerate() {
                 for j in 0..n {
                     if j < len {
                         self.fed[r] += 1;
-                        out.extend(self.logits_at(r, self.fed[r]));
+                        let mut row = self.logits_at(r, self.fed[r]);
+                        if let Some(ids) = &listed {
+                            for (t, l) in row.iter_mut().enumerate() {
+                                if ids.binary_search(&(t as u32)).is_err() {
+                                    *l = f32::NEG_INFINITY;
+                                }
+                            }
+                        }
+                        out.extend(row);
                     } else {
                         out.extend(std::iter::repeat_n(f32::NAN, self.vocab));
                     }
@@ -1687,6 +1757,64 @@ mod tests {
             if opts == GenerationOptions::default() {
                 // Greedy: what the teacher could keep, it kept.
                 assert!(text.ends_with(" for Men - Apparel Bottomwear"), "{text:?}");
+            }
+        }
+    }
+    #[test]
+    fn listed_logits_change_nothing_the_constrained_search_reads() {
+        use crate::constrain::{fixtures, Constraint};
+        let tok = fixtures::tokenizer();
+        let schema = fixtures::schema();
+        let c = Constraint::new(&schema, &tok, tok.eos_id()).expect("constraint");
+        // Captions the schema knows, and one it does not (the constraint then steers away
+        // from what the model wants, and reads tokens it would not choose).
+        let texts = [
+            "Navy Blue Smart Casual Shoes for Boys - Apparel Shoes",
+            "Purple Party Jeans for Men - Apparel Bottomwear",
+            "Off White Sports Sports Shoes for Girls - Apparel Bottomwear",
+        ];
+        let targets: Vec<Vec<u32>> = texts
+            .iter()
+            .map(|t| {
+                let mut ids = tok.encode_no_bos(t).expect("encode");
+                ids.push(tok.eos_id());
+                ids
+            })
+            .collect();
+        let vocab = tok.vocab_size() + 3;
+        for opts in [
+            GenerationOptions::default(),
+            GenerationOptions::default()
+                .with_do_sample(true)
+                .with_seed(5)
+                .with_top_k(0),
+            GenerationOptions::default().with_repetition_penalty(3.0),
+            GenerationOptions::default().with_no_repeat_ngram_size(1),
+            GenerationOptions::default().with_min_new_tokens(40),
+        ] {
+            for ragged in [false, true] {
+                let run = |selects: bool| {
+                    let mut m = Teacher::rows(targets.clone(), vocab);
+                    m.ragged = ragged;
+                    m.selects = selects;
+                    let first = m.first();
+                    let search = Search::new(vocab, tok.eos_id(), 64).with_constraint(Some(&c));
+                    let g = generate(&mut m, first, texts.len(), &opts, search).expect("generate");
+                    (g, m.runs, m.list_lens)
+                };
+                let (every, _, none) = run(false);
+                let (listed, runs, lens) = run(true);
+                assert!(none.is_empty());
+                // Every step after the first (whose logits come with the prompt) was listed,
+                // with far fewer tokens than the vocabulary.
+                assert_eq!(lens.len(), runs, "{opts:?}");
+                assert!(lens.iter().all(|&n| n > 0 && n * 4 < vocab), "{lens:?}");
+                for (a, b) in every.iter().zip(&listed) {
+                    assert_eq!(a.token_ids, b.token_ids, "{opts:?} ragged {ragged}");
+                    assert_eq!(a.logprobs, b.logprobs, "{opts:?} ragged {ragged}");
+                    assert_eq!(a.alternatives, b.alternatives, "{opts:?} ragged {ragged}");
+                    assert_eq!(a.forced, b.forced, "{opts:?} ragged {ragged}");
+                }
             }
         }
     }
