@@ -85,6 +85,9 @@ pub enum Attr {
     Ints(Vec<i64>),
     /// `float`.
     Float(f32),
+    /// `graph`: a subgraph (an `If` node's branches), from [`GraphBuilder::subgraph`] and
+    /// [`GraphBuilder::into_subgraph`].
+    Graph(GraphProto),
 }
 
 fn attribute(name: &str, value: Attr) -> AttributeProto {
@@ -104,6 +107,10 @@ fn attribute(name: &str, value: Attr) -> AttributeProto {
         Attr::Float(f) => {
             a.r#type = AttributeType::Float as i32;
             a.f = f;
+        }
+        Attr::Graph(g) => {
+            a.r#type = AttributeType::Graph as i32;
+            a.g = Some(g);
         }
     }
     a
@@ -159,6 +166,52 @@ impl GraphBuilder {
     pub fn input(&mut self, name: &str, elem: Elem, dims: &[Dim]) -> String {
         self.inputs.push(value_info(name, elem, dims));
         name.to_string()
+    }
+
+    /// Declares an optional graph input: one with an initializer of the same name, which
+    /// ONNX Runtime uses when the input is not fed (an "overridable initializer"; ONNX IR 4 and
+    /// later). Such an input is never constant-folded, so a graph may branch on it.
+    pub fn input_with_default(
+        &mut self,
+        name: &str,
+        elem: Elem,
+        dims: &[Dim],
+        default_dims: &[i64],
+        default_raw: Vec<u8>,
+    ) -> String {
+        self.inputs.push(value_info(name, elem, dims));
+        self.initializer(name.to_string(), default_dims.to_vec(), elem, default_raw)
+    }
+
+    /// A builder for a subgraph of this graph (an `If` branch): its values are named from
+    /// this graph's counter, so that they never shadow a name of the outer graph, which its
+    /// nodes may read. Finish it with [`GraphBuilder::into_subgraph`] and give the counter
+    /// back with [`GraphBuilder::resume_after`].
+    pub fn subgraph(&self) -> GraphBuilder {
+        GraphBuilder {
+            counter: self.counter,
+            ..Default::default()
+        }
+    }
+
+    /// Continues naming after the values a [`GraphBuilder::subgraph`] named.
+    pub fn resume_after(&mut self, sub: &GraphBuilder) {
+        self.counter = self.counter.max(sub.counter);
+    }
+
+    /// The subgraph as a `graph` attribute's value, with `outputs` (value, elem, dims) as its
+    /// outputs. A subgraph has no initializers of its own here: it reads the outer graph's.
+    pub fn into_subgraph(self, name: &str, outputs: &[(&str, Elem, &[Dim])]) -> GraphProto {
+        GraphProto {
+            node: self.nodes,
+            name: name.to_string(),
+            initializer: self.initializers,
+            output: outputs
+                .iter()
+                .map(|(v, e, d)| value_info(v, *e, d))
+                .collect(),
+            ..Default::default()
+        }
     }
 
     /// Declares `value` a graph output named `name` (through an `Identity` when the names
@@ -272,7 +325,7 @@ impl GraphBuilder {
             domain: String::new(),
             version: OPSET,
         }];
-        if self.nodes.iter().any(|n| n.domain == MS_DOMAIN) {
+        if uses_domain(&self.nodes, MS_DOMAIN) {
             opset_import.push(OperatorSetIdProto {
                 domain: MS_DOMAIN.to_string(),
                 version: 1,
@@ -302,6 +355,17 @@ impl GraphBuilder {
             ..Default::default()
         }
     }
+}
+
+/// Whether a node of `nodes`, or of a subgraph of one, is of `domain`.
+fn uses_domain(nodes: &[NodeProto], domain: &str) -> bool {
+    nodes.iter().any(|n| {
+        n.domain == domain
+            || n.attribute
+                .iter()
+                .filter_map(|a| a.g.as_ref())
+                .any(|g| uses_domain(&g.node, domain))
+    })
 }
 
 /// Refuses a weight `name` of shape `dims` (row-major `data`) that holds a NaN or an

@@ -31,8 +31,8 @@ use candle_onnx::onnx::ModelProto;
 use moda_models::{Activation, CaptionModel, ClipVisionConfig, OptConfig};
 
 use moda_sdk::manifest::{
-    Quantization, ATTENTION_MASK, IMAGE_EMBEDS, INPUTS_EMBEDS, INPUT_IDS, LOGITS, PIXEL_VALUES,
-    PREFIX_EMBEDS,
+    Quantization, ATTENTION_MASK, HEAD_IDS, IMAGE_EMBEDS, INPUTS_EMBEDS, INPUT_IDS, LOGITS,
+    PIXEL_VALUES, PREFIX_EMBEDS, VOCAB_SIZE_METADATA,
 };
 
 use crate::graph::{Attr, Dim, Elem, GraphBuilder};
@@ -75,6 +75,8 @@ pub struct Graph {
     pub inputs: Signature,
     /// Its outputs.
     pub outputs: Signature,
+    /// Inputs with a default in the graph, which a run may leave out.
+    pub optional_inputs: Signature,
 }
 
 /// Block-wise weight quantization of the decoder's linear layers and LM head, as ONNX
@@ -273,77 +275,153 @@ fn linear_q(
     scale: Option<f64>,
     quant: Option<Quant>,
 ) -> Result<String> {
+    let stored = store_linear(g, t, prefix, scale, quant)?;
+    Ok(stored.apply(g, x))
+}
+
+/// A linear layer's weights as initializers of a graph, and how they are multiplied.
+struct StoredLinear {
+    product: Product,
+    /// The bias initializer (scaled as the weight), when the layer has one.
+    bias: Option<String>,
+}
+
+/// The product of a [`StoredLinear`].
+enum Product {
+    /// `MatMul` with the fp32 weight stored transposed, `[in, out]`.
+    Plain { w: String },
+    /// `MatMulNBits`: codes `[out, blocks, blob]`, scales `[out * blocks]`.
+    Blocks {
+        codes: String,
+        scales: String,
+        q: WeightQuant,
+        n: usize,
+        k: usize,
+    },
+    /// `DynamicQuantizeMatMul` (its inputs, the bias among them when there is one).
+    DynamicInt8 { inputs: Vec<String> },
+}
+
+/// Writes the initializers of the linear layer `prefix` (its weight quantized when `quant`
+/// is given, both weight and bias multiplied by `scale`).
+fn store_linear(
+    g: &mut GraphBuilder,
+    t: &Named,
+    prefix: &str,
+    scale: Option<f64>,
+    quant: Option<Quant>,
+) -> Result<StoredLinear> {
     let k_in = t.get(&format!("{prefix}.weight"))?.dim(1)?;
     let quant = quant.and_then(|q| q.for_width(k_in));
-    let y = match quant {
-        None => {
-            let mut w = t.get(&format!("{prefix}.weight"))?.t()?.contiguous()?;
-            if let Some(s) = scale {
-                w = (w * s)?;
-            }
-            let w = g.tensor(&format!("{prefix}.weight.T"), &w)?;
-            g.op("MatMul", &[x, &w], vec![])
+    let bias = |g: &mut GraphBuilder| -> Result<Option<String>> {
+        t.opt(&format!("{prefix}.bias"))
+            .map(|b| {
+                let b = match scale {
+                    Some(s) => (b * s)?,
+                    None => b.clone(),
+                };
+                g.tensor(&format!("{prefix}.bias"), &b)
+            })
+            .transpose()
+    };
+    let Some(quant) = quant else {
+        let mut w = t.get(&format!("{prefix}.weight"))?.t()?.contiguous()?;
+        if let Some(s) = scale {
+            w = (w * s)?;
         }
-        Some(quant) => {
-            let mut w = t.get(&format!("{prefix}.weight"))?.clone();
-            if let Some(s) = scale {
-                w = (w * s)?;
-            }
-            let (n, k) = w.dims2()?;
-            let data = w
-                .to_dtype(candle_core::DType::F32)?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
-            // Its values are not written as they are: check them before they are quantized.
-            crate::graph::check_finite(&format!("{prefix}.weight"), &[n as i64, k as i64], &data)?;
-            let q = match quant {
-                Quant::Blocks(q) => q,
-                Quant::DynamicInt8 => {
-                    let (codes, scales) = quantize_int8_columns(&data, n, k);
-                    let b = g.const_i8(
-                        &format!("{prefix}.weight.T.i8"),
-                        &[k as i64, n as i64],
-                        &codes,
-                    );
-                    let sc = g.const_f32(&format!("{prefix}.scales"), &[n as i64], &scales)?;
-                    let zp = g.const_i8(&format!("{prefix}.zero_points"), &[n as i64], &vec![0; n]);
-                    // The bias goes in as the op's own input: ONNX Runtime does not fuse a
-                    // following Add into this op (it does into `MatMulNBits`).
-                    let mut inputs = vec![x.to_string(), b, sc, zp];
-                    if let Some(bias) = t.opt(&format!("{prefix}.bias")) {
-                        let bias = match scale {
-                            Some(s) => (bias * s)?,
-                            None => bias.clone(),
-                        };
-                        inputs.push(g.tensor(&format!("{prefix}.bias"), &bias)?);
-                    }
-                    let inputs: Vec<&str> = inputs.iter().map(String::as_str).collect();
-                    return Ok(g.contrib_op("DynamicQuantizeMatMul", &inputs, vec![]));
-                }
-            };
+        let w = g.tensor(&format!("{prefix}.weight.T"), &w)?;
+        return Ok(StoredLinear {
+            product: Product::Plain { w },
+            bias: bias(g)?,
+        });
+    };
+    let mut w = t.get(&format!("{prefix}.weight"))?.clone();
+    if let Some(s) = scale {
+        w = (w * s)?;
+    }
+    let (n, k) = w.dims2()?;
+    let data = w
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    // Its values are not written as they are: check them before they are quantized.
+    crate::graph::check_finite(&format!("{prefix}.weight"), &[n as i64, k as i64], &data)?;
+    match quant {
+        Quant::DynamicInt8 => {
+            let (codes, scales) = quantize_int8_columns(&data, n, k);
+            let b = g.const_i8(
+                &format!("{prefix}.weight.T.i8"),
+                &[k as i64, n as i64],
+                &codes,
+            );
+            let sc = g.const_f32(&format!("{prefix}.scales"), &[n as i64], &scales)?;
+            let zp = g.const_i8(&format!("{prefix}.zero_points"), &[n as i64], &vec![0; n]);
+            // The bias goes in as the op's own input: ONNX Runtime does not fuse a following
+            // Add into this op (it does into `MatMulNBits`).
+            let mut inputs = vec![b, sc, zp];
+            inputs.extend(bias(g)?);
+            Ok(StoredLinear {
+                product: Product::DynamicInt8 { inputs },
+                bias: None,
+            })
+        }
+        Quant::Blocks(q) => {
             let (packed, scales) = q.quantize(&data, n, k);
             let kb = k.div_ceil(q.block_size);
             let blob = q.block_size * q.bits as usize / 8;
-            let b = g.const_u8(
+            let codes = g.const_u8(
                 &format!("{prefix}.weight.q{}", q.bits),
                 &[n as i64, kb as i64, blob as i64],
                 packed,
             );
-            let sc = g.const_f32(&format!("{prefix}.scales"), &[(n * kb) as i64], &scales)?;
-            g.contrib_op(
+            let scales = g.const_f32(&format!("{prefix}.scales"), &[(n * kb) as i64], &scales)?;
+            Ok(StoredLinear {
+                product: Product::Blocks {
+                    codes,
+                    scales,
+                    q,
+                    n,
+                    k,
+                },
+                bias: bias(g)?,
+            })
+        }
+    }
+}
+
+impl StoredLinear {
+    /// `x W^T + b` in `g` (the graph that holds the weights, or a subgraph of it).
+    fn apply(&self, g: &mut GraphBuilder, x: &str) -> String {
+        let y = match &self.product {
+            Product::Plain { w } => g.op("MatMul", &[x, w], vec![]),
+            Product::DynamicInt8 { inputs } => {
+                let mut all = vec![x];
+                all.extend(inputs.iter().map(String::as_str));
+                g.contrib_op("DynamicQuantizeMatMul", &all, vec![])
+            }
+            Product::Blocks {
+                codes,
+                scales,
+                q,
+                n,
+                k,
+            } => g.contrib_op(
                 "MatMulNBits",
-                &[x, &b, &sc],
+                &[x, codes, scales],
                 vec![
-                    ("K", Attr::Int(k as i64)),
-                    ("N", Attr::Int(n as i64)),
+                    ("K", Attr::Int(*k as i64)),
+                    ("N", Attr::Int(*n as i64)),
                     ("bits", Attr::Int(q.bits as i64)),
                     ("block_size", Attr::Int(q.block_size as i64)),
                     ("accuracy_level", Attr::Int(q.accuracy_level)),
                 ],
-            )
+            ),
+        };
+        match &self.bias {
+            Some(b) => g.op("Add", &[&y, b], vec![]),
+            None => y,
         }
-    };
-    finish_linear(g, y, t, prefix, scale)
+    }
 }
 
 /// An attention layer's query, key and value projections (`{attn}.q_proj`, `k_proj`,
@@ -395,25 +473,6 @@ fn qkv_projection(
         vec![("axis", Attr::Int(-1))],
     );
     Ok(outs)
-}
-
-/// Adds a linear layer's bias (scaled as its weight) to its product `y`.
-fn finish_linear(
-    g: &mut GraphBuilder,
-    mut y: String,
-    t: &Named,
-    prefix: &str,
-    scale: Option<f64>,
-) -> Result<String> {
-    if let Some(b) = t.opt(&format!("{prefix}.bias")) {
-        let b = match scale {
-            Some(s) => (b * s)?,
-            None => b.clone(),
-        };
-        let b = g.tensor(&format!("{prefix}.bias"), &b)?;
-        y = g.op("Add", &[&y, &b], vec![]);
-    }
-    Ok(y)
 }
 
 fn layer_norm(g: &mut GraphBuilder, x: &str, t: &Named, prefix: &str, eps: f64) -> Result<String> {
@@ -524,6 +583,7 @@ pub fn encoder(model: &CaptionModel, quant: Option<Quant>) -> Result<Graph> {
         ),
         inputs: vec![input],
         outputs: vec![output],
+        optional_inputs: Vec::new(),
     })
 }
 
@@ -644,6 +704,7 @@ pub fn projector(model: &CaptionModel) -> Result<Graph> {
         ),
         inputs: vec![input],
         outputs: vec![output],
+        optional_inputs: Vec::new(),
     })
 }
 
@@ -677,6 +738,7 @@ pub fn embed_tokens(model: &CaptionModel) -> Result<Graph> {
         model: g.finish("moda_embed_tokens", "OPT token embedding lookup", &[]),
         inputs: vec![input],
         outputs: vec![output],
+        optional_inputs: Vec::new(),
     })
 }
 
@@ -740,15 +802,24 @@ pub fn decoder(model: &CaptionModel, quant: Option<WeightQuant>) -> Result<Graph
         model: g.finish(
             "moda_decoder",
             "OPTForCausalLM from inputs_embeds with a KV cache",
-            // What the graph's inputs cannot tell: how many positions its position table
-            // holds (the SDK checks the manifest's `max_positions` against it).
-            &[(
-                crate::MAX_POSITIONS_METADATA,
-                cfg.max_position_embeddings.to_string(),
-            )],
+            // What the graph's inputs and outputs cannot tell: how many positions its
+            // position table holds and how many tokens its LM head scores (the SDK checks the
+            // manifest's `max_positions` and `vocab_size` against them).
+            &[
+                (
+                    crate::MAX_POSITIONS_METADATA,
+                    cfg.max_position_embeddings.to_string(),
+                ),
+                (VOCAB_SIZE_METADATA, cfg.vocab_size.to_string()),
+            ],
         ),
         inputs: io.inputs,
         outputs: io.outputs,
+        optional_inputs: vec![TensorSpec::new(
+            HEAD_IDS,
+            Elem::I64,
+            vec![Dim::named("ids")],
+        )],
     })
 }
 
@@ -791,10 +862,11 @@ fn declare_decoder_io(g: &mut GraphBuilder, cfg: &OptConfig) -> DecoderIo {
             vec![batch(), Dim::named("total_sequence")],
         ),
     ];
+    // The logits' last axis is the vocabulary, or the tokens `head_ids` lists.
     let mut outputs = vec![TensorSpec::new(
         LOGITS,
         Elem::F32,
-        vec![batch(), Dim::named("sequence"), d(cfg.vocab_size)],
+        vec![batch(), Dim::named("sequence"), Dim::named("logit_columns")],
     )];
     for i in 0..cfg.num_hidden_layers {
         let [pk, pv, k, v] = cache_names(i);
@@ -925,7 +997,8 @@ fn self_attention(
     parts.linear(g, &ctx, &format!("{attn}.out_proj"), None)
 }
 
-/// The final LayerNorm and `project_out` (where the model has them), then the LM head.
+/// The final LayerNorm and `project_out` (where the model has them), then the LM head
+/// ([`lm_head`]).
 fn decoder_head(g: &mut GraphBuilder, parts: &DecoderParts, mut xs: String) -> Result<String> {
     if parts
         .t
@@ -941,14 +1014,108 @@ fn decoder_head(g: &mut GraphBuilder, parts: &DecoderParts, mut xs: String) -> R
     {
         xs = parts.linear(g, &xs, "project_out", None)?;
     }
-    linear_q(
-        g,
-        &xs,
-        &parts.t,
-        "lm_head",
-        None,
-        parts.quant.map(Quant::Blocks),
-    )
+    let head = store_linear(g, &parts.t, "lm_head", None, parts.quant.map(Quant::Blocks))?;
+    lm_head(g, &xs, &head)
+}
+
+/// The LM head over the hidden states `xs`: every token's logits when the optional input
+/// [`HEAD_IDS`] is empty (its default), else only the logits of the tokens it lists, in its
+/// order. An `If` on its length picks the branch, and ONNX Runtime runs only that one: the
+/// full product (`MatMulNBits` reads the whole quantized head) or the listed rows of the same
+/// weights (`Gather`, or `GatherBlockQuantized` for quantized weights, which dequantizes just
+/// those rows) and a product with them. A constrained step needs a few dozen tokens' logits;
+/// the head is about a third of what an int4 step of OPT-125m reads.
+fn lm_head(g: &mut GraphBuilder, xs: &str, head: &StoredLinear) -> Result<String> {
+    let dims = [
+        Dim::named("batch"),
+        Dim::named("sequence"),
+        Dim::named("logit_columns"),
+    ];
+    let ids = g.input_with_default(HEAD_IDS, Elem::I64, &[Dim::named("ids")], &[0], Vec::new());
+    let count = g.op("Size", &[&ids], vec![]);
+    let zero = g.const_i64("zero", &[], &[0]);
+    let every = g.op("Equal", &[&count, &zero], vec![]);
+
+    let mut full = g.subgraph();
+    let y = head.apply(&mut full, xs);
+    g.resume_after(&full);
+    let full = full.into_subgraph("lm_head_every_token", &[(&y, Elem::F32, &dims)]);
+
+    // The selected rows' weights, prepared in the outer graph where they are constants (ONNX
+    // Runtime folds them once, at load).
+    let mut listed = g.subgraph();
+    let y = match &head.product {
+        Product::Plain { w } => {
+            // `w` is `[in, out]`: the listed tokens are columns.
+            let cols = listed.op("Gather", &[w, &ids], vec![("axis", Attr::Int(1))]);
+            listed.op("MatMul", &[xs, &cols], vec![])
+        }
+        Product::Blocks {
+            codes,
+            scales,
+            q,
+            n,
+            k,
+        } => {
+            // `GatherBlockQuantized` wants the scales shaped as the codes, with the quantized
+            // axis counted in blocks: `[out, blocks, 1]`.
+            let kb = k.div_ceil(q.block_size);
+            let shape = g.ints("lm_head.scales.shape", &[*n as i64, kb as i64, 1]);
+            let scales = g.op("Reshape", &[scales, &shape], vec![]);
+            let rows = listed.contrib_op(
+                "GatherBlockQuantized",
+                &[codes, &ids, &scales],
+                vec![
+                    ("gather_axis", Attr::Int(0)),
+                    ("quantize_axis", Attr::Int(2)),
+                    ("block_size", Attr::Int(q.block_size as i64)),
+                    ("bits", Attr::Int(q.bits as i64)),
+                ],
+            );
+            // `[ids, blocks, block]` -> `[ids, in]` (the last block's padding cut off).
+            let flat = g.ints("lm_head.rows.shape", &[-1, (kb * q.block_size) as i64]);
+            let mut rows = listed.op("Reshape", &[&rows, &flat], vec![]);
+            if kb * q.block_size != *k {
+                let (start, end, axis) = (
+                    g.ints("lm_head.slice.start", &[0]),
+                    g.ints("lm_head.slice.end", &[*k as i64]),
+                    g.ints("lm_head.slice.axis", &[1]),
+                );
+                rows = listed.op("Slice", &[&rows, &start, &end, &axis], vec![]);
+            }
+            let cols = listed.op(
+                "Transpose",
+                &[&rows],
+                vec![("perm", Attr::Ints(vec![1, 0]))],
+            );
+            listed.op("MatMul", &[xs, &cols], vec![])
+        }
+        Product::DynamicInt8 { .. } => {
+            return Err(Error::Internal(
+                "the LM head is never stored as DynamicQuantizeMatMul".into(),
+            ))
+        }
+    };
+    let y = match &head.bias {
+        Some(b) => {
+            let b = listed.op("Gather", &[b, &ids], vec![("axis", Attr::Int(0))]);
+            listed.op("Add", &[&y, &b], vec![])
+        }
+        None => y,
+    };
+    g.resume_after(&listed);
+    let listed = listed.into_subgraph("lm_head_listed_tokens", &[(&y, Elem::F32, &dims)]);
+    let out = g.fresh("logits");
+    g.push(
+        "If",
+        &[&every],
+        &[&out],
+        vec![
+            ("then_branch", Attr::Graph(full)),
+            ("else_branch", Attr::Graph(listed)),
+        ],
+    );
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -1157,6 +1324,126 @@ mod tests {
                             names[j]
                         );
                     }
+                }
+            }
+        }
+    }
+    #[test]
+    fn lm_head_lists_the_tokens_asked_for() {
+        use super::{lm_head, store_linear, Named};
+        use crate::graph::{Dim, Elem, GraphBuilder};
+        use candle_core::{Device, Tensor};
+        use moda_sdk::manifest::HEAD_IDS;
+        use prost::Message;
+
+        // 80 inputs: not a whole number of blocks (int4 blocks of 32, int8 of 64 here), so
+        // the listed rows' padding is cut off.
+        let (k, n, rows) = (80usize, 300usize, 2usize);
+        let vals = |len: usize, seed: usize| -> Vec<f32> {
+            (0..len)
+                .map(|i| ((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.5 - 1.0)
+                .collect()
+        };
+        let w = vals(n * k, 1);
+        let x = vals(rows * k, 3);
+        let ids: Vec<i64> = vec![299, 0, 17, 150, 17];
+        for (quant, bias) in [
+            (None, Some(vals(n, 5))),
+            (Some(WeightQuant::INT8), None),
+            (Some(WeightQuant::INT4), Some(vals(n, 7))),
+        ] {
+            let mut list = vec![(
+                "lm_head.weight".to_string(),
+                Tensor::from_vec(w.clone(), (n, k), &Device::Cpu).expect("weight"),
+            )];
+            if let Some(b) = &bias {
+                let t = Tensor::from_vec(b.clone(), n, &Device::Cpu).expect("bias");
+                list.push(("lm_head.bias".to_string(), t));
+            }
+            let t = Named::new(list);
+            let mut g = GraphBuilder::new();
+            let dims = [Dim::Fixed(1), Dim::Fixed(rows as i64), Dim::Fixed(k as i64)];
+            let xin = g.input("x", Elem::F32, &dims);
+            let head =
+                store_linear(&mut g, &t, "lm_head", None, quant.map(Quant::Blocks)).expect("head");
+            // The weights as the graph holds them: dequantized codes, or fp32 as they are.
+            let held = match quant {
+                None => w.clone(),
+                Some(q) => {
+                    let q = Quant::Blocks(q).for_width(k).expect("quantized");
+                    let Quant::Blocks(q) = q else { unreachable!() };
+                    let (packed, scales) = q.quantize(&w, n, k);
+                    dequantize(&q, &packed, &scales, n, k)
+                }
+            };
+            let y = lm_head(&mut g, &xin, &head).expect("graph");
+            let out_dims = [Dim::Fixed(1), Dim::Fixed(rows as i64), Dim::named("cols")];
+            g.output(&y, "logits", Elem::F32, &out_dims);
+            let bytes = g.finish("head", "test", &[]).encode_to_vec();
+            let options = moda_sdk::runtime::SessionOptions {
+                intra_threads: Some(1),
+                ..Default::default()
+            };
+            let path = std::path::Path::new("head.onnx");
+            let mut session = moda_sdk::runtime::session_from_bytes(path, &bytes, None, &options)
+                .expect("session");
+            let run = |session: &mut _, listed: Option<&[i64]>| {
+                let mut inputs = vec![(
+                    "x".to_string(),
+                    crate::verify::f32_raw("head", vec![1, rows as i64, k as i64], x.clone())
+                        .expect("input"),
+                )];
+                if let Some(ids) = listed {
+                    let t = Tensor::from_vec(ids.to_vec(), ids.len(), &Device::Cpu).expect("ids");
+                    inputs.push((
+                        HEAD_IDS.to_string(),
+                        crate::verify::i64_input("head", &t).expect("ids"),
+                    ));
+                }
+                crate::verify::run(session, "head", inputs, &["logits".to_string()])
+                    .expect("run")
+                    .remove(0)
+            };
+            // Not fed: its default, every token. Fed empty: the same.
+            let every = run(&mut session, None);
+            assert_eq!(every.shape, vec![1, rows, n]);
+            assert_eq!(run(&mut session, Some(&[])).data, every.data);
+            let listed = run(&mut session, Some(&ids));
+            assert_eq!(listed.shape, vec![1, rows, ids.len()], "{quant:?}");
+            let x_max = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+            for r in 0..rows {
+                let xr = &x[r * k..(r + 1) * k];
+                let x_l1: f32 = xr.iter().map(|v| v.abs()).sum();
+                for (j, &id) in ids.iter().enumerate() {
+                    let id = id as usize;
+                    let wr = &held[id * k..(id + 1) * k];
+                    let b = bias.as_ref().map_or(0.0, |b| f64::from(b[id]));
+                    let want = b + xr
+                        .iter()
+                        .zip(wr)
+                        .map(|(a, c)| f64::from(*a) * f64::from(*c))
+                        .sum::<f64>();
+                    let w_l1: f32 = wr.iter().map(|v| v.abs()).sum();
+                    // The listed logits multiply fp32 inputs by the weights as held (fp32, or
+                    // the codes dequantized): float rounding of k products only.
+                    let got = f64::from(listed.data[r * ids.len() + j]);
+                    let bound = 1e-5 * f64::from(x_l1 * 1.0f32.max(w_l1 / k as f32)) + 1e-6;
+                    assert!(
+                        (got - want).abs() <= bound,
+                        "{quant:?} row {r} token {id}: {got} against {want} (bound {bound})"
+                    );
+                    // The whole head's column for the same token: the same for fp32; with
+                    // `MatMulNBits`' accuracy level 4 its inputs are quantized to 8 bits (each
+                    // within x_max / 254), so it moves by at most w_l1 * x_max / 254.
+                    let full = f64::from(every.data[r * n + id]);
+                    let bound = match quant {
+                        None => bound,
+                        Some(_) => f64::from(w_l1 * x_max / 254.0) * 1.01 + bound,
+                    };
+                    assert!(
+                        (full - want).abs() <= bound,
+                        "{quant:?} row {r} token {id}: every token's {full} against {want}"
+                    );
                 }
             }
         }

@@ -714,6 +714,7 @@ fn write_graphs(
             data: data_file,
             inputs: tensor_info(&g.inputs),
             outputs: tensor_info(&g.outputs),
+            optional_inputs: tensor_info(&g.optional_inputs),
         };
         written.graphs.insert(role, info);
     }

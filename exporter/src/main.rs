@@ -152,13 +152,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(m) => println!(
                     "verified in ONNX Runtime ({:.1} s), max abs diff vs candle: encoder {:.2e}, \
                      projector {:.2e}, embed_tokens {:.2e}, decoder prefill {:.2e}, cached \
-                     steps {:.2e}",
+                     steps {:.2e}; listed logits vs the whole head {:.2e}",
                     report.verify_seconds,
                     m.encoder,
                     m.projector,
                     m.embed_tokens,
                     m.decoder_prefill,
-                    m.decoder_steps
+                    m.decoder_steps,
+                    m.decoder_listed
                 ),
                 None => println!("not verified (--no-verify)"),
             }

@@ -5,6 +5,8 @@
 //! four token ids through `embed_tokens`; a prefill of `[prefix, four tokens]` with the second
 //! row left-padded by one position, then [`DECODE_STEPS`] cached steps of one token each
 //! (the cache fed back from `present.*`), each compared with candle's own KV-cache decoding.
+//! At the prefill and the last step the decoder runs a second time with a list of token ids
+//! ([`HEAD_IDS`]): its logits must be the whole head's at those tokens.
 
 use std::borrow::Cow;
 use std::path::Path;
@@ -16,7 +18,7 @@ use ort::session::{Session, SessionInputValue};
 use ort::value::Tensor as OrtTensor;
 
 use moda_sdk::manifest::{
-    Role, ATTENTION_MASK, IMAGE_EMBEDS, INPUTS_EMBEDS, INPUT_IDS, LOGITS, PIXEL_VALUES,
+    Role, ATTENTION_MASK, HEAD_IDS, IMAGE_EMBEDS, INPUTS_EMBEDS, INPUT_IDS, LOGITS, PIXEL_VALUES,
     PREFIX_EMBEDS,
 };
 
@@ -42,6 +44,9 @@ pub struct Measurements {
     pub decoder_prefill: f32,
     /// `decoder` `logits`, the largest over the cached steps.
     pub decoder_steps: f32,
+    /// `decoder` `logits` for a list of tokens ([`HEAD_IDS`]) against the whole head's
+    /// logits at those tokens (not candle's), the largest at the prefill and the last step.
+    pub decoder_listed: f32,
     /// For a quantized decoder: the share of positions (prefill and cached steps, probe
     /// tokens fed to both) where its argmax token equals the fp32 candle model's.
     pub greedy_agreement: Option<f32>,
@@ -81,6 +86,19 @@ fn cosine(a: &[f32], b: &[f32]) -> f32 {
     }
     (ab / (aa.sqrt() * bb.sqrt()).max(1e-30)) as f32
 }
+/// Largest accepted difference between listed logits and the whole head's at the same
+/// tokens, relative to the whole head's largest logit at that position. fp32: the same
+/// products summed in another order, float noise. Quantized: `MatMulNBits` (accuracy level 4)
+/// quantizes its inputs to 8 bits per block, each within 1/254 of the block's largest, where
+/// the listed product multiplies the fp32 inputs by the same dequantized weights; on OPT-125m's
+/// int4 head the two differ by 0.2% of the largest logit, a tenth of this bound.
+pub fn listed_tolerance(quantize: Quantize) -> f32 {
+    match quantize {
+        Quantize::None => 1e-5,
+        _ => 2e-2,
+    }
+}
+
 /// Cached decode steps for a quantized decoder (more, to measure the agreement).
 pub const QUANTIZED_DECODE_STEPS: usize = 24;
 
@@ -458,8 +476,9 @@ impl<'m> DecoderProbe<'m> {
     }
 
     /// Runs candle and ONNX Runtime on the current inputs; returns (ONNX Runtime's logits,
-    /// candle's) and keeps ONNX Runtime's cache for the next step.
-    fn step(&mut self) -> Result<(Out, Tensor)> {
+    /// candle's) and keeps ONNX Runtime's cache for the next step. With `listed`, ONNX Runtime
+    /// also runs the same inputs with those [`HEAD_IDS`] first, and their logits come third.
+    fn step(&mut self, listed: Option<&[i64]>) -> Result<(Out, Tensor, Option<Out>)> {
         let want = self.model.decoder().forward(
             DecoderInput::Embeds(&self.embeds),
             Some(&self.mask),
@@ -471,16 +490,34 @@ impl<'m> DecoderProbe<'m> {
             (ATTENTION_MASK.to_string(), i64_input(graph, &self.mask)?),
         ];
         let layers = self.past.len() / 2;
+        let outputs = Role::Decoder.output_names(layers);
         let names = Role::Decoder.input_names(layers).into_iter().skip(2);
+        let mut again = Vec::new();
         for (name, p) in names.zip(self.past.drain(..)) {
-            let shape = p.shape.iter().map(|&d| d as i64).collect();
+            let shape: Vec<i64> = p.shape.iter().map(|&d| d as i64).collect();
+            if listed.is_some() {
+                again.push((name.clone(), f32_raw(graph, shape.clone(), p.data.clone())?));
+            }
             inputs.push((name, f32_raw(graph, shape, p.data)?));
         }
-        let outputs = Role::Decoder.output_names(layers);
+        let listed = match listed {
+            Some(ids) => {
+                let mut first = vec![
+                    (INPUTS_EMBEDS.to_string(), f32_input(graph, &self.embeds)?),
+                    (ATTENTION_MASK.to_string(), i64_input(graph, &self.mask)?),
+                ];
+                first.append(&mut again);
+                let ids = Tensor::from_vec(ids.to_vec(), ids.len(), &Device::Cpu)?;
+                first.push((HEAD_IDS.to_string(), i64_input(graph, &ids)?));
+                let mut got = run(&mut self.session, graph, first, &outputs[..1])?;
+                got.pop()
+            }
+            None => None,
+        };
         let mut got = run(&mut self.session, graph, inputs, &outputs)?;
         self.past = got.split_off(1);
         let logits = got.pop().ok_or_else(|| ort_err(graph, "no logits"))?;
-        Ok((logits, want))
+        Ok((logits, want, listed))
     }
 
     /// Which of the current positions are not padding, row by row.
@@ -509,6 +546,60 @@ impl<'m> DecoderProbe<'m> {
     }
 }
 
+/// Compares the logits of a run with [`HEAD_IDS`] `ids` (`[rows, seq, ids]`) with the whole
+/// head's `every` (`[rows, seq, vocab]`) at those tokens, within [`listed_tolerance`] of each
+/// position's largest logit; returns the largest difference.
+fn compare_listed(
+    every: &Out,
+    listed: &Out,
+    ids: &[i64],
+    vocab: usize,
+    quantize: Quantize,
+    label: &str,
+) -> Result<f32> {
+    let positions = every.data.len() / vocab.max(1);
+    let graph = Role::Decoder.name();
+    let fail = |diff: f32, tol: f32, detail: String| Error::Verify {
+        graph: graph.to_string(),
+        output: LOGITS.to_string(),
+        step: format!("{label}, with {HEAD_IDS}"),
+        diff,
+        tol,
+        detail,
+    };
+    let want_shape = [
+        &every.shape[..every.shape.len().saturating_sub(1)],
+        &[ids.len()],
+    ]
+    .concat();
+    if listed.shape != want_shape {
+        return Err(fail(
+            f32::INFINITY,
+            0.0,
+            format!("shape {:?}, expected {want_shape:?}", listed.shape),
+        ));
+    }
+    let mut worst = 0f32;
+    for p in 0..positions {
+        let row = &every.data[p * vocab..(p + 1) * vocab];
+        let scale = row.iter().fold(0f32, |m, v| m.max(v.abs())).max(1.0);
+        let tol = listed_tolerance(quantize) * scale;
+        for (j, &id) in ids.iter().enumerate() {
+            let (a, b) = (listed.data[p * ids.len() + j], row[id as usize]);
+            let diff = (a - b).abs();
+            if diff.is_nan() || diff > tol {
+                return Err(fail(
+                    diff,
+                    tol,
+                    format!("token {id} at position {p}: {a} listed, {b} from the whole head"),
+                ));
+            }
+            worst = worst.max(diff);
+        }
+    }
+    Ok(worst)
+}
+
 /// The decoder: a prefill of `[prefix, tokens]`, then cached steps of one token each, each
 /// compared with candle's own KV-cache decoding.
 fn verify_decoder(
@@ -528,12 +619,22 @@ fn verify_decoder(
     let vocab = model.decoder().config().vocab_size;
     let mut probe = DecoderProbe::new(model, dir, prefix, tokens)?;
     let mut agreement = Agreement::default();
+    // Tokens from both ends of the table and between, out of order, one twice.
+    let ids: Vec<i64> = [vocab - 1, 0, vocab / 3, 2, vocab / 2, 0]
+        .iter()
+        .map(|&t| t as i64)
+        .collect();
     for step in 0..=steps {
-        let (got, want) = probe.step()?;
+        let listed = (step == 0 || step == steps).then_some(ids.as_slice());
+        let (got, want, listed) = probe.step(listed)?;
         let label = match step {
             0 => "the prefill".to_string(),
             _ => format!("cached step {step}"),
         };
+        if let Some(listed) = listed {
+            let diff = compare_listed(&got, &listed, &ids, vocab, quantize, &label)?;
+            m.decoder_listed = m.decoder_listed.max(diff);
+        }
         let diff = compare(Role::Decoder.name(), LOGITS, &label, &got, &want, tol)?;
         if quantized {
             let want = want.flatten_all()?.to_vec1::<f32>()?;

@@ -26,6 +26,11 @@
 //! graphs (ONNX Runtime finds the data file from the graph itself) and, with checksums
 //! verified, refuses them with ONNX Runtime's message about external data; bundles without it
 //! open as before. Again no version change.
+//!
+//! A fourth, `graphs.decoder.optional_inputs`, lists [`HEAD_IDS`]: a decoder input with a
+//! default (an empty list: every token's logits), so that a constrained step asks for the
+//! logits of the tokens it may choose only. A reader that does not know the field never
+//! feeds it and gets every token's logits, as from any decoder. No version change.
 
 use std::collections::BTreeMap;
 
@@ -46,6 +51,11 @@ pub const TOKENIZER_FILE: &str = "tokenizer.json";
 /// `max_positions` says more is refused when the bundle opens. Bundles written before it
 /// existed lack it and are not checked.
 pub const MAX_POSITIONS_METADATA: &str = "moda.max_positions";
+/// The decoder graph's metadata entry giving the tokens its LM head scores: its `logits`
+/// declare their last axis dynamic (the vocabulary, or the tokens [`HEAD_IDS`] lists), so the
+/// graph's outputs cannot tell. A manifest whose `vocab_size` differs is refused when the
+/// bundle opens; bundles written before the entry declare the vocabulary on `logits` instead.
+pub const VOCAB_SIZE_METADATA: &str = "moda.vocab_size";
 
 /// The encoder's input: `pixel_values [batch, channels, image_size, image_size]` (f32).
 pub const PIXEL_VALUES: &str = "pixel_values";
@@ -61,8 +71,14 @@ pub const INPUTS_EMBEDS: &str = "inputs_embeds";
 /// The decoder's second input: `attention_mask [batch, past + sequence]` (int64, 1 keep, 0
 /// pad).
 pub const ATTENTION_MASK: &str = "attention_mask";
-/// The decoder's first output: `logits [batch, sequence, vocab_size]`.
+/// The decoder's first output: `logits [batch, sequence, vocab_size]`, or `[batch,
+/// sequence, ids]` when [`HEAD_IDS`] is fed.
 pub const LOGITS: &str = "logits";
+/// The decoder's optional input (listed in its graph's `optional_inputs`): `head_ids [ids]`
+/// (int64), the token ids whose logits the step returns, in that order; empty, its default,
+/// for every token. A constrained step needs the logits of the few tokens the schema allows,
+/// and the LM head is the largest single product of a decode step.
+pub const HEAD_IDS: &str = "head_ids";
 
 /// The part a graph plays in a bundle: the key of [`Manifest::graphs`].
 ///
@@ -302,6 +318,11 @@ pub struct GraphInfo {
     pub inputs: Vec<TensorInfo>,
     /// Outputs in order.
     pub outputs: Vec<TensorInfo>,
+    /// Inputs that the graph gives a default to ("overridable initializers"): a run may leave
+    /// them out. The decoder's is [`HEAD_IDS`]. Left out when empty; a reader that does not
+    /// know the field never feeds them and runs the graph as before.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub optional_inputs: Vec<TensorInfo>,
 }
 
 /// The external data file `exporter onnx` writes beside the graph file `graph`
@@ -547,6 +568,16 @@ impl Manifest {
             ("inputs", false, &g.inputs, role.input_names(layers)),
             ("outputs", true, &g.outputs, role.output_names(layers)),
         ];
+        if let Some(dup) = g
+            .optional_inputs
+            .iter()
+            .find(|o| g.inputs.iter().any(|i| i.name == o.name))
+        {
+            return Err(format!(
+                "the {role} graph lists {:?} among both its inputs and its optional inputs",
+                dup.name
+            ));
+        }
         for (side, outputs, listed, wanted) in sides {
             if listed.len() != wanted.len() {
                 return Err(format!(
@@ -705,6 +736,7 @@ mod tests {
                 data: None,
                 inputs: role.input_names(layers).into_iter().map(tensor).collect(),
                 outputs: role.output_names(layers).into_iter().map(tensor).collect(),
+                optional_inputs: Vec::new(),
             };
             graphs.insert(role, info);
         }

@@ -19,6 +19,14 @@
 //! hundreds of MB, so the per-token time stays flat). The token embeddings likewise go from
 //! the `embed_tokens` graph's output into the decoder without a copy. Beam search reorders the
 //! cache rows between steps, which copies it, as every beam search does.
+//!
+//! ## Listed logits
+//! Under constrained decoding a step's logits matter only at the tokens the schema allows
+//! after each position fed (the search renormalises over those). Before each run the search
+//! tells the decoder which tokens those are ([`StepModel::only_logits_of`]); a decoder graph
+//! that takes [`HEAD_IDS`] then computes just those columns of the LM head, and the SDK
+//! spreads them into vocabulary-wide rows with minus infinity elsewhere. With OPT-125m's
+//! 50,272-row head that is a third of an int4 step's weight reads saved.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -39,7 +47,8 @@ use crate::generate::{
     generate, strip_stop_string, Constrain, Finish, GenerationOptions, Search, StepModel,
 };
 use crate::manifest::{
-    bundle_file, GraphInfo, Manifest, Role, MANIFEST_FILE, MAX_POSITIONS_METADATA,
+    bundle_file, GraphInfo, Manifest, Role, HEAD_IDS, MANIFEST_FILE, MAX_POSITIONS_METADATA,
+    VOCAB_SIZE_METADATA,
 };
 use crate::runtime::{session_from_bytes, session_from_file, SessionOptions};
 
@@ -67,6 +76,11 @@ pub struct OpenOptions {
     /// directory (which must exist), one per session, named after the graph's role; they are
     /// written by [`Moda::end_profiling`]. Off by default: profiling slows every run.
     pub profile_dir: Option<PathBuf>,
+    /// Under constrained decoding, ask the decoder for the logits of the tokens the schema
+    /// allows only, where the bundle's decoder takes the list ([`HEAD_IDS`]): the LM head then
+    /// reads a few dozen of its rows instead of all of them. On by default; off computes every
+    /// token's logits at every step, as with bundles exported before the input existed.
+    pub listed_logits: bool,
 }
 
 impl Default for OpenOptions {
@@ -78,6 +92,7 @@ impl Default for OpenOptions {
             image_limits: ImageLimits::default(),
             optimize: true,
             profile_dir: None,
+            listed_logits: true,
         }
     }
 }
@@ -116,6 +131,12 @@ impl OpenOptions {
     /// [`OpenOptions::profile_dir`].
     pub fn with_profile_dir(mut self, dir: Option<PathBuf>) -> Self {
         self.profile_dir = dir;
+        self
+    }
+
+    /// [`OpenOptions::listed_logits`].
+    pub fn with_listed_logits(mut self, listed: bool) -> Self {
+        self.listed_logits = listed;
         self
     }
 }
@@ -199,6 +220,11 @@ pub struct Timings {
     /// are the batch's).
     #[serde(default)]
     pub decoder_runs: usize,
+    /// Decoder runs of the batch (the prefill included) that computed the logits of the tokens
+    /// the caption schema allowed only, not the whole vocabulary's (constrained greedy search
+    /// or sampling, with a bundle whose decoder takes the list; see the module documentation).
+    #[serde(default)]
+    pub listed_runs: usize,
     /// Each decoder step after the prefill (greedy search and sampling), in order.
     #[serde(skip)]
     pub step_ms: Vec<f64>,
@@ -249,6 +275,9 @@ pub struct TokenEvent<'a> {
 struct Io {
     inputs: Vec<String>,
     outputs: Vec<String>,
+    /// Whether the graph lists [`HEAD_IDS`] among its optional inputs (decoders exported
+    /// with it).
+    head_ids: bool,
 }
 
 impl Io {
@@ -256,6 +285,7 @@ impl Io {
         Self {
             inputs: g.inputs.iter().map(|t| t.name.clone()).collect(),
             outputs: g.outputs.iter().map(|t| t.name.clone()).collect(),
+            head_ids: g.optional_inputs.iter().any(|t| t.name == HEAD_IDS),
         }
     }
 }
@@ -451,7 +481,7 @@ impl GraphSet<'_> {
             decoder,
         };
         self.check_graph_shapes(&worker)?;
-        self.check_decoder_positions(&worker)?;
+        self.check_decoder_metadata(&worker)?;
         Ok(worker)
     }
 
@@ -572,38 +602,72 @@ impl GraphSet<'_> {
         Ok(())
     }
 
-    /// Compares the manifest's `max_positions` with the positions the decoder graph says its
-    /// table holds (its [`MAX_POSITIONS_METADATA`] entry): more would fail mid-job, in the
-    /// middle of a long description, as an out-of-range lookup inside the graph. A graph
-    /// without the entry (older bundles) is not checked.
-    fn check_decoder_positions(&self, w: &Worker) -> Result<()> {
+    /// Compares the manifest with what the decoder graph says of itself: `max_positions`
+    /// with the positions its table holds ([`MAX_POSITIONS_METADATA`]; more would fail
+    /// mid-job, in the middle of a long description, as an out-of-range lookup inside the
+    /// graph), `vocab_size` with the tokens its LM head scores ([`VOCAB_SIZE_METADATA`]), and
+    /// an optional [`HEAD_IDS`] input that the manifest lists with the graph's inputs that
+    /// have defaults. A graph without an entry (older bundles) is not checked on it.
+    fn check_decoder_metadata(&self, w: &Worker) -> Result<()> {
         let file = self
             .manifest
             .graph(Role::Decoder)
             .map(|g| self.dir.join(&g.file))
             .map_err(|e| Error::bundle(self.dir, e))?;
+        if self.decoder_io.head_ids
+            && !w
+                .decoder
+                .overridable_initializers()
+                .iter()
+                .any(|o| o.name() == HEAD_IDS)
+        {
+            return Err(Error::bundle(
+                &file,
+                format!(
+                    "the manifest lists an optional decoder input {HEAD_IDS:?} that the graph \
+                     does not have"
+                ),
+            ));
+        }
         let meta = w
             .decoder
             .metadata()
             .map_err(|e| Error::bundle(&file, format!("cannot read its metadata: {e}")))?;
-        let Some(value) = meta.custom(MAX_POSITIONS_METADATA) else {
-            return Ok(());
+        let number = |key: &str| -> Result<Option<usize>> {
+            let Some(value) = meta.custom(key) else {
+                return Ok(None);
+            };
+            value.trim().parse().map(Some).map_err(|_| {
+                Error::bundle(
+                    &file,
+                    format!("its {key} metadata is {value:?}, not a number"),
+                )
+            })
         };
-        let table: usize = value.trim().parse().map_err(|_| {
-            Error::bundle(
-                &file,
-                format!("its {MAX_POSITIONS_METADATA} metadata is {value:?}, not a number"),
-            )
-        })?;
-        let claimed = self.manifest.model.max_positions;
-        if claimed > table {
-            return Err(Error::bundle(
-                &file,
-                format!(
-                    "the manifest's \"model\".\"max_positions\" is {claimed}, but the decoder's \
-                     position table holds {table} positions"
-                ),
-            ));
+        let d = self.manifest.model;
+        if let Some(table) = number(MAX_POSITIONS_METADATA)? {
+            if d.max_positions > table {
+                return Err(Error::bundle(
+                    &file,
+                    format!(
+                        "the manifest's \"model\".\"max_positions\" is {}, but the decoder's \
+                         position table holds {table} positions",
+                        d.max_positions
+                    ),
+                ));
+            }
+        }
+        if let Some(vocab) = number(VOCAB_SIZE_METADATA)? {
+            if d.vocab_size != vocab {
+                return Err(Error::bundle(
+                    &file,
+                    format!(
+                        "the decoder's LM head scores {vocab} tokens, but the manifest's \
+                         \"model\" dimensions make it {} (\"vocab_size\")",
+                        d.vocab_size
+                    ),
+                ));
+            }
         }
         Ok(())
     }
@@ -1072,7 +1136,19 @@ impl Moda {
             total: 0,
             rows,
             mask: Vec::new(),
+            listed: None,
+            listed_runs: 0,
         };
+        // The first token is chosen among those the schema allows at its start (beam search
+        // reads every token's logits).
+        if let (Some(c), 1) = (constraint, beams) {
+            if state.selects_logits() {
+                let mut ids = c.allowed(&c.start());
+                ids.sort_unstable();
+                ids.dedup();
+                state.only_logits_of(ids);
+            }
+        }
         let first = state.prefill(embeds)?;
         let prefill_ms = ms_since(t);
 
@@ -1097,6 +1173,8 @@ impl Moda {
             .with_sink(&mut sink)
             .with_constraint(constraint);
         let generated = generate(&mut state, first, n, options, search)?;
+        let listed_runs = state.listed_runs;
+        drop(state);
         drop(guard);
         let total_ms = ms_since(t0);
         let mut gen = generated.into_iter();
@@ -1133,6 +1211,7 @@ impl Moda {
                             } else {
                                 1 + g.step_ms.len()
                             },
+                            listed_runs,
                             step_ms: g.step_ms,
                         },
                         token_ids: g.token_ids,
@@ -1417,6 +1496,11 @@ struct DecodeState<'a> {
     rows: usize,
     /// The attention mask of those positions, `[rows, total]`: 0 for padding.
     mask: Vec<i64>,
+    /// The tokens whose logits the next run must return (sorted, unique; every token's when
+    /// `None`); taken by that run.
+    listed: Option<Vec<u32>>,
+    /// Runs that returned listed tokens' logits only.
+    listed_runs: usize,
 }
 
 impl DecodeState<'_> {
@@ -1460,6 +1544,20 @@ impl DecodeState<'_> {
                 inputs.push((Cow::Owned(name.clone()), v.into()));
             }
         }
+        // The listed tokens, when the graph takes them and the list is short enough to gain:
+        // past an eighth of the vocabulary, gathering the rows costs about what the whole
+        // product does.
+        let listed = self
+            .listed
+            .take()
+            .filter(|ids| io.head_ids && m.options.listed_logits && ids.len() * 8 <= d.vocab_size);
+        if let Some(ids) = &listed {
+            self.listed_runs += 1;
+            let ids: Vec<i64> = ids.iter().map(|&t| i64::from(t)).collect();
+            let t = Tensor::from_array(([ids.len()], ids))
+                .map_err(|e| Error::run(Role::Decoder.name(), e))?;
+            inputs.push((Cow::Borrowed(HEAD_IDS), t.into()));
+        }
         let mut outputs = self
             .worker
             .decoder
@@ -1485,39 +1583,58 @@ impl DecodeState<'_> {
             .try_extract_tensor::<f32>()
             .map_err(|e| Error::run(Role::Decoder.name(), e))?;
         let v = d.vocab_size;
-        if shape.len() != 3 || shape[0] as usize != self.rows || shape[2] as usize != v {
+        // The columns: every token's, or the listed tokens'.
+        let width = listed.as_ref().map_or(v, Vec::len);
+        if shape.len() != 3 || shape[0] as usize != self.rows || shape[2] as usize != width {
             return Err(Error::run(
                 Role::Decoder.name(),
                 format!(
-                    "logits have shape {shape:?}, expected [{}, seq, {v}]",
+                    "logits have shape {shape:?}, expected [{}, seq, {width}]",
                     self.rows
                 ),
             ));
         }
-        if shape[1] < 1 || data.len() as u64 != (self.rows as u64) * (shape[1] as u64) * v as u64 {
+        if shape[1] < 1
+            || data.len() as u64 != (self.rows as u64) * (shape[1] as u64) * width as u64
+        {
             return Err(Error::run(
                 Role::Decoder.name(),
                 format!("logits have shape {shape:?}, with no position to read"),
             ));
         }
         let s = shape[1] as usize;
-        if every_position {
-            if s != seq {
-                return Err(Error::run(
-                    Role::Decoder.name(),
-                    format!("logits have shape {shape:?}, expected {seq} positions"),
-                ));
+        if every_position && s != seq {
+            return Err(Error::run(
+                Role::Decoder.name(),
+                format!("logits have shape {shape:?}, expected {seq} positions"),
+            ));
+        }
+        // The positions returned: every one, or each row's last.
+        let positions: Vec<usize> = if every_position {
+            (0..self.rows * s).collect()
+        } else {
+            (0..self.rows).map(|r| r * s + s - 1).collect()
+        };
+        let Some(ids) = listed else {
+            let mut out = Vec::with_capacity(positions.len() * v);
+            for p in positions {
+                out.extend_from_slice(&data[p * v..(p + 1) * v]);
             }
-            check_finite(Role::Decoder, "logits", data)?;
-            return Ok(data.to_vec());
+            check_finite(Role::Decoder, "logits", &out)?;
+            return Ok(out);
+        };
+        // Vocabulary-wide rows: the listed tokens' logits, minus infinity elsewhere.
+        let mut out = vec![f32::NEG_INFINITY; positions.len() * v];
+        for (row, p) in out.chunks_exact_mut(v).zip(positions) {
+            let got = &data[p * width..(p + 1) * width];
+            check_finite(Role::Decoder, "logits", got)?;
+            for (&t, &l) in ids.iter().zip(got) {
+                if let Some(x) = row.get_mut(t as usize) {
+                    *x = l;
+                }
+            }
         }
-        let mut last = Vec::with_capacity(self.rows * v);
-        for r in 0..self.rows {
-            let start = (r * s + s - 1) * v;
-            last.extend_from_slice(&data[start..start + v]);
-        }
-        check_finite(Role::Decoder, "logits", &last)?;
-        Ok(last)
+        Ok(out)
     }
 
     fn prefill(&mut self, embeds: Vec<f32>) -> Result<Vec<f32>> {
@@ -1550,6 +1667,16 @@ impl StepModel for DecodeState<'_> {
 
     fn ragged(&self) -> bool {
         true
+    }
+
+    fn selects_logits(&self) -> bool {
+        self.moda.decoder_io.head_ids && self.moda.options.listed_logits
+    }
+
+    fn only_logits_of(&mut self, mut ids: Vec<u32>) {
+        // Ids past the decoder's vocabulary have no logits (a tokenizer may be larger).
+        ids.retain(|&t| (t as usize) < self.moda.manifest.model.vocab_size);
+        self.listed = Some(ids);
     }
 
     fn step_ragged(&mut self, tokens: &[u32], n: usize, lens: &[usize]) -> Result<Vec<f32>> {

@@ -371,6 +371,10 @@ fn python_install() -> Result<PathBuf, String> {
 /// error that it returns; MODA reports those itself, with what it was doing, so by default
 /// they are not printed twice. `MODA_ORT_LOG` (`off`, `error`, `warning`, `info`, `verbose`)
 /// sets the least severe level printed, errors included once it is set.
+///
+/// One warning is left out unless `MODA_ORT_LOG` is set: that the decoder's optional input
+/// [`crate::manifest::HEAD_IDS`] is an initializer among the graph's inputs. It is, on
+/// purpose (that is how an ONNX input gets a default), once per decoder session.
 fn ort_logger() -> (ort::logging::LoggerFunction, ort::logging::LogLevel) {
     use ort::logging::LogLevel;
     let setting = std::env::var("MODA_ORT_LOG").ok();
@@ -384,8 +388,16 @@ fn ort_logger() -> (ort::logging::LoggerFunction, ort::logging::LogLevel) {
         _ => (LogLevel::Warning, false),
     };
     let silent = setting.as_deref() == Some("off");
+    let quiet_default_input = setting.is_none();
+    let default_input = format!(
+        "Initializer {} appears in graph inputs",
+        crate::manifest::HEAD_IDS
+    );
     let logger = move |level: LogLevel, _category: &str, _id: &str, _at: &str, msg: &str| {
         if silent || level < threshold || (!errors && level >= LogLevel::Error) {
+            return;
+        }
+        if quiet_default_input && level == LogLevel::Warning && msg.starts_with(&default_input) {
             return;
         }
         let name = match level {

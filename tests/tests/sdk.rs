@@ -352,6 +352,54 @@ fn a_description_cut_at_the_token_limit_keeps_the_fields_written_before_the_cut(
     assert!(partial > 0, "no cut text kept a field");
 }
 
+#[test]
+fn listed_logits_give_the_descriptions_of_every_tokens_logits() {
+    // The schema bundle's decoder takes the list of tokens a constrained step reads: the same
+    // descriptions and log-probabilities as from every token's logits (the listed columns are
+    // the same products, summed in another order: float noise).
+    let m = schema_moda();
+    let every = Moda::open(m.dir(), &OpenOptions::default().with_listed_logits(false))
+        .expect("open the schema bundle");
+    let names = ["photo.jpg", "wide.png", "small.png", "palette.png"];
+    let paths: Vec<PathBuf> = names.iter().map(|n| image(n)).collect();
+    let inputs: Vec<ImageInput<'_>> = paths.iter().map(|p| ImageInput::Path(p)).collect();
+    let constrained = GenerationOptions::default().with_constrain(Constrain::Schema);
+    for opts in [
+        constrained.clone(),
+        constrained.clone().with_do_sample(true).with_seed(5),
+        constrained.clone().with_repetition_penalty(2.0),
+        constrained.clone().with_min_new_tokens(30),
+    ] {
+        let a = m.describe_batch(&inputs, &opts).expect("listed");
+        let b = every.describe_batch(&inputs, &opts).expect("every token");
+        for ((name, a), b) in names.iter().zip(a).zip(b) {
+            let (a, b) = (a.expect("an image"), b.expect("an image"));
+            assert_eq!(a.token_ids, b.token_ids, "{name} {opts:?}");
+            for (x, y) in a.logprobs.iter().zip(&b.logprobs) {
+                assert!((x - y).abs() < 1e-4, "{name} {opts:?}: {x} vs {y}");
+            }
+            assert_eq!(a.attributes.is_some(), b.attributes.is_some());
+            assert_eq!(b.timings.listed_runs, 0, "{name}: listing switched off");
+            // Every run of the batch was listed, the prefill's included.
+            assert!(a.timings.listed_runs > 0, "{name} {opts:?}: nothing listed");
+        }
+        // Alone, one image's runs are all listed.
+        let one = m.describe(&inputs[0], &opts).expect("one");
+        assert_eq!(
+            one.timings.listed_runs, one.timings.decoder_runs,
+            "{opts:?}"
+        );
+    }
+    // Free text and beam search read every token's logits.
+    for opts in [
+        GenerationOptions::default().with_constrain(Constrain::None),
+        constrained.clone().with_num_beams(2),
+    ] {
+        let d = m.describe(&inputs[0], &opts).expect("describe");
+        assert_eq!(d.timings.listed_runs, 0, "{opts:?}");
+    }
+}
+
 /// The candle decoder behind a `StepModel` that feeds one token per step (the default
 /// `step_many`), to compare multi-token steps against.
 struct OneByOne<'a>(moda_models::CaptionDecoder<'a>);
@@ -1239,6 +1287,28 @@ fn the_decoder_cache_is_paired_by_name_and_counted() {
             v.truncate(v.len() - 2);
         }
     });
+    // An optional input that is also a required one.
+    refused_manifest(
+        "c-optional",
+        "among both its inputs and its optional inputs",
+        |m| {
+            m["graphs"]["decoder"]["optional_inputs"] =
+                serde_json::json!([{"name": "attention_mask", "dtype": "int64", "shape": ["n"]}]);
+        },
+    );
+    // A manifest without the optional list: the bundle opens, and every step computes every
+    // token's logits (as an SDK that does not know the list runs it).
+    let d = copy_bundle("c-no-optional");
+    let mpath = d.path().join("moda.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&mpath).expect("read")).expect("json");
+    assert!(v["graphs"]["decoder"]["optional_inputs"].is_array());
+    v["graphs"]["decoder"]
+        .as_object_mut()
+        .expect("decoder")
+        .remove("optional_inputs");
+    std::fs::write(&mpath, v.to_string()).expect("write");
+    Moda::open(d.path(), &OpenOptions::default()).expect("opens without the list");
 }
 
 #[test]

@@ -23,6 +23,11 @@
 //! bytes are the sizes of the decoder's files (the graph and its external data) less the
 //! position table's: their few other bytes (graph, names, the padding that aligns each tensor
 //! to a page) count too, a fraction of a percent.
+//!
+//! **A constrained description.** For a bundle with a caption schema, each run also describes
+//! the image under the schema (greedy, the default a catalog job uses): its time, its decoder
+//! runs (forced text goes in with the token before it) and how many of them computed the
+//! logits of the allowed tokens only ([`moda_sdk::Timings::listed_runs`]).
 
 use serde::{Deserialize, Serialize};
 
@@ -116,6 +121,24 @@ pub struct BenchReport {
     pub step_bytes_late: Option<u64>,
     /// The late step's floor.
     pub floor_ms_late: Option<f64>,
+    /// One description under the bundle's caption schema (`None` without one), to its end.
+    #[serde(default)]
+    pub constrained: Option<ConstrainedReport>,
+}
+
+/// One description under the caption schema, medians over the runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConstrainedReport {
+    /// The whole description.
+    pub describe_ms: f64,
+    /// Its decoder runs after the prefill.
+    pub decode_ms: f64,
+    /// Tokens generated.
+    pub tokens: usize,
+    /// Decoder runs, the prefill included.
+    pub decoder_runs: usize,
+    /// Of those, the runs that computed the allowed tokens' logits only.
+    pub listed_runs: usize,
 }
 
 /// Measures `image` with `moda` (see the module documentation).
@@ -147,6 +170,10 @@ pub fn bench(moda: &Moda, image: &ImageInput<'_>, opts: &BenchOptions) -> Result
         .with_min_new_tokens(opts.max_new_tokens)
         // Free text: a caption the schema completes would end before the token count.
         .with_constrain(moda_sdk::Constrain::None);
+    let constrained_gen = moda
+        .check_constrain(moda_sdk::Constrain::Schema)
+        .is_ok()
+        .then(|| GenerationOptions::default().with_constrain(moda_sdk::Constrain::Schema));
     let batch: Vec<ImageInput<'_>> = vec![*image; opts.batch_size];
     let describe = || -> Result<Timings> {
         let t = moda.describe(image, &gen)?.timings;
@@ -170,9 +197,13 @@ pub fn bench(moda: &Moda, image: &ImageInput<'_>, opts: &BenchOptions) -> Result
     describe_batch()?;
     let mut runs = Vec::with_capacity(opts.reps);
     let mut batch_ms = Vec::with_capacity(opts.reps);
+    let mut constrained = Vec::with_capacity(opts.reps);
     for _ in 0..opts.reps {
         runs.push(describe()?);
         batch_ms.push(describe_batch()?);
+        if let Some(g) = &constrained_gen {
+            constrained.push(moda.describe(image, g)?.timings);
+        }
     }
     let med = |f: &dyn Fn(&Timings) -> f64| median(runs.iter().map(f).collect());
     let steps = opts.max_new_tokens - 1;
@@ -209,6 +240,14 @@ pub fn bench(moda: &Moda, image: &ImageInput<'_>, opts: &BenchOptions) -> Result
     let bytes = |step: Option<usize>| step.map(|s| weights + kv_bytes(moda, s));
     let floor = |bytes: Option<u64>| bytes.map(|b| b as f64 / (read_gb_per_s * 1e9) * 1e3);
     let (step_bytes_early, step_bytes_late) = (bytes(early_step), bytes(late_step));
+    // Greedy search: every run writes the same description, with the same runs.
+    let constrained = constrained.first().map(|t| ConstrainedReport {
+        describe_ms: median(constrained.iter().map(|t| t.total_ms).collect()),
+        decode_ms: median(constrained.iter().map(|t| t.decode_ms).collect()),
+        tokens: t.tokens,
+        decoder_runs: t.decoder_runs,
+        listed_runs: t.listed_runs,
+    });
     Ok(BenchReport {
         image: image.name(),
         quantization: moda.manifest().quantization.to_string(),
@@ -237,6 +276,7 @@ pub fn bench(moda: &Moda, image: &ImageInput<'_>, opts: &BenchOptions) -> Result
         floor_ms_early: floor(step_bytes_early),
         step_bytes_late,
         floor_ms_late: floor(step_bytes_late),
+        constrained,
     })
 }
 

@@ -356,6 +356,10 @@ pub struct TimingsMs {
     /// tokens the caption schema forces); 0 under beam search.
     #[serde(default)]
     pub decoder_runs: usize,
+    /// Decoder runs of the batch that computed only the logits of the tokens the caption
+    /// schema allowed (constrained decoding).
+    #[serde(default)]
+    pub listed_runs: usize,
 }
 
 impl From<&Timings> for TimingsMs {
@@ -369,6 +373,7 @@ impl From<&Timings> for TimingsMs {
             total: t.total_ms,
             tokens: t.tokens,
             decoder_runs: t.decoder_runs,
+            listed_runs: t.listed_runs,
         }
     }
 }

@@ -1080,6 +1080,12 @@ fn print_bench(r: &BenchReport, dir: &Path) {
         r.batch_ms,
         r.images_per_s
     );
+    if let Some(c) = &r.constrained {
+        println!(
+            "  {:<22}{:10.2} ms  ({} tokens, {} decoder runs, {} of them listed; decode {:.2} ms)",
+            "describe, schema", c.describe_ms, c.tokens, c.decoder_runs, c.listed_runs, c.decode_ms
+        );
+    }
     match r.peak_rss_mb {
         Some(m) => println!("  {:<22}{m:10.0} MiB", "peak RSS"),
         None => println!("  {:<22}{:>10}", "peak RSS", "unknown"),

@@ -988,16 +988,26 @@ fn quantized_bundles_agree_with_fp32() {
 /// the op does not take, or one without quantization, is refused before anything is written.
 #[test]
 fn block_size_reaches_every_quantized_layer() {
-    use candle_onnx::onnx::ModelProto;
+    use candle_onnx::onnx::{ModelProto, NodeProto};
     use prost::Message;
+    // Every node of a graph and of its subgraphs (the LM head's `If` branches).
+    fn all_nodes(nodes: &[NodeProto]) -> Vec<&NodeProto> {
+        let mut out = Vec::new();
+        for n in nodes {
+            out.push(n);
+            for g in n.attribute.iter().filter_map(|a| a.g.as_ref()) {
+                out.extend(all_nodes(&g.node));
+            }
+        }
+        out
+    }
     // (K, block_size) of each node.
     let blocks = |bundle: &Path| -> Vec<(i64, i64)> {
         let bytes = std::fs::read(bundle.join(DECODER_FILE)).expect("decoder");
         let m = ModelProto::decode(bytes.as_slice()).expect("onnx");
         let graph = m.graph.expect("graph");
-        graph
-            .node
-            .iter()
+        all_nodes(&graph.node)
+            .into_iter()
             .filter(|n| n.op_type == "MatMulNBits")
             .map(|n| {
                 let attr = |name: &str| {
