@@ -1678,6 +1678,18 @@ mod tests {
         assert!(free.alternatives.is_empty());
     }
 
+    /// Each caption's tokens (no BOS) and the final `</s>`: what a [`Teacher`] row writes.
+    fn targets_of(tok: &crate::tokenizer::ModaTokenizer, texts: &[&str]) -> Vec<Vec<u32>> {
+        texts
+            .iter()
+            .map(|t| {
+                let mut ids = tok.encode_no_bos(t).expect("encode");
+                ids.push(tok.eos_id());
+                ids
+            })
+            .collect()
+    }
+
     #[test]
     fn a_batch_feeds_each_row_its_own_forced_run() {
         use crate::constrain::{fixtures, Constraint};
@@ -1688,14 +1700,7 @@ mod tests {
             "Black Formal Jeans for Men - Footwear Topwear",
             "Off White Sports Sports Shoes for Girls - Apparel Bottomwear",
         ];
-        let targets: Vec<Vec<u32>> = texts
-            .iter()
-            .map(|t| {
-                let mut ids = tok.encode_no_bos(t).expect("encode");
-                ids.push(tok.eos_id());
-                ids
-            })
-            .collect();
+        let targets = targets_of(&tok, &texts);
         let vocab = tok.vocab_size();
         let opts = GenerationOptions::default();
         let run = |ragged: bool| {
@@ -1773,14 +1778,7 @@ mod tests {
             "Purple Party Jeans for Men - Apparel Bottomwear",
             "Off White Sports Sports Shoes for Girls - Apparel Bottomwear",
         ];
-        let targets: Vec<Vec<u32>> = texts
-            .iter()
-            .map(|t| {
-                let mut ids = tok.encode_no_bos(t).expect("encode");
-                ids.push(tok.eos_id());
-                ids
-            })
-            .collect();
+        let targets = targets_of(&tok, &texts);
         let vocab = tok.vocab_size() + 3;
         for opts in [
             GenerationOptions::default(),
