@@ -182,7 +182,8 @@ pub const TINY_SAMPLE_BUDGET: u64 = 324_000;
 
 impl FitConfig {
     /// The tiny preset's settings: the encoder trains (patch 16, CLIP's initialisation, see
-    /// `preset::tiny_encoder_init`) with augmented images (flips, shifts up to 4 px), one
+    /// `preset::tiny_encoder_init`) with augmented images (flips, shifts up to 4 px, and half
+    /// of them rotated by up to 10 degrees and scaled by 0.8-1.2), one
     /// learning rate of 1e-3 for all on a cosine schedule after 5 warm-up epochs, AdamW
     /// weight decay 0.1, a budget of [`TINY_SAMPLE_BUDGET`] samples (270 epochs of 1,200, 135
     /// of 2,400), decoder dropout 0.1, micro-batches split over 2 threads. How each setting
@@ -200,6 +201,8 @@ impl FitConfig {
             preset: Some(Preset::Tiny),
             dropout: Some(0.1),
             augment: true,
+            augment_rotate: 10.0,
+            augment_scale: 0.2,
             weight_decay: 0.1,
             lr_schedule: LrSchedule::Cosine,
             warmup_epochs: 5.0,

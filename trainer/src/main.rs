@@ -132,11 +132,11 @@ struct FitArgs {
     #[arg(long)]
     no_augment: bool,
     /// With augmentation: also rotate half the images by up to DEG degrees either way
-    /// (resampled bilinearly) [0].
+    /// (resampled bilinearly) [0; 10 with --preset tiny].
     #[arg(long, value_name = "DEG")]
     augment_rotate: Option<f64>,
     /// With augmentation: also scale half the images by a factor within 1 +- F (the same half
-    /// as `--augment-rotate`) [0].
+    /// as `--augment-rotate`) [0; 0.2 with --preset tiny].
     #[arg(long, value_name = "F")]
     augment_scale: Option<f64>,
     /// Repeat factor sampling: group the training samples by their values in these catalog
@@ -264,6 +264,14 @@ fn fit(a: FitArgs) -> anyhow::Result<ExitCode> {
     }
     if a.no_augment {
         cfg.augment = false;
+        // The preset's rotation and scale go with its augmentation; asked for, they are an
+        // error below (they act on augmented images only).
+        if a.augment_rotate.is_none() {
+            cfg.augment_rotate = 0.0;
+        }
+        if a.augment_scale.is_none() {
+            cfg.augment_scale = 0.0;
+        }
     }
     cfg.encoder = a.encoder;
     cfg.decoder = a.decoder;

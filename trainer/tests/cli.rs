@@ -285,6 +285,70 @@ fn resume_without_epochs_ends_where_the_run_was_set_to_end() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `--no-augment` turns the preset's whole augmentation off (its rotation and scale with its
+/// flips and shifts); a rotation asked for without augmentation is refused, naming the flag.
+#[test]
+fn no_augment_turns_off_the_presets_rotation_and_scale() {
+    let dir = scratch("no-augment");
+    let hub = dir.join("hub");
+    let catalog = dir.join("catalog");
+    synth(&hub, &catalog, 24, 6);
+    let cache = dir.join("embeddings");
+    let fit = |out: &Path, extra: &[&str]| {
+        let (data, out, cache) = (s(&catalog), s(out), s(&cache));
+        let mut args = vec![
+            "fit",
+            "--data",
+            &data,
+            "--out",
+            &out,
+            "--quiet",
+            "--cache-dir",
+            &cache,
+            "--preset",
+            "tiny",
+            "--max-steps",
+            "1",
+            "--batch-size",
+            "8",
+        ];
+        args.extend_from_slice(extra);
+        trainer(&hub, &args)
+    };
+    let augment = |out: &Path| {
+        let c = &state(&out.join("last"))["config"];
+        (
+            c["augment"].clone(),
+            c["augment_rotate"].clone(),
+            c["augment_scale"].clone(),
+        )
+    };
+    let preset = dir.join("preset");
+    check(&fit(&preset, &[]));
+    assert_eq!(
+        augment(&preset),
+        (
+            serde_json::json!(true),
+            serde_json::json!(10.0),
+            serde_json::json!(0.2)
+        )
+    );
+    let off = dir.join("off");
+    check(&fit(&off, &["--no-augment"]));
+    assert_eq!(
+        augment(&off),
+        (
+            serde_json::json!(false),
+            serde_json::json!(0.0),
+            serde_json::json!(0.0)
+        )
+    );
+    let refused = dir.join("refused");
+    let err = check_failed(&fit(&refused, &["--no-augment", "--augment-rotate", "5"]));
+    assert!(err.contains("--augment"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// `--preset tiny` builds its own backbones: an `--encoder` or `--decoder` it would not read
 /// (here paths that do not exist, and a hub id that is not cached) is an error naming it,
 /// exit status 2, with no output directory left; with the default ids (not cached here) the
