@@ -227,6 +227,8 @@ fn data_parallel_shards_equal_one_batch() {
         grad_accum: 1,
         dropout: Some(0.0),
         augment: false,
+        augment_rotate: 0.0,
+        augment_scale: 0.0,
         max_steps: Some(3),
         ..FitConfig::tiny()
     };
