@@ -1122,6 +1122,18 @@ fn lm_head(g: &mut GraphBuilder, xs: &str, head: &StoredLinear) -> Result<String
 mod tests {
     use super::{quantize_int8_columns, Quant, Quantization, WeightQuant};
 
+    /// An ONNX Runtime session (one thread, the SDK's set-up) of the graph `g` builds.
+    fn test_session(name: &str, g: crate::graph::GraphBuilder) -> ort::session::Session {
+        use prost::Message;
+        let bytes = g.finish(name, "test", &[]).encode_to_vec();
+        let options = moda_sdk::runtime::SessionOptions {
+            intra_threads: Some(1),
+            ..Default::default()
+        };
+        let path = std::path::PathBuf::from(format!("{name}.onnx"));
+        moda_sdk::runtime::session_from_bytes(&path, &bytes, None, &options).expect("session")
+    }
+
     /// Dequantizes as `MatMulNBits` does: `(code - 2^(bits-1)) * scale`, low nibble first.
     fn dequantize(q: &WeightQuant, packed: &[u8], scales: &[f32], n: usize, k: usize) -> Vec<f32> {
         let bs = q.block_size;
@@ -1240,7 +1252,6 @@ mod tests {
         use super::{qkv_projection, Named};
         use crate::graph::{Dim, Elem, GraphBuilder};
         use candle_core::{Device, Tensor};
-        use prost::Message;
 
         let (d, rows, scale) = (64usize, 3usize, 0.125f64);
         // Deterministic values in [-1, 1): weights, biases and the input.
@@ -1285,14 +1296,7 @@ mod tests {
             for (o, n) in outs.iter().zip(&names) {
                 g.output(o, n, Elem::F32, &dims);
             }
-            let bytes = g.finish("qkv", "test", &[]).encode_to_vec();
-            let options = moda_sdk::runtime::SessionOptions {
-                intra_threads: Some(1),
-                ..Default::default()
-            };
-            let path = std::path::Path::new("qkv.onnx");
-            let mut session = moda_sdk::runtime::session_from_bytes(path, &bytes, None, &options)
-                .expect("session");
+            let mut session = test_session("qkv", g);
             let input = crate::verify::f32_raw("qkv", vec![1, rows as i64, d as i64], x.clone())
                 .expect("input");
             let got = crate::verify::run(&mut session, "qkv", vec![("x".into(), input)], &names)
@@ -1334,7 +1338,6 @@ mod tests {
         use crate::graph::{Dim, Elem, GraphBuilder};
         use candle_core::{Device, Tensor};
         use moda_sdk::manifest::HEAD_IDS;
-        use prost::Message;
 
         // 80 inputs: not a whole number of blocks (int4 blocks of 32, int8 of 64 here), so
         // the listed rows' padding is cut off.
@@ -1379,14 +1382,7 @@ mod tests {
             let y = lm_head(&mut g, &xin, &head).expect("graph");
             let out_dims = [Dim::Fixed(1), Dim::Fixed(rows as i64), Dim::named("cols")];
             g.output(&y, "logits", Elem::F32, &out_dims);
-            let bytes = g.finish("head", "test", &[]).encode_to_vec();
-            let options = moda_sdk::runtime::SessionOptions {
-                intra_threads: Some(1),
-                ..Default::default()
-            };
-            let path = std::path::Path::new("head.onnx");
-            let mut session = moda_sdk::runtime::session_from_bytes(path, &bytes, None, &options)
-                .expect("session");
+            let mut session = test_session("head", g);
             let run = |session: &mut _, listed: Option<&[i64]>| {
                 let mut inputs = vec![(
                     "x".to_string(),
