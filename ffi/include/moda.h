@@ -704,6 +704,26 @@ const char *moda_description_finish(const struct moda_description *d);
 size_t moda_description_n_tokens(const struct moda_description *d);
 
 /**
+ * How many times the decoder ran for this description: the prefill over the image and each
+ * step after it. A step that feeds several tokens the caption schema forces counts once, so
+ * a constrained description takes fewer runs than tokens; under beam search, the batch's
+ * steps (every image's beams step together). NULL or a failed image gives 0.
+ *
+ * Threads: any thread, concurrently.
+ */
+size_t moda_description_decoder_runs(const struct moda_description *d);
+
+/**
+ * How many decoder runs of the description's batch (the prefill included) computed only the
+ * logits of the tokens the caption schema allowed, not every token's: constrained decoding
+ * with a bundle whose decoder takes that list. A run reads fewer of the output layer's
+ * weights so. NULL or a failed image gives 0.
+ *
+ * Threads: any thread, concurrently.
+ */
+size_t moda_description_listed_runs(const struct moda_description *d);
+
+/**
  * The generated token ids, moda_description_n_tokens(d) of them; NULL when there are none
  * or d is NULL.
  *

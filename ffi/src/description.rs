@@ -44,6 +44,11 @@ pub struct moda_description {
     token_ids: Vec<c_uint>,
     logprobs: Vec<f32>,
     timings: moda_timings,
+    /// Decoder runs for this description (`Timings::decoder_runs`).
+    decoder_runs: usize,
+    /// Runs of its batch that computed the listed tokens' logits only
+    /// (`Timings::listed_runs`).
+    listed_runs: usize,
     /// Why generation ended; `None` for an image that failed.
     finish: Option<Finish>,
     /// One per field of the bundle's caption schema, in the template's order; none when the
@@ -124,6 +129,8 @@ impl moda_description {
                 total_ms: t.total_ms,
                 n_tokens: t.tokens,
             },
+            decoder_runs: t.decoder_runs,
+            listed_runs: t.listed_runs,
         }
     }
 
@@ -135,6 +142,8 @@ impl moda_description {
             token_ids: Vec::new(),
             logprobs: Vec::new(),
             timings: moda_timings::default(),
+            decoder_runs: 0,
+            listed_runs: 0,
             finish: None,
             attributes: Vec::new(),
         }
@@ -237,6 +246,32 @@ pub unsafe extern "C" fn moda_description_n_tokens(d: *const moda_description) -
     // SAFETY: NULL or a live description.
     let d = unsafe { d.as_ref() };
     boundary(0, || d.map_or(0, |d| d.token_ids.len()))
+}
+
+/// How many times the decoder ran for this description: the prefill over the image and each
+/// step after it. A step that feeds several tokens the caption schema forces counts once, so
+/// a constrained description takes fewer runs than tokens; under beam search, the batch's
+/// steps (every image's beams step together). NULL or a failed image gives 0.
+///
+/// Threads: any thread, concurrently.
+#[no_mangle]
+pub unsafe extern "C" fn moda_description_decoder_runs(d: *const moda_description) -> usize {
+    // SAFETY: NULL or a live description.
+    let d = unsafe { d.as_ref() };
+    boundary(0, || d.map_or(0, |d| d.decoder_runs))
+}
+
+/// How many decoder runs of the description's batch (the prefill included) computed only the
+/// logits of the tokens the caption schema allowed, not every token's: constrained decoding
+/// with a bundle whose decoder takes that list. A run reads fewer of the output layer's
+/// weights so. NULL or a failed image gives 0.
+///
+/// Threads: any thread, concurrently.
+#[no_mangle]
+pub unsafe extern "C" fn moda_description_listed_runs(d: *const moda_description) -> usize {
+    // SAFETY: NULL or a live description.
+    let d = unsafe { d.as_ref() };
+    boundary(0, || d.map_or(0, |d| d.listed_runs))
 }
 
 /// The generated token ids, moda_description_n_tokens(d) of them; NULL when there are none

@@ -553,6 +553,10 @@ int main(int argc, char **argv)
         for (i = 0; lp && i < n; i++) CHECK(lp[i] <= 0.0f && lp[i] > -1e30f);
         CHECK_RC(moda_description_timings(d, &t), MODA_OK);
         CHECK(t.n_tokens == n && t.total_ms > 0.0 && t.total_ms >= t.encoder_ms);
+        /* Free text, greedy: the prefill and one run per token after the first; nothing
+         * listed (the fixture bundle has no schema). */
+        CHECK(moda_description_decoder_runs(d) == n);
+        CHECK(moda_description_listed_runs(d) == 0);
         CHECK_RC(moda_description_timings(d, NULL), MODA_ERR_INVALID_ARGUMENT);
         CHECK_RC(moda_description_timings(NULL, &t), MODA_ERR_INVALID_ARGUMENT);
     }
@@ -565,6 +569,8 @@ int main(int argc, char **argv)
     CHECK(moda_description_text(NULL) == NULL);
     CHECK(moda_description_text_len(NULL) == 0);
     CHECK(moda_description_n_tokens(NULL) == 0);
+    CHECK(moda_description_decoder_runs(NULL) == 0);
+    CHECK(moda_description_listed_runs(NULL) == 0);
     CHECK(moda_description_token_ids(NULL) == NULL);
     CHECK(moda_description_logprobs(NULL) == NULL);
     CHECK(strcmp(moda_description_finish(NULL), "") == 0);
@@ -887,8 +893,16 @@ int main(int argc, char **argv)
             CHECK_RC(moda_model_describe(sm, &img, &gp, &auto_d), MODA_OK);
             /* Constrained to the schema, whose last field is followed by </s>: complete. */
             CHECK(auto_d && strcmp(moda_description_finish(auto_d), "end_of_text") == 0);
+            /* Forced text goes in several tokens a run, and every run of one constrained
+             * image asks for the listed tokens' logits only. */
+            CHECK(auto_d && moda_description_decoder_runs(auto_d) > 0 &&
+                  moda_description_decoder_runs(auto_d) < moda_description_n_tokens(auto_d));
+            CHECK(auto_d &&
+                  moda_description_listed_runs(auto_d) == moda_description_decoder_runs(auto_d));
             gp.constrain = MODA_CONSTRAIN_NONE;
             CHECK_RC(moda_model_describe(sm, &img, &gp, &none_d), MODA_OK);
+            CHECK(none_d && moda_description_listed_runs(none_d) == 0 &&
+                  moda_description_decoder_runs(none_d) == moda_description_n_tokens(none_d));
             gp.constrain = 42;
             CHECK_RC(moda_model_describe_batch(sm, &img, 1, &gp, NULL, NULL, out),
                      MODA_ERR_INVALID_ARGUMENT);
@@ -898,6 +912,7 @@ int main(int argc, char **argv)
             CHECK_RC(moda_model_describe_batch(sm, batch, 2, NULL, NULL, NULL, out),
                      MODA_ERR_IMAGE);
             check_no_attributes(out[0]);
+            CHECK(moda_description_decoder_runs(out[0]) == 0);
             CHECK(auto_d && out[1] && same_tokens(auto_d, out[1]));
             CHECK(auto_d && out[1] && same_attributes(auto_d, out[1]));
             moda_description_free(out[0]);

@@ -358,8 +358,8 @@ pub trait StepModel {
         .into())
     }
     /// Whether the model can return some tokens' logits only ([`StepModel::only_logits_of`]):
-    /// then a constrained greedy or sampling search tells it, before each step, which tokens
-    /// it will read.
+    /// then a constrained search (greedy, sampling or beam) tells it, before each step, which
+    /// tokens it will read.
     fn selects_logits(&self) -> bool {
         false
     }
@@ -387,8 +387,9 @@ pub struct Generated {
     /// the text it spells, see [`Constraint::forced`]) rather than chosen; empty without a
     /// constraint.
     pub forced: Vec<bool>,
-    /// Time of each decoder run that fed this row, in ms (greedy and sampling only): one per
-    /// step, one for a multi-token step.
+    /// Time of each decoder run after the prompt's that fed this row, in ms: one per step, one
+    /// for a multi-token step. Beam search steps every image's beams together, so each image
+    /// gets the batch's steps.
     pub step_ms: Vec<f64>,
 }
 
@@ -787,6 +788,30 @@ fn tokens_read(c: &Constraint, rs: &[Row], runs: &[Vec<u32>], lens: &[usize]) ->
     Some(ids)
 }
 
+/// The tokens whose logits the constrained beam search reads after its next step: those each
+/// beam's text allows next, over the images still searching (a finished image's rows are
+/// carried, not read). Every other logit is masked before it is read. Sorted, without
+/// repeats; `None` when a beam has no state to follow (never, for beams the search made).
+fn beam_tokens_read(
+    c: &Constraint,
+    beams: &[Beam],
+    hyps: &[Hypotheses],
+    k: usize,
+) -> Option<Vec<u32>> {
+    let mut ids = Vec::new();
+    for (i, h) in hyps.iter().enumerate() {
+        if h.done {
+            continue;
+        }
+        for beam in beams.get(i * k..(i + 1) * k)? {
+            ids.extend(c.allowed(beam.state.as_ref()?));
+        }
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    Some(ids)
+}
+
 /// Chooses a row's next token from its logits (processed, constrained, then greedy or
 /// sampled) and commits it.
 #[allow(clippy::too_many_arguments)]
@@ -1059,7 +1084,8 @@ impl Hypotheses {
 /// Beam search as `transformers` does it (no early stopping: an image is finished when it
 /// has `num_beams` hypotheses and no running beam can beat the worst of them). A beam whose
 /// text reaches a stop string is a finished hypothesis, as one ending in `</s>`. Under a
-/// constraint each beam expands only into the tokens its text allows (one token per step).
+/// constraint each beam expands only into the tokens its text allows (one token per step), and
+/// a model that can ([`StepModel::selects_logits`]) returns only those tokens' logits.
 fn beam_search<M: StepModel + ?Sized>(
     model: &mut M,
     mut logits: Vec<f32>,
@@ -1090,6 +1116,7 @@ fn beam_search<M: StepModel + ?Sized>(
         .collect();
     let mut lsm = Vec::with_capacity(vocab);
     let lp = opts.length_penalty;
+    let mut step_ms = Vec::new();
     for step in 0..max_new_tokens {
         let mut next_beams = Vec::with_capacity(rows);
         let mut source = Vec::with_capacity(rows);
@@ -1183,7 +1210,14 @@ fn beam_search<M: StepModel + ?Sized>(
             .iter()
             .map(|b| *b.tokens.last().unwrap_or(&eos))
             .collect();
+        if let (Some(c), true) = (s.constraint, model.selects_logits()) {
+            if let Some(ids) = beam_tokens_read(c, &beams, &hyps, k) {
+                model.only_logits_of(ids);
+            }
+        }
+        let t = std::time::Instant::now();
         logits = model.step(&tokens)?;
+        step_ms.push(t.elapsed().as_secs_f64() * 1e3);
         check_len(&logits, rows, vocab)?;
     }
     let mut out = Vec::with_capacity(images);
@@ -1207,7 +1241,7 @@ fn beam_search<M: StepModel + ?Sized>(
                 logprobs: b.logprobs,
                 alternatives: b.alternatives,
                 forced: b.forced,
-                step_ms: Vec::new(),
+                step_ms: step_ms.clone(),
             },
             None => Generated::default(),
         };
@@ -1789,10 +1823,21 @@ mod tests {
             GenerationOptions::default().with_repetition_penalty(3.0),
             GenerationOptions::default().with_no_repeat_ngram_size(1),
             GenerationOptions::default().with_min_new_tokens(40),
+            GenerationOptions::default().with_num_beams(3),
+            GenerationOptions::default()
+                .with_num_beams(2)
+                .with_length_penalty(0.5)
+                .with_repetition_penalty(2.0),
         ] {
+            // Beam search keeps `num_beams` rows per image, each wanting its image's caption.
+            let beams = opts.num_beams.max(1);
+            let rows: Vec<Vec<u32>> = targets
+                .iter()
+                .flat_map(|t| std::iter::repeat_n(t.clone(), beams))
+                .collect();
             for ragged in [false, true] {
                 let run = |selects: bool| {
-                    let mut m = Teacher::rows(targets.clone(), vocab);
+                    let mut m = Teacher::rows(rows.clone(), vocab);
                     m.ragged = ragged;
                     m.selects = selects;
                     let first = m.first();

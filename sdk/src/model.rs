@@ -216,16 +216,16 @@ pub struct Timings {
     /// Tokens generated.
     pub tokens: usize,
     /// Decoder runs for this description: the prefill and each step after it (a step that
-    /// feeds several forced tokens at once counts once; 0 under beam search, whose steps
-    /// are the batch's).
+    /// feeds several forced tokens at once counts once; under beam search, the batch's steps,
+    /// which every image's beams take together).
     #[serde(default)]
     pub decoder_runs: usize,
     /// Decoder runs of the batch (the prefill included) that computed the logits of the tokens
-    /// the caption schema allowed only, not the whole vocabulary's (constrained greedy search
-    /// or sampling, with a bundle whose decoder takes the list; see the module documentation).
+    /// the caption schema allowed only, not the whole vocabulary's (constrained decoding, with
+    /// a bundle whose decoder takes the list; see the module documentation).
     #[serde(default)]
     pub listed_runs: usize,
-    /// Each decoder step after the prefill (greedy search and sampling), in order.
+    /// Each decoder step after the prefill, in order (under beam search, the batch's).
     #[serde(skip)]
     pub step_ms: Vec<f64>,
 }
@@ -1139,9 +1139,9 @@ impl Moda {
             listed: None,
             listed_runs: 0,
         };
-        // The first token is chosen among those the schema allows at its start (beam search
-        // reads every token's logits).
-        if let (Some(c), 1) = (constraint, beams) {
+        // The first token is chosen among those the schema allows at its start (every beam
+        // starts there too).
+        if let Some(c) = constraint {
             if state.selects_logits() {
                 let mut ids = c.allowed(&c.start());
                 ids.sort_unstable();
@@ -1206,11 +1206,7 @@ impl Moda {
                             decode_ms,
                             total_ms,
                             tokens: g.token_ids.len(),
-                            decoder_runs: if g.step_ms.is_empty() && options.num_beams > 1 {
-                                0
-                            } else {
-                                1 + g.step_ms.len()
-                            },
+                            decoder_runs: 1 + g.step_ms.len(),
                             listed_runs,
                             step_ms: g.step_ms,
                         },

@@ -369,6 +369,7 @@ fn listed_logits_give_the_descriptions_of_every_tokens_logits() {
         constrained.clone().with_do_sample(true).with_seed(5),
         constrained.clone().with_repetition_penalty(2.0),
         constrained.clone().with_min_new_tokens(30),
+        constrained.clone().with_num_beams(3),
     ] {
         let a = m.describe_batch(&inputs, &opts).expect("listed");
         let b = every.describe_batch(&inputs, &opts).expect("every token");
@@ -383,18 +384,17 @@ fn listed_logits_give_the_descriptions_of_every_tokens_logits() {
             // Every run of the batch was listed, the prefill's included.
             assert!(a.timings.listed_runs > 0, "{name} {opts:?}: nothing listed");
         }
-        // Alone, one image's runs are all listed.
+        // Alone, one image's runs are all listed (beam search's too: the union of what its
+        // beams' texts allow next).
         let one = m.describe(&inputs[0], &opts).expect("one");
         assert_eq!(
             one.timings.listed_runs, one.timings.decoder_runs,
             "{opts:?}"
         );
     }
-    // Free text and beam search read every token's logits.
-    for opts in [
-        GenerationOptions::default().with_constrain(Constrain::None),
-        constrained.clone().with_num_beams(2),
-    ] {
+    // Free text reads every token's logits.
+    let free = GenerationOptions::default().with_constrain(Constrain::None);
+    for opts in [free.clone(), free.with_num_beams(2)] {
         let d = m.describe(&inputs[0], &opts).expect("describe");
         assert_eq!(d.timings.listed_runs, 0, "{opts:?}");
     }

@@ -396,7 +396,13 @@ struct Timings {
     total_ms: f64,
     /// Tokens generated.
     tokens: usize,
-    /// Each decoder step after the prefill (greedy search and sampling), in order.
+    /// Decoder runs: the prefill and each step after it (a step that feeds several forced
+    /// tokens counts once; under beam search, the batch's steps).
+    decoder_runs: usize,
+    /// Runs of the batch that computed the logits of the tokens the caption schema allowed
+    /// only (constrained decoding).
+    listed_runs: usize,
+    /// Each decoder step after the prefill, in order (under beam search, the batch's).
     step_ms: Vec<f64>,
 }
 
@@ -426,6 +432,8 @@ impl Timings {
         d.set_item("decode_ms", self.decode_ms)?;
         d.set_item("total_ms", self.total_ms)?;
         d.set_item("tokens", self.tokens)?;
+        d.set_item("decoder_runs", self.decoder_runs)?;
+        d.set_item("listed_runs", self.listed_runs)?;
         Ok(d)
     }
 }
@@ -550,6 +558,8 @@ impl Description {
                 decode_ms: t.decode_ms,
                 total_ms: t.total_ms,
                 tokens: t.tokens,
+                decoder_runs: t.decoder_runs,
+                listed_runs: t.listed_runs,
                 step_ms: t.step_ms,
             },
         )?;

@@ -335,6 +335,17 @@ def test_constrain_keyword_matches_the_cli_flag(schema_model, cli, schema_bundle
     assert d.token_ids == want["token_ids"]
     assert d.text == want["description"]
     assert schema_model.describe_batch([path], constrain=constrain)[0].token_ids == want["token_ids"]
+    # The decoder runs the CLI's record counts: under the schema fewer than the tokens (forced
+    # text goes in with the token before it), each asking for the allowed tokens' logits only.
+    assert d.timings.decoder_runs == want["timings_ms"]["decoder_runs"]
+    assert d.timings.listed_runs == want["timings_ms"]["listed_runs"]
+    assert d.to_dict()["timings_ms"]["listed_runs"] == d.timings.listed_runs
+    if constrain == "none":
+        assert d.timings.listed_runs == 0
+        assert d.timings.decoder_runs == len(d.token_ids)
+    else:
+        assert 0 < d.timings.decoder_runs < len(d.token_ids)
+        assert d.timings.listed_runs == d.timings.decoder_runs
     stream = schema_model.stream(path, constrain=constrain)
     pieces = list(stream)
     assert stream.result.token_ids == want["token_ids"]

@@ -353,7 +353,7 @@ pub struct TimingsMs {
     /// Tokens generated for this image.
     pub tokens: usize,
     /// Decoder runs for this image: the prefill and each step (one step may feed several
-    /// tokens the caption schema forces); 0 under beam search.
+    /// tokens the caption schema forces; under beam search, the batch's steps).
     #[serde(default)]
     pub decoder_runs: usize,
     /// Decoder runs of the batch that computed only the logits of the tokens the caption

@@ -65,8 +65,16 @@ class Timings:
     def tokens(self) -> int:
         """Tokens generated."""
     @property
+    def decoder_runs(self) -> int:
+        """Decoder runs: the prefill and each step after it (a step that feeds several forced
+        tokens counts once; under beam search, the batch's steps)."""
+    @property
+    def listed_runs(self) -> int:
+        """Runs of the batch that computed the logits of the tokens the caption schema allowed
+        only (constrained decoding)."""
+    @property
     def step_ms(self) -> List[float]:
-        """Each decoder step after the prefill (greedy search and sampling), in order."""
+        """Each decoder step after the prefill, in order (under beam search, the batch's)."""
     def to_dict(self) -> dict:
         """The timings as a plain dict (without ``step_ms``)."""
 
