@@ -606,12 +606,7 @@ fn other_choices(row: &[f32], allowed: &[u32], chosen: u32) -> Vec<(u32, f32)> {
     if !max.is_finite() {
         return Vec::new();
     }
-    let lse = max as f64
-        + row
-            .iter()
-            .map(|&l| ((l - max) as f64).exp())
-            .sum::<f64>()
-            .ln();
+    let lse = max as f64 + sum_exp(row, max).ln();
     let mut out: Vec<(u32, f32)> = allowed
         .iter()
         .filter(|&&t| t != chosen)
@@ -1010,10 +1005,13 @@ fn sample(row: &[f32], rng: &mut ChaCha8Rng) -> usize {
     if !max.is_finite() {
         return argmax(row);
     }
-    let total: f64 = row.iter().map(|&l| ((l - max) as f64).exp()).sum();
+    let total = sum_exp(row, max);
     let mut u = rng.random::<f64>() * total;
     let mut last = 0;
     for (i, &l) in row.iter().enumerate() {
+        if l == f32::NEG_INFINITY {
+            continue;
+        }
         let p = ((l - max) as f64).exp();
         if p > 0.0 {
             last = i;
@@ -1032,15 +1030,23 @@ fn log_softmax_at(row: &[f32], i: usize) -> f32 {
     if !max.is_finite() {
         return f32::NEG_INFINITY;
     }
-    let sum: f64 = row.iter().map(|&l| ((l - max) as f64).exp()).sum();
-    ((row[i] - max) as f64 - sum.ln()) as f32
+    ((row[i] - max) as f64 - sum_exp(row, max).ln()) as f32
+}
+
+/// `sum(exp(row - max))` in f64. Masked entries (minus infinity: most of a constrained row)
+/// add exactly 0 and are skipped, which spares an `exp` per vocabulary entry; the sum is the
+/// same to the bit.
+fn sum_exp(row: &[f32], max: f32) -> f64 {
+    row.iter()
+        .filter(|&&l| l != f32::NEG_INFINITY)
+        .map(|&l| ((l - max) as f64).exp())
+        .sum()
 }
 
 fn log_softmax(row: &[f32], out: &mut Vec<f32>) {
     out.clear();
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f64 = row.iter().map(|&l| ((l - max) as f64).exp()).sum();
-    let lse = max as f64 + sum.ln();
+    let lse = max as f64 + sum_exp(row, max).ln();
     out.extend(row.iter().map(|&l| (l as f64 - lse) as f32));
 }
 
@@ -1144,14 +1150,15 @@ fn beam_search<M: StepModel + ?Sized>(
                     mask_to(row, a, raw);
                 }
                 log_softmax(row, &mut lsm);
-                // The 2k best tokens of this beam suffice for the 2k best overall.
-                let mut idx: Vec<usize> = (0..vocab).collect();
-                let take = (2 * k).min(vocab);
-                idx.select_nth_unstable_by(take - 1, |&a, &c| lsm[c].total_cmp(&lsm[a]));
+                // The 2k best tokens of this beam suffice for the 2k best overall; masked
+                // tokens (minus infinity: most of a constrained row) are never candidates.
+                let mut idx: Vec<usize> = (0..vocab).filter(|&t| lsm[t].is_finite()).collect();
+                let take = (2 * k).min(idx.len());
+                if take > 0 {
+                    idx.select_nth_unstable_by(take - 1, |&a, &c| lsm[c].total_cmp(&lsm[a]));
+                }
                 for &t in &idx[..take] {
-                    if lsm[t].is_finite() {
-                        cands.push((beams[r].score + lsm[t], r, t as u32, lsm[t]));
-                    }
+                    cands.push((beams[r].score + lsm[t], r, t as u32, lsm[t]));
                 }
                 allowed_of.push(allowed);
             }
