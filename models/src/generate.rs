@@ -24,6 +24,7 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
+use wide::f32x8;
 
 use crate::constrain::{Constraint, ConstraintState};
 
@@ -1005,7 +1006,13 @@ fn sample(row: &[f32], rng: &mut ChaCha8Rng) -> usize {
     if !max.is_finite() {
         return argmax(row);
     }
-    let total = sum_exp(row, max);
+    // Exactly the sum of the probabilities walked below (libm's `exp`, in f64), so that the
+    // walk ends inside the row.
+    let total: f64 = row
+        .iter()
+        .filter(|&&l| l != f32::NEG_INFINITY)
+        .map(|&l| ((l - max) as f64).exp())
+        .sum();
     let mut u = rng.random::<f64>() * total;
     let mut last = 0;
     for (i, &l) in row.iter().enumerate() {
@@ -1033,14 +1040,35 @@ fn log_softmax_at(row: &[f32], i: usize) -> f32 {
     ((row[i] - max) as f64 - sum_exp(row, max).ln()) as f32
 }
 
-/// `sum(exp(row - max))` in f64. Masked entries (minus infinity: most of a constrained row)
-/// add exactly 0 and are skipped, which spares an `exp` per vocabulary entry; the sum is the
-/// same to the bit.
+/// `sum(exp(row - max))` for `max` the row's largest value, as the log-softmax of a token's
+/// log-probability needs it: one per generated token, over the whole vocabulary (OPT's 50,272
+/// entries). The exponentials are taken eight at a time in f32 (`wide`'s `exp`, within 2e-7
+/// of libm's, relative: a log-probability moves by about 1e-7) and summed in f64 per lane,
+/// several times faster than one libm `exp` per entry. Minus infinity (a masked
+/// token) adds 0, and values under about 1e-38 flush to 0, which a sum of at least 1 (the
+/// largest entry's) cannot tell. A NaN logit makes the sum NaN.
 fn sum_exp(row: &[f32], max: f32) -> f64 {
-    row.iter()
-        .filter(|&&l| l != f32::NEG_INFINITY)
+    const LANES: usize = 8;
+    let m = f32x8::splat(max);
+    let chunks = row.chunks_exact(LANES);
+    let tail: f64 = chunks
+        .remainder()
+        .iter()
         .map(|&l| ((l - max) as f64).exp())
-        .sum()
+        .sum();
+    let mut lanes = [0f64; LANES];
+    let mut nan = false;
+    for c in chunks {
+        let x = f32x8::from(<[f32; LANES]>::try_from(c).unwrap_or_default());
+        nan |= x.is_nan().any();
+        for (sum, e) in lanes.iter_mut().zip((x - m).exp().to_array()) {
+            *sum += f64::from(e);
+        }
+    }
+    if nan {
+        return f64::NAN;
+    }
+    lanes.iter().sum::<f64>() + tail
 }
 
 fn log_softmax(row: &[f32], out: &mut Vec<f32>) {
