@@ -267,6 +267,14 @@ def main():
               f"{s['encoder_ms']:8.1f} {s['prefill_ms']:8.1f} {l['token_ms_early']:7.1f} "
               f"{l['token_ms_late']:7.1f} {l['token_ms_late'] / l['token_ms_early']:5.2f} "
               f"{(s.get('peak_rss_mb') or 0):12.0f}")
+    # bench's one description constrained to the caption schema (a catalog job's default;
+    # only for bundles with a schema): the forced text goes in several tokens a run.
+    for name, r in rows.items():
+        c = r[args.tokens].get("constrained")
+        if c:
+            print(f"{'constrained ' + name:>22} {c['describe_ms']:12.1f} "
+                  f"{c['describe_ms'] / pt['total']:9.2f}   {c['tokens']} tokens in "
+                  f"{c['decoder_runs']} decoder runs ({c['listed_runs']} listed)")
     if args.cold:
         print(f"\ncold process, one image, {args.tokens} tokens ({args.cold} alternated rounds):")
         for name, runs in result["cold"].items():
