@@ -24,7 +24,7 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
-use wide::f32x8;
+use wide::{f32x8, CmpEq};
 
 use crate::constrain::{Constraint, ConstraintState};
 
@@ -1044,12 +1044,14 @@ fn log_softmax_at(row: &[f32], i: usize) -> f32 {
 /// log-probability needs it: one per generated token, over the whole vocabulary (OPT's 50,272
 /// entries). The exponentials are taken eight at a time in f32 (`wide`'s `exp`, within 2e-7
 /// of libm's, relative: a log-probability moves by about 1e-7) and summed in f64 per lane,
-/// several times faster than one libm `exp` per entry. Minus infinity (a masked
-/// token) adds 0, and values under about 1e-38 flush to 0, which a sum of at least 1 (the
-/// largest entry's) cannot tell. A NaN logit makes the sum NaN.
+/// several times faster than one libm `exp` per entry. Minus infinity (a masked token) adds
+/// 0, and eight masked tokens in a row are skipped without their `exp` (a constrained row is
+/// masked but for a few dozen tokens). Values under about 1e-38 flush to 0, which a sum of at
+/// least 1 (the largest entry's) cannot tell. A NaN logit makes the sum NaN.
 fn sum_exp(row: &[f32], max: f32) -> f64 {
     const LANES: usize = 8;
     let m = f32x8::splat(max);
+    let masked = f32x8::splat(f32::NEG_INFINITY);
     let chunks = row.chunks_exact(LANES);
     let tail: f64 = chunks
         .remainder()
@@ -1060,6 +1062,9 @@ fn sum_exp(row: &[f32], max: f32) -> f64 {
     let mut nan = false;
     for c in chunks {
         let x = f32x8::from(<[f32; LANES]>::try_from(c).unwrap_or_default());
+        if x.cmp_eq(masked).all() {
+            continue;
+        }
         nan |= x.is_nan().any();
         for (sum, e) in lanes.iter_mut().zip((x - m).exp().to_array()) {
             *sum += f64::from(e);
