@@ -315,34 +315,17 @@ fn no_augment_turns_off_the_presets_rotation_and_scale() {
         args.extend_from_slice(extra);
         trainer(&hub, &args)
     };
+    // The run's recorded augmentation: whether it augments, its rotation and its scale.
     let augment = |out: &Path| {
         let c = &state(&out.join("last"))["config"];
-        (
-            c["augment"].clone(),
-            c["augment_rotate"].clone(),
-            c["augment_scale"].clone(),
-        )
+        serde_json::json!([c["augment"], c["augment_rotate"], c["augment_scale"]])
     };
     let preset = dir.join("preset");
     check(&fit(&preset, &[]));
-    assert_eq!(
-        augment(&preset),
-        (
-            serde_json::json!(true),
-            serde_json::json!(10.0),
-            serde_json::json!(0.2)
-        )
-    );
+    assert_eq!(augment(&preset), serde_json::json!([true, 10.0, 0.2]));
     let off = dir.join("off");
     check(&fit(&off, &["--no-augment"]));
-    assert_eq!(
-        augment(&off),
-        (
-            serde_json::json!(false),
-            serde_json::json!(0.0),
-            serde_json::json!(0.0)
-        )
-    );
+    assert_eq!(augment(&off), serde_json::json!([false, 0.0, 0.0]));
     let refused = dir.join("refused");
     let err = check_failed(&fit(&refused, &["--no-augment", "--augment-rotate", "5"]));
     assert!(err.contains("--augment"), "{err}");
