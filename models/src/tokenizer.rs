@@ -38,6 +38,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde_json::Value;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
@@ -326,9 +327,11 @@ fn template_bos(post_processor: &Value) -> Option<Option<String>> {
 }
 
 /// OPT's tokenizer (GPT-2 byte-level BPE, BOS = `</s>`), wrapping a `tokenizers::Tokenizer`.
+/// Clones share the wrapped tokenizer (its vocabulary and merges are tens of thousands of
+/// strings in hash maps: copying them took several milliseconds for OPT's).
 #[derive(Debug, Clone)]
 pub struct ModaTokenizer {
-    inner: tokenizers::Tokenizer,
+    inner: Arc<tokenizers::Tokenizer>,
     source: PathBuf,
     bos_id: u32,
     eos_id: u32,
@@ -492,7 +495,7 @@ impl ModaTokenizer {
             special.add_bos,
         )?;
         let pp = tok.post_processor()?;
-        tok.inner.with_post_processor(Some(pp));
+        Arc::make_mut(&mut tok.inner).with_post_processor(Some(pp));
         Ok(tok)
     }
 
@@ -516,7 +519,7 @@ impl ModaTokenizer {
         let eos_id = id(eos, "EOS")?;
         let pad_id = inner.token_to_id(pad).unwrap_or(eos_id);
         Ok(Self {
-            inner,
+            inner: Arc::new(inner),
             source: source.to_path_buf(),
             bos_id,
             eos_id,
@@ -628,26 +631,58 @@ impl ModaTokenizer {
     /// and ids without a token): for a byte-level BPE (OPT's), the token's characters mapped
     /// back through GPT-2's byte-to-character table, so that a token holding part of a UTF-8
     /// character has its bytes; for other tokenizers, the token decoded on its own.
-    pub fn token_bytes(&self) -> Vec<Option<Vec<u8>>> {
+    pub fn token_bytes(&self) -> TokenBytes {
         let table = byte_level_table();
         let added = self.inner.get_added_tokens_decoder();
         let byte_level = matches!(
             self.inner.get_decoder(),
             Some(tokenizers::DecoderWrapper::ByteLevel(_))
         );
-        (0..self.vocab_size() as u32)
-            .map(|id| {
-                if let Some(a) = added.get(&id) {
-                    return (!a.special).then(|| a.content.as_bytes().to_vec());
+        let n = self.vocab_size();
+        let mut out = TokenBytes {
+            data: Vec::with_capacity(n * 8),
+            starts: Vec::with_capacity(n + 1),
+            known: Vec::with_capacity(n),
+        };
+        out.starts.push(0);
+        for id in 0..n as u32 {
+            let mark = out.data.len();
+            let known = if let Some(a) = added.get(&id) {
+                if !a.special {
+                    out.data.extend_from_slice(a.content.as_bytes());
                 }
-                let token = self.inner.id_to_token(id)?;
+                !a.special
+            } else if let Some(token) = self.inner.id_to_token(id) {
                 if byte_level {
-                    token.chars().map(|c| table.get(&c).copied()).collect()
+                    let mut all = true;
+                    for c in token.chars() {
+                        match table.get(c as usize).copied().flatten() {
+                            Some(b) => out.data.push(b),
+                            None => {
+                                all = false;
+                                break;
+                            }
+                        }
+                    }
+                    all
+                } else if let Ok(text) = self.decode(&[id], false) {
+                    out.data.extend_from_slice(text.as_bytes());
+                    true
                 } else {
-                    self.decode(&[id], false).ok().map(String::into_bytes)
+                    false
                 }
-            })
-            .collect()
+            } else {
+                false
+            };
+            if !known {
+                out.data.truncate(mark);
+            }
+            out.known.push(known);
+            // Offsets fit in u32: a tokenizer.json is at most a few hundred megabytes.
+            out.starts
+                .push(u32::try_from(out.data.len()).unwrap_or(u32::MAX));
+        }
+        out
     }
 
     /// Byte offsets in `text` where the pre-tokenizer's pieces start (the BPE merges tokens
@@ -718,7 +753,7 @@ impl ModaTokenizer {
     /// rename) from which [`ModaTokenizer::from_tokenizer_json`] gives the same ids. Its
     /// post-processor states the BOS policy explicitly.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let mut tok = self.inner.clone();
+        let mut tok = tokenizers::Tokenizer::clone(&self.inner);
         tok.with_post_processor(Some(self.post_processor()?));
         let text = tok
             .to_string(true)
@@ -775,22 +810,58 @@ fn read_merges(path: &Path) -> Result<Vec<(String, String)>> {
 /// GPT-2's byte-level table read backwards: the character a byte-level BPE writes for each
 /// byte (printable Latin-1 bytes stand for themselves, the others for U+0100 onwards, in
 /// order) mapped to that byte.
-fn byte_level_table() -> std::collections::HashMap<char, u8> {
+fn byte_level_table() -> Vec<Option<u8>> {
+    // GPT-2's characters for the 256 bytes: printable bytes stand for themselves, the others
+    // for the characters from U+0100 on, in byte order; indexed by character.
     let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
-    let mut next = 256u32;
-    let mut map = std::collections::HashMap::with_capacity(256);
+    let mut next = 256usize;
+    let mut table = vec![None; 256 + 256];
     for b in 0..=255u8 {
         let c = if printable(b) {
-            u32::from(b)
+            usize::from(b)
         } else {
             next += 1;
             next - 1
         };
-        if let Some(c) = char::from_u32(c) {
-            map.insert(c, b);
-        }
+        table[c] = Some(b);
     }
-    map
+    table
+}
+
+/// Every token's bytes, by id, in one buffer: see [`ModaTokenizer::token_bytes`].
+#[derive(Debug, Clone, Default)]
+pub struct TokenBytes {
+    data: Vec<u8>,
+    /// Token `id`'s bytes are `data[starts[id]..starts[id + 1]]`.
+    starts: Vec<u32>,
+    known: Vec<bool>,
+}
+
+impl TokenBytes {
+    /// The bytes of token `id`, `None` for special tokens and ids without a token.
+    pub fn get(&self, id: u32) -> Option<&[u8]> {
+        let i = id as usize;
+        if !*self.known.get(i)? {
+            return None;
+        }
+        let (a, b) = (*self.starts.get(i)?, *self.starts.get(i + 1)?);
+        self.data.get(a as usize..b as usize)
+    }
+
+    /// The number of ids (the tokenizer's vocabulary size).
+    pub fn len(&self) -> usize {
+        self.known.len()
+    }
+
+    /// Whether there are no ids.
+    pub fn is_empty(&self) -> bool {
+        self.known.is_empty()
+    }
+
+    /// Every id with its bytes (`None` as in [`TokenBytes::get`]).
+    pub fn iter(&self) -> impl Iterator<Item = (u32, Option<&[u8]>)> + '_ {
+        (0..self.len() as u32).map(|id| (id, self.get(id)))
+    }
 }
 
 #[cfg(test)]
@@ -910,6 +981,41 @@ mod tests {
         let ids = t.encode_no_bos("é").unwrap();
         assert_eq!(ids.len(), 2);
         assert_eq!(t.decode(&ids[..1], false).unwrap(), "\u{FFFD}");
+    }
+
+    #[test]
+    fn token_bytes_spell_the_text_byte_for_byte() {
+        let d = TempDir::new();
+        tiny_dir(&d.0, true);
+        let t = ModaTokenizer::from_dir(&d.0).unwrap();
+        let bytes = t.token_bytes();
+        assert_eq!(bytes.len(), t.vocab_size());
+        // Special tokens (here `<pad>` and `</s>`) and ids outside the vocabulary have none;
+        // `<s>` and `<unk>` are plain tokens in OPT's files.
+        for id in [1, 2, t.vocab_size() as u32, u32::MAX] {
+            assert_eq!(bytes.get(id), None, "id {id}");
+        }
+        assert_eq!(bytes.get(0), Some(&b"<s>"[..]));
+        assert_eq!(bytes.get(id_of(&t, "Ġworld")), Some(&b" world"[..]));
+        // Each of the 256 byte tokens is its byte, through GPT-2's table.
+        for (b, c) in byte_chars().into_iter().enumerate() {
+            assert_eq!(bytes.get(id_of(&t, &c.to_string())), Some(&[b as u8][..]));
+        }
+        // A text's tokens spell its bytes, a character split over two tokens included.
+        for text in ["hello world", "  héllo\n wörld 🙂 "] {
+            let spelled: Vec<u8> = t
+                .encode_no_bos(text)
+                .unwrap()
+                .into_iter()
+                .flat_map(|id| bytes.get(id).unwrap().to_vec())
+                .collect();
+            assert_eq!(spelled, text.as_bytes());
+        }
+        assert_eq!(
+            bytes.iter().filter(|(_, b)| b.is_none()).count(),
+            2,
+            "only the two special tokens have no bytes"
+        );
     }
 
     #[test]
