@@ -104,6 +104,53 @@ fn synth(cache: &Path, catalog: &Path, count: usize, seed: u64) {
     ));
 }
 
+/// A scratch directory with a synthetic catalog, an empty hub cache (the tiny preset needs no
+/// hub model) and an embedding cache: what the tests of `fit`'s options start from.
+struct CatalogRun {
+    dir: PathBuf,
+    hub: PathBuf,
+    catalog: PathBuf,
+    cache: PathBuf,
+}
+
+impl CatalogRun {
+    /// `count` products of synthetic seed `seed` in a new scratch directory `name`.
+    fn new(name: &str, count: usize, seed: u64) -> Self {
+        let dir = scratch(name);
+        let (hub, catalog, cache) = (dir.join("hub"), dir.join("catalog"), dir.join("embeddings"));
+        synth(&hub, &catalog, count, seed);
+        Self {
+            dir,
+            hub,
+            catalog,
+            cache,
+        }
+    }
+
+    /// `trainer fit` of the catalog into `out`, quietly, with `args` after the data flags.
+    fn fit(&self, out: &Path, args: &[&str]) -> Output {
+        let (data, out, cache) = (s(&self.catalog), s(out), s(&self.cache));
+        let mut all = vec![
+            "fit",
+            "--data",
+            &data,
+            "--out",
+            &out,
+            "--quiet",
+            "--cache-dir",
+            &cache,
+        ];
+        all.extend_from_slice(args);
+        trainer(&self.hub, &all)
+    }
+}
+
+impl Drop for CatalogRun {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 fn state(checkpoint: &Path) -> serde_json::Value {
     let bytes = std::fs::read(checkpoint.join("training_state.json")).expect("training state");
     serde_json::from_slice(&bytes).expect("training state JSON")
@@ -201,33 +248,15 @@ fn fit_resolves_hub_ids_from_the_cache_and_fails_clearly_on_an_absent_one() {
 /// predictions into the current directory, not into the checkpoint.
 #[test]
 fn resume_without_epochs_ends_where_the_run_was_set_to_end() {
-    let dir = scratch("resume-epochs");
-    // Nothing cached: the tiny preset needs no hub model.
-    let hub = dir.join("hub");
-    let catalog = dir.join("catalog");
-    synth(&hub, &catalog, 24, 5);
-    let cache = dir.join("embeddings");
-    let fit = |out: &Path, extra: &[&str]| {
-        let mut args = vec![
-            "fit".to_string(),
-            "--data".into(),
-            s(&catalog),
-            "--out".into(),
-            s(out),
-            "--quiet".into(),
-            "--cache-dir".into(),
-            s(&cache),
-        ];
-        args.extend(extra.iter().map(|a| a.to_string()));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        trainer(&hub, &args)
-    };
+    let run = CatalogRun::new("resume-epochs", 24, 5);
+    let fit = |out: &Path, extra: &[&str]| run.fit(out, extra);
+    let (dir, hub, catalog, cache) = (&run.dir, &run.hub, &run.catalog, &run.cache);
     // 19 training samples in batches of 8: 3 steps per epoch, 6 in the 2-epoch run.
-    let run = ["--preset", "tiny", "--epochs", "2", "--batch-size", "8"];
+    let two = ["--preset", "tiny", "--epochs", "2", "--batch-size", "8"];
     let straight = dir.join("straight");
-    check(&fit(&straight, &run));
+    check(&fit(&straight, &two));
     let split = dir.join("split");
-    check(&fit(&split, &[&run[..], &["--max-steps", "2"]].concat()));
+    check(&fit(&split, &[&two[..], &["--max-steps", "2"]].concat()));
     assert_eq!(state(&split.join("last"))["step"], 2);
 
     // `--resume` alone (the recipe's 20 epochs are only the default of --epochs).
@@ -258,17 +287,17 @@ fn resume_without_epochs_ends_where_the_run_was_set_to_end() {
     let cwd = dir.join("eval");
     std::fs::create_dir_all(&cwd).expect("eval directory");
     let out = trainer_command(
-        &hub,
+        hub,
         &[
             "eval",
             "--checkpoint",
             &last,
             "--data",
-            &s(&catalog),
+            &s(catalog),
             "--max-new-tokens",
             "4",
             "--cache-dir",
-            &s(&cache),
+            &s(cache),
             "--quiet",
         ],
     )
@@ -282,39 +311,18 @@ fn resume_without_epochs_ends_where_the_run_was_set_to_end() {
         "{}",
         text(&out)
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// `--no-augment` turns the preset's whole augmentation off (its rotation and scale with its
 /// flips and shifts); a rotation asked for without augmentation is refused, naming the flag.
 #[test]
 fn no_augment_turns_off_the_presets_rotation_and_scale() {
-    let dir = scratch("no-augment");
-    let hub = dir.join("hub");
-    let catalog = dir.join("catalog");
-    synth(&hub, &catalog, 24, 6);
-    let cache = dir.join("embeddings");
+    let run = CatalogRun::new("no-augment", 24, 6);
     let fit = |out: &Path, extra: &[&str]| {
-        let (data, out, cache) = (s(&catalog), s(out), s(&cache));
-        let mut args = vec![
-            "fit",
-            "--data",
-            &data,
-            "--out",
-            &out,
-            "--quiet",
-            "--cache-dir",
-            &cache,
-            "--preset",
-            "tiny",
-            "--max-steps",
-            "1",
-            "--batch-size",
-            "8",
-        ];
-        args.extend_from_slice(extra);
-        trainer(&hub, &args)
+        let one_step = ["--preset", "tiny", "--max-steps", "1", "--batch-size", "8"];
+        run.fit(out, &[&one_step[..], extra].concat())
     };
+    let dir = &run.dir;
     // The run's recorded augmentation: whether it augments, its rotation and its scale.
     let augment = |out: &Path| {
         let c = &state(&out.join("last"))["config"];
@@ -329,7 +337,6 @@ fn no_augment_turns_off_the_presets_rotation_and_scale() {
     let refused = dir.join("refused");
     let err = check_failed(&fit(&refused, &["--no-augment", "--augment-rotate", "5"]));
     assert!(err.contains("--augment"), "{err}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// `--preset tiny` builds its own backbones: an `--encoder` or `--decoder` it would not read
@@ -338,32 +345,16 @@ fn no_augment_turns_off_the_presets_rotation_and_scale() {
 /// preset trains offline.
 #[test]
 fn the_tiny_preset_refuses_backbones_it_does_not_read() {
-    let dir = scratch("tiny-backbones");
-    let hub = dir.join("hub");
-    let catalog = dir.join("catalog");
-    synth(&hub, &catalog, 12, 1);
-    let out_dir = dir.join("run");
+    let run = CatalogRun::new("tiny-backbones", 12, 1);
+    let out_dir = run.dir.join("run");
     for (flag, value) in [
         ("--encoder", "does/not/exist"),
         ("--decoder", "/no/such/decoder"),
         ("--encoder", "someone/uncached-clip"),
     ] {
-        let out = trainer(
-            &hub,
-            &[
-                "fit",
-                "--data",
-                &s(&catalog),
-                "--out",
-                &s(&out_dir),
-                "--preset",
-                "tiny",
-                flag,
-                value,
-                "--max-steps",
-                "1",
-                "--quiet",
-            ],
+        let out = run.fit(
+            &out_dir,
+            &["--preset", "tiny", flag, value, "--max-steps", "1"],
         );
         let err = check_failed(&out);
         assert!(
@@ -373,26 +364,9 @@ fn the_tiny_preset_refuses_backbones_it_does_not_read() {
         );
         assert!(!out_dir.exists(), "{flag} {value}: output directory left");
     }
-    let out = trainer(
-        &hub,
-        &[
-            "fit",
-            "--data",
-            &s(&catalog),
-            "--out",
-            &s(&out_dir),
-            "--preset",
-            "tiny",
-            "--max-steps",
-            "1",
-            "--quiet",
-            "--cache-dir",
-            &s(&dir.join("embeddings")),
-        ],
-    );
+    let out = run.fit(&out_dir, &["--preset", "tiny", "--max-steps", "1"]);
     check(&out);
     assert!(out_dir.join("last/training_state.json").is_file());
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Exit statuses: 2 for a usage error (clap's) and for a command that fails; `--help` lists
