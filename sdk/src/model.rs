@@ -81,6 +81,10 @@ pub struct OpenOptions {
     /// reads a few dozen of its rows instead of all of them. On by default; off computes every
     /// token's logits at every step, as with bundles exported before the input existed.
     pub listed_logits: bool,
+    /// Build only what embeddings need: the encoder's and the projector's sessions, not the
+    /// decoder's or the token embedding's, and no caption constraint. Opening takes about
+    /// half the time and memory; describing is then an error. Off by default.
+    pub embeddings_only: bool,
 }
 
 impl Default for OpenOptions {
@@ -93,6 +97,7 @@ impl Default for OpenOptions {
             optimize: true,
             profile_dir: None,
             listed_logits: true,
+            embeddings_only: false,
         }
     }
 }
@@ -137,6 +142,12 @@ impl OpenOptions {
     /// [`OpenOptions::listed_logits`].
     pub fn with_listed_logits(mut self, listed: bool) -> Self {
         self.listed_logits = listed;
+        self
+    }
+
+    /// [`OpenOptions::embeddings_only`].
+    pub fn with_embeddings_only(mut self, only: bool) -> Self {
+        self.embeddings_only = only;
         self
     }
 }
@@ -309,12 +320,34 @@ fn check_batch(n: usize) -> Result<()> {
 /// a dynamic one.
 type Shapes = Vec<Vec<Option<usize>>>;
 
-/// One set of sessions: each graph once.
+/// One set of sessions: each graph once (the text side absent when the model was opened
+/// with [`OpenOptions::embeddings_only`]).
 struct Worker {
     encoder: Session,
     projector: Session,
+    text: Option<TextSessions>,
+}
+
+/// The sessions that write text: the token embedding and the decoder.
+struct TextSessions {
     embed: Session,
     decoder: Session,
+}
+
+impl Worker {
+    /// The text side, or the error a model opened for embeddings gives when asked to write.
+    fn text(&mut self) -> Result<&mut TextSessions> {
+        self.text.as_mut().ok_or_else(embeddings_only_error)
+    }
+}
+
+/// What describing with a model opened for embeddings only gives.
+fn embeddings_only_error() -> Error {
+    Error::InvalidArgument(
+        "the model was opened for embeddings only (OpenOptions::embeddings_only); open it \
+         without that option to describe images"
+            .to_string(),
+    )
 }
 
 struct PoolState {
@@ -459,12 +492,16 @@ impl GraphSet<'_> {
                 )))
             })
         };
+        let text = !self.options.embeddings_only;
         let (decoder, projector, others) = std::thread::scope(|scope| {
-            let decoder = scope.spawn(|| open(Role::Decoder));
+            let decoder = text.then(|| scope.spawn(|| open(Role::Decoder)));
             let projector = scope.spawn(|| open(Role::Projector));
-            let others = open(Role::Encoder).and_then(|e| Ok((e, open(Role::EmbedTokens)?)));
+            let others = open(Role::Encoder).and_then(|e| {
+                let embed = text.then(|| open(Role::EmbedTokens)).transpose()?;
+                Ok((e, embed))
+            });
             (
-                joined(decoder.join(), Role::Decoder),
+                decoder.map(|d| joined(d.join(), Role::Decoder)).transpose(),
                 joined(projector.join(), Role::Projector),
                 others,
             )
@@ -477,11 +514,14 @@ impl GraphSet<'_> {
         let worker = Worker {
             encoder,
             projector,
-            embed,
-            decoder,
+            text: embed
+                .zip(decoder)
+                .map(|(embed, decoder)| TextSessions { embed, decoder }),
         };
         self.check_graph_shapes(&worker)?;
-        self.check_decoder_metadata(&worker)?;
+        if let Some(text) = &worker.text {
+            self.check_decoder_metadata(&text.decoder)?;
+        }
         Ok(worker)
     }
 
@@ -504,7 +544,7 @@ impl GraphSet<'_> {
             decoder_in.push(cache.clone());
             decoder_out.push(cache.clone());
         }
-        let checks: [(Role, &Session, &Io, Shapes, Shapes); 4] = [
+        let mut checks: Vec<(Role, &Session, &Io, Shapes, Shapes)> = vec![
             (
                 Role::Encoder,
                 &w.encoder,
@@ -519,21 +559,23 @@ impl GraphSet<'_> {
                 vec![vec![None, p]],
                 vec![vec![None, Some(d.prefix_len), e]],
             ),
-            (
+        ];
+        if let Some(t) = &w.text {
+            checks.push((
                 Role::EmbedTokens,
-                &w.embed,
+                &t.embed,
                 self.embed_io,
                 vec![vec![None, None]],
                 vec![vec![None, None, e]],
-            ),
-            (
+            ));
+            checks.push((
                 Role::Decoder,
-                &w.decoder,
+                &t.decoder,
                 self.decoder_io,
                 decoder_in,
                 decoder_out,
-            ),
-        ];
+            ));
+        }
         for (role, session, io, ins, outs) in checks {
             let graph = self
                 .manifest
@@ -608,15 +650,14 @@ impl GraphSet<'_> {
     /// graph), `vocab_size` with the tokens its LM head scores ([`VOCAB_SIZE_METADATA`]), and
     /// an optional [`HEAD_IDS`] input that the manifest lists with the graph's inputs that
     /// have defaults. A graph without an entry (older bundles) is not checked on it.
-    fn check_decoder_metadata(&self, w: &Worker) -> Result<()> {
+    fn check_decoder_metadata(&self, decoder: &Session) -> Result<()> {
         let file = self
             .manifest
             .graph(Role::Decoder)
             .map(|g| self.dir.join(&g.file))
             .map_err(|e| Error::bundle(self.dir, e))?;
         if self.decoder_io.head_ids
-            && !w
-                .decoder
+            && !decoder
                 .overridable_initializers()
                 .iter()
                 .any(|o| o.name() == HEAD_IDS)
@@ -629,8 +670,7 @@ impl GraphSet<'_> {
                 ),
             ));
         }
-        let meta = w
-            .decoder
+        let meta = decoder
             .metadata()
             .map_err(|e| Error::bundle(&file, format!("cannot read its metadata: {e}")))?;
         let number = |key: &str| -> Result<Option<usize>> {
@@ -792,6 +832,7 @@ impl Moda {
                 let constraint = manifest
                     .schema
                     .as_ref()
+                    .filter(|_| !options.embeddings_only)
                     .map(|schema| Constraint::new(schema, &tokenizer, eos));
                 Ok::<_, Error>((tokenizer, constraint))
             });
@@ -875,12 +916,15 @@ impl Moda {
         let mut files = Vec::new();
         let mut st = self.lock_pool();
         for w in st.idle.iter_mut() {
-            for (role, session) in [
+            let mut sessions = vec![
                 (Role::Encoder, &mut w.encoder),
                 (Role::Projector, &mut w.projector),
-                (Role::EmbedTokens, &mut w.embed),
-                (Role::Decoder, &mut w.decoder),
-            ] {
+            ];
+            if let Some(t) = &mut w.text {
+                sessions.push((Role::EmbedTokens, &mut t.embed));
+                sessions.push((Role::Decoder, &mut t.decoder));
+            }
+            for (role, session) in sessions {
                 let file = session.end_profiling().map_err(|e| {
                     Error::Internal(format!("ending the {role} graph's profile: {e}"))
                 })?;
@@ -1067,6 +1111,9 @@ impl Moda {
         on_token: &mut dyn FnMut(&TokenEvent<'_>) -> bool,
     ) -> Result<Vec<Result<Description>>> {
         let t0 = Instant::now();
+        if self.options.embeddings_only {
+            return Err(embeddings_only_error());
+        }
         check_batch(images.len())?;
         let max_new = options
             .max_new_tokens
@@ -1312,7 +1359,7 @@ impl Moda {
         let input = Tensor::from_array(([rows, seq], data))
             .map_err(|e| Error::run(Role::EmbedTokens.name(), e))?;
         let out = run(
-            &mut w.embed,
+            &mut w.text()?.embed,
             Role::EmbedTokens,
             vec![(self.embed_io.inputs[0].clone(), input.into())],
             &self.embed_io.outputs[0],
@@ -1556,6 +1603,7 @@ impl DecodeState<'_> {
         }
         let mut outputs = self
             .worker
+            .text()?
             .decoder
             .run(inputs)
             .map_err(|e| Error::run(Role::Decoder.name(), e))?;

@@ -64,6 +64,44 @@ fn embeddings_match_transformers() {
     }
 }
 
+/// A model opened for embeddings only (no decoder or token-embedding session) embeds as the
+/// whole model does and refuses to describe with an error that says why.
+#[test]
+fn embeddings_only_embeds_and_refuses_to_describe() {
+    let refs = load_refs("moda/reference.safetensors");
+    let want = get(&refs, "image_embeds");
+    let only = Moda::open(bundle(), &OpenOptions::default().with_embeddings_only(true))
+        .expect("open for embeddings");
+    for (i, name) in ["photo.jpg", "wide.png"].iter().enumerate() {
+        let input = ImageInput::Path(&image(name));
+        let got = only.embed(&input, Norm::Raw).expect("embed");
+        let want: Vec<f32> = want.i(i).expect("row").to_vec1().expect("vec");
+        let diff = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(diff <= EMBED_TOL, "{name}: max abs diff {diff}");
+        // The same graphs with the same session options: the whole model's values exactly.
+        assert_eq!(
+            got,
+            moda().embed(&input, Norm::Raw).expect("embed"),
+            "{name}"
+        );
+    }
+    let input = ImageInput::Path(&image("photo.jpg"));
+    for result in [
+        only.describe(&input, &greedy(4)).map(|_| ()),
+        only.describe_batch(std::slice::from_ref(&input), &greedy(4))
+            .map(|_| ()),
+    ] {
+        match result {
+            Err(Error::InvalidArgument(m)) => assert!(m.contains("embeddings only"), "{m}"),
+            other => panic!("describe on an embeddings-only model: {other:?}"),
+        }
+    }
+}
+
 #[test]
 fn greedy_tokens_match_transformers_and_candle() {
     let refs = load_refs("moda/reference.safetensors");

@@ -705,12 +705,13 @@ impl TokenStream {
 
 /// An opened MODA bundle: describes and embeds product images with ONNX Runtime on the CPU.
 ///
-/// `Model(bundle, threads=None, sessions=1, verify_checksums=False)`: `bundle` is the
-/// directory `exporter onnx` wrote; `threads` the threads ONNX Runtime uses inside one graph
-/// run (default: the cores the process may use, at most 8, divided among the sessions);
-/// `sessions` the most ONNX Runtime session sets (each a copy of the weights) that calls
-/// from different Python threads use at once; `verify_checksums` checks every file's
-/// SHA-256 against `moda.json`.
+/// `Model(bundle, threads=None, sessions=1, verify_checksums=False, embeddings_only=False)`:
+/// `bundle` is the directory `exporter onnx` wrote; `threads` the threads ONNX Runtime uses
+/// inside one graph run (default: the cores the process may use, at most 8, divided among the
+/// sessions); `sessions` the most ONNX Runtime session sets (each a copy of the weights) that
+/// calls from different Python threads use at once; `verify_checksums` checks every file's
+/// SHA-256 against `moda.json`; `embeddings_only` builds only the image side (opens in about
+/// half the time and memory; describing then raises `InvalidArgumentError`).
 ///
 /// One `Model` may be used from many Python threads: ONNX Runtime runs with the GIL released.
 #[pyclass(frozen, module = "moda")]
@@ -743,13 +744,14 @@ impl Model {
 #[pymethods]
 impl Model {
     #[new]
-    #[pyo3(signature = (bundle, threads=None, sessions=1, verify_checksums=false))]
+    #[pyo3(signature = (bundle, threads=None, sessions=1, verify_checksums=false, embeddings_only=false))]
     fn new(
         py: Python<'_>,
         bundle: &Bound<'_, PyAny>,
         threads: Option<usize>,
         sessions: usize,
         verify_checksums: bool,
+        embeddings_only: bool,
     ) -> PyResult<Self> {
         let dir = fspath(bundle)?;
         if threads == Some(0) {
@@ -763,7 +765,8 @@ impl Model {
         let options = OpenOptions::default()
             .with_intra_threads(threads)
             .with_sessions(sessions)
-            .with_verify_checksums(verify_checksums);
+            .with_verify_checksums(verify_checksums)
+            .with_embeddings_only(embeddings_only);
         let moda = py.detach(|| Moda::open(&dir, &options)).map_err(to_py)?;
         Ok(Model {
             fields: moda.attribute_names(),

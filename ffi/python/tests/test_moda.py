@@ -206,6 +206,17 @@ def test_embeddings_equal_the_cli(model, cli, bundle):
     np.testing.assert_allclose(norms, 1.0, atol=1e-6)
 
 
+def test_embeddings_only_embeds_and_refuses_to_describe(model, bundle):
+    only = moda.Model(bundle, embeddings_only=True)
+    paths = [IMAGES / n for n in PIXEL_IMAGES]
+    # The same graphs with the same options as the whole model: the same numbers.
+    np.testing.assert_array_equal(only.embed(paths), model.embed(paths))
+    with pytest.raises(moda.InvalidArgumentError, match="embeddings only"):
+        only.describe(paths[0])
+    with pytest.raises(moda.InvalidArgumentError, match="embeddings only"):
+        list(only.stream(paths[0]))
+
+
 def test_embed_inputs(model):
     path = IMAGES / "photo.jpg"
     want = model.embed(path)

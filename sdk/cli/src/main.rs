@@ -480,11 +480,7 @@ fn resolve_model(arg: Option<&Path>) -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
-fn open_model(args: &ModelArgs) -> anyhow::Result<Moda> {
-    open_model_with(args, |o| o)
-}
-
-/// [`open_model`] with further options.
+/// Opens the bundle of `args` with the options they give, then `more`.
 fn open_model_with(
     args: &ModelArgs,
     more: impl FnOnce(OpenOptions) -> OpenOptions,
@@ -526,8 +522,10 @@ fn job(
     let format = resolve_format(job, format, &task)?;
     let listing = list_inputs(input, job, &task)?;
     let items = shard.select(listing.items.clone());
-    // The model first: a bundle that cannot be opened leaves no output file behind.
-    let moda = open_model(model)?;
+    // The model first: a bundle that cannot be opened leaves no output file behind. An
+    // embedding job builds only the encoder's and the projector's sessions.
+    let embeddings_only = matches!(task, Task::Embed { .. });
+    let moda = open_model_with(model, |o| o.with_embeddings_only(embeddings_only))?;
     if let Task::Describe(opts) = &task {
         let max_new = opts
             .max_new_tokens

@@ -154,6 +154,7 @@ class Model:
         threads: Optional[int] = None,
         sessions: int = 1,
         verify_checksums: bool = False,
+        embeddings_only: bool = False,
     ) -> None:
         """Opens ``bundle`` (the directory ``exporter onnx`` wrote).
 
@@ -161,7 +162,10 @@ class Model:
         process may use, at most 8, divided among the sessions). ``sessions``: the most ONNX
         Runtime session sets, each a copy of the weights, that calls from different threads
         use at once (with 1 they take turns). ``verify_checksums``: check every file's SHA-256
-        against ``moda.json``. Raises :class:`BundleError` or :class:`RuntimeNotFoundError`.
+        against ``moda.json``. ``embeddings_only``: build only the image side (the encoder and
+        the projector), which opens in about half the time and memory; :meth:`describe` and
+        :meth:`stream` then raise :class:`InvalidArgumentError`. Raises :class:`BundleError`
+        or :class:`RuntimeNotFoundError`.
         """
     def describe(
         self,
