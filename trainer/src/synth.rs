@@ -57,8 +57,9 @@ of the caption has a visual cue by construction:
   Gender       the backdrop: a cool, pale blue backdrop with a blue band along the bottom for
                Boys and Men; a warm, pale rose backdrop with a rose band for Girls and Women.
   Usage        the pattern on the product: Casual = plain; Formal = vertical pinstripes;
-               Sports = two broad diagonal stripes; Ethnic = a grid of dots and a contrasting
-               trim along the outline.";
+               Sports = two broad diagonal stripes; Ethnic = a grid of bold dots (about 40% of
+               the product, so that its tint differs from pinstripes') and a contrasting trim
+               along the outline.";
 
 /// Arguments of `trainer synth`.
 #[derive(Debug, Clone, clap::Args)]
@@ -1200,10 +1201,14 @@ fn render_jpeg(p: &Product, seed: u64, index: u64, path: &Path) -> Result<Vec<u8
             }
         }
         "Ethnic" => {
-            // A grid of dots and a contrasting trim along the outline; dots of 3 units and
-            // more across, at least 1.5 px at 64 px.
+            // A grid of bold dots and a contrasting trim along the outline. The dots cover
+            // about 40% of the body (radius 0.36 of their spacing), twice the share Formal's
+            // pinstripes do: at 64 px a stripe and a dot are a pixel or two, and with equal
+            // shares the two patterns gave a product the same tint, told apart only by their
+            // fine shapes; on heels, the one type that comes in both, the tiny preset read
+            // them at chance. Dots of 5 units and more across, about 3 px at 64 px.
             let step = (w.min(h) / 5.0).clamp(7.0, 14.0);
-            let r = step * 0.25;
+            let r = step * 0.36;
             let mut y = t + step * 0.5;
             let mut row = 0;
             while y < t + h {
