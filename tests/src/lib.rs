@@ -51,8 +51,14 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .expect("b");
     let a = a.to_vec1::<f32>().expect("a values");
     let b = b.to_vec1::<f32>().expect("b values");
+    max_abs_diff_slices(&a, &b)
+}
+
+/// The largest absolute difference between two slices of the same length.
+pub fn max_abs_diff_slices(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "lengths differ");
     a.iter()
-        .zip(&b)
+        .zip(b)
         .map(|(x, y)| (x - y).abs())
         .fold(0.0f32, f32::max)
 }

@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 use candle_core::{DType, Device, IndexOp, Tensor};
 use moda_models::preprocess::{ImageProcessor, ImageProcessorConfig};
 use moda_sdk::{Constrain, Error, Finish, GenerationOptions, ImageInput, Moda, Norm, OpenOptions};
-use moda_tests::{fixture, get, load_refs, TempDir};
+use moda_tests::{fixture, get, load_refs, max_abs_diff_slices, TempDir};
 
 /// ONNX Runtime f32 against transformers f32 for the tiny models: float noise only (the
 /// exporter's own verification bound).
@@ -44,12 +44,7 @@ fn embeddings_match_transformers() {
             .embed(&ImageInput::Path(&image(name)), Norm::Raw)
             .expect("embed");
         let want: Vec<f32> = want.i(i).expect("row").to_vec1().expect("vec");
-        assert_eq!(got.len(), want.len());
-        let diff = got
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f32::max);
+        let diff = max_abs_diff_slices(&got, &want);
         assert!(diff <= EMBED_TOL, "{name}: max abs diff {diff}");
         // Normalised: unit length, same direction.
         let unit = moda()
@@ -76,11 +71,7 @@ fn embeddings_only_embeds_and_refuses_to_describe() {
         let input = ImageInput::Path(&image(name));
         let got = only.embed(&input, Norm::Raw).expect("embed");
         let want: Vec<f32> = want.i(i).expect("row").to_vec1().expect("vec");
-        let diff = got
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f32::max);
+        let diff = max_abs_diff_slices(&got, &want);
         assert!(diff <= EMBED_TOL, "{name}: max abs diff {diff}");
         // The same graphs with the same session options: the whole model's values exactly.
         assert_eq!(
@@ -478,11 +469,7 @@ fn forced_multi_token_steps_equal_single_steps_and_candle_equals_the_bundle() {
         }
     }
     let single: Vec<f32> = single.concat();
-    let diff = many
-        .iter()
-        .zip(&single)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0f32, f32::max);
+    let diff = max_abs_diff_slices(&many, &single);
     assert!(diff < 1e-4, "multi-token step vs single steps: {diff}");
     // The bundle (ONNX Runtime, forced runs as multi-token steps) against candle fed one
     // token per step, through the one constrained search: the same tokens, log-probabilities
@@ -646,13 +633,7 @@ fn batch_equals_single_and_bad_images_get_their_own_error() {
     let embeds = moda().embed_batch(&inputs, Norm::Raw).expect("embed batch");
     assert!(embeds[2].is_err());
     let one = moda().embed(&inputs[0], Norm::Raw).expect("one");
-    let diff = embeds[0]
-        .as_ref()
-        .expect("e")
-        .iter()
-        .zip(&one)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f32::max);
+    let diff = max_abs_diff_slices(embeds[0].as_ref().expect("e"), &one);
     assert!(diff < 1e-5, "{diff}");
 }
 
