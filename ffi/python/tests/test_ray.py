@@ -184,3 +184,40 @@ def test_describer_keeps_going_past_a_bad_image(bundle):
     for images in [pixels, np.array([open(good, "rb").read()] * 2, dtype=object)]:
         out2 = Describer(str(bundle))({"image": images}).to_pydict()
         assert "image" not in out2 and out2["description"] == [out["description"][0]] * 2
+
+
+def test_embedder_embeds_every_row_and_keeps_going_past_a_bad_image(bundle):
+    from PIL import Image
+
+    import moda
+    from moda.ray import Embedder
+
+    good = str(REPO / "tests" / "fixtures" / "images" / "photo.jpg")
+    wide = str(REPO / "tests" / "fixtures" / "images" / "wide.png")
+    bad = str(REPO / "tests" / "fixtures" / "images" / "not_an_image.jpg")
+    model = moda.Model(str(bundle))
+    want = model.embed([good, wide], normalize=True)
+    e = Embedder(str(bundle), image_column="path")
+    # A clean batch goes through the encoder at once: the whole model's batch, to the bit.
+    out = e({"path": np.array([good, wide]), "id": np.array([1, 2])}).to_pydict()
+    assert out["id"] == [1, 2] and out["error"] == [None, None]
+    np.testing.assert_array_equal(np.array(out["embedding"], dtype=np.float32), want)
+    # A bad image: its row NaN with the error, the others as embedded one by one.
+    out = e({"path": np.array([good, bad, wide])}).to_pydict()
+    assert out["error"][0] is None and out["error"][2] is None
+    assert "not_an_image.jpg" in out["error"][1]
+    assert np.isnan(out["embedding"][1]).all()
+    for row, path in [(0, good), (2, wide)]:
+        np.testing.assert_array_equal(
+            np.array(out["embedding"][row], dtype=np.float32),
+            model.embed(path, normalize=True)[0],
+        )
+    # Raw embeddings on request; pixels in, and the pixel column left out of the output.
+    raw = Embedder(str(bundle), normalize=False)(
+        {"image": np.stack([np.asarray(Image.open(good).convert("RGB"))])}
+    ).to_pydict()
+    assert "image" not in raw
+    np.testing.assert_array_equal(
+        np.array(raw["embedding"], dtype=np.float32),
+        model.embed(Image.open(good), normalize=False),
+    )

@@ -1,5 +1,5 @@
-"""Batch inference on Ray Data: :class:`Describer`, a callable class for
-``ray.data.Dataset.map_batches``.
+"""Batch inference on Ray Data: :class:`Describer` and :class:`Embedder`, callable classes
+for ``ray.data.Dataset.map_batches``.
 
 Ray creates the class once per actor, so each actor opens the bundle once and then describes
 (and optionally embeds) every batch of rows it is given::
@@ -18,7 +18,10 @@ Ray creates the class once per actor, so each actor opens the bundle once and th
     )
     out.write_parquet("descriptions/")
 
-The class does not import Ray: it needs numpy, pyarrow (a dependency of Ray Data) and
+For embeddings alone, :class:`Embedder` takes the same arguments (less the generation ones) and
+opens only the bundle's image side, in about half the time and memory.
+
+The classes do not import Ray: it needs numpy, pyarrow (a dependency of Ray Data) and
 ``moda``.
 """
 
@@ -29,12 +32,12 @@ from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional
 
 import numpy as np
 
-from ._native import Description, Model
+from ._native import Description, ModaError, Model
 
 if TYPE_CHECKING:
     import pyarrow
 
-__all__ = ["Describer"]
+__all__ = ["Describer", "Embedder"]
 
 
 def _image(value: Any) -> Any:
@@ -92,31 +95,14 @@ class Describer:
         self.normalize = normalize
         self.generation = dict(generation or {})
 
-    def _images(self, column: Any) -> List[Any]:
-        images = [_image(v) for v in column]
-        if self.root is not None:
-            images = [
-                os.path.join(self.root, im) if isinstance(im, str) else im for im in images
-            ]
-        return images
-
     def __call__(self, batch: Dict[str, np.ndarray]) -> "pyarrow.Table":
         import pyarrow as pa
 
-        if self.image_column not in batch:
-            raise KeyError(
-                f"no column {self.image_column!r} in the batch (columns: {sorted(batch)})"
-            )
-        images = self._images(batch[self.image_column])
+        images = _batch_images(batch, self.image_column, self.root)
         n = len(images)
         results = self.model.describe_batch(images, errors="return", **self.generation)
         ok = [isinstance(r, Description) for r in results]
-        columns: Dict[str, Any] = {}
-        for name, values in batch.items():
-            if name == self.image_column and not all(isinstance(im, str) for im in images):
-                continue
-            values = np.asarray(values)
-            columns[name] = pa.array(list(values) if values.ndim > 1 else values)
+        columns = _input_columns(batch, self.image_column, images)
         columns["description"] = pa.array(
             [r.text if good else None for r, good in zip(results, ok)], pa.string()
         )
@@ -150,3 +136,79 @@ class Describer:
                 emb[rows] = self.model.embed([images[i] for i in rows], normalize=self.normalize)
             columns["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), d)
         return pa.table(columns)
+
+
+class Embedder:
+    """Embeds the images of a batch of rows (for ``Dataset.map_batches`` with
+    ``batch_format="numpy"``), with the bundle opened for embeddings only (its encoder and
+    projector; see :class:`moda.Model`'s ``embeddings_only``). Returns each batch as a
+    ``pyarrow.Table`` with the input's columns (less an image column of bytes or pixels, as
+    :class:`Describer`), ``embedding`` (a fixed-size list of float32, L2-normalised with
+    ``normalize=True``; NaN for an image that failed) and ``error`` (null, or MODA's message
+    for that image: one bad image does not fail the batch). ``image_column``, ``root``,
+    ``threads`` and ``sessions`` as in :class:`Describer`.
+    """
+
+    def __init__(
+        self,
+        bundle: str,
+        *,
+        image_column: str = "image",
+        root: Optional[str] = None,
+        normalize: bool = True,
+        threads: Optional[int] = None,
+        sessions: int = 1,
+    ) -> None:
+        self.model = Model(bundle, threads=threads, sessions=sessions, embeddings_only=True)
+        self.image_column = image_column
+        self.root = root
+        self.normalize = normalize
+
+    def __call__(self, batch: Dict[str, np.ndarray]) -> "pyarrow.Table":
+        import pyarrow as pa
+
+        images = _batch_images(batch, self.image_column, self.root)
+        d = self.model.embedding_dim
+        emb = np.full((len(images), d), np.nan, dtype=np.float32)
+        errors: List[Optional[str]] = [None] * len(images)
+        if images:
+            try:
+                # One batch through the encoder when every image reads.
+                emb[:] = self.model.embed(images, normalize=self.normalize)
+            except ModaError:
+                # Else image by image, so that each failure lands on its own row.
+                for i, im in enumerate(images):
+                    try:
+                        emb[i] = self.model.embed(im, normalize=self.normalize)[0]
+                    except ModaError as e:
+                        errors[i] = str(e)
+        columns = _input_columns(batch, self.image_column, images)
+        columns["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), d)
+        columns["error"] = pa.array(errors, pa.string())
+        return pa.table(columns)
+
+
+def _batch_images(batch: Dict[str, np.ndarray], column: str, root: Optional[str]) -> List[Any]:
+    """The batch's image column as inputs of :class:`moda.Model` (relative paths joined to
+    ``root``)."""
+    if column not in batch:
+        raise KeyError(f"no column {column!r} in the batch (columns: {sorted(batch)})")
+    images = [_image(v) for v in batch[column]]
+    if root is not None:
+        images = [os.path.join(root, im) if isinstance(im, str) else im for im in images]
+    return images
+
+
+def _input_columns(
+    batch: Dict[str, np.ndarray], column: str, images: List[Any]
+) -> Dict[str, Any]:
+    """The batch's columns for the output, less an image column of bytes or pixels."""
+    import pyarrow as pa
+
+    columns: Dict[str, Any] = {}
+    for name, values in batch.items():
+        if name == column and not all(isinstance(im, str) for im in images):
+            continue
+        values = np.asarray(values)
+        columns[name] = pa.array(list(values) if values.ndim > 1 else values)
+    return columns
