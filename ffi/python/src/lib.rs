@@ -14,7 +14,7 @@ use moda_sdk::runtime::RuntimeError;
 use moda_sdk::{Constrain, Error, GenerationOptions, ImageInput, Moda, Norm, OpenOptions};
 use numpy::ndarray::Array2;
 use numpy::PyUntypedArrayMethods;
-use numpy::{IntoPyArray, PyArray2, PyArrayMethods, PyReadonlyArray3, PyUntypedArray};
+use numpy::{IntoPyArray, PyArrayMethods, PyReadonlyArray3, PyUntypedArray};
 use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -868,15 +868,28 @@ impl Model {
 
     /// Image embeddings as a `float32` numpy array of shape `(n, d)` (`d` is
     /// `embedding_dim`), L2-normalised when `normalize` is true. `images` is a list or tuple
-    /// of images, a uint8 array of shape `(N, H, W, 3)`, or one image (then `n` is 1). The
-    /// first image that fails raises its error.
-    #[pyo3(signature = (images, normalize=false))]
+    /// of images, a uint8 array of shape `(N, H, W, 3)`, or one image (then `n` is 1). With
+    /// `errors="raise"` (the default) the first image that fails raises its error; with
+    /// `errors="return"` the result is `(array, errors)`: a failed image's row is NaN and its
+    /// place in the list `errors` holds the exception (`None` for the others), and the other
+    /// images go on.
+    #[pyo3(signature = (images, normalize=false, *, errors="raise"))]
     fn embed<'py>(
         &self,
         py: Python<'py>,
         images: &Bound<'py, PyAny>,
         normalize: bool,
-    ) -> PyResult<Bound<'py, PyArray2<f32>>> {
+        errors: &str,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let keep_errors = match errors {
+            "raise" => false,
+            "return" => true,
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "errors must be \"raise\" or \"return\", not {other:?}"
+                )))
+            }
+        };
         let is_batch = images.is_instance_of::<PyList>()
             || images.is_instance_of::<PyTuple>()
             || images.cast::<PyUntypedArray>().is_ok_and(|a| a.ndim() == 4);
@@ -887,19 +900,36 @@ impl Model {
         };
         let d = self.moda.manifest().model.projection_dim;
         let mut flat = Vec::with_capacity(srcs.len() * d);
+        let failures = PyList::empty(py);
         for chunk in srcs.chunks(MAX_BATCH) {
             let inputs: Vec<ImageInput<'_>> = chunk.iter().map(Src::input).collect();
             let results = py
                 .detach(|| self.moda.embed_batch(&inputs, Norm::unit_if(normalize)))
                 .map_err(to_py)?;
             for r in results {
-                flat.extend(r.map_err(to_py)?);
+                match r {
+                    Ok(row) => {
+                        flat.extend(row);
+                        failures.append(py.None())?;
+                    }
+                    Err(e) if keep_errors => {
+                        flat.extend(std::iter::repeat_n(f32::NAN, d));
+                        failures.append(to_py(e).into_value(py))?;
+                    }
+                    Err(e) => return Err(to_py(e)),
+                }
             }
         }
         let n = srcs.len();
         let arr = Array2::from_shape_vec((n, d), flat)
-            .map_err(|e| ModaError::new_err(format!("embedding shape: {e}")))?;
-        Ok(arr.into_pyarray(py))
+            .map_err(|e| ModaError::new_err(format!("embedding shape: {e}")))?
+            .into_pyarray(py)
+            .into_any();
+        if keep_errors {
+            Ok(PyTuple::new(py, [arr, failures.into_any()])?.into_any())
+        } else {
+            Ok(arr)
+        }
     }
 
     /// The bundle directory.

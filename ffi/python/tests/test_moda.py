@@ -217,6 +217,23 @@ def test_embeddings_only_embeds_and_refuses_to_describe(model, bundle):
         list(only.stream(paths[0]))
 
 
+def test_embed_can_return_each_images_error(model):
+    paths = [IMAGES / "photo.jpg", IMAGES / "not_an_image.jpg", IMAGES / "wide.png"]
+    emb, errors = model.embed(paths, normalize=True, errors="return")
+    assert emb.shape == (3, model.embedding_dim) and emb.dtype == np.float32
+    assert errors[0] is None and errors[2] is None
+    assert isinstance(errors[1], moda.ImageError) and "not_an_image.jpg" in str(errors[1])
+    assert np.isnan(emb[1]).all()
+    # The rows that read are the batch of those images alone, to float32 rounding.
+    np.testing.assert_allclose(
+        emb[[0, 2]], model.embed([paths[0], paths[2]], normalize=True), rtol=1e-5, atol=1e-6
+    )
+    with pytest.raises(moda.ImageError, match="not_an_image.jpg"):
+        model.embed(paths)
+    with pytest.raises(ValueError, match="errors"):
+        model.embed(paths, errors="ignore")
+
+
 def test_embed_inputs(model):
     path = IMAGES / "photo.jpg"
     want = model.embed(path)

@@ -253,14 +253,27 @@ class Model:
         """Streams one image's description: an iterator over text pieces, produced as the
         model generates them on a background thread (with beam search they come at the end).
         Dropping the iterator early stops the generation. Keywords as in :meth:`describe`."""
+    @overload
     def embed(
         self,
         images: Union[ImageLike, Sequence[ImageLike]],
         normalize: bool = False,
-    ) -> npt.NDArray[np.float32]:
+        *,
+        errors: Literal["raise"] = "raise",
+    ) -> npt.NDArray[np.float32]: ...
+    @overload
+    def embed(
+        self,
+        images: Union[ImageLike, Sequence[ImageLike]],
+        normalize: bool = False,
+        *,
+        errors: Literal["return"],
+    ) -> Tuple[npt.NDArray[np.float32], List[Optional[ModaError]]]:
         """Image embeddings, ``float32`` of shape ``(n, embedding_dim)``, L2-normalised when
         ``normalize``. ``images``: a list or tuple, a uint8 array ``(N, H, W, 3)``, or one
-        image (``n == 1``)."""
+        image (``n == 1``). With ``errors="raise"`` the first image that fails raises; with
+        ``errors="return"`` the result is ``(array, errors)``: a failed image's row is NaN
+        and its place in ``errors`` holds the exception (``None`` for the others)."""
     @property
     def bundle(self) -> str:
         """The bundle directory."""

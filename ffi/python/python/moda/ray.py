@@ -21,7 +21,7 @@ Ray creates the class once per actor, so each actor opens the bundle once and th
 For embeddings alone, :class:`Embedder` takes the same arguments (less the generation ones) and
 opens only the bundle's image side, in about half the time and memory.
 
-The classes do not import Ray: it needs numpy, pyarrow (a dependency of Ray Data) and
+The classes do not import Ray: they need numpy, pyarrow (a dependency of Ray Data) and
 ``moda``.
 """
 
@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional
 
 import numpy as np
 
-from ._native import Description, ModaError, Model
+from ._native import Description, Model
 
 if TYPE_CHECKING:
     import pyarrow
@@ -169,22 +169,16 @@ class Embedder:
 
         images = _batch_images(batch, self.image_column, self.root)
         d = self.model.embedding_dim
-        emb = np.full((len(images), d), np.nan, dtype=np.float32)
-        errors: List[Optional[str]] = [None] * len(images)
         if images:
-            try:
-                # One batch through the encoder when every image reads.
-                emb[:] = self.model.embed(images, normalize=self.normalize)
-            except ModaError:
-                # Else image by image, so that each failure lands on its own row.
-                for i, im in enumerate(images):
-                    try:
-                        emb[i] = self.model.embed(im, normalize=self.normalize)[0]
-                    except ModaError as e:
-                        errors[i] = str(e)
+            # One batch through the encoder; a failed image's row is NaN, its error kept.
+            emb, failed = self.model.embed(images, normalize=self.normalize, errors="return")
+        else:
+            emb, failed = np.zeros((0, d), dtype=np.float32), []
         columns = _input_columns(batch, self.image_column, images)
         columns["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), d)
-        columns["error"] = pa.array(errors, pa.string())
+        columns["error"] = pa.array(
+            [None if e is None else str(e) for e in failed], pa.string()
+        )
         return pa.table(columns)
 
 
