@@ -41,7 +41,16 @@ pub struct moda_model_params {
     pub max_image_height: c_uint,
     /// Largest allocation an image decoder may make, in bytes. Default 512 MiB.
     pub max_image_alloc: usize,
+    /// Non-zero: build only what embeddings need (the encoder's and the projector's sessions;
+    /// no decoder, token embedding or caption constraint). Opening takes about half the time
+    /// and memory; moda_model_describe() and its siblings then fail with
+    /// MODA_ERR_INVALID_ARGUMENT. Default 0.
+    pub embeddings_only: c_int,
 }
+
+/// The size of moda_model_params before embeddings_only was added: a program built against
+/// that header passes it, and gets a model that describes as well as embeds.
+const MODEL_PARAMS_V1_SIZE: usize = std::mem::offset_of!(moda_model_params, embeddings_only);
 
 /// moda_generation_params.constrain: constrain decoding when the bundle has a caption schema
 /// whose every field lists its values, generate free text otherwise.
@@ -169,6 +178,7 @@ pub extern "C" fn moda_model_default_params() -> moda_model_params {
         max_image_width: 16384,
         max_image_height: 16384,
         max_image_alloc: 512 << 20,
+        embeddings_only: 0,
     };
     boundary(fallback, || {
         let o = OpenOptions::default();
@@ -182,6 +192,7 @@ pub extern "C" fn moda_model_default_params() -> moda_model_params {
             max_image_width: l.max_width,
             max_image_height: l.max_height,
             max_image_alloc: usize::try_from(l.max_alloc).unwrap_or(usize::MAX),
+            embeddings_only: o.embeddings_only.into(),
         }
     })
 }
@@ -357,8 +368,8 @@ unsafe fn generation_options(
         .with_constrain(constrain(func, p.constrain)?))
 }
 
-/// Checks a params struct's `struct_size`: this library knows one version of each struct, so
-/// the size must be its own. A zero or other size means a struct not set up from its
+/// Checks a params struct's `struct_size` against this header's (the callers take the sizes of
+/// earlier headers before this check). A zero or other size means a struct not set up from its
 /// `*_default_params()` function, or a header of another libmoda version.
 fn struct_size<T>(func: &str, name: &str, defaults: &str, got: usize) -> Result<(), Failure> {
     let want = std::mem::size_of::<T>();
@@ -403,7 +414,38 @@ fn open_options(p: &moda_model_params) -> Result<OpenOptions, Failure> {
             max_height: p.max_image_height,
             max_alloc: p.max_image_alloc as u64,
         })
-        .with_optimize(p.optimize != 0))
+        .with_optimize(p.optimize != 0)
+        .with_embeddings_only(p.embeddings_only != 0))
+}
+
+/// The open options of `p` (NULL: the defaults).
+///
+/// # Safety
+/// `p` is NULL or points at a `moda_model_params` of this header, or of the header before
+/// `embeddings_only` (whose struct is that many bytes shorter).
+unsafe fn model_options(p: *const moda_model_params) -> Result<OpenOptions, Failure> {
+    if p.is_null() {
+        return open_options(&moda_model_default_params());
+    }
+    // SAFETY: every version of the struct starts with struct_size.
+    let size = unsafe { std::ptr::addr_of!((*p).struct_size).read_unaligned() };
+    if size == MODEL_PARAMS_V1_SIZE {
+        // A struct of the header before embeddings_only: its fields, then the defaults of the
+        // rest.
+        let mut copy = moda_model_default_params();
+        // SAFETY: the caller's struct has `size` bytes, a prefix of this one's layout.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                p.cast::<u8>(),
+                std::ptr::addr_of_mut!(copy).cast::<u8>(),
+                size,
+            );
+        }
+        copy.struct_size = std::mem::size_of::<moda_model_params>();
+        return open_options(&copy);
+    }
+    // SAFETY: the caller's promise.
+    open_options(unsafe { &*p })
 }
 
 /// `*out = NULL` when `out` is not NULL, then the pointer to write to.
@@ -477,11 +519,8 @@ pub unsafe extern "C" fn moda_model_open(
         }
         // SAFETY: NUL-terminated (the caller's promise).
         let dir = path_of(unsafe { CStr::from_ptr(bundle_dir) })?;
-        // SAFETY: NULL or readable.
-        let options = match unsafe { params.as_ref() } {
-            Some(p) => open_options(p)?,
-            None => open_options(&moda_model_default_params())?,
-        };
+        // SAFETY: NULL or a readable struct of this header or an earlier one.
+        let options = unsafe { model_options(params) }?;
         let moda = Moda::open(dir, &options)?;
         *out = Box::into_raw(Box::new(moda_model {
             moda,

@@ -862,6 +862,44 @@ int main(int argc, char **argv)
         free(e2);
     }
 
+    /* A model opened for embeddings only embeds as the whole model does and refuses to
+     * describe; a struct of the header before embeddings_only (in a buffer of exactly its size,
+     * so that AddressSanitizer sees a read past it) opens a whole model. */
+    CHECK(moda_model_default_params().embeddings_only == 0);
+    {
+        float *e = calloc(dim, sizeof(float));
+        float *e2 = calloc(dim, sizeof(float));
+        moda_model *only = NULL;
+        moda_description *od = NULL;
+        size_t old_size = offsetof(moda_model_params, embeddings_only);
+        unsigned char *old = malloc(old_size);
+        img = moda_image_from_file(photo);
+        mp = moda_model_default_params();
+        mp.embeddings_only = 1;
+        CHECK_RC(moda_model_open(bundle, &mp, &only), MODA_OK);
+        CHECK(moda_model_embedding_size(only) == dim);
+        CHECK_RC(moda_model_embed(only, &img, 1, e, dim), MODA_OK);
+        CHECK_RC(moda_model_embed(model, &img, 1, e2, dim), MODA_OK);
+        for (i = 0; i < dim; i++) CHECK(e[i] == e2[i]); /* the same graphs, the same bits */
+        od = (moda_description *)&checks;
+        CHECK_RC(moda_model_describe(only, &img, NULL, &od), MODA_ERR_INVALID_ARGUMENT);
+        CHECK(od == NULL);
+        CHECK(contains(moda_model_errmsg(only), "embeddings only"));
+        moda_model_free(only);
+        only = NULL;
+        mp = moda_model_default_params();
+        mp.struct_size = old_size;
+        memcpy(old, &mp, old_size);
+        CHECK_RC(moda_model_open(bundle, (const moda_model_params *)(void *)old, &only), MODA_OK);
+        CHECK_RC(moda_model_describe(only, &img, NULL, &od), MODA_OK);
+        CHECK(od != NULL && moda_description_status(od) == MODA_OK);
+        moda_description_free(od);
+        moda_model_free(only);
+        free(old);
+        free(e);
+        free(e2);
+    }
+
     /* Messages are per thread: another thread's failure leaves this thread's "" alone. */
     {
         pthread_t th;

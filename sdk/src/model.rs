@@ -344,7 +344,7 @@ impl Worker {
 /// What describing with a model opened for embeddings only gives.
 fn embeddings_only_error() -> Error {
     Error::InvalidArgument(
-        "the model was opened for embeddings only (OpenOptions::embeddings_only); open it \
+        "the model was opened for embeddings only (its encoder and projector alone); open it \
          without that option to describe images"
             .to_string(),
     )
