@@ -326,29 +326,24 @@ unsafe fn generation_options(
     // the rest.
     // SAFETY: every version of the struct starts with struct_size.
     let size = unsafe { std::ptr::addr_of!((*p).struct_size).read_unaligned() };
-    let mut copy = generation_params(&GenerationOptions::default());
-    let p: &moda_generation_params =
-        if size == GENERATION_PARAMS_V1_SIZE || size == GENERATION_PARAMS_V2_SIZE {
-            // SAFETY: the caller's struct has `size` bytes, a prefix of this one's layout.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    p.cast::<u8>(),
-                    std::ptr::addr_of_mut!(copy).cast::<u8>(),
-                    size,
-                );
-            }
-            &copy
-        } else {
-            // SAFETY: the caller's promise.
-            let p = unsafe { &*p };
-            struct_size::<moda_generation_params>(
-                func,
-                "moda_generation_params",
-                "moda_generation_default_params",
-                p.struct_size,
-            )?;
-            p
-        };
+    let copy;
+    let p: &moda_generation_params = if size == GENERATION_PARAMS_V1_SIZE
+        || size == GENERATION_PARAMS_V2_SIZE
+    {
+        // SAFETY: the caller's struct has `size` bytes, a prefix of this one's layout.
+        copy = unsafe { over_defaults(p, size, generation_params(&GenerationOptions::default())) };
+        &copy
+    } else {
+        // SAFETY: the caller's promise.
+        let p = unsafe { &*p };
+        struct_size::<moda_generation_params>(
+            func,
+            "moda_generation_params",
+            "moda_generation_default_params",
+            p.struct_size,
+        )?;
+        p
+    };
     let max = count(func, "max_new_tokens", p.max_new_tokens)?;
     // SAFETY: the caller's promise on the struct covers its stop strings.
     let stop_strings = unsafe { stop_strings(func, p) }?;
@@ -366,6 +361,25 @@ unsafe fn generation_options(
         .with_length_penalty(p.length_penalty)
         .with_stop_strings(stop_strings)
         .with_constrain(constrain(func, p.constrain)?))
+}
+
+/// A params struct of an earlier header: its `size` bytes at `p` over `defaults` (whose
+/// fields after them, the ones that header did not have, stay).
+///
+/// # Safety
+/// `p` is readable for `size` bytes, and `size` is at most `size_of::<T>()`.
+unsafe fn over_defaults<T: Copy>(p: *const T, size: usize, defaults: T) -> T {
+    let mut out = defaults;
+    debug_assert!(size <= std::mem::size_of::<T>());
+    // SAFETY: the caller's promise; `out` is a whole `T`, so `size` bytes fit.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            p.cast::<u8>(),
+            std::ptr::addr_of_mut!(out).cast::<u8>(),
+            size,
+        );
+    }
+    out
 }
 
 /// Checks a params struct's `struct_size` against this header's (the callers take the sizes of
@@ -432,15 +446,8 @@ unsafe fn model_options(p: *const moda_model_params) -> Result<OpenOptions, Fail
     if size == MODEL_PARAMS_V1_SIZE {
         // A struct of the header before embeddings_only: its fields, then the defaults of the
         // rest.
-        let mut copy = moda_model_default_params();
         // SAFETY: the caller's struct has `size` bytes, a prefix of this one's layout.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                p.cast::<u8>(),
-                std::ptr::addr_of_mut!(copy).cast::<u8>(),
-                size,
-            );
-        }
+        let mut copy = unsafe { over_defaults(p, size, moda_model_default_params()) };
         copy.struct_size = std::mem::size_of::<moda_model_params>();
         return open_options(&copy);
     }
