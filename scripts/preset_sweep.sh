@@ -77,23 +77,29 @@ for mode in ["none", "schema"]:
 
 # Where the free-decoding errors were, over all the seeds: the commonest confusions of Usage
 # (with the product type) and of ProductType, and the product types whose Usage is wrong most
-# often (wrong / held out).
+# often (wrong / held out), and the colours whose ProductType is wrong most often (a fill as
+# light as the backdrop leaves the shape an outline).
 import collections, csv
 usage, ptype = collections.Counter(), collections.Counter()
 held, usage_wrong = collections.Counter(), collections.Counter()
+held_colour, ptype_wrong = collections.Counter(), collections.Counter()
 for s in seeds:
     truth = {r["ProductId"]: r for r in csv.DictReader(open(f"{out}/seed-{s}/catalog/fashion.csv"))}
     for p in csv.DictReader(open(f"{out}/seed-{s}/predictions-none.csv")):
         t = truth[p["id"]]
         held[t["ProductType"]] += 1
+        held_colour[t["Colour"]] += 1
         if p["pred_Usage"] != t["Usage"]:
             usage[f"{t['ProductType']}: {t['Usage']} -> {p['pred_Usage']}"] += 1
             usage_wrong[t["ProductType"]] += 1
         if p["pred_ProductType"] != t["ProductType"]:
             ptype[f"{t['ProductType']} -> {p['pred_ProductType']}"] += 1
+            ptype_wrong[t["Colour"]] += 1
 print(f"\nerrors over {sum(held.values())} held-out products (free decoding)")
 print("  Usage:       " + "; ".join(f"{k} {v}" for k, v in usage.most_common(6)))
 print("  ProductType: " + "; ".join(f"{k} {v}" for k, v in ptype.most_common(6)))
 rate = sorted(usage_wrong, key=lambda k: -usage_wrong[k] / held[k])[:4]
 print("  Usage wrong by type: " + "; ".join(f"{k} {usage_wrong[k]}/{held[k]}" for k in rate))
+rate = sorted(ptype_wrong, key=lambda k: -ptype_wrong[k] / held_colour[k])[:4]
+print("  ProductType wrong by colour: " + "; ".join(f"{k} {ptype_wrong[k]}/{held_colour[k]}" for k in rate))
 PY
