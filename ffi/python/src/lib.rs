@@ -330,6 +330,17 @@ fn constrain_arg(v: &Bound<'_, PyAny>) -> PyResult<Constrain> {
     }
 }
 
+/// The `errors` keyword of the batch methods: `"raise"` (false) or `"return"` (true).
+fn keep_errors(errors: &str) -> PyResult<bool> {
+    match errors {
+        "raise" => Ok(false),
+        "return" => Ok(true),
+        other => Err(PyValueError::new_err(format!(
+            "errors must be \"raise\" or \"return\", not {other:?}"
+        ))),
+    }
+}
+
 /// Generation options from keyword arguments; unset keywords keep the SDK's defaults
 /// (greedy search, the bundle's `max_new_tokens`). An unknown keyword is a `TypeError`, as a
 /// Python function would raise.
@@ -810,15 +821,7 @@ impl Model {
         errors: &str,
         generation: Option<&Bound<'py, PyDict>>,
     ) -> PyResult<Bound<'py, PyList>> {
-        let keep_errors = match errors {
-            "raise" => false,
-            "return" => true,
-            other => {
-                return Err(PyValueError::new_err(format!(
-                    "errors must be \"raise\" or \"return\", not {other:?}"
-                )))
-            }
-        };
+        let keep_errors = keep_errors(errors)?;
         let options = generation_options(generation)?;
         let srcs = batch_srcs(images)?;
         let results = self.describe_srcs(py, &srcs, &options)?;
@@ -881,15 +884,7 @@ impl Model {
         normalize: bool,
         errors: &str,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let keep_errors = match errors {
-            "raise" => false,
-            "return" => true,
-            other => {
-                return Err(PyValueError::new_err(format!(
-                    "errors must be \"raise\" or \"return\", not {other:?}"
-                )))
-            }
-        };
+        let keep_errors = keep_errors(errors)?;
         let is_batch = images.is_instance_of::<PyList>()
             || images.is_instance_of::<PyTuple>()
             || images.cast::<PyUntypedArray>().is_ok_and(|a| a.ndim() == 4);
