@@ -751,6 +751,24 @@ const unsigned int *moda_description_token_ids(const struct moda_description *d)
 const float *moda_description_logprobs(const struct moda_description *d);
 
 /**
+ * Writes the image's embedding, which the encoder computed on the way to this description
+ * (moda_model_embedding_size(model) floats), L2-normalised when normalize is non-zero, to
+ * out, which holds out_len floats: what moda_model_embed_batch() writes for the same batch
+ * of images, without running the encoder again.
+ *
+ * Returns MODA_OK, MODA_ERR_BUFFER_TOO_SMALL (nothing written) if out_len is less than the
+ * embedding size (the message gives the size), or MODA_ERR_INVALID_ARGUMENT if d or out is
+ * NULL or d is an image that failed; the message is in moda_last_error().
+ *
+ * Ownership: the caller owns out.
+ * Threads: any thread, concurrently.
+ */
+int moda_description_embedding(const struct moda_description *d,
+                               int normalize,
+                               float *out,
+                               size_t out_len);
+
+/**
  * Copies the description's timings into *out.
  *
  * Returns MODA_OK, or MODA_ERR_INVALID_ARGUMENT if d or out is NULL.

@@ -3,9 +3,12 @@
 use std::collections::BTreeMap;
 use std::ffi::{c_char, c_int, c_uint, CString};
 
-use moda_sdk::{Description, Finish};
+use moda_sdk::{Description, Finish, Norm};
 
-use crate::error::{boundary, c_string, status, Failure, MODA_OK};
+use crate::error::{
+    boundary, c_string, status, Failure, MODA_ERR_BUFFER_TOO_SMALL, MODA_ERR_INVALID_ARGUMENT,
+    MODA_OK,
+};
 
 /// Where the time of a description went, in milliseconds. In a batch every image reports
 /// the batch's times except decode_ms and n_tokens, which are the image's own.
@@ -54,6 +57,9 @@ pub struct moda_description {
     /// One per field of the bundle's caption schema, in the template's order; none when the
     /// bundle has no schema or the image failed.
     attributes: Vec<Field>,
+    /// The image embedding the encoder computed on the way (as the model gives it); empty
+    /// for an image that failed.
+    embedding: Vec<f32>,
 }
 
 /// A field of the caption schema and its value in a description, as C strings.
@@ -120,6 +126,7 @@ impl moda_description {
             logprobs: d.logprobs,
             attributes: fields_in_order(d.attributes, fields),
             finish: Some(d.finish),
+            embedding: d.embedding,
             timings: moda_timings {
                 preprocess_ms: t.preprocess_ms,
                 encoder_ms: t.encoder_ms,
@@ -146,6 +153,7 @@ impl moda_description {
             listed_runs: 0,
             finish: None,
             attributes: Vec::new(),
+            embedding: Vec::new(),
         }
     }
 
@@ -303,6 +311,55 @@ pub unsafe extern "C" fn moda_description_logprobs(d: *const moda_description) -
     boundary(std::ptr::null(), || match d {
         Some(d) if !d.logprobs.is_empty() => d.logprobs.as_ptr(),
         _ => std::ptr::null(),
+    })
+}
+
+/// Writes the image's embedding, which the encoder computed on the way to this description
+/// (moda_model_embedding_size(model) floats), L2-normalised when normalize is non-zero, to
+/// out, which holds out_len floats: what moda_model_embed_batch() writes for the same batch
+/// of images, without running the encoder again.
+///
+/// Returns MODA_OK, MODA_ERR_BUFFER_TOO_SMALL (nothing written) if out_len is less than the
+/// embedding size (the message gives the size), or MODA_ERR_INVALID_ARGUMENT if d or out is
+/// NULL or d is an image that failed; the message is in moda_last_error().
+///
+/// Ownership: the caller owns out.
+/// Threads: any thread, concurrently.
+#[no_mangle]
+pub unsafe extern "C" fn moda_description_embedding(
+    d: *const moda_description,
+    normalize: c_int,
+    out: *mut f32,
+    out_len: usize,
+) -> c_int {
+    let f = "moda_description_embedding";
+    status(None, || {
+        // SAFETY: NULL or a live description.
+        let d = unsafe { d.as_ref() }.ok_or_else(|| Failure::null(f, "d"))?;
+        if out.is_null() {
+            return Err(Failure::null(f, "out"));
+        }
+        if d.status != MODA_OK || d.embedding.is_empty() {
+            return Err(Failure::new(
+                MODA_ERR_INVALID_ARGUMENT,
+                format!("{f}: this image failed, so it has no embedding"),
+            ));
+        }
+        let dim = d.embedding.len();
+        if out_len < dim {
+            return Err(Failure::new(
+                MODA_ERR_BUFFER_TOO_SMALL,
+                format!(
+                    "{f}: out holds {out_len} floats but the embedding has {dim} \
+                     (moda_model_embedding_size)"
+                ),
+            ));
+        }
+        // SAFETY: out holds out_len >= dim floats (the caller's promise).
+        let out = unsafe { std::slice::from_raw_parts_mut(out, dim) };
+        out.copy_from_slice(&d.embedding);
+        Norm::unit_if(normalize != 0).apply(out);
+        Ok(())
     })
 }
 

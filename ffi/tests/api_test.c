@@ -862,6 +862,42 @@ int main(int argc, char **argv)
         free(e2);
     }
 
+    /* A description's embedding: the one its encoder run computed, the same floats as
+     * moda_model_embed_batch() writes for the same batch of images. */
+    {
+        float *e = calloc(dim * 3, sizeof(float));
+        float *e2 = calloc(dim + 1, sizeof(float));
+        moda_image batch[3];
+        moda_description *out[3];
+        int norm_flag;
+        batch[0] = moda_image_from_file(wide);
+        batch[1] = moda_image_from_file(not_image);
+        batch[2] = moda_image_from_file(photo);
+        gp = moda_generation_default_params();
+        gp.max_new_tokens = 3;
+        CHECK_RC(moda_model_describe_batch(model, batch, 3, &gp, NULL, NULL, out), MODA_ERR_IMAGE);
+        for (norm_flag = 0; norm_flag <= 1; norm_flag++) {
+            CHECK_RC(moda_model_embed_batch(model, batch, 3, norm_flag, e, dim * 3, NULL),
+                     MODA_ERR_IMAGE);
+            for (i = 0; i < 3; i += 2) {
+                e2[dim] = 123.0f;
+                CHECK_RC(moda_description_embedding(out[i], norm_flag, e2, dim + 1), MODA_OK);
+                CHECK(memcmp(e2, e + i * dim, dim * sizeof(float)) == 0);
+                CHECK(e2[dim] == 123.0f); /* nothing past the embedding */
+            }
+        }
+        CHECK_RC(moda_description_embedding(out[1], 0, e2, dim), MODA_ERR_INVALID_ARGUMENT);
+        CHECK(contains(moda_last_error(), "failed"));
+        e2[0] = 7.0f;
+        CHECK_RC(moda_description_embedding(out[0], 0, e2, dim - 1), MODA_ERR_BUFFER_TOO_SMALL);
+        CHECK(e2[0] == 7.0f); /* nothing written */
+        CHECK_RC(moda_description_embedding(NULL, 0, e2, dim), MODA_ERR_INVALID_ARGUMENT);
+        CHECK_RC(moda_description_embedding(out[0], 0, NULL, dim), MODA_ERR_INVALID_ARGUMENT);
+        for (i = 0; i < 3; i++) moda_description_free(out[i]);
+        free(e);
+        free(e2);
+    }
+
     /* A model opened for embeddings only embeds as the whole model does and refuses to
      * describe; a struct of the header before embeddings_only (in a buffer of exactly its size,
      * so that AddressSanitizer sees a read past it) opens a whole model. */

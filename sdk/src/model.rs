@@ -172,6 +172,15 @@ impl Norm {
             Norm::Raw
         }
     }
+
+    /// Scales `v` in place as this asks (nothing for [`Norm::Raw`]; a vector of zeros stays
+    /// zeros under [`Norm::Unit`]).
+    pub fn apply(self, v: &mut [f32]) {
+        if self == Norm::Unit {
+            let length = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+            v.iter_mut().for_each(|x| *x /= length);
+        }
+    }
 }
 
 /// An image to describe or embed.
@@ -261,6 +270,12 @@ pub struct Description {
     pub logprobs: Vec<f32>,
     /// Where the time went.
     pub timings: Timings,
+    /// The image embedding the encoder computed for this description (`projection_dim`
+    /// floats, as the model gives it; [`Norm::apply`] scales it to unit length): what
+    /// [`Moda::embed_batch`] returns for the same batch of images, without running the
+    /// encoder again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub embedding: Vec<f32>,
 }
 
 /// A token as it is generated, for streaming.
@@ -1048,10 +1063,7 @@ impl Moda {
         let p = self.manifest.model.projection_dim;
         let mut ok = (0..n).map(|i| {
             let mut v = embeds[i * p..(i + 1) * p].to_vec();
-            if norm == Norm::Unit {
-                let length = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
-                v.iter_mut().for_each(|x| *x /= length);
-            }
+            norm.apply(&mut v);
             v
         });
         Ok(slots
@@ -1157,10 +1169,11 @@ impl Moda {
         let mut guard = self.checkout()?;
         let w = guard.worker_mut()?;
         let t = Instant::now();
-        let embeds = self.run_encoder(w, pixels)?;
+        let image_embeds = self.run_encoder(w, pixels)?;
         let encoder_ms = ms_since(t);
         let t = Instant::now();
-        let prefix = self.run_projector(w, embeds, n)?;
+        // Each description hands back its image's embedding; the projector takes a copy.
+        let prefix = self.run_projector(w, image_embeds.clone(), n)?;
         let projector_ms = ms_since(t);
 
         let beams = options.num_beams.max(1);
@@ -1225,6 +1238,8 @@ impl Moda {
         drop(guard);
         let total_ms = ms_since(t0);
         let mut gen = generated.into_iter();
+        let p = self.manifest.model.projection_dim;
+        let mut image_row = 0;
         let mut out = Vec::with_capacity(images.len());
         for s in slots {
             match s {
@@ -1259,7 +1274,14 @@ impl Moda {
                         },
                         token_ids: g.token_ids,
                         logprobs: g.logprobs,
+                        embedding: image_embeds
+                            .get(image_row * p..(image_row + 1) * p)
+                            .map(<[f32]>::to_vec)
+                            .ok_or_else(|| {
+                                Error::Internal("encoder returned too few embeddings".into())
+                            })?,
                     }));
+                    image_row += 1;
                 }
             }
         }

@@ -635,6 +635,16 @@ fn batch_equals_single_and_bad_images_get_their_own_error() {
     let one = moda().embed(&inputs[0], Norm::Raw).expect("one");
     let diff = max_abs_diff_slices(embeds[0].as_ref().expect("e"), &one);
     assert!(diff < 1e-5, "{diff}");
+    // Each description carries the embedding its encoder run computed: the same batch of
+    // pixels through the same session as embed_batch, so the same floats to the bit.
+    let mut compared = 0;
+    for (i, (d, e)) in batch.iter().zip(&embeds).enumerate() {
+        if let (Ok(d), Ok(e)) = (d, e) {
+            assert_eq!(&d.embedding, e, "image {i}");
+            compared += 1;
+        }
+    }
+    assert_eq!(compared, names.len());
 }
 
 #[test]

@@ -520,6 +520,8 @@ struct Description {
     /// Each field of the schema (in template order) and its attribute; `None` without a
     /// schema.
     attributes: Option<Vec<(String, Option<Py<Attribute>>)>>,
+    /// The image embedding the encoder computed for this description, as the model gives it.
+    embedding: Vec<f32>,
 }
 
 impl Description {
@@ -583,6 +585,7 @@ impl Description {
                 logprobs: d.logprobs,
                 timings,
                 attributes,
+                embedding: d.embedding,
             },
         )
     }
@@ -630,6 +633,17 @@ impl Description {
         self.attributes_dict(py, false)
     }
 
+    /// The image's embedding, computed on the way to this description: a `float32` numpy
+    /// array of `embedding_dim` values, L2-normalised when `normalize` is true; equal to
+    /// `Model.embed`'s row for the image (batched as this description was), without running
+    /// the encoder again.
+    #[pyo3(signature = (normalize=false))]
+    fn embedding<'py>(&self, py: Python<'py>, normalize: bool) -> Bound<'py, numpy::PyArray1<f32>> {
+        let mut v = self.embedding.clone();
+        Norm::unit_if(normalize).apply(&mut v);
+        v.into_pyarray(py)
+    }
+
     /// The description as a plain dict: `text`, `attributes` (each a dict, or `None`; the key
     /// only with a schema), `finish`, `token_ids`, `logprobs`, `timings_ms` (the keys of
     /// `moda-sdk describe --json`, without `image`).
@@ -650,7 +664,8 @@ impl Description {
 /// A message from the thread that streams a description.
 enum Piece {
     Text(String),
-    Done(moda_sdk::Result<moda_sdk::Description>),
+    /// Boxed: a description is ten times a text piece's size, and most messages are pieces.
+    Done(Box<moda_sdk::Result<moda_sdk::Description>>),
 }
 
 /// The text pieces of a description as they are generated: iterate over it for one `str`
@@ -678,12 +693,14 @@ impl TokenStream {
         });
         match msg {
             Some(Piece::Text(t)) => Ok(Some(t)),
-            Some(Piece::Done(Ok(d))) => {
-                let d = Description::from_sdk(py, d, &self.fields)?;
-                *self.result.lock().unwrap_or_else(|p| p.into_inner()) = Some(d);
-                Ok(None)
-            }
-            Some(Piece::Done(Err(e))) => Err(to_py(e)),
+            Some(Piece::Done(done)) => match *done {
+                Ok(d) => {
+                    let d = Description::from_sdk(py, d, &self.fields)?;
+                    *self.result.lock().unwrap_or_else(|p| p.into_inner()) = Some(d);
+                    Ok(None)
+                }
+                Err(e) => Err(to_py(e)),
+            },
             // The sender is gone: the stream ended before (its result was delivered once,
             // or the generation thread failed).
             None => {
@@ -859,7 +876,7 @@ impl Model {
                     // A closed receiver (the iterator was dropped) stops the generation.
                     tx.send(Piece::Text(ev.text.to_string())).is_ok()
                 });
-                let _ = tx.send(Piece::Done(result));
+                let _ = tx.send(Piece::Done(Box::new(result)));
             })
             .map_err(|e| ModaError::new_err(format!("cannot start the stream thread: {e}")))?;
         Ok(TokenStream {

@@ -206,6 +206,19 @@ def test_embeddings_equal_the_cli(model, cli, bundle):
     np.testing.assert_allclose(norms, 1.0, atol=1e-6)
 
 
+def test_a_description_carries_its_images_embedding(model):
+    paths = [IMAGES / n for n in PIXEL_IMAGES]
+    described = model.describe_batch(paths, max_new_tokens=3)
+    # The same batch of pixels through the same encoder session: the same floats.
+    for normalize in (False, True):
+        want = model.embed(paths, normalize=normalize)
+        got = np.stack([d.embedding(normalize=normalize) for d in described])
+        assert got.dtype == np.float32 and got.shape == want.shape
+        np.testing.assert_array_equal(got, want)
+    one = model.describe(paths[0], max_new_tokens=3)
+    np.testing.assert_array_equal(one.embedding(), model.embed(paths[0])[0])
+
+
 def test_embeddings_only_embeds_and_refuses_to_describe(model, bundle):
     only = moda.Model(bundle, embeddings_only=True)
     paths = [IMAGES / n for n in PIXEL_IMAGES]

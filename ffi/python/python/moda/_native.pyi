@@ -128,6 +128,11 @@ class Description:
     @property
     def timings(self) -> Timings:
         """Where the time went."""
+    def embedding(self, normalize: bool = False) -> "np.ndarray":
+        """The image's embedding, computed on the way to this description: ``float32``,
+        shape ``(embedding_dim,)``, L2-normalised when ``normalize`` is true; equal to
+        :meth:`Model.embed`'s row for the image (batched as this description was), without
+        running the encoder again."""
     def to_dict(self) -> dict:
         """``text``, ``attributes`` (with a schema only: each a dict, or ``None``),
         ``finish``, ``token_ids``, ``logprobs``, ``timings_ms`` (the keys of ``moda-sdk

@@ -129,11 +129,12 @@ class Describer:
                 [a.confidence if a else None for a in attrs], pa.float32()
             )
         if self.embed:
+            # Each description carries the embedding its encoder run computed.
             d = self.model.embedding_dim
             emb = np.full((n, d), np.nan, dtype=np.float32)
-            rows = [i for i in range(n) if ok[i]]
-            if rows:
-                emb[rows] = self.model.embed([images[i] for i in rows], normalize=self.normalize)
+            for i, r in enumerate(results):
+                if ok[i]:
+                    emb[i] = r.embedding(normalize=self.normalize)
             columns["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), d)
         return pa.table(columns)
 
