@@ -33,7 +33,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use serde::{Deserialize, Serialize};
 
 use moda_sdk::GenerationOptions;
-use moda_sdk::{Attribute, Description, Finish, ImageInput, Moda, Timings};
+use moda_sdk::{Attribute, Description, Finish, ImageInput, Moda, Norm, Timings};
 
 /// File extensions (compared case-insensitively) that directory listings take as images.
 pub const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"];
@@ -410,6 +410,14 @@ pub enum Record {
         logprobs: Vec<f32>,
         /// Where the time went.
         timings_ms: TimingsMs,
+        /// The image's embedding, the one the encoder computed for this description (`describe
+        /// --embed`); absent otherwise.
+        #[serde(
+            default,
+            skip_serializing_if = "Option::is_none",
+            deserialize_with = "some_floats_or_null"
+        )]
+        embedding: Option<Vec<f32>>,
     },
     /// An embedding.
     Embedding {
@@ -435,8 +443,9 @@ pub enum Record {
 }
 
 impl Record {
-    /// A description's record.
-    pub fn description(item: &CatalogItem, d: &Description) -> Self {
+    /// A description's record, with its image's embedding scaled as `embedding` asks (none:
+    /// no embedding).
+    pub fn description(item: &CatalogItem, d: &Description, embedding: Option<Norm>) -> Self {
         Record::Description {
             image: item.key.clone(),
             image_hex: item_hex(item),
@@ -446,6 +455,11 @@ impl Record {
             token_ids: d.token_ids.clone(),
             logprobs: d.logprobs.clone(),
             timings_ms: TimingsMs::from(&d.timings),
+            embedding: embedding.map(|norm| {
+                let mut v = d.embedding.clone();
+                norm.apply(&mut v);
+                v
+            }),
         }
     }
 
@@ -530,6 +544,13 @@ fn floats_or_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<f32>, D:
     Ok(v.into_iter().map(|x| x.unwrap_or(f32::NAN)).collect())
 }
 
+/// [`floats_or_null`] for a field that may be absent.
+fn some_floats_or_null<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Vec<f32>>, D::Error> {
+    floats_or_null(d).map(Some)
+}
+
 fn item_hex(item: &CatalogItem) -> Option<String> {
     item.key_bytes
         .as_ref()
@@ -550,7 +571,12 @@ fn from_hex(s: &str) -> Option<Vec<u8>> {
 #[derive(Debug, Clone)]
 pub enum Task {
     /// Describe with these options.
-    Describe(GenerationOptions),
+    Describe {
+        /// The generation options.
+        options: GenerationOptions,
+        /// Also record each image's embedding, scaled so (`describe --embed`).
+        embedding: Option<Norm>,
+    },
     /// Embed, L2-normalised if `normalize`.
     Embed {
         /// L2-normalise the embeddings.
@@ -562,7 +588,7 @@ impl Task {
     /// `describe` or `embed`.
     pub fn name(&self) -> &'static str {
         match self {
-            Task::Describe(_) => "describe",
+            Task::Describe { .. } => "describe",
             Task::Embed { .. } => "embed",
         }
     }
@@ -597,13 +623,18 @@ impl JobHeader {
     /// The header of `task` on `shard` with the bundle `moda`.
     pub fn new(moda: &Moda, task: &Task, shard: Shard) -> Self {
         let options = match task {
-            Task::Describe(o) => {
-                let mut o = o.clone();
+            Task::Describe { options, embedding } => {
+                let mut o = options.clone();
                 o.max_new_tokens = Some(
                     o.max_new_tokens
                         .unwrap_or(moda.manifest().generation.max_new_tokens),
                 );
-                serde_json::to_value(o).unwrap_or_default()
+                let mut v = serde_json::to_value(o).unwrap_or_default();
+                // Only with --embed, so that the headers of jobs without it stay as they were.
+                if let (Some(norm), Some(map)) = (embedding, v.as_object_mut()) {
+                    map.insert("embedding".into(), serde_json::json!(norm));
+                }
+                v
             }
             Task::Embed { normalize } => serde_json::json!({ "normalize": normalize }),
         };
@@ -975,12 +1006,12 @@ pub fn run_job(
             })
             .collect();
         let records: Vec<Record> = match task {
-            Task::Describe(opts) => moda
-                .describe_batch(&inputs, opts)?
+            Task::Describe { options, embedding } => moda
+                .describe_batch(&inputs, options)?
                 .into_iter()
                 .zip(chunk)
                 .map(|(r, it)| match r {
-                    Ok(d) => Record::description(it, &d),
+                    Ok(d) => Record::description(it, &d, *embedding),
                     Err(e) => Record::error(it, &e),
                 })
                 .collect(),

@@ -23,7 +23,7 @@ use moda_cli::csv_out::{self, CsvOutput};
 use moda_cli::npy::{is_npy, NpyOutput};
 use moda_cli::shard::ShardArg;
 use moda_sdk::manifest::{Manifest, TensorInfo, MANIFEST_FILE};
-use moda_sdk::{read_manifest, Constrain, GenerationOptions, ImageInput, Moda, OpenOptions};
+use moda_sdk::{read_manifest, Constrain, GenerationOptions, ImageInput, Moda, Norm, OpenOptions};
 
 /// The exit status, as `--help` states it.
 macro_rules! exit_codes {
@@ -56,7 +56,7 @@ Output:
   --json          one JSON object per image on stdout, failures included:
                     describe: {\"image\", \"description\", \"attributes\" (with the bundle's
                               caption schema), \"finish\", \"token_ids\", \"logprobs\",
-                              \"timings_ms\"}
+                              \"timings_ms\", \"embedding\" (with --embed)}
                     embed:    {\"image\", \"embedding\"}
                     failure:  {\"image\", \"error\"}
   --output FILE   the same JSON records, appended to FILE (a regular file) and flushed one
@@ -301,6 +301,16 @@ struct DescribeArgs {
     /// without --json); a --format that the --output's extension contradicts is an error.
     #[arg(long, value_enum, value_name = "FORMAT", help_heading = "Job")]
     format: Option<Format>,
+    /// Also write each image's embedding ("embedding" in its JSON record), the one the
+    /// encoder computed for its description: one pass over the images for both, where
+    /// `describe` then `embed` runs the encoder twice. JSON Lines only (--json, or an
+    /// --output that is not .csv).
+    #[arg(long, help_heading = "Embedding")]
+    embed: bool,
+    /// With --embed: scale each embedding to unit length (cosine similarity is then a dot
+    /// product).
+    #[arg(long, requires = "embed", help_heading = "Embedding")]
+    normalize: bool,
     #[command(flatten)]
     gen: GenArgs,
 }
@@ -415,7 +425,10 @@ fn main() -> ExitCode {
     moda_sdk::runtime::allow_python_search();
     let result = match cli.command {
         Command::Describe(a) => {
-            let task = Task::Describe(a.gen.options());
+            let task = Task::Describe {
+                options: a.gen.options(),
+                embedding: a.embed.then(|| Norm::unit_if(a.normalize)),
+            };
             job(&a.model, &a.input, &a.job, task, a.format)
         }
         Command::Embed(a) => job(
@@ -520,13 +533,29 @@ fn job(
         );
     }
     let format = resolve_format(job, format, &task)?;
+    if matches!(
+        task,
+        Task::Describe {
+            embedding: Some(_),
+            ..
+        }
+    ) {
+        if format == Some(Format::Csv) {
+            bail!("--embed writes each embedding into its JSON record: CSV has no place for it");
+        }
+        if format.is_none() && job.output.is_none() && !job.json {
+            bail!(
+                "--embed writes each embedding into its JSON record: add --json or --output FILE"
+            );
+        }
+    }
     let listing = list_inputs(input, job, &task)?;
     let items = shard.select(listing.items.clone());
     // The model first: a bundle that cannot be opened leaves no output file behind. An
     // embedding job builds only the encoder's and the projector's sessions.
     let embeddings_only = matches!(task, Task::Embed { .. });
     let moda = open_model_with(model, |o| o.with_embeddings_only(embeddings_only))?;
-    if let Task::Describe(opts) = &task {
+    if let Task::Describe { options: opts, .. } = &task {
         let max_new = opts
             .max_new_tokens
             .unwrap_or(moda.manifest().generation.max_new_tokens);
@@ -630,7 +659,7 @@ fn resolve_format(
         }
     }
     let format = asked.or(named);
-    if format == Some(Format::Csv) && !matches!(task, Task::Describe(_)) {
+    if format == Some(Format::Csv) && !matches!(task, Task::Describe { .. }) {
         bail!(
             "`{}` writes JSON Lines (or a NumPy array with --output FILE.npy), not CSV: CSV is \
              for `describe`",
@@ -876,7 +905,7 @@ impl JobReport<'_> {
                 summary.done,
                 summary.done - summary.failed,
                 match self.task {
-                    Task::Describe(_) => "described",
+                    Task::Describe { .. } => "described",
                     Task::Embed { .. } => "embedded",
                 },
                 summary.failed

@@ -889,6 +889,62 @@ fn the_model_comes_from_moda_model_when_not_given() {
     );
 }
 
+/// `describe --embed`: each description's record carries the embedding `embed` writes for the
+/// same images (the same batches through the same encoder), a failed image none.
+#[test]
+fn describe_embed_records_the_embeddings_embed_writes() {
+    let mut paths: Vec<String> = GOOD.iter().map(|n| s(&image(n))).collect();
+    paths.insert(3, s(&image("not_an_image.jpg")));
+    for normalize in [false, true] {
+        let mut args: Vec<&str> = paths.iter().map(String::as_str).collect();
+        args.extend(["--json", "--batch-size", "4"]);
+        if normalize {
+            args.push("--normalize");
+        }
+        let embedded = run("embed", &args);
+        expect_code(&embedded, 1);
+        let mut described_args = args.clone();
+        described_args.extend(["--embed", "--max-new-tokens", "3"]);
+        let described = run("describe", &described_args);
+        expect_code(&described, 1);
+        let want = json_lines(&stdout(&embedded));
+        let got = json_lines(&stdout(&described));
+        assert_eq!(got.len(), paths.len());
+        for (g, w) in got.iter().zip(&want) {
+            assert_eq!(g["image"], w["image"]);
+            if w.get("error").is_some() {
+                assert!(
+                    g.get("error").is_some() && g.get("embedding").is_none(),
+                    "{g}"
+                );
+                continue;
+            }
+            assert!(g["description"].is_string(), "{g}");
+            // Through JSON, f32 round-trips exactly.
+            assert_eq!(
+                floats(g, "embedding"),
+                floats(w, "embedding"),
+                "{}",
+                g["image"]
+            );
+        }
+    }
+    // Without --embed a record has no embedding; --embed needs JSON records.
+    let o = run("describe", &[&paths[0], "--json", "--max-new-tokens", "2"]);
+    expect_code(&o, 0);
+    assert!(json_lines(&stdout(&o))[0].get("embedding").is_none());
+    for (args, needle) in [
+        (vec![paths[0].as_str(), "--embed"], "--json"),
+        (vec![paths[0].as_str(), "--embed", "--format", "csv"], "CSV"),
+        (vec![paths[0].as_str(), "--json", "--normalize"], "--embed"),
+    ] {
+        let o = run("describe", &args);
+        expect_code(&o, 2);
+        assert!(stderr(&o).contains(needle), "{args:?}: {}", stderr(&o));
+        assert!(stdout(&o).is_empty());
+    }
+}
+
 #[test]
 fn embed_json_equals_the_library() {
     let dim = moda().manifest().model.projection_dim;
@@ -1406,6 +1462,10 @@ fn an_output_is_locked_and_records_its_job() {
                 "2",
             ],
             "num_beams",
+        ),
+        (
+            vec!["--shard", "0/2", "--max-new-tokens", "3", "--embed"],
+            "embedding",
         ),
     ] {
         let mut args = vec![photo.as_str(), wide.as_str(), "--output", &o];
