@@ -250,7 +250,7 @@ typedef struct moda_model_params {
     size_t max_image_alloc;
     /**
      * Non-zero: build only what embeddings need (the encoder's and the projector's sessions;
-     * no decoder, token embedding or caption constraint). Opening takes about half the time
+     * no decoder, token embedding, tokenizer or caption constraint). Opening takes about half the time
      * and memory; moda_model_describe() and its siblings then fail with
      * MODA_ERR_INVALID_ARGUMENT. Default 0.
      */

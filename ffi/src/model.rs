@@ -42,7 +42,7 @@ pub struct moda_model_params {
     /// Largest allocation an image decoder may make, in bytes. Default 512 MiB.
     pub max_image_alloc: usize,
     /// Non-zero: build only what embeddings need (the encoder's and the projector's sessions;
-    /// no decoder, token embedding or caption constraint). Opening takes about half the time
+    /// no decoder, token embedding, tokenizer or caption constraint). Opening takes about half the time
     /// and memory; moda_model_describe() and its siblings then fail with
     /// MODA_ERR_INVALID_ARGUMENT. Default 0.
     pub embeddings_only: c_int,

@@ -82,8 +82,9 @@ pub struct OpenOptions {
     /// token's logits at every step, as with bundles exported before the input existed.
     pub listed_logits: bool,
     /// Build only what embeddings need: the encoder's and the projector's sessions, not the
-    /// decoder's or the token embedding's, and no caption constraint. Opening takes about
-    /// half the time and memory; describing is then an error. Off by default.
+    /// decoder's or the token embedding's, no tokenizer and no caption constraint. Opening
+    /// takes about half the time and memory; describing (and [`Moda::tokenizer`]) is then an
+    /// error. Off by default.
     pub embeddings_only: bool,
 }
 
@@ -375,7 +376,8 @@ struct PoolState {
 pub struct Moda {
     dir: PathBuf,
     manifest: Manifest,
-    tokenizer: ModaTokenizer,
+    /// `None` for a model opened for embeddings only (which never reads text).
+    tokenizer: Option<ModaTokenizer>,
     processor: ImageProcessor,
     options: OpenOptions,
     session_options: SessionOptions,
@@ -841,15 +843,19 @@ impl Moda {
         // otherwise come before the sessions or with the first description.
         let (first, loaded) = std::thread::scope(|scope| {
             let loading = scope.spawn(|| {
+                // Embeddings need no text: the tokenizer (tokenizer.json's size was checked
+                // above, and its checksum when asked) is not parsed.
+                if options.embeddings_only {
+                    return Ok((None, None));
+                }
                 let tokenizer = ModaTokenizer::from_tokenizer_json(&tok_path)
                     .map_err(|e| Error::bundle(&tok_path, e.to_string()))?;
                 let eos = manifest.special_tokens.eos;
                 let constraint = manifest
                     .schema
                     .as_ref()
-                    .filter(|_| !options.embeddings_only)
                     .map(|schema| Constraint::new(schema, &tokenizer, eos));
-                Ok::<_, Error>((tokenizer, constraint))
+                Ok::<_, Error>((Some(tokenizer), constraint))
             });
             let first = GraphSet {
                 dir: &dir,
@@ -906,9 +912,10 @@ impl Moda {
         &self.manifest
     }
 
-    /// The tokenizer.
-    pub fn tokenizer(&self) -> &ModaTokenizer {
-        &self.tokenizer
+    /// The tokenizer; an error for a model opened for embeddings only, which does not load
+    /// it.
+    pub fn tokenizer(&self) -> Result<&ModaTokenizer> {
+        self.tokenizer.as_ref().ok_or_else(embeddings_only_error)
     }
 
     /// The limits decoded images are held to.
@@ -1123,9 +1130,8 @@ impl Moda {
         on_token: &mut dyn FnMut(&TokenEvent<'_>) -> bool,
     ) -> Result<Vec<Result<Description>>> {
         let t0 = Instant::now();
-        if self.options.embeddings_only {
-            return Err(embeddings_only_error());
-        }
+        // A model opened for embeddings only has no tokenizer: describing is refused here.
+        let tokenizer = self.tokenizer()?;
         check_batch(images.len())?;
         let max_new = options
             .max_new_tokens
@@ -1215,7 +1221,6 @@ impl Moda {
         let eos = self.manifest.special_tokens.eos;
         let vocab = self.manifest.model.vocab_size;
         let mut streams: Vec<TextStream> = (0..n).map(|_| TextStream::default()).collect();
-        let tokenizer = &self.tokenizer;
         let mut sink = |row: usize, token: u32, logprob: f32| -> bool {
             let s = &mut streams[row];
             let piece = s.push(tokenizer, token);
@@ -1248,13 +1253,14 @@ impl Moda {
                     let g = gen.next().ok_or_else(|| {
                         Error::Internal("generation returned too few rows".into())
                     })?;
-                    let raw = decode_text(&self.tokenizer, &g.token_ids)?;
+                    let raw = decode_text(tokenizer, &g.token_ids)?;
                     let finish =
                         Finish::of(&g.token_ids, eos, &raw, options.stop_strings(), max_new);
                     let text = strip_stop_string(&raw, options.stop_strings());
-                    let attributes = self.manifest.schema.as_ref().map(|schema| {
-                        read_attributes(schema, &self.tokenizer, &text, &g, constraint)
-                    });
+                    let attributes =
+                        self.manifest.schema.as_ref().map(|schema| {
+                            read_attributes(schema, tokenizer, &text, &g, constraint)
+                        });
                     let decode_ms = g.step_ms.iter().sum();
                     out.push(Ok(Description {
                         text,

@@ -80,6 +80,8 @@ fn embeddings_only_embeds_and_refuses_to_describe() {
             "{name}"
         );
     }
+    // No tokenizer is loaded for embeddings.
+    assert!(matches!(only.tokenizer(), Err(Error::InvalidArgument(_))));
     let input = ImageInput::Path(&image("photo.jpg"));
     for result in [
         only.describe(&input, &greedy(4)).map(|_| ()),
@@ -118,7 +120,11 @@ fn greedy_tokens_match_transformers_and_candle() {
         assert!(d.logprobs.iter().all(|l| *l <= 0.0 && l.is_finite()));
         assert_eq!(
             d.text,
-            moda().tokenizer().decode(&want, true).expect("decode")
+            moda()
+                .tokenizer()
+                .expect("tokenizer")
+                .decode(&want, true)
+                .expect("decode")
         );
 
         // The candle model, from the same files, through the same search with the same
@@ -450,7 +456,8 @@ fn forced_multi_token_steps_equal_single_steps_and_candle_equals_the_bundle() {
     let m = schema_moda();
     let schema = m.manifest().schema.clone().expect("schema");
     let eos = m.manifest().special_tokens.eos;
-    let constraint = Constraint::new(&schema, m.tokenizer(), eos).expect("constraint");
+    let constraint =
+        Constraint::new(&schema, m.tokenizer().expect("tokenizer"), eos).expect("constraint");
     let names = ["photo.jpg", "wide.png"];
     let (candle, prefix) = candle_prefix(&names);
     let vocab = m.manifest().model.vocab_size;

@@ -1766,7 +1766,7 @@ fn describe_json_has_the_attributes_of_the_schema() {
     // space, which the next token carries).
     let lp = floats(&lines[0], "logprobs");
     let tokens = ids(&lines[0]);
-    let tok = moda().tokenizer();
+    let tok = moda().tokenizer().expect("tokenizer");
     let head_tokens = (1..=tokens.len())
         .find(|&j| tok.decode(&tokens[..j], true).expect("decode").len() >= head.len())
         .expect("the head's tokens");
@@ -1832,7 +1832,7 @@ fn stop_strings_end_the_description_before_them() {
     let got = ids(v);
     assert!(got.len() < free.token_ids.len(), "{got:?}");
     assert_eq!(got[..], free.token_ids[..got.len()]);
-    let tok = moda().tokenizer();
+    let tok = moda().tokenizer().expect("tokenizer");
     assert!(tok.decode(&got, true).expect("decode").contains(&stop));
     assert!(!tok
         .decode(&got[..got.len() - 1], true)
