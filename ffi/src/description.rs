@@ -5,10 +5,7 @@ use std::ffi::{c_char, c_int, c_uint, CString};
 
 use moda_sdk::{Description, Finish, Norm};
 
-use crate::error::{
-    boundary, c_string, status, Failure, MODA_ERR_BUFFER_TOO_SMALL, MODA_ERR_INVALID_ARGUMENT,
-    MODA_OK,
-};
+use crate::error::{boundary, c_string, status, Failure, MODA_ERR_INVALID_ARGUMENT, MODA_OK};
 
 /// Where the time of a description went, in milliseconds. In a batch every image reports
 /// the batch's times except decode_ms and n_tokens, which are the image's own.
@@ -346,15 +343,7 @@ pub unsafe extern "C" fn moda_description_embedding(
             ));
         }
         let dim = d.embedding.len();
-        if out_len < dim {
-            return Err(Failure::new(
-                MODA_ERR_BUFFER_TOO_SMALL,
-                format!(
-                    "{f}: out holds {out_len} floats but the embedding has {dim} \
-                     (moda_model_embedding_size)"
-                ),
-            ));
-        }
+        Failure::check_embedding_room(f, out_len, dim)?;
         // SAFETY: out holds out_len >= dim floats (the caller's promise).
         let out = unsafe { std::slice::from_raw_parts_mut(out, dim) };
         out.copy_from_slice(&d.embedding);

@@ -50,6 +50,20 @@ impl Failure {
         Self::new(MODA_ERR_INVALID_ARGUMENT, msg)
     }
 
+    /// `MODA_ERR_BUFFER_TOO_SMALL` when `out_len` floats cannot hold one embedding of `dim`.
+    pub(crate) fn check_embedding_room(f: &str, out_len: usize, dim: usize) -> Result<(), Self> {
+        if out_len < dim {
+            return Err(Self::new(
+                MODA_ERR_BUFFER_TOO_SMALL,
+                format!(
+                    "{f}: out holds {out_len} floats but the embedding has {dim} \
+                     (moda_model_embedding_size)"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// `func: name is NULL`.
     pub(crate) fn null(func: &str, name: &str) -> Self {
         Self::invalid(format!("{func}: {name} is NULL"))

@@ -861,15 +861,7 @@ pub unsafe extern "C" fn moda_model_embed(
             return Err(Failure::null(f, "out"));
         }
         let dim = m.moda.manifest().model.projection_dim;
-        if out_len < dim {
-            return Err(Failure::new(
-                MODA_ERR_BUFFER_TOO_SMALL,
-                format!(
-                    "{f}: out holds {out_len} floats but the embedding has {dim} \
-                     (moda_model_embedding_size)"
-                ),
-            ));
-        }
+        Failure::check_embedding_room(f, out_len, dim)?;
         // SAFETY: the image's pointers are valid for the call.
         let image = unsafe { Image::from_c(image, f) }?;
         let v = m
