@@ -529,7 +529,8 @@ fn job(
     if job.output.as_deref().is_some_and(is_npy) && !matches!(task, Task::Embed { .. }) {
         bail!(
             "--output FILE.npy holds embeddings: it goes with `embed` (describe writes JSON Lines \
-             or CSV)"
+             or CSV; `describe --embed --output OUT.jsonl`, then `moda-sdk merge -o FILE.npy \
+             OUT.jsonl`, gives both)"
         );
     }
     let format = resolve_format(job, format, &task)?;
@@ -1318,8 +1319,8 @@ records as they were, in catalog order (given the inputs; else the first record 
 then the second of each, ...), after the header {\"moda_job\": {..., \"shard\": \"0/1\",
 \"merged_shards\": N}}: the output of the whole job, which `--output OUT` without --shard
 resumes. It is written to a temporary file and renamed into place. OUT ending in .npy (embed
-shards): the embeddings as a NumPy array and OUT's .images.jsonl beside it, as `embed
---output FILE.npy` writes them.
+or describe --embed shards, or one unsharded output): the embeddings as a NumPy array and
+OUT's .images.jsonl beside it, as `embed --output FILE.npy` writes them.
 
 Exit status:
   0    merged

@@ -19,7 +19,8 @@
 //! shards' records are interleaved (the first of each shard, then the second of each, ...),
 //! which is the catalog's order for shards that ran straight through. The output is written to
 //! a temporary file beside it and renamed into place. An output ending in `.npy` (for `embed`
-//! shards) gets the embeddings as a NumPy array instead (see [`crate::npy`]).
+//! or `describe --embed` shards) gets the embeddings as a NumPy array instead (see
+//! [`crate::npy`]).
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -376,9 +377,17 @@ pub fn merge(
                 .collect()
         }
     };
-    if is_npy(output) && task != "embed" {
+    // `describe --embed` records carry embeddings too (the header's options say so).
+    let embedded = task == "embed"
+        || (task == "describe"
+            && job
+                .get("options")
+                .and_then(|o| o.get("embedding"))
+                .is_some());
+    if is_npy(output) && !embedded {
         problems.push(format!(
-            "{}: a .npy output holds embeddings, and these are `{task}` outputs",
+            "{}: a .npy output holds embeddings, and these are `{task}` outputs without them \
+             (`embed`, or `describe --embed`, writes them)",
             output.display()
         ));
     }
@@ -568,7 +577,11 @@ fn read_input(path: &Path) -> Result<Result<Input, String>, MergeError> {
             id: record.identity(),
             failed: record.is_error(),
             dim: match &record {
-                Record::Embedding { embedding, .. } => Some(embedding.len()),
+                Record::Embedding { embedding, .. }
+                | Record::Description {
+                    embedding: Some(embedding),
+                    ..
+                } => Some(embedding.len()),
                 _ => None,
             },
         });

@@ -153,42 +153,61 @@ impl NpyOutput {
                 image,
                 image_hex,
                 embedding,
-            } => {
-                if embedding.len() != self.dim {
-                    return Err(std::io::Error::other(format!(
-                        "{image}: an embedding of {} numbers, not {}",
-                        embedding.len(),
-                        self.dim
-                    )));
-                }
-                if self.rows == self.max_rows {
-                    return Err(std::io::Error::other(format!(
-                        "more than the {} rows reserved in {}",
-                        self.max_rows,
-                        self.path.display()
-                    )));
-                }
-                let mut bytes = Vec::with_capacity(4 * self.dim);
-                for x in embedding {
-                    bytes.extend_from_slice(&x.to_le_bytes());
-                }
-                self.data.write_all(&bytes).map_err(err(&self.tmp))?;
-                let mut line = serde_json::json!({ "image": image, "row": self.rows });
-                if let Some(hex) = image_hex {
-                    line["image_hex"] = serde_json::json!(hex);
-                }
-                writeln!(self.order, "{line}").map_err(err(&self.order_tmp))?;
-                self.rows += 1;
-                Ok(())
             }
+            | Record::Description {
+                image,
+                image_hex,
+                embedding: Some(embedding),
+                ..
+            } => self.push_row(image, image_hex.as_deref(), embedding),
             Record::Error { .. } => {
                 self.failures.push(record.to_json());
                 Ok(())
             }
-            Record::Description { image, .. } => Err(std::io::Error::other(format!(
-                "{image}: a description cannot go into a .npy array"
+            Record::Description {
+                image,
+                embedding: None,
+                ..
+            } => Err(std::io::Error::other(format!(
+                "{image}: a description without an embedding (`describe` without --embed) \
+                 cannot go into a .npy array"
             ))),
         }
+    }
+
+    /// One image's row, and its line in the images file.
+    fn push_row(
+        &mut self,
+        image: &str,
+        image_hex: Option<&str>,
+        embedding: &[f32],
+    ) -> std::io::Result<()> {
+        if embedding.len() != self.dim {
+            return Err(std::io::Error::other(format!(
+                "{image}: an embedding of {} numbers, not {}",
+                embedding.len(),
+                self.dim
+            )));
+        }
+        if self.rows == self.max_rows {
+            return Err(std::io::Error::other(format!(
+                "more than the {} rows reserved in {}",
+                self.max_rows,
+                self.path.display()
+            )));
+        }
+        let mut bytes = Vec::with_capacity(4 * self.dim);
+        for x in embedding {
+            bytes.extend_from_slice(&x.to_le_bytes());
+        }
+        self.data.write_all(&bytes).map_err(err(&self.tmp))?;
+        let mut line = serde_json::json!({ "image": image, "row": self.rows });
+        if let Some(hex) = image_hex {
+            line["image_hex"] = serde_json::json!(hex);
+        }
+        writeln!(self.order, "{line}").map_err(err(&self.order_tmp))?;
+        self.rows += 1;
+        Ok(())
     }
 
     /// Writes the final header and the failures, flushes both files to disk and renames them

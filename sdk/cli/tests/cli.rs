@@ -2379,6 +2379,42 @@ fn embed_writes_a_numpy_array_with_its_images_beside() {
         std::fs::read(&order).expect("read")
     );
 
+    // `describe --embed` shards merged into a .npy: the same two files again (each shard's
+    // images through the encoder in the same batches as embed's); without --embed, refused.
+    for embed in [true, false] {
+        let mut shards = Vec::new();
+        for i in 0..2 {
+            let out = s(&d.join(format!("d{i}-{embed}.jsonl")));
+            let shard = format!("{i}/2");
+            let mut a: Vec<&str> = args.iter().map(String::as_str).collect();
+            a.extend(["--output", &out, "--shard", &shard, "--quiet"]);
+            a.extend(["--max-new-tokens", "2"]);
+            if embed {
+                a.extend(["--embed", "--normalize"]);
+            }
+            let r = run("describe", &a);
+            assert!(code(&r) <= 1, "{}", stderr(&r));
+            shards.push(out);
+        }
+        let merged = d.join(format!("described-{embed}.npy"));
+        let o = merge(&["-o", &s(&merged), &shards[0], &shards[1]]);
+        if embed {
+            expect_code(&o, 1);
+            assert_eq!(
+                std::fs::read(&merged).expect("read"),
+                std::fs::read(&npy).expect("read")
+            );
+            assert_eq!(
+                std::fs::read(d.join(format!("described-{embed}.images.jsonl"))).expect("read"),
+                std::fs::read(&order).expect("read")
+            );
+        } else {
+            expect_code(&o, 2);
+            assert!(stderr(&o).contains("--embed"), "{}", stderr(&o));
+            assert!(!merged.exists());
+        }
+    }
+
     // A description is not an array; nothing is written.
     let o = run("describe", &[&args[0], "--output", &s(&d.join("x.npy"))]);
     expect_code(&o, 2);
