@@ -289,7 +289,13 @@ def outputs():
                                       "total": 6.0}})
     emb = json.dumps({"image": "b.jpg", "image_hex": "62ff2e6a7067", "embedding": [0.5, -0.5]})
     err = json.dumps({"image": "c.jpg", "error": "not an image"})
+    # `describe --embed`: the embedding in the description's record (null for a non-finite
+    # number).
+    embed_options = header.replace('"max_new_tokens": 20',
+                                   '"max_new_tokens": 20, "embedding": "unit"')
+    desc_emb = desc[:-1] + ', "embedding": [0.6, null, -0.8]}'
     put("resumable_output", "describe.jsonl", f"{header}\n{desc}\n{err}\n")
+    put("resumable_output", "describe_embed.jsonl", f"{embed_options}\n{desc_emb}\n{err}\n")
     put("resumable_output", "embed.jsonl", f"{embed_header}\n{emb}\n{err}\n")
     put("resumable_output", "truncated.jsonl", f"{header}\n{desc}\n{err[:20]}")
     put("resumable_output", "no_header.jsonl", f"{desc}\n\n{err}\n")
