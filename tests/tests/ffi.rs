@@ -146,8 +146,8 @@ fn images() -> Vec<PathBuf> {
 
 /// What `moda-sdk describe` prints in text mode: `PATH<TAB>DESCRIPTION`, one line per image,
 /// with the default generation options and control characters as spaces (its `one_line`, in
-/// sdk/cli/src/commands/job.rs); here from the Rust SDK. (The recipe fixture's random weights make
-/// descriptions full of odd tokens, control characters among them.)
+/// sdk/cli/src/commands/job.rs); here from the Rust SDK. (The recipe fixture's random weights
+/// make descriptions full of odd tokens, control characters among them.)
 fn expected_text_output(paths: &[PathBuf]) -> String {
     expected_output(moda(), paths)
 }
