@@ -227,7 +227,7 @@ fn sibling(dir: &Path, suffix: &str) -> Result<PathBuf> {
 
 /// Removes the temporary directories that [`save`] of the checkpoint `dir` left when its
 /// process died while writing (`.<name>.tmp-<pid>` of a process that is gone, and the
-/// `.<name>.tmp` of older versions); see [`remove_stale`].
+/// `.<name>.tmp` of older versions); see [`files::remove_stale`].
 pub fn remove_stale_temporaries(dir: &Path) -> Vec<files::StaleTemporary> {
     let (Ok(tmp), Some(parent)) = (sibling(dir, "tmp-"), dir.parent()) else {
         return Vec::new();

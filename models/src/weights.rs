@@ -5,7 +5,7 @@
 //! offsets). Each tensor is copied out of the map exactly once, when a model asks for it, and
 //! the pages it came from are then released (`madvise(MADV_DONTNEED)`), so loading holds one copy
 //! of the weights, not two. PyTorch pickles go through candle's pickle reader, which executes
-//! nothing; what it would allocate is bounded first ([`crate::pth_check`]: strings, copies of
+//! nothing; what it would allocate is bounded first (`pth_check`: strings, copies of
 //! memoised objects, nesting, each tensor's data against its storage), and its panics on
 //! hostile input are caught and turned into errors.
 //!

@@ -416,8 +416,8 @@ struct Candidate {
 }
 
 /// Loads a catalog; see the module documentation. In steps: find the CSV
-/// ([`catalog_paths`]), check its columns ([`required_columns`]), build each row's sample
-/// ([`build_row`]), check the images on all cores ([`check_images`]), count what was skipped.
+/// (`catalog_paths`), check its columns (`required_columns`), build each row's sample
+/// (`build_row`), check the images on all cores (`check_images`), count what was skipped.
 pub fn load_catalog(source: &CatalogSource, opts: &LoadOptions) -> Result<Catalog> {
     let (csv_path, base) = catalog_paths(source)?;
     let file = moda_models::files::open_regular(&csv_path).map_err(|e| Error::io(&csv_path, e))?;
