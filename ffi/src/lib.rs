@@ -20,6 +20,9 @@
     non_camel_case_types,
     reason = "C type names: moda_model, moda_description, ..."
 )]
+// The doc comments are the header's, in C's plain style: `</s>` is the end-of-sequence token
+// as text, not an HTML tag, and `out[i]` an array element, not a link.
+#![allow(rustdoc::invalid_html_tags, rustdoc::broken_intra_doc_links)]
 
 use std::ffi::{c_char, c_int};
 

@@ -267,7 +267,7 @@ thread_local! {
 /// weights reader catches the panics of candle's pickle reader. Under libfuzzer-sys's hook
 /// each of those would be reported as a crash. With this hook, a panic that leaves a target is
 /// still one (libfuzzer-sys aborts when the target unwinds), and the target prints its message
-/// first (see [`EscapeReport`]).
+/// first (see `EscapeReport`).
 pub fn init() {
     std::panic::set_hook(Box::new(|info| {
         let msg = info

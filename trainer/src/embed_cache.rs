@@ -15,7 +15,7 @@
 //!   copies; hashing FashionCLIP's 600 MB takes a second or two once per run, which is cheap
 //!   next to encoding thousands of images. Anything else that changes the output (a different
 //!   dtype on the GPU) can be folded in with [`EncoderFingerprint::with_tag`].
-//! - **Preprocessing**: the [`ImageProcessorConfig`] as JSON.
+//! - **Preprocessing**: the [`ImageProcessorConfig`](moda_models::preprocess::ImageProcessorConfig) as JSON.
 //!
 //! # Layout
 //! `DIR/<namespace>/meta.json` describes one (encoder, preprocessing) pair, where `namespace`

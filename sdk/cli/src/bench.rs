@@ -305,7 +305,7 @@ pub fn kv_bytes(moda: &Moda, step: usize) -> u64 {
 /// Passes over the buffer in [`read_bandwidth_gb_s`]: about 0.1 s in all at 30 GB/s.
 const BANDWIDTH_PASSES: usize = 12;
 
-/// The machine's read bandwidth in GB/s: the best of [`BANDWIDTH_PASSES`] passes of `threads`
+/// The machine's read bandwidth in GB/s: the best of `BANDWIDTH_PASSES` (12) passes of `threads`
 /// threads summing a 256 MiB buffer, each its own part (see the module documentation).
 pub fn read_bandwidth_gb_s(threads: usize) -> f64 {
     const BYTES: usize = 256 << 20;

@@ -77,7 +77,7 @@ pub fn columns(fields: &[String]) -> Vec<String> {
 /// `'` that [`guard`] puts before them (so that a text beginning with `'` reads back as it was).
 const GUARDED_STARTS: [char; 7] = ['=', '+', '-', '@', '\t', '\r', '\''];
 
-/// A text cell as written: `'` before a text that begins with one of [`GUARDED_STARTS`] (see
+/// A text cell as written: `'` before a text that begins with one of `GUARDED_STARTS` (see
 /// the module documentation), every other text as it is.
 pub fn guard(text: &str) -> String {
     if text.starts_with(GUARDED_STARTS) {
