@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Tensor, Var};
+use candle_core::{Tensor, Var};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
@@ -66,6 +66,10 @@ pub struct AdamW {
     exp_avg: Vec<Tensor>,
     exp_avg_sq: Vec<Tensor>,
     grads: Vec<Option<Tensor>>,
+    /// A factor of every accumulated gradient not yet applied to the tensors in `grads`:
+    /// clipping records its coefficient here, and the step multiplies each gradient by it as
+    /// it reads it, instead of writing every gradient again. 1 when nothing is pending.
+    grad_scale: f64,
     step: u64,
 }
 
@@ -87,6 +91,7 @@ impl AdamW {
             exp_avg,
             exp_avg_sq,
             grads,
+            grad_scale: 1.0,
             step: 0,
         })
     }
@@ -121,6 +126,9 @@ impl AdamW {
     // contend (a real-size step's clipping and AdamW took longer and varied more). On a GPU
     // every op stays on the calling thread, queued on the device's stream in parameter order.
     fn add_grads(&mut self, stores: &[&GradStore], scale: Option<f64>) -> Result<()> {
+        // Gradients added after a clip: apply the clip's pending factor to the earlier ones
+        // first, so that it does not reach the new ones.
+        self.apply_grad_scale()?;
         let add = |(acc, (_, var)): (&mut Option<Tensor>, &(String, Var))| -> Result<()> {
             for store in stores {
                 if let Some(g) = store.get(var.as_tensor()) {
@@ -152,15 +160,32 @@ impl AdamW {
     /// Drops the accumulated gradients (`zero_grad()`).
     pub fn zero_grad(&mut self) {
         self.grads.iter_mut().for_each(|g| *g = None);
+        self.grad_scale = 1.0;
+    }
+
+    /// Multiplies the accumulated gradients by the pending factor (`grad_scale`), as new
+    /// tensors: a gradient may share its storage with another one of the backward pass.
+    fn apply_grad_scale(&mut self) -> Result<()> {
+        let s = std::mem::replace(&mut self.grad_scale, 1.0);
+        if s != 1.0 {
+            for g in self.grads.iter_mut().flatten() {
+                *g = (&*g * s)?;
+            }
+        }
+        Ok(())
     }
 
     /// `clip_grad_norm_(params, max_norm)`: scales the accumulated gradients so that their
-    /// global L2 norm is at most `max_norm`; returns the norm before clipping.
+    /// global L2 norm is at most `max_norm`; returns the norm before clipping. The scaling is
+    /// recorded, not written: [`AdamW::step`] applies it as it reads each gradient.
     pub fn clip_grad_norm(&mut self, max_norm: f64) -> Result<f64> {
         // Each parameter's sum of squares (on some thread, on the CPU), then added in
         // parameter order.
         let square_sum = |g: &Option<Tensor>| -> Result<Option<f64>> {
             let Some(g) = g else { return Ok(None) };
+            if fused::takes(&[g]) {
+                return Ok(Some(fused::square_sum(g)?));
+            }
             Ok(Some(
                 g.sqr()?
                     .sum_all()?
@@ -186,22 +211,11 @@ impl AdamW {
         for s in sums.into_iter().flatten() {
             total += s;
         }
-        let norm = total.sqrt();
+        let norm = self.grad_scale * total.sqrt();
         // PyTorch: clip_coef = max_norm / (norm + 1e-6), clamped to 1.
         let coef = (max_norm / (norm + 1e-6)).min(1.0);
         if coef < 1.0 {
-            let scale = |g: &mut Option<Tensor>| -> Result<()> {
-                if let Some(t) = g {
-                    *t = (&*t * coef)?;
-                }
-                Ok(())
-            };
-            (self.grads.par_iter_mut().zip(self.vars.par_iter()))
-                .filter(|(_, (_, v))| shared_out(v))
-                .try_for_each(|(g, _)| scale(g))?;
-            (self.grads.iter_mut().zip(self.vars.iter()))
-                .filter(|(_, (_, v))| !shared_out(v))
-                .try_for_each(|(g, _)| scale(g))?;
+            self.grad_scale *= coef;
         }
         Ok(norm)
     }
@@ -217,36 +231,36 @@ impl AdamW {
         let step_size = p.lr / bias_correction1;
         let bc2_sqrt = bias_correction2.sqrt();
         let update = fused::Update {
+            beta1: p.beta1,
+            beta2: p.beta2,
             decay: 1.0 - p.lr * p.weight_decay,
             step_size,
             bc2_sqrt,
             eps: p.eps,
+            grad_scale: self.grad_scale,
         };
+        let grad_scale = std::mem::replace(&mut self.grad_scale, 1.0);
         let grads: Vec<(usize, Tensor)> = self
             .grads
             .iter_mut()
             .enumerate()
             .filter_map(|(i, g)| g.take().map(|g| (i, g)))
             .collect();
-        // On the CPU, every parameter's update in place, the parameters shared out over the
-        // pool's threads; elsewhere (or for a layout the fused update does not take), the
-        // update composed of tensor ops, one parameter after another.
+        // On the CPU, every parameter's update in one pass in place, the small parameters
+        // shared out over the pool's threads and each large one split over them; elsewhere (or
+        // for a layout the fused update does not take), the update composed of tensor ops, one
+        // parameter after another.
         let (fused, composed): (Vec<_>, Vec<_>) = grads.into_iter().partition(|(i, grad)| {
-            let theta = self.vars[*i].1.as_tensor();
-            theta.device().is_cpu()
-                && [theta, grad, &self.exp_avg[*i], &self.exp_avg_sq[*i]]
-                    .iter()
-                    .all(|t| t.dtype() == DType::F32 && t.is_contiguous())
+            fused::takes(&[
+                self.vars[*i].1.as_tensor(),
+                grad,
+                &self.exp_avg[*i],
+                &self.exp_avg_sq[*i],
+            ])
         });
         let (vars, exp_avg, exp_avg_sq) = (&self.vars, &self.exp_avg, &self.exp_avg_sq);
-        // The same update, in place, in three passes without temporaries.
         let update_in_place = |(i, grad): &(usize, Tensor)| -> Result<()> {
-            exp_avg[*i].inplace_op2(grad, &fused::Lerp(1.0 - p.beta1))?;
-            exp_avg_sq[*i].inplace_op2(grad, &fused::SqAvg(p.beta2))?;
-            vars[*i]
-                .1
-                .as_tensor()
-                .inplace_op3(&exp_avg[*i], &exp_avg_sq[*i], &update)?;
+            update.apply(vars[*i].1.as_tensor(), &exp_avg[*i], &exp_avg_sq[*i], grad)?;
             Ok(())
         };
         let (small, large): (Vec<_>, Vec<_>) = fused
@@ -256,6 +270,12 @@ impl AdamW {
         large.iter().try_for_each(update_in_place)?;
         for (i, grad) in composed {
             let var = &self.vars[i].1;
+            // The clip's coefficient, as `clip_grad_norm_` would have applied it.
+            let grad = if grad_scale != 1.0 {
+                (grad * grad_scale)?
+            } else {
+                grad
+            };
             // param.mul_(1 - lr * weight_decay)
             let theta = (var.as_tensor() * (1.0 - p.lr * p.weight_decay))?;
             // exp_avg.lerp_(grad, 1 - beta1); exp_avg_sq.mul_(beta2).addcmul_(grad, grad, 1 - beta2)
@@ -309,9 +329,6 @@ impl AdamW {
     }
 }
 
-/// AdamW's three element-wise passes as in-place CPU ops (f32, contiguous), with PyTorch's
-/// order of operations; the tensor path in [`AdamW::step`] is the reference and the fallback
-/// for other devices.
 /// Parameters of fewer elements than this are shared out over the rayon pool's threads by
 /// the optimizer (see `AdamW::add_grads`): every parameter of the tiny preset (at most 74k
 /// elements) and a real-size model's vectors, not its matrices (589k elements and more).
@@ -323,92 +340,172 @@ fn shared_out(var: &Var) -> bool {
     t.device().is_cpu() && t.elem_count() < SHARED_OUT_BELOW
 }
 
+/// AdamW's update and the clipping norm's sums of squares on the CPU, each one pass over the
+/// values without temporaries, with PyTorch's order of operations for each element; the
+/// tensor path in [`AdamW::step`] is the reference and the fallback for other devices.
+///
+/// A parameter's values are cut into chunks of a fixed size, handed to the current rayon
+/// pool's threads: an element's arithmetic, and the order in which the chunks' sums are added,
+/// do not depend on the number of threads.
 mod fused {
-    use candle_core::{CpuStorage, Layout, Result};
+    use std::cell::Cell;
+
+    use candle_core::{CpuStorage, DType, Layout, Result, Storage, Tensor};
     use moda_models::fused::{cpu_slice, cpu_slice_mut};
+    use rayon::prelude::*;
 
     /// The name in error messages.
     const OP: &str = "AdamW";
 
-    /// `m += (g - m) * w` (`exp_avg.lerp_(grad, w)`).
-    pub(super) struct Lerp(pub(super) f64);
+    /// Values per chunk (128 KiB of f32 per operand).
+    const CHUNK: usize = 1 << 15;
 
-    impl candle_core::InplaceOp2 for Lerp {
-        fn name(&self) -> &'static str {
-            "adamw-lerp"
-        }
-        fn cpu_fwd(
-            &self,
-            s1: &mut CpuStorage,
-            l1: &Layout,
-            s2: &CpuStorage,
-            l2: &Layout,
-        ) -> Result<()> {
-            let w = self.0 as f32;
-            let g = cpu_slice::<f32>(s2, l2, OP)?;
-            for (m, g) in cpu_slice_mut(s1, l1, OP)?.iter_mut().zip(g) {
-                *m += (g - *m) * w;
-            }
-            Ok(())
+    /// Whether every tensor is a contiguous f32 tensor on the CPU, as the passes here take them.
+    pub(super) fn takes(ts: &[&Tensor]) -> bool {
+        ts.iter()
+            .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous())
+    }
+
+    /// Runs `f` on the values of `t` (contiguous f32 on the CPU) while candle holds its
+    /// storage's read lock.
+    fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+        let (storage, layout) = t.storage_and_layout();
+        match &*storage {
+            Storage::Cpu(s) => f(cpu_slice::<f32>(s, layout, OP)?),
+            _ => candle_core::bail!("{OP}: a tensor not on the CPU"),
         }
     }
 
-    /// `v = v * beta2 + g * g * (1 - beta2)`.
-    pub(super) struct SqAvg(pub(super) f64);
-
-    impl candle_core::InplaceOp2 for SqAvg {
-        fn name(&self) -> &'static str {
-            "adamw-sq-avg"
+    /// Runs `f` on the values of `t` (contiguous f32 on the CPU), borrowed mutably: an in-place
+    /// op whose body is `f`, so that candle holds the storage's write lock meanwhile.
+    fn with_values_mut<R>(t: &Tensor, f: impl FnOnce(&mut [f32]) -> Result<R>) -> Result<R> {
+        struct Body<F, R> {
+            f: Cell<Option<F>>,
+            out: Cell<Option<Result<R>>>,
         }
-        fn cpu_fwd(
-            &self,
-            s1: &mut CpuStorage,
-            l1: &Layout,
-            s2: &CpuStorage,
-            l2: &Layout,
-        ) -> Result<()> {
-            let (b2, c) = (self.0 as f32, (1.0 - self.0) as f32);
-            let g = cpu_slice::<f32>(s2, l2, OP)?;
-            for (v, g) in cpu_slice_mut(s1, l1, OP)?.iter_mut().zip(g) {
-                *v = *v * b2 + g * g * c;
+        impl<F: FnOnce(&mut [f32]) -> Result<R>, R> candle_core::InplaceOp1 for Body<F, R> {
+            fn name(&self) -> &'static str {
+                "adamw"
             }
-            Ok(())
+            fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> Result<()> {
+                let values = cpu_slice_mut(s, l, OP)?;
+                if let Some(f) = self.f.take() {
+                    self.out.set(Some(f(values)));
+                }
+                Ok(())
+            }
         }
+        let body = Body {
+            f: Cell::new(Some(f)),
+            out: Cell::new(None),
+        };
+        t.inplace_op1(&body)?;
+        body.out
+            .take()
+            .unwrap_or_else(|| candle_core::bail!("{OP}: the in-place op did not run"))
     }
 
+    /// The sum of the squares of `g`'s values (contiguous f32 on the CPU), in f64.
+    pub(super) fn square_sum(g: &Tensor) -> Result<f64> {
+        with_values(g, |g| {
+            let sums: Vec<f64> = g.par_chunks(CHUNK).map(chunk_square_sum).collect();
+            Ok(sums.iter().sum())
+        })
+    }
+
+    /// One chunk's sum of squares, in eight running sums (so that the loop can use vector
+    /// registers without reordering an addition), added at the end.
+    fn chunk_square_sum(c: &[f32]) -> f64 {
+        let mut acc = [0f64; 8];
+        let mut lanes = c.chunks_exact(8);
+        for x in &mut lanes {
+            for (a, &x) in acc.iter_mut().zip(x) {
+                *a += f64::from(x) * f64::from(x);
+            }
+        }
+        for (a, &x) in acc.iter_mut().zip(lanes.remainder()) {
+            *a += f64::from(x) * f64::from(x);
+        }
+        acc.iter().sum()
+    }
+
+    /// One AdamW step for one parameter, as `torch.optim.AdamW`'s single-tensor update:
+    /// `g = grad * grad_scale` (the clip's coefficient), `m += (g - m) * (1 - beta1)`,
+    /// `v = v * beta2 + g * g * (1 - beta2)`, then
     /// `theta = theta * decay - step_size * m / (sqrt(v) / bc2_sqrt + eps)`.
     pub(super) struct Update {
+        pub(super) beta1: f64,
+        pub(super) beta2: f64,
         pub(super) decay: f64,
         pub(super) step_size: f64,
         pub(super) bc2_sqrt: f64,
         pub(super) eps: f64,
+        pub(super) grad_scale: f64,
     }
 
-    impl candle_core::InplaceOp3 for Update {
-        fn name(&self) -> &'static str {
-            "adamw-update"
-        }
-        fn cpu_fwd(
+    impl Update {
+        /// Updates `theta`, `m` and `v` in place from `grad`, in one pass over the four.
+        pub(super) fn apply(
             &self,
-            s1: &mut CpuStorage,
-            l1: &Layout,
-            s2: &CpuStorage,
-            l2: &Layout,
-            s3: &CpuStorage,
-            l3: &Layout,
+            theta: &Tensor,
+            m: &Tensor,
+            v: &Tensor,
+            grad: &Tensor,
         ) -> Result<()> {
+            let n = theta.elem_count();
+            if [m, v, grad].iter().any(|t| t.elem_count() != n) {
+                candle_core::bail!(
+                    "{OP}: a moment or the gradient differs in size from its parameter"
+                );
+            }
+            with_values_mut(theta, |t| {
+                with_values_mut(m, |m| {
+                    with_values_mut(v, |v| {
+                        with_values(grad, |g| {
+                            (t.par_chunks_mut(CHUNK).zip(m.par_chunks_mut(CHUNK)))
+                                .zip(v.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)))
+                                .for_each(|((t, m), (v, g))| self.chunk(t, m, v, g));
+                            Ok(())
+                        })
+                    })
+                })
+            })
+        }
+
+        fn chunk(&self, theta: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]) {
+            // Two loops, so that the unclipped one has no multiplication to skip.
+            if self.grad_scale != 1.0 {
+                let scale = self.grad_scale as f32;
+                self.chunk_with(theta, m, v, g, |g| g * scale);
+            } else {
+                self.chunk_with(theta, m, v, g, |g| g);
+            }
+        }
+
+        #[inline(always)]
+        fn chunk_with(
+            &self,
+            theta: &mut [f32],
+            m: &mut [f32],
+            v: &mut [f32],
+            g: &[f32],
+            grad: impl Fn(f32) -> f32,
+        ) {
+            let w1 = (1.0 - self.beta1) as f32;
+            let (b2, c2) = (self.beta2 as f32, (1.0 - self.beta2) as f32);
             let (decay, step, bc2, eps) = (
                 self.decay as f32,
                 self.step_size as f32,
                 self.bc2_sqrt as f32,
                 self.eps as f32,
             );
-            let m = cpu_slice::<f32>(s2, l2, OP)?;
-            let v = cpu_slice::<f32>(s3, l3, OP)?;
-            for ((t, m), v) in cpu_slice_mut(s1, l1, OP)?.iter_mut().zip(m).zip(v) {
-                *t = *t * decay - step * (m / (v.sqrt() / bc2 + eps));
+            let values = theta.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g);
+            for (((t, m), v), &g) in values {
+                let g = grad(g);
+                *m += (g - *m) * w1;
+                *v = *v * b2 + g * g * c2;
+                *t = *t * decay - step * (*m / (v.sqrt() / bc2 + eps));
             }
-            Ok(())
         }
     }
 }
@@ -511,6 +608,103 @@ mod adamw_tests {
 
     fn bits(v: &[f32]) -> Vec<u32> {
         v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    /// `torch.optim.AdamW`'s single-tensor update of one element, in f64 (default
+    /// hyper-parameters): returns the new `(theta, m, v)`.
+    fn reference_step(theta: f64, m: f64, v: f64, g: f64, step: i32) -> (f64, f64, f64) {
+        let p = AdamWParams::default();
+        let theta = theta * (1.0 - p.lr * p.weight_decay);
+        let m = m + (g - m) * (1.0 - p.beta1);
+        let v = v * p.beta2 + g * g * (1.0 - p.beta2);
+        let bc1 = 1.0 - p.beta1.powi(step);
+        let bc2 = 1.0 - p.beta2.powi(step);
+        let denom = v.sqrt() / bc2.sqrt() + p.eps;
+        (theta - p.lr / bc1 * m / denom, m, v)
+    }
+
+    /// The gradient of `sum(theta * c)` with respect to `theta`: `c`, in a GradStore.
+    fn grads_of_linear(theta: &Var, c: &Tensor) -> candle_core::backprop::GradStore {
+        (theta.as_tensor() * c)
+            .expect("mul")
+            .sum_all()
+            .expect("sum")
+            .backward()
+            .expect("backward")
+    }
+
+    /// Two clipped steps of one parameter larger than a chunk (and not a multiple of one)
+    /// against PyTorch's formulas in f64; in the second, gradients are added after the clip,
+    /// which must scale only those before it (`clip_grad_norm_` scales the `.grad` it finds).
+    #[test]
+    fn steps_follow_pytorchs_formulas() {
+        let n = 100_003;
+        let theta0: Vec<f32> = values(n, 7).to_vec1().expect("vec");
+        let var = Var::from_tensor(&values(n, 7)).expect("var");
+        let mut adam =
+            AdamW::new(vec![("p".into(), var.clone())], AdamWParams::default()).expect("adamw");
+        let c: Vec<Tensor> = (0..3).map(|i| values(n, 20 + i)).collect();
+        let cv: Vec<Vec<f32>> = c.iter().map(|t| t.to_vec1().expect("vec")).collect();
+        let mut want: Vec<(f64, f64, f64)> =
+            theta0.iter().map(|&t| (f64::from(t), 0.0, 0.0)).collect();
+        // Step 1: gradient c0, clipped to norm 1.
+        adam.accumulate(&grads_of_linear(&var, &c[0])).expect("acc");
+        let norm = adam.clip_grad_norm(1.0).expect("clip");
+        let want_norm = cv[0]
+            .iter()
+            .map(|&x| f64::from(x).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        // f64 sums of the same squares in another order: equal to about 1e-15 relative.
+        assert!(
+            (norm - want_norm).abs() <= 1e-12 * want_norm,
+            "{norm} vs {want_norm}"
+        );
+        let coef = 1.0 / (want_norm + 1e-6);
+        adam.step().expect("step");
+        for (w, &g) in want.iter_mut().zip(&cv[0]) {
+            // The step scales the f32 gradient by the f32 coefficient, as candle's `g * coef`.
+            let g = f64::from(g * coef as f32);
+            *w = reference_step(w.0, w.1, w.2, g, 1);
+        }
+        // Step 2: gradient c1, clipped (coefficient k), then c2 added unclipped.
+        adam.accumulate(&grads_of_linear(&var, &c[1])).expect("acc");
+        let norm1 = adam.clip_grad_norm(1.0).expect("clip");
+        let k = 1.0 / (norm1 + 1e-6);
+        assert!(k < 1.0);
+        adam.accumulate(&grads_of_linear(&var, &c[2])).expect("acc");
+        adam.step().expect("step");
+        for ((w, &g1), &g2) in want.iter_mut().zip(&cv[1]).zip(&cv[2]) {
+            let g = f64::from(g1 * k as f32 + g2);
+            *w = reference_step(w.0, w.1, w.2, g, 2);
+        }
+        let got: Vec<f32> = var.as_tensor().to_vec1().expect("vec");
+        let state = adam.state_tensors();
+        let m: Vec<f32> = state["exp_avg.p"].to_vec1().expect("vec");
+        let v: Vec<f32> = state["exp_avg_sq.p"].to_vec1().expect("vec");
+        for i in 0..n {
+            let (t, wm, wv) = want[i];
+            // f32 against f64 over a handful of operations on values of at most 1 in size
+            // (theta in [-1, 1], gradients under 1 after the clip): a few units of f32's
+            // 6e-8 rounding, far below the 1e-3 that one step moves theta.
+            assert!(
+                (f64::from(got[i]) - t).abs() <= 1e-6,
+                "theta[{i}] {} vs {t}",
+                got[i]
+            );
+            // The moments against their largest possible size, as theta (m is at most 0.2,
+            // v at most 2e-3: a sum of gradients of at most 1 in size weighted 0.1 and 0.001).
+            assert!(
+                (f64::from(m[i]) - wm).abs() <= 1e-7,
+                "m[{i}] {} vs {wm}",
+                m[i]
+            );
+            assert!(
+                (f64::from(v[i]) - wv).abs() <= 1e-9,
+                "v[{i}] {} vs {wv}",
+                v[i]
+            );
+        }
     }
 
     #[test]
